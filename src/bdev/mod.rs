@@ -1,0 +1,1 @@
+//! Block backends: the BlockDev trait and its per-reactor I/O channels.

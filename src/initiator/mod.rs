@@ -1,0 +1,1 @@
+//! A small iSCSI initiator, used by the tests and the benchmark tool.

@@ -1,0 +1,1 @@
+//! Sockets: the poll-driven Sock trait and its implementations.

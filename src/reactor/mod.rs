@@ -1,0 +1,1 @@
+//! Reactors: pinned polling threads, cross-reactor messages, busy/idle accounting.
