@@ -9,6 +9,7 @@
 //! `iscsi` → `net` → `env`; everything may use `reactor`.
 
 pub mod bdev;
+pub mod cli;
 pub mod env;
 pub mod initiator;
 pub mod iscsi;

@@ -1,1 +1,132 @@
-fn main(){}
+//! The iscsi-tgt daemon: parses its arguments, binds the portals and the RPC socket, starts one
+//! reactor per core, loads the initial configuration and runs until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{error, info};
+
+use iscsi_tgt::cli::{self, Command, Options};
+use iscsi_tgt::iscsi::config::Publisher;
+use iscsi_tgt::iscsi::engine::{Engine, Shared};
+use iscsi_tgt::iscsi::registry::Registry;
+use iscsi_tgt::mgmt::{Hooks, Mgmt};
+use iscsi_tgt::{env, net, reactor, rpc, util};
+
+fn main() -> ExitCode {
+    let cmd = match cli::parse(std::env::args().skip(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("iscsi-tgt: {e}\n\n{}", cli::USAGE);
+            return ExitCode::from(1);
+        }
+    };
+    let opts = match cmd {
+        Command::Help => {
+            print!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Command::Version => {
+            println!("iscsi-tgt {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::Run(o) => o,
+    };
+    util::init_logging(&opts.log_level);
+    match run(opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("iscsi-tgt: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(opts: Options) -> Result<(), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+
+    env::init(env::PoolConfig {
+        mem_size_mb: opts.mem_size_mb,
+    })
+    .map_err(|e| format!("cannot set up the buffer pool: {e}"))?;
+
+    // Portals first: a taken port is a clear error before anything else starts.
+    let mut listeners = Vec::new();
+    for addr in &opts.listen {
+        let l = net::listen(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        info!("listening on {addr}");
+        listeners.push(l);
+    }
+
+    let publisher = Publisher::new();
+    let registry = Registry::new();
+    let cores = match &opts.cores {
+        Some(c) => c.clone(),
+        None => vec![reactor::first_allowed_core()
+            .map_err(|e| format!("cannot read the CPU affinity: {e}"))?],
+    };
+    let shared = Shared::new(
+        publisher.clone(),
+        registry.clone(),
+        opts.listen.clone(),
+        cores.len(),
+    );
+
+    let reactors = reactor::spawn_group(&cores, opts.mode, listeners, {
+        let shared = shared.clone();
+        move |id, peers, group, listeners, now| {
+            Engine::new(id, shared.clone(), peers, group, listeners, now)
+        }
+    })
+    .map_err(|e| format!("cannot start the reactors: {e}"))?;
+    info!(
+        "{} reactor(s) on core(s) {:?}, mode {:?}",
+        cores.len(),
+        cores,
+        opts.mode
+    );
+
+    let stats = reactors.stats();
+    let hooks = Hooks {
+        reactors: Box::new(move || stats.iter().map(|s| s.snapshot()).collect()),
+        sgv: Box::new(|| env::stats().snapshot()),
+    };
+    let mgmt = Mgmt::new(publisher.clone(), registry.clone(), hooks);
+    if let Some(path) = &opts.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+        mgmt.load_config(&cfg)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+        info!("loaded {}", path.display());
+    }
+
+    let server = match rpc::Server::start(&opts.rpc_socket, mgmt.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            reactors.stop();
+            return Err(format!(
+                "cannot open the RPC socket {}: {e}",
+                opts.rpc_socket.display()
+            ));
+        }
+    };
+    info!("JSON-RPC on {}", opts.rpc_socket.display());
+
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    info!("shutting down");
+    server.shutdown();
+    reactors.stop();
+    info!("stopped");
+    Ok(())
+}

@@ -25,10 +25,20 @@ impl DataBuf {
         if len > MAX_TRANSFER {
             return None;
         }
-        let chunk_size = if len <= SMALL_SIZE { SMALL_SIZE } else { CHUNK_SIZE };
+        let chunk_size = if len <= SMALL_SIZE {
+            SMALL_SIZE
+        } else {
+            CHUNK_SIZE
+        };
         let n = len.div_ceil(chunk_size).max(1);
-        let chunks = (0..n).map(|_| vec![0u8; chunk_size].into_boxed_slice()).collect();
-        Some(DataBuf { chunks, chunk_size, len })
+        let chunks = (0..n)
+            .map(|_| vec![0u8; chunk_size].into_boxed_slice())
+            .collect();
+        Some(DataBuf {
+            chunks,
+            chunk_size,
+            len,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -124,9 +134,15 @@ mod tests {
         let mut back = vec![0u8; data.len()];
         assert_eq!(b.read_at(CHUNK_SIZE - 50, &mut back), data.len());
         assert_eq!(back, data);
-        let segs: Vec<usize> = b.segments(CHUNK_SIZE - 50, data.len()).map(|s| s.len()).collect();
+        let segs: Vec<usize> = b
+            .segments(CHUNK_SIZE - 50, data.len())
+            .map(|s| s.len())
+            .collect();
         assert_eq!(segs, vec![50, CHUNK_SIZE, 50]);
-        assert_eq!(b.segments(0, usize::MAX).map(|s| s.len()).sum::<usize>(), b.len());
+        assert_eq!(
+            b.segments(0, usize::MAX).map(|s| s.len()).sum::<usize>(),
+            b.len()
+        );
     }
 
     #[test]

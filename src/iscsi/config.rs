@@ -36,7 +36,10 @@ pub struct TargetConfig {
 
 impl TargetConfig {
     pub fn lun(&self, lun: u64) -> Option<&LunEntry> {
-        self.luns.binary_search_by_key(&lun, |e| e.lun).ok().map(|i| &self.luns[i])
+        self.luns
+            .binary_search_by_key(&lun, |e| e.lun)
+            .ok()
+            .map(|i| &self.luns[i])
     }
 }
 
@@ -76,6 +79,9 @@ impl Publisher {
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }

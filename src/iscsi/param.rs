@@ -23,7 +23,10 @@ pub enum DigestOffer {
 
 impl DigestOffer {
     pub fn parse(s: &str) -> Option<Self> {
-        let norm: Vec<String> = s.split(',').map(|t| t.trim().to_ascii_uppercase()).collect();
+        let norm: Vec<String> = s
+            .split(',')
+            .map(|t| t.trim().to_ascii_uppercase())
+            .collect();
         let parts: Vec<&str> = norm.iter().map(String::as_str).collect();
         match parts.as_slice() {
             ["NONE"] => Some(Self::None),
@@ -101,7 +104,11 @@ pub enum ParamError {
     /// unknown iSCSI parameter {0}
     Unknown(String),
     /// {name}: {value:?} is not allowed; {allowed}
-    BadValue { name: String, value: String, allowed: String },
+    BadValue {
+        name: String,
+        value: String,
+        allowed: String,
+    },
 }
 
 enum Kind {
@@ -273,6 +280,12 @@ mod tests {
         assert!(p.initial_r2t);
         p.set("MaxRecvDataSegmentLength", ":default:").unwrap();
         p.set("InitialR2T", ":default:").unwrap();
-        assert_eq!(p, TargetParams { header_digest: DigestOffer::Crc32cOrNone, ..Default::default() });
+        assert_eq!(
+            p,
+            TargetParams {
+                header_digest: DigestOffer::Crc32cOrNone,
+                ..Default::default()
+            }
+        );
     }
 }

@@ -75,7 +75,10 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let data = encode([("InitiatorName", "iqn.2000-01.x:y"), ("SessionType", "Normal")]);
+        let data = encode([
+            ("InitiatorName", "iqn.2000-01.x:y"),
+            ("SessionType", "Normal"),
+        ]);
         assert_eq!(data.last(), Some(&0));
         let pairs = parse(&data).unwrap();
         assert_eq!(pairs[0], ("InitiatorName".into(), "iqn.2000-01.x:y".into()));
@@ -97,11 +100,17 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse(b"novalue\0"), Err(TextError::MissingEquals(_))));
+        assert!(matches!(
+            parse(b"novalue\0"),
+            Err(TextError::MissingEquals(_))
+        ));
         assert!(matches!(parse(b"=x\0"), Err(TextError::BadKeyName(_))));
         assert!(matches!(parse(b"a b=x\0"), Err(TextError::BadKeyName(_))));
         assert_eq!(parse(&[0xff, b'=', b'1', 0]), Err(TextError::NotUtf8));
         let long = format!("K={}\0", "v".repeat(MAX_VALUE_LEN + 1));
-        assert!(matches!(parse(long.as_bytes()), Err(TextError::ValueTooLong(_))));
+        assert!(matches!(
+            parse(long.as_bytes()),
+            Err(TextError::ValueTooLong(_))
+        ));
     }
 }

@@ -1,1 +1,1324 @@
-//! The management tree: the SCST sysfs model, its validation and config save/load.
+//! The management tree: the iSCSI-SCST sysfs model (`/sys/kernel/scst_tgt`), its validation and
+//! config save/load. Every change is made under one lock and then published to the reactors
+//! as an immutable [`Snapshot`].
+//!
+//! Paths are relative and '/'-separated (`targets/iscsi/IQN/QueuedCommands`). Directories are
+//! listed with `ls`, attributes read with `get` and written with `set`, and collections are
+//! changed by writing SCST's text commands to a `mgmt` entry (`add_device NAME k=v; k=v`,
+//! `add_target IQN`, `add DEVICE LUN read_only=1`, ...). Reading a `mgmt` entry gives its usage.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Map, Value};
+
+use crate::iscsi::config::{LunEntry, Publisher, Snapshot, TargetConfig};
+use crate::iscsi::param::{self, TargetParams};
+use crate::iscsi::registry::Registry;
+use crate::scsi::device::{self, Device};
+
+/// What went wrong with a management request; the message names the path and what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
+pub enum MgmtError {
+    /// {0}: no such file or directory
+    NotFound(String),
+    /// {0} is a directory
+    IsDir(String),
+    /// {0} is not a directory
+    NotDir(String),
+    /// {0} is read-only
+    ReadOnly(String),
+    /// {path}: {msg}
+    Invalid { path: String, msg: String },
+    /// {path}: {msg}
+    Busy { path: String, msg: String },
+}
+
+fn invalid(path: &str, msg: impl Into<String>) -> MgmtError {
+    MgmtError::Invalid {
+        path: path.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Entry {
+    pub name: String,
+    /// `dir`, `attr`, `mgmt` or `link`.
+    pub kind: &'static str,
+    pub writable: bool,
+    /// SCST's `[key]` mark: the value differs from the default and is saved.
+    pub key: bool,
+}
+
+impl Entry {
+    fn dir(name: impl Into<String>) -> Entry {
+        Entry {
+            name: name.into(),
+            kind: "dir",
+            writable: false,
+            key: false,
+        }
+    }
+    fn attr(name: impl Into<String>, writable: bool, key: bool) -> Entry {
+        Entry {
+            name: name.into(),
+            kind: "attr",
+            writable,
+            key,
+        }
+    }
+    fn mgmt() -> Entry {
+        Entry {
+            name: "mgmt".into(),
+            kind: "mgmt",
+            writable: true,
+            key: false,
+        }
+    }
+    fn link(name: impl Into<String>) -> Entry {
+        Entry {
+            name: name.into(),
+            kind: "link",
+            writable: false,
+            key: false,
+        }
+    }
+}
+
+/// A source of name/value pairs for the tree.
+pub type StatsFn<T> = Box<dyn Fn() -> T + Send + Sync>;
+
+/// Statistics other parts of the daemon contribute to the tree.
+pub struct Hooks {
+    /// One list of name/value pairs per reactor (`reactors/N/...`).
+    pub reactors: StatsFn<Vec<Vec<(String, String)>>>,
+    /// The buffer pool's statistics (`sgv/...`).
+    pub sgv: StatsFn<Vec<(String, String)>>,
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Hooks {
+            reactors: Box::new(Vec::new),
+            sgv: Box::new(Vec::new),
+        }
+    }
+}
+
+struct Lun {
+    device: String,
+    read_only: bool,
+}
+
+struct Target {
+    tid: u32,
+    rel_tgt_id: u16,
+    enabled: bool,
+    alias: String,
+    params: TargetParams,
+    luns: BTreeMap<u64, Lun>,
+}
+
+#[derive(Default)]
+struct State {
+    devices: BTreeMap<String, Arc<Device>>,
+    iscsi_enabled: bool,
+    targets: BTreeMap<String, Target>,
+    next_tid: u32,
+}
+
+pub struct Mgmt {
+    state: Mutex<State>,
+    publisher: Arc<Publisher>,
+    registry: Arc<Registry>,
+    hooks: Hooks,
+}
+
+/// SCST's largest LUN number.
+const MAX_LUN: u64 = 16383;
+
+const TARGET_MGMT_USAGE: &str = "\
+Usage: echo \"add_target target_name [parameters]\" >mgmt
+       echo \"del_target target_name\" >mgmt
+       echo \"add_attribute <attribute> <value>\" >mgmt
+       echo \"del_attribute <attribute> <value>\" >mgmt
+       echo \"add_target_attribute target_name <attribute> <value>\" >mgmt
+       echo \"del_target_attribute target_name <attribute> <value>\" >mgmt
+";
+
+const LUNS_MGMT_USAGE: &str = "\
+Usage: echo \"add H:C:I:L lun [parameters]\" >mgmt
+       echo \"add VNAME lun [parameters]\" >mgmt
+       echo \"del lun\" >mgmt
+       echo \"replace H:C:I:L lun [parameters]\" >mgmt
+       echo \"replace VNAME lun [parameters]\" >mgmt
+       echo \"replace_no_ua VNAME lun [parameters]\" >mgmt
+       echo \"clear\" >mgmt
+
+where parameters are one or more param_name=value pairs separated by ';'
+The following parameters available: read_only
+";
+
+fn split(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+fn b01(b: bool) -> String {
+    if b { "1" } else { "0" }.to_string()
+}
+
+fn parse01(path: &str, v: &str) -> Result<bool, MgmtError> {
+    match v.trim() {
+        "0" => Ok(false),
+        "1" => Ok(true),
+        _ => Err(invalid(
+            path,
+            format!("value must be 0 or 1, not {:?}", v.trim()),
+        )),
+    }
+}
+
+/// SCST's `key=value; key=value` parameter grammar.
+fn parse_params(path: &str, s: &str) -> Result<Vec<(String, String)>, MgmtError> {
+    let mut out = Vec::new();
+    for part in s.split(';') {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            invalid(
+                path,
+                format!("parameter {part:?} is not of the form name=value"),
+            )
+        })?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            return Err(invalid(path, format!("parameter {part:?} has no name")));
+        }
+        out.push((k.to_string(), v.to_string()));
+    }
+    Ok(out)
+}
+
+/// RFC 3720 §3.2.6 name forms: `iqn.YYYY-MM.reversed.domain[:anything]`, `eui.` + 16 hex
+/// digits, `naa.` + 16 or 32 hex digits.
+pub fn valid_iscsi_name(name: &str) -> bool {
+    if name.len() > 223 || name.chars().any(|c| c.is_whitespace() || c == '/') {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("iqn.") {
+        let b = rest.as_bytes();
+        b.len() > 8
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[5..7].iter().all(u8::is_ascii_digit)
+            && b[7] == b'.'
+            && rest[8..].split(':').next().is_some_and(|d| !d.is_empty())
+    } else if let Some(hex) = lower.strip_prefix("eui.") {
+        hex.len() == 16 && hex.chars().all(|c| c.is_ascii_hexdigit())
+    } else if let Some(hex) = lower.strip_prefix("naa.") {
+        (hex.len() == 16 || hex.len() == 32) && hex.chars().all(|c| c.is_ascii_hexdigit())
+    } else {
+        false
+    }
+}
+
+impl Mgmt {
+    pub fn new(publisher: Arc<Publisher>, registry: Arc<Registry>, hooks: Hooks) -> Arc<Mgmt> {
+        let m = Arc::new(Mgmt {
+            state: Mutex::new(State {
+                next_tid: 1,
+                ..Default::default()
+            }),
+            publisher,
+            registry,
+            hooks,
+        });
+        m.publish(&m.lock());
+        m
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Builds the reactors' view of the tree and hands it over.
+    fn publish(&self, st: &State) {
+        let mut snap = Snapshot {
+            iscsi_enabled: st.iscsi_enabled,
+            ..Default::default()
+        };
+        for (name, t) in &st.targets {
+            let luns = t
+                .luns
+                .iter()
+                .filter_map(|(&lun, l)| {
+                    st.devices.get(&l.device).map(|d| LunEntry {
+                        lun,
+                        device: d.clone(),
+                        read_only: l.read_only,
+                    })
+                })
+                .collect();
+            snap.targets.insert(
+                name.clone(),
+                Arc::new(TargetConfig {
+                    name: name.clone(),
+                    tid: t.tid,
+                    rel_tgt_id: t.rel_tgt_id,
+                    enabled: t.enabled,
+                    alias: t.alias.clone(),
+                    params: t.params.clone(),
+                    luns,
+                }),
+            );
+        }
+        self.publisher.publish(snap);
+    }
+
+    // ------------------------------------------------------------------ reading
+
+    pub fn ls(&self, path: &str) -> Result<Vec<Entry>, MgmtError> {
+        let st = self.lock();
+        self.list(&st, path)
+    }
+
+    fn list(&self, st: &State, path: &str) -> Result<Vec<Entry>, MgmtError> {
+        let p = split(path);
+        let nf = || MgmtError::NotFound(path.to_string());
+        let entries = match p.as_slice() {
+            [] => vec![
+                Entry::dir("devices"),
+                Entry::dir("handlers"),
+                Entry::dir("reactors"),
+                Entry::dir("sgv"),
+                Entry::dir("targets"),
+                Entry::attr("threads", false, false),
+                Entry::attr("version", false, false),
+            ],
+            ["handlers"] => device::HANDLERS.iter().map(|h| Entry::dir(*h)).collect(),
+            ["handlers", h] if device::HANDLERS.contains(h) => {
+                let mut v = vec![Entry::mgmt(), Entry::attr("type", false, false)];
+                v.extend(
+                    st.devices
+                        .values()
+                        .filter(|d| d.handler() == *h)
+                        .map(|d| Entry::link(d.name())),
+                );
+                v
+            }
+            ["devices"] => st.devices.keys().map(Entry::dir).collect(),
+            ["devices", d] => {
+                let dev = st.devices.get(*d).ok_or_else(nf)?;
+                let mut v: Vec<Entry> = dev
+                    .attrs()
+                    .into_iter()
+                    .map(|a| Entry::attr(a.name, a.writable, dev.is_key_attr(a.name)))
+                    .collect();
+                v.push(Entry::dir("exported"));
+                v.push(Entry::link("handler"));
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            }
+            ["devices", d, "exported"] => {
+                st.devices.get(*d).ok_or_else(nf)?;
+                exports(st, d)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, _)| Entry::link(format!("export{i}")))
+                    .collect()
+            }
+            ["sgv"] => (self.hooks.sgv)()
+                .into_iter()
+                .map(|(k, _)| Entry::attr(k, false, false))
+                .collect(),
+            ["reactors"] => (0..(self.hooks.reactors)().len())
+                .map(|i| Entry::dir(i.to_string()))
+                .collect(),
+            ["reactors", n] => {
+                let all = (self.hooks.reactors)();
+                let r = n
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| all.get(i).cloned())
+                    .ok_or_else(nf)?;
+                r.into_iter()
+                    .map(|(k, _)| Entry::attr(k, false, false))
+                    .collect()
+            }
+            ["targets"] => vec![Entry::dir("iscsi")],
+            ["targets", "iscsi"] => {
+                let mut v = vec![
+                    Entry::attr("enabled", true, st.iscsi_enabled),
+                    Entry::mgmt(),
+                    Entry::attr("open_state", false, false),
+                    Entry::attr("version", false, false),
+                ];
+                v.extend(st.targets.keys().map(Entry::dir));
+                v
+            }
+            ["targets", "iscsi", t] => {
+                let tg = st.targets.get(*t).ok_or_else(nf)?;
+                let mut v = vec![
+                    Entry::attr("alias", true, !tg.alias.is_empty()),
+                    Entry::attr("enabled", true, tg.enabled),
+                    Entry::dir("ini_groups"),
+                    Entry::dir("luns"),
+                    Entry::attr("rel_tgt_id", true, true),
+                    Entry::dir("sessions"),
+                    Entry::attr("tid", false, false),
+                ];
+                v.extend(
+                    param::NAMES
+                        .iter()
+                        .map(|n| Entry::attr(*n, true, tg.params.is_key(n))),
+                );
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            }
+            ["targets", "iscsi", t, "luns"] => {
+                let tg = st.targets.get(*t).ok_or_else(nf)?;
+                let mut v = vec![Entry::mgmt()];
+                v.extend(tg.luns.keys().map(|l| Entry::dir(l.to_string())));
+                v
+            }
+            ["targets", "iscsi", t, "luns", l] => {
+                let tg = st.targets.get(*t).ok_or_else(nf)?;
+                let lun = tg
+                    .luns
+                    .get(&l.parse::<u64>().map_err(|_| nf())?)
+                    .ok_or_else(nf)?;
+                vec![
+                    Entry::link("device"),
+                    Entry::attr("read_only", false, lun.read_only),
+                ]
+            }
+            ["targets", "iscsi", t, "ini_groups"] => {
+                st.targets.get(*t).ok_or_else(nf)?;
+                vec![Entry::mgmt()]
+            }
+            ["targets", "iscsi", t, "sessions"] => {
+                st.targets.get(*t).ok_or_else(nf)?;
+                self.registry
+                    .sessions(t)
+                    .into_iter()
+                    .map(|(n, _)| Entry::dir(n))
+                    .collect()
+            }
+            ["targets", "iscsi", t, "sessions", s] => {
+                let info = self.session(t, s).ok_or_else(nf)?;
+                let mut v: Vec<Entry> = [
+                    "active_commands",
+                    "commands",
+                    "initiator_name",
+                    "reinstating",
+                    "sid",
+                ]
+                .iter()
+                .map(|n| Entry::attr(*n, false, false))
+                .collect();
+                v.push(Entry::attr("force_close", true, false));
+                v.extend(
+                    info.params
+                        .iter()
+                        .map(|(k, _)| Entry::attr(k.clone(), false, false)),
+                );
+                let conns = info.connections.lock().unwrap_or_else(|e| e.into_inner());
+                v.extend(conns.iter().map(|c| Entry::dir(c.ip.clone())));
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            }
+            ["targets", "iscsi", t, "sessions", s, ip] => {
+                let info = self.session(t, s).ok_or_else(nf)?;
+                let conns = info.connections.lock().unwrap_or_else(|e| e.into_inner());
+                conns.iter().find(|c| c.ip == *ip).ok_or_else(nf)?;
+                ["cid", "ip", "state", "target_ip"]
+                    .iter()
+                    .map(|n| Entry::attr(*n, false, false))
+                    .collect()
+            }
+            _ => {
+                // An attribute is not a directory.
+                if self.read(st, path).is_ok() {
+                    return Err(MgmtError::NotDir(path.to_string()));
+                }
+                return Err(nf());
+            }
+        };
+        Ok(entries)
+    }
+
+    fn session(
+        &self,
+        target: &str,
+        name: &str,
+    ) -> Option<Arc<crate::iscsi::registry::SessionInfo>> {
+        self.registry
+            .sessions(target)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s)
+    }
+
+    pub fn get(&self, path: &str) -> Result<String, MgmtError> {
+        let st = self.lock();
+        self.read(&st, path)
+    }
+
+    fn read(&self, st: &State, path: &str) -> Result<String, MgmtError> {
+        let p = split(path);
+        let nf = || MgmtError::NotFound(path.to_string());
+        let v = match p.as_slice() {
+            ["version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
+            ["threads"] => (self.hooks.reactors)().len().to_string(),
+            ["handlers", h, "mgmt"] if device::HANDLERS.contains(h) => {
+                let params = device::add_device_params(h).unwrap_or(&[]);
+                format!(
+                    "Usage: echo \"add_device device_name [parameters]\" >mgmt\n       echo \"del_device device_name\" >mgmt\n\nwhere parameters are one or more param_name=value pairs separated by ';'\n\nThe following parameters available: {}\n",
+                    params.join(", ")
+                )
+            }
+            ["handlers", h, "type"] if device::HANDLERS.contains(h) => {
+                "0 - direct-access device (e.g., magnetic disk)".into()
+            }
+            ["handlers", h, d] if device::HANDLERS.contains(h) => {
+                let dev = st
+                    .devices
+                    .get(*d)
+                    .filter(|x| x.handler() == *h)
+                    .ok_or_else(nf)?;
+                format!("../../devices/{}", dev.name())
+            }
+            ["devices", d, "handler"] => format!(
+                "../../handlers/{}",
+                st.devices.get(*d).ok_or_else(nf)?.handler()
+            ),
+            ["devices", d, "exported", e] => {
+                let i: usize = e
+                    .strip_prefix("export")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(nf)?;
+                exports(st, d).get(i).cloned().ok_or_else(nf)?
+            }
+            ["devices", d, a] => st
+                .devices
+                .get(*d)
+                .ok_or_else(nf)?
+                .get_attr(a)
+                .ok_or_else(nf)?,
+            ["sgv", k] => (self.hooks.sgv)()
+                .into_iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .ok_or_else(nf)?,
+            ["reactors", n, k] => {
+                let all = (self.hooks.reactors)();
+                let r = n
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| all.get(i).cloned())
+                    .ok_or_else(nf)?;
+                r.into_iter()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v)
+                    .ok_or_else(nf)?
+            }
+            ["targets", "iscsi", "enabled"] => b01(st.iscsi_enabled),
+            ["targets", "iscsi", "open_state"] => "open".into(),
+            ["targets", "iscsi", "version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
+            ["targets", "iscsi", "mgmt"] => TARGET_MGMT_USAGE.into(),
+            ["targets", "iscsi", t, a] if st.targets.contains_key(*t) => {
+                let tg = &st.targets[*t];
+                match *a {
+                    "enabled" => b01(tg.enabled),
+                    "tid" => tg.tid.to_string(),
+                    "rel_tgt_id" => tg.rel_tgt_id.to_string(),
+                    "alias" => tg.alias.clone(),
+                    _ => tg.params.get(a).ok_or_else(nf)?,
+                }
+            }
+            ["targets", "iscsi", t, "luns", "mgmt"] if st.targets.contains_key(*t) => {
+                LUNS_MGMT_USAGE.into()
+            }
+            ["targets", "iscsi", t, "ini_groups", "mgmt"] if st.targets.contains_key(*t) => {
+                "Usage: echo \"create GROUP_NAME\" >mgmt\n       echo \"del GROUP_NAME\" >mgmt\n"
+                    .into()
+            }
+            ["targets", "iscsi", t, "luns", l, a] => {
+                let tg = st.targets.get(*t).ok_or_else(nf)?;
+                let lun = tg
+                    .luns
+                    .get(&l.parse::<u64>().map_err(|_| nf())?)
+                    .ok_or_else(nf)?;
+                match *a {
+                    "device" => format!("../../../../../devices/{}", lun.device),
+                    "read_only" => b01(lun.read_only),
+                    _ => return Err(nf()),
+                }
+            }
+            ["targets", "iscsi", t, "sessions", s, a] => {
+                let info = self.session(t, s).ok_or_else(nf)?;
+                match *a {
+                    "initiator_name" => info.initiator_name.clone(),
+                    "sid" => format!("{:x}", info.sid),
+                    "reinstating" => {
+                        b01(info.reinstating.load(std::sync::atomic::Ordering::Relaxed))
+                    }
+                    "commands" => info.commands().to_string(),
+                    "active_commands" => info.active_commands().to_string(),
+                    "force_close" => {
+                        return Err(invalid(
+                            path,
+                            "force_close is write-only: write 1 to close the session",
+                        ))
+                    }
+                    _ => info
+                        .params
+                        .iter()
+                        .find(|(k, _)| k == a)
+                        .map(|(_, v)| v.clone())
+                        .ok_or_else(nf)?,
+                }
+            }
+            ["targets", "iscsi", t, "sessions", s, ip, a] => {
+                let info = self.session(t, s).ok_or_else(nf)?;
+                let conns = info.connections.lock().unwrap_or_else(|e| e.into_inner());
+                let c = conns.iter().find(|c| c.ip == *ip).ok_or_else(nf)?;
+                match *a {
+                    "cid" => c.cid.to_string(),
+                    "ip" => c.ip.clone(),
+                    "target_ip" => c.target_ip.clone(),
+                    "state" => c.state.clone(),
+                    _ => return Err(nf()),
+                }
+            }
+            _ => {
+                return Err(if self.list(st, path).is_ok() {
+                    MgmtError::IsDir(path.to_string())
+                } else {
+                    nf()
+                });
+            }
+        };
+        Ok(v)
+    }
+
+    /// The subtree at `path` as nested JSON: directories are objects, attributes strings.
+    pub fn tree(&self, path: &str) -> Result<Value, MgmtError> {
+        let st = self.lock();
+        self.subtree(&st, path, 0)
+    }
+
+    fn subtree(&self, st: &State, path: &str, depth: usize) -> Result<Value, MgmtError> {
+        match self.list(st, path) {
+            Ok(entries) => {
+                let mut m = Map::new();
+                for e in entries {
+                    let child = if path.is_empty() {
+                        e.name.clone()
+                    } else {
+                        format!("{}/{}", path.trim_end_matches('/'), e.name)
+                    };
+                    let v = match e.kind {
+                        "dir" if depth < 16 => self.subtree(st, &child, depth + 1)?,
+                        "mgmt" => continue,
+                        _ => match self.read(st, &child) {
+                            Ok(v) => Value::String(v.trim_end().to_string()),
+                            Err(_) => continue,
+                        },
+                    };
+                    m.insert(e.name, v);
+                }
+                Ok(Value::Object(m))
+            }
+            Err(MgmtError::NotDir(_)) => {
+                Ok(Value::String(self.read(st, path)?.trim_end().to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    // ------------------------------------------------------------------ writing
+
+    pub fn set(&self, path: &str, value: &str) -> Result<(), MgmtError> {
+        let mut st = self.lock();
+        self.write(&mut st, path, value)?;
+        self.publish(&st);
+        Ok(())
+    }
+
+    fn write(&self, st: &mut State, path: &str, value: &str) -> Result<(), MgmtError> {
+        let p = split(path);
+        let value = value.trim_end_matches('\n');
+        let nf = || MgmtError::NotFound(path.to_string());
+        match p.as_slice() {
+            ["targets", "iscsi", "enabled"] => st.iscsi_enabled = parse01(path, value)?,
+            ["devices", d, a] => {
+                let dev = st.devices.get(*d).ok_or_else(nf)?;
+                if dev.get_attr(a).is_none() {
+                    return Err(nf());
+                }
+                dev.set_attr(a, value)
+                    .map_err(|e| invalid(path, e.to_string()))?;
+            }
+            ["targets", "iscsi", t, a] if st.targets.contains_key(*t) => {
+                let in_use: Vec<u16> = st
+                    .targets
+                    .iter()
+                    .filter(|(n, x)| n != t && x.enabled)
+                    .map(|(_, x)| x.rel_tgt_id)
+                    .collect();
+                let tg = st.targets.get_mut(*t).ok_or_else(nf)?;
+                match *a {
+                    "enabled" => {
+                        let on = parse01(path, value)?;
+                        if on && in_use.contains(&tg.rel_tgt_id) {
+                            return Err(invalid(
+                                path,
+                                format!(
+                                    "rel_tgt_id {} is used by another enabled target",
+                                    tg.rel_tgt_id
+                                ),
+                            ));
+                        }
+                        tg.enabled = on;
+                    }
+                    "rel_tgt_id" => {
+                        let n: u16 =
+                            value
+                                .trim()
+                                .parse()
+                                .ok()
+                                .filter(|n| *n >= 1)
+                                .ok_or_else(|| {
+                                    invalid(path, "rel_tgt_id must be a number from 1 to 65535")
+                                })?;
+                        if tg.enabled && in_use.contains(&n) {
+                            return Err(invalid(
+                                path,
+                                format!("rel_tgt_id {n} is used by another enabled target"),
+                            ));
+                        }
+                        tg.rel_tgt_id = n;
+                    }
+                    "alias" => {
+                        if value.len() > 255 {
+                            return Err(invalid(path, "alias must be at most 255 characters"));
+                        }
+                        tg.alias = value.trim().to_string();
+                    }
+                    "tid" => return Err(MgmtError::ReadOnly(path.to_string())),
+                    _ => match tg.params.set(a, value) {
+                        Ok(()) => {}
+                        Err(param::ParamError::Unknown(_)) => return Err(nf()),
+                        Err(e) => return Err(invalid(path, e.to_string())),
+                    },
+                }
+            }
+            ["targets", "iscsi", t, "sessions", s, "force_close"] => {
+                let info = self.session(t, s).ok_or_else(nf)?;
+                info.close_requested
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => {
+                return Err(match self.read(st, path) {
+                    Ok(_) => MgmtError::ReadOnly(path.to_string()),
+                    Err(MgmtError::IsDir(p)) => MgmtError::IsDir(p),
+                    Err(_) => nf(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs an SCST mgmt command. `path` names the `mgmt` entry or its directory.
+    pub fn mgmt(&self, path: &str, command: &str) -> Result<(), MgmtError> {
+        let mut st = self.lock();
+        let mut p = split(path);
+        if p.last() == Some(&"mgmt") {
+            p.pop();
+        }
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let Some((&verb, args)) = words.split_first() else {
+            return Err(invalid(path, "empty command"));
+        };
+        let joined = p.join("/");
+        let here = format!("{joined}/mgmt");
+        match p.as_slice() {
+            ["handlers", h] if device::HANDLERS.contains(h) => match verb {
+                "add_device" => {
+                    let name = args.first().ok_or_else(|| invalid(&here, "add_device needs a device name"))?;
+                    if st.devices.contains_key(*name) {
+                        return Err(invalid(&here, format!("device {name} already exists")));
+                    }
+                    let rest = command.trim_start()[verb.len()..].trim_start()[name.len()..].to_string();
+                    let params = parse_params(&here, &rest)?;
+                    let dev = Device::create(h, name, &params).map_err(|e| invalid(&here, e.to_string()))?;
+                    st.devices.insert(name.to_string(), dev);
+                }
+                "del_device" => {
+                    let [name] = args else { return Err(invalid(&here, "usage: del_device NAME")) };
+                    let dev = st.devices.get(*name).ok_or_else(|| invalid(&here, format!("no device {name}")))?;
+                    if dev.handler() != *h {
+                        return Err(invalid(&here, format!("device {name} belongs to {}", dev.handler())));
+                    }
+                    let ex = exports(&st, name);
+                    if !ex.is_empty() {
+                        return Err(MgmtError::Busy {
+                            path: here,
+                            msg: format!("device {name} is busy: exported as {}", ex.join(", ")),
+                        });
+                    }
+                    st.devices.remove(*name);
+                }
+                _ => return Err(invalid(&here, format!("unknown command {verb:?}: use add_device or del_device"))),
+            },
+            ["targets", "iscsi"] => match verb {
+                "add_target" => {
+                    let name = args.first().ok_or_else(|| invalid(&here, "add_target needs a target name"))?;
+                    if !valid_iscsi_name(name) {
+                        return Err(invalid(
+                            &here,
+                            format!("{name:?} is not an iSCSI name (iqn.YYYY-MM.domain[:id], eui.<16 hex>, naa.<16 or 32 hex>)"),
+                        ));
+                    }
+                    if st.targets.keys().any(|k| k.eq_ignore_ascii_case(name)) {
+                        return Err(invalid(&here, format!("target {name} already exists")));
+                    }
+                    if args.len() > 1 {
+                        return Err(invalid(&here, "add_target takes no parameters here"));
+                    }
+                    let tid = st.next_tid;
+                    st.next_tid += 1;
+                    let used: Vec<u16> = st.targets.values().map(|t| t.rel_tgt_id).collect();
+                    let rel = (1..=u16::MAX).find(|r| !used.contains(r)).unwrap_or(1);
+                    st.targets.insert(
+                        name.to_string(),
+                        Target { tid, rel_tgt_id: rel, enabled: false, alias: String::new(), params: TargetParams::default(), luns: BTreeMap::new() },
+                    );
+                }
+                "del_target" => {
+                    let [name] = args else { return Err(invalid(&here, "usage: del_target NAME")) };
+                    if st.targets.remove(*name).is_none() {
+                        return Err(invalid(&here, format!("no target {name}")));
+                    }
+                    // Its sessions close when the reactors see it gone.
+                    for (_, s) in self.registry.sessions(name) {
+                        s.close_requested.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                "add_attribute" | "del_attribute" | "add_target_attribute" | "del_target_attribute" => {
+                    let attr = if verb.contains("target") { args.get(1) } else { args.first() };
+                    return Err(invalid(
+                        &here,
+                        format!(
+                            "attribute {} is not supported yet (CHAP accounts and allowed_portal are not implemented)",
+                            attr.unwrap_or(&"")
+                        ),
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        &here,
+                        format!("unknown command {verb:?}: use add_target, del_target, add_attribute, del_attribute, add_target_attribute or del_target_attribute"),
+                    ))
+                }
+            },
+            ["targets", "iscsi", t, "luns"] if st.targets.contains_key(*t) => self.luns_mgmt(&mut st, t, &here, verb, args, command)?,
+            ["targets", "iscsi", t, "ini_groups"] if st.targets.contains_key(*t) => {
+                return Err(invalid(&here, format!("{verb}: initiator groups are not supported yet")));
+            }
+            _ => return Err(MgmtError::NotFound(here)),
+        }
+        self.publish(&st);
+        Ok(())
+    }
+
+    fn luns_mgmt(
+        &self,
+        st: &mut State,
+        t: &str,
+        here: &str,
+        verb: &str,
+        args: &[&str],
+        command: &str,
+    ) -> Result<(), MgmtError> {
+        let parse_lun = |s: &str| -> Result<u64, MgmtError> {
+            s.parse::<u64>()
+                .ok()
+                .filter(|l| *l <= MAX_LUN)
+                .ok_or_else(|| {
+                    invalid(
+                        here,
+                        format!("LUN {s:?} must be a number from 0 to {MAX_LUN}"),
+                    )
+                })
+        };
+        match verb {
+            "add" | "replace" | "replace_no_ua" => {
+                let (Some(dev), Some(lun)) = (args.first(), args.get(1)) else {
+                    return Err(invalid(
+                        here,
+                        format!("usage: {verb} DEVICE LUN [read_only=1]"),
+                    ));
+                };
+                let lun = parse_lun(lun)?;
+                if !st.devices.contains_key(*dev) {
+                    return Err(invalid(here, format!("no device {dev}")));
+                }
+                // Parameters come after "verb dev lun".
+                let mut rest = command.trim_start();
+                for w in [verb, dev, args[1]] {
+                    rest = rest[rest.find(w).map_or(0, |i| i + w.len())..].trim_start();
+                }
+                let mut read_only = false;
+                for (k, v) in parse_params(here, rest)? {
+                    match k.as_str() {
+                        "read_only" => read_only = parse01(here, &v)?,
+                        _ => {
+                            return Err(invalid(
+                                here,
+                                format!("unknown parameter {k:?}; the only one is read_only"),
+                            ))
+                        }
+                    }
+                }
+                let tg = st
+                    .targets
+                    .get_mut(t)
+                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+                if verb == "add" && tg.luns.contains_key(&lun) {
+                    return Err(invalid(here, format!("LUN {lun} already exists")));
+                }
+                let replaced = tg.luns.insert(
+                    lun,
+                    Lun {
+                        device: dev.to_string(),
+                        read_only,
+                    },
+                );
+                if verb == "replace" && replaced.is_some() {
+                    // SPC-4: INQUIRY DATA HAS CHANGED for the new device at that LUN.
+                    if let Some(d) = st.devices.get(*dev) {
+                        d.add_ua_all(0x3f, 0x03);
+                    }
+                }
+            }
+            "del" => {
+                let [lun] = args else {
+                    return Err(invalid(here, "usage: del LUN"));
+                };
+                let lun = parse_lun(lun)?;
+                let tg = st
+                    .targets
+                    .get_mut(t)
+                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+                if tg.luns.remove(&lun).is_none() {
+                    return Err(invalid(here, format!("no LUN {lun}")));
+                }
+            }
+            "clear" => {
+                let tg = st
+                    .targets
+                    .get_mut(t)
+                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+                tg.luns.clear();
+            }
+            _ => {
+                return Err(invalid(
+                    here,
+                    format!(
+                        "unknown command {verb:?}: use add, del, replace, replace_no_ua or clear"
+                    ),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ config
+
+    /// The running configuration, in the format [`load_config`](Mgmt::load_config) reads:
+    /// devices with their creation parameters and changed attributes, then targets with their
+    /// changed parameters, LUNs and enabled flags.
+    pub fn save_config(&self) -> Value {
+        let st = self.lock();
+        let mut handlers = Map::new();
+        for h in device::HANDLERS {
+            let mut devs = Map::new();
+            for d in st.devices.values().filter(|d| d.handler() == *h) {
+                let mut o = Map::new();
+                for (k, v) in d.creation_params() {
+                    o.insert(k.clone(), json!(v));
+                }
+                for a in d.attrs() {
+                    if a.writable && d.is_key_attr(a.name) && !o.contains_key(a.name) {
+                        o.insert(a.name.into(), json!(d.get_attr(a.name).unwrap_or_default()));
+                    }
+                }
+                devs.insert(d.name().into(), Value::Object(o));
+            }
+            if !devs.is_empty() {
+                handlers.insert((*h).into(), Value::Object(devs));
+            }
+        }
+        let mut targets = Map::new();
+        for (name, t) in &st.targets {
+            let mut o = Map::new();
+            o.insert("enabled".into(), json!(b01(t.enabled)));
+            o.insert("rel_tgt_id".into(), json!(t.rel_tgt_id.to_string()));
+            if !t.alias.is_empty() {
+                o.insert("alias".into(), json!(t.alias));
+            }
+            for n in param::NAMES {
+                if t.params.is_key(n) {
+                    o.insert((*n).into(), json!(t.params.get(n).unwrap_or_default()));
+                }
+            }
+            let mut luns = Map::new();
+            for (l, lun) in &t.luns {
+                let mut lo = Map::new();
+                lo.insert("device".into(), json!(lun.device));
+                if lun.read_only {
+                    lo.insert("read_only".into(), json!("1"));
+                }
+                luns.insert(l.to_string(), Value::Object(lo));
+            }
+            o.insert("luns".into(), Value::Object(luns));
+            targets.insert(name.clone(), Value::Object(o));
+        }
+        json!({
+            "handlers": handlers,
+            "targets": { "iscsi": { "enabled": b01(st.iscsi_enabled), "targets": targets } }
+        })
+    }
+
+    /// Applies a configuration in the [`save_config`](Mgmt::save_config) format on top of the
+    /// running one, in SCST's order: devices, targets, LUNs, attributes, enable targets, then
+    /// enable the driver. Stops at the first error, naming it.
+    pub fn load_config(&self, cfg: &Value) -> Result<(), MgmtError> {
+        let obj = cfg
+            .as_object()
+            .ok_or_else(|| invalid("config", "the configuration must be a JSON object"))?;
+        for k in obj.keys() {
+            if k != "handlers" && k != "targets" {
+                return Err(invalid(
+                    "config",
+                    format!("unknown section {k:?}; sections are handlers and targets"),
+                ));
+            }
+        }
+        let s = |v: &Value, path: &str| -> Result<String, MgmtError> {
+            match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
+                Value::Bool(b) => Ok(b01(*b)),
+                _ => Err(invalid(path, "value must be a string or a number")),
+            }
+        };
+        if let Some(h) = obj.get("handlers") {
+            let h = h
+                .as_object()
+                .ok_or_else(|| invalid("config/handlers", "must be an object"))?;
+            for (handler, devs) in h {
+                let devs = devs.as_object().ok_or_else(|| {
+                    invalid(&format!("config/handlers/{handler}"), "must be an object")
+                })?;
+                for (name, attrs) in devs {
+                    let path = format!("config/handlers/{handler}/{name}");
+                    let attrs = attrs
+                        .as_object()
+                        .ok_or_else(|| invalid(&path, "must be an object"))?;
+                    let create: Vec<String> = device::add_device_params(handler)
+                        .ok_or_else(|| invalid(&path, format!("unknown handler {handler}")))?
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect();
+                    let mut params = Vec::new();
+                    let mut later = Vec::new();
+                    for (k, v) in attrs {
+                        if create.contains(k) {
+                            params.push(format!("{k}={}", s(v, &path)?));
+                        } else {
+                            later.push((k.clone(), s(v, &path)?));
+                        }
+                    }
+                    self.mgmt(
+                        &format!("handlers/{handler}/mgmt"),
+                        &format!("add_device {name} {}", params.join("; ")),
+                    )?;
+                    for (k, v) in later {
+                        self.set(&format!("devices/{name}/{k}"), &v)?;
+                    }
+                }
+            }
+        }
+        let mut enable_driver = None;
+        if let Some(t) = obj.get("targets") {
+            let iscsi = t
+                .as_object()
+                .and_then(|o| o.get("iscsi"))
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    invalid("config/targets", "must be an object with an iscsi object")
+                })?;
+            let mut enable = Vec::new();
+            for (k, v) in iscsi {
+                match k.as_str() {
+                    "enabled" => enable_driver = Some(s(v, "config/targets/iscsi/enabled")?),
+                    "targets" => {
+                        let ts = v.as_object().ok_or_else(|| {
+                            invalid("config/targets/iscsi/targets", "must be an object")
+                        })?;
+                        for (name, tv) in ts {
+                            let path = format!("config/targets/iscsi/targets/{name}");
+                            let to = tv
+                                .as_object()
+                                .ok_or_else(|| invalid(&path, "must be an object"))?;
+                            self.mgmt("targets/iscsi/mgmt", &format!("add_target {name}"))?;
+                            for (a, av) in to {
+                                match a.as_str() {
+                                    "luns" => {
+                                        let luns = av.as_object().ok_or_else(|| {
+                                            invalid(&path, "luns must be an object")
+                                        })?;
+                                        for (l, lv) in luns {
+                                            let lo = lv.as_object().ok_or_else(|| {
+                                                invalid(&path, "a LUN must be an object")
+                                            })?;
+                                            let dev = lo
+                                                .get("device")
+                                                .map(|d| s(d, &path))
+                                                .transpose()?
+                                                .ok_or_else(|| {
+                                                    invalid(
+                                                        &path,
+                                                        format!("LUN {l} names no device"),
+                                                    )
+                                                })?;
+                                            let ro = lo
+                                                .get("read_only")
+                                                .map(|d| s(d, &path))
+                                                .transpose()?
+                                                .unwrap_or_else(|| "0".into());
+                                            self.mgmt(
+                                                &format!("targets/iscsi/{name}/luns/mgmt"),
+                                                &format!("add {dev} {l} read_only={ro}"),
+                                            )?;
+                                        }
+                                    }
+                                    "enabled" => enable.push((name.clone(), s(av, &path)?)),
+                                    _ => self.set(
+                                        &format!("targets/iscsi/{name}/{a}"),
+                                        &s(av, &path)?,
+                                    )?,
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            "config/targets/iscsi",
+                            format!("unknown key {k:?}"),
+                        ))
+                    }
+                }
+            }
+            for (name, v) in enable {
+                self.set(&format!("targets/iscsi/{name}/enabled"), &v)?;
+            }
+        }
+        if let Some(v) = enable_driver {
+            self.set("targets/iscsi/enabled", &v)?;
+        }
+        Ok(())
+    }
+}
+
+/// The LUNs exporting device `name`, as tree paths.
+fn exports(st: &State, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (t, tg) in &st.targets {
+        for (l, lun) in &tg.luns {
+            if lun.device == name {
+                out.push(format!("../../../targets/iscsi/{t}/luns/{l}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mgmt() -> Arc<Mgmt> {
+        Mgmt::new(Publisher::new(), Registry::new(), Hooks::default())
+    }
+
+    const T: &str = "iqn.2026-11.org.example:t1";
+
+    fn setup(m: &Mgmt) {
+        m.mgmt(
+            "handlers/vdisk_ramio/mgmt",
+            "add_device r0 size_mb=4; blocksize=4096",
+        )
+        .unwrap();
+        m.mgmt("handlers/vdisk_nullio", "add_device n0").unwrap();
+        m.mgmt("targets/iscsi/mgmt", &format!("add_target {T}"))
+            .unwrap();
+        m.mgmt(&format!("targets/iscsi/{T}/luns/mgmt"), "add r0 0")
+            .unwrap();
+        m.mgmt(
+            &format!("targets/iscsi/{T}/luns/mgmt"),
+            "add n0 5 read_only=1",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn scst_grammar_and_defaults() {
+        let m = mgmt();
+        setup(&m);
+        assert_eq!(m.get("devices/r0/blocksize").unwrap(), "4096");
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/QueuedCommands")).unwrap(),
+            "32"
+        );
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/RspTimeout")).unwrap(),
+            "30"
+        );
+        assert_eq!(m.get(&format!("targets/iscsi/{T}/enabled")).unwrap(), "0");
+        assert_eq!(m.get(&format!("targets/iscsi/{T}/tid")).unwrap(), "1");
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/luns/5/read_only"))
+                .unwrap(),
+            "1"
+        );
+        m.set(
+            &format!("targets/iscsi/{T}/MaxRecvDataSegmentLength"),
+            "8192",
+        )
+        .unwrap();
+        assert!(m
+            .ls(&format!("targets/iscsi/{T}"))
+            .unwrap()
+            .iter()
+            .any(|e| e.name == "MaxRecvDataSegmentLength" && e.key));
+        m.set(
+            &format!("targets/iscsi/{T}/MaxRecvDataSegmentLength"),
+            ":default:",
+        )
+        .unwrap();
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/MaxRecvDataSegmentLength"))
+                .unwrap(),
+            "1048576"
+        );
+        assert!(m
+            .get("handlers/vdisk_ramio/mgmt")
+            .unwrap()
+            .contains("size_mb"));
+        assert_eq!(
+            m.get("devices/r0/exported/export0").unwrap(),
+            format!("../../../targets/iscsi/{T}/luns/0")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let m = mgmt();
+        setup(&m);
+        let e = |r: Result<(), MgmtError>| r.unwrap_err().to_string();
+        assert!(e(m.mgmt("handlers/vdisk_ramio/mgmt", "del_device r0")).contains("busy"));
+        assert!(
+            e(m.mgmt("handlers/vdisk_ramio/mgmt", "add_device r0 size_mb=4"))
+                .contains("already exists")
+        );
+        assert!(e(m.mgmt(
+            "handlers/vdisk_ramio/mgmt",
+            "add_device r9 size_mb=4; blocksize=1000"
+        ))
+        .contains("power of two"));
+        assert!(
+            e(m.mgmt("handlers/vdisk_ramio/mgmt", "add_device r9 size_mb")).contains("name=value")
+        );
+        assert!(e(m.mgmt("targets/iscsi/mgmt", "add_target not-a-name")).contains("iSCSI name"));
+        assert!(
+            e(m.mgmt(&format!("targets/iscsi/{T}/luns/mgmt"), "add r0 0"))
+                .contains("already exists")
+        );
+        assert!(
+            e(m.mgmt(&format!("targets/iscsi/{T}/luns/mgmt"), "add nope 3")).contains("no device")
+        );
+        assert!(e(m.mgmt(&format!("targets/iscsi/{T}/luns/mgmt"), "add r0 99999")).contains("LUN"));
+        assert!(e(m.mgmt("targets/iscsi/mgmt", "frob x")).contains("frob"));
+        assert!(
+            e(m.set(&format!("targets/iscsi/{T}/QueuedCommands"), "0")).contains("from 1 to 2048")
+        );
+        assert!(e(m.set(&format!("targets/iscsi/{T}/tid"), "5")).contains("read-only"));
+        assert!(e(m.set("devices/r0/blocksize", "512")).contains("read-only"));
+        assert!(matches!(
+            m.get("targets/iscsi/nowhere"),
+            Err(MgmtError::NotFound(_))
+        ));
+        assert!(matches!(m.get("targets"), Err(MgmtError::IsDir(_))));
+        assert!(matches!(m.ls("version"), Err(MgmtError::NotDir(_))));
+        m.mgmt(&format!("targets/iscsi/{T}/luns/mgmt"), "clear")
+            .unwrap();
+        m.mgmt("handlers/vdisk_ramio/mgmt", "del_device r0")
+            .unwrap();
+    }
+
+    #[test]
+    fn snapshot_follows_the_tree() {
+        let p = Publisher::new();
+        let m = Mgmt::new(p.clone(), Registry::new(), Hooks::default());
+        setup(&m);
+        m.set(&format!("targets/iscsi/{T}/enabled"), "1").unwrap();
+        m.set("targets/iscsi/enabled", "1").unwrap();
+        let s = p.current();
+        assert!(s.iscsi_enabled);
+        let t = &s.targets[T];
+        assert!(t.enabled);
+        assert_eq!(t.luns.iter().map(|l| l.lun).collect::<Vec<_>>(), vec![0, 5]);
+        assert!(t.lun(5).unwrap().read_only);
+    }
+
+    #[test]
+    fn save_and_load_round_trip() {
+        let m = mgmt();
+        setup(&m);
+        m.set(&format!("targets/iscsi/{T}/QueuedCommands"), "64")
+            .unwrap();
+        m.set("devices/n0/prod_id", "NullDisk").unwrap();
+        m.set(&format!("targets/iscsi/{T}/enabled"), "1").unwrap();
+        m.set("targets/iscsi/enabled", "1").unwrap();
+        let saved = m.save_config();
+        let m2 = mgmt();
+        m2.load_config(&saved).unwrap();
+        assert_eq!(m2.save_config(), saved);
+        assert_eq!(
+            m2.get(&format!("targets/iscsi/{T}/QueuedCommands"))
+                .unwrap(),
+            "64"
+        );
+        assert_eq!(m2.get("devices/n0/prod_id").unwrap(), "NullDisk");
+        assert_eq!(m2.tree("").unwrap(), m.tree("").unwrap());
+        assert!(m2.load_config(&json!({"bogus": 1})).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(valid_iscsi_name("iqn.2006-10.net.vlnb:tgt"));
+        assert!(valid_iscsi_name("eui.0123456789abcdef"));
+        assert!(!valid_iscsi_name("iqn.06-10.net"));
+        assert!(!valid_iscsi_name("tgt1"));
+    }
+}

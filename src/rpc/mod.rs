@@ -1,1 +1,399 @@
-//! The JSON-RPC 2.0 server on a Unix socket.
+//! The JSON-RPC 2.0 server on a Unix socket, framed as SPDK frames it: requests are JSON values
+//! read one after another from the stream (no length prefix, no newline needed), a top-level
+//! array is a batch, and each response is one JSON value followed by a newline. A parse error
+//! cannot be resynchronised in a stream, so it is answered and the connection closed.
+//!
+//! Methods map onto the management tree: `ls`, `get`, `set`, `mgmt`, `tree`, `save_config`,
+//! `load_config`, `rpc_get_methods`.
+#![forbid(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, warn};
+use serde_json::{json, Value};
+
+use crate::mgmt::{Mgmt, MgmtError};
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
+
+/// The largest request accepted (a whole configuration fits easily).
+const MAX_REQUEST: usize = 16 << 20;
+/// A client that sends nothing for this long is disconnected.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub const METHODS: &[&str] = &[
+    "get",
+    "load_config",
+    "ls",
+    "mgmt",
+    "rpc_get_methods",
+    "save_config",
+    "set",
+    "tree",
+];
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum RpcError {
+    /// the socket is in use by a running server
+    InUse,
+    /// {0}
+    Io(#[from] io::Error),
+}
+
+/// A running server; `shutdown` stops it and removes the socket.
+pub struct Server {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Fail(i64, String);
+
+impl From<MgmtError> for Fail {
+    fn from(e: MgmtError) -> Fail {
+        Fail(INVALID_PARAMS, e.to_string())
+    }
+}
+
+impl Server {
+    /// Binds `path` (refusing when a live server answers there, removing a stale socket file)
+    /// and serves it on a thread of its own.
+    pub fn start(path: &Path, mgmt: Arc<Mgmt>) -> Result<Server, RpcError> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(RpcError::InUse);
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("rpc".into())
+            .spawn(move || serve(listener, mgmt, s2))?;
+        Ok(Server {
+            path: path.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(listener: UnixListener, mgmt: Arc<Mgmt>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Acquire) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let m = mgmt.clone();
+                let st = stop.clone();
+                let _ = std::thread::Builder::new()
+                    .name("rpc-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = connection(stream, &m, &st) {
+                            debug!("rpc connection ended: {e}");
+                        }
+                    });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => {
+                warn!("rpc accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn connection(mut stream: UnixStream, mgmt: &Mgmt, stop: &AtomicBool) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let mut idle = Duration::ZERO;
+    loop {
+        // Answer every complete value in the buffer.
+        loop {
+            let start = buf
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(buf.len());
+            if start == buf.len() {
+                buf.clear();
+                break;
+            }
+            let mut it = serde_json::Deserializer::from_slice(&buf[start..]).into_iter::<Value>();
+            match it.next() {
+                Some(Ok(v)) => {
+                    let used = start + it.byte_offset();
+                    buf.drain(..used);
+                    if let Some(resp) = handle(mgmt, v) {
+                        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                        out.push(b'\n');
+                        stream.write_all(&out)?;
+                    }
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => {
+                    let resp = error(Value::Null, PARSE_ERROR, &format!("parse error: {e}"));
+                    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+                    out.push(b'\n');
+                    stream.write_all(&out)?;
+                    return Ok(());
+                }
+                None => break,
+            }
+        }
+        if buf.len() > MAX_REQUEST {
+            let resp = error(
+                Value::Null,
+                INVALID_REQUEST,
+                &format!("request larger than {MAX_REQUEST} bytes"),
+            );
+            let _ = stream.write_all(format!("{resp}\n").as_bytes());
+            return Ok(());
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                idle = Duration::ZERO;
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                idle += Duration::from_millis(200);
+                if stop.load(Ordering::Acquire) || idle >= IDLE_TIMEOUT {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn error(id: Value, code: i64, msg: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": msg}})
+}
+
+/// One request or a batch; `None` when nothing is to be sent (notifications).
+pub fn handle(mgmt: &Mgmt, v: Value) -> Option<Value> {
+    match v {
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Some(error(Value::Null, INVALID_REQUEST, "empty batch"));
+            }
+            let out: Vec<Value> = items.into_iter().filter_map(|r| single(mgmt, r)).collect();
+            if out.is_empty() {
+                None
+            } else {
+                Some(Value::Array(out))
+            }
+        }
+        other => single(mgmt, other),
+    }
+}
+
+fn single(mgmt: &Mgmt, v: Value) -> Option<Value> {
+    let Value::Object(req) = v else {
+        return Some(error(
+            Value::Null,
+            INVALID_REQUEST,
+            "a request must be a JSON object",
+        ));
+    };
+    let id = req.get("id").cloned();
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    if let Some(ver) = req.get("jsonrpc") {
+        if ver != "2.0" {
+            return Some(error(reply_id, INVALID_REQUEST, "jsonrpc must be \"2.0\""));
+        }
+    }
+    if id
+        .as_ref()
+        .is_some_and(|i| !(i.is_string() || i.is_number() || i.is_null()))
+    {
+        return Some(error(
+            Value::Null,
+            INVALID_REQUEST,
+            "id must be a string, a number or null",
+        ));
+    }
+    let Some(method) = req.get("method").and_then(Value::as_str) else {
+        return Some(error(reply_id, INVALID_REQUEST, "method must be a string"));
+    };
+    let params = req.get("params").cloned().unwrap_or(Value::Null);
+    if !matches!(params, Value::Null | Value::Object(_) | Value::Array(_)) {
+        return Some(error(
+            reply_id,
+            INVALID_REQUEST,
+            "params must be an object or an array",
+        ));
+    }
+    let result = call(mgmt, method, &params);
+    id.as_ref()?;
+    Some(match result {
+        Ok(r) => json!({"jsonrpc": "2.0", "id": reply_id, "result": r}),
+        Err(Fail(code, msg)) => error(reply_id, code, &msg),
+    })
+}
+
+/// Parameter `name` (or position `pos`) as a string.
+fn param(params: &Value, name: &str, pos: usize, required: bool) -> Result<Option<String>, Fail> {
+    let v = match params {
+        Value::Object(o) => o.get(name),
+        Value::Array(a) => a.get(pos),
+        _ => None,
+    };
+    match v {
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Null) | None if !required => Ok(None),
+        Some(Value::Null) | None => Err(Fail(INVALID_PARAMS, format!("missing parameter {name}"))),
+        Some(_) => Err(Fail(
+            INVALID_PARAMS,
+            format!("parameter {name} must be a string"),
+        )),
+    }
+}
+
+fn call(mgmt: &Mgmt, method: &str, params: &Value) -> Result<Value, Fail> {
+    let path = |required| param(params, "path", 0, required).map(Option::unwrap_or_default);
+    match method {
+        "rpc_get_methods" => Ok(json!(METHODS)),
+        "ls" => Ok(serde_json::to_value(mgmt.ls(&path(false)?)?).unwrap_or(Value::Null)),
+        "get" => Ok(Value::String(mgmt.get(&path(true)?)?)),
+        "set" => {
+            let p = path(true)?;
+            let v = param(params, "value", 1, true)?.unwrap_or_default();
+            mgmt.set(&p, &v)?;
+            Ok(Value::Bool(true))
+        }
+        "mgmt" => {
+            let p = path(true)?;
+            let c = param(params, "command", 1, true)?.unwrap_or_default();
+            mgmt.mgmt(&p, &c)?;
+            Ok(Value::Bool(true))
+        }
+        "tree" => Ok(mgmt.tree(&path(false)?)?),
+        "save_config" => Ok(mgmt.save_config()),
+        "load_config" => {
+            let cfg = match params {
+                Value::Object(o) => o.get("config").cloned(),
+                Value::Array(a) => a.first().cloned(),
+                _ => None,
+            }
+            .ok_or_else(|| Fail(INVALID_PARAMS, "missing parameter config".into()))?;
+            mgmt.load_config(&cfg)?;
+            Ok(Value::Bool(true))
+        }
+        _ => Err(Fail(
+            METHOD_NOT_FOUND,
+            format!(
+                "method {method:?} not found; methods are {}",
+                METHODS.join(", ")
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iscsi::config::Publisher;
+    use crate::iscsi::registry::Registry;
+    use crate::mgmt::Hooks;
+    use std::io::{BufRead, BufReader};
+
+    fn m() -> Arc<Mgmt> {
+        Mgmt::new(Publisher::new(), Registry::new(), Hooks::default())
+    }
+
+    #[test]
+    fn requests_and_errors() {
+        let m = m();
+        let r = handle(&m, json!({"jsonrpc": "2.0", "id": 1, "method": "get", "params": {"path": "targets/iscsi/enabled"}})).unwrap();
+        assert_eq!(r["result"], "0");
+        let r = handle(&m, json!({"id": 2, "method": "nope"})).unwrap();
+        assert_eq!(r["error"]["code"], METHOD_NOT_FOUND);
+        assert!(r["error"]["message"].as_str().unwrap().contains("nope"));
+        let r = handle(&m, json!({"id": 3, "method": "get", "params": {}})).unwrap();
+        assert_eq!(r["error"]["code"], INVALID_PARAMS);
+        assert!(r["error"]["message"].as_str().unwrap().contains("path"));
+        let r = handle(
+            &m,
+            json!({"id": 4, "method": "set", "params": ["targets/iscsi/enabled", "1"]}),
+        )
+        .unwrap();
+        assert_eq!(r["result"], true);
+        assert!(
+            handle(&m, json!({"method": "get", "params": {"path": "version"}})).is_none(),
+            "notification"
+        );
+        let r = handle(
+            &m,
+            json!([{"id": 1, "method": "rpc_get_methods"}, {"method": "rpc_get_methods"}, 5]),
+        )
+        .unwrap();
+        assert_eq!(r.as_array().unwrap().len(), 2);
+        let r = handle(&m, json!({"id": 5, "method": 7})).unwrap();
+        assert_eq!(r["error"]["code"], INVALID_REQUEST);
+    }
+
+    #[test]
+    fn stream_framing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let srv = Server::start(&sock, m()).unwrap();
+        assert!(matches!(Server::start(&sock, m()), Err(RpcError::InUse)));
+        let mut s = UnixStream::connect(&sock).unwrap();
+        // Two requests in one write, the second split over two writes.
+        s.write_all(br#"{"id":1,"method":"get","params":{"path":"version"}}{"id":2,"method":"#)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        s.write_all(br#""ls","params":{"path":"targets"}}"#)
+            .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap()["id"], 1);
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"][0]["name"], "iscsi");
+        // Garbage: a parse error, then the connection closes.
+        s.write_all(b"{nope").unwrap();
+        s.write_all(b"}").unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).unwrap()["error"]["code"],
+            PARSE_ERROR
+        );
+        line.clear();
+        assert_eq!(r.read_line(&mut line).unwrap(), 0);
+        srv.shutdown();
+        assert!(!sock.exists());
+    }
+}

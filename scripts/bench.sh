@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: iscsi-perf (libiscsi) against our RAM LUN and against tgtd (backing
+# file in /dev/shm) in the same run, each target pinned to core TARGET_CORE and the initiator
+# to core INIT_CORE. Prints one table (IOPS, MB/s, and our ratio to tgtd) in Markdown.
+#   SECS=10 scripts/bench.sh
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+SECS=${SECS:-10}
+TARGET_CORE=${TARGET_CORE:-0}
+INIT_CORE=${INIT_CORE:-1}
+MODE=${MODE:-poll}
+PORT=13262
+TGTD_PORT=13263
+IQN=iqn.2026-11.org.iscsi-tgt:bench
+TGTD_IQN=iqn.2026-11.org.iscsi-tgt:tgtd
+WORK=$(mktemp -d /tmp/iscsi-tgt-bench.XXXXXX)
+SOCK=$WORK/rpc.sock
+TGTD_PID=
+cleanup() {
+    stop_target
+    if [ -n "$TGTD_PID" ]; then kill "$TGTD_PID" 2>/dev/null || true; wait "$TGTD_PID" 2>/dev/null || true; fi
+    rm -f /dev/shm/iscsi-tgt-bench.img
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v iscsi-perf >/dev/null && command -v tgtd >/dev/null || "$ROOT/scripts/setup.sh"
+build_release
+
+# Our target.
+start_target "$PORT" "$SOCK" "$WORK/target.log" --cores "$TARGET_CORE" --mode "$MODE"
+configure_default "$SOCK" "$IQN" 1024
+
+# tgtd with the same size of backing store in /dev/shm (tmpfs: RAM, as ours).
+truncate -s 1G /dev/shm/iscsi-tgt-bench.img
+taskset -c "$TARGET_CORE" tgtd -f --iscsi portal=127.0.0.1:$TGTD_PORT >"$WORK/tgtd.log" 2>&1 &
+TGTD_PID=$!
+for _ in $(seq 1 50); do tgtadm --lld iscsi --mode target --op show >/dev/null 2>&1 && break; sleep 0.1; done
+tgtadm --lld iscsi --mode target --op new --tid 1 --targetname "$TGTD_IQN"
+tgtadm --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --backing-store /dev/shm/iscsi-tgt-bench.img
+tgtadm --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
+# Fill both so reads touch real memory.
+qemu-img convert -n -f raw -O raw /dev/shm/iscsi-tgt-bench.img "iscsi://127.0.0.1:$PORT/$IQN/0" 2>/dev/null ||
+    dd if=/dev/zero of=/dev/shm/iscsi-tgt-bench.img bs=1M count=1024 conv=notrunc status=none
+
+# perf URL QD BLOCKS RANDOM -> "iops mbps"
+perf() {
+    local url=$1 qd=$2 blocks=$3 random=$4 args=()
+    [ "$random" = 1 ] && args+=(-r)
+    local out
+    out=$(timeout -s INT $((SECS + 2)) taskset -c "$INIT_CORE" iscsi-perf -m "$qd" -b "$blocks" "${args[@]}" "$url" 2>&1 | tr '\r' '\n' || true)
+    echo "$out" | grep -o 'iops average [0-9]* ([0-9]* MB/s)' | tail -1 | sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/'
+}
+
+ours="iscsi://127.0.0.1:$PORT/$IQN/0"
+theirs="iscsi://127.0.0.1:$TGTD_PORT/$TGTD_IQN/1"
+echo "| workload | iscsi-tgt IOPS | iscsi-tgt MB/s | tgtd IOPS | tgtd MB/s | ratio |"
+echo "|---|---:|---:|---:|---:|---:|"
+for w in "4 KiB random read QD1:1:8:1" "4 KiB random read QD32:32:8:1" "128 KiB sequential read QD16:16:256:0"; do
+    IFS=: read -r name qd blocks random <<<"$w"
+    read -r oi om <<<"$(perf "$ours" "$qd" "$blocks" "$random")"
+    read -r ti tm <<<"$(perf "$theirs" "$qd" "$blocks" "$random")"
+    ratio=$(python3 -c "print(f'{${oi:-0}/max(${ti:-0},1):.2f}')")
+    echo "| $name | ${oi:-?} | ${om:-?} | ${ti:-?} | ${tm:-?} | ${ratio}× |"
+done
+kill -0 "$TARGET_PID" || die "our target died during the benchmark"

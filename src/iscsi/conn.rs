@@ -1,0 +1,1590 @@
+//! One iSCSI connection (RFC 7143): login, then full feature phase with its command window,
+//! Data-Out/R2T sequencing, Data-In with phase collapse, NOP, text, logout and task
+//! management. A connection is owned by one reactor; the reactor drives it with readiness
+//! events, backend completions and the clock, so everything here runs without locks.
+#![forbid(unsafe_code)]
+
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::env::DataBuf;
+use crate::iscsi::config::{Snapshot, TargetConfig};
+use crate::iscsi::engine::Shared;
+use crate::iscsi::login::{Login, LoginRequestFields, LoginStep, LoginTarget, TargetLookup};
+use crate::iscsi::negotiate::{SessionParams, SessionType};
+use crate::iscsi::pdu::{self, Pdu, BHS_LEN};
+use crate::iscsi::registry::{ConnInfo, SessionInfo};
+use crate::iscsi::rx::{self, Fill, Staging};
+use crate::iscsi::seq;
+use crate::iscsi::task::{self, R2t, Task, TaskState, Tasks};
+use crate::iscsi::tx::{TxData, TxPdu, TxQueue};
+use crate::net::Sock;
+use crate::scsi::{self, Exec, ScsiPort, ScsiTask};
+
+/// RFC 7143 §13.12: the default MaxRecvDataSegmentLength, in force during login.
+const LOGIN_MAX_DATA: usize = 8192;
+/// How long a login may take before the connection is dropped.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many PDUs one readiness event may process before other connections get their turn.
+const RX_BUDGET: usize = 64;
+
+/// SAM status codes.
+pub const STATUS_GOOD: u8 = 0x00;
+pub const STATUS_CHECK_CONDITION: u8 = 0x02;
+pub const STATUS_TASK_SET_FULL: u8 = 0x28;
+
+/// Where the payload of the PDU being received goes.
+enum Dest {
+    Discard,
+    Collect(Vec<u8>),
+    Task { slot: usize, offset: usize },
+}
+
+enum RxState {
+    /// Waiting for a whole BHS (+ AHS) in the staging buffer.
+    Header,
+    /// Receiving the data segment (and padding) of `hdr`.
+    Payload {
+        hdr: Box<PduHeader>,
+        dest: Dest,
+        remaining: usize,
+        pad: usize,
+        pos: usize,
+    },
+}
+
+/// A parsed header waiting for its payload.
+struct PduHeader {
+    /// `None` for an opcode we do not know (its payload is skipped).
+    pdu: Option<Pdu>,
+    raw: [u8; BHS_LEN],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Login,
+    FullFeature,
+    /// Logout answered or a fatal error: flush what is queued, then close.
+    Closing,
+    Closed,
+}
+
+/// Session state of a full-feature connection (one connection per session for now).
+struct Session {
+    params: SessionParams,
+    target: Option<Arc<TargetConfig>>,
+    info: Option<Arc<SessionInfo>>,
+    exp_cmd_sn: u32,
+    max_cmd_sn: u32,
+    /// Unit attentions of this I_T nexus raised by the transport (LUN map changes).
+    pending_ua: Vec<(u8, u8)>,
+    nexus: u64,
+}
+
+/// Everything a connection needs from its reactor while it handles events.
+pub struct ConnCtx<'a> {
+    pub now: Instant,
+    pub snapshot: &'a Arc<Snapshot>,
+    pub shared: &'a Shared,
+    pub port: &'a mut ScsiPort,
+    /// Our index among the reactor's connections (high half of backend tags).
+    pub index: usize,
+}
+
+pub struct Conn {
+    sock: Box<dyn Sock>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    pub phase: Phase,
+    rx_state: RxState,
+    staging: Staging,
+    tx: TxQueue,
+    login: Option<Login>,
+    login_deadline: Instant,
+    sess: Option<Session>,
+    tasks: Tasks,
+    stat_sn: u32,
+    cid: u16,
+    /// Last time anything arrived (for NOP-In keepalive).
+    last_rx: Instant,
+    /// Outstanding NOP-In ping: its TTT and when it was sent.
+    nop_ping: Option<(u32, Instant)>,
+    next_nop_ttt: u32,
+    done_slots: Vec<usize>,
+    /// Whether the socket wants to be polled for writability.
+    pub want_write: bool,
+}
+
+struct Lookup<'a>(&'a Snapshot);
+
+impl TargetLookup for Lookup<'_> {
+    fn target(&self, name: &str) -> Option<LoginTarget> {
+        let t = self.0.targets.get(name)?;
+        if !t.enabled {
+            return None;
+        }
+        Some(LoginTarget {
+            params: t.params.clone(),
+            alias: t.alias.clone(),
+        })
+    }
+}
+
+impl Conn {
+    pub fn new(sock: Box<dyn Sock>, now: Instant) -> Conn {
+        let peer = sock.peer_addr();
+        let local = sock.local_addr();
+        Conn {
+            sock,
+            peer,
+            local,
+            phase: Phase::Login,
+            rx_state: RxState::Header,
+            staging: Staging::new(),
+            tx: TxQueue::default(),
+            login: Some(Login::new(local.to_string())),
+            login_deadline: now + LOGIN_TIMEOUT,
+            sess: None,
+            tasks: Tasks::with_capacity(64),
+            stat_sn: 0,
+            cid: 0,
+            last_rx: now,
+            nop_ping: None,
+            next_nop_ttt: 1,
+            done_slots: Vec::with_capacity(64),
+            want_write: false,
+        }
+    }
+
+    pub fn sock_mut(&mut self) -> &mut dyn Sock {
+        &mut *self.sock
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Whether the connection is gone and no backend I/O still holds one of its buffers.
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Closed && !self.tasks.slots().any(|(_, t)| t.in_backend)
+    }
+
+    // ---------------------------------------------------------------- receive
+
+    /// The socket is readable: receive and handle PDUs. Returns whether anything happened.
+    pub fn on_readable(&mut self, cx: &mut ConnCtx<'_>) -> bool {
+        if matches!(self.phase, Phase::Closing | Phase::Closed) {
+            // Discard input while closing; a peer that closed is noticed here.
+            let mut scratch = [0u8; 4096];
+            if let Ok(0) = self.sock.recv(&mut scratch) {
+                self.close(cx, "peer closed");
+            }
+            return false;
+        }
+        let mut did = false;
+        for _ in 0..RX_BUDGET {
+            match self.rx_step(cx) {
+                Ok(true) => did = true,
+                Ok(false) => break,
+                Err(why) => {
+                    self.close(cx, &why);
+                    return true;
+                }
+            }
+            if matches!(self.phase, Phase::Closing | Phase::Closed) {
+                break;
+            }
+        }
+        if did {
+            self.last_rx = cx.now;
+            self.nop_ping = None;
+        }
+        self.flush(cx);
+        did
+    }
+
+    /// One step of the receive machine: `Ok(true)` if progress was made.
+    fn rx_step(&mut self, cx: &mut ConnCtx<'_>) -> Result<bool, String> {
+        match &mut self.rx_state {
+            RxState::Header => {
+                if self.staging.len() < BHS_LEN {
+                    return self.fill();
+                }
+                let avail = self.staging.available();
+                let mut raw = [0u8; BHS_LEN];
+                raw.copy_from_slice(&avail[..BHS_LEN]);
+                let ahs_len = usize::from(raw[4]) * 4;
+                let data_len =
+                    (usize::from(raw[5]) << 16) | (usize::from(raw[6]) << 8) | usize::from(raw[7]);
+                if self.staging.len() < BHS_LEN + ahs_len {
+                    return self.fill();
+                }
+                let ahs = avail[BHS_LEN..BHS_LEN + ahs_len].to_vec();
+                self.staging.consume(BHS_LEN + ahs_len);
+                let max = self.max_recv_data();
+                if data_len > max {
+                    return Err(format!(
+                        "PDU data segment of {data_len} bytes exceeds MaxRecvDataSegmentLength {max}"
+                    ));
+                }
+                let pdu = match Pdu::parse(&raw, &ahs) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if self.phase == Phase::FullFeature {
+                            // RFC 7143 §11.17: answer an unknown opcode with Reject and go on.
+                            debug!("{}: {e}; rejecting", self.peer);
+                            self.queue_reject(pdu::REJECT_COMMAND_NOT_SUPPORTED, &raw);
+                            self.rx_state = RxState::Payload {
+                                hdr: Box::new(PduHeader { pdu: None, raw }),
+                                dest: Dest::Discard,
+                                remaining: data_len,
+                                pad: pdu::padded(data_len) - data_len,
+                                pos: 0,
+                            };
+                            return Ok(true);
+                        }
+                        return Err(format!("malformed PDU during login: {e}"));
+                    }
+                };
+                let dest = self.begin_pdu(&pdu, &raw, data_len, cx);
+                self.rx_state = RxState::Payload {
+                    hdr: Box::new(PduHeader {
+                        pdu: Some(pdu),
+                        raw,
+                    }),
+                    dest,
+                    remaining: data_len,
+                    pad: pdu::padded(data_len) - data_len,
+                    pos: 0,
+                };
+                Ok(true)
+            }
+            RxState::Payload {
+                dest,
+                remaining,
+                pad,
+                pos,
+                ..
+            } => {
+                if *remaining > 0 {
+                    if self.staging.is_empty() {
+                        // Large payloads go straight into their buffer.
+                        if let Dest::Task { slot, offset } = dest {
+                            if *remaining >= rx::DIRECT_MIN {
+                                if let Some(buf) =
+                                    self.tasks.get_mut(*slot).and_then(|t| t.scsi.buf.as_mut())
+                                {
+                                    let start = *offset + *pos;
+                                    let n_in_buf = buf.len().saturating_sub(start).min(*remaining);
+                                    if n_in_buf > 0 {
+                                        let mut segs: Vec<IoSliceMut<'_>> = buf
+                                            .segments_mut(start, n_in_buf)
+                                            .into_iter()
+                                            .map(IoSliceMut::new)
+                                            .collect();
+                                        return match rx::recv_direct(&mut *self.sock, &mut segs) {
+                                            Ok(Some(n)) => {
+                                                *remaining -= n;
+                                                *pos += n;
+                                                Ok(n > 0)
+                                            }
+                                            Ok(None) => Ok(false),
+                                            Err(e) => Err(format!("receive failed: {e}")),
+                                        };
+                                    }
+                                }
+                            }
+                        }
+                        return self.fill();
+                    }
+                    let avail = self.staging.available();
+                    let n = avail.len().min(*remaining);
+                    match dest {
+                        Dest::Discard => {}
+                        Dest::Collect(v) => v.extend_from_slice(&avail[..n]),
+                        Dest::Task { slot, offset } => {
+                            if let Some(buf) =
+                                self.tasks.get_mut(*slot).and_then(|t| t.scsi.buf.as_mut())
+                            {
+                                buf.write_at(*offset + *pos, &avail[..n]);
+                            }
+                        }
+                    }
+                    self.staging.consume(n);
+                    *remaining -= n;
+                    *pos += n;
+                    return Ok(true);
+                }
+                if *pad > 0 {
+                    if self.staging.is_empty() {
+                        return self.fill();
+                    }
+                    let n = self.staging.len().min(*pad);
+                    self.staging.consume(n);
+                    *pad -= n;
+                    return Ok(true);
+                }
+                let RxState::Payload { hdr, dest, pos, .. } =
+                    std::mem::replace(&mut self.rx_state, RxState::Header)
+                else {
+                    return Ok(true);
+                };
+                self.end_pdu(*hdr, dest, pos, cx);
+                Ok(true)
+            }
+        }
+    }
+
+    fn fill(&mut self) -> Result<bool, String> {
+        match self.staging.fill(&mut *self.sock) {
+            Ok(Fill::Data(n)) => Ok(n > 0),
+            Ok(Fill::WouldBlock) => Ok(false),
+            Ok(Fill::Closed) => Err("peer closed the connection".into()),
+            Err(e) => Err(format!("receive failed: {e}")),
+        }
+    }
+
+    fn max_recv_data(&self) -> usize {
+        match &self.sess {
+            Some(s) => s.params.max_recv_data_segment_length as usize,
+            None => LOGIN_MAX_DATA,
+        }
+    }
+
+    fn max_xmit_data(&self) -> usize {
+        match &self.sess {
+            Some(s) => s.params.max_xmit_data_segment_length as usize,
+            None => LOGIN_MAX_DATA,
+        }
+        .max(512)
+    }
+
+    /// A header arrived: decide where its payload goes (and admit SCSI commands, so that
+    /// immediate data lands in the command's own buffer).
+    fn begin_pdu(
+        &mut self,
+        pdu: &Pdu,
+        raw: &[u8; BHS_LEN],
+        data_len: usize,
+        cx: &mut ConnCtx<'_>,
+    ) -> Dest {
+        if self.phase == Phase::Login {
+            return Dest::Collect(Vec::with_capacity(data_len));
+        }
+        match pdu {
+            Pdu::ScsiCommand(cmd) => match self.admit_command(cmd, data_len, cx) {
+                Some(slot) if data_len > 0 => Dest::Task { slot, offset: 0 },
+                _ => Dest::Discard,
+            },
+            Pdu::DataOut(d) => match self.admit_data_out(d, data_len) {
+                Some((slot, offset)) => Dest::Task { slot, offset },
+                None => Dest::Discard,
+            },
+            _ if data_len == 0 => Dest::Discard,
+            _ => {
+                let _ = raw;
+                Dest::Collect(Vec::with_capacity(data_len))
+            }
+        }
+    }
+
+    /// A whole PDU (header and payload) arrived.
+    fn end_pdu(&mut self, hdr: PduHeader, dest: Dest, received: usize, cx: &mut ConnCtx<'_>) {
+        let data = match dest {
+            Dest::Collect(v) => v,
+            _ => Vec::new(),
+        };
+        if self.phase == Phase::Login {
+            self.handle_login_pdu(hdr, data, cx);
+            return;
+        }
+        let Some(pdu) = hdr.pdu else { return };
+        match pdu {
+            Pdu::ScsiCommand(cmd) => self.command_data_done(cmd.itt, received as u32, cx),
+            Pdu::DataOut(d) => self.data_out_done(&d, received as u32, cx),
+            Pdu::NopOut(n) => self.handle_nop_out(&n, data),
+            Pdu::TextRequest(t) => self.handle_text(&t, data, cx),
+            Pdu::LogoutRequest(l) => self.handle_logout(&l, cx),
+            Pdu::TaskMgmtRequest(t) => self.handle_tmf(&t, cx),
+            Pdu::LoginRequest(_) => {
+                // RFC 7143 §6.1: a Login Request in full feature phase is a protocol error.
+                self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &hdr.raw);
+            }
+            Pdu::Snack(_) => {
+                // ERL 0: SNACK is not supported (RFC 7143 §11.16).
+                self.queue_reject(pdu::REJECT_SNACK_REJECT, &hdr.raw);
+            }
+            _ => {
+                // A target-side opcode sent by the initiator.
+                self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &hdr.raw);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- login
+
+    fn handle_login_pdu(&mut self, hdr: PduHeader, data: Vec<u8>, cx: &mut ConnCtx<'_>) {
+        let Some(Pdu::LoginRequest(req)) = hdr.pdu else {
+            // RFC 7143 §6: only Login Requests are allowed before full feature phase.
+            warn!(
+                "{}: {} PDU before login completed; closing",
+                self.peer,
+                opcode_name(hdr.raw[0])
+            );
+            let resp = pdu::LoginResponse {
+                itt: u32::from_be_bytes([hdr.raw[16], hdr.raw[17], hdr.raw[18], hdr.raw[19]]),
+                status_class: 2,
+                status_detail: 0,
+                ..Default::default()
+            };
+            self.queue_login_response(resp, Vec::new());
+            self.phase = Phase::Closing;
+            return;
+        };
+        let fields = LoginRequestFields {
+            transit: req.transit,
+            cont: req.cont,
+            csg: req.csg,
+            nsg: req.nsg,
+            version_max: req.version_max,
+            version_min: req.version_min,
+            isid: req.isid,
+            tsih: req.tsih,
+            itt: req.itt,
+            cid: req.cid,
+            cmd_sn: req.cmd_sn,
+            exp_stat_sn: req.exp_stat_sn,
+            data,
+        };
+        self.cid = req.cid;
+        if !cx.snapshot.iscsi_enabled {
+            let resp = pdu::LoginResponse {
+                itt: req.itt,
+                isid: req.isid,
+                status_class: 3,
+                status_detail: 1, // service unavailable
+                ..Default::default()
+            };
+            self.queue_login_response(resp, Vec::new());
+            self.phase = Phase::Closing;
+            return;
+        }
+        let Some(login) = self.login.as_mut() else {
+            return;
+        };
+        let step = login.step(&fields, &Lookup(cx.snapshot));
+        let exp_cmd_sn = req.cmd_sn;
+        match step {
+            LoginStep::Continue(r) => {
+                let data = r.data.clone();
+                self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
+            }
+            LoginStep::Fail(r) => {
+                info!(
+                    "{}: login failed with status {:02x}{:02x}",
+                    self.peer, r.status_class, r.status_detail
+                );
+                let data = r.data.clone();
+                self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
+                self.phase = Phase::Closing;
+            }
+            LoginStep::Complete(mut r, params) => {
+                let tsih = cx.shared.next_tsih();
+                r.tsih = tsih;
+                let data = r.data.clone();
+                self.stat_sn = req.exp_stat_sn;
+                self.start_session(params, req.isid, tsih, exp_cmd_sn, cx);
+                let mut resp = login_resp(&r, exp_cmd_sn);
+                if let Some(s) = &self.sess {
+                    resp.max_cmd_sn = s.max_cmd_sn;
+                }
+                self.queue_login_response(resp, data);
+                self.login = None;
+            }
+        }
+    }
+
+    fn queue_login_response(&mut self, mut resp: pdu::LoginResponse, data: Vec<u8>) {
+        resp.stat_sn = self.stat_sn;
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        if resp.max_cmd_sn == 0 && resp.exp_cmd_sn == 0 {
+            resp.max_cmd_sn = 0;
+        }
+        resp.data_segment_length = data.len() as u32;
+        let mut bhs = [0u8; BHS_LEN];
+        resp.emit(&mut bhs);
+        let len = data.len();
+        self.tx.push(TxPdu::new(bhs, TxData::Owned(data), len));
+    }
+
+    fn start_session(
+        &mut self,
+        params: SessionParams,
+        isid: [u8; 6],
+        tsih: u16,
+        cmd_sn: u32,
+        cx: &mut ConnCtx<'_>,
+    ) {
+        let target = match params.session_type {
+            SessionType::Normal => cx.snapshot.targets.get(&params.target_name).cloned(),
+            SessionType::Discovery => None,
+        };
+        let nexus = (u64::from(tsih) << 48) | isid_u48(&isid);
+        let info = target.as_ref().map(|t| {
+            let info = Arc::new(SessionInfo {
+                sid: nexus,
+                target: t.name.clone(),
+                initiator_name: params.initiator_name.clone(),
+                params: params.tree_values(),
+                connections: std::sync::Mutex::new(vec![ConnInfo {
+                    cid: self.cid,
+                    ip: self.peer.ip().to_string(),
+                    target_ip: self.local.ip().to_string(),
+                    state: "established".into(),
+                }]),
+                commands: Default::default(),
+                active_commands: Default::default(),
+                reinstating: Default::default(),
+                close_requested: Default::default(),
+            });
+            cx.shared.registry.add(info.clone());
+            for l in &t.luns {
+                l.device.register_nexus(nexus);
+            }
+            info!(
+                "{}: session {:x} of {} logged in to {}",
+                self.peer, nexus, params.initiator_name, t.name
+            );
+            info
+        });
+        let queued = params.queued_commands.max(1);
+        self.phase = Phase::FullFeature;
+        self.sess = Some(Session {
+            params,
+            target,
+            info,
+            exp_cmd_sn: cmd_sn,
+            max_cmd_sn: cmd_sn.wrapping_add(queued - 1),
+            pending_ua: Vec::new(),
+            nexus,
+        });
+    }
+
+    // ---------------------------------------------------------------- SCSI commands
+
+    /// Admits a SCSI Command header: CmdSN window, LUN, CDB plan, buffer. Returns the task slot
+    /// when the command goes on (its immediate data then lands in the task's buffer).
+    fn admit_command(
+        &mut self,
+        cmd: &pdu::ScsiCommand,
+        data_len: usize,
+        cx: &mut ConnCtx<'_>,
+    ) -> Option<usize> {
+        let sess = self.sess.as_mut()?;
+        if sess.params.session_type == SessionType::Discovery {
+            // RFC 7143 §4.3: only text and logout in discovery sessions.
+            let raw = cmd_header(cmd);
+            self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
+            return None;
+        }
+        if !self.check_cmd_sn(cmd.immediate, cmd.cmd_sn) {
+            return None;
+        }
+        let sess = self.sess.as_mut()?;
+        if let Some(info) = &sess.info {
+            info.commands.fetch_add(1, Ordering::Relaxed);
+            info.active_commands.fetch_add(1, Ordering::Relaxed);
+        }
+        let immediate_data = data_len as u32;
+        let params = &sess.params;
+        let target = sess.target.clone();
+        let nexus = sess.nexus;
+        let lun_id = pdu::decode_lun(cmd.lun);
+        let mut scsi_task = ScsiTask::new(&cmd.cdb[..], lun_id, nexus);
+        scsi_task.tag = (cx.index as u64) << 32; // slot filled in below
+        let mut task = Task {
+            itt: cmd.itt,
+            cmd_sn: cmd.cmd_sn,
+            lun: lun_id,
+            edtl: cmd.expected_data_transfer_length,
+            spdtl: 0,
+            write: cmd.write,
+            read: cmd.read,
+            state: TaskState::ReceivingData,
+            scsi: scsi_task,
+            unsolicited_len: 0,
+            unsolicited_received: 0,
+            unsolicited_next_data_sn: 0,
+            expected_out: 0,
+            received: 0,
+            next_r2t_offset: 0,
+            want_out: 0,
+            next_r2t_sn: 0,
+            r2ts: Vec::new(),
+            tx_refs: 0,
+            generation: 0,
+            waiting_since: Some(cx.now),
+            in_backend: false,
+        };
+        if cmd.write && cmd.expected_data_transfer_length > 0 {
+            task.unsolicited_len = if params.initial_r2t {
+                immediate_data
+            } else {
+                params
+                    .first_burst_length
+                    .min(cmd.expected_data_transfer_length)
+                    .max(immediate_data)
+            };
+        } else {
+            task.unsolicited_len = immediate_data;
+        }
+        let first_burst = params.first_burst_length;
+        let Some(slot) = self.tasks.insert(task) else {
+            // Same ITT as an outstanding task, or out of slots.
+            warn!(
+                "{}: ITT {:#x} in use or no task slot free",
+                self.peer, cmd.itt
+            );
+            let raw = cmd_header(cmd);
+            self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
+            return None;
+        };
+        if immediate_data > first_burst {
+            self.fail_task(slot, scsi::sense::ABORTED_COMMAND, 0x0c, 0x0c); // unexpected unsolicited data
+            return None;
+        }
+        let lun_entry = target.as_ref().and_then(|t| t.lun(lun_id).cloned());
+        let t = self.tasks.get_mut(slot)?;
+        t.scsi.tag = ((cx.index as u64) << 32) | slot as u64;
+        // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first.
+        // REPORT LUNS answers for the whole I_T nexus, whatever LUN it addresses (SPC-4 §6.33).
+        let lun_entry = if cmd.cdb[0] == 0xa0 { None } else { lun_entry };
+        let Some(entry) = lun_entry else {
+            let luns: Vec<u64> = target
+                .as_ref()
+                .map(|t| t.luns.iter().map(|l| l.lun).collect())
+                .unwrap_or_default();
+            if t.read && t.edtl > 0 {
+                t.scsi.buf = DataBuf::alloc((t.edtl as usize).min(64 * 1024));
+            }
+            scsi::execute_no_lun(&mut t.scsi, &luns);
+            self.finish_task(slot, cx);
+            return None;
+        };
+        t.scsi.read_only = entry.read_only;
+        if let Some(sess) = self.sess.as_mut() {
+            if !sess.pending_ua.is_empty() && scsi::ua_applies(&t.scsi) {
+                let (asc, ascq) = sess.pending_ua.remove(0);
+                t.scsi
+                    .set_check_condition(scsi::sense::UNIT_ATTENTION, asc, ascq);
+                self.finish_task(slot, cx);
+                return None;
+            }
+        }
+        let plan = match scsi::plan(&entry.device, &mut t.scsi) {
+            Ok(p) => p,
+            Err(()) => {
+                // The SCSI core filled in the sense (bad CDB, LBA out of range, UA, ...).
+                self.finish_task(slot, cx);
+                return None;
+            }
+        };
+        t.spdtl = plan.len;
+        let edtl = t.edtl;
+        match plan.dir {
+            scsi::DataDir::Out => {
+                if !t.write && edtl == 0 {
+                    // A write CDB with no data from the initiator.
+                    t.spdtl = plan.len;
+                }
+                if edtl < plan.len || !t.write {
+                    // SPC/FCP: fewer bytes than the CDB needs: write nothing and answer
+                    // INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow.
+                    t.scsi
+                        .set_check_condition(scsi::sense::ILLEGAL_REQUEST, 0x0e, 0x03);
+                    self.finish_task(slot, cx);
+                    return None;
+                }
+                match DataBuf::alloc(plan.len as usize) {
+                    Some(buf) => t.scsi.buf = Some(buf),
+                    None => {
+                        t.scsi.status = STATUS_TASK_SET_FULL;
+                        self.finish_task(slot, cx);
+                        return None;
+                    }
+                }
+                t.want_out = plan.len.min(edtl);
+                t.next_r2t_offset = t.unsolicited_len;
+                t.expected_out = t.unsolicited_len.max(t.want_out);
+            }
+            scsi::DataDir::In => {
+                match DataBuf::alloc(plan.len as usize) {
+                    Some(buf) => t.scsi.buf = Some(buf),
+                    None => {
+                        t.scsi.status = STATUS_TASK_SET_FULL;
+                        self.finish_task(slot, cx);
+                        return None;
+                    }
+                }
+                t.expected_out = t.unsolicited_len;
+            }
+            scsi::DataDir::None => {
+                t.expected_out = t.unsolicited_len;
+            }
+        }
+        Some(slot)
+    }
+
+    /// The immediate data of a command (if any) has arrived.
+    fn command_data_done(&mut self, itt: u32, received: u32, cx: &mut ConnCtx<'_>) {
+        let Some(slot) = self.tasks.by_itt(itt) else {
+            return;
+        };
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        if t.state != TaskState::ReceivingData {
+            return;
+        }
+        t.received += received;
+        t.unsolicited_received += received;
+        self.progress_write(slot, cx);
+    }
+
+    /// Sends R2Ts while the window allows, or starts the command once all data is in.
+    fn progress_write(&mut self, slot: usize, cx: &mut ConnCtx<'_>) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let max_r2t = sess.params.max_outstanding_r2t.max(1) as usize;
+        let max_burst = sess.params.max_burst_length.max(512);
+        let (exp_cmd_sn, max_cmd_sn) = (sess.exp_cmd_sn, sess.max_cmd_sn);
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        if t.state != TaskState::ReceivingData {
+            return;
+        }
+        if t.received >= t.expected_out {
+            self.execute(slot, cx);
+            return;
+        }
+        // Solicit the rest (RFC 7143 §11.8), at most MaxOutstandingR2T at a time.
+        while t.r2ts.len() < max_r2t && t.next_r2t_offset < t.want_out {
+            let len = (t.want_out - t.next_r2t_offset).min(max_burst);
+            let r2t = R2t {
+                r2t_sn: t.next_r2t_sn,
+                offset: t.next_r2t_offset,
+                len,
+                received: 0,
+                next_data_sn: 0,
+            };
+            t.next_r2t_sn = t.next_r2t_sn.wrapping_add(1);
+            t.next_r2t_offset += len;
+            t.r2ts.push(r2t);
+            let pdu = pdu::R2t {
+                lun: pdu::encode_lun(t.lun),
+                itt: t.itt,
+                ttt: task::ttt(t.generation, slot, r2t.r2t_sn),
+                stat_sn: self.stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn,
+                r2t_sn: r2t.r2t_sn,
+                buffer_offset: r2t.offset,
+                desired_data_transfer_length: len,
+                ..Default::default()
+            };
+            let mut bhs = [0u8; BHS_LEN];
+            pdu.emit(&mut bhs);
+            self.tx.push(TxPdu::new(bhs, TxData::None, 0));
+        }
+        t.waiting_since = Some(cx.now);
+    }
+
+    /// A Data-Out header: find its task and check it. Returns where its data goes.
+    fn admit_data_out(&mut self, d: &pdu::DataOut, data_len: usize) -> Option<(usize, usize)> {
+        let slot = if d.ttt == pdu::RESERVED_TAG {
+            self.tasks.by_itt(d.itt)?
+        } else {
+            self.tasks.by_ttt(d.ttt)?
+        };
+        let t = self.tasks.get_mut(slot)?;
+        if t.itt != d.itt || t.state != TaskState::ReceivingData {
+            return None;
+        }
+        let end = u64::from(d.buffer_offset) + data_len as u64;
+        let ok = if d.ttt == pdu::RESERVED_TAG {
+            // Unsolicited data: in order, within the unsolicited range.
+            d.data_sn == t.unsolicited_next_data_sn && end <= u64::from(t.unsolicited_len)
+        } else {
+            let r2t_sn = d.ttt & 0xfff;
+            match t.r2ts.iter().find(|r| r.r2t_sn & 0xfff == r2t_sn) {
+                Some(r) => {
+                    d.data_sn == r.next_data_sn
+                        && d.buffer_offset >= r.offset
+                        && end <= u64::from(r.offset) + u64::from(r.len)
+                }
+                None => false,
+            }
+        };
+        if !ok {
+            debug!(
+                "{}: bad Data-Out for ITT {:#x}: DataSN {} offset {} len {}",
+                self.peer, d.itt, d.data_sn, d.buffer_offset, data_len
+            );
+            // ERL 0 (RFC 7143 §7.1.1): a sequence error ends the command with an error.
+            t.scsi
+                .set_check_condition(scsi::sense::ABORTED_COMMAND, 0x0c, 0x0d);
+            t.state = TaskState::Responding;
+            return None;
+        }
+        Some((slot, d.buffer_offset as usize))
+    }
+
+    fn data_out_done(&mut self, d: &pdu::DataOut, received: u32, cx: &mut ConnCtx<'_>) {
+        let slot = if d.ttt == pdu::RESERVED_TAG {
+            self.tasks.by_itt(d.itt)
+        } else {
+            self.tasks.by_ttt(d.ttt)
+        };
+        let Some(slot) = slot else { return };
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        if t.itt != d.itt {
+            return;
+        }
+        if t.state == TaskState::Responding
+            && t.scsi.status == STATUS_CHECK_CONDITION
+            && !t.in_backend
+        {
+            // The Data-Out was refused in admit_data_out.
+            self.finish_task(slot, cx);
+            return;
+        }
+        if t.state != TaskState::ReceivingData {
+            return;
+        }
+        t.received += received;
+        if d.ttt == pdu::RESERVED_TAG {
+            t.unsolicited_received += received;
+            t.unsolicited_next_data_sn = t.unsolicited_next_data_sn.wrapping_add(1);
+        } else {
+            let r2t_sn = d.ttt & 0xfff;
+            if let Some(i) = t.r2ts.iter().position(|r| r.r2t_sn & 0xfff == r2t_sn) {
+                let r = &mut t.r2ts[i];
+                r.received += received;
+                r.next_data_sn = r.next_data_sn.wrapping_add(1);
+                if r.received >= r.len || d.final_flag {
+                    t.r2ts.swap_remove(i);
+                }
+            }
+        }
+        self.progress_write(slot, cx);
+    }
+
+    fn execute(&mut self, slot: usize, cx: &mut ConnCtx<'_>) {
+        let target = self.sess.as_ref().and_then(|s| s.target.clone());
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        t.waiting_since = None;
+        let Some(entry) = target.as_ref().and_then(|tg| tg.lun(t.lun)) else {
+            let luns: Vec<u64> = target
+                .as_ref()
+                .map(|t| t.luns.iter().map(|l| l.lun).collect())
+                .unwrap_or_default();
+            scsi::execute_no_lun(&mut t.scsi, &luns);
+            self.finish_task(slot, cx);
+            return;
+        };
+        t.state = TaskState::Executing;
+        match cx.port.execute(&entry.device, &mut t.scsi) {
+            Exec::Done => self.finish_task(slot, cx),
+            Exec::Pending => t.in_backend = true,
+        }
+    }
+
+    /// A backend completion for one of this connection's tasks.
+    pub fn on_completion(&mut self, slot: usize, c: scsi::Completion, cx: &mut ConnCtx<'_>) {
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        t.in_backend = false;
+        scsi::complete(&mut t.scsi, c);
+        if t.state == TaskState::Aborted || matches!(self.phase, Phase::Closing | Phase::Closed) {
+            self.tasks.remove(slot);
+            return;
+        }
+        self.finish_task(slot, cx);
+        self.flush(cx);
+    }
+
+    /// Ends a task with CHECK CONDITION.
+    fn fail_task(&mut self, slot: usize, key: u8, asc: u8, ascq: u8) {
+        if let Some(t) = self.tasks.get_mut(slot) {
+            t.scsi.set_check_condition(key, asc, ascq);
+            t.state = TaskState::Responding;
+        }
+        // Sent by the next finish_task call from the receive path.
+        self.respond(slot);
+    }
+
+    /// Builds the Data-In PDUs and/or the SCSI Response of a finished task.
+    fn finish_task(&mut self, slot: usize, _cx: &mut ConnCtx<'_>) {
+        if let Some(t) = self.tasks.get_mut(slot) {
+            t.state = TaskState::Responding;
+        }
+        self.respond(slot);
+    }
+
+    fn respond(&mut self, slot: usize) {
+        let max_xmit = self.max_xmit_data();
+        let Some(sess) = self.sess.as_mut() else {
+            return;
+        };
+        let max_burst = sess.params.max_burst_length.max(512) as usize;
+        let info = sess.info.clone();
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        let status = t.scsi.status;
+        let sense_len = t.scsi.sense_len();
+        // Residuals (RFC 7143 §11.4.5) against the amount the command transfers.
+        let (xfer, is_read) = if t.read || (!t.write && t.scsi.data_in_len > 0) {
+            (t.scsi.data_in_len, true)
+        } else {
+            (t.spdtl, false)
+        };
+        let (overflow, underflow, residual) = if xfer > t.edtl {
+            (true, false, xfer - t.edtl)
+        } else if xfer < t.edtl {
+            (false, true, t.edtl - xfer)
+        } else {
+            (false, false, 0)
+        };
+        let data_len = if is_read && (status == STATUS_GOOD || sense_len == 0) {
+            xfer.min(t.edtl) as usize
+        } else if is_read {
+            // SPC-4: data may accompany CHECK CONDITION only in rare cases; send none.
+            0
+        } else {
+            0
+        };
+        let data_len = data_len.min(t.scsi.buf.as_ref().map_or(0, DataBuf::len));
+        let itt = t.itt;
+        let lun = pdu::encode_lun(t.lun);
+        let collapse = status == STATUS_GOOD && sense_len == 0 && data_len > 0;
+        // Data-In PDUs, split at MaxXmitDataSegmentLength; F closes each MaxBurstLength sequence.
+        let mut offset = 0usize;
+        let mut data_sn = 0u32;
+        while offset < data_len {
+            let len = (data_len - offset).min(max_xmit);
+            let last = offset + len == data_len;
+            let burst_end = last || (offset + len).is_multiple_of(max_burst);
+            let mut din = pdu::DataIn {
+                final_flag: burst_end,
+                lun,
+                itt,
+                ttt: pdu::RESERVED_TAG,
+                data_sn,
+                buffer_offset: offset as u32,
+                data_segment_length: len as u32,
+                ..Default::default()
+            };
+            if last && collapse {
+                din.status_flag = true;
+                din.status = status;
+                din.residual_overflow = overflow;
+                din.residual_underflow = underflow;
+                din.residual_count = residual;
+                din.stat_sn = self.stat_sn;
+                self.stat_sn = self.stat_sn.wrapping_add(1);
+            }
+            din.exp_cmd_sn = sess.exp_cmd_sn;
+            din.max_cmd_sn = sess.max_cmd_sn;
+            let mut bhs = [0u8; BHS_LEN];
+            din.emit(&mut bhs);
+            self.tx
+                .push(TxPdu::new(bhs, TxData::Task { slot, offset }, len));
+            t.tx_refs += 1;
+            offset += len;
+            data_sn += 1;
+        }
+        // The task no longer counts against the window once its status is decided.
+        self.tasks.retire(slot);
+        if let Some(info) = &info {
+            info.active_commands.fetch_sub(1, Ordering::Relaxed);
+        }
+        let sess = self.sess.as_mut().unwrap_or_else(|| unreachable!());
+        update_max_cmd_sn(sess, self.tasks.active);
+        if !collapse {
+            let t = self.tasks.get(slot);
+            let sense = t.map(|t| t.scsi.sense().to_vec()).unwrap_or_default();
+            let mut data = Vec::new();
+            if !sense.is_empty() {
+                data.extend_from_slice(&(sense.len() as u16).to_be_bytes());
+                data.extend_from_slice(&sense);
+            }
+            let rsp = pdu::ScsiResponse {
+                itt,
+                response: 0,
+                status,
+                residual_overflow: overflow,
+                residual_underflow: underflow,
+                residual_count: residual,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: sess.exp_cmd_sn,
+                max_cmd_sn: sess.max_cmd_sn,
+                exp_data_sn: data_sn,
+                data_segment_length: data.len() as u32,
+                ..Default::default()
+            };
+            self.stat_sn = self.stat_sn.wrapping_add(1);
+            let mut bhs = [0u8; BHS_LEN];
+            rsp.emit(&mut bhs);
+            let len = data.len();
+            self.tx.push(TxPdu::new(bhs, TxData::Owned(data), len));
+        }
+        if self
+            .tasks
+            .get(slot)
+            .is_some_and(|t| t.tx_refs == 0 && !t.in_backend)
+        {
+            self.tasks.remove(slot);
+        }
+    }
+
+    /// Checks a non-immediate command's CmdSN against the window and advances ExpCmdSN.
+    /// RFC 7143 §4.2.2.1: commands outside the window are silently ignored.
+    fn check_cmd_sn(&mut self, immediate: bool, cmd_sn: u32) -> bool {
+        let active = self.tasks.active;
+        let Some(sess) = self.sess.as_mut() else {
+            return false;
+        };
+        if immediate {
+            return true;
+        }
+        if cmd_sn != sess.exp_cmd_sn {
+            debug!(
+                "{}: CmdSN {} outside the window [{}, {}]; ignored",
+                self.peer, cmd_sn, sess.exp_cmd_sn, sess.max_cmd_sn
+            );
+            return false;
+        }
+        if !seq::in_window(cmd_sn, sess.exp_cmd_sn, sess.max_cmd_sn) {
+            return false;
+        }
+        sess.exp_cmd_sn = sess.exp_cmd_sn.wrapping_add(1);
+        update_max_cmd_sn(sess, active + 1);
+        true
+    }
+
+    // ---------------------------------------------------------------- other PDUs
+
+    fn handle_nop_out(&mut self, n: &pdu::NopOut, data: Vec<u8>) {
+        if !n.immediate && !self.check_cmd_sn(false, n.cmd_sn) {
+            return;
+        }
+        if n.itt == pdu::RESERVED_TAG {
+            // The answer to our NOP-In ping (RFC 7143 §11.18): no reply.
+            return;
+        }
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let mut data = data;
+        data.truncate(self.max_xmit_data());
+        let nop = pdu::NopIn {
+            lun: n.lun,
+            itt: n.itt,
+            ttt: pdu::RESERVED_TAG,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            data_segment_length: data.len() as u32,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        nop.emit(&mut bhs);
+        let len = data.len();
+        self.tx.push(TxPdu::new(bhs, TxData::Owned(data), len));
+    }
+
+    fn handle_text(&mut self, t: &pdu::TextRequest, data: Vec<u8>, cx: &mut ConnCtx<'_>) {
+        if !t.immediate && !self.check_cmd_sn(false, t.cmd_sn) {
+            return;
+        }
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let targets: Vec<(String, Vec<String>)> = cx
+            .snapshot
+            .targets
+            .values()
+            .filter(|t| t.enabled)
+            .map(|t| (t.name.clone(), cx.shared.portals_for(self.local)))
+            .collect();
+        let current = match sess.params.session_type {
+            SessionType::Normal => Some(sess.params.target_name.as_str()),
+            SessionType::Discovery => None,
+        };
+        let resp_data =
+            crate::iscsi::login::text_request(&data, sess.params.session_type, current, &targets);
+        let mut resp_data = resp_data.unwrap_or_default();
+        resp_data.truncate(self.max_xmit_data());
+        let resp = pdu::TextResponse {
+            final_flag: true,
+            lun: t.lun,
+            itt: t.itt,
+            ttt: pdu::RESERVED_TAG,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            data_segment_length: resp_data.len() as u32,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        resp.emit(&mut bhs);
+        let len = resp_data.len();
+        self.tx.push(TxPdu::new(bhs, TxData::Owned(resp_data), len));
+    }
+
+    fn handle_logout(&mut self, l: &pdu::LogoutRequest, cx: &mut ConnCtx<'_>) {
+        if !l.immediate {
+            let _ = self.check_cmd_sn(false, l.cmd_sn);
+        }
+        // ERL 0: outstanding commands of the session are dropped (RFC 7143 §11.14).
+        self.abort_all();
+        let response = match l.reason_code {
+            0 | 1 => 0,
+            // Removing a connection for recovery needs ERL 2.
+            _ => 2,
+        };
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let resp = pdu::LogoutResponse {
+            response,
+            itt: l.itt,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            time2wait: 0,
+            time2retain: 0,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        resp.emit(&mut bhs);
+        self.tx.push(TxPdu::new(bhs, TxData::None, 0));
+        debug!("{}: logout", self.peer);
+        self.phase = Phase::Closing;
+        let _ = cx;
+    }
+
+    fn handle_tmf(&mut self, t: &pdu::TaskMgmtRequest, cx: &mut ConnCtx<'_>) {
+        if !t.immediate && !self.check_cmd_sn(false, t.cmd_sn) {
+            return;
+        }
+        let lun = pdu::decode_lun(t.lun);
+        let response = match t.function {
+            pdu::TMF_ABORT_TASK => match self.tasks.by_itt(t.referenced_task_tag) {
+                Some(slot) => {
+                    self.abort_slot(slot);
+                    pdu::TMF_RSP_COMPLETE
+                }
+                // RFC 7143 §11.6.1: a task already answered counts as aborted.
+                None => pdu::TMF_RSP_COMPLETE,
+            },
+            pdu::TMF_ABORT_TASK_SET | pdu::TMF_CLEAR_TASK_SET => {
+                let slots: Vec<usize> = self
+                    .tasks
+                    .slots()
+                    .filter(|(_, x)| x.lun == lun)
+                    .map(|(i, _)| i)
+                    .collect();
+                for s in slots {
+                    self.abort_slot(s);
+                }
+                pdu::TMF_RSP_COMPLETE
+            }
+            pdu::TMF_LOGICAL_UNIT_RESET => {
+                let slots: Vec<usize> = self
+                    .tasks
+                    .slots()
+                    .filter(|(_, x)| x.lun == lun)
+                    .map(|(i, _)| i)
+                    .collect();
+                for s in slots {
+                    self.abort_slot(s);
+                }
+                let nexus = self.sess.as_ref().map_or(0, |s| s.nexus);
+                if let Some(e) = self
+                    .sess
+                    .as_ref()
+                    .and_then(|s| s.target.as_ref())
+                    .and_then(|tg| tg.lun(lun))
+                {
+                    // SAM-5: other I_T nexuses see BUS DEVICE RESET FUNCTION OCCURRED.
+                    e.device.add_ua_others(nexus, 0x29, 0x03);
+                    pdu::TMF_RSP_COMPLETE
+                } else {
+                    pdu::TMF_RSP_LUN_DOES_NOT_EXIST
+                }
+            }
+            pdu::TMF_TASK_REASSIGN => pdu::TMF_RSP_REASSIGN_NOT_SUPPORTED,
+            _ => pdu::TMF_RSP_NOT_SUPPORTED,
+        };
+        let Some(sess) = self.sess.as_mut() else {
+            return;
+        };
+        update_max_cmd_sn(sess, self.tasks.active);
+        let rsp = pdu::TaskMgmtResponse {
+            response,
+            itt: t.itt,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        rsp.emit(&mut bhs);
+        self.tx.push(TxPdu::new(bhs, TxData::None, 0));
+        let _ = cx;
+    }
+
+    /// Aborts one task: no response is sent for it (RFC 7143 §4.2.3.4 / SAM-5 ABORT TASK).
+    fn abort_slot(&mut self, slot: usize) {
+        let info = self.sess.as_ref().and_then(|s| s.info.clone());
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        if t.state == TaskState::Responding {
+            // Its answer is already queued: let it go out.
+            return;
+        }
+        let in_backend = t.in_backend;
+        t.state = TaskState::Aborted;
+        self.tasks.retire(slot);
+        if let Some(info) = &info {
+            info.active_commands.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !in_backend {
+            self.tasks.remove(slot);
+        }
+    }
+
+    fn abort_all(&mut self) {
+        let slots: Vec<usize> = self.tasks.slots().map(|(i, _)| i).collect();
+        for s in slots {
+            self.abort_slot(s);
+        }
+    }
+
+    fn queue_reject(&mut self, reason: u8, raw: &[u8; BHS_LEN]) {
+        let (exp_cmd_sn, max_cmd_sn) = self
+            .sess
+            .as_ref()
+            .map_or((0, 0), |s| (s.exp_cmd_sn, s.max_cmd_sn));
+        let rej = pdu::Reject {
+            reason,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn,
+            max_cmd_sn,
+            data_sn: 0,
+            data_segment_length: BHS_LEN as u32,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        rej.emit(&mut bhs);
+        self.tx
+            .push(TxPdu::new(bhs, TxData::Owned(raw.to_vec()), BHS_LEN));
+    }
+
+    // ---------------------------------------------------------------- transmit, timers, close
+
+    /// Writes what is queued. Returns whether anything remains queued.
+    pub fn flush(&mut self, cx: &mut ConnCtx<'_>) -> bool {
+        if self.phase == Phase::Closed {
+            return false;
+        }
+        self.done_slots.clear();
+        let tasks = &self.tasks;
+        let res = self.tx.flush(
+            &mut *self.sock,
+            |s| tasks.get(s).and_then(|t| t.scsi.buf.as_ref()),
+            &mut self.done_slots,
+        );
+        for i in 0..self.done_slots.len() {
+            let slot = self.done_slots[i];
+            if let Some(t) = self.tasks.get_mut(slot) {
+                t.tx_refs = t.tx_refs.saturating_sub(1);
+                if t.tx_refs == 0 && !t.in_backend && t.state == TaskState::Responding {
+                    self.tasks.remove(slot);
+                }
+            }
+        }
+        match res {
+            Ok(true) => {
+                self.want_write = false;
+                if self.phase == Phase::Closing {
+                    self.close(cx, "closed after final response");
+                }
+                false
+            }
+            Ok(false) => {
+                self.want_write = true;
+                true
+            }
+            Err(e) => {
+                self.close(cx, &format!("send failed: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Timers: login timeout, NOP-In keepalive, RspTimeout (seed semantics: a command that
+    /// waits on the initiator, or a NOP-In ping unanswered, for RspTimeout closes the
+    /// connection). Returns the next deadline.
+    pub fn on_timer(&mut self, cx: &mut ConnCtx<'_>) -> Option<Instant> {
+        let now = cx.now;
+        match self.phase {
+            Phase::Login => {
+                if now >= self.login_deadline {
+                    self.close(cx, "login timed out");
+                    return None;
+                }
+                return Some(self.login_deadline);
+            }
+            Phase::Closing | Phase::Closed => return None,
+            Phase::FullFeature => {}
+        }
+        if let Some(info) = self.sess.as_ref().and_then(|s| s.info.as_ref()) {
+            if info.close_requested.load(Ordering::Relaxed) {
+                self.close(cx, "closed by force_close");
+                return None;
+            }
+        }
+        let (rsp, nop_interval) = match &self.sess {
+            Some(s) => (
+                Duration::from_secs(u64::from(s.params.rsp_timeout.max(1))),
+                Duration::from_secs(u64::from(s.params.nop_in_interval)),
+            ),
+            None => return None,
+        };
+        if let Some((_, sent)) = self.nop_ping {
+            if now >= sent + rsp {
+                self.close(cx, "no answer to NOP-In within RspTimeout");
+                return None;
+            }
+        }
+        let oldest_wait = self
+            .tasks
+            .slots()
+            .filter_map(|(_, t)| t.waiting_since)
+            .min();
+        if let Some(w) = oldest_wait {
+            if now >= w + rsp {
+                self.close(
+                    cx,
+                    "a command waited on the initiator longer than RspTimeout",
+                );
+                return None;
+            }
+        }
+        let mut next = oldest_wait.map(|w| w + rsp);
+        if !nop_interval.is_zero() {
+            match self.nop_ping {
+                Some((_, sent)) => next = min_deadline(next, Some(sent + rsp)),
+                None => {
+                    let due = self.last_rx + nop_interval;
+                    if now >= due {
+                        self.send_nop_in(now);
+                        self.flush(cx);
+                        next = min_deadline(next, Some(now + rsp));
+                    } else {
+                        next = min_deadline(next, Some(due));
+                    }
+                }
+            }
+        }
+        next
+    }
+
+    fn send_nop_in(&mut self, now: Instant) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let ttt = self.next_nop_ttt;
+        self.next_nop_ttt = self.next_nop_ttt.wrapping_add(1).max(1);
+        if self.next_nop_ttt == pdu::RESERVED_TAG {
+            self.next_nop_ttt = 1;
+        }
+        let nop = pdu::NopIn {
+            lun: 0,
+            itt: pdu::RESERVED_TAG,
+            ttt,
+            // RFC 7143 §11.19: StatSN is not advanced for a ping.
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            ..Default::default()
+        };
+        let mut bhs = [0u8; BHS_LEN];
+        nop.emit(&mut bhs);
+        self.tx.push(TxPdu::new(bhs, TxData::None, 0));
+        self.nop_ping = Some((ttt, now));
+    }
+
+    /// Closes the connection and ends its session.
+    pub fn close(&mut self, cx: &mut ConnCtx<'_>, why: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        info!("{}: connection closed: {why}", self.peer);
+        self.phase = Phase::Closed;
+        self.abort_all();
+        self.done_slots.clear();
+        self.tx.clear(&mut self.done_slots);
+        for i in 0..self.done_slots.len() {
+            let slot = self.done_slots[i];
+            if let Some(t) = self.tasks.get_mut(slot) {
+                t.tx_refs = t.tx_refs.saturating_sub(1);
+                if t.tx_refs == 0 && !t.in_backend {
+                    self.tasks.remove(slot);
+                }
+            }
+        }
+        let leftovers: Vec<usize> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| !t.in_backend)
+            .map(|(i, _)| i)
+            .collect();
+        for s in leftovers {
+            self.tasks.remove(s);
+        }
+        if let Some(sess) = self.sess.take() {
+            if let (Some(info), Some(t)) = (&sess.info, &sess.target) {
+                cx.shared.registry.remove(&t.name, info.sid);
+                for l in &t.luns {
+                    l.device.unregister_nexus(sess.nexus);
+                }
+            }
+        }
+        self.sock.close();
+    }
+
+    /// A new configuration snapshot: keep the session's view of its target current and raise
+    /// REPORTED LUNS DATA HAS CHANGED when its LUN map changed (SPC-4 §5.14).
+    pub fn on_snapshot(&mut self, snap: &Snapshot, cx: &mut ConnCtx<'_>) {
+        let Some(sess) = self.sess.as_mut() else {
+            return;
+        };
+        let Some(old) = sess.target.clone() else {
+            return;
+        };
+        match snap.targets.get(&old.name) {
+            None => {
+                self.close(cx, "target deleted");
+            }
+            Some(new) => {
+                let old_luns: Vec<(u64, &str)> =
+                    old.luns.iter().map(|l| (l.lun, l.device.name())).collect();
+                let new_luns: Vec<(u64, &str)> =
+                    new.luns.iter().map(|l| (l.lun, l.device.name())).collect();
+                if old_luns != new_luns {
+                    for l in &new.luns {
+                        if old.lun(l.lun).is_none() {
+                            l.device.register_nexus(sess.nexus);
+                        }
+                    }
+                    if !sess.pending_ua.contains(&(0x3f, 0x0e)) {
+                        sess.pending_ua.push((0x3f, 0x0e));
+                    }
+                }
+                sess.target = Some(new.clone());
+            }
+        }
+    }
+
+    /// Whether the connection is in full feature phase (for the reactor's load count).
+    pub fn is_logged_in(&self) -> bool {
+        self.phase == Phase::FullFeature
+    }
+}
+
+fn update_max_cmd_sn(sess: &mut Session, active: usize) {
+    // MaxCmdSN = ExpCmdSN + QueuedCommands - 1 - (commands still outstanding), never moving
+    // backwards (initiators ignore a smaller value anyway, RFC 7143 §4.2.2.1).
+    let queued = sess.params.queued_commands.max(1);
+    let free = queued.saturating_sub(active as u32);
+    let candidate = sess.exp_cmd_sn.wrapping_add(free).wrapping_sub(1);
+    if seq::lt(sess.max_cmd_sn, candidate) {
+        sess.max_cmd_sn = candidate;
+    }
+}
+
+fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
+fn isid_u48(isid: &[u8; 6]) -> u64 {
+    isid.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+fn login_resp(r: &crate::iscsi::login::LoginResponseFields, exp_cmd_sn: u32) -> pdu::LoginResponse {
+    pdu::LoginResponse {
+        transit: r.transit,
+        cont: r.cont,
+        csg: r.csg,
+        nsg: r.nsg,
+        version_max: r.version_max,
+        version_active: r.version_active,
+        isid: r.isid,
+        tsih: r.tsih,
+        itt: r.itt,
+        status_class: r.status_class,
+        status_detail: r.status_detail,
+        exp_cmd_sn,
+        max_cmd_sn: exp_cmd_sn,
+        ..Default::default()
+    }
+}
+
+fn cmd_header(cmd: &pdu::ScsiCommand) -> [u8; BHS_LEN] {
+    let mut raw = [0u8; BHS_LEN];
+    cmd.emit(&mut raw);
+    raw
+}
+
+fn opcode_name(byte0: u8) -> &'static str {
+    match byte0 & 0x3f {
+        0x00 => "NOP-Out",
+        0x01 => "SCSI Command",
+        0x02 => "Task Management",
+        0x04 => "Text",
+        0x05 => "Data-Out",
+        0x06 => "Logout",
+        0x10 => "SNACK",
+        _ => "unexpected",
+    }
+}

@@ -1,0 +1,386 @@
+//! The iSCSI engine of one reactor: its connections, its socket group, its SCSI port (the
+//! per-reactor channels to the backends) and, on the first reactor, the portals' listeners.
+//!
+//! New connections are accepted on the first reactor and handed to the least-loaded reactor
+//! by message: connections, not targets, are the unit spread over cores, so many sessions to
+//! one busy target use every reactor.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use crate::iscsi::config::{Publisher, Snapshot};
+use crate::iscsi::conn::{Conn, ConnCtx, Phase};
+use crate::iscsi::registry::Registry;
+use crate::net::{Listener, Readiness, Sock, SockGroup};
+use crate::reactor::{Ctx, Poller, ReactorHandle};
+use crate::scsi::{Completion, ScsiPort};
+
+/// Messages between reactors.
+pub enum Msg {
+    /// A connection accepted on another reactor, now ours.
+    Conn(Box<dyn Sock>),
+}
+
+/// State shared by every reactor's engine.
+pub struct Shared {
+    pub publisher: Arc<Publisher>,
+    pub registry: Arc<Registry>,
+    /// The portals, for SendTargets when a portal listens on a wildcard address the
+    /// connection's own local address is used instead.
+    pub portals: Vec<SocketAddr>,
+    /// Connections per reactor, for choosing the least-loaded one.
+    pub loads: Vec<AtomicUsize>,
+    tsih: AtomicU16,
+}
+
+impl Shared {
+    pub fn new(
+        publisher: Arc<Publisher>,
+        registry: Arc<Registry>,
+        portals: Vec<SocketAddr>,
+        reactors: usize,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            publisher,
+            registry,
+            portals,
+            loads: (0..reactors).map(|_| AtomicUsize::new(0)).collect(),
+            tsih: AtomicU16::new(0),
+        })
+    }
+
+    pub fn portals_for(&self, local: SocketAddr) -> Vec<String> {
+        self.portals
+            .iter()
+            .map(|p| {
+                let addr = if p.ip().is_unspecified() {
+                    SocketAddr::new(local.ip(), p.port())
+                } else {
+                    *p
+                };
+                match addr {
+                    SocketAddr::V4(a) => format!("{}:{},1", a.ip(), a.port()),
+                    SocketAddr::V6(a) => format!("[{}]:{},1", a.ip(), a.port()),
+                }
+            })
+            .collect()
+    }
+
+    /// A new non-zero TSIH (RFC 7143 §11.12.6: zero means "new session").
+    pub fn next_tsih(&self) -> u16 {
+        loop {
+            let t = self.tsih.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+}
+
+/// The timer granularity of connections (NOP-In, RspTimeout, login timeout).
+const TIMER_PERIOD: Duration = Duration::from_millis(100);
+
+pub struct Engine {
+    id: usize,
+    shared: Arc<Shared>,
+    peers: Vec<ReactorHandle<Msg>>,
+    group: Box<dyn SockGroup>,
+    listeners: Vec<Box<dyn Listener>>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    port: ScsiPort,
+    snapshot: Arc<Snapshot>,
+    generation: u64,
+    completions: Vec<Completion>,
+    events: Vec<(usize, Readiness)>,
+    next_timer: Instant,
+}
+
+impl Engine {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        peers: Vec<ReactorHandle<Msg>>,
+        group: Box<dyn SockGroup>,
+        listeners: Vec<Box<dyn Listener>>,
+        now: Instant,
+    ) -> Engine {
+        let snapshot = shared.publisher.current();
+        let generation = snapshot.generation;
+        Engine {
+            id,
+            shared,
+            peers,
+            group,
+            listeners,
+            conns: Vec::new(),
+            free: Vec::new(),
+            port: ScsiPort::new(),
+            snapshot,
+            generation,
+            completions: Vec::with_capacity(256),
+            events: Vec::with_capacity(256),
+            next_timer: now + TIMER_PERIOD,
+        }
+    }
+
+    fn add_conn(&mut self, sock: Box<dyn Sock>, now: Instant) {
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        let mut conn = Conn::new(sock, now);
+        if let Err(e) = self.group.register(conn.sock_mut(), idx) {
+            warn!("reactor {}: cannot poll a new connection: {e}", self.id);
+            conn.sock_mut().close();
+            self.free.push(idx);
+            return;
+        }
+        self.shared.loads[self.id].fetch_add(1, Ordering::Relaxed);
+        self.conns[idx] = Some(conn);
+    }
+
+    fn accept(&mut self, now: Instant) -> bool {
+        let mut did = false;
+        for li in 0..self.listeners.len() {
+            loop {
+                let sock = match self.listeners[li].accept() {
+                    Ok(Some(s)) => s,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        break;
+                    }
+                };
+                did = true;
+                if !self.snapshot.iscsi_enabled {
+                    // targets/iscsi/enabled = 0: accept no new connections.
+                    let mut sock = sock;
+                    info!(
+                        "connection from {} refused: iSCSI is disabled",
+                        sock.peer_addr()
+                    );
+                    sock.close();
+                    continue;
+                }
+                // Least-loaded reactor, this one on ties.
+                let mut best = self.id;
+                let mut best_load = self.shared.loads[self.id].load(Ordering::Relaxed);
+                for (i, l) in self.shared.loads.iter().enumerate() {
+                    let l = l.load(Ordering::Relaxed);
+                    if l < best_load {
+                        best = i;
+                        best_load = l;
+                    }
+                }
+                if best == self.id {
+                    self.add_conn(sock, now);
+                } else {
+                    // Count it at once so a burst of accepts spreads out.
+                    self.shared.loads[best].fetch_add(1, Ordering::Relaxed);
+                    if let Err(Msg::Conn(s)) = self.peers[best].send(Msg::Conn(sock)) {
+                        self.shared.loads[best].fetch_sub(1, Ordering::Relaxed);
+                        self.add_conn(s, now);
+                    }
+                }
+            }
+        }
+        did
+    }
+
+    fn reap(&mut self, idx: usize) {
+        let finished = self.conns[idx].as_ref().is_some_and(Conn::is_finished);
+        if finished {
+            if let Some(mut c) = self.conns[idx].take() {
+                let _ = self.group.deregister(c.sock_mut(), idx);
+            }
+            self.free.push(idx);
+            self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Poller for Engine {
+    type Msg = Msg;
+
+    fn poll(&mut self, ctx: &mut Ctx) -> bool {
+        let now = ctx.now();
+        let mut did = false;
+        // Configuration changes (one atomic load when nothing changed).
+        let g = self.shared.publisher.generation();
+        if g != self.generation {
+            self.snapshot = self.shared.publisher.current();
+            self.generation = self.snapshot.generation;
+            let snap = self.snapshot.clone();
+            for idx in 0..self.conns.len() {
+                if let Some(c) = self.conns[idx].as_mut() {
+                    let mut cx = ConnCtx {
+                        now,
+                        snapshot: &snap,
+                        shared: &self.shared,
+                        port: &mut self.port,
+                        index: idx,
+                    };
+                    c.on_snapshot(&snap, &mut cx);
+                }
+            }
+        }
+        if !self.listeners.is_empty() {
+            did |= self.accept(now);
+        }
+        // Socket readiness.
+        self.events.clear();
+        if let Err(e) = self.group.poll(&mut self.events) {
+            warn!("reactor {}: socket poll failed: {e}", self.id);
+        }
+        let snap = self.snapshot.clone();
+        for ei in 0..self.events.len() {
+            let (idx, readiness) = self.events[ei];
+            if let Some(c) = self.conns[idx].as_mut() {
+                let mut cx = ConnCtx {
+                    now,
+                    snapshot: &snap,
+                    shared: &self.shared,
+                    port: &mut self.port,
+                    index: idx,
+                };
+                if readiness.readable {
+                    did |= c.on_readable(&mut cx);
+                }
+                if readiness.writable || c.want_write {
+                    c.flush(&mut cx);
+                }
+                let want = c.want_write;
+                let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+            }
+            self.reap(idx);
+        }
+        // Backend completions.
+        self.completions.clear();
+        if self.port.poll(&mut self.completions) > 0 {
+            did = true;
+            let mut touched: Vec<usize> = Vec::new();
+            for c in self.completions.drain(..) {
+                let tag = c.tag();
+                let idx = (tag >> 32) as usize;
+                let slot = (tag & 0xffff_ffff) as usize;
+                if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                    let mut cx = ConnCtx {
+                        now,
+                        snapshot: &snap,
+                        shared: &self.shared,
+                        port: &mut self.port,
+                        index: idx,
+                    };
+                    conn.on_completion(slot, c, &mut cx);
+                    if !touched.contains(&idx) {
+                        touched.push(idx);
+                    }
+                }
+            }
+            for idx in touched {
+                if let Some(conn) = self.conns[idx].as_mut() {
+                    let want = conn.want_write;
+                    let _ = self.group.set_write_interest(conn.sock_mut(), idx, want);
+                }
+                self.reap(idx);
+            }
+        }
+        // Timers.
+        if now >= self.next_timer {
+            self.next_timer = now + TIMER_PERIOD;
+            for idx in 0..self.conns.len() {
+                if let Some(conn) = self.conns[idx].as_mut() {
+                    let mut cx = ConnCtx {
+                        now,
+                        snapshot: &snap,
+                        shared: &self.shared,
+                        port: &mut self.port,
+                        index: idx,
+                    };
+                    conn.on_timer(&mut cx);
+                    let want = conn.want_write;
+                    let _ = self.group.set_write_interest(conn.sock_mut(), idx, want);
+                }
+                self.reap(idx);
+            }
+        }
+        did
+    }
+
+    fn handle(&mut self, msg: Msg, ctx: &mut Ctx) {
+        match msg {
+            Msg::Conn(sock) => {
+                // Counted by the sender already.
+                self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
+                self.add_conn(sock, ctx.now());
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.conns.iter().any(Option::is_some) {
+            Some(self.next_timer)
+        } else {
+            None
+        }
+    }
+
+    fn sleep(&mut self, timeout: Duration) {
+        if let Err(e) = self.group.wait(Some(timeout)) {
+            warn!("reactor {}: wait failed: {e}", self.id);
+        }
+    }
+
+    fn shutdown(&mut self, ctx: &mut Ctx) -> bool {
+        let now = ctx.now();
+        let snap = self.snapshot.clone();
+        for l in &mut self.listeners {
+            l.close();
+        }
+        for idx in 0..self.conns.len() {
+            if let Some(conn) = self.conns[idx].as_mut() {
+                if conn.phase != Phase::Closed {
+                    let mut cx = ConnCtx {
+                        now,
+                        snapshot: &snap,
+                        shared: &self.shared,
+                        port: &mut self.port,
+                        index: idx,
+                    };
+                    conn.close(&mut cx, "target shutting down");
+                }
+            }
+        }
+        // Let backend I/O drain so buffers return.
+        self.completions.clear();
+        self.port.poll(&mut self.completions);
+        for c in self.completions.drain(..) {
+            let tag = c.tag();
+            let idx = (tag >> 32) as usize;
+            let slot = (tag & 0xffff_ffff) as usize;
+            if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                let mut cx = ConnCtx {
+                    now,
+                    snapshot: &snap,
+                    shared: &self.shared,
+                    port: &mut self.port,
+                    index: idx,
+                };
+                conn.on_completion(slot, c, &mut cx);
+            }
+        }
+        for idx in 0..self.conns.len() {
+            self.reap(idx);
+        }
+        self.conns.iter().all(Option::is_none)
+    }
+}

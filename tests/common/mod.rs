@@ -1,0 +1,169 @@
+//! Starts the real daemon as a child process on a free loopback port and a private RPC socket,
+//! and talks JSON-RPC to it the way rpc.py does.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const IQN: &str = "iqn.2026-11.org.iscsi-tgt:test";
+
+pub struct Target {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub sock: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Target {
+    /// Starts the daemon with `extra` flags and waits until its RPC socket answers.
+    pub fn start(extra: &[&str]) -> Target {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("rpc.sock");
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_iscsi-tgt"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--rpc-socket")
+            .arg(&sock)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start iscsi-tgt");
+        let mut t = Target {
+            child,
+            addr,
+            sock,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if t.try_call("rpc_get_methods", json!({})).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = t.child.try_wait() {
+                panic!("iscsi-tgt exited during start ({status}): {}", t.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iscsi-tgt did not open its RPC socket: {}",
+                t.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    /// Starts the daemon with a RAM LUN 0 (`ram_mb`) and a null LUN 1 on target [`IQN`].
+    pub fn with_default_luns(ram_mb: u32) -> Target {
+        let t = Target::start(&["--cores", "0"]);
+        t.configure_default(ram_mb);
+        t
+    }
+
+    pub fn configure_default(&self, ram_mb: u32) {
+        self.mgmt(
+            "handlers/vdisk_ramio/mgmt",
+            &format!("add_device ram0 size_mb={ram_mb}"),
+        );
+        self.mgmt("handlers/vdisk_nullio/mgmt", "add_device null0 size_mb=64");
+        self.mgmt("targets/iscsi/mgmt", &format!("add_target {IQN}"));
+        self.mgmt(&format!("targets/iscsi/{IQN}/luns/mgmt"), "add ram0 0");
+        self.mgmt(&format!("targets/iscsi/{IQN}/luns/mgmt"), "add null0 1");
+        self.set(&format!("targets/iscsi/{IQN}/enabled"), "1");
+        self.set("targets/iscsi/enabled", "1");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("target.log")).unwrap_or_default()
+    }
+
+    /// One JSON-RPC call: `Ok(result)` or `Err(error object)`.
+    pub fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
+        let mut s = UnixStream::connect(&self.sock).map_err(|e| json!({"io": e.to_string()}))?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+        s.write_all(req.to_string().as_bytes())
+            .map_err(|e| json!({"io": e.to_string()}))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| json!({"io": e.to_string()}))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| json!({"parse": e.to_string()}))?;
+        match v.get("error") {
+            Some(e) => Err(e.clone()),
+            None => Ok(v["result"].clone()),
+        }
+    }
+
+    pub fn call(&self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .unwrap_or_else(|e| panic!("{method} failed: {e}"))
+    }
+
+    pub fn mgmt(&self, path: &str, command: &str) {
+        self.call("mgmt", json!({"path": path, "command": command}));
+    }
+
+    pub fn set(&self, path: &str, value: &str) {
+        self.call("set", json!({"path": path, "value": value}));
+    }
+
+    pub fn get(&self, path: &str) -> String {
+        self.call("get", json!({"path": path}))
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety effect.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn connect_raw(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
