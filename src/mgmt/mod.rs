@@ -444,7 +444,7 @@ impl Mgmt {
             }
             _ => {
                 // An attribute is not a directory.
-                if self.read(st, path).is_ok() {
+                if self.read_inner(st, path, false).is_ok() {
                     return Err(MgmtError::NotDir(path.to_string()));
                 }
                 return Err(nf());
@@ -471,6 +471,12 @@ impl Mgmt {
     }
 
     fn read(&self, st: &State, path: &str) -> Result<String, MgmtError> {
+        self.read_inner(st, path, true)
+    }
+
+    /// `dir_check`: whether a path that is no attribute is looked up as a directory (for the
+    /// error message); `list` passes false so the two never recurse into each other.
+    fn read_inner(&self, st: &State, path: &str, dir_check: bool) -> Result<String, MgmtError> {
         let p = split(path);
         let nf = || MgmtError::NotFound(path.to_string());
         let v = match p.as_slice() {
@@ -598,7 +604,7 @@ impl Mgmt {
                 }
             }
             _ => {
-                return Err(if self.list(st, path).is_ok() {
+                return Err(if dir_check && self.list(st, path).is_ok() {
                     MgmtError::IsDir(path.to_string())
                 } else {
                     nf()
@@ -1320,5 +1326,18 @@ mod tests {
         assert!(valid_iscsi_name("eui.0123456789abcdef"));
         assert!(!valid_iscsi_name("iqn.06-10.net"));
         assert!(!valid_iscsi_name("tgt1"));
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_paths_are_errors() {
+        let m = Mgmt::new(Publisher::new(), Registry::new(), Hooks::default());
+        assert!(matches!(m.get("nope"), Err(MgmtError::NotFound(_))));
+        assert!(matches!(m.ls("nope/deeper"), Err(MgmtError::NotFound(_))));
+        assert!(matches!(m.set("nope", "1"), Err(MgmtError::NotFound(_))));
     }
 }
