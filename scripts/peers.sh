@@ -35,8 +35,8 @@ check "iscsi-inq reads the unit serial number page"
 
 out=$(iscsi-readcapacity16 "$URL/$IQN/0") || die "iscsi-readcapacity16 failed: $out"
 blocks=$((RAM_MB * 1024 * 1024 / 512))
-echo "$out" | grep -q "Logical Block Length:512" || die "readcapacity16: block length: $out"
-echo "$out" | grep -q "Last Logical Block:$((blocks - 1))" || die "readcapacity16: size: $out"
+echo "$out" | grep -q "LOGICAL BLOCK LENGTH IN BYTES:512" || die "readcapacity16: block length: $out"
+echo "$out" | grep -q "RETURNED LOGICAL BLOCK ADDRESS:$((blocks - 1))" || die "readcapacity16: size: $out"
 check "iscsi-readcapacity16 reports $blocks blocks of 512 bytes"
 
 # Data integrity through qemu-img, under several negotiations on the target side.
