@@ -37,7 +37,7 @@ python3 "$SCORE" "$LOG" --tests > "$WORK/tests.txt"
 echo "$summary"
 
 # Suites that must be clean: no failed and no warned test.
-must='^(SCSI\.(Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6)\.|iSCSI\.)'
+must='^(Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6|iSCSI[A-Za-z]*)\.'
 bad=$(awk -v re="$must" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests.txt" || true)
 
 {
@@ -69,7 +69,7 @@ bad=$(awk -v re="$must" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' 
 echo "conformance: wrote $OUT"
 
 stop_target
-if [ -n "$bad" ]; then
+if [ -n "$bad" ] && [ "${CU_ENFORCE:-1}" = 1 ]; then
     echo "$bad" >&2
     die "suites that must pass have failed or warned tests"
 fi

@@ -706,7 +706,7 @@ impl Conn {
                     // A write CDB with no data from the initiator.
                     t.spdtl = plan.len;
                 }
-                if edtl < plan.len || !t.write {
+                if edtl < plan.len || (!t.write && plan.len > 0) {
                     // SPC/FCP: fewer bytes than the CDB needs: write nothing and answer
                     // INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow.
                     t.scsi
