@@ -40,6 +40,23 @@ echo "$summary"
 must='^(Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6|iSCSI[A-Za-z]*)\.'
 bad=$(awk -v re="$must" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests.txt" || true)
 
+# iSCSIdatasn.iSCSIDataSnInvalid sends Data-Out PDUs with wrong DataSNs and requires the WRITE
+# to fail, but checks it through a helper that logs "[FAILED]" whenever a write does not return
+# GOOD, so a target that behaves correctly is always scored "warned". It is accepted only when
+# every logged failure is the target ending one of the four writes with CHECK CONDITION and
+# CUnit passed the test; anything else (a GOOD write, a dropped session, a timeout) still fails.
+datasn=iSCSIdatasn.iSCSIDataSnInvalid
+datasn_note=""
+if awk -v t="$datasn" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests.txt"; then
+    section=$(awk '/Test: iSCSIDataSnInvalid/ {on=1} on && /Test: / && !/iSCSIDataSnInvalid/ {on=0} on' "$LOG")
+    fails=$(grep -c '\[FAILED\]' <<<"$section" || true)
+    expected=$(grep -c '\[FAILED\] WRITE10 command failed with status 2 ' <<<"$section" || true)
+    if [ "$fails" -eq 4 ] && [ "$expected" -eq 4 ]; then
+        bad=$(awk -v t="$datasn" '$2 != t' <<<"$bad" || true)
+        datasn_note="$datasn is scored warned by construction (its helper logs [FAILED] for the failure the test requires); all four bad-DataSN writes ended in CHECK CONDITION, as required."
+    fi
+fi
+
 {
     echo "# Conformance"
     echo
@@ -60,6 +77,10 @@ bad=$(awk -v re="$must" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' 
         echo "$bad" | sed 's/^/- /'
     else
         echo "All of them are clean."
+    fi
+    if [ -n "$datasn_note" ]; then
+        echo
+        echo "Note: $datasn_note"
     fi
     echo
     echo "| result | test |"

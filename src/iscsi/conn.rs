@@ -702,18 +702,19 @@ impl Conn {
         let edtl = t.edtl;
         match plan.dir {
             scsi::DataDir::Out => {
-                if !t.write && edtl == 0 {
-                    // A write CDB with no data from the initiator.
-                    t.spdtl = plan.len;
-                }
-                if edtl < plan.len || (!t.write && plan.len > 0) {
-                    // SPC/FCP: fewer bytes than the CDB needs: write nothing and answer
-                    // INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow.
+                // Without the W bit the initiator sends nothing, whatever EDTL says.
+                let out = if t.write { edtl } else { 0 };
+                if out < plan.len && !t.scsi.limit_write(out, entry.device.block_size()) {
+                    // RFC 7143 §11.4.5.2 / SAM-5: the initiator sends fewer bytes than the
+                    // CDB needs and not a whole number of blocks: write nothing, answer
+                    // INVALID FIELD IN COMMAND INFORMATION UNIT with the overflow residual.
                     t.scsi
                         .set_check_condition(scsi::sense::ILLEGAL_REQUEST, 0x0e, 0x03);
                     self.finish_task(slot, cx);
                     return None;
                 }
+                // Otherwise only the blocks the initiator sends are written; the response
+                // reports the rest as residual overflow.
                 match DataBuf::alloc(plan.len as usize) {
                     Some(buf) => t.scsi.buf = Some(buf),
                     None => {
@@ -722,7 +723,7 @@ impl Conn {
                         return None;
                     }
                 }
-                t.want_out = plan.len.min(edtl);
+                t.want_out = plan.len.min(out);
                 t.next_r2t_offset = t.unsolicited_len;
                 t.expected_out = t.unsolicited_len.max(t.want_out);
             }
@@ -1200,14 +1201,32 @@ impl Conn {
         }
         let lun = pdu::decode_lun(t.lun);
         let response = match t.function {
-            pdu::TMF_ABORT_TASK => match self.tasks.by_itt(t.referenced_task_tag) {
-                Some(slot) => {
-                    self.abort_slot(slot);
-                    pdu::TMF_RSP_COMPLETE
+            pdu::TMF_ABORT_TASK => {
+                let live = self.tasks.by_itt(t.referenced_task_tag).filter(|&s| {
+                    self.tasks
+                        .get_mut(s)
+                        .is_some_and(|x| x.state != TaskState::Responding)
+                });
+                match live {
+                    Some(slot) => {
+                        self.abort_slot(slot);
+                        pdu::TMF_RSP_COMPLETE
+                    }
+                    None => {
+                        // RFC 7143 §11.5.1: a task the target never saw whose RefCmdSN is
+                        // inside the window (and before this request) counts as aborted; one
+                        // already answered, or outside the window, does not exist.
+                        let exp = self.sess.as_ref().map_or(0, |s| s.exp_cmd_sn);
+                        let max = self.sess.as_ref().map_or(0, |s| s.max_cmd_sn);
+                        if seq::in_window(t.ref_cmd_sn, exp, max) && seq::lt(t.ref_cmd_sn, t.cmd_sn)
+                        {
+                            pdu::TMF_RSP_COMPLETE
+                        } else {
+                            pdu::TMF_RSP_TASK_DOES_NOT_EXIST
+                        }
+                    }
                 }
-                // RFC 7143 §11.6.1: a task already answered counts as aborted.
-                None => pdu::TMF_RSP_COMPLETE,
-            },
+            }
             pdu::TMF_ABORT_TASK_SET | pdu::TMF_CLEAR_TASK_SET => {
                 let slots: Vec<usize> = self
                     .tasks
@@ -1230,15 +1249,15 @@ impl Conn {
                 for s in slots {
                     self.abort_slot(s);
                 }
-                let nexus = self.sess.as_ref().map_or(0, |s| s.nexus);
                 if let Some(e) = self
                     .sess
                     .as_ref()
                     .and_then(|s| s.target.as_ref())
                     .and_then(|tg| tg.lun(lun))
                 {
-                    // SAM-5: other I_T nexuses see BUS DEVICE RESET FUNCTION OCCURRED.
-                    e.device.add_ua_others(nexus, 0x29, 0x03);
+                    // SAM-5 §7.7: every I_T nexus, the requester's included, sees BUS DEVICE
+                    // RESET FUNCTION OCCURRED.
+                    e.device.add_ua_all(0x29, 0x03);
                     pdu::TMF_RSP_COMPLETE
                 } else {
                     pdu::TMF_RSP_LUN_DOES_NOT_EXIST

@@ -367,6 +367,24 @@ fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     }
 }
 
+impl ScsiTask {
+    /// The transport carries only the first `len` bytes of a WRITE's Data-Out (iSCSI's
+    /// expected data transfer length is below what the CDB asks for): write just those
+    /// blocks and leave the rest of the range untouched. Returns false, changing nothing,
+    /// when `len` does not end on a block boundary or the command is not a plain write.
+    pub fn limit_write(&mut self, len: u32, block_size: u32) -> bool {
+        match &mut self.io {
+            Some((IoOp::Write { .. }, _, io_len))
+                if !self.verify_compare && block_size > 0 && len.is_multiple_of(block_size) =>
+            {
+                *io_len = (*io_len).min(len);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether an execution finished at once or went to the backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exec {
@@ -1019,5 +1037,41 @@ mod tests {
         let mut t = ScsiTask::new(&[REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], 0, 1);
         execute_no_lun(&mut t, &[0]);
         assert_eq!(asc(&t), (5, 0x24, 0));
+    }
+
+    #[test]
+    fn a_shortened_write_touches_only_the_blocks_sent() {
+        let d = dev();
+        run(&d, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], Some(&[b'a'; 1024]));
+        // WRITE(10) of two blocks of which the transport delivers one.
+        let mut t = ScsiTask::new(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
+        let p = plan(&d, &mut t).unwrap();
+        assert_eq!(p.len, 1024);
+        assert!(
+            !t.limit_write(200, 512),
+            "a partial block cannot be written"
+        );
+        assert!(t.limit_write(512, 512));
+        let mut b = DataBuf::alloc(1024).unwrap();
+        b.write_at(0, &[b'b'; 1024]);
+        t.buf = Some(b);
+        let mut port = ScsiPort::new();
+        if port.execute(&d, &mut t) == Exec::Pending {
+            let mut out = Vec::new();
+            port.poll(&mut out);
+            complete(&mut t, out.pop().unwrap());
+        }
+        assert_eq!(t.status, STATUS_GOOD);
+        let r = run(&d, &[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], None);
+        let got = data(&r);
+        assert!(got[..512].iter().all(|&x| x == b'b'));
+        assert!(
+            got[512..].iter().all(|&x| x == b'a'),
+            "second block untouched"
+        );
+        // A read cannot be shortened this way.
+        let mut r = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
+        plan(&d, &mut r).unwrap();
+        assert!(!r.limit_write(512, 512));
     }
 }
