@@ -19,7 +19,13 @@ SOCK=$WORK/rpc.sock
 TGTD_PID=
 cleanup() {
     stop_target
-    if [ -n "$TGTD_PID" ]; then kill "$TGTD_PID" 2>/dev/null || true; wait "$TGTD_PID" 2>/dev/null || true; fi
+    if [ -n "$TGTD_PID" ]; then
+        # tgtd does not always leave on SIGTERM while it has targets.
+        kill "$TGTD_PID" 2>/dev/null || true
+        sleep 0.5
+        kill -KILL "$TGTD_PID" 2>/dev/null || true
+        wait "$TGTD_PID" 2>/dev/null || true
+    fi
     rm -f /dev/shm/iscsi-tgt-bench.img
     rm -rf "$WORK"
 }
@@ -27,22 +33,6 @@ trap cleanup EXIT
 
 command -v iscsi-perf >/dev/null && command -v tgtd >/dev/null || "$ROOT/scripts/setup.sh"
 build_release
-
-# Our target.
-start_target "$PORT" "$SOCK" "$WORK/target.log" --cores "$TARGET_CORE" --mode "$MODE"
-configure_default "$SOCK" "$IQN" 1024
-
-# tgtd with the same size of backing store in /dev/shm (tmpfs: RAM, as ours).
-truncate -s 1G /dev/shm/iscsi-tgt-bench.img
-taskset -c "$TARGET_CORE" tgtd -f --iscsi portal=127.0.0.1:$TGTD_PORT >"$WORK/tgtd.log" 2>&1 &
-TGTD_PID=$!
-for _ in $(seq 1 50); do tgtadm --lld iscsi --mode target --op show >/dev/null 2>&1 && break; sleep 0.1; done
-tgtadm --lld iscsi --mode target --op new --tid 1 --targetname "$TGTD_IQN"
-tgtadm --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --backing-store /dev/shm/iscsi-tgt-bench.img
-tgtadm --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
-# Fill both so reads touch real memory.
-qemu-img convert -n -f raw -O raw /dev/shm/iscsi-tgt-bench.img "iscsi://127.0.0.1:$PORT/$IQN/0" 2>/dev/null ||
-    dd if=/dev/zero of=/dev/shm/iscsi-tgt-bench.img bs=1M count=1024 conv=notrunc status=none
 
 # perf URL QD BLOCKS RANDOM -> "iops mbps"
 perf() {
@@ -53,15 +43,51 @@ perf() {
     echo "$out" | grep -o 'iops average [0-9]* ([0-9]* MB/s)' | tail -1 | sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/'
 }
 
+WORKLOADS=("4 KiB random read QD1:1:8:1" "4 KiB random read QD32:32:8:1" "128 KiB sequential read QD16:16:256:0")
+declare -A RES
+
+# measure LABEL URL: every workload against one target, results into RES[LABEL:i].
+measure() {
+    local label=$1 url=$2 i=0
+    for w in "${WORKLOADS[@]}"; do
+        IFS=: read -r _ qd blocks random <<<"$w"
+        RES[$label:$i]=$(perf "$url" "$qd" "$blocks" "$random")
+        i=$((i + 1))
+    done
+}
+
+# The targets take turns on TARGET_CORE, so neither competes with the other for it (a
+# polling reactor keeps its core busy even when idle).
+truncate -s 1G /dev/shm/iscsi-tgt-bench.img
+dd if=/dev/urandom of=/dev/shm/iscsi-tgt-bench.img bs=1M count=1024 conv=notrunc status=none
+
+# Our target, its RAM LUN filled with the same data so reads touch real memory.
+start_target "$PORT" "$SOCK" "$WORK/target.log" --cores "$TARGET_CORE" --mode "$MODE"
+configure_default "$SOCK" "$IQN" 1024
 ours="iscsi://127.0.0.1:$PORT/$IQN/0"
-theirs="iscsi://127.0.0.1:$TGTD_PORT/$TGTD_IQN/1"
+qemu-img convert -n -f raw -O raw /dev/shm/iscsi-tgt-bench.img "$ours" || die "filling our LUN failed"
+measure ours "$ours"
+kill -0 "$TARGET_PID" || die "our target died during the benchmark"
+stop_target
+
+# tgtd with its backing store in /dev/shm (tmpfs: RAM, as ours).
+pgrep -x tgtd >/dev/null && die "a tgtd is already running; stop it first"
+taskset -c "$TARGET_CORE" tgtd -f --iscsi portal=127.0.0.1:$TGTD_PORT >"$WORK/tgtd.log" 2>&1 &
+TGTD_PID=$!
+for _ in $(seq 1 50); do tgtadm --lld iscsi --mode target --op show >/dev/null 2>&1 && break; sleep 0.1; done
+tgtadm --lld iscsi --mode target --op new --tid 1 --targetname "$TGTD_IQN"
+tgtadm --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --backing-store /dev/shm/iscsi-tgt-bench.img
+tgtadm --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
+measure tgtd "iscsi://127.0.0.1:$TGTD_PORT/$TGTD_IQN/1"
+
 echo "| workload | iscsi-tgt IOPS | iscsi-tgt MB/s | tgtd IOPS | tgtd MB/s | ratio |"
 echo "|---|---:|---:|---:|---:|---:|"
-for w in "4 KiB random read QD1:1:8:1" "4 KiB random read QD32:32:8:1" "128 KiB sequential read QD16:16:256:0"; do
-    IFS=: read -r name qd blocks random <<<"$w"
-    read -r oi om <<<"$(perf "$ours" "$qd" "$blocks" "$random")"
-    read -r ti tm <<<"$(perf "$theirs" "$qd" "$blocks" "$random")"
+i=0
+for w in "${WORKLOADS[@]}"; do
+    name=${w%%:*}
+    read -r oi om <<<"${RES[ours:$i]}"
+    read -r ti tm <<<"${RES[tgtd:$i]}"
     ratio=$(python3 -c "print(f'{${oi:-0}/max(${ti:-0},1):.2f}')")
     echo "| $name | ${oi:-?} | ${om:-?} | ${ti:-?} | ${tm:-?} | ${ratio}× |"
+    i=$((i + 1))
 done
-kill -0 "$TARGET_PID" || die "our target died during the benchmark"

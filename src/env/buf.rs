@@ -4,6 +4,8 @@
 //! large transfers need no large contiguous allocation and every piece can be handed to
 //! `readv`/`writev` or an io_uring SQE as it is.
 
+use std::cell::RefCell;
+
 /// Size of one large chunk.
 pub const CHUNK_SIZE: usize = 128 * 1024;
 /// Size of a small buffer (transfers up to this size use one small chunk).
@@ -18,9 +20,68 @@ pub struct DataBuf {
     len: usize,
 }
 
+/// Chunks a thread keeps for reuse: a command's buffers go back to the thread that frees
+/// them and the next command there takes them without touching the allocator.
+struct ChunkCache {
+    large: Vec<Box<[u8]>>,
+    small: Vec<Box<[u8]>>,
+}
+
+/// At most this many chunks of each size stay cached per thread (64 MiB and 8 MiB).
+const CACHE_LARGE: usize = 512;
+const CACHE_SMALL: usize = 1024;
+
+thread_local! {
+    static CACHE: RefCell<ChunkCache> = const {
+        RefCell::new(ChunkCache {
+            large: Vec::new(),
+            small: Vec::new(),
+        })
+    };
+}
+
+fn take_chunk(size: usize) -> Box<[u8]> {
+    let cached = CACHE
+        .try_with(|c| {
+            let mut c = c.borrow_mut();
+            if size == CHUNK_SIZE {
+                c.large.pop()
+            } else {
+                c.small.pop()
+            }
+        })
+        .ok()
+        .flatten();
+    cached.unwrap_or_else(|| vec![0u8; size].into_boxed_slice())
+}
+
+impl Drop for DataBuf {
+    fn drop(&mut self) {
+        let chunks = std::mem::take(&mut self.chunks);
+        let size = self.chunk_size;
+        let _ = CACHE.try_with(|c| {
+            let mut c = c.borrow_mut();
+            let (list, cap) = if size == CHUNK_SIZE {
+                (&mut c.large, CACHE_LARGE)
+            } else {
+                (&mut c.small, CACHE_SMALL)
+            };
+            for ch in chunks {
+                if list.len() >= cap {
+                    break;
+                }
+                if ch.len() == size {
+                    list.push(ch);
+                }
+            }
+        });
+    }
+}
+
 impl DataBuf {
-    /// A buffer of `len` bytes (zero-filled), or `None` when `len` exceeds [`MAX_TRANSFER`] or
-    /// the pool is exhausted.
+    /// A buffer of `len` bytes, or `None` when `len` exceeds [`MAX_TRANSFER`] or the pool is
+    /// exhausted. Its contents are unspecified (recycled chunks are not cleared): whoever
+    /// fills it writes every byte that is later read or sent.
     pub fn alloc(len: usize) -> Option<DataBuf> {
         if len > MAX_TRANSFER {
             return None;
@@ -31,9 +92,7 @@ impl DataBuf {
             CHUNK_SIZE
         };
         let n = len.div_ceil(chunk_size).max(1);
-        let chunks = (0..n)
-            .map(|_| vec![0u8; chunk_size].into_boxed_slice())
-            .collect();
+        let chunks = (0..n).map(|_| take_chunk(chunk_size)).collect();
         Some(DataBuf {
             chunks,
             chunk_size,

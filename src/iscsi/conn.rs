@@ -118,6 +118,8 @@ pub struct Conn {
     done_slots: Vec<usize>,
     /// Whether the socket wants to be polled for writability.
     pub want_write: bool,
+    /// Queued on the reactor's list of connections to flush this pass.
+    pub pending_flush: bool,
 }
 
 struct Lookup<'a>(&'a Snapshot);
@@ -158,6 +160,7 @@ impl Conn {
             next_nop_ttt: 1,
             done_slots: Vec::with_capacity(64),
             want_write: false,
+            pending_flush: false,
         }
     }
 
@@ -208,7 +211,8 @@ impl Conn {
             self.last_rx = cx.now;
             self.nop_ping = None;
         }
-        self.flush(cx);
+        // The reactor flushes once per pass, after backend completions, so the responses of
+        // everything received and completed in one pass leave in one writev.
         did
     }
 
@@ -927,7 +931,6 @@ impl Conn {
             return;
         }
         self.finish_task(slot, cx);
-        self.flush(cx);
     }
 
     /// Ends a task with CHECK CONDITION.

@@ -98,7 +98,16 @@ pub struct Engine {
     generation: u64,
     completions: Vec<Completion>,
     events: Vec<(usize, Readiness)>,
+    /// Connections to flush at the end of this pass.
+    to_flush: Vec<usize>,
     next_timer: Instant,
+}
+
+fn mark_flush(list: &mut Vec<usize>, c: &mut Conn, idx: usize) {
+    if !c.pending_flush {
+        c.pending_flush = true;
+        list.push(idx);
+    }
 }
 
 impl Engine {
@@ -125,6 +134,7 @@ impl Engine {
             generation,
             completions: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
+            to_flush: Vec::with_capacity(256),
             next_timer: now + TIMER_PERIOD,
         }
     }
@@ -255,19 +265,15 @@ impl Poller for Engine {
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
                 }
-                if readiness.writable || c.want_write {
-                    c.flush(&mut cx);
+                if readiness.readable || readiness.writable || c.want_write {
+                    mark_flush(&mut self.to_flush, c, idx);
                 }
-                let want = c.want_write;
-                let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
             }
-            self.reap(idx);
         }
         // Backend completions.
         self.completions.clear();
         if self.port.poll(&mut self.completions) > 0 {
             did = true;
-            let mut touched: Vec<usize> = Vec::new();
             for c in self.completions.drain(..) {
                 let tag = c.tag();
                 let idx = (tag >> 32) as usize;
@@ -281,19 +287,29 @@ impl Poller for Engine {
                         index: idx,
                     };
                     conn.on_completion(slot, c, &mut cx);
-                    if !touched.contains(&idx) {
-                        touched.push(idx);
-                    }
+                    mark_flush(&mut self.to_flush, conn, idx);
                 }
-            }
-            for idx in touched {
-                if let Some(conn) = self.conns[idx].as_mut() {
-                    let want = conn.want_write;
-                    let _ = self.group.set_write_interest(conn.sock_mut(), idx, want);
-                }
-                self.reap(idx);
             }
         }
+        // One writev per connection for everything this pass produced.
+        for i in 0..self.to_flush.len() {
+            let idx = self.to_flush[i];
+            if let Some(c) = self.conns[idx].as_mut() {
+                c.pending_flush = false;
+                let mut cx = ConnCtx {
+                    now,
+                    snapshot: &snap,
+                    shared: &self.shared,
+                    port: &mut self.port,
+                    index: idx,
+                };
+                c.flush(&mut cx);
+                let want = c.want_write;
+                let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+            }
+            self.reap(idx);
+        }
+        self.to_flush.clear();
         // Timers.
         if now >= self.next_timer {
             self.next_timer = now + TIMER_PERIOD;

@@ -23,6 +23,8 @@ pub struct PosixSock {
     stream: Option<TcpStream>,
     peer: SocketAddr,
     local: SocketAddr,
+    /// Whether the group's epoll set watches this socket for writability.
+    write_interest: bool,
 }
 
 impl PosixSock {
@@ -37,6 +39,7 @@ impl PosixSock {
             stream: Some(stream),
             peer,
             local,
+            write_interest: false,
         })
     }
 
@@ -180,6 +183,9 @@ impl SockGroup for PosixGroup {
         let s = Self::stream_of(sock)?;
         self.epoll
             .add(s.as_fd(), EpollEvent::new(Self::flags(false), token as u64))?;
+        if let Some(ps) = sock.as_any_mut().downcast_mut::<PosixSock>() {
+            ps.write_interest = false;
+        }
         Ok(())
     }
 
@@ -197,11 +203,19 @@ impl SockGroup for PosixGroup {
         token: usize,
         on: bool,
     ) -> io::Result<()> {
-        let Ok(s) = Self::stream_of(sock) else {
+        let Some(ps) = sock.as_any_mut().downcast_mut::<PosixSock>() else {
+            return Ok(());
+        };
+        // Only a change costs an epoll_ctl.
+        if ps.write_interest == on {
+            return Ok(());
+        }
+        let Some(s) = ps.stream.as_ref() else {
             return Ok(());
         };
         let mut ev = EpollEvent::new(Self::flags(on), token as u64);
         self.epoll.modify(s.as_fd(), &mut ev)?;
+        ps.write_interest = on;
         Ok(())
     }
 
