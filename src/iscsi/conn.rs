@@ -118,6 +118,9 @@ pub struct Conn {
     done_slots: Vec<usize>,
     /// Whether the socket wants to be polled for writability.
     pub want_write: bool,
+    /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
+    /// which the socket will not report again, so the reactor must call back.
+    pub rx_more: bool,
 }
 
 struct Lookup<'a>(&'a Snapshot);
@@ -158,6 +161,7 @@ impl Conn {
             next_nop_ttt: 1,
             done_slots: Vec::with_capacity(64),
             want_write: false,
+            rx_more: false,
         }
     }
 
@@ -191,7 +195,8 @@ impl Conn {
             return false;
         }
         let mut did = false;
-        for _ in 0..RX_BUDGET {
+        self.rx_more = false;
+        for i in 0..RX_BUDGET {
             match self.rx_step(cx) {
                 Ok(true) => did = true,
                 Ok(false) => break,
@@ -203,6 +208,7 @@ impl Conn {
             if matches!(self.phase, Phase::Closing | Phase::Closed) {
                 break;
             }
+            self.rx_more = i + 1 == RX_BUDGET;
         }
         if did {
             self.last_rx = cx.now;

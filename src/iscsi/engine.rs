@@ -98,6 +98,8 @@ pub struct Engine {
     generation: u64,
     completions: Vec<Completion>,
     events: Vec<(usize, Readiness)>,
+    /// Connections whose receive budget ran out (see `Conn::rx_more`).
+    rx_pending: Vec<usize>,
     next_timer: Instant,
 }
 
@@ -125,6 +127,7 @@ impl Engine {
             generation,
             completions: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
+            rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
         }
     }
@@ -241,6 +244,18 @@ impl Poller for Engine {
         if let Err(e) = self.group.poll(&mut self.events) {
             warn!("reactor {}: socket poll failed: {e}", self.id);
         }
+        // Connections that stopped at their receive budget get another turn even though their
+        // socket may report nothing new: complete PDUs can be waiting in their staging buffer.
+        for idx in self.rx_pending.drain(..) {
+            did = true;
+            self.events.push((
+                idx,
+                Readiness {
+                    readable: true,
+                    writable: false,
+                },
+            ));
+        }
         let snap = self.snapshot.clone();
         for ei in 0..self.events.len() {
             let (idx, readiness) = self.events[ei];
@@ -254,6 +269,9 @@ impl Poller for Engine {
                 };
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
+                    if c.rx_more && !self.rx_pending.contains(&idx) {
+                        self.rx_pending.push(idx);
+                    }
                 }
                 if readiness.writable || c.want_write {
                     c.flush(&mut cx);
