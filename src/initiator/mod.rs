@@ -188,6 +188,24 @@ impl ScsiResult {
     }
 }
 
+/// Counters of what went over the wire, for tests that check how data moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    pub commands: u64,
+    pub immediate_bytes: u64,
+    /// Data-Out PDUs sent without an R2T (TTT 0xffffffff).
+    pub unsolicited_data_out: u64,
+    pub unsolicited_bytes: u64,
+    pub r2ts: u64,
+    /// Data-Out PDUs sent for R2Ts.
+    pub solicited_data_out: u64,
+    pub data_in: u64,
+    /// The largest data segment received in a Data-In PDU.
+    pub max_data_in_segment: u32,
+    /// The largest data segment sent in a Data-Out PDU or as immediate data.
+    pub max_data_out_segment: u32,
+}
+
 /// A PDU as it came off the wire.
 #[derive(Debug, Clone)]
 pub struct RawPdu {
@@ -311,6 +329,7 @@ pub struct Initiator {
     pub async_events: Vec<pdu::AsyncMessage>,
     /// How many target NOP-In pings were answered.
     pub nop_in_answered: u64,
+    pub stats: Stats,
 }
 
 impl Initiator {
@@ -341,6 +360,7 @@ impl Initiator {
             others: VecDeque::new(),
             async_events: Vec::new(),
             nop_in_answered: 0,
+            stats: Stats::default(),
         })
     }
 
@@ -697,6 +717,9 @@ impl Initiator {
         let mut bhs = [0u8; BHS_LEN];
         cmd.emit(&mut bhs);
         self.wire.send(&bhs, &cmd.ahs(), &out[..imm as usize])?;
+        self.stats.commands += 1;
+        self.stats.immediate_bytes += u64::from(imm);
+        self.stats.max_data_out_segment = self.stats.max_data_out_segment.max(imm);
         if unsol > 0 {
             let segs = segments(imm, unsol, self.neg.max_xmit_data_segment_length);
             send_data_out(
@@ -708,6 +731,9 @@ impl Initiator {
                 &segs,
                 out,
             )?;
+            self.stats.unsolicited_data_out += segs.len() as u64;
+            self.stats.unsolicited_bytes += u64::from(unsol);
+            self.note_out_segments(&segs);
         }
         self.tasks.insert(
             itt,
@@ -1130,6 +1156,8 @@ impl Initiator {
     }
 
     fn on_data_in(&mut self, d: &pdu::DataIn, data: &[u8]) -> Result<()> {
+        self.stats.data_in += 1;
+        self.stats.max_data_in_segment = self.stats.max_data_in_segment.max(data.len() as u32);
         let Some(t) = self.tasks.get_mut(&d.itt) else {
             return Err(InitiatorError::Protocol(format!(
                 "Data-In for unknown ITT {:#x}",
@@ -1241,7 +1269,16 @@ impl Initiator {
             r.ttt,
             &segs,
             &t.data_out,
-        )
+        )?;
+        self.stats.r2ts += 1;
+        self.stats.solicited_data_out += segs.len() as u64;
+        self.note_out_segments(&segs);
+        Ok(())
+    }
+
+    fn note_out_segments(&mut self, segs: &[(u32, u32)]) {
+        let m = segs.iter().map(|s| s.1).max().unwrap_or(0);
+        self.stats.max_data_out_segment = self.stats.max_data_out_segment.max(m);
     }
 }
 
