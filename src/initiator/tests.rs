@@ -351,3 +351,78 @@ fn login_reject_is_reported() {
     );
     h.join().unwrap();
 }
+
+#[test]
+fn submit_waits_for_the_cmd_sn_window() {
+    let (addr, h) = fake_target(|f| {
+        f.login(&[]);
+        // Login left a window of 4 (MaxCmdSN = CmdSN + 3); close it after the fourth command.
+        let mut itts = Vec::new();
+        for sn in 1..=4u32 {
+            let p = f.recv();
+            let c = pdu::ScsiCommand::parse(&p.bhs, &p.ahs).unwrap();
+            assert_eq!(c.cmd_sn, sn);
+            itts.push(c.itt);
+        }
+        // Nothing more may come while MaxCmdSN is 4.
+        f.s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        let e = f.s.read(&mut b).unwrap_err();
+        assert!(matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ));
+        f.s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // One answer opens the window by one.
+        let answer = |f: &mut Fake, itt: u32, exp: u32, max: u32| {
+            let r = pdu::ScsiResponse {
+                itt,
+                stat_sn: f.stat_sn,
+                exp_cmd_sn: exp,
+                max_cmd_sn: max,
+                ..Default::default()
+            };
+            f.stat_sn += 1;
+            let mut bhs = [0u8; BHS_LEN];
+            r.emit(&mut bhs);
+            f.send(&bhs, &[]);
+        };
+        answer(f, itts[0], 5, 5);
+        let p = f.recv();
+        let c = pdu::ScsiCommand::parse(&p.bhs, &p.ahs).unwrap();
+        assert_eq!(c.cmd_sn, 5);
+        itts.push(c.itt);
+        for &itt in &itts[1..] {
+            answer(f, itt, 6, 10);
+        }
+    });
+    let mut ini = Initiator::connect(&addr).unwrap();
+    ini.login(&LoginOptions {
+        target_name: Some("iqn.x:t".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut submitted = Vec::new();
+    for _ in 0..5 {
+        submitted.push(
+            ini.submit(0, &cdb::test_unit_ready(), None, 0, false)
+                .unwrap(),
+        );
+    }
+    let mut finished = Vec::new();
+    for _ in 0..5 {
+        let (itt, r) = ini.wait_any().unwrap();
+        assert!(r.is_good());
+        finished.push(itt);
+    }
+    finished.sort_unstable();
+    submitted.sort_unstable();
+    assert_eq!(finished, submitted);
+    assert_eq!((ini.exp_cmd_sn(), ini.max_cmd_sn()), (6, 10));
+    assert!(matches!(
+        ini.wait_any(),
+        Err(InitiatorError::InvalidArgument(_))
+    ));
+    h.join().unwrap();
+}
