@@ -545,6 +545,23 @@ impl Conn {
             SessionType::Discovery => None,
         };
         let nexus = (u64::from(tsih) << 48) | isid_u48(&isid);
+        if let Some(t) = &target {
+            // Session reinstatement (RFC 7143 §6.3.5): a login with TSIH 0 whose InitiatorName
+            // and ISID match a running session replaces it. The old session leaves the
+            // registry now and its connection closes on its next timer tick.
+            for (_, old) in cx.shared.registry.sessions(&t.name) {
+                if old.initiator_name == params.initiator_name
+                    && old.sid & 0xffff_ffff_ffff == isid_u48(&isid)
+                {
+                    info!(
+                        "{}: session {:x} of {} reinstated",
+                        self.peer, old.sid, old.initiator_name
+                    );
+                    old.close_requested.store(true, Ordering::Relaxed);
+                    cx.shared.registry.remove(&t.name, old.sid);
+                }
+            }
+        }
         let info = target.as_ref().map(|t| {
             let info = Arc::new(SessionInfo {
                 sid: nexus,
