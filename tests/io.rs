@@ -50,10 +50,15 @@ fn keys(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn login(t: &Target, pairs: &[(&str, &str)]) -> Initiator {
+    login_isid(t, LoginOptions::default().isid, pairs)
+}
+
+fn login_isid(t: &Target, isid: [u8; 6], pairs: &[(&str, &str)]) -> Initiator {
     let mut ini = Initiator::connect(t.addr).unwrap();
     ini.login(&LoginOptions {
         initiator_name: INITIATOR.into(),
         target_name: Some(IQN.into()),
+        isid,
         keys: keys(pairs),
         ..Default::default()
     })
@@ -523,4 +528,62 @@ fn commands_arriving_in_one_segment_are_all_answered() {
     assert_eq!(seen, (0..n).map(|i| 0x1000 + i).collect::<Vec<_>>());
     ini.set_timeout(Some(Duration::from_secs(30))).unwrap();
     assert!(ini.test_unit_ready(0).unwrap().is_good());
+}
+
+#[test]
+fn task_management_functions() {
+    use iscsi_tgt::iscsi::pdu;
+    let t = Target::with_default_luns(16);
+    let mut ini = login(&t, &[]);
+    let mut other = login_isid(&t, [0x80, 0, 0, 0, 0, 2], &[]);
+    assert_eq!(
+        ini.task_mgmt(pdu::TMF_ABORT_TASK, 0, 0x5555).unwrap(),
+        pdu::TMF_RSP_COMPLETE,
+        "ABORT TASK of a task already answered"
+    );
+    assert_eq!(
+        ini.task_mgmt(pdu::TMF_LOGICAL_UNIT_RESET, 0, RESERVED)
+            .unwrap(),
+        pdu::TMF_RSP_COMPLETE
+    );
+    assert_eq!(
+        ini.task_mgmt(pdu::TMF_LOGICAL_UNIT_RESET, 9, RESERVED)
+            .unwrap(),
+        pdu::TMF_RSP_LUN_DOES_NOT_EXIST
+    );
+    assert_eq!(
+        ini.task_mgmt(pdu::TMF_TASK_REASSIGN, 0, RESERVED).unwrap(),
+        pdu::TMF_RSP_REASSIGN_NOT_SUPPORTED
+    );
+    assert!(ini.test_unit_ready(0).unwrap().is_good());
+    // The other nexus hears of the reset.
+    let r = other.test_unit_ready(0).unwrap();
+    assert_eq!(r.asc_ascq(), Some((0x29, 0x03)), "{r:?}");
+    assert!(other.test_unit_ready(0).unwrap().is_good());
+    ini.logout().unwrap();
+    other.logout().unwrap();
+}
+
+const RESERVED: u32 = 0xffff_ffff;
+
+#[test]
+fn login_with_same_isid_reinstates_the_session() {
+    let t = Target::with_default_luns(16);
+    let mut old = login(&t, &[]);
+    let mut new = login(&t, &[]);
+    assert!(new.test_unit_ready(0).unwrap().is_good());
+    // Only the new session is listed, under the plain initiator name.
+    assert_eq!(session_names(&t), vec![INITIATOR.to_string()]);
+    // The old session's connection closes (RFC 7143 §6.3.5).
+    old.set_timeout(Some(Duration::from_secs(5))).unwrap();
+    wait_for("the old session to close", || {
+        old.test_unit_ready(0).is_err()
+    });
+    assert!(new.test_unit_ready(0).unwrap().is_good());
+    assert_eq!(session_names(&t), vec![INITIATOR.to_string()]);
+    // Another ISID is another session.
+    let mut third = login_isid(&t, [0x80, 0, 0, 0, 0, 3], &[]);
+    assert_eq!(session_names(&t).len(), 2);
+    third.logout().unwrap();
+    new.logout().unwrap();
 }
