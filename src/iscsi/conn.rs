@@ -120,6 +120,9 @@ pub struct Conn {
     pub want_write: bool,
     /// Queued on the reactor's list of connections to flush this pass.
     pub pending_flush: bool,
+    /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
+    /// which the socket will not report again, so the reactor must call back.
+    pub rx_more: bool,
 }
 
 struct Lookup<'a>(&'a Snapshot);
@@ -161,6 +164,7 @@ impl Conn {
             done_slots: Vec::with_capacity(64),
             want_write: false,
             pending_flush: false,
+            rx_more: false,
         }
     }
 
@@ -194,7 +198,8 @@ impl Conn {
             return false;
         }
         let mut did = false;
-        for _ in 0..RX_BUDGET {
+        self.rx_more = false;
+        for i in 0..RX_BUDGET {
             match self.rx_step(cx) {
                 Ok(true) => did = true,
                 Ok(false) => break,
@@ -206,6 +211,7 @@ impl Conn {
             if matches!(self.phase, Phase::Closing | Phase::Closed) {
                 break;
             }
+            self.rx_more = i + 1 == RX_BUDGET;
         }
         if did {
             self.last_rx = cx.now;
@@ -543,6 +549,23 @@ impl Conn {
             SessionType::Discovery => None,
         };
         let nexus = (u64::from(tsih) << 48) | isid_u48(&isid);
+        if let Some(t) = &target {
+            // Session reinstatement (RFC 7143 §6.3.5): a login with TSIH 0 whose InitiatorName
+            // and ISID match a running session replaces it. The old session leaves the
+            // registry now and its connection closes on its next timer tick.
+            for (_, old) in cx.shared.registry.sessions(&t.name) {
+                if old.initiator_name == params.initiator_name
+                    && old.sid & 0xffff_ffff_ffff == isid_u48(&isid)
+                {
+                    info!(
+                        "{}: session {:x} of {} reinstated",
+                        self.peer, old.sid, old.initiator_name
+                    );
+                    old.close_requested.store(true, Ordering::Relaxed);
+                    cx.shared.registry.remove(&t.name, old.sid);
+                }
+            }
+        }
         let info = target.as_ref().map(|t| {
             let info = Arc::new(SessionInfo {
                 sid: nexus,

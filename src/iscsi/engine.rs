@@ -100,6 +100,8 @@ pub struct Engine {
     events: Vec<(usize, Readiness)>,
     /// Connections to flush at the end of this pass.
     to_flush: Vec<usize>,
+    /// Connections whose receive budget ran out (see `Conn::rx_more`).
+    rx_pending: Vec<usize>,
     next_timer: Instant,
 }
 
@@ -135,6 +137,7 @@ impl Engine {
             completions: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
             to_flush: Vec::with_capacity(256),
+            rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
         }
     }
@@ -251,6 +254,18 @@ impl Poller for Engine {
         if let Err(e) = self.group.poll(&mut self.events) {
             warn!("reactor {}: socket poll failed: {e}", self.id);
         }
+        // Connections that stopped at their receive budget get another turn even though their
+        // socket may report nothing new: complete PDUs can be waiting in their staging buffer.
+        for idx in self.rx_pending.drain(..) {
+            did = true;
+            self.events.push((
+                idx,
+                Readiness {
+                    readable: true,
+                    writable: false,
+                },
+            ));
+        }
         let snap = self.snapshot.clone();
         for ei in 0..self.events.len() {
             let (idx, readiness) = self.events[ei];
@@ -264,6 +279,9 @@ impl Poller for Engine {
                 };
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
+                    if c.rx_more && !self.rx_pending.contains(&idx) {
+                        self.rx_pending.push(idx);
+                    }
                 }
                 if readiness.readable || readiness.writable || c.want_write {
                     mark_flush(&mut self.to_flush, c, idx);
