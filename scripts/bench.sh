@@ -34,24 +34,36 @@ trap cleanup EXIT
 command -v iscsi-perf >/dev/null && command -v tgtd >/dev/null || "$ROOT/scripts/setup.sh"
 build_release
 
-# perf URL QD BLOCKS RANDOM -> "iops mbps"
+# perf URL QD BLOCKS RANDOM -> "iops mbps initiator_cpu_percent"
 perf() {
     local url=$1 qd=$2 blocks=$3 random=$4 args=()
     [ "$random" = 1 ] && args+=(-r)
-    local out
-    out=$(timeout -s INT $((SECS + 2)) taskset -c "$INIT_CORE" iscsi-perf -m "$qd" -b "$blocks" "${args[@]}" "$url" 2>&1 | tr '\r' '\n' || true)
-    echo "$out" | grep -o 'iops average [0-9]* ([0-9]* MB/s)' | tail -1 | sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/'
+    local out cpu
+    out=$(timeout -s INT $((SECS + 2)) /usr/bin/time -f "CPU %U %S %e" taskset -c "$INIT_CORE" \
+        iscsi-perf -m "$qd" -b "$blocks" "${args[@]}" "$url" 2>&1 | tr '\r' '\n' || true)
+    cpu=$(echo "$out" | awk '/^CPU / {printf "%.0f", 100 * ($2 + $3) / $4}')
+    echo "$(echo "$out" | grep -o 'iops average [0-9]* ([0-9]* MB/s)' | tail -1 |
+        sed -E 's/iops average ([0-9]+) \(([0-9]+) MB\/s\)/\1 \2/') ${cpu:-?}"
 }
+
+# busy share of our reactor between two readings of reactors/0/{busy,idle}_ns
+reactor_ns() { echo "$($RPC -s "$SOCK" get reactors/0/busy_ns) $($RPC -s "$SOCK" get reactors/0/idle_ns)"; }
 
 WORKLOADS=("4 KiB random read QD1:1:8:1" "4 KiB random read QD32:32:8:1" "128 KiB sequential read QD16:16:256:0")
 declare -A RES
 
-# measure LABEL URL: every workload against one target, results into RES[LABEL:i].
+# measure LABEL URL: every workload against one target, results into RES[LABEL:i]; for our
+# target also the share of time its reactor was busy (RES[busy:i]).
 measure() {
-    local label=$1 url=$2 i=0
+    local label=$1 url=$2 i=0 before after
     for w in "${WORKLOADS[@]}"; do
         IFS=: read -r _ qd blocks random <<<"$w"
+        [ "$label" = ours ] && before=$(reactor_ns)
         RES[$label:$i]=$(perf "$url" "$qd" "$blocks" "$random")
+        if [ "$label" = ours ]; then
+            after=$(reactor_ns)
+            RES[busy:$i]=$(python3 -c "b0,i0,b1,i1=map(int,'$before $after'.split()); print(round(100*(b1-b0)/max(b1-b0+i1-i0,1)))")
+        fi
         i=$((i + 1))
     done
 }
@@ -80,14 +92,14 @@ tgtadm --lld iscsi --mode logicalunit --op new --tid 1 --lun 1 --backing-store /
 tgtadm --lld iscsi --mode target --op bind --tid 1 --initiator-address ALL
 measure tgtd "iscsi://127.0.0.1:$TGTD_PORT/$TGTD_IQN/1"
 
-echo "| workload | iscsi-tgt IOPS | iscsi-tgt MB/s | tgtd IOPS | tgtd MB/s | ratio |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| workload | iscsi-tgt IOPS | iscsi-tgt MB/s | tgtd IOPS | tgtd MB/s | ratio | our reactor busy | initiator CPU (ours / tgtd) |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 i=0
 for w in "${WORKLOADS[@]}"; do
     name=${w%%:*}
-    read -r oi om <<<"${RES[ours:$i]}"
-    read -r ti tm <<<"${RES[tgtd:$i]}"
+    read -r oi om oc <<<"${RES[ours:$i]}"
+    read -r ti tm tc <<<"${RES[tgtd:$i]}"
     ratio=$(python3 -c "print(f'{${oi:-0}/max(${ti:-0},1):.2f}')")
-    echo "| $name | ${oi:-?} | ${om:-?} | ${ti:-?} | ${tm:-?} | ${ratio}× |"
+    echo "| $name | ${oi:-?} | ${om:-?} | ${ti:-?} | ${tm:-?} | ${ratio}× | ${RES[busy:$i]}% | ${oc:-?}% / ${tc:-?}% |"
     i=$((i + 1))
 done
