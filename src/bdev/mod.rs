@@ -26,8 +26,13 @@ pub enum BdevError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoOp {
     Read,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
+    /// Deallocates the byte ranges in [`BdevIo::ranges`] (thin provisioning: UNMAP, WRITE
+    /// SAME with UNMAP). Afterwards they read as zeros; `offset`/`len` are unused.
+    Unmap,
 }
 
 pub struct BdevIo {
@@ -37,6 +42,17 @@ pub struct BdevIo {
     pub offset: u64,
     pub len: u32,
     pub buf: Option<DataBuf>,
+    /// For [`IoOp::Unmap`]: (byte offset, byte length) pairs, block-aligned and in range.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The provisioning state of a stretch of a device, for GET LBA STATUS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Whether the stretch is mapped (holds data) or deallocated.
+    pub mapped: bool,
+    /// Its length in bytes from the queried offset (at least one block).
+    pub len: u64,
 }
 
 pub struct BdevCompletion {
@@ -53,6 +69,15 @@ pub trait BlockDev: Send + Sync {
     /// Whether writes may sit in a volatile cache (MODE SENSE caching page WCE).
     fn has_volatile_cache(&self) -> bool {
         false
+    }
+    /// Whether [`IoOp::Unmap`] deallocates (the device is thin provisioned).
+    fn supports_unmap(&self) -> bool {
+        false
+    }
+    /// The provisioning state from byte `offset` on (GET LBA STATUS). `None` when the
+    /// backend cannot tell: everything counts as mapped.
+    fn extent_at(&self, _offset: u64) -> Option<Extent> {
+        None
     }
 }
 
@@ -173,6 +198,19 @@ impl SyncDev for RamDev {
         if io.op == IoOp::Flush {
             return Ok(());
         }
+        if io.op == IoOp::Unmap {
+            // Deallocated blocks of a RAM disk read as zeros.
+            for &(off, n) in &io.ranges {
+                if off.checked_add(n).is_none_or(|end| end > self.size) {
+                    return Err(BdevError::Io(off));
+                }
+                Self::pieces(off, n as usize, |ci, co, _, n| {
+                    let mut chunk = self.chunks[ci].write().unwrap_or_else(|e| e.into_inner());
+                    chunk[co..co + n].fill(0);
+                });
+            }
+            return Ok(());
+        }
         if io
             .offset
             .checked_add(len as u64)
@@ -193,7 +231,7 @@ impl SyncDev for RamDev {
                 let mut chunk = self.chunks[ci].write().unwrap_or_else(|e| e.into_inner());
                 buf.read_at(bo, &mut chunk[co..co + n]);
             }),
-            IoOp::Flush => {}
+            IoOp::Flush | IoOp::Unmap => {}
         }
         Ok(())
     }
@@ -225,6 +263,7 @@ mod tests {
             offset,
             len,
             buf: Some(buf),
+            ranges: Vec::new(),
         }
     }
 

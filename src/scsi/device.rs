@@ -62,6 +62,8 @@ pub struct Device {
     ua: Mutex<HashMap<u64, Vec<(u8, u8)>>>,
     /// Fast path: whether any unit attention is pending at all.
     ua_pending: AtomicBool,
+    /// The I_T nexuses that prevent medium removal.
+    prevent: Mutex<Vec<u64>>,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -194,6 +196,7 @@ impl Device {
             default_ident,
             ua: Mutex::new(HashMap::new()),
             ua_pending: AtomicBool::new(false),
+            prevent: Mutex::new(Vec::new()),
         }))
     }
 
@@ -223,6 +226,44 @@ impl Device {
 
     pub fn is_rotational(&self) -> bool {
         self.rotational
+    }
+
+    /// SPC peripheral device type: 0x00 direct access (disks), 0x05 CD/DVD (vcdrom).
+    pub fn scsi_type(&self) -> u8 {
+        0x00
+    }
+
+    /// Whether a medium is loaded (always, except an ejected vcdrom).
+    pub fn medium_present(&self) -> bool {
+        true
+    }
+
+    /// Whether the device is thin provisioned (`thin_provisioned=1`): LBPME in READ CAPACITY
+    /// 16, UNMAP and WRITE SAME with UNMAP deallocate, GET LBA STATUS reports holes.
+    pub fn thin_provisioned(&self) -> bool {
+        false
+    }
+
+    /// PREVENT ALLOW MEDIUM REMOVAL from one I_T nexus (SPC-4 §6.13): removal stays
+    /// prevented while any nexus prevents it.
+    pub fn set_prevent_removal(&self, nexus: u64, prevent: bool) {
+        let mut p = self.prevent.lock().unwrap_or_else(|e| e.into_inner());
+        if prevent {
+            if !p.contains(&nexus) {
+                p.push(nexus);
+            }
+        } else {
+            p.retain(|&n| n != nexus);
+        }
+    }
+
+    /// Whether some nexus prevents medium removal (an eject is then refused).
+    pub fn removal_prevented(&self) -> bool {
+        !self
+            .prevent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     pub fn ident(&self) -> Ident {
@@ -387,6 +428,9 @@ impl Device {
         if ua.values().all(Vec::is_empty) {
             self.ua_pending.store(false, Ordering::Release);
         }
+        drop(ua);
+        // A nexus that goes away releases its PREVENT (SPC-4 §6.13).
+        self.set_prevent_removal(nexus, false);
     }
 
     /// Queues a unit attention for every I_T nexus.

@@ -461,6 +461,7 @@ impl ScsiPort {
                     offset,
                     len,
                     buf,
+                    ranges: Vec::new(),
                 });
                 Exec::Pending
             }
