@@ -54,6 +54,7 @@ pub struct Device {
     read_only: bool,
     removable: bool,
     rotational: bool,
+    thin: bool,
     /// Creation parameters as given (saved with the configuration).
     params: Vec<(String, String)>,
     ident: Mutex<Ident>,
@@ -114,6 +115,7 @@ impl Device {
         let mut read_only = false;
         let mut removable = false;
         let mut rotational = true;
+        let mut thin = false;
         let mut t10_dev_id = None;
         for (k, v) in params {
             if !allowed.contains(&k.as_str()) {
@@ -143,6 +145,7 @@ impl Device {
                 "read_only" => read_only = parse_bool(k, v)?,
                 "removable" => removable = parse_bool(k, v)?,
                 "rotational" => rotational = parse_bool(k, v)?,
+                "thin_provisioned" => thin = parse_bool(k, v)?,
                 "t10_dev_id" => t10_dev_id = Some(v.trim().to_string()),
                 _ => {}
             }
@@ -191,6 +194,7 @@ impl Device {
             read_only,
             removable,
             rotational,
+            thin,
             params: params.to_vec(),
             ident: Mutex::new(default_ident.clone()),
             default_ident,
@@ -241,7 +245,7 @@ impl Device {
     /// Whether the device is thin provisioned (`thin_provisioned=1`): LBPME in READ CAPACITY
     /// 16, UNMAP and WRITE SAME with UNMAP deallocate, GET LBA STATUS reports holes.
     pub fn thin_provisioned(&self) -> bool {
-        false
+        self.thin
     }
 
     /// PREVENT ALLOW MEDIUM REMOVAL from one I_T nexus (SPC-4 §6.13): removal stays
@@ -298,6 +302,7 @@ impl Device {
             ro("size_mb"),
             rw("t10_dev_id"),
             rw("t10_vend_id"),
+            ro("thin_provisioned"),
             ro("type"),
             rw("usn"),
         ]
@@ -319,6 +324,7 @@ impl Device {
             "size_mb" => (self.size >> 20).to_string(),
             "t10_dev_id" => id.t10_dev_id,
             "t10_vend_id" => id.t10_vend_id,
+            "thin_provisioned" => b(self.thin),
             "type" => "0 - direct-access device (e.g., magnetic disk)".into(),
             "usn" => id.usn,
             _ => return None,
@@ -329,7 +335,9 @@ impl Device {
     pub fn is_key_attr(&self, name: &str) -> bool {
         let given = |k: &str| self.params.iter().any(|(p, _)| p == k);
         match name {
-            "blocksize" | "read_only" | "removable" | "rotational" => given(name),
+            "blocksize" | "read_only" | "removable" | "rotational" | "thin_provisioned" => {
+                given(name)
+            }
             "size" | "size_mb" => given("size") || given("size_mb"),
             "t10_dev_id" => {
                 given("t10_dev_id") || self.ident().t10_dev_id != self.default_ident.t10_dev_id
@@ -480,6 +488,7 @@ pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
         "size",
         "size_mb",
         "t10_dev_id",
+        "thin_provisioned",
     ];
     match handler {
         "vdisk_nullio" | "vdisk_ramio" => Some(P),
