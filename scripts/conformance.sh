@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # libiscsi's conformance suite (iscsi-test-cu, the suite SCST, LIO and SPDK are tested with)
-# against a RAM LUN configured through rpc.py only. Scores the log with cu_score.py, writes
-# docs/CONFORMANCE.md, and fails if a suite that must pass has a failed or warned test.
+# against each backend, configured through rpc.py only: a RAM LUN (every suite), a thin
+# vdisk_fileio LUN (every suite), a read-only fileio LUN (the ReadOnly suite) and a vcdrom
+# (the NoMedia and PreventAllow suites), the last three when their handlers exist. Scores each
+# log with cu_score.py, writes docs/CONFORMANCE.md with a column per backend, and fails if a
+# suite that must be clean on a backend has a failed or warned test, or if the target crashed
+# or stopped answering.
+#   CU_BACKENDS="ram fileio" scripts/conformance.sh      CU_TESTS=SBC.Read10 for one suite
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -9,7 +14,6 @@ PORT=${PORT:-13261}
 IQN=iqn.2026-11.org.iscsi-tgt:conformance
 WORK=$(mktemp -d /tmp/iscsi-tgt-cu.XXXXXX)
 SOCK=$WORK/rpc.sock
-TESTS=${CU_TESTS:-ALL}
 OUT=${CU_OUT:-$ROOT/docs/CONFORMANCE.md}
 SCORE=$SHARED/tools/cu_score.py
 trap 'stop_target; rm -rf "$WORK"' EXIT
@@ -17,80 +21,173 @@ trap 'stop_target; rm -rf "$WORK"' EXIT
 command -v iscsi-test-cu >/dev/null || "$ROOT/scripts/setup.sh"
 [ -f "$SCORE" ] || die "cannot find cu_score.py at $SCORE (set ISCSI_TGT_SHARED)"
 [ -x "$BIN" ] || build_release
-start_target "$PORT" "$SOCK" "$WORK/target.log" --cores 0
-configure_default "$SOCK" "$IQN" 128
 
-URL=iscsi://127.0.0.1:$PORT/$IQN/0
-LOG=$WORK/cu.log
-echo "conformance: iscsi-test-cu -d -S -t $TESTS $URL $URL"
-start=$(date +%s)
-# The suite's own exit status says little (CUnit counts skips as passes); the score decides.
-timeout 1500 iscsi-test-cu -d -S -t "$TESTS" "$URL" "$URL" >"$LOG" 2>&1 || true
-secs=$(( $(date +%s) - start ))
-kill -0 "$TARGET_PID" 2>/dev/null || { tail -50 "$WORK/target.log" >&2; die "the target died during the run"; }
-grep -q "panicked" "$WORK/target.log" && die "the target log shows a panic"
-# The target still answers after the run: it neither crashed nor hung.
-iscsi-inq "$URL" >/dev/null || die "the target no longer answers after the run"
+# Suites that must be clean everywhere they run.
+BASE='Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6|iSCSI[A-Za-z]*'
+THIN='Unmap|WriteSame10|WriteSame16|GetLBAStatus'
 
-summary=$(python3 "$SCORE" "$LOG")
-python3 "$SCORE" "$LOG" --tests > "$WORK/tests.txt"
-echo "$summary"
+has_handler() { $RPC -s "$SOCK" ls "handlers/$1" >/dev/null 2>&1; }
 
-# Suites that must be clean: no failed and no warned test.
-must='^(Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6|iSCSI[A-Za-z]*)\.'
-bad=$(awk -v re="$must" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests.txt" || true)
+# setup_BACKEND: configures LUN 0 of $IQN (target running); sets TESTS, MUST and DESC.
+setup_ram() {
+    rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device ram0 size_mb=128"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ram0 0"
+    TESTS=${CU_TESTS:-ALL}
+    MUST="^($BASE)\\."
+    DESC="\`vdisk_ramio\`, 128 MiB, 512-byte blocks"
+}
+setup_fileio() {
+    truncate -s 128M "$WORK/fileio.img"
+    rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
+        "add_device file0 filename=$WORK/fileio.img; thin_provisioned=1"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add file0 0"
+    TESTS=${CU_TESTS:-ALL}
+    MUST="^($BASE|$THIN)\\."
+    DESC="\`vdisk_fileio\`, thin_provisioned=1, a 128 MiB sparse file, 512-byte blocks"
+}
+setup_readonly() {
+    truncate -s 64M "$WORK/ro.img"
+    rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
+        "add_device ro0 filename=$WORK/ro.img; thin_provisioned=1; read_only=1"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ro0 0"
+    TESTS=${CU_TESTS:-SBC.ReadOnly}
+    MUST='^ReadOnly\.'
+    DESC="\`vdisk_fileio\`, read_only=1, thin: the ReadOnly suite"
+}
+setup_vcdrom() {
+    local iso=$WORK/cd.iso
+    mkdir -p "$WORK/cd"
+    head -c $((4 << 20)) /dev/urandom >"$WORK/cd/data.bin"
+    xorriso -as mkisofs -quiet -o "$iso" "$WORK/cd" 2>/dev/null || die "xorriso failed"
+    rpc "$SOCK" mgmt handlers/vcdrom/mgmt "add_device cd0"
+    rpc "$SOCK" set devices/cd0/filename "$iso"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add cd0 0"
+    TESTS=${CU_TESTS:-SCSI.NoMedia,SCSI.PreventAllow}
+    MUST='^(NoMedia|PreventAllow)\.'
+    DESC="\`vcdrom\` with an ISO image: the NoMedia and PreventAllow suites"
+}
 
-# iSCSIdatasn.iSCSIDataSnInvalid sends Data-Out PDUs with wrong DataSNs and requires the WRITE
-# to fail, but checks it through a helper that logs "[FAILED]" whenever a write does not return
-# GOOD, so a target that behaves correctly is always scored "warned". It is accepted only when
-# every logged failure is the target ending one of the four writes with CHECK CONDITION and
-# CUnit passed the test; anything else (a GOOD write, a dropped session, a timeout) still fails.
-datasn=iSCSIdatasn.iSCSIDataSnInvalid
-datasn_note=""
-if awk -v t="$datasn" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests.txt"; then
-    section=$(awk '/Test: iSCSIDataSnInvalid/ {on=1} on && /Test: / && !/iSCSIDataSnInvalid/ {on=0} on' "$LOG")
-    fails=$(grep -c '\[FAILED\]' <<<"$section" || true)
-    expected=$(grep -c '\[FAILED\] WRITE10 command failed with status 2 ' <<<"$section" || true)
-    if [ "$fails" -eq 4 ] && [ "$expected" -eq 4 ]; then
-        bad=$(awk -v t="$datasn" '$2 != t' <<<"$bad" || true)
-        datasn_note="$datasn is scored warned by construction (its helper logs [FAILED] for the failure the test requires); all four bad-DataSN writes ended in CHECK CONDITION, as required."
+BACKENDS=${CU_BACKENDS:-"ram fileio readonly vcdrom"}
+RUN=()
+declare -A SUMMARY NOTE BAD SECS DESCS TESTSRUN
+FAILED=0
+for b in $BACKENDS; do
+    start_target "$PORT" "$SOCK" "$WORK/target-$b.log" --cores 0
+    case $b in
+    fileio | readonly) has_handler vdisk_fileio || { echo "conformance: no vdisk_fileio yet; skipping $b"; stop_target; continue; } ;;
+    vcdrom) has_handler vcdrom || { echo "conformance: no vcdrom yet; skipping $b"; stop_target; continue; } ;;
+    esac
+    rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
+    "setup_$b"
+    rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
+    rpc "$SOCK" set targets/iscsi/enabled 1
+    RUN+=("$b")
+    DESCS[$b]=$DESC
+    TESTSRUN[$b]=$TESTS
+
+    URL=iscsi://127.0.0.1:$PORT/$IQN/0
+    LOG=$WORK/cu-$b.log
+    echo "conformance ($b): iscsi-test-cu -d -S -t $TESTS $URL $URL"
+    start=$(date +%s)
+    # The suite's own exit status says little (CUnit counts skips as passes); the score decides.
+    timeout 1500 iscsi-test-cu -d -S -t "$TESTS" "$URL" "$URL" >"$LOG" 2>&1 || true
+    SECS[$b]=$(($(date +%s) - start))
+    kill -0 "$TARGET_PID" 2>/dev/null || { tail -50 "$WORK/target-$b.log" >&2; die "the target died during the $b run"; }
+    grep -q "panicked" "$WORK/target-$b.log" && die "the target log shows a panic ($b)"
+    # The target still answers after the run: it neither crashed nor hung.
+    iscsi-inq "$URL" >/dev/null || die "the target no longer answers after the $b run"
+    stop_target
+
+    SUMMARY[$b]=$(python3 "$SCORE" "$LOG")
+    python3 "$SCORE" "$LOG" --tests >"$WORK/tests-$b.txt"
+    echo "  ${SUMMARY[$b]}"
+    bad=$(awk -v re="$MUST" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests-$b.txt" || true)
+
+    # iSCSIdatasn.iSCSIDataSnInvalid sends Data-Out PDUs with wrong DataSNs and requires the
+    # WRITE to fail, but checks it through a helper that logs "[FAILED]" whenever a write does
+    # not return GOOD, so a target that behaves correctly is always scored "warned". It is
+    # accepted only when every logged failure is the target ending one of the four writes with
+    # CHECK CONDITION; anything else (a GOOD write, a dropped session, a timeout) still fails.
+    datasn=iSCSIdatasn.iSCSIDataSnInvalid
+    NOTE[$b]=""
+    if awk -v t="$datasn" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests-$b.txt"; then
+        section=$(awk '/Test: iSCSIDataSnInvalid/ {on=1} on && /Test: / && !/iSCSIDataSnInvalid/ {on=0} on' "$LOG")
+        fails=$(grep -c '\[FAILED\]' <<<"$section" || true)
+        expected=$(grep -c '\[FAILED\] WRITE10 command failed with status 2 ' <<<"$section" || true)
+        if [ "$fails" -eq 4 ] && [ "$expected" -eq 4 ]; then
+            bad=$(awk -v t="$datasn" '$2 != t' <<<"$bad" || true)
+            NOTE[$b]="$datasn is scored warned by construction (its helper logs [FAILED] for the failure the test requires); all four bad-DataSN writes ended in CHECK CONDITION, as required."
+        fi
     fi
-fi
+    BAD[$b]=$bad
+    if [ -n "$bad" ]; then FAILED=1; fi
+done
 
 {
     echo "# Conformance"
     echo
-    echo "libiscsi's \`iscsi-test-cu\` ($(dpkg-query -W -f='${Version}' libiscsi-bin 2>/dev/null || echo unknown)) against a"
-    echo "\`vdisk_ramio\` LUN (128 MiB, 512-byte blocks), configured through \`rpc/rpc.py\` only."
-    echo
-    echo "Command (\`scripts/conformance.sh\`): \`iscsi-test-cu -d -S -t $TESTS URL URL\`, scored with"
-    echo "\`shared/tools/cu_score.py\` (a test that only printed [SKIPPED] counts as skipped, one that CUnit"
-    echo "passed while logging a failed check counts as warned). Run time: ${secs} s."
-    echo
-    echo "**$summary**"
+    echo "libiscsi's \`iscsi-test-cu\` ($(dpkg-query -W -f='${Version}' libiscsi-bin 2>/dev/null || echo unknown)), run by"
+    echo "\`scripts/conformance.sh\` against each backend configured through \`rpc/rpc.py\` only:"
+    echo "\`iscsi-test-cu -d -S -t TESTS URL URL\`, scored with \`shared/tools/cu_score.py\` (a test that"
+    echo "only printed [SKIPPED] counts as skipped, one that CUnit passed while logging a failed check"
+    echo "counts as warned)."
     echo
     echo "Suites that must have no failed or warned test: Inquiry, Read6/10/12/16, Write10/12/16,"
-    echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite."
-    if [ -n "$bad" ]; then
-        echo "Not yet clean there:"
+    echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite on every"
+    echo "backend that runs them; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN;"
+    echo "ReadOnly on the read-only LUN; NoMedia and PreventAllow on the vcdrom."
+    for b in "${RUN[@]}"; do
         echo
-        echo "$bad" | sed 's/^/- /'
-    else
-        echo "All of them are clean."
-    fi
-    if [ -n "$datasn_note" ]; then
+        echo "## $b: ${DESCS[$b]}"
         echo
-        echo "Note: $datasn_note"
-    fi
+        echo "Tests: \`${TESTSRUN[$b]}\`, ${SECS[$b]} s. **${SUMMARY[$b]}**"
+        echo
+        if [ -n "${BAD[$b]}" ]; then
+            echo "Not yet clean among the required suites:"
+            echo
+            echo "${BAD[$b]}" | sed 's/^/- /'
+        else
+            echo "The required suites are clean."
+        fi
+        if [ -n "${NOTE[$b]}" ]; then
+            echo
+            echo "Note: ${NOTE[$b]}"
+        fi
+    done
     echo
-    echo "| result | test |"
-    echo "|---|---|"
-    awk '{printf "| %s | %s |\n", $1, $2}' "$WORK/tests.txt"
-} > "$OUT"
+    echo "## Every test"
+    echo
+    head="| test |"
+    rule="|---|"
+    for b in "${RUN[@]}"; do head+=" $b |"; rule+="---|"; done
+    echo "$head"
+    echo "$rule"
+    python3 - "$WORK" "${RUN[@]}" <<'PY'
+import sys
+work, backends = sys.argv[1], sys.argv[2:]
+results, order = {}, []
+for b in backends:
+    for line in open(f"{work}/tests-{b}.txt"):
+        parts = line.split()
+        if len(parts) < 2:
+            continue
+        status, test = parts[0], parts[1]
+        if test not in results:
+            results[test] = {}
+            order.append(test)
+        results[test][b] = status
+for t in order:
+    print("| " + t + " | " + " | ".join(results[t].get(b, "") for b in backends) + " |")
+PY
+} >"$OUT"
 echo "conformance: wrote $OUT"
 
-stop_target
-if [ -n "$bad" ] && [ "${CU_ENFORCE:-1}" = 1 ]; then
-    echo "$bad" >&2
+if [ "$FAILED" = 1 ] && [ "${CU_ENFORCE:-1}" = 1 ]; then
+    for b in "${RUN[@]}"; do
+        if [ -n "${BAD[$b]}" ]; then
+            echo "$b:" >&2
+            echo "${BAD[$b]}" >&2
+        fi
+    done
     die "suites that must pass have failed or warned tests"
 fi
