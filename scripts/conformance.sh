@@ -33,6 +33,7 @@ setup_ram() {
     rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device ram0 size_mb=128"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ram0 0"
     TESTS=${CU_TESTS:-ALL}
+    CRED=""
     MUST="^($BASE)\\."
     DESC="\`vdisk_ramio\`, 128 MiB, 512-byte blocks"
 }
@@ -42,6 +43,7 @@ setup_fileio() {
         "add_device file0 filename=$WORK/fileio.img; thin_provisioned=1"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add file0 0"
     TESTS=${CU_TESTS:-ALL}
+    CRED=""
     MUST="^($BASE|$THIN)\\."
     DESC="\`vdisk_fileio\`, thin_provisioned=1, a 128 MiB sparse file, 512-byte blocks"
 }
@@ -50,7 +52,8 @@ setup_readonly() {
     rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
         "add_device ro0 filename=$WORK/ro.img; thin_provisioned=1; read_only=1"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ro0 0"
-    TESTS=${CU_TESTS:-SBC.ReadOnly}
+    TESTS=${CU_TESTS:-SCSI.ReadOnly}
+    CRED=""
     MUST='^ReadOnly\.'
     DESC="\`vdisk_fileio\`, read_only=1, thin: the ReadOnly suite"
 }
@@ -63,11 +66,25 @@ setup_vcdrom() {
     rpc "$SOCK" set devices/cd0/filename "$iso"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add cd0 0"
     TESTS=${CU_TESTS:-SCSI.NoMedia,SCSI.PreventAllow}
+    CRED=""
     MUST='^(NoMedia|PreventAllow)\.'
     DESC="\`vcdrom\` with an ISO image: the NoMedia and PreventAllow suites"
 }
 
-BACKENDS=${CU_BACKENDS:-"ram fileio readonly vcdrom"}
+# CHAP (MD5, what libiscsi speaks) on a RAM LUN: the iSCSI suites and the basic SCSI ones log in
+# with iscsi://USER%SECRET@... URLs; the target refuses logins without them.
+setup_chap() {
+    rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device ram0 size_mb=64"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ram0 0"
+    rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target_attribute $IQN IncomingUser cu-user cu-secret-0123"
+    # libiscsi's second session uses the same account.
+    TESTS=${CU_TESTS:-iSCSI,SCSI.Inquiry,SCSI.Read10,SCSI.Write10,SCSI.TestUnitReady,SCSI.ReportLuns}
+    CRED="cu-user%cu-secret-0123@"
+    MUST="^($BASE)\\."
+    DESC="\`vdisk_ramio\` behind one-way CHAP, URLs with user%secret"
+}
+
+BACKENDS=${CU_BACKENDS:-"ram chap fileio readonly vcdrom"}
 RUN=()
 declare -A SUMMARY NOTE BAD SECS DESCS TESTSRUN
 FAILED=0
@@ -85,8 +102,11 @@ for b in $BACKENDS; do
     DESCS[$b]=$DESC
     TESTSRUN[$b]=$TESTS
 
-    URL=iscsi://127.0.0.1:$PORT/$IQN/0
+    URL=iscsi://${CRED}127.0.0.1:$PORT/$IQN/0
     LOG=$WORK/cu-$b.log
+    if [ -n "$CRED" ] && iscsi-inq "iscsi://127.0.0.1:$PORT/$IQN/0" >/dev/null 2>&1; then
+        die "the $b target accepted a login without CHAP"
+    fi
     echo "conformance ($b): iscsi-test-cu -d -S -t $TESTS $URL $URL"
     start=$(date +%s)
     # The suite's own exit status says little (CUnit counts skips as passes); the score decides.

@@ -80,6 +80,19 @@ pub struct LoginOptions {
     pub cmd_sn: u32,
     /// The CID of the connection.
     pub cid: u16,
+    /// CHAP credentials: AuthMethod=CHAP instead of None.
+    pub chap: Option<ChapOptions>,
+}
+
+/// How the initiator authenticates with CHAP (RFC 7143 §12.1.3).
+#[derive(Debug, Clone)]
+pub struct ChapOptions {
+    pub user: String,
+    pub secret: String,
+    /// The CHAP_A list to offer, e.g. "5" (MD5) or "8,7,6,5".
+    pub algorithms: String,
+    /// Mutual CHAP: the target must answer as this user with this secret.
+    pub mutual: Option<(String, String)>,
 }
 
 impl Default for LoginOptions {
@@ -91,6 +104,7 @@ impl Default for LoginOptions {
             keys: Vec::new(),
             cmd_sn: 1,
             cid: 0,
+            chap: None,
         }
     }
 }
@@ -310,6 +324,8 @@ fn io_err(e: io::Error) -> InitiatorError {
 
 /// One connection (and session) to a target.
 pub struct Initiator {
+    /// The CHAP algorithm of a mutual exchange under way.
+    chap_alg: Option<crate::iscsi::chap::Algorithm>,
     wire: Wire,
     neg: Negotiated,
     logged_in: bool,
@@ -341,6 +357,7 @@ impl Initiator {
         stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
         let writer = stream.try_clone()?;
         Ok(Initiator {
+            chap_alg: None,
             wire: Wire {
                 reader: BufReader::with_capacity(256 * 1024, stream),
                 writer,
@@ -469,7 +486,13 @@ impl Initiator {
             }
             None => security.push(("SessionType".into(), "Discovery".into())),
         }
-        security.push(("AuthMethod".into(), "None".into()));
+        security.push((
+            "AuthMethod".into(),
+            if o.chap.is_some() { "CHAP" } else { "None" }.into(),
+        ));
+        // Our challenge for mutual CHAP, once sent.
+        let mut my_challenge: Option<(u8, Vec<u8>)> = None;
+        let mut chap_sent_a = false;
         let mut operational: Vec<(String, String)> = vec![
             ("HeaderDigest".into(), "None".into()),
             ("DataDigest".into(), "None".into()),
@@ -498,6 +521,9 @@ impl Initiator {
             let keys = text::parse(&resp.1)?;
             for (k, v) in &keys {
                 apply_answer(&mut neg, &offered, k, v)?;
+            }
+            if let (0, Some(c)) = (stage, &o.chap) {
+                pending = self.chap_step(c, &keys, &mut chap_sent_a, &mut my_challenge)?;
             }
             target_keys.extend(keys);
             let r = resp.0;
@@ -543,6 +569,65 @@ impl Initiator {
         self.neg = neg;
         self.logged_in = true;
         Ok(())
+    }
+
+    /// One CHAP step of the security stage: what to send after the target's `keys`.
+    fn chap_step(
+        &mut self,
+        c: &ChapOptions,
+        keys: &[(String, String)],
+        sent_a: &mut bool,
+        my_challenge: &mut Option<(u8, Vec<u8>)>,
+    ) -> Result<Vec<(String, String)>> {
+        use crate::iscsi::chap::{constant_time_eq, decode_binary, encode_hex, Algorithm};
+        let get = |k: &str| keys.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.as_str());
+        let auth_failed = |why: &str| InitiatorError::Protocol(format!("CHAP: {why}"));
+        if !*sent_a {
+            if get("AuthMethod") != Some("CHAP") {
+                return Err(auth_failed("the target did not choose CHAP"));
+            }
+            *sent_a = true;
+            return Ok(vec![("CHAP_A".into(), c.algorithms.clone())]);
+        }
+        if let (Some(a), Some(i), Some(ch)) = (get("CHAP_A"), get("CHAP_I"), get("CHAP_C")) {
+            let alg = Algorithm::from_code(a).ok_or_else(|| auth_failed("unknown CHAP_A"))?;
+            if !c.algorithms.split(',').any(|x| x.trim() == a) {
+                return Err(auth_failed("the target chose an algorithm not offered"));
+            }
+            let id: u8 = i.parse().map_err(|_| auth_failed("bad CHAP_I"))?;
+            let ch = decode_binary(ch).ok_or_else(|| auth_failed("bad CHAP_C"))?;
+            let mut out = vec![
+                ("CHAP_N".to_string(), c.user.clone()),
+                (
+                    "CHAP_R".to_string(),
+                    encode_hex(&alg.response(id, c.secret.as_bytes(), &ch)),
+                ),
+            ];
+            if c.mutual.is_some() {
+                let mut rnd = [0u8; 17];
+                getrandom::fill(&mut rnd).map_err(|e| auth_failed(&e.to_string()))?;
+                out.push(("CHAP_I".into(), rnd[0].to_string()));
+                out.push(("CHAP_C".into(), encode_hex(&rnd[1..])));
+                *my_challenge = Some((rnd[0], rnd[1..].to_vec()));
+                self.chap_alg = Some(alg);
+            }
+            return Ok(out);
+        }
+        if let (Some((user, secret)), Some((id, ch))) = (&c.mutual, my_challenge.as_ref()) {
+            let alg = self.chap_alg.ok_or_else(|| auth_failed("no algorithm"))?;
+            let (Some(n), Some(r)) = (get("CHAP_N"), get("CHAP_R")) else {
+                return Err(auth_failed(
+                    "the target did not answer the mutual challenge",
+                ));
+            };
+            let r = decode_binary(r).ok_or_else(|| auth_failed("bad CHAP_R"))?;
+            let expect = alg.response(*id, secret.as_bytes(), ch);
+            if n != user || !constant_time_eq(&r, &expect) {
+                return Err(auth_failed("the target failed mutual authentication"));
+            }
+            *my_challenge = None;
+        }
+        Ok(Vec::new())
     }
 
     /// Sends one Login Request (T=1 towards `nsg`) and returns the whole answer, following

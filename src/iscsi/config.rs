@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::iscsi::login::Auth;
 use crate::iscsi::param::TargetParams;
 use crate::scsi::Device;
 
@@ -30,6 +31,8 @@ pub struct TargetConfig {
     pub enabled: bool,
     pub alias: String,
     pub params: TargetParams,
+    /// CHAP accounts (`IncomingUser*`, `OutgoingUser`).
+    pub auth: Auth,
     /// The default LUN set (`luns/`), sorted by LUN.
     pub luns: Vec<LunEntry>,
 }
@@ -49,6 +52,8 @@ pub struct Snapshot {
     pub generation: u64,
     /// `targets/iscsi/enabled`: nothing logs in until it is 1.
     pub iscsi_enabled: bool,
+    /// CHAP accounts of discovery sessions (`targets/iscsi/IncomingUser*`, `OutgoingUser`).
+    pub discovery_auth: Auth,
     pub targets: BTreeMap<String, Arc<TargetConfig>>,
 }
 

@@ -136,7 +136,12 @@ impl TargetLookup for Lookup<'_> {
         Some(LoginTarget {
             params: t.params.clone(),
             alias: t.alias.clone(),
+            auth: t.auth.clone(),
         })
+    }
+
+    fn discovery_auth(&self) -> crate::iscsi::login::Auth {
+        self.0.discovery_auth.clone()
     }
 }
 
@@ -499,10 +504,17 @@ impl Conn {
                 self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
             }
             LoginStep::Fail(r) => {
-                info!(
-                    "{}: login failed with status {:02x}{:02x}",
-                    self.peer, r.status_class, r.status_detail
-                );
+                let who = login.initiator_name().unwrap_or("an unnamed initiator");
+                match login.failure_reason() {
+                    Some(why) => warn!(
+                        "{}: login of {who} refused with status {:02x}{:02x}: {why}",
+                        self.peer, r.status_class, r.status_detail
+                    ),
+                    None => info!(
+                        "{}: login of {who} failed with status {:02x}{:02x}",
+                        self.peer, r.status_class, r.status_detail
+                    ),
+                }
                 let data = r.data.clone();
                 self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
                 self.phase = Phase::Closing;

@@ -3,6 +3,7 @@
 //! negotiated session parameters. Also the Text Request answers (SendTargets, RFC 7143 §13.3).
 #![forbid(unsafe_code)]
 
+use crate::iscsi::chap::{Account, Chap};
 use crate::iscsi::negotiate::{self, Limits, SessionParams, SessionType};
 use crate::iscsi::param::TargetParams;
 use crate::iscsi::text;
@@ -56,15 +57,34 @@ pub struct LoginResponseFields {
     pub data: Vec<u8>,
 }
 
+/// The CHAP accounts that guard a target (or discovery): initiators must prove they know an
+/// `incoming` secret when there is one; `outgoing` answers mutual CHAP.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    pub incoming: Vec<Account>,
+    pub outgoing: Option<Account>,
+}
+
+impl Auth {
+    pub fn required(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+}
+
 /// What the login needs to know of a target.
 pub struct LoginTarget {
     pub params: TargetParams,
     pub alias: String,
+    pub auth: Auth,
 }
 
 pub trait TargetLookup {
     /// `None`: no such target, or it is disabled (→ 0x0203 Not Found).
     fn target(&self, name: &str) -> Option<LoginTarget>;
+    /// The accounts of discovery sessions (`targets/iscsi/IncomingUser`, `OutgoingUser`).
+    fn discovery_auth(&self) -> Auth {
+        Auth::default()
+    }
 }
 
 #[derive(Debug)]
@@ -94,6 +114,14 @@ pub struct Login {
     done: bool,
     /// Whether the target has sent its declarations (MaxRecvDataSegmentLength, ...).
     declared: bool,
+    auth: Auth,
+    /// The negotiated AuthMethod: `Some(true)` CHAP, `Some(false)` None.
+    chap_chosen: Option<bool>,
+    chap: Chap,
+    /// Why the login failed, for the log (never a secret).
+    reason: Option<String>,
+    /// The CHAP user that authenticated.
+    user: Option<String>,
 }
 
 /// Login text larger than this is refused (RFC 7143 §6.2: up to 64 KiB of text).
@@ -114,7 +142,32 @@ impl Login {
             partial: Vec::new(),
             done: false,
             declared: false,
+            auth: Auth::default(),
+            chap_chosen: None,
+            chap: Chap::new(),
+            reason: None,
+            user: None,
         }
+    }
+
+    /// Why the login failed, when it did for a reason worth logging (authentication).
+    pub fn failure_reason(&self) -> Option<&str> {
+        self.reason.as_deref()
+    }
+
+    /// The initiator's name, once its first request was read.
+    pub fn initiator_name(&self) -> Option<&str> {
+        Some(self.params.initiator_name.as_str()).filter(|n| !n.is_empty())
+    }
+
+    /// The CHAP user name the initiator authenticated as, if it did.
+    pub fn chap_user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    fn auth_fail(&mut self, req: &LoginRequestFields, why: String) -> LoginStep {
+        self.reason = Some(why);
+        self.fail(req, status::AUTH_FAILURE)
     }
 
     fn response(&self, req: &LoginRequestFields) -> LoginResponseFields {
@@ -202,8 +255,19 @@ impl Login {
                 self.params.target_name = name;
                 self.target = Some(t.params);
                 self.alias = t.alias;
+                self.auth = t.auth;
             } else {
                 self.target = Some(TargetParams::default());
+                self.auth = lookup.discovery_auth();
+            }
+            if self.auth.required() && req.csg != SECURITY {
+                // RFC 7143 §6.3: a target that requires authentication does not let an
+                // initiator skip the security stage.
+                return self.auth_fail(
+                    req,
+                    "authentication is required but the initiator skipped the security stage"
+                        .into(),
+                );
             }
             if let Some(t) = &self.target {
                 self.params.queued_commands = t.queued_commands;
@@ -234,6 +298,7 @@ impl Login {
             return self.fail(req, status::INITIATOR_ERROR);
         };
         let mut ops: Vec<(String, String)> = Vec::new();
+        let mut chap_keys: Vec<(String, String)> = Vec::new();
         for (k, v) in keys {
             match k.as_str() {
                 "InitiatorName" | "InitiatorAlias" | "TargetName" | "SessionType" => {}
@@ -242,9 +307,11 @@ impl Login {
                         out.push((k, "Irrelevant".into()));
                         continue;
                     }
-                    // Only AuthMethod=None for now (no CHAP accounts configured).
-                    if v.split(',').any(|m| m.trim() == "None") {
-                        out.push((k, "None".into()));
+                    // CHAP when accounts guard the target, None only when none do.
+                    let want = if self.auth.required() { "CHAP" } else { "None" };
+                    if self.chap_chosen.is_none() && v.split(',').any(|m| m.trim() == want) {
+                        self.chap_chosen = Some(want == "CHAP");
+                        out.push((k, want.into()));
                     } else {
                         out.push((k, "Reject".into()));
                         let mut r = self.response(req);
@@ -252,19 +319,61 @@ impl Login {
                         r.status_class = status::AUTH_FAILURE.0;
                         r.status_detail = status::AUTH_FAILURE.1;
                         self.done = true;
+                        self.reason = Some(format!(
+                            "AuthMethod {:?} offered, {want} required",
+                            v.chars().take(64).collect::<String>()
+                        ));
                         return LoginStep::Fail(r);
                     }
                 }
+                "CHAP_A" if self.stage == SECURITY && self.chap_chosen == Some(true) => {
+                    match self.chap.offer(&v) {
+                        Ok(keys) => out.extend(keys),
+                        Err(e) => return self.auth_fail(req, e.to_string()),
+                    }
+                }
+                "CHAP_N" | "CHAP_R" | "CHAP_I" | "CHAP_C"
+                    if self.stage == SECURITY && self.chap_chosen == Some(true) =>
+                {
+                    chap_keys.push((k, v));
+                }
                 k2 if k2.starts_with("CHAP_") => {
                     // CHAP without a CHAP exchange under way.
-                    return self.fail(req, status::AUTH_FAILURE);
+                    return self.auth_fail(req, format!("{k2} without a CHAP exchange"));
                 }
                 _ => ops.push((k, v)),
             }
         }
-        if self.stage == SECURITY && !ops.is_empty() {
-            // Operational keys may come in the security stage too (RFC 7143 §6.3); they are
-            // negotiated as usual.
+        if !chap_keys.is_empty() {
+            match self
+                .chap
+                .answer(&chap_keys, &self.auth.incoming, self.auth.outgoing.as_ref())
+            {
+                Ok((user, keys)) => {
+                    self.user = Some(user);
+                    out.extend(keys);
+                }
+                Err(e) => return self.auth_fail(req, e.to_string()),
+            }
+        }
+        let mut hold = false;
+        if self.stage == SECURITY && req.transit {
+            // Leaving the security stage needs the negotiated method done: CHAP answered, or
+            // None allowed because no account guards the target.
+            let authed = match self.chap_chosen {
+                Some(true) => self.chap.is_done(),
+                Some(false) => true,
+                None => !self.auth.required(),
+            };
+            if !authed {
+                if self.chap_chosen != Some(true) {
+                    return self
+                        .auth_fail(req, "left the security stage before authenticating".into());
+                }
+                // The CHAP exchange is under way: stay in the security stage (T=0 in the
+                // answer, RFC 7143 §6.2) until it completes.
+                hold = true;
+            }
         }
         let limits = Limits {
             target: &tparams,
@@ -276,7 +385,8 @@ impl Login {
             return self.fail(req, status::INITIATOR_ERROR);
         }
         // Target declarations, once, in the first response that can carry them.
-        if !self.declared && (self.stage == OPERATIONAL || (req.transit && req.nsg == FULL_FEATURE))
+        if !self.declared
+            && (self.stage == OPERATIONAL || (req.transit && !hold && req.nsg == FULL_FEATURE))
         {
             self.declared = true;
             out.push((
@@ -291,7 +401,7 @@ impl Login {
             }
         }
         let mut r = self.response(req);
-        if req.transit {
+        if req.transit && !hold {
             r.transit = true;
             r.nsg = req.nsg;
             if req.nsg == FULL_FEATURE {
@@ -385,6 +495,7 @@ mod tests {
             (name == "iqn.2026-11.x:t").then(|| LoginTarget {
                 params: TargetParams::default(),
                 alias: String::new(),
+                auth: Auth::default(),
             })
         }
     }
@@ -575,5 +686,191 @@ mod tests {
             text::parse(&out).unwrap(),
             vec![("Foo".into(), "NotUnderstood".into())]
         );
+    }
+
+    /// A target guarded by CHAP: IncomingUser joe, OutgoingUser tgt.
+    struct Guarded;
+    impl TargetLookup for Guarded {
+        fn target(&self, name: &str) -> Option<LoginTarget> {
+            (name == "iqn.2026-11.x:t").then(|| LoginTarget {
+                params: TargetParams::default(),
+                alias: String::new(),
+                auth: Auth {
+                    incoming: vec![Account {
+                        user: "joe".into(),
+                        secret: "initiator-secret".into(),
+                    }],
+                    outgoing: Some(Account {
+                        user: "tgt".into(),
+                        secret: "target-secret-x".into(),
+                    }),
+                },
+            })
+        }
+    }
+
+    fn get(r: &LoginResponseFields, k: &str) -> String {
+        keys(r)
+            .into_iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| panic!("no {k} in {:?}", keys(r)))
+    }
+
+    /// Runs a CHAP login to the point of the initiator's response and returns the step.
+    fn chap_login(secret: &str, mutual: Option<&[u8]>) -> (Login, LoginStep) {
+        use crate::iscsi::chap::{decode_binary, encode_hex, Algorithm};
+        let mut l = Login::new(String::new());
+        let s = l.step(
+            &req(
+                0,
+                1,
+                false,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                    ("AuthMethod", "None,CHAP"),
+                ],
+            ),
+            &Guarded,
+        );
+        let LoginStep::Continue(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(
+            get(&r, "AuthMethod"),
+            "CHAP",
+            "None is not allowed with accounts"
+        );
+        let LoginStep::Continue(r) = l.step(&req(0, 1, false, &[("CHAP_A", "7,5")]), &Guarded)
+        else {
+            panic!()
+        };
+        assert_eq!(get(&r, "CHAP_A"), "7");
+        let id: u8 = get(&r, "CHAP_I").parse().unwrap();
+        let c = decode_binary(&get(&r, "CHAP_C")).unwrap();
+        let resp = encode_hex(&Algorithm::Sha256.response(id, secret.as_bytes(), &c));
+        let mut pairs = vec![("CHAP_N", "joe".to_string()), ("CHAP_R", resp)];
+        if let Some(mc) = mutual {
+            pairs.push(("CHAP_I", "9".into()));
+            pairs.push(("CHAP_C", encode_hex(mc)));
+        }
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let s = l.step(&req(0, 1, true, &pairs), &Guarded);
+        (l, s)
+    }
+
+    #[test]
+    fn chap_one_way_and_mutual() {
+        use crate::iscsi::chap::{decode_binary, Algorithm};
+        let (l, s) = chap_login("initiator-secret", None);
+        let LoginStep::Continue(r) = s else {
+            panic!("{s:?}")
+        };
+        assert!(r.transit && r.nsg == OPERATIONAL);
+        assert_eq!(l.chap_user(), Some("joe"));
+
+        let mc = [0x5au8; 16];
+        let (_, s) = chap_login("initiator-secret", Some(&mc));
+        let LoginStep::Continue(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(get(&r, "CHAP_N"), "tgt");
+        assert_eq!(
+            decode_binary(&get(&r, "CHAP_R")).unwrap(),
+            Algorithm::Sha256.response(9, b"target-secret-x", &mc)
+        );
+    }
+
+    #[test]
+    fn chap_wrong_secret_is_0201_and_the_reason_hides_the_secret() {
+        let (l, s) = chap_login("not-the-secret", None);
+        let LoginStep::Fail(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!((r.status_class, r.status_detail), status::AUTH_FAILURE);
+        let why = l.failure_reason().unwrap();
+        assert!(why.contains("joe") && !why.contains("secret\""), "{why}");
+        assert!(!why.contains("initiator-secret") && !why.contains("not-the-secret"));
+    }
+
+    #[test]
+    fn chap_cannot_be_skipped() {
+        // Straight to the operational stage.
+        let mut l = Login::new(String::new());
+        let s = l.step(
+            &req(
+                1,
+                3,
+                true,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                ],
+            ),
+            &Guarded,
+        );
+        let LoginStep::Fail(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!((r.status_class, r.status_detail), status::AUTH_FAILURE);
+        // AuthMethod=None only.
+        let mut l = Login::new(String::new());
+        let s = l.step(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                    ("AuthMethod", "None"),
+                ],
+            ),
+            &Guarded,
+        );
+        assert!(
+            matches!(s, LoginStep::Fail(ref r) if r.status_detail == 1),
+            "{s:?}"
+        );
+        // CHAP chosen, but transit before the response.
+        let mut l = Login::new(String::new());
+        l.step(
+            &req(
+                0,
+                1,
+                false,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                    ("AuthMethod", "CHAP"),
+                ],
+            ),
+            &Guarded,
+        );
+        let s = l.step(&req(0, 1, true, &[("CHAP_A", "5")]), &Guarded);
+        assert!(
+            matches!(s, LoginStep::Continue(ref r) if !r.transit),
+            "{s:?}"
+        );
+        // No CHAP without accounts.
+        let mut l = Login::new(String::new());
+        let s = l.step(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                    ("AuthMethod", "CHAP,None"),
+                ],
+            ),
+            &One,
+        );
+        let LoginStep::Continue(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!(get(&r, "AuthMethod"), "None");
     }
 }

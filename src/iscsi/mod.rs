@@ -1,5 +1,6 @@
 //! The iSCSI protocol (RFC 7143): PDU codec, login and text negotiation, discovery, sessions
 //! and connections, R2T and Data-In/Out sequencing, task management and NOP.
+pub mod chap;
 pub mod config;
 pub mod conn;
 pub mod engine;

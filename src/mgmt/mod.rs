@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
+use crate::iscsi::chap::{self, Account};
 use crate::iscsi::config::{LunEntry, Publisher, Snapshot, TargetConfig};
+use crate::iscsi::login::Auth;
 use crate::iscsi::param::{self, TargetParams};
 use crate::iscsi::registry::Registry;
 use crate::scsi::device::{self, Device};
@@ -120,12 +122,15 @@ struct Target {
     alias: String,
     params: TargetParams,
     luns: BTreeMap<u64, Lun>,
+    auth: Auth,
 }
 
 #[derive(Default)]
 struct State {
     devices: BTreeMap<String, Arc<Device>>,
     iscsi_enabled: bool,
+    /// CHAP accounts of discovery sessions.
+    auth: Auth,
     targets: BTreeMap<String, Target>,
     next_tid: u32,
 }
@@ -251,6 +256,7 @@ impl Mgmt {
     fn publish(&self, st: &State) {
         let mut snap = Snapshot {
             iscsi_enabled: st.iscsi_enabled,
+            discovery_auth: st.auth.clone(),
             ..Default::default()
         };
         for (name, t) in &st.targets {
@@ -274,6 +280,7 @@ impl Mgmt {
                     enabled: t.enabled,
                     alias: t.alias.clone(),
                     params: t.params.clone(),
+                    auth: t.auth.clone(),
                     luns,
                 }),
             );
@@ -359,6 +366,7 @@ impl Mgmt {
                     Entry::attr("open_state", false, false),
                     Entry::attr("version", false, false),
                 ];
+                v.extend(auth_entries(&st.auth));
                 v.extend(st.targets.keys().map(Entry::dir));
                 v
             }
@@ -378,6 +386,7 @@ impl Mgmt {
                         .iter()
                         .map(|n| Entry::attr(*n, true, tg.params.is_key(n))),
                 );
+                v.extend(auth_entries(&tg.auth));
                 v.sort_by(|a, b| a.name.cmp(&b.name));
                 v
             }
@@ -538,6 +547,9 @@ impl Mgmt {
             ["targets", "iscsi", "open_state"] => "open".into(),
             ["targets", "iscsi", "version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
             ["targets", "iscsi", "mgmt"] => TARGET_MGMT_USAGE.into(),
+            ["targets", "iscsi", a] if auth_attr(&st.auth, a).is_some() => {
+                auth_attr(&st.auth, a).unwrap_or_default()
+            }
             ["targets", "iscsi", t, a] if st.targets.contains_key(*t) => {
                 let tg = &st.targets[*t];
                 match *a {
@@ -545,7 +557,10 @@ impl Mgmt {
                     "tid" => tg.tid.to_string(),
                     "rel_tgt_id" => tg.rel_tgt_id.to_string(),
                     "alias" => tg.alias.clone(),
-                    _ => tg.params.get(a).ok_or_else(nf)?,
+                    _ => match auth_attr(&tg.auth, a) {
+                        Some(v) => v,
+                        None => tg.params.get(a).ok_or_else(nf)?,
+                    },
                 }
             }
             ["targets", "iscsi", t, "luns", "mgmt"] if st.targets.contains_key(*t) => {
@@ -805,7 +820,15 @@ impl Mgmt {
                     let rel = (1..=u16::MAX).find(|r| !used.contains(r)).unwrap_or(1);
                     st.targets.insert(
                         name.to_string(),
-                        Target { tid, rel_tgt_id: rel, enabled: false, alias: String::new(), params: TargetParams::default(), luns: BTreeMap::new() },
+                        Target {
+                            tid,
+                            rel_tgt_id: rel,
+                            enabled: false,
+                            alias: String::new(),
+                            params: TargetParams::default(),
+                            luns: BTreeMap::new(),
+                            auth: Auth::default(),
+                        },
                     );
                 }
                 "del_target" => {
@@ -818,15 +841,15 @@ impl Mgmt {
                         s.close_requested.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
-                "add_attribute" | "del_attribute" | "add_target_attribute" | "del_target_attribute" => {
-                    let attr = if verb.contains("target") { args.get(1) } else { args.first() };
-                    return Err(invalid(
-                        &here,
-                        format!(
-                            "attribute {} is not supported yet (CHAP accounts and allowed_portal are not implemented)",
-                            attr.unwrap_or(&"")
-                        ),
-                    ));
+                "add_attribute" | "del_attribute" => {
+                    auth_command(&mut st.auth, &here, verb.starts_with("add"), args)?;
+                }
+                "add_target_attribute" | "del_target_attribute" => {
+                    let Some((t, rest)) = args.split_first() else {
+                        return Err(invalid(&here, format!("usage: {verb} TARGET ATTRIBUTE VALUE")));
+                    };
+                    let tg = st.targets.get_mut(*t).ok_or_else(|| invalid(&here, format!("no target {t}")))?;
+                    auth_command(&mut tg.auth, &here, verb.starts_with("add"), rest)?;
                 }
                 _ => {
                     return Err(invalid(
@@ -996,11 +1019,16 @@ impl Mgmt {
                 luns.insert(l.to_string(), Value::Object(lo));
             }
             o.insert("luns".into(), Value::Object(luns));
+            save_auth(&t.auth, &mut o);
             targets.insert(name.clone(), Value::Object(o));
         }
+        let mut iscsi = Map::new();
+        iscsi.insert("enabled".into(), json!(b01(st.iscsi_enabled)));
+        save_auth(&st.auth, &mut iscsi);
+        iscsi.insert("targets".into(), Value::Object(targets));
         json!({
             "handlers": handlers,
-            "targets": { "iscsi": { "enabled": b01(st.iscsi_enabled), "targets": targets } }
+            "targets": { "iscsi": iscsi }
         })
     }
 
@@ -1077,6 +1105,11 @@ impl Mgmt {
             for (k, v) in iscsi {
                 match k.as_str() {
                     "enabled" => enable_driver = Some(s(v, "config/targets/iscsi/enabled")?),
+                    "IncomingUser" | "OutgoingUser" => {
+                        for line in auth_lines(v, "config/targets/iscsi")? {
+                            self.mgmt("targets/iscsi/mgmt", &format!("add_attribute {k} {line}"))?;
+                        }
+                    }
                     "targets" => {
                         let ts = v.as_object().ok_or_else(|| {
                             invalid("config/targets/iscsi/targets", "must be an object")
@@ -1119,6 +1152,14 @@ impl Mgmt {
                                         }
                                     }
                                     "enabled" => enable.push((name.clone(), s(av, &path)?)),
+                                    "IncomingUser" | "OutgoingUser" => {
+                                        for line in auth_lines(av, &path)? {
+                                            self.mgmt(
+                                                "targets/iscsi/mgmt",
+                                                &format!("add_target_attribute {name} {a} {line}"),
+                                            )?;
+                                        }
+                                    }
                                     _ => self.set(
                                         &format!("targets/iscsi/{name}/{a}"),
                                         &s(av, &path)?,
@@ -1159,17 +1200,144 @@ fn exports(st: &State, name: &str) -> Vec<String> {
     out
 }
 
+/// The tree entries of a CHAP account list: `IncomingUser`, `IncomingUser1`, ... and
+/// `OutgoingUser` (SCST's names), read-only (changed through `mgmt`).
+fn auth_entries(a: &Auth) -> Vec<Entry> {
+    let mut v: Vec<Entry> = (0..a.incoming.len())
+        .map(|i| Entry::attr(incoming_name(i), false, true))
+        .collect();
+    if a.outgoing.is_some() {
+        v.push(Entry::attr("OutgoingUser", false, true));
+    }
+    v
+}
+
+fn incoming_name(i: usize) -> String {
+    if i == 0 {
+        "IncomingUser".into()
+    } else {
+        format!("IncomingUser{i}")
+    }
+}
+
+/// The value of a CHAP attribute as `get` and `tree` show it: the user name only. Secrets
+/// leave the daemon only through `save_config`.
+fn auth_attr(a: &Auth, name: &str) -> Option<String> {
+    if name == "OutgoingUser" {
+        return a.outgoing.as_ref().map(|o| o.user.clone());
+    }
+    let i = match name.strip_prefix("IncomingUser")? {
+        "" => 0,
+        n => n.parse().ok().filter(|&i: &usize| i > 0)?,
+    };
+    a.incoming.get(i).map(|x| x.user.clone())
+}
+
+/// `add_attribute IncomingUser USER SECRET`, `del_attribute IncomingUser USER` and the same
+/// for OutgoingUser (one account at most), on the driver or on one target.
+fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result<(), MgmtError> {
+    let Some((&attr, rest)) = args.split_first() else {
+        return Err(invalid(
+            here,
+            "name an attribute: IncomingUser or OutgoingUser",
+        ));
+    };
+    if !matches!(attr, "IncomingUser" | "OutgoingUser") {
+        return Err(invalid(
+            here,
+            format!("attribute {attr:?} is not supported here; use IncomingUser or OutgoingUser"),
+        ));
+    }
+    if add {
+        let [user, secret] = rest else {
+            return Err(invalid(
+                here,
+                format!("usage: add_attribute {attr} USER SECRET"),
+            ));
+        };
+        chap::validate_account(user, secret).map_err(|e| invalid(here, e))?;
+        let acct = Account {
+            user: (*user).to_string(),
+            secret: (*secret).to_string(),
+        };
+        if attr == "OutgoingUser" {
+            if auth.outgoing.is_some() {
+                return Err(invalid(
+                    here,
+                    "OutgoingUser is already set; delete it first",
+                ));
+            }
+            auth.outgoing = Some(acct);
+        } else {
+            if auth.incoming.iter().any(|a| a.user == *user) {
+                return Err(invalid(here, format!("IncomingUser {user} already exists")));
+            }
+            auth.incoming.push(acct);
+        }
+    } else {
+        let [user] = rest else {
+            return Err(invalid(here, format!("usage: del_attribute {attr} USER")));
+        };
+        let found = if attr == "OutgoingUser" {
+            let hit = auth.outgoing.as_ref().is_some_and(|o| o.user == *user);
+            if hit {
+                auth.outgoing = None;
+            }
+            hit
+        } else {
+            let before = auth.incoming.len();
+            auth.incoming.retain(|a| a.user != *user);
+            auth.incoming.len() != before
+        };
+        if !found {
+            return Err(invalid(here, format!("no {attr} {user}")));
+        }
+    }
+    Ok(())
+}
+
+/// CHAP accounts in the saved configuration: `"IncomingUser": ["user secret", ...]`,
+/// `"OutgoingUser": "user secret"`.
+fn save_auth(a: &Auth, o: &mut Map<String, Value>) {
+    if !a.incoming.is_empty() {
+        let list: Vec<Value> = a
+            .incoming
+            .iter()
+            .map(|x| json!(format!("{} {}", x.user, x.secret)))
+            .collect();
+        o.insert("IncomingUser".into(), Value::Array(list));
+    }
+    if let Some(x) = &a.outgoing {
+        o.insert(
+            "OutgoingUser".into(),
+            json!(format!("{} {}", x.user, x.secret)),
+        );
+    }
+}
+
+fn auth_lines(v: &Value, path: &str) -> Result<Vec<String>, MgmtError> {
+    let one = |x: &Value| {
+        x.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| invalid(path, "a CHAP account is a string \"USER SECRET\""))
+    };
+    match v {
+        Value::Array(a) => a.iter().map(one).collect(),
+        x => Ok(vec![one(x)?]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn mgmt() -> Arc<Mgmt> {
+    pub(super) fn mgmt() -> Arc<Mgmt> {
         Mgmt::new(Publisher::new(), Registry::new(), Hooks::default())
     }
 
-    const T: &str = "iqn.2026-11.org.example:t1";
+    pub(super) const T: &str = "iqn.2026-11.org.example:t1";
 
-    fn setup(m: &Mgmt) {
+    pub(super) fn setup(m: &Mgmt) {
         m.mgmt(
             "handlers/vdisk_ramio/mgmt",
             "add_device r0 size_mb=4; blocksize=4096",
@@ -1331,6 +1499,7 @@ mod tests {
 
 #[cfg(test)]
 mod more_tests {
+    use super::tests::{mgmt, setup, T};
     use super::*;
 
     #[test]
@@ -1339,5 +1508,90 @@ mod more_tests {
         assert!(matches!(m.get("nope"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.ls("nope/deeper"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.set("nope", "1"), Err(MgmtError::NotFound(_))));
+    }
+
+    #[test]
+    fn chap_accounts_are_managed_and_secrets_stay_hidden() {
+        let m = mgmt();
+        setup(&m);
+        let secret = "sekrit-sekrit-1";
+        m.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("add_attribute IncomingUser joe {secret}"),
+        )
+        .unwrap();
+        m.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("add_target_attribute {T} IncomingUser ann {secret}"),
+        )
+        .unwrap();
+        m.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("add_target_attribute {T} IncomingUser bob other-secret-2"),
+        )
+        .unwrap();
+        m.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("add_target_attribute {T} OutgoingUser tgt target-secret-3"),
+        )
+        .unwrap();
+        assert_eq!(m.get("targets/iscsi/IncomingUser").unwrap(), "joe");
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/IncomingUser1")).unwrap(),
+            "bob"
+        );
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/OutgoingUser")).unwrap(),
+            "tgt"
+        );
+        let tree = m.tree("").unwrap().to_string();
+        assert!(tree.contains("IncomingUser1"));
+        for s in [secret, "other-secret-2", "target-secret-3"] {
+            assert!(!tree.contains(s), "tree shows a secret");
+        }
+        // Errors name the problem, never the secret.
+        let e = m
+            .mgmt("targets/iscsi/mgmt", "add_attribute IncomingUser joe short")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("12") && !e.contains("short"), "{e}");
+        let e = m
+            .mgmt(
+                "targets/iscsi/mgmt",
+                &format!("add_attribute IncomingUser joe {secret}"),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already exists") && !e.contains(secret), "{e}");
+        // The snapshot carries them to the reactors.
+        let snap = m.publisher.current();
+        assert_eq!(snap.discovery_auth.incoming.len(), 1);
+        assert_eq!(snap.targets[T].auth.incoming.len(), 2);
+        // save_config keeps the secrets and load_config restores them.
+        let cfg = m.save_config();
+        assert!(cfg.to_string().contains("other-secret-2"));
+        let m2 = mgmt();
+        m2.load_config(&cfg).unwrap();
+        assert_eq!(m2.publisher.current().targets[T].auth.incoming.len(), 2);
+        assert_eq!(
+            m2.get(&format!("targets/iscsi/{T}/OutgoingUser")).unwrap(),
+            "tgt"
+        );
+        // Deleting names the user.
+        m.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("del_target_attribute {T} IncomingUser ann"),
+        )
+        .unwrap();
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/IncomingUser")).unwrap(),
+            "bob"
+        );
+        assert!(m
+            .mgmt("targets/iscsi/mgmt", "del_attribute IncomingUser nobody")
+            .is_err());
+        m.mgmt("targets/iscsi/mgmt", "del_attribute IncomingUser joe")
+            .unwrap();
+        assert!(m.get("targets/iscsi/IncomingUser").is_err());
     }
 }
