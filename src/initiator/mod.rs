@@ -121,6 +121,9 @@ pub struct Negotiated {
     pub first_burst_length: u32,
     pub max_burst_length: u32,
     pub max_outstanding_r2t: u32,
+    /// CRC32C header and data digests in force.
+    pub header_digest: bool,
+    pub data_digest: bool,
     /// Every key the target sent during login, in order.
     pub target_keys: Vec<(String, String)>,
 }
@@ -135,6 +138,8 @@ impl Default for Negotiated {
             first_burst_length: 65_536,
             max_burst_length: 262_144,
             max_outstanding_r2t: 1,
+            header_digest: false,
+            data_digest: false,
             target_keys: Vec::new(),
         }
     }
@@ -288,15 +293,36 @@ fn be32(b: &[u8]) -> u32 {
 struct Wire {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
+    /// CRC32C digests in force (after login).
+    header_digest: bool,
+    data_digest: bool,
+    /// Test hooks: send the next header or data digest wrong.
+    corrupt_header: bool,
+    corrupt_data: bool,
 }
 
 impl Wire {
     fn send(&mut self, bhs: &[u8; BHS_LEN], ahs: &[u8], data: &[u8]) -> Result<()> {
-        let mut buf = Vec::with_capacity(BHS_LEN + ahs.len() + pdu::padded(data.len()));
+        let mut buf = Vec::with_capacity(BHS_LEN + ahs.len() + pdu::padded(data.len()) + 8);
         buf.extend_from_slice(bhs);
         buf.extend_from_slice(ahs);
+        if self.header_digest {
+            let mut crc = crc32c::crc32c(&buf);
+            if std::mem::take(&mut self.corrupt_header) {
+                crc ^= 1;
+            }
+            buf.extend_from_slice(&crc.to_le_bytes());
+        }
+        let start = buf.len();
         buf.extend_from_slice(data);
-        buf.resize(BHS_LEN + ahs.len() + pdu::padded(data.len()), 0);
+        buf.resize(start + pdu::padded(data.len()), 0);
+        if self.data_digest && !data.is_empty() {
+            let mut crc = crc32c::crc32c(&buf[start..]);
+            if std::mem::take(&mut self.corrupt_data) {
+                crc ^= 1;
+            }
+            buf.extend_from_slice(&crc.to_le_bytes());
+        }
         self.writer.write_all(&buf).map_err(io_err)
     }
 
@@ -307,8 +333,23 @@ impl Wire {
         let dsl = (usize::from(bhs[5]) << 16) | (usize::from(bhs[6]) << 8) | usize::from(bhs[7]);
         let mut ahs = vec![0u8; ahs_len];
         self.reader.read_exact(&mut ahs).map_err(io_err)?;
+        if self.header_digest {
+            let mut d = [0u8; 4];
+            self.reader.read_exact(&mut d).map_err(io_err)?;
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&bhs), &ahs);
+            if crc.to_le_bytes() != d {
+                return Err(InitiatorError::Protocol("header digest error".into()));
+            }
+        }
         let mut data = vec![0u8; pdu::padded(dsl)];
         self.reader.read_exact(&mut data).map_err(io_err)?;
+        if self.data_digest && dsl > 0 {
+            let mut d = [0u8; 4];
+            self.reader.read_exact(&mut d).map_err(io_err)?;
+            if crc32c::crc32c(&data).to_le_bytes() != d {
+                return Err(InitiatorError::Protocol("data digest error".into()));
+            }
+        }
         data.truncate(dsl);
         Ok(RawPdu { bhs, ahs, data })
     }
@@ -345,10 +386,22 @@ pub struct Initiator {
     pub async_events: Vec<pdu::AsyncMessage>,
     /// How many target NOP-In pings were answered.
     pub nop_in_answered: u64,
+    /// How many of our PDUs the target rejected for a data digest error.
+    pub digest_rejects: u64,
     pub stats: Stats,
 }
 
 impl Initiator {
+    /// Test hook: the next PDU sent carries a wrong header digest.
+    pub fn corrupt_next_header_digest(&mut self) {
+        self.wire.corrupt_header = true;
+    }
+
+    /// Test hook: the next PDU sent with data carries a wrong data digest.
+    pub fn corrupt_next_data_digest(&mut self) {
+        self.wire.corrupt_data = true;
+    }
+
     /// Opens a TCP connection (not yet logged in).
     pub fn connect(addr: impl ToSocketAddrs) -> Result<Initiator> {
         let stream = TcpStream::connect(addr)?;
@@ -361,6 +414,10 @@ impl Initiator {
             wire: Wire {
                 reader: BufReader::with_capacity(256 * 1024, stream),
                 writer,
+                header_digest: false,
+                data_digest: false,
+                corrupt_header: false,
+                corrupt_data: false,
             },
             neg: Negotiated::default(),
             logged_in: false,
@@ -377,6 +434,7 @@ impl Initiator {
             others: VecDeque::new(),
             async_events: Vec::new(),
             nop_in_answered: 0,
+            digest_rejects: 0,
             stats: Stats::default(),
         })
     }
@@ -566,6 +624,9 @@ impl Initiator {
             )));
         }
         neg.target_keys = target_keys;
+        // Digests start with the first PDU after the final Login Response.
+        self.wire.header_digest = neg.header_digest;
+        self.wire.data_digest = neg.data_digest;
         self.neg = neg;
         self.logged_in = true;
         Ok(())
@@ -1221,6 +1282,11 @@ impl Initiator {
                 let rejected = (p.data.len() >= BHS_LEN).then(|| be32(&p.data[16..20]));
                 let reason = p.bhs[2];
                 match rejected {
+                    // RFC 7143 §7.8: a data digest error rejects the PDU, not the command,
+                    // which the target still answers.
+                    Some(_) if reason == pdu::REJECT_DATA_DIGEST_ERROR => {
+                        self.digest_rejects += 1;
+                    }
                     Some(itt) if self.tasks.contains_key(&itt) => {
                         self.tasks.remove(&itt);
                         self.done
@@ -1498,8 +1564,20 @@ fn apply_answer(n: &mut Negotiated, offered: &[(String, String)], k: &str, v: &s
             }
             n.immediate_data = x;
         }
-        "HeaderDigest" | "DataDigest" if v != "None" => {
-            return Err(bad("this initiator does no digests"));
+        "HeaderDigest" | "DataDigest" => {
+            let on = match v {
+                "None" => false,
+                "CRC32C" => true,
+                _ => return Err(bad("not None or CRC32C")),
+            };
+            if !offer.is_some_and(|o| o.split(',').any(|x| x.trim() == v)) {
+                return Err(bad("a value not offered"));
+            }
+            if k == "HeaderDigest" {
+                n.header_digest = on;
+            } else {
+                n.data_digest = on;
+            }
         }
         _ => {}
     }

@@ -55,6 +55,11 @@ enum RxState {
         remaining: usize,
         pad: usize,
         pos: usize,
+        /// Running CRC32C of the data and padding (when a data digest follows).
+        crc: u32,
+        /// Bytes of the data digest still to read (4, or 0 without one).
+        digest_left: usize,
+        digest: [u8; 4],
     },
 }
 
@@ -123,6 +128,9 @@ pub struct Conn {
     /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
     /// which the socket will not report again, so the reactor must call back.
     pub rx_more: bool,
+    /// Digests negotiated for this connection (RFC 7143 §13.1), checked on receive.
+    rx_header_digest: bool,
+    rx_data_digest: bool,
 }
 
 struct Lookup<'a>(&'a Snapshot);
@@ -170,6 +178,8 @@ impl Conn {
             want_write: false,
             pending_flush: false,
             rx_more: false,
+            rx_header_digest: false,
+            rx_data_digest: false,
         }
     }
 
@@ -240,11 +250,29 @@ impl Conn {
                 let ahs_len = usize::from(raw[4]) * 4;
                 let data_len =
                     (usize::from(raw[5]) << 16) | (usize::from(raw[6]) << 8) | usize::from(raw[7]);
-                if self.staging.len() < BHS_LEN + ahs_len {
+                let hd = if self.rx_header_digest { 4 } else { 0 };
+                if self.staging.len() < BHS_LEN + ahs_len + hd {
                     return self.fill();
                 }
                 let ahs = avail[BHS_LEN..BHS_LEN + ahs_len].to_vec();
-                self.staging.consume(BHS_LEN + ahs_len);
+                if hd > 0 {
+                    // RFC 7143 §7.8: a header digest error leaves nothing of the PDU to trust
+                    // (not even its length); at ERL 0 the connection ends.
+                    let got = &avail[BHS_LEN + ahs_len..BHS_LEN + ahs_len + 4];
+                    let crc = crc32c::crc32c(&avail[..BHS_LEN + ahs_len]);
+                    if crc.to_le_bytes() != got {
+                        return Err(format!(
+                            "header digest error on a {} PDU",
+                            opcode_name(raw[0])
+                        ));
+                    }
+                }
+                self.staging.consume(BHS_LEN + ahs_len + hd);
+                let digest_left = if self.rx_data_digest && data_len > 0 {
+                    4
+                } else {
+                    0
+                };
                 let max = self.max_recv_data();
                 if data_len > max {
                     return Err(format!(
@@ -264,6 +292,9 @@ impl Conn {
                                 remaining: data_len,
                                 pad: pdu::padded(data_len) - data_len,
                                 pos: 0,
+                                crc: 0,
+                                digest_left,
+                                digest: [0; 4],
                             };
                             return Ok(true);
                         }
@@ -280,6 +311,9 @@ impl Conn {
                     remaining: data_len,
                     pad: pdu::padded(data_len) - data_len,
                     pos: 0,
+                    crc: 0,
+                    digest_left,
+                    digest: [0; 4],
                 };
                 Ok(true)
             }
@@ -288,8 +322,12 @@ impl Conn {
                 remaining,
                 pad,
                 pos,
+                crc,
+                digest_left,
+                digest,
                 ..
             } => {
+                let want_crc = *digest_left > 0;
                 if *remaining > 0 {
                     if self.staging.is_empty() {
                         // Large payloads go straight into their buffer.
@@ -308,6 +346,12 @@ impl Conn {
                                             .collect();
                                         return match rx::recv_direct(&mut *self.sock, &mut segs) {
                                             Ok(Some(n)) => {
+                                                drop(segs);
+                                                if want_crc {
+                                                    for seg in buf.segments(start, n) {
+                                                        *crc = crc32c::crc32c_append(*crc, seg);
+                                                    }
+                                                }
                                                 *remaining -= n;
                                                 *pos += n;
                                                 Ok(n > 0)
@@ -323,6 +367,9 @@ impl Conn {
                     }
                     let avail = self.staging.available();
                     let n = avail.len().min(*remaining);
+                    if want_crc {
+                        *crc = crc32c::crc32c_append(*crc, &avail[..n]);
+                    }
                     match dest {
                         Dest::Discard => {}
                         Dest::Collect(v) => v.extend_from_slice(&avail[..n]),
@@ -344,16 +391,37 @@ impl Conn {
                         return self.fill();
                     }
                     let n = self.staging.len().min(*pad);
+                    if want_crc {
+                        *crc = crc32c::crc32c_append(*crc, &self.staging.available()[..n]);
+                    }
                     self.staging.consume(n);
                     *pad -= n;
                     return Ok(true);
                 }
-                let RxState::Payload { hdr, dest, pos, .. } =
-                    std::mem::replace(&mut self.rx_state, RxState::Header)
+                if *digest_left > 0 {
+                    if self.staging.is_empty() {
+                        return self.fill();
+                    }
+                    let n = self.staging.len().min(*digest_left);
+                    let at = 4 - *digest_left;
+                    digest[at..at + n].copy_from_slice(&self.staging.available()[..n]);
+                    self.staging.consume(n);
+                    *digest_left -= n;
+                    return Ok(true);
+                }
+                let RxState::Payload {
+                    hdr,
+                    dest,
+                    pos,
+                    crc,
+                    digest,
+                    ..
+                } = std::mem::replace(&mut self.rx_state, RxState::Header)
                 else {
                     return Ok(true);
                 };
-                self.end_pdu(*hdr, dest, pos, cx);
+                let digest_ok = !self.rx_data_digest || pos == 0 || crc.to_le_bytes() == digest;
+                self.end_pdu(*hdr, dest, pos, digest_ok, cx);
                 Ok(true)
             }
         }
@@ -413,7 +481,14 @@ impl Conn {
     }
 
     /// A whole PDU (header and payload) arrived.
-    fn end_pdu(&mut self, hdr: PduHeader, dest: Dest, received: usize, cx: &mut ConnCtx<'_>) {
+    fn end_pdu(
+        &mut self,
+        hdr: PduHeader,
+        dest: Dest,
+        received: usize,
+        digest_ok: bool,
+        cx: &mut ConnCtx<'_>,
+    ) {
         let data = match dest {
             Dest::Collect(v) => v,
             _ => Vec::new(),
@@ -423,6 +498,26 @@ impl Conn {
             return;
         }
         let Some(pdu) = hdr.pdu else { return };
+        if !digest_ok {
+            // RFC 7143 §7.8: Reject the PDU with "data digest error" and discard its payload.
+            // The data of a SCSI write still counts towards the transfer, so the command ends
+            // when all of it has arrived, with CHECK CONDITION and nothing written (ERL 0).
+            warn!(
+                "{}: data digest error on a {} PDU",
+                self.peer,
+                opcode_name(hdr.raw[0])
+            );
+            self.queue_reject(pdu::REJECT_DATA_DIGEST_ERROR, &hdr.raw);
+            let itt = match &pdu {
+                Pdu::ScsiCommand(c) => Some(c.itt),
+                Pdu::DataOut(d) => Some(d.itt),
+                _ => None,
+            };
+            let Some(itt) = itt else { return };
+            if let Some(t) = self.tasks.by_itt(itt).and_then(|s| self.tasks.get_mut(s)) {
+                t.data_digest_error = true;
+            }
+        }
         match pdu {
             Pdu::ScsiCommand(cmd) => self.command_data_done(cmd.itt, received as u32, cx),
             Pdu::DataOut(d) => self.data_out_done(&d, received as u32, cx),
@@ -524,12 +619,17 @@ impl Conn {
                 r.tsih = tsih;
                 let data = r.data.clone();
                 self.stat_sn = req.exp_stat_sn;
+                let (hd, dd) = (params.header_digest, params.data_digest);
                 self.start_session(params, req.isid, tsih, exp_cmd_sn, cx);
                 let mut resp = login_resp(&r, exp_cmd_sn);
                 if let Some(s) = &self.sess {
                     resp.max_cmd_sn = s.max_cmd_sn;
                 }
                 self.queue_login_response(resp, data);
+                // Digests start with the first PDU after the final Login Response.
+                self.tx.set_digests(hd, dd);
+                self.rx_header_digest = hd;
+                self.rx_data_digest = dd;
                 self.login = None;
             }
         }
@@ -669,6 +769,7 @@ impl Conn {
             want_out: 0,
             next_r2t_sn: 0,
             r2ts: Vec::new(),
+            data_digest_error: false,
             tx_refs: 0,
             generation: 0,
             waiting_since: Some(cx.now),
@@ -938,6 +1039,13 @@ impl Conn {
             return;
         };
         t.waiting_since = None;
+        if t.data_digest_error {
+            // PROTOCOL SERVICE CRC ERROR (SPC-4 Table 48 / RFC 7143 §11.4.7.2).
+            t.scsi
+                .set_check_condition(scsi::sense::ABORTED_COMMAND, 0x47, 0x05);
+            self.finish_task(slot, cx);
+            return;
+        }
         let Some(entry) = target.as_ref().and_then(|tg| tg.lun(t.lun)) else {
             let luns: Vec<u64> = target
                 .as_ref()

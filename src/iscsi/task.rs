@@ -56,6 +56,9 @@ pub struct Task {
     pub want_out: u32,
     pub next_r2t_sn: u32,
     pub r2ts: Vec<R2t>,
+    /// Some of its Data-Out failed the data digest: it ends with CHECK CONDITION once all
+    /// data has arrived, and nothing is written (RFC 7143 §7.8, ERL 0).
+    pub data_digest_error: bool,
     /// Data-In PDUs queued that reference this task's buffer.
     pub tx_refs: u32,
     /// Generation of the slot, part of our Target Transfer Tags so that a stale tag never

@@ -30,6 +30,14 @@ pub struct TxPdu {
     pub data: TxData,
     pub data_len: usize,
     sent: usize,
+    /// Digests this PDU carries (fixed when it is queued: the last Login Response has none).
+    header_digest: bool,
+    data_digest: bool,
+    /// CRC32C of the header and of the data plus padding, little-endian on the wire
+    /// (RFC 7143 §11.1, Appendix B.4), computed when the PDU is first written.
+    hdig: [u8; 4],
+    ddig: [u8; 4],
+    digests_ready: bool,
 }
 
 impl TxPdu {
@@ -39,11 +47,57 @@ impl TxPdu {
             data,
             data_len,
             sent: 0,
+            header_digest: false,
+            data_digest: false,
+            hdig: [0; 4],
+            ddig: [0; 4],
+            digests_ready: true,
+        }
+    }
+
+    fn hdig_len(&self) -> usize {
+        if self.header_digest {
+            4
+        } else {
+            0
+        }
+    }
+
+    fn ddig_len(&self) -> usize {
+        if self.data_digest && self.data_len > 0 {
+            4
+        } else {
+            0
         }
     }
 
     fn total(&self) -> usize {
-        BHS_LEN + self.data_len + pad_len(self.data_len)
+        BHS_LEN + self.hdig_len() + self.data_len + pad_len(self.data_len) + self.ddig_len()
+    }
+
+    fn compute_digests(&mut self, buf: Option<&DataBuf>) {
+        if self.header_digest {
+            self.hdig = crc32c::crc32c(&self.bhs).to_le_bytes();
+        }
+        if self.ddig_len() > 0 {
+            let mut crc = 0u32;
+            match &self.data {
+                TxData::None => {}
+                TxData::Owned(v) => {
+                    crc = crc32c::crc32c_append(crc, &v[..self.data_len.min(v.len())])
+                }
+                TxData::Task { offset, .. } => {
+                    if let Some(b) = buf {
+                        for seg in b.segments(*offset, self.data_len) {
+                            crc = crc32c::crc32c_append(crc, seg);
+                        }
+                    }
+                }
+            }
+            crc = crc32c::crc32c_append(crc, &PAD[..pad_len(self.data_len)]);
+            self.ddig = crc.to_le_bytes();
+        }
+        self.digests_ready = true;
     }
 }
 
@@ -54,11 +108,22 @@ fn pad_len(n: usize) -> usize {
 #[derive(Default)]
 pub struct TxQueue {
     q: VecDeque<TxPdu>,
+    header_digest: bool,
+    data_digest: bool,
 }
 
 impl TxQueue {
-    pub fn push(&mut self, pdu: TxPdu) {
+    pub fn push(&mut self, mut pdu: TxPdu) {
+        pdu.header_digest = self.header_digest;
+        pdu.data_digest = self.data_digest;
+        pdu.digests_ready = !(pdu.header_digest || pdu.ddig_len() > 0);
         self.q.push_back(pdu);
+    }
+
+    /// Turns digests on for the PDUs queued from now on (at the start of full feature phase).
+    pub fn set_digests(&mut self, header: bool, data: bool) {
+        self.header_digest = header;
+        self.data_digest = data;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,6 +146,18 @@ impl TxQueue {
         while !self.q.is_empty() {
             let mut iov: [IoSlice<'_>; IOV_BATCH] = [IoSlice::new(&[]); IOV_BATCH];
             let mut n = 0;
+            for pdu in self.q.iter_mut() {
+                if !pdu.digests_ready {
+                    let buf = match pdu.data {
+                        TxData::Task { slot, .. } => buf_of(slot),
+                        _ => None,
+                    };
+                    pdu.compute_digests(buf);
+                }
+                if n + 8 > IOV_BATCH {
+                    break;
+                }
+            }
             'pdus: for pdu in self.q.iter() {
                 let mut skip = pdu.sent;
                 // BHS
@@ -90,6 +167,17 @@ impl TxQueue {
                     skip = 0;
                 } else {
                     skip -= BHS_LEN;
+                }
+                if n == IOV_BATCH {
+                    break;
+                }
+                let hd = pdu.hdig_len();
+                if skip < hd {
+                    iov[n] = IoSlice::new(&pdu.hdig[skip..]);
+                    n += 1;
+                    skip = 0;
+                } else {
+                    skip -= hd;
                 }
                 if n == IOV_BATCH {
                     break;
@@ -123,7 +211,18 @@ impl TxQueue {
                 }
                 let pad = pad_len(pdu.data_len);
                 if skip < pad {
-                    iov[n] = IoSlice::new(&PAD[..pad - skip]);
+                    iov[n] = IoSlice::new(&PAD[skip..pad]);
+                    n += 1;
+                    skip = 0;
+                } else {
+                    skip -= pad;
+                }
+                if n == IOV_BATCH {
+                    break;
+                }
+                let dd = pdu.ddig_len();
+                if skip < dd {
+                    iov[n] = IoSlice::new(&pdu.ddig[skip..]);
                     n += 1;
                 }
                 if n == IOV_BATCH {
