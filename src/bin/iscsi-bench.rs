@@ -64,7 +64,7 @@ fn parse() -> Result<Opts, String> {
     if o.target.is_empty() {
         return Err("--target is required".into());
     }
-    if o.bs == 0 || o.bs % o.block_size != 0 {
+    if o.bs == 0 || o.block_size == 0 || !o.bs.is_multiple_of(o.block_size) {
         return Err("--bs must be a non-zero multiple of --blocksize".into());
     }
     Ok(o)
