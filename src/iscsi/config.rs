@@ -35,9 +35,84 @@ pub struct TargetConfig {
     pub auth: Auth,
     /// The default LUN set (`luns/`), sorted by LUN.
     pub luns: Vec<LunEntry>,
+    /// Initiator groups (`ini_groups/`), in the order they were created.
+    pub groups: Vec<GroupConfig>,
+}
+
+/// An initiator group: the initiators it takes (SCST's patterns with `*`, `?` and a leading
+/// `!` that excludes) and the LUN set they see instead of the default one.
+#[derive(Clone)]
+pub struct GroupConfig {
+    pub name: String,
+    pub initiators: Vec<String>,
+    /// Sorted by LUN.
+    pub luns: Vec<LunEntry>,
+}
+
+impl GroupConfig {
+    /// Whether `initiator` belongs here: one pattern takes it and no `!` pattern excludes it.
+    pub fn takes(&self, initiator: &str) -> bool {
+        let mut hit = false;
+        for p in &self.initiators {
+            match p.strip_prefix('!') {
+                Some(neg) if wildcard_match(neg, initiator) => return false,
+                Some(_) => {}
+                None => hit |= wildcard_match(p, initiator),
+            }
+        }
+        hit
+    }
+}
+
+/// DOS-style wildcards as SCST matches initiator names: `*` any run, `?` one character;
+/// iSCSI names compare without regard to ASCII case (RFC 3722 folds them to lower case).
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let n: Vec<char> = name.chars().map(|c| c.to_ascii_lowercase()).collect();
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 impl TargetConfig {
+    /// The target as `initiator` sees it: the LUN set of the first group that takes it, or the
+    /// default set (SCST's access control). Resolved at login and at configuration changes,
+    /// never per command.
+    pub fn view_for(self: &Arc<Self>, initiator: &str) -> Arc<TargetConfig> {
+        match self.groups.iter().find(|g| g.takes(initiator)) {
+            None => self.clone(),
+            Some(g) => {
+                let mut v = (**self).clone();
+                v.luns = g.luns.clone();
+                v.groups = Vec::new();
+                Arc::new(v)
+            }
+        }
+    }
+
+    /// The name of the group `initiator` falls in, if any.
+    pub fn group_of(&self, initiator: &str) -> Option<&str> {
+        self.groups
+            .iter()
+            .find(|g| g.takes(initiator))
+            .map(|g| g.name.as_str())
+    }
+
     pub fn lun(&self, lun: u64) -> Option<&LunEntry> {
         self.luns
             .binary_search_by_key(&lun, |e| e.lun)
@@ -88,5 +163,36 @@ impl Publisher {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match(
+            "iqn.2026-11.org.x:*",
+            "iqn.2026-11.org.x:host1"
+        ));
+        assert!(wildcard_match("*host?", "iqn.2026-11.org.x:HOST1"));
+        assert!(!wildcard_match("*host?", "iqn.2026-11.org.x:host12"));
+        assert!(wildcard_match("*", ""));
+        assert!(wildcard_match("a*b*c", "axxbyyc"));
+        assert!(!wildcard_match("a*b*c", "axxbyy"));
+        assert!(wildcard_match("exact", "EXACT"));
+    }
+
+    #[test]
+    fn negation_excludes() {
+        let g = GroupConfig {
+            name: "g".into(),
+            initiators: vec!["iqn.*".into(), "!*:bad".into()],
+            luns: Vec::new(),
+        };
+        assert!(g.takes("iqn.x:good"));
+        assert!(!g.takes("iqn.x:bad"));
+        assert!(!g.takes("eui.0123456789abcdef"));
     }
 }

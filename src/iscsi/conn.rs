@@ -657,7 +657,11 @@ impl Conn {
         cx: &mut ConnCtx<'_>,
     ) {
         let target = match params.session_type {
-            SessionType::Normal => cx.snapshot.targets.get(&params.target_name).cloned(),
+            SessionType::Normal => cx
+                .snapshot
+                .targets
+                .get(&params.target_name)
+                .map(|t| t.view_for(&params.initiator_name)),
             SessionType::Discovery => None,
         };
         let nexus = (u64::from(tsih) << 48) | isid_u48(&isid);
@@ -1668,6 +1672,8 @@ impl Conn {
                 self.close(cx, "target deleted");
             }
             Some(new) => {
+                // The LUN set this initiator sees now (its group may have changed).
+                let new = new.view_for(&sess.params.initiator_name);
                 let old_luns: Vec<(u64, &str)> =
                     old.luns.iter().map(|l| (l.lun, l.device.name())).collect();
                 let new_luns: Vec<(u64, &str)> =

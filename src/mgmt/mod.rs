@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Map, Value};
 
 use crate::iscsi::chap::{self, Account};
-use crate::iscsi::config::{LunEntry, Publisher, Snapshot, TargetConfig};
+use crate::iscsi::config::{GroupConfig, LunEntry, Publisher, Snapshot, TargetConfig};
 use crate::iscsi::login::Auth;
 use crate::iscsi::param::{self, TargetParams};
 use crate::iscsi::registry::Registry;
@@ -123,6 +123,14 @@ struct Target {
     params: TargetParams,
     luns: BTreeMap<u64, Lun>,
     auth: Auth,
+    /// Initiator groups in creation order (the first that takes an initiator wins).
+    groups: Vec<(String, Group)>,
+}
+
+#[derive(Default)]
+struct Group {
+    initiators: Vec<String>,
+    luns: BTreeMap<u64, Lun>,
 }
 
 #[derive(Default)]
@@ -259,16 +267,26 @@ impl Mgmt {
             discovery_auth: st.auth.clone(),
             ..Default::default()
         };
-        for (name, t) in &st.targets {
-            let luns = t
-                .luns
-                .iter()
+        let entries = |luns: &BTreeMap<u64, Lun>| -> Vec<LunEntry> {
+            luns.iter()
                 .filter_map(|(&lun, l)| {
                     st.devices.get(&l.device).map(|d| LunEntry {
                         lun,
                         device: d.clone(),
                         read_only: l.read_only,
                     })
+                })
+                .collect()
+        };
+        for (name, t) in &st.targets {
+            let luns = entries(&t.luns);
+            let groups = t
+                .groups
+                .iter()
+                .map(|(g, grp)| GroupConfig {
+                    name: g.clone(),
+                    initiators: grp.initiators.clone(),
+                    luns: entries(&grp.luns),
                 })
                 .collect();
             snap.targets.insert(
@@ -282,6 +300,7 @@ impl Mgmt {
                     params: t.params.clone(),
                     auth: t.auth.clone(),
                     luns,
+                    groups,
                 }),
             );
         }
@@ -408,8 +427,37 @@ impl Mgmt {
                 ]
             }
             ["targets", "iscsi", t, "ini_groups"] => {
-                st.targets.get(*t).ok_or_else(nf)?;
-                vec![Entry::mgmt()]
+                let tg = st.targets.get(*t).ok_or_else(nf)?;
+                let mut v = vec![Entry::mgmt()];
+                v.extend(tg.groups.iter().map(|(g, _)| Entry::dir(g)));
+                v
+            }
+            ["targets", "iscsi", t, "ini_groups", g] => {
+                group(st, t, g).ok_or_else(nf)?;
+                vec![Entry::dir("initiators"), Entry::dir("luns")]
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "initiators"] => {
+                let grp = group(st, t, g).ok_or_else(nf)?;
+                let mut v = vec![Entry::mgmt()];
+                v.extend(grp.initiators.iter().map(|i| Entry::attr(i, false, false)));
+                v
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "luns"] => {
+                let grp = group(st, t, g).ok_or_else(nf)?;
+                let mut v = vec![Entry::mgmt()];
+                v.extend(grp.luns.keys().map(|l| Entry::dir(l.to_string())));
+                v
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "luns", l] => {
+                let grp = group(st, t, g).ok_or_else(nf)?;
+                let lun = grp
+                    .luns
+                    .get(&l.parse::<u64>().map_err(|_| nf())?)
+                    .ok_or_else(nf)?;
+                vec![
+                    Entry::link("device"),
+                    Entry::attr("read_only", false, lun.read_only),
+                ]
             }
             ["targets", "iscsi", t, "sessions"] => {
                 st.targets.get(*t).ok_or_else(nf)?;
@@ -569,6 +617,34 @@ impl Mgmt {
             ["targets", "iscsi", t, "ini_groups", "mgmt"] if st.targets.contains_key(*t) => {
                 "Usage: echo \"create GROUP_NAME\" >mgmt\n       echo \"del GROUP_NAME\" >mgmt\n"
                     .into()
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "initiators", "mgmt"] => {
+                group(st, t, g).ok_or_else(nf)?;
+                "Usage: echo \"add INITIATOR_NAME\" >mgmt\n       echo \"del INITIATOR_NAME\" >mgmt\n       echo \"move INITIATOR_NAME DEST_GROUP_NAME\" >mgmt\n       echo \"clear\" >mgmt\n".into()
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "initiators", i] => {
+                let grp = group(st, t, g).ok_or_else(nf)?;
+                grp.initiators
+                    .iter()
+                    .find(|x| x == i)
+                    .cloned()
+                    .ok_or_else(nf)?
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "luns", "mgmt"] => {
+                group(st, t, g).ok_or_else(nf)?;
+                LUNS_MGMT_USAGE.into()
+            }
+            ["targets", "iscsi", t, "ini_groups", g, "luns", l, a] => {
+                let grp = group(st, t, g).ok_or_else(nf)?;
+                let lun = grp
+                    .luns
+                    .get(&l.parse::<u64>().map_err(|_| nf())?)
+                    .ok_or_else(nf)?;
+                match *a {
+                    "device" => format!("../../../../../../../devices/{}", lun.device),
+                    "read_only" => b01(lun.read_only),
+                    _ => return Err(nf()),
+                }
             }
             ["targets", "iscsi", t, "luns", l, a] => {
                 let tg = st.targets.get(*t).ok_or_else(nf)?;
@@ -828,6 +904,7 @@ impl Mgmt {
                             params: TargetParams::default(),
                             luns: BTreeMap::new(),
                             auth: Auth::default(),
+                            groups: Vec::new(),
                         },
                     );
                 }
@@ -858,20 +935,22 @@ impl Mgmt {
                     ))
                 }
             },
-            ["targets", "iscsi", t, "luns"] if st.targets.contains_key(*t) => self.luns_mgmt(&mut st, t, &here, verb, args, command)?,
-            ["targets", "iscsi", t, "ini_groups"] if st.targets.contains_key(*t) => {
-                return Err(invalid(&here, format!("{verb}: initiator groups are not supported yet")));
-            }
+            ["targets", "iscsi", t, "luns"] if st.targets.contains_key(*t) => self.luns_mgmt(&mut st, t, None, &here, verb, args, command)?,
+            ["targets", "iscsi", t, "ini_groups"] if st.targets.contains_key(*t) => groups_mgmt(&mut st, t, &here, verb, args, &self.registry)?,
+            ["targets", "iscsi", t, "ini_groups", g, "luns"] if has_group(&st, t, g) => self.luns_mgmt(&mut st, t, Some(g), &here, verb, args, command)?,
+            ["targets", "iscsi", t, "ini_groups", g, "initiators"] if has_group(&st, t, g) => initiators_mgmt(&mut st, t, g, &here, verb, args)?,
             _ => return Err(MgmtError::NotFound(here)),
         }
         self.publish(&st);
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn luns_mgmt(
         &self,
         st: &mut State,
         t: &str,
+        group: Option<&str>,
         here: &str,
         verb: &str,
         args: &[&str],
@@ -917,14 +996,11 @@ impl Mgmt {
                         }
                     }
                 }
-                let tg = st
-                    .targets
-                    .get_mut(t)
-                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
-                if verb == "add" && tg.luns.contains_key(&lun) {
+                let map = lun_map(st, t, group, here)?;
+                if verb == "add" && map.contains_key(&lun) {
                     return Err(invalid(here, format!("LUN {lun} already exists")));
                 }
-                let replaced = tg.luns.insert(
+                let replaced = map.insert(
                     lun,
                     Lun {
                         device: dev.to_string(),
@@ -943,20 +1019,14 @@ impl Mgmt {
                     return Err(invalid(here, "usage: del LUN"));
                 };
                 let lun = parse_lun(lun)?;
-                let tg = st
-                    .targets
-                    .get_mut(t)
-                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
-                if tg.luns.remove(&lun).is_none() {
+                let map = lun_map(st, t, group, here)?;
+                if map.remove(&lun).is_none() {
                     return Err(invalid(here, format!("no LUN {lun}")));
                 }
             }
             "clear" => {
-                let tg = st
-                    .targets
-                    .get_mut(t)
-                    .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
-                tg.luns.clear();
+                let map = lun_map(st, t, group, here)?;
+                map.clear();
             }
             _ => {
                 return Err(invalid(
@@ -1019,6 +1089,16 @@ impl Mgmt {
                 luns.insert(l.to_string(), Value::Object(lo));
             }
             o.insert("luns".into(), Value::Object(luns));
+            if !t.groups.is_empty() {
+                let mut groups = Map::new();
+                for (g, grp) in &t.groups {
+                    let mut go = Map::new();
+                    go.insert("initiators".into(), json!(grp.initiators));
+                    go.insert("luns".into(), Value::Object(save_luns(&grp.luns)));
+                    groups.insert(g.clone(), Value::Object(go));
+                }
+                o.insert("ini_groups".into(), Value::Object(groups));
+            }
             save_auth(&t.auth, &mut o);
             targets.insert(name.clone(), Value::Object(o));
         }
@@ -1030,6 +1110,36 @@ impl Mgmt {
             "handlers": handlers,
             "targets": { "iscsi": iscsi }
         })
+    }
+
+    fn load_luns(&self, v: &Value, path: &str, mgmt: &str) -> Result<(), MgmtError> {
+        let s = |v: &Value| -> Result<String, MgmtError> {
+            match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(n) => Ok(n.to_string()),
+                _ => Err(invalid(path, "value must be a string or a number")),
+            }
+        };
+        let luns = v
+            .as_object()
+            .ok_or_else(|| invalid(path, "luns must be an object"))?;
+        for (l, lv) in luns {
+            let lo = lv
+                .as_object()
+                .ok_or_else(|| invalid(path, "a LUN must be an object"))?;
+            let dev = lo
+                .get("device")
+                .map(s)
+                .transpose()?
+                .ok_or_else(|| invalid(path, format!("LUN {l} names no device")))?;
+            let ro = lo
+                .get("read_only")
+                .map(s)
+                .transpose()?
+                .unwrap_or_else(|| "0".into());
+            self.mgmt(mgmt, &format!("add {dev} {l} read_only={ro}"))?;
+        }
+        Ok(())
     }
 
     /// Applies a configuration in the [`save_config`](Mgmt::save_config) format on top of the
@@ -1122,33 +1232,42 @@ impl Mgmt {
                             self.mgmt("targets/iscsi/mgmt", &format!("add_target {name}"))?;
                             for (a, av) in to {
                                 match a.as_str() {
-                                    "luns" => {
-                                        let luns = av.as_object().ok_or_else(|| {
-                                            invalid(&path, "luns must be an object")
+                                    "luns" => self.load_luns(
+                                        av,
+                                        &path,
+                                        &format!("targets/iscsi/{name}/luns/mgmt"),
+                                    )?,
+                                    "ini_groups" => {
+                                        let groups = av.as_object().ok_or_else(|| {
+                                            invalid(&path, "ini_groups must be an object")
                                         })?;
-                                        for (l, lv) in luns {
-                                            let lo = lv.as_object().ok_or_else(|| {
-                                                invalid(&path, "a LUN must be an object")
+                                        for (g, gv) in groups {
+                                            let go = gv.as_object().ok_or_else(|| {
+                                                invalid(&path, "a group must be an object")
                                             })?;
-                                            let dev = lo
-                                                .get("device")
-                                                .map(|d| s(d, &path))
-                                                .transpose()?
-                                                .ok_or_else(|| {
-                                                    invalid(
-                                                        &path,
-                                                        format!("LUN {l} names no device"),
-                                                    )
-                                                })?;
-                                            let ro = lo
-                                                .get("read_only")
-                                                .map(|d| s(d, &path))
-                                                .transpose()?
-                                                .unwrap_or_else(|| "0".into());
+                                            let base = format!("targets/iscsi/{name}/ini_groups");
                                             self.mgmt(
-                                                &format!("targets/iscsi/{name}/luns/mgmt"),
-                                                &format!("add {dev} {l} read_only={ro}"),
+                                                &format!("{base}/mgmt"),
+                                                &format!("create {g}"),
                                             )?;
+                                            if let Some(ini) = go.get("initiators") {
+                                                let list = ini.as_array().ok_or_else(|| {
+                                                    invalid(&path, "initiators must be a list")
+                                                })?;
+                                                for i in list {
+                                                    self.mgmt(
+                                                        &format!("{base}/{g}/initiators/mgmt"),
+                                                        &format!("add {}", s(i, &path)?),
+                                                    )?;
+                                                }
+                                            }
+                                            if let Some(l) = go.get("luns") {
+                                                self.load_luns(
+                                                    l,
+                                                    &path,
+                                                    &format!("{base}/{g}/luns/mgmt"),
+                                                )?;
+                                            }
                                         }
                                     }
                                     "enabled" => enable.push((name.clone(), s(av, &path)?)),
@@ -1196,8 +1315,187 @@ fn exports(st: &State, name: &str) -> Vec<String> {
                 out.push(format!("../../../targets/iscsi/{t}/luns/{l}"));
             }
         }
+        for (g, grp) in &tg.groups {
+            for (l, lun) in &grp.luns {
+                if lun.device == name {
+                    out.push(format!(
+                        "../../../targets/iscsi/{t}/ini_groups/{g}/luns/{l}"
+                    ));
+                }
+            }
+        }
     }
     out
+}
+
+fn group<'a>(st: &'a State, t: &str, g: &str) -> Option<&'a Group> {
+    st.targets
+        .get(t)?
+        .groups
+        .iter()
+        .find(|(n, _)| n == g)
+        .map(|(_, grp)| grp)
+}
+
+fn has_group(st: &State, t: &str, g: &str) -> bool {
+    st.targets
+        .get(t)
+        .is_some_and(|tg| tg.groups.iter().any(|(n, _)| n == g))
+}
+
+fn lun_map<'a>(
+    st: &'a mut State,
+    t: &str,
+    group: Option<&str>,
+    here: &str,
+) -> Result<&'a mut BTreeMap<u64, Lun>, MgmtError> {
+    let nf = || MgmtError::NotFound(here.to_string());
+    let tg = st.targets.get_mut(t).ok_or_else(nf)?;
+    match group {
+        None => Ok(&mut tg.luns),
+        Some(g) => tg
+            .groups
+            .iter_mut()
+            .find(|(n, _)| n == g)
+            .map(|(_, grp)| &mut grp.luns)
+            .ok_or_else(nf),
+    }
+}
+
+/// `ini_groups/mgmt`: `create GROUP`, `del GROUP` (refused while sessions of the group's
+/// initiators are logged in, as SCST does).
+fn groups_mgmt(
+    st: &mut State,
+    t: &str,
+    here: &str,
+    verb: &str,
+    args: &[&str],
+    registry: &Registry,
+) -> Result<(), MgmtError> {
+    let tg = st
+        .targets
+        .get_mut(t)
+        .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+    match (verb, args) {
+        ("create", [g]) => {
+            if g.is_empty() || g.len() > 64 || g.contains('/') || *g == "mgmt" {
+                return Err(invalid(here, format!("{g:?} is not a valid group name")));
+            }
+            if tg.groups.iter().any(|(n, _)| n == g) {
+                return Err(invalid(here, format!("group {g} already exists")));
+            }
+            tg.groups.push((g.to_string(), Group::default()));
+        }
+        ("del", [g]) => {
+            let i = tg
+                .groups
+                .iter()
+                .position(|(n, _)| n == g)
+                .ok_or_else(|| invalid(here, format!("no group {g}")))?;
+            let cfg = GroupConfig {
+                name: g.to_string(),
+                initiators: tg.groups[i].1.initiators.clone(),
+                luns: Vec::new(),
+            };
+            let busy: Vec<String> = registry
+                .sessions(t)
+                .into_iter()
+                .filter(|(_, s)| cfg.takes(&s.initiator_name))
+                .map(|(n, _)| n)
+                .collect();
+            if !busy.is_empty() {
+                return Err(MgmtError::Busy {
+                    path: here.to_string(),
+                    msg: format!("group {g} is in use by sessions {}", busy.join(", ")),
+                });
+            }
+            tg.groups.remove(i);
+        }
+        ("create" | "del", _) => return Err(invalid(here, format!("usage: {verb} GROUP"))),
+        _ => {
+            return Err(invalid(
+                here,
+                format!("unknown command {verb:?}: use create or del"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// `ini_groups/G/initiators/mgmt`: `add NAME`, `del NAME`, `move NAME GROUP`, `clear`. Names
+/// may use `*` and `?`, and a leading `!` excludes. One name lives in one group of a target.
+fn initiators_mgmt(
+    st: &mut State,
+    t: &str,
+    g: &str,
+    here: &str,
+    verb: &str,
+    args: &[&str],
+) -> Result<(), MgmtError> {
+    let tg = st
+        .targets
+        .get_mut(t)
+        .ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+    let valid = |n: &str| {
+        let bare = n.strip_prefix('!').unwrap_or(n);
+        !bare.is_empty()
+            && bare.len() <= 255
+            && !bare.chars().any(|c| c.is_whitespace() || c.is_control())
+    };
+    let owner = |tg: &Target, n: &str| {
+        tg.groups
+            .iter()
+            .find(|(_, grp)| grp.initiators.iter().any(|x| x == n))
+            .map(|(name, _)| name.clone())
+    };
+    let idx = |tg: &Target, g: &str| tg.groups.iter().position(|(n, _)| n == g);
+    let gi = idx(tg, g).ok_or_else(|| MgmtError::NotFound(here.to_string()))?;
+    match (verb, args) {
+        ("add", [n]) => {
+            if !valid(n) {
+                return Err(invalid(
+                    here,
+                    format!("{n:?} is not an initiator name or pattern"),
+                ));
+            }
+            if let Some(o) = owner(tg, n) {
+                return Err(invalid(
+                    here,
+                    format!("initiator {n} is already in group {o}"),
+                ));
+            }
+            tg.groups[gi].1.initiators.push(n.to_string());
+        }
+        ("del", [n]) => {
+            let list = &mut tg.groups[gi].1.initiators;
+            let before = list.len();
+            list.retain(|x| x != n);
+            if list.len() == before {
+                return Err(invalid(here, format!("no initiator {n} in group {g}")));
+            }
+        }
+        ("move", [n, dest]) => {
+            let di = idx(tg, dest).ok_or_else(|| invalid(here, format!("no group {dest}")))?;
+            let list = &mut tg.groups[gi].1.initiators;
+            let before = list.len();
+            list.retain(|x| x != n);
+            if list.len() == before {
+                return Err(invalid(here, format!("no initiator {n} in group {g}")));
+            }
+            tg.groups[di].1.initiators.push(n.to_string());
+        }
+        ("clear", []) => tg.groups[gi].1.initiators.clear(),
+        ("add" | "del", _) => return Err(invalid(here, format!("usage: {verb} INITIATOR"))),
+        ("move", _) => return Err(invalid(here, "usage: move INITIATOR GROUP")),
+        ("clear", _) => return Err(invalid(here, "usage: clear")),
+        _ => {
+            return Err(invalid(
+                here,
+                format!("unknown command {verb:?}: use add, del, move or clear"),
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// The tree entries of a CHAP account list: `IncomingUser`, `IncomingUser1`, ... and
@@ -1313,6 +1611,19 @@ fn save_auth(a: &Auth, o: &mut Map<String, Value>) {
             json!(format!("{} {}", x.user, x.secret)),
         );
     }
+}
+
+fn save_luns(luns: &BTreeMap<u64, Lun>) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (l, lun) in luns {
+        let mut lo = Map::new();
+        lo.insert("device".into(), json!(lun.device));
+        if lun.read_only {
+            lo.insert("read_only".into(), json!("1"));
+        }
+        out.insert(l.to_string(), Value::Object(lo));
+    }
+    out
 }
 
 fn auth_lines(v: &Value, path: &str) -> Result<Vec<String>, MgmtError> {
