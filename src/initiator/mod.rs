@@ -46,6 +46,9 @@ pub enum InitiatorError {
     /// The target answered a Login Request with a non-zero status (RFC 7143 §11.13.5).
     #[error("login rejected: status class {class:#04x}, detail {detail:#04x}")]
     LoginRejected { class: u8, detail: u8 },
+    /// The target redirected the login (status class 1) to this TargetAddress.
+    #[error("login redirected ({}) to {address}", if *permanent { "permanently" } else { "temporarily" })]
+    Redirected { address: String, permanent: bool },
     /// The target broke the protocol (or sent something this initiator does not handle).
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -777,6 +780,17 @@ impl Initiator {
         let r = pdu::LoginResponse::parse(&p.bhs, &p.ahs)
             .map_err(|e| InitiatorError::Protocol(e.to_string()))?;
         self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+        if r.status_class == 1 {
+            let address = text::parse(&p.data)
+                .ok()
+                .and_then(|k| k.into_iter().find(|(k, _)| k == "TargetAddress"))
+                .map(|(_, v)| v)
+                .unwrap_or_default();
+            return Err(InitiatorError::Redirected {
+                address,
+                permanent: r.status_detail == 2,
+            });
+        }
         if r.status_class != 0 {
             return Err(InitiatorError::LoginRejected {
                 class: r.status_class,

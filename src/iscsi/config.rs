@@ -37,6 +37,11 @@ pub struct TargetConfig {
     pub luns: Vec<LunEntry>,
     /// Initiator groups (`ini_groups/`), in the order they were created.
     pub groups: Vec<GroupConfig>,
+    /// `redirect`: logins go to this TargetAddress instead (permanently or not).
+    pub redirect: Option<(String, bool)>,
+    /// `allowed_portal`: the local addresses (patterns) the target is reachable through;
+    /// empty means all.
+    pub allowed_portals: Vec<String>,
 }
 
 /// An initiator group: the initiators it takes (SCST's patterns with `*`, `?` and a leading
@@ -90,6 +95,23 @@ pub fn wildcard_match(pattern: &str, name: &str) -> bool {
 }
 
 impl TargetConfig {
+    /// Whether the target may be reached through the local address `ip` (patterns as for
+    /// initiator names: `*`, `?`, a leading `!` excludes).
+    pub fn portal_allowed(&self, ip: &str) -> bool {
+        if self.allowed_portals.is_empty() {
+            return true;
+        }
+        let mut hit = false;
+        for p in &self.allowed_portals {
+            match p.strip_prefix('!') {
+                Some(neg) if wildcard_match(neg, ip) => return false,
+                Some(_) => {}
+                None => hit |= wildcard_match(p, ip),
+            }
+        }
+        hit
+    }
+
     /// The target as `initiator` sees it: the LUN set of the first group that takes it, or the
     /// default set (SCST's access control). Resolved at login and at configuration changes,
     /// never per command.

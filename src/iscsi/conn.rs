@@ -133,23 +133,44 @@ pub struct Conn {
     rx_data_digest: bool,
 }
 
-struct Lookup<'a>(&'a Snapshot);
+struct Lookup<'a> {
+    snap: &'a Snapshot,
+    /// The local address the initiator connected to (for `allowed_portal`).
+    local_ip: String,
+    registry: &'a crate::iscsi::registry::Registry,
+}
 
 impl TargetLookup for Lookup<'_> {
-    fn target(&self, name: &str) -> Option<LoginTarget> {
-        let t = self.0.targets.get(name)?;
-        if !t.enabled {
+    fn target(&self, name: &str, initiator: &str, isid: [u8; 6]) -> Option<LoginTarget> {
+        let t = self.snap.targets.get(name)?;
+        if !t.enabled || !t.portal_allowed(&self.local_ip) {
             return None;
         }
+        let max = t.params.max_sessions;
+        let sessions_full = max > 0 && {
+            // A login that reinstates one of the initiator's own sessions does not add one.
+            let isid = isid_u48(&isid);
+            let others = self
+                .registry
+                .sessions(name)
+                .into_iter()
+                .filter(|(_, s)| {
+                    !(s.initiator_name == initiator && s.sid & 0xffff_ffff_ffff == isid)
+                })
+                .count();
+            others >= max as usize
+        };
         Some(LoginTarget {
             params: t.params.clone(),
             alias: t.alias.clone(),
             auth: t.auth.clone(),
+            redirect: t.redirect.clone(),
+            sessions_full,
         })
     }
 
     fn discovery_auth(&self) -> crate::iscsi::login::Auth {
-        self.0.discovery_auth.clone()
+        self.snap.discovery_auth.clone()
     }
 }
 
@@ -591,7 +612,12 @@ impl Conn {
         let Some(login) = self.login.as_mut() else {
             return;
         };
-        let step = login.step(&fields, &Lookup(cx.snapshot));
+        let lookup = Lookup {
+            snap: cx.snapshot,
+            local_ip: self.local.ip().to_string(),
+            registry: &cx.shared.registry,
+        };
+        let step = login.step(&fields, &lookup);
         let exp_cmd_sn = req.cmd_sn;
         match step {
             LoginStep::Continue(r) => {
@@ -1283,8 +1309,16 @@ impl Conn {
             .snapshot
             .targets
             .values()
-            .filter(|t| t.enabled)
-            .map(|t| (t.name.clone(), cx.shared.portals_for(self.local)))
+            .filter(|t| t.enabled && t.portal_allowed(&self.local.ip().to_string()))
+            .map(|t| {
+                let addrs = cx
+                    .shared
+                    .portals_for(self.local)
+                    .into_iter()
+                    .filter(|a| t.portal_allowed(portal_ip(a)))
+                    .collect();
+                (t.name.clone(), addrs)
+            })
             .collect();
         let current = match sess.params.session_type {
             SessionType::Normal => Some(sess.params.target_name.as_str()),
@@ -1716,6 +1750,15 @@ fn min_deadline(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (a, None) => a,
         (None, b) => b,
     }
+}
+
+/// The address part of a TargetAddress value (`10.0.0.1:3260,1`, `[fe80::1]:3260,1`).
+fn portal_ip(addr: &str) -> &str {
+    let a = addr.split(',').next().unwrap_or(addr);
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    a.rsplit_once(':').map_or(a, |(ip, _)| ip)
 }
 
 fn isid_u48(isid: &[u8; 6]) -> u64 {

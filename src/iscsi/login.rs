@@ -18,6 +18,9 @@ pub mod status {
     pub const INITIATOR_ERROR: (u8, u8) = (0x02, 0x00);
     pub const AUTH_FAILURE: (u8, u8) = (0x02, 0x01);
     pub const NOT_FOUND: (u8, u8) = (0x02, 0x03);
+    pub const REDIRECT_TEMPORARY: (u8, u8) = (0x01, 0x01);
+    pub const REDIRECT_PERMANENT: (u8, u8) = (0x01, 0x02);
+    pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
@@ -76,11 +79,16 @@ pub struct LoginTarget {
     pub params: TargetParams,
     pub alias: String,
     pub auth: Auth,
+    /// Login redirection (`redirect`): the TargetAddress to send, and whether it is permanent.
+    pub redirect: Option<(String, bool)>,
+    /// `MaxSessions` reached (a reinstatement of one of its own sessions does not count).
+    pub sessions_full: bool,
 }
 
 pub trait TargetLookup {
-    /// `None`: no such target, or it is disabled (→ 0x0203 Not Found).
-    fn target(&self, name: &str) -> Option<LoginTarget>;
+    /// `None`: no such target, it is disabled, or not reachable through this portal (→ 0x0203
+    /// Not Found). `initiator` and `isid` identify the login for MaxSessions.
+    fn target(&self, name: &str, initiator: &str, isid: [u8; 6]) -> Option<LoginTarget>;
     /// The accounts of discovery sessions (`targets/iscsi/IncomingUser`, `OutgoingUser`).
     fn discovery_auth(&self) -> Auth {
         Auth::default()
@@ -249,9 +257,31 @@ impl Login {
                 let Some(name) = get("TargetName").filter(|n| !n.is_empty()) else {
                     return self.fail(req, status::MISSING_PARAMETER);
                 };
-                let Some(t) = lookup.target(&name) else {
+                let Some(t) = lookup.target(&name, &self.params.initiator_name, req.isid) else {
                     return self.fail(req, status::NOT_FOUND);
                 };
+                if let Some((addr, permanent)) = t.redirect {
+                    // RFC 7143 §11.13.5: redirection carries the new TargetAddress.
+                    self.done = true;
+                    let mut r = self.response(req);
+                    let (class, detail) = if permanent {
+                        status::REDIRECT_PERMANENT
+                    } else {
+                        status::REDIRECT_TEMPORARY
+                    };
+                    r.status_class = class;
+                    r.status_detail = detail;
+                    r.data = encode(&[("TargetAddress".into(), addr)]);
+                    self.reason = Some(format!(
+                        "redirected ({})",
+                        if permanent { "permanent" } else { "temporary" }
+                    ));
+                    return LoginStep::Fail(r);
+                }
+                if t.sessions_full {
+                    self.reason = Some(format!("MaxSessions of {name} reached"));
+                    return self.fail(req, status::OUT_OF_RESOURCES);
+                }
                 self.params.target_name = name;
                 self.target = Some(t.params);
                 self.alias = t.alias;
@@ -491,11 +521,13 @@ mod tests {
 
     struct One;
     impl TargetLookup for One {
-        fn target(&self, name: &str) -> Option<LoginTarget> {
+        fn target(&self, name: &str, _: &str, _: [u8; 6]) -> Option<LoginTarget> {
             (name == "iqn.2026-11.x:t").then(|| LoginTarget {
                 params: TargetParams::default(),
                 alias: String::new(),
                 auth: Auth::default(),
+                redirect: None,
+                sessions_full: false,
             })
         }
     }
@@ -691,7 +723,7 @@ mod tests {
     /// A target guarded by CHAP: IncomingUser joe, OutgoingUser tgt.
     struct Guarded;
     impl TargetLookup for Guarded {
-        fn target(&self, name: &str) -> Option<LoginTarget> {
+        fn target(&self, name: &str, _: &str, _: [u8; 6]) -> Option<LoginTarget> {
             (name == "iqn.2026-11.x:t").then(|| LoginTarget {
                 params: TargetParams::default(),
                 alias: String::new(),
@@ -705,6 +737,8 @@ mod tests {
                         secret: "target-secret-x".into(),
                     }),
                 },
+                redirect: None,
+                sessions_full: false,
             })
         }
     }

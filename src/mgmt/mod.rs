@@ -125,6 +125,9 @@ struct Target {
     auth: Auth,
     /// Initiator groups in creation order (the first that takes an initiator wins).
     groups: Vec<(String, Group)>,
+    /// `redirect`: "ADDR[:PORT] temp|perm" as written, or empty.
+    redirect: String,
+    allowed_portals: Vec<String>,
 }
 
 #[derive(Default)]
@@ -301,6 +304,8 @@ impl Mgmt {
                     auth: t.auth.clone(),
                     luns,
                     groups,
+                    redirect: parse_redirect(&t.redirect).ok().flatten(),
+                    allowed_portals: t.allowed_portals.clone(),
                 }),
             );
         }
@@ -406,6 +411,11 @@ impl Mgmt {
                         .map(|n| Entry::attr(*n, true, tg.params.is_key(n))),
                 );
                 v.extend(auth_entries(&tg.auth));
+                v.push(Entry::attr("redirect", true, !tg.redirect.is_empty()));
+                v.extend(
+                    (0..tg.allowed_portals.len())
+                        .map(|i| Entry::attr(numbered("allowed_portal", i), false, true)),
+                );
                 v.sort_by(|a, b| a.name.cmp(&b.name));
                 v
             }
@@ -605,6 +615,10 @@ impl Mgmt {
                     "tid" => tg.tid.to_string(),
                     "rel_tgt_id" => tg.rel_tgt_id.to_string(),
                     "alias" => tg.alias.clone(),
+                    "redirect" => tg.redirect.clone(),
+                    a if portal_attr(&tg.allowed_portals, a).is_some() => {
+                        portal_attr(&tg.allowed_portals, a).unwrap_or_default()
+                    }
                     _ => match auth_attr(&tg.auth, a) {
                         Some(v) => v,
                         None => tg.params.get(a).ok_or_else(nf)?,
@@ -803,6 +817,10 @@ impl Mgmt {
                         }
                         tg.rel_tgt_id = n;
                     }
+                    "redirect" => {
+                        parse_redirect(value).map_err(|e| invalid(path, e))?;
+                        tg.redirect = value.trim().to_string();
+                    }
                     "alias" => {
                         if value.len() > 255 {
                             return Err(invalid(path, "alias must be at most 255 characters"));
@@ -905,6 +923,8 @@ impl Mgmt {
                             luns: BTreeMap::new(),
                             auth: Auth::default(),
                             groups: Vec::new(),
+                            redirect: String::new(),
+                            allowed_portals: Vec::new(),
                         },
                     );
                 }
@@ -926,7 +946,11 @@ impl Mgmt {
                         return Err(invalid(&here, format!("usage: {verb} TARGET ATTRIBUTE VALUE")));
                     };
                     let tg = st.targets.get_mut(*t).ok_or_else(|| invalid(&here, format!("no target {t}")))?;
-                    auth_command(&mut tg.auth, &here, verb.starts_with("add"), rest)?;
+                    if rest.first() == Some(&"allowed_portal") {
+                        portal_command(&mut tg.allowed_portals, &here, verb.starts_with("add"), &rest[1..])?;
+                    } else {
+                        auth_command(&mut tg.auth, &here, verb.starts_with("add"), rest)?;
+                    }
                 }
                 _ => {
                     return Err(invalid(
@@ -1073,6 +1097,12 @@ impl Mgmt {
             o.insert("rel_tgt_id".into(), json!(t.rel_tgt_id.to_string()));
             if !t.alias.is_empty() {
                 o.insert("alias".into(), json!(t.alias));
+            }
+            if !t.redirect.is_empty() {
+                o.insert("redirect".into(), json!(t.redirect));
+            }
+            if !t.allowed_portals.is_empty() {
+                o.insert("allowed_portal".into(), json!(t.allowed_portals));
             }
             for n in param::NAMES {
                 if t.params.is_key(n) {
@@ -1271,7 +1301,7 @@ impl Mgmt {
                                         }
                                     }
                                     "enabled" => enable.push((name.clone(), s(av, &path)?)),
-                                    "IncomingUser" | "OutgoingUser" => {
+                                    "IncomingUser" | "OutgoingUser" | "allowed_portal" => {
                                         for line in auth_lines(av, &path)? {
                                             self.mgmt(
                                                 "targets/iscsi/mgmt",
@@ -1508,6 +1538,102 @@ fn auth_entries(a: &Auth) -> Vec<Entry> {
         v.push(Entry::attr("OutgoingUser", false, true));
     }
     v
+}
+
+fn numbered(base: &str, i: usize) -> String {
+    if i == 0 {
+        base.to_string()
+    } else {
+        format!("{base}{i}")
+    }
+}
+
+fn portal_attr(list: &[String], name: &str) -> Option<String> {
+    let i = match name.strip_prefix("allowed_portal")? {
+        "" => 0,
+        n => n.parse().ok().filter(|&i: &usize| i > 0)?,
+    };
+    list.get(i).cloned()
+}
+
+/// `add_target_attribute T allowed_portal PATTERN` / `del_target_attribute T allowed_portal
+/// PATTERN`.
+fn portal_command(
+    list: &mut Vec<String>,
+    here: &str,
+    add: bool,
+    args: &[&str],
+) -> Result<(), MgmtError> {
+    let [pattern] = args else {
+        return Err(invalid(
+            here,
+            "usage: add_target_attribute TARGET allowed_portal PATTERN",
+        ));
+    };
+    let bare = pattern.strip_prefix('!').unwrap_or(pattern);
+    if bare.is_empty()
+        || !bare
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '*' | '?' | '%'))
+    {
+        return Err(invalid(
+            here,
+            format!(
+                "allowed_portal {pattern:?} is not an address pattern (digits, '.', ':', '*', '?')"
+            ),
+        ));
+    }
+    if add {
+        if list.iter().any(|p| p == pattern) {
+            return Err(invalid(
+                here,
+                format!("allowed_portal {pattern} already exists"),
+            ));
+        }
+        list.push(pattern.to_string());
+    } else {
+        let before = list.len();
+        list.retain(|p| p != pattern);
+        if list.len() == before {
+            return Err(invalid(here, format!("no allowed_portal {pattern}")));
+        }
+    }
+    Ok(())
+}
+
+/// `redirect`: "" (off) or "ADDR[:PORT] temp|perm" (SCST's syntax; IPv6 in brackets). Gives
+/// the TargetAddress to send and whether the redirection is permanent.
+fn parse_redirect(v: &str) -> Result<Option<(String, bool)>, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let words: Vec<&str> = v.split_whitespace().collect();
+    let (addr, kind) = match words.as_slice() {
+        [a] => (*a, "temp"),
+        [a, k] => (*a, *k),
+        _ => return Err("redirect is \"ADDRESS[:PORT] temp|perm\" or empty".into()),
+    };
+    let permanent = match kind {
+        "temp" => false,
+        "perm" => true,
+        _ => return Err(format!("redirect kind {kind:?} must be temp or perm")),
+    };
+    let with_port = if addr.parse::<std::net::SocketAddr>().is_ok() {
+        addr.to_string()
+    } else if addr.parse::<std::net::Ipv4Addr>().is_ok() {
+        format!("{addr}:3260")
+    } else if let Some(inner) = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
+        inner
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+        format!("{addr}:3260")
+    } else {
+        return Err(format!(
+            "{addr:?} is not an IP address with an optional port"
+        ));
+    };
+    Ok(Some((format!("{with_port},1"), permanent)))
 }
 
 fn incoming_name(i: usize) -> String {
