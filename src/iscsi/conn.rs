@@ -131,6 +131,23 @@ pub struct Conn {
     /// Digests negotiated for this connection (RFC 7143 §13.1), checked on receive.
     rx_header_digest: bool,
     rx_data_digest: bool,
+    /// A task management function that reaches other sessions, for the reactor to hand to
+    /// every reactor; its response (ITT) waits until all have applied it.
+    pub tmf_out: Option<(AbortScope, u32)>,
+    /// A TARGET COLD RESET: close after its response.
+    close_after_tmf: bool,
+}
+
+/// What a task management function ends beyond the requesting nexus.
+#[derive(Debug, Clone)]
+pub struct AbortScope {
+    pub target: String,
+    /// `None`: every LUN (target resets).
+    pub lun: Option<u64>,
+    /// The requesting I_T nexus (its own tasks were handled where it runs).
+    pub requester: u64,
+    /// TARGET COLD RESET: close every session of the target.
+    pub close: bool,
 }
 
 struct Lookup<'a> {
@@ -201,6 +218,8 @@ impl Conn {
             rx_more: false,
             rx_header_digest: false,
             rx_data_digest: false,
+            tmf_out: None,
+            close_after_tmf: false,
         }
     }
 
@@ -1411,52 +1430,103 @@ impl Conn {
                     }
                 }
             }
-            pdu::TMF_ABORT_TASK_SET | pdu::TMF_CLEAR_TASK_SET => {
-                let slots: Vec<usize> = self
-                    .tasks
-                    .slots()
-                    .filter(|(_, x)| x.lun == lun)
-                    .map(|(i, _)| i)
-                    .collect();
-                for s in slots {
-                    self.abort_slot(s);
+            pdu::TMF_ABORT_TASK_SET
+            | pdu::TMF_CLEAR_TASK_SET
+            | pdu::TMF_LOGICAL_UNIT_RESET
+            | pdu::TMF_TARGET_WARM_RESET
+            | pdu::TMF_TARGET_COLD_RESET => {
+                let target_wide = matches!(
+                    t.function,
+                    pdu::TMF_TARGET_WARM_RESET | pdu::TMF_TARGET_COLD_RESET
+                );
+                let Some(sess) = self.sess.as_ref() else {
+                    return;
+                };
+                let nexus = sess.nexus;
+                let Some(tg) = sess.target.clone() else {
+                    return;
+                };
+                let entry = tg.lun(lun).cloned();
+                if !target_wide && entry.is_none() {
+                    pdu::TMF_RSP_LUN_DOES_NOT_EXIST
+                } else {
+                    // This nexus's own tasks end without a response (SAM-5 §7).
+                    let slots: Vec<usize> = self
+                        .tasks
+                        .slots()
+                        .filter(|(_, x)| target_wide || x.lun == lun)
+                        .map(|(i, _)| i)
+                        .collect();
+                    for s in slots {
+                        self.abort_slot(s);
+                    }
+                    // Unit attentions: a reset is seen by every I_T nexus, the requester's
+                    // included (SAM-5 §7.7, §7.8).
+                    match t.function {
+                        pdu::TMF_LOGICAL_UNIT_RESET => {
+                            if let Some(e) = &entry {
+                                e.device.add_ua_all(0x29, 0x03);
+                            }
+                        }
+                        pdu::TMF_TARGET_WARM_RESET | pdu::TMF_TARGET_COLD_RESET => {
+                            for l in &tg.luns {
+                                l.device.add_ua_all(0x29, 0x00);
+                            }
+                        }
+                        _ => {}
+                    }
+                    // CLEAR TASK SET and the resets also end the tasks of every other nexus
+                    // (with TASK ABORTED, TAS=1), on whichever reactor they run; ABORT TASK SET
+                    // is the requester's own business. The response waits for all reactors.
+                    if t.function != pdu::TMF_ABORT_TASK_SET {
+                        self.tmf_out = Some((
+                            AbortScope {
+                                target: tg.name.clone(),
+                                lun: (!target_wide).then_some(lun),
+                                requester: nexus,
+                                close: t.function == pdu::TMF_TARGET_COLD_RESET,
+                            },
+                            t.itt,
+                        ));
+                        if t.function == pdu::TMF_TARGET_COLD_RESET {
+                            // RFC 7143 §11.5.1: every connection ends, this one after the
+                            // response.
+                            self.close_after_tmf = true;
+                        }
+                        return;
+                    }
+                    pdu::TMF_RSP_COMPLETE
                 }
-                pdu::TMF_RSP_COMPLETE
             }
-            pdu::TMF_LOGICAL_UNIT_RESET => {
-                let slots: Vec<usize> = self
-                    .tasks
-                    .slots()
-                    .filter(|(_, x)| x.lun == lun)
-                    .map(|(i, _)| i)
-                    .collect();
-                for s in slots {
-                    self.abort_slot(s);
-                }
-                if let Some(e) = self
+            // No ACA condition ever exists (NACA=1 is refused), so there is none to clear.
+            pdu::TMF_CLEAR_ACA => {
+                let known = self
                     .sess
                     .as_ref()
                     .and_then(|s| s.target.as_ref())
-                    .and_then(|tg| tg.lun(lun))
-                {
-                    // SAM-5 §7.7: every I_T nexus, the requester's included, sees BUS DEVICE
-                    // RESET FUNCTION OCCURRED.
-                    e.device.add_ua_all(0x29, 0x03);
+                    .is_some_and(|tg| tg.lun(lun).is_some());
+                if known {
                     pdu::TMF_RSP_COMPLETE
                 } else {
                     pdu::TMF_RSP_LUN_DOES_NOT_EXIST
                 }
             }
+            // ERL 0 has no task reassignment (RFC 7143 §11.5.1).
             pdu::TMF_TASK_REASSIGN => pdu::TMF_RSP_REASSIGN_NOT_SUPPORTED,
             _ => pdu::TMF_RSP_NOT_SUPPORTED,
         };
+        self.queue_tmf_response(t.itt, response);
+        let _ = cx;
+    }
+
+    fn queue_tmf_response(&mut self, itt: u32, response: u8) {
         let Some(sess) = self.sess.as_mut() else {
             return;
         };
         update_max_cmd_sn(sess, self.tasks.active);
         let rsp = pdu::TaskMgmtResponse {
             response,
-            itt: t.itt,
+            itt,
             stat_sn: self.stat_sn,
             exp_cmd_sn: sess.exp_cmd_sn,
             max_cmd_sn: sess.max_cmd_sn,
@@ -1466,7 +1536,66 @@ impl Conn {
         let mut bhs = [0u8; BHS_LEN];
         rsp.emit(&mut bhs);
         self.tx.push(TxPdu::new(bhs, TxData::None, 0));
-        let _ = cx;
+    }
+
+    /// Every reactor has applied this connection's task management function (`tmf_out`):
+    /// answer it.
+    pub fn tmf_done(&mut self, itt: u32) {
+        self.queue_tmf_response(itt, pdu::TMF_RSP_COMPLETE);
+        if self.close_after_tmf {
+            self.close_after_tmf = false;
+            self.phase = Phase::Closing;
+        }
+    }
+
+    /// Another nexus's task management function reaches this connection: end the tasks it
+    /// covers with TASK ABORTED (TAS=1, SPC-4 §7.5.8), or close the connection for a cold
+    /// reset.
+    pub fn apply_abort(&mut self, scope: &AbortScope, cx: &mut ConnCtx<'_>) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        if sess.nexus == scope.requester
+            || sess.target.as_ref().is_none_or(|t| t.name != scope.target)
+        {
+            return;
+        }
+        if scope.close {
+            self.close(cx, "target cold reset by another initiator");
+            return;
+        }
+        let hit: Vec<(usize, u32)> = self
+            .tasks
+            .slots()
+            .filter(|(_, x)| {
+                x.state != TaskState::Responding && scope.lun.is_none_or(|l| x.lun == l)
+            })
+            .map(|(i, x)| (i, x.itt))
+            .collect();
+        for (slot, itt) in hit {
+            self.abort_slot(slot);
+            self.queue_task_aborted(itt);
+        }
+    }
+
+    /// A SCSI Response with status TASK ABORTED for a task another nexus's TMF ended.
+    fn queue_task_aborted(&mut self, itt: u32) {
+        let Some(sess) = self.sess.as_mut() else {
+            return;
+        };
+        let rsp = pdu::ScsiResponse {
+            itt,
+            response: 0,
+            status: 0x40,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        rsp.emit(&mut bhs);
+        self.tx.push(TxPdu::new(bhs, TxData::None, 0));
     }
 
     /// Aborts one task: no response is sent for it (RFC 7143 §4.2.3.4 / SAM-5 ABORT TASK).
@@ -1725,6 +1854,11 @@ impl Conn {
                 sess.target = Some(new.clone());
             }
         }
+    }
+
+    /// The I_T nexus of the session, once logged in.
+    pub fn nexus(&self) -> Option<u64> {
+        self.sess.as_ref().map(|s| s.nexus)
     }
 
     /// Whether the connection is in full feature phase (for the reactor's load count).

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use crate::iscsi::config::{Publisher, Snapshot};
-use crate::iscsi::conn::{Conn, ConnCtx, Phase};
+use crate::iscsi::conn::{AbortScope, Conn, ConnCtx, Phase};
 use crate::iscsi::registry::Registry;
 use crate::net::{Listener, Readiness, Sock, SockGroup};
 use crate::reactor::{Ctx, Poller, ReactorHandle};
@@ -24,6 +24,14 @@ use crate::scsi::{Completion, ScsiPort};
 pub enum Msg {
     /// A connection accepted on another reactor, now ours.
     Conn(Box<dyn Sock>),
+    /// Apply another nexus's task management function here, then answer `reply_to`.
+    Abort {
+        id: u64,
+        scope: AbortScope,
+        reply_to: usize,
+    },
+    /// One reactor has applied task management function `id`.
+    AbortDone { id: u64 },
 }
 
 /// State shared by every reactor's engine.
@@ -100,6 +108,10 @@ pub struct Engine {
     events: Vec<(usize, Readiness)>,
     /// Connections to flush at the end of this pass.
     to_flush: Vec<usize>,
+    /// Task management functions of our connections waiting for every reactor: id →
+    /// (connection, its I_T nexus, ITT, reactors still to answer).
+    tmf_pending: std::collections::HashMap<u64, (usize, u64, u32, usize)>,
+    next_tmf: u64,
     /// Connections whose receive budget ran out (see `Conn::rx_more`).
     rx_pending: Vec<usize>,
     next_timer: Instant,
@@ -137,6 +149,8 @@ impl Engine {
             completions: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
             to_flush: Vec::with_capacity(256),
+            tmf_pending: std::collections::HashMap::new(),
+            next_tmf: 0,
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
         }
@@ -279,6 +293,27 @@ impl Poller for Engine {
                 };
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
+                    if let Some((scope, itt)) = c.tmf_out.take() {
+                        // Every reactor (this one included) applies it, then answers.
+                        let id = ((self.id as u64) << 48) | self.next_tmf;
+                        self.next_tmf += 1;
+                        let nexus = c.nexus().unwrap_or(0);
+                        self.tmf_pending
+                            .insert(id, (idx, nexus, itt, self.peers.len()));
+                        for p in &self.peers {
+                            let m = Msg::Abort {
+                                id,
+                                scope: scope.clone(),
+                                reply_to: self.id,
+                            };
+                            if p.send(m).is_err() {
+                                // A reactor that is gone has nothing left to abort.
+                                if let Some(e) = self.tmf_pending.get_mut(&id) {
+                                    e.3 -= 1;
+                                }
+                            }
+                        }
+                    }
                     if c.rx_more && !self.rx_pending.contains(&idx) {
                         self.rx_pending.push(idx);
                     }
@@ -356,6 +391,65 @@ impl Poller for Engine {
                 // Counted by the sender already.
                 self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
                 self.add_conn(sock, ctx.now());
+            }
+            Msg::Abort {
+                id,
+                scope,
+                reply_to,
+            } => {
+                let now = ctx.now();
+                let snap = self.snapshot.clone();
+                for idx in 0..self.conns.len() {
+                    if let Some(c) = self.conns[idx].as_mut() {
+                        let mut cx = ConnCtx {
+                            now,
+                            snapshot: &snap,
+                            shared: &self.shared,
+                            port: &mut self.port,
+                            index: idx,
+                        };
+                        c.apply_abort(&scope, &mut cx);
+                        c.flush(&mut cx);
+                        let want = c.want_write;
+                        let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+                    }
+                    self.reap(idx);
+                }
+                let _ = self.peers[reply_to].send(Msg::AbortDone { id });
+            }
+            Msg::AbortDone { id } => {
+                let Some(e) = self.tmf_pending.get_mut(&id) else {
+                    return;
+                };
+                e.3 -= 1;
+                if e.3 > 0 {
+                    return;
+                }
+                let (idx, nexus, itt, _) = e.to_owned();
+                self.tmf_pending.remove(&id);
+                let now = ctx.now();
+                let snap = self.snapshot.clone();
+                // The connection may have gone (and its slot been reused) meanwhile.
+                let same = |c: &&mut Conn| c.nexus() == Some(nexus);
+                if let Some(c) = self
+                    .conns
+                    .get_mut(idx)
+                    .and_then(Option::as_mut)
+                    .filter(same)
+                {
+                    let mut cx = ConnCtx {
+                        now,
+                        snapshot: &snap,
+                        shared: &self.shared,
+                        port: &mut self.port,
+                        index: idx,
+                    };
+                    c.tmf_done(itt);
+                    c.flush(&mut cx);
+                    let want = c.want_write;
+                    let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+                }
+                self.reap(idx);
             }
         }
     }
