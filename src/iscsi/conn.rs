@@ -1782,6 +1782,39 @@ impl Conn {
         self.nop_ping = Some((ttt, now));
     }
 
+    /// Queues an Asynchronous Message (RFC 7143 §11.9); it takes a StatSN like a response.
+    fn queue_async(&mut self, event: u8, lun: u64, param3: u16, data: Vec<u8>) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let m = pdu::AsyncMessage {
+            lun: pdu::encode_lun(lun),
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: sess.exp_cmd_sn,
+            max_cmd_sn: sess.max_cmd_sn,
+            async_event: event,
+            parameter3: param3,
+            data_segment_length: data.len() as u32,
+            ..Default::default()
+        };
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        let mut bhs = [0u8; BHS_LEN];
+        m.emit(&mut bhs);
+        let len = data.len();
+        self.tx.push(TxPdu::new(bhs, TxData::Owned(data), len));
+    }
+
+    /// Asks the initiator to log out within `secs` seconds (AsyncEvent 1), as the target
+    /// does before it stops. Returns whether the connection is in full feature phase (and so
+    /// was asked).
+    pub fn request_logout(&mut self, secs: u16) -> bool {
+        if self.phase != Phase::FullFeature || self.sess.is_none() {
+            return false;
+        }
+        self.queue_async(1, 0, secs, Vec::new());
+        true
+    }
+
     /// Closes the connection and ends its session.
     pub fn close(&mut self, cx: &mut ConnCtx<'_>, why: &str) {
         if self.phase == Phase::Closed {
@@ -1830,6 +1863,7 @@ impl Conn {
         let Some(old) = sess.target.clone() else {
             return;
         };
+        let mut changed = false;
         match snap.targets.get(&old.name) {
             None => {
                 self.close(cx, "target deleted");
@@ -1849,10 +1883,21 @@ impl Conn {
                     }
                     if !sess.pending_ua.contains(&(0x3f, 0x0e)) {
                         sess.pending_ua.push((0x3f, 0x0e));
+                        // And tell the initiator now: a SCSI asynchronous event carrying the
+                        // same sense (RFC 7143 §11.9.1, AsyncEvent 0).
+                        changed = true;
                     }
                 }
                 sess.target = Some(new.clone());
             }
+        }
+        if changed {
+            let mut sense = scsi::sense::Sense::new(scsi::sense::UNIT_ATTENTION, (0x3f, 0x0e))
+                .to_fixed()
+                .to_vec();
+            let mut data = (sense.len() as u16).to_be_bytes().to_vec();
+            data.append(&mut sense);
+            self.queue_async(0, 0, 0, data);
         }
     }
 

@@ -21,6 +21,9 @@ use crate::reactor::{Ctx, Poller, ReactorHandle};
 use crate::scsi::{Completion, ScsiPort};
 
 /// Messages between reactors.
+/// How long a stopping target waits for initiators to log out after asking them.
+const LOGOUT_GRACE: Duration = Duration::from_secs(2);
+
 pub enum Msg {
     /// A connection accepted on another reactor, now ours.
     Conn(Box<dyn Sock>),
@@ -112,6 +115,8 @@ pub struct Engine {
     /// (connection, its I_T nexus, ITT, reactors still to answer).
     tmf_pending: std::collections::HashMap<u64, (usize, u64, u32, usize)>,
     next_tmf: u64,
+    /// When the shutdown stops waiting for initiators to log out.
+    shutdown_at: Option<Instant>,
     /// Connections whose receive budget ran out (see `Conn::rx_more`).
     rx_pending: Vec<usize>,
     next_timer: Instant,
@@ -151,6 +156,7 @@ impl Engine {
             to_flush: Vec::with_capacity(256),
             tmf_pending: std::collections::HashMap::new(),
             next_tmf: 0,
+            shutdown_at: None,
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
         }
@@ -257,6 +263,7 @@ impl Poller for Engine {
                         index: idx,
                     };
                     c.on_snapshot(&snap, &mut cx);
+                    mark_flush(&mut self.to_flush, c, idx);
                 }
             }
         }
@@ -473,6 +480,40 @@ impl Poller for Engine {
         let snap = self.snapshot.clone();
         for l in &mut self.listeners {
             l.close();
+        }
+        // First ask every logged-in initiator to log out (AsyncEvent 1) and give them
+        // LOGOUT_GRACE to do so while the reactor keeps polling; then close what is left.
+        let deadline = *self.shutdown_at.get_or_insert_with(|| {
+            let mut asked = 0;
+            for idx in 0..self.conns.len() {
+                if let Some(c) = self.conns[idx].as_mut() {
+                    if c.request_logout(LOGOUT_GRACE.as_secs() as u16) {
+                        asked += 1;
+                        let mut cx = ConnCtx {
+                            now,
+                            snapshot: &snap,
+                            shared: &self.shared,
+                            port: &mut self.port,
+                            index: idx,
+                        };
+                        c.flush(&mut cx);
+                    }
+                }
+            }
+            if asked > 0 {
+                info!("reactor {}: asked {asked} initiator(s) to log out", self.id);
+                now + LOGOUT_GRACE
+            } else {
+                now
+            }
+        });
+        let waiting = self
+            .conns
+            .iter()
+            .flatten()
+            .any(|c| c.phase == Phase::FullFeature);
+        if now < deadline && waiting {
+            return false;
         }
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut() {
