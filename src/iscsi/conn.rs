@@ -136,6 +136,20 @@ pub struct Conn {
     pub tmf_out: Option<(AbortScope, u32)>,
     /// A TARGET COLD RESET: close after its response.
     close_after_tmf: bool,
+    /// A text request being continued (C=1): its ITT, the TTT we gave it, the text so far.
+    text_in: Option<(u32, u32, Vec<u8>)>,
+    /// The rest of a long text answer: our TTT, the ITT, and the bytes not yet sent.
+    text_out: Option<(u32, u32, Vec<u8>)>,
+    text_ttt: u32,
+}
+
+/// A text request longer than this is refused (RFC 7143 §6.2 sets 64 KiB for login text).
+const MAX_TEXT: usize = 64 * 1024;
+
+fn text_header(t: &pdu::TextRequest) -> [u8; BHS_LEN] {
+    let mut raw = [0u8; BHS_LEN];
+    t.emit(&mut raw);
+    raw
 }
 
 /// What a task management function ends beyond the requesting nexus.
@@ -220,6 +234,9 @@ impl Conn {
             rx_data_digest: false,
             tmf_out: None,
             close_after_tmf: false,
+            text_in: None,
+            text_out: None,
+            text_ttt: 0,
         }
     }
 
@@ -1321,14 +1338,60 @@ impl Conn {
         if !t.immediate && !self.check_cmd_sn(false, t.cmd_sn) {
             return;
         }
+        if self.sess.is_none() {
+            return;
+        }
+        // The rest of a long answer, asked for with our TTT and no data (RFC 7143 §11.10).
+        let continuing = self
+            .text_in
+            .as_ref()
+            .is_some_and(|(itt, ttt, _)| *itt == t.itt && *ttt == t.ttt);
+        if t.ttt != pdu::RESERVED_TAG && !continuing {
+            match self.text_out.take() {
+                Some((ttt, itt, rest)) if ttt == t.ttt && itt == t.itt => {
+                    self.send_text_part(t, ttt, rest);
+                }
+                _ => {
+                    // An unknown TTT.
+                    let raw = text_header(t);
+                    self.queue_reject(pdu::REJECT_INVALID_PDU_FIELD, &raw);
+                }
+            }
+            return;
+        }
+        // A request continued over several PDUs (C=1): gather, answer each with an empty
+        // response whose TTT the initiator echoes with the next part.
+        if !continuing {
+            self.text_in = Some((t.itt, pdu::RESERVED_TAG, Vec::new()));
+        }
+        let Some((_, _, buf)) = self.text_in.as_mut() else {
+            return;
+        };
+        buf.extend_from_slice(&data);
+        if buf.len() > MAX_TEXT {
+            self.text_in = None;
+            let raw = text_header(t);
+            self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
+            return;
+        }
+        if t.cont {
+            let ttt = self.next_text_ttt();
+            if let Some(x) = self.text_in.as_mut() {
+                x.1 = ttt;
+            }
+            self.queue_text_response(t.itt, t.lun, ttt, false, false, Vec::new());
+            return;
+        }
+        let data = self.text_in.take().map(|(_, _, d)| d).unwrap_or_default();
         let Some(sess) = self.sess.as_ref() else {
             return;
         };
+        let local_ip = self.local.ip().to_string();
         let targets: Vec<(String, Vec<String>)> = cx
             .snapshot
             .targets
             .values()
-            .filter(|t| t.enabled && t.portal_allowed(&self.local.ip().to_string()))
+            .filter(|t| t.enabled && t.portal_allowed(&local_ip))
             .map(|t| {
                 let addrs = cx
                     .shared
@@ -1345,24 +1408,62 @@ impl Conn {
         };
         let resp_data =
             crate::iscsi::login::text_request(&data, sess.params.session_type, current, &targets);
-        let mut resp_data = resp_data.unwrap_or_default();
-        resp_data.truncate(self.max_xmit_data());
+        let Ok(resp_data) = resp_data else {
+            let raw = text_header(t);
+            self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
+            return;
+        };
+        let ttt = self.next_text_ttt();
+        self.send_text_part(t, ttt, resp_data);
+    }
+
+    /// Sends as much of a text answer as the initiator takes in one PDU; a longer answer
+    /// continues (C=1) when the initiator asks with `ttt`.
+    fn send_text_part(&mut self, t: &pdu::TextRequest, ttt: u32, mut data: Vec<u8>) {
+        let max = self.max_xmit_data();
+        if data.len() > max {
+            let rest = data.split_off(max);
+            self.text_out = Some((ttt, t.itt, rest));
+            self.queue_text_response(t.itt, t.lun, ttt, false, true, data);
+        } else {
+            self.queue_text_response(t.itt, t.lun, pdu::RESERVED_TAG, true, false, data);
+        }
+    }
+
+    fn next_text_ttt(&mut self) -> u32 {
+        self.text_ttt = self.text_ttt.wrapping_add(1) & 0x7fff_ffff;
+        self.text_ttt.max(1)
+    }
+
+    fn queue_text_response(
+        &mut self,
+        itt: u32,
+        lun: u64,
+        ttt: u32,
+        final_flag: bool,
+        cont: bool,
+        data: Vec<u8>,
+    ) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
         let resp = pdu::TextResponse {
-            final_flag: true,
-            lun: t.lun,
-            itt: t.itt,
-            ttt: pdu::RESERVED_TAG,
+            final_flag,
+            cont,
+            lun,
+            itt,
+            ttt,
             stat_sn: self.stat_sn,
             exp_cmd_sn: sess.exp_cmd_sn,
             max_cmd_sn: sess.max_cmd_sn,
-            data_segment_length: resp_data.len() as u32,
+            data_segment_length: data.len() as u32,
             ..Default::default()
         };
         self.stat_sn = self.stat_sn.wrapping_add(1);
         let mut bhs = [0u8; BHS_LEN];
         resp.emit(&mut bhs);
-        let len = resp_data.len();
-        self.tx.push(TxPdu::new(bhs, TxData::Owned(resp_data), len));
+        let len = data.len();
+        self.tx.push(TxPdu::new(bhs, TxData::Owned(data), len));
     }
 
     fn handle_logout(&mut self, l: &pdu::LogoutRequest, cx: &mut ConnCtx<'_>) {
