@@ -1567,11 +1567,13 @@ impl Conn {
                         pdu::TMF_LOGICAL_UNIT_RESET => {
                             if let Some(e) = &entry {
                                 e.device.add_ua_all(0x29, 0x03);
+                                e.device.clear_prevent_removal();
                             }
                         }
                         pdu::TMF_TARGET_WARM_RESET | pdu::TMF_TARGET_COLD_RESET => {
                             for l in &tg.luns {
                                 l.device.add_ua_all(0x29, 0x00);
+                                l.device.clear_prevent_removal();
                             }
                         }
                         _ => {}

@@ -261,6 +261,15 @@ impl Device {
         }
     }
 
+    /// A reset releases every PREVENT (SPC-4 §6.13: logical unit reset and hard reset clear
+    /// the prevent state).
+    pub fn clear_prevent_removal(&self) {
+        self.prevent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Whether some nexus prevents medium removal (an eject is then refused).
     pub fn removal_prevented(&self) -> bool {
         !self
