@@ -192,9 +192,14 @@ impl ScsiTask {
     }
 }
 
-/// SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report unit attentions.
+/// SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report unit attentions; nor
+/// do MMC's GET CONFIGURATION and GET EVENT STATUS NOTIFICATION (polled while a CD drive
+/// has a pending attention).
 pub fn ua_applies(task: &ScsiTask) -> bool {
-    !matches!(task.opcode(), INQUIRY | REPORT_LUNS | REQUEST_SENSE)
+    !matches!(
+        task.opcode(),
+        INQUIRY | REPORT_LUNS | REQUEST_SENSE | GET_CONFIGURATION | GET_EVENT_STATUS_NOTIFICATION
+    )
 }
 
 fn be16(b: &[u8]) -> u32 {
@@ -1554,7 +1559,23 @@ mod tests {
         assert_eq!(asc(&t), (6, 0x29, 0));
         assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
         d.add_ua_all(0x3f, 0x03);
-        // INQUIRY does not report it; TUR does.
+        // INQUIRY and the MMC polling commands do not report it; TUR does.
+        assert!(!ua_applies(&ScsiTask::new(
+            &[
+                mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+                1,
+                0,
+                0,
+                0x10,
+                0,
+                0,
+                0,
+                8,
+                0
+            ],
+            0,
+            7
+        )));
         assert_eq!(run(&d, &[INQUIRY, 0, 0, 0, 36, 0], None).status, 0);
         assert_eq!(
             asc(&run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None)),
