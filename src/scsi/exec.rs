@@ -34,12 +34,15 @@ pub mod opcode {
     pub const WRITE_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const WRITE_SAME_10: u8 = 0x41;
+    pub const UNMAP: u8 = 0x42;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
+    pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const READ_12: u8 = 0xa8;
@@ -47,10 +50,33 @@ pub mod opcode {
     pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const VERIFY_12: u8 = 0xaf;
 }
+use crate::scsi::mmc::{self, opcode::*};
 use opcode::*;
 
-/// SERVICE ACTION IN(16) service action READ CAPACITY(16).
+/// SERVICE ACTION IN(16) service actions READ CAPACITY(16) and GET LBA STATUS.
 const SAI_READ_CAPACITY_16: u8 = 0x10;
+const SAI_GET_LBA_STATUS: u8 = 0x12;
+
+/// Block Limits VPD (SBC-3 §6.5.3) for thin provisioned devices: at most this many UNMAP
+/// block descriptors in one UNMAP command...
+const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+/// ...and at most this many bytes deallocated by one command (64 MiB).
+const MAX_UNMAP_BYTES: u64 = 64 << 20;
+
+/// MAXIMUM UNMAP LBA COUNT in blocks of `bs`.
+fn max_unmap_blocks(bs: u32) -> u32 {
+    (MAX_UNMAP_BYTES / u64::from(bs)) as u32
+}
+
+/// MAXIMUM WRITE SAME LENGTH: a WRITE SAME is expanded into one buffer of its whole range.
+fn max_write_same_blocks(bs: u32) -> u32 {
+    (MAX_TRANSFER as u32) / bs
+}
+
+/// OPTIMAL UNMAP GRANULARITY: 4 KiB.
+fn unmap_granularity(bs: u32) -> u32 {
+    (4096 / bs).max(1)
+}
 
 /// Which way data moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +121,11 @@ pub struct ScsiTask {
     /// Decoded by `plan`: the I/O range in bytes.
     io: Option<(IoOp, u64, u32)>,
     verify_compare: bool,
+    /// WRITE SAME without UNMAP: `io` is the whole range and `buf` holds the one block (or
+    /// nothing with NDOB), repeated over the range at execution.
+    write_same: bool,
+    /// For [`IoOp::Unmap`]: the byte ranges to deallocate.
+    ranges: Vec<(u64, u64)>,
 }
 
 impl ScsiTask {
@@ -119,6 +150,8 @@ impl ScsiTask {
             data_in_len: 0,
             io: None,
             verify_compare: false,
+            write_same: false,
+            ranges: Vec::new(),
         }
     }
 
@@ -159,9 +192,14 @@ impl ScsiTask {
     }
 }
 
-/// SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report unit attentions.
+/// SAM-5 §5.14: INQUIRY, REPORT LUNS and REQUEST SENSE do not report unit attentions; nor
+/// do MMC's GET CONFIGURATION and GET EVENT STATUS NOTIFICATION (polled while a CD drive
+/// has a pending attention).
 pub fn ua_applies(task: &ScsiTask) -> bool {
-    !matches!(task.opcode(), INQUIRY | REPORT_LUNS | REQUEST_SENSE)
+    !matches!(
+        task.opcode(),
+        INQUIRY | REPORT_LUNS | REQUEST_SENSE | GET_CONFIGURATION | GET_EVENT_STATUS_NOTIFICATION
+    )
 }
 
 fn be16(b: &[u8]) -> u32 {
@@ -185,6 +223,75 @@ fn cdb_len_of(op: u8) -> usize {
         5 => 12,
         _ => 0,
     }
+}
+
+/// Whether `op` is a command of `dev`'s device type (SBC-3 for disks, MMC-5 for CD-ROMs).
+fn supported(dev: &Device, op: u8, c: &[u8; 16]) -> bool {
+    let common = matches!(
+        op,
+        TEST_UNIT_READY
+            | REQUEST_SENSE
+            | INQUIRY
+            | MODE_SENSE_6
+            | MODE_SENSE_10
+            | START_STOP_UNIT
+            | PREVENT_ALLOW
+            | READ_CAPACITY_10
+            | READ_10
+            | READ_12
+            | WRITE_10
+            | WRITE_12
+            | WRITE_VERIFY_10
+            | VERIFY_10
+            | SYNCHRONIZE_CACHE_10
+            | REPORT_LUNS
+    );
+    if common {
+        return true;
+    }
+    if dev.scsi_type() == mmc::TYPE_CDROM {
+        matches!(
+            op,
+            READ_TOC
+                | GET_CONFIGURATION
+                | GET_EVENT_STATUS_NOTIFICATION
+                | READ_DISC_INFORMATION
+                | MECHANISM_STATUS
+        )
+    } else {
+        match op {
+            READ_6 | WRITE_6 | READ_16 | WRITE_16 | WRITE_VERIFY_12 | WRITE_VERIFY_16
+            | VERIFY_12 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_10 | WRITE_SAME_16 => true,
+            // SCST: UNMAP exists only on thin provisioned devices.
+            UNMAP => dev.thin_provisioned(),
+            SERVICE_ACTION_IN_16 => {
+                matches!(c[1] & 0x1f, SAI_READ_CAPACITY_16 | SAI_GET_LBA_STATUS)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Commands that work without a medium (SPC-4 §4.4, MMC-5 §4.1.7): all others end with
+/// NOT READY, MEDIUM NOT PRESENT while the drive is empty.
+fn works_without_medium(op: u8) -> bool {
+    matches!(
+        op,
+        INQUIRY
+            | REQUEST_SENSE
+            | REPORT_LUNS
+            | MODE_SENSE_6
+            | MODE_SENSE_10
+            | START_STOP_UNIT
+            | PREVENT_ALLOW
+            | GET_CONFIGURATION
+            | GET_EVENT_STATUS_NOTIFICATION
+            | MECHANISM_STATUS
+    )
+}
+
+fn write_protected(dev: &Device, task: &ScsiTask) -> bool {
+    task.read_only || dev.is_read_only() || dev.scsi_type() == mmc::TYPE_CDROM
 }
 
 /// Decodes and checks a command before its data moves. On error the task holds the sense.
@@ -211,6 +318,17 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         return Err(());
     }
     let c = task.cdb;
+    if !supported(dev, op, &c) {
+        task.fail(Sense::new(
+            sense::ILLEGAL_REQUEST,
+            sense::INVALID_COMMAND_OPERATION_CODE,
+        ));
+        return Err(());
+    }
+    if !works_without_medium(op) && !dev.medium_present() {
+        task.fail(Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT));
+        return Err(());
+    }
     let none = Ok(Plan {
         dir: DataDir::None,
         len: 0,
@@ -222,7 +340,30 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         })
     };
     match op {
-        TEST_UNIT_READY | START_STOP_UNIT | PREVENT_ALLOW => none,
+        TEST_UNIT_READY => none,
+        START_STOP_UNIT => {
+            // LOEJ=1 with POWER CONDITION 0 loads or ejects the medium (SBC-3 §5.25): not
+            // while removal is prevented (SPC-4 §6.13).
+            let loej = c[4] & 0x02 != 0 && c[4] >> 4 == 0;
+            let removable = dev.is_removable() || dev.scsi_type() == mmc::TYPE_CDROM;
+            if loej && removable && dev.removal_prevented() {
+                task.fail(Sense::new(
+                    sense::ILLEGAL_REQUEST,
+                    sense::MEDIUM_REMOVAL_PREVENTED,
+                ));
+                return Err(());
+            }
+            none
+        }
+        PREVENT_ALLOW => {
+            // PREVENT field (bits 1-0): MMC also has PERSISTENT (bit 1); SBC has 00b/01b only.
+            let prevent = c[4] & 0x03;
+            if prevent > 1 && dev.scsi_type() != mmc::TYPE_CDROM {
+                task.fail(Sense::invalid_cdb_field(4, Some(0)));
+                return Err(());
+            }
+            none
+        }
         INQUIRY => {
             if c[1] & 0x01 == 0 && c[2] != 0 {
                 task.fail(Sense::invalid_cdb_field(2, None));
@@ -239,7 +380,20 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         MODE_SENSE_10 => din(be16(&c[7..9])),
         READ_CAPACITY_10 => din(8),
         SERVICE_ACTION_IN_16 if c[1] & 0x1f == SAI_READ_CAPACITY_16 => din(be32(&c[10..14])),
+        SERVICE_ACTION_IN_16 => {
+            // GET LBA STATUS (SBC-3 §5.6).
+            let lba = be64(&c[2..10]);
+            if lba >= dev.num_blocks() {
+                task.fail(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
+                return Err(());
+            }
+            din(be32(&c[10..14]))
+        }
         REPORT_LUNS => din(be32(&c[6..10])),
+        READ_TOC | GET_CONFIGURATION | GET_EVENT_STATUS_NOTIFICATION | READ_DISC_INFORMATION => {
+            din(be16(&c[7..9]))
+        }
+        MECHANISM_STATUS => din(be16(&c[8..10])),
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
             let (lba, n) = if op == SYNCHRONIZE_CACHE_10 {
                 (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
@@ -250,17 +404,159 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             task.io = Some((IoOp::Flush, 0, 0));
             none
         }
-        READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
-        | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 | VERIFY_10 | VERIFY_12
-        | VERIFY_16 => plan_rw(dev, task),
-        _ => {
-            task.fail(Sense::new(
-                sense::ILLEGAL_REQUEST,
-                sense::INVALID_COMMAND_OPERATION_CODE,
-            ));
-            Err(())
+        UNMAP => plan_unmap(dev, task),
+        WRITE_SAME_10 | WRITE_SAME_16 => plan_write_same(dev, task),
+        _ => plan_rw(dev, task),
+    }
+}
+
+/// UNMAP (SBC-3 §5.28): the CDB; the parameter list is checked when it has arrived.
+fn plan_unmap(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+    let c = task.cdb;
+    if c[1] & 0x01 != 0 {
+        // ANCHOR: anchored LBAs are not supported (ANC_SUP=0).
+        task.fail(Sense::invalid_cdb_field(1, Some(0)));
+        return Err(());
+    }
+    if write_protected(dev, task) {
+        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
+        return Err(());
+    }
+    let len = be16(&c[7..9]);
+    if len == 0 {
+        // No parameter data: nothing to do, and not an error.
+        return Ok(Plan {
+            dir: DataDir::None,
+            len: 0,
+        });
+    }
+    if len < 8 {
+        task.fail(Sense::new(
+            sense::ILLEGAL_REQUEST,
+            sense::PARAMETER_LIST_LENGTH_ERROR,
+        ));
+        return Err(());
+    }
+    task.io = Some((IoOp::Unmap, 0, 0));
+    Ok(Plan {
+        dir: DataDir::Out,
+        len,
+    })
+}
+
+/// Decodes an UNMAP parameter list (SBC-3 §5.28.2) into byte ranges, checking all of it
+/// before anything is deallocated.
+fn unmap_ranges(dev: &Device, data: &[u8]) -> Result<Vec<(u64, u64)>, Sense> {
+    if data.len() < 8 {
+        return Err(Sense::new(
+            sense::ILLEGAL_REQUEST,
+            sense::PARAMETER_LIST_LENGTH_ERROR,
+        ));
+    }
+    let data_len = be16(&data[0..2]) as usize;
+    let desc_len = be16(&data[2..4]) as usize;
+    // The lengths in the header must not claim more than the parameter list holds.
+    if data_len + 2 > data.len() || desc_len + 8 > data.len() {
+        return Err(Sense::new(
+            sense::ILLEGAL_REQUEST,
+            sense::PARAMETER_LIST_LENGTH_ERROR,
+        ));
+    }
+    // A trailing partial descriptor is ignored.
+    let n = desc_len / 16;
+    if n > MAX_UNMAP_DESCRIPTORS as usize {
+        return Err(Sense::invalid_param_field(2));
+    }
+    let bs = u64::from(dev.block_size());
+    let mut total = 0u64;
+    let mut ranges = Vec::with_capacity(n);
+    for i in 0..n {
+        let d = &data[8 + i * 16..8 + (i + 1) * 16];
+        let lba = be64(&d[0..8]);
+        let blocks = u64::from(be32(&d[8..12]));
+        if lba.checked_add(blocks).is_none_or(|e| e > dev.num_blocks()) {
+            return Err(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
+        }
+        total += blocks;
+        if total > u64::from(max_unmap_blocks(dev.block_size())) {
+            return Err(Sense::invalid_param_field((8 + i * 16 + 8) as u16));
+        }
+        if blocks > 0 {
+            ranges.push((lba * bs, blocks * bs));
         }
     }
+    Ok(ranges)
+}
+
+/// WRITE SAME (10) and (16) (SBC-3 §5.41, §5.42).
+fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+    let c = task.cdb;
+    let sixteen = c[0] == WRITE_SAME_16;
+    let (lba, blocks) = if sixteen {
+        (be64(&c[2..10]), u64::from(be32(&c[10..14])))
+    } else {
+        (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
+    };
+    let unmap = c[1] & 0x08 != 0;
+    let ndob = sixteen && c[1] & 0x01 != 0;
+    // WRPROTECT: no protection information.
+    if c[1] & 0xe0 != 0 {
+        task.fail(Sense::invalid_cdb_field(1, Some(5)));
+        return Err(());
+    }
+    // ANCHOR: not supported (ANC_SUP=0).
+    if c[1] & 0x10 != 0 {
+        task.fail(Sense::invalid_cdb_field(1, Some(4)));
+        return Err(());
+    }
+    // LBDATA/PBDATA (obsolete) and, in WRITE SAME (10), the reserved bits.
+    if c[1] & 0x06 != 0 || (!sixteen && c[1] & 0x01 != 0) {
+        task.fail(Sense::invalid_cdb_field(1, None));
+        return Err(());
+    }
+    if unmap && !dev.thin_provisioned() {
+        task.fail(Sense::invalid_cdb_field(1, Some(3)));
+        return Err(());
+    }
+    // NUMBER OF LOGICAL BLOCKS 0: to the last LBA (WSNZ=0).
+    let blocks = if blocks == 0 {
+        match dev.num_blocks().checked_sub(lba) {
+            Some(n) => n,
+            None => {
+                task.fail(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
+                return Err(());
+            }
+        }
+    } else {
+        blocks
+    };
+    check_range(dev, task, lba, blocks)?;
+    if blocks > u64::from(max_write_same_blocks(dev.block_size())) {
+        task.fail(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
+        return Err(());
+    }
+    if write_protected(dev, task) {
+        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
+        return Err(());
+    }
+    let bs = u64::from(dev.block_size());
+    if unmap {
+        // The range is deallocated whatever the data block holds: it then reads as zeros
+        // (LBPRZ=1).
+        task.io = Some((IoOp::Unmap, 0, 0));
+        task.ranges = if blocks > 0 {
+            vec![(lba * bs, blocks * bs)]
+        } else {
+            Vec::new()
+        };
+    } else {
+        task.io = Some((IoOp::Write { fua: false }, lba * bs, (blocks * bs) as u32));
+        task.write_same = true;
+    }
+    Ok(Plan {
+        dir: if ndob { DataDir::None } else { DataDir::Out },
+        len: if ndob { 0 } else { bs as u32 },
+    })
 }
 
 fn check_range(dev: &Device, task: &mut ScsiTask, lba: u64, blocks: u64) -> Result<(), ()> {
@@ -310,7 +606,7 @@ fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         return Err(());
     }
     check_range(dev, task, lba, blocks)?;
-    if write && (task.read_only || dev.is_read_only()) {
+    if write && write_protected(dev, task) {
         task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
         return Err(());
     }
@@ -375,7 +671,10 @@ impl ScsiTask {
     pub fn limit_write(&mut self, len: u32, block_size: u32) -> bool {
         match &mut self.io {
             Some((IoOp::Write { .. }, _, io_len))
-                if !self.verify_compare && block_size > 0 && len.is_multiple_of(block_size) =>
+                if !self.verify_compare
+                    && !self.write_same
+                    && block_size > 0
+                    && len.is_multiple_of(block_size) =>
             {
                 *io_len = (*io_len).min(len);
                 true
@@ -434,6 +733,9 @@ impl ScsiPort {
             return Exec::Done;
         }
         match task.opcode() {
+            UNMAP | WRITE_SAME_10 | WRITE_SAME_16 if task.io.is_some() => {
+                self.execute_provisioning(dev, task)
+            }
             READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
             | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 | VERIFY_10 | VERIFY_12
             | VERIFY_16 | SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
@@ -465,11 +767,71 @@ impl ScsiPort {
                 });
                 Exec::Pending
             }
+            UNMAP | WRITE_SAME_10 | WRITE_SAME_16 => Exec::Done,
             _ => {
                 emulate(dev, task);
                 Exec::Done
             }
         }
+    }
+
+    /// UNMAP and WRITE SAME: one deallocation of byte ranges, or one write of the data
+    /// block repeated over the range.
+    fn execute_provisioning(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        let Some((op, offset, len)) = task.io else {
+            return Exec::Done;
+        };
+        let buf = if op == IoOp::Unmap {
+            if task.opcode() == UNMAP {
+                let n = be16(&task.cdb[7..9]) as usize;
+                let mut data = vec![0u8; n];
+                let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
+                data.truncate(got);
+                match unmap_ranges(dev, &data) {
+                    Ok(r) => task.ranges = r,
+                    Err(s) => {
+                        task.fail(s);
+                        return Exec::Done;
+                    }
+                }
+            }
+            if task.ranges.is_empty() {
+                return Exec::Done;
+            }
+            None
+        } else {
+            if len == 0 {
+                return Exec::Done;
+            }
+            let bs = dev.block_size() as usize;
+            let mut block = vec![0u8; bs];
+            if let Some(b) = task.buf.as_ref() {
+                b.read_at(0, &mut block);
+            }
+            let Some(mut out) = DataBuf::alloc(len as usize) else {
+                task.status = 0x28; // TASK SET FULL
+                return Exec::Done;
+            };
+            if block.iter().all(|&x| x == 0) {
+                out.fill(0, len as usize, 0);
+            } else {
+                for off in (0..len as usize).step_by(bs) {
+                    out.write_at(off, &block);
+                }
+            }
+            Some(out)
+        };
+        let tag = task.tag;
+        let ranges = std::mem::take(&mut task.ranges);
+        self.channel(dev).submit(BdevIo {
+            tag,
+            op,
+            offset,
+            len,
+            buf,
+            ranges,
+        });
+        Exec::Pending
     }
 
     /// Collects completions of this reactor's backend I/O.
@@ -611,9 +973,17 @@ pub fn report_luns(task: &mut ScsiTask, luns: &[u64]) {
 }
 
 fn emulate(dev: &Device, task: &mut ScsiTask) {
+    let cd = dev.scsi_type() == mmc::TYPE_CDROM;
     match task.opcode() {
-        TEST_UNIT_READY | START_STOP_UNIT => {}
-        PREVENT_ALLOW => {}
+        TEST_UNIT_READY | START_STOP_UNIT => {
+            // TODO: LOEJ=1 should eject or load the medium; the Device has no API for it
+            // yet, so the command is only checked (plan refuses it while prevented).
+        }
+        PREVENT_ALLOW => {
+            if dev.is_removable() || cd {
+                dev.set_prevent_removal(task.nexus, task.cdb[4] & 0x01 != 0);
+            }
+        }
         INQUIRY => inquiry(dev, task),
         REQUEST_SENSE => {
             if task.cdb[1] & 0x01 != 0 {
@@ -623,6 +993,9 @@ fn emulate(dev: &Device, task: &mut ScsiTask) {
             }
             let s = match dev.take_ua(task.nexus) {
                 Some(code) => Sense::new(sense::UNIT_ATTENTION, code).to_fixed(),
+                None if !dev.medium_present() => {
+                    Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT).to_fixed()
+                }
                 None => Sense::new(sense::NO_SENSE, (0, 0)).to_fixed(),
             };
             let alloc = usize::from(task.cdb[4]);
@@ -635,20 +1008,100 @@ fn emulate(dev: &Device, task: &mut ScsiTask) {
             d[4..8].copy_from_slice(&dev.block_size().to_be_bytes());
             task.reply(&d);
         }
+        SERVICE_ACTION_IN_16 if task.cdb[1] & 0x1f == SAI_GET_LBA_STATUS => {
+            get_lba_status(dev, task)
+        }
         SERVICE_ACTION_IN_16 => {
             let mut d = [0u8; 32];
             d[0..8].copy_from_slice(&dev.num_blocks().saturating_sub(1).to_be_bytes());
             d[8..12].copy_from_slice(&dev.block_size().to_be_bytes());
+            if dev.thin_provisioned() {
+                // LBPME and LBPRZ: deallocated blocks read as zeros.
+                d[14] |= 0xc0;
+            }
             let alloc = be32(&task.cdb[10..14]) as usize;
             task.reply(&d[..alloc.min(32)]);
         }
         MODE_SENSE_6 | MODE_SENSE_10 => mode_sense(dev, task),
         REPORT_LUNS => report_luns(task, &[task.lun]),
+        READ_TOC
+        | GET_CONFIGURATION
+        | GET_EVENT_STATUS_NOTIFICATION
+        | READ_DISC_INFORMATION
+        | MECHANISM_STATUS => {
+            let drive = mmc_drive(dev);
+            let c = task.cdb;
+            let r = match c[0] {
+                READ_TOC => mmc::read_toc(&c, drive.blocks),
+                GET_CONFIGURATION => mmc::get_configuration(&c, &drive),
+                GET_EVENT_STATUS_NOTIFICATION => {
+                    let event = if c[1] & 0x01 != 0 && c[4] & 0x10 != 0 {
+                        mmc::media_events().poll(dev.name(), task.nexus, drive.medium_present)
+                    } else {
+                        mmc::MediaEvent::NoChange
+                    };
+                    mmc::get_event_status(&c, &drive, event)
+                }
+                READ_DISC_INFORMATION => mmc::read_disc_information(&c),
+                _ => Ok(mmc::mechanism_status(&c, &drive)),
+            };
+            match r {
+                Ok(d) => task.reply(&d),
+                Err(s) => task.fail(s),
+            }
+        }
         _ => task.fail(Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::INVALID_COMMAND_OPERATION_CODE,
         )),
     }
+}
+
+/// What the MMC builders need to know of a CD-ROM device.
+fn mmc_drive(dev: &Device) -> mmc::Drive {
+    mmc::Drive {
+        medium_present: dev.medium_present(),
+        prevented: dev.removal_prevented(),
+        blocks: if dev.medium_present() {
+            dev.num_blocks()
+        } else {
+            0
+        },
+    }
+}
+
+/// Most LBA status descriptors one GET LBA STATUS returns.
+const MAX_LBA_STATUS_DESCRIPTORS: usize = 64;
+
+/// GET LBA STATUS (SBC-3 §5.6): the provisioning status of the blocks from the starting
+/// LBA, one descriptor per stretch, as many as the allocation length holds.
+fn get_lba_status(dev: &Device, task: &mut ScsiTask) {
+    let c = task.cdb;
+    let start = be64(&c[2..10]);
+    let alloc = be32(&c[10..14]) as usize;
+    let bs = u64::from(dev.block_size());
+    let end = dev.num_blocks();
+    let room = (alloc.saturating_sub(8) / 16).clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
+    let mut d = vec![0u8; 8];
+    let mut lba = start;
+    let mut n = 0;
+    while lba < end && n < room {
+        let (mapped, blocks) = match dev.bdev.extent_at(lba * bs) {
+            Some(e) => (e.mapped, (e.len / bs).max(1)),
+            None => (true, end - lba),
+        };
+        let blocks = blocks.min(end - lba).min(u64::from(u32::MAX));
+        d.extend_from_slice(&lba.to_be_bytes());
+        d.extend_from_slice(&(blocks as u32).to_be_bytes());
+        d.push(if mapped { 0 } else { 1 });
+        d.extend_from_slice(&[0, 0, 0]);
+        lba += blocks;
+        n += 1;
+    }
+    let len = (d.len() - 4) as u32;
+    d[0..4].copy_from_slice(&len.to_be_bytes());
+    d.truncate(alloc);
+    task.reply(&d);
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {
@@ -662,27 +1115,44 @@ fn inquiry(dev: &Device, task: &mut ScsiTask) {
     let alloc = be16(&c[3..5]) as usize;
     let id = dev.ident();
     let mut d: Vec<u8> = Vec::with_capacity(96);
+    let cd = dev.scsi_type() == mmc::TYPE_CDROM;
     if c[1] & 0x01 == 0 {
         // Standard INQUIRY data (SPC-4 §6.4.2).
         d.resize(96, 0);
-        d[0] = 0x00; // connected, direct access block device
-        d[1] = if dev.is_removable() { 0x80 } else { 0 };
+        // Connected; direct access block device or CD/DVD device (always removable).
+        d[0] = dev.scsi_type();
+        d[1] = if dev.is_removable() || cd { 0x80 } else { 0 };
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(&pad(&id.t10_vend_id, 8));
         d[16..32].copy_from_slice(&pad(&id.prod_id, 16));
         d[32..36].copy_from_slice(&pad(&id.prod_rev_lvl, 4));
-        // Version descriptors: SAM-5, iSCSI, SPC-4, SBC-3.
-        for (i, v) in [0x00a0u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
+        // Version descriptors: SAM-5, iSCSI, SPC-4, SBC-3 or MMC-5.
+        let command_set = if cd { 0x02a0u16 } else { 0x04c0 };
+        for (i, v) in [0x00a0u16, 0x0960, 0x0460, command_set].iter().enumerate() {
             d[58 + i * 2..60 + i * 2].copy_from_slice(&v.to_be_bytes());
         }
         d[4] = (d.len() - 5) as u8;
     } else {
         let page = c[2];
-        d.extend_from_slice(&[0x00, page, 0, 0]);
+        d.extend_from_slice(&[dev.scsi_type(), page, 0, 0]);
+        let thin = dev.thin_provisioned();
+        let sbc_page = matches!(page, 0xb0 | 0xb1) && !cd || page == 0xb2 && thin && !cd;
+        if page >= 0xb0 && !sbc_page {
+            task.fail(Sense::invalid_cdb_field(2, None));
+            return;
+        }
         match page {
-            0x00 => d.extend_from_slice(&[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]),
+            0x00 => {
+                d.extend_from_slice(&[0x00, 0x80, 0x83]);
+                if !cd {
+                    d.extend_from_slice(&[0xb0, 0xb1]);
+                    if thin {
+                        d.push(0xb2);
+                    }
+                }
+            }
             0x80 => d.extend_from_slice(id.usn.as_bytes()),
             0x83 => {
                 // T10 vendor ID based designator (ASCII, logical unit).
@@ -716,6 +1186,13 @@ fn inquiry(dev: &Device, task: &mut ScsiTask) {
                 p[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal transfer length granularity
                 p[4..8].copy_from_slice(&((MAX_TRANSFER as u32) / bs).to_be_bytes());
                 p[8..12].copy_from_slice(&(id.opt_trans_len / bs).to_be_bytes());
+                if thin {
+                    p[16..20].copy_from_slice(&max_unmap_blocks(bs).to_be_bytes());
+                    p[20..24].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+                    p[24..28].copy_from_slice(&unmap_granularity(bs).to_be_bytes());
+                }
+                // MAXIMUM WRITE SAME LENGTH (WSNZ=0: 0 blocks means to the end).
+                p[32..40].copy_from_slice(&u64::from(max_write_same_blocks(bs)).to_be_bytes());
                 d.extend_from_slice(&p);
             }
             0xb1 => {
@@ -726,8 +1203,9 @@ fn inquiry(dev: &Device, task: &mut ScsiTask) {
                 d.extend_from_slice(&p);
             }
             0xb2 => {
-                // Logical Block Provisioning: fully provisioned, no unmap.
-                d.extend_from_slice(&[0, 0, 0, 0]);
+                // Logical Block Provisioning (SBC-3 §6.5.4): threshold exponent 0; LBPU,
+                // LBPWS, LBPWS10, LBPRZ; no anchors, no descriptor; thin provisioned (010b).
+                d.extend_from_slice(&[0, 0xe4, 0x02, 0]);
             }
             _ => {
                 task.fail(Sense::invalid_cdb_field(2, None));
@@ -758,6 +1236,7 @@ fn mode_sense(dev: &Device, task: &mut ScsiTask) {
         return;
     }
     let changeable = pc == 1;
+    let cd = dev.scsi_type() == mmc::TYPE_CDROM;
     let mut pages: Vec<u8> = Vec::new();
     let want = |p: u8| page == 0x3f || page == p;
     if subpage != 0 && subpage != 0xff {
@@ -774,7 +1253,7 @@ fn mode_sense(dev: &Device, task: &mut ScsiTask) {
         }
         pages.extend_from_slice(&p);
     }
-    if want(0x08) {
+    if want(0x08) && !cd {
         // Caching (SBC-3 §6.4.5): WCE when the backend has a volatile cache.
         let mut p = [0u8; 20];
         p[0] = 0x08;
@@ -795,6 +1274,9 @@ fn mode_sense(dev: &Device, task: &mut ScsiTask) {
         }
         pages.extend_from_slice(&p);
     }
+    if want(mmc::MODE_PAGE_CAPABILITIES) && cd {
+        pages.extend_from_slice(&mmc::capabilities_page(&mmc_drive(dev), changeable));
+    }
     if pages.is_empty() {
         task.fail(Sense::invalid_cdb_field(2, Some(5)));
         return;
@@ -814,12 +1296,13 @@ fn mode_sense(dev: &Device, task: &mut ScsiTask) {
         }
     }
     // Device-specific parameter: WP and DPOFUA (SBC-3 §6.4.1).
+    // MMC-5 §7.2.3: both are reserved for CD/DVD devices.
     let wp = if task.read_only || dev.is_read_only() {
         0x80
     } else {
         0
     };
-    let dsp = wp | 0x10;
+    let dsp = if cd { 0 } else { wp | 0x10 };
     let mut d = Vec::new();
     if ten {
         let total = 8 + block_desc.len() + pages.len();
@@ -848,6 +1331,91 @@ mod tests {
 
     fn dev() -> Arc<Device> {
         Device::create("vdisk_ramio", "t0", &[("size_mb".into(), "1".into())]).unwrap()
+    }
+
+    fn thin() -> Arc<Device> {
+        Device::create(
+            "vdisk_ramio",
+            "t0",
+            &[
+                ("size_mb".into(), "1".into()),
+                ("thin_provisioned".into(), "1".into()),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn removable() -> Arc<Device> {
+        Device::create(
+            "vdisk_ramio",
+            "r0",
+            &[
+                ("size_mb".into(), "1".into()),
+                ("removable".into(), "1".into()),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// An UNMAP parameter list of (lba, blocks) descriptors.
+    fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
+        let mut v = vec![0u8; 8];
+        v[0..2].copy_from_slice(&((6 + descs.len() * 16) as u16).to_be_bytes());
+        v[2..4].copy_from_slice(&((descs.len() * 16) as u16).to_be_bytes());
+        for &(lba, n) in descs {
+            v.extend_from_slice(&lba.to_be_bytes());
+            v.extend_from_slice(&n.to_be_bytes());
+            v.extend_from_slice(&[0; 4]);
+        }
+        v
+    }
+
+    fn unmap_cdb(len: usize) -> [u8; 10] {
+        let mut c = [UNMAP, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[7..9].copy_from_slice(&(len as u16).to_be_bytes());
+        c
+    }
+
+    fn ws10(lba: u32, n: u16, flags: u8) -> [u8; 10] {
+        let mut c = [WRITE_SAME_10, flags, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&n.to_be_bytes());
+        c
+    }
+
+    fn ws16(lba: u64, n: u32, flags: u8) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = WRITE_SAME_16;
+        c[1] = flags;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&n.to_be_bytes());
+        c
+    }
+
+    fn read(d: &Arc<Device>, lba: u32, n: u16) -> Vec<u8> {
+        let mut c = [READ_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&n.to_be_bytes());
+        let t = run(d, &c, None);
+        assert_eq!(t.status, 0);
+        data(&t)
+    }
+
+    fn fill(d: &Arc<Device>, lba: u32, n: u16, byte: u8) {
+        let mut c = [WRITE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&n.to_be_bytes());
+        let t = run(d, &c, Some(&vec![byte; n as usize * 512]));
+        assert_eq!(t.status, 0);
+    }
+
+    fn sai16(sa: u8, lba: u64, alloc: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = SERVICE_ACTION_IN_16;
+        c[1] = sa;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&alloc.to_be_bytes());
+        c
     }
 
     /// Runs a command to completion the way the transport does.
@@ -940,7 +1508,12 @@ mod tests {
         let t = run(&d, &[INQUIRY, 0, 0, 0, 5, 0], None);
         assert_eq!(t.data_in_len, 5, "allocation length truncates");
         let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
-        assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+        assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1]);
+        assert_eq!(
+            asc(&run(&d, &[INQUIRY, 1, 0xb2, 0, 255, 0], None)),
+            (5, 0x24, 0),
+            "no provisioning page on a fully provisioned device"
+        );
         assert_eq!(
             asc(&run(&d, &[INQUIRY, 0, 0x80, 0, 255, 0], None)),
             (5, 0x24, 0)
@@ -986,7 +1559,23 @@ mod tests {
         assert_eq!(asc(&t), (6, 0x29, 0));
         assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
         d.add_ua_all(0x3f, 0x03);
-        // INQUIRY does not report it; TUR does.
+        // INQUIRY and the MMC polling commands do not report it; TUR does.
+        assert!(!ua_applies(&ScsiTask::new(
+            &[
+                mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+                1,
+                0,
+                0,
+                0x10,
+                0,
+                0,
+                0,
+                8,
+                0
+            ],
+            0,
+            7
+        )));
         assert_eq!(run(&d, &[INQUIRY, 0, 0, 0, 36, 0], None).status, 0);
         assert_eq!(
             asc(&run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None)),
@@ -1074,5 +1663,414 @@ mod tests {
         let mut r = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
         plan(&d, &mut r).unwrap();
         assert!(!r.limit_write(512, 512));
+    }
+
+    #[test]
+    fn thin_capacity_and_vpd() {
+        let d = thin();
+        let x = data(&run(&d, &sai16(0x10, 0, 32), None));
+        assert_eq!(x[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
+        assert_eq!(x[13], 0, "LB per PB exponent");
+        let x = data(&run(&dev(), &sai16(0x10, 0, 32), None));
+        assert_eq!(x[14] & 0xc0, 0, "fully provisioned");
+        let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
+        assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+        let bl = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
+        assert_eq!(bl.len(), 64);
+        assert_eq!(bl[3], 0x3c);
+        let be32_at = |v: &[u8], i: usize| u32::from_be_bytes(v[i..i + 4].try_into().unwrap());
+        assert_eq!(be32_at(&bl, 20), 131_072, "MAXIMUM UNMAP LBA COUNT");
+        assert_eq!(
+            be32_at(&bl, 24),
+            256,
+            "MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT"
+        );
+        assert_eq!(be32_at(&bl, 28), 8, "OPTIMAL UNMAP GRANULARITY");
+        assert_eq!(
+            u64::from_be_bytes(bl[36..44].try_into().unwrap()),
+            16384,
+            "MAXIMUM WRITE SAME LENGTH"
+        );
+        let full = data(&run(&dev(), &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
+        assert!(full[20..32].iter().all(|&b| b == 0), "no unmap limits");
+        assert_ne!(u64::from_be_bytes(full[36..44].try_into().unwrap()), 0);
+        let lbp = data(&run(&d, &[INQUIRY, 1, 0xb2, 0, 255, 0], None));
+        assert_eq!(lbp, vec![0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
+    }
+
+    #[test]
+    fn unmap_deallocates() {
+        let d = thin();
+        fill(&d, 0, 8, 0xaa);
+        let list = unmap_list(&[(1, 2), (5, 1), (7, 0)]);
+        let t = run(&d, &unmap_cdb(list.len()), Some(&list));
+        assert_eq!(t.status, 0);
+        let x = read(&d, 0, 8);
+        for (b, chunk) in x.chunks(512).enumerate() {
+            let zero = matches!(b, 1 | 2 | 5);
+            assert!(
+                chunk.iter().all(|&v| v == if zero { 0 } else { 0xaa }),
+                "{b}"
+            );
+        }
+        // Zero-length parameter list, and a list without descriptors: nothing happens.
+        assert_eq!(run(&d, &unmap_cdb(0), None).status, 0);
+        let empty = unmap_list(&[]);
+        assert_eq!(run(&d, &unmap_cdb(8), Some(&empty)).status, 0);
+        // 0 blocks at the end of the LUN is fine.
+        let end = unmap_list(&[(d.num_blocks(), 0)]);
+        assert_eq!(run(&d, &unmap_cdb(end.len()), Some(&end)).status, 0);
+    }
+
+    #[test]
+    fn unmap_checks() {
+        let d = thin();
+        let n = d.num_blocks();
+        let oob = unmap_list(&[(0, 1), (n - 1, 2)]);
+        assert_eq!(
+            asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+            (5, 0x21, 0)
+        );
+        let oob = unmap_list(&[(n + 1, 0)]);
+        assert_eq!(
+            asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+            (5, 0x21, 0)
+        );
+        let oob = unmap_list(&[(u64::MAX, 2)]);
+        assert_eq!(
+            asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+            (5, 0x21, 0)
+        );
+        // Nothing is deallocated when a later descriptor is bad.
+        fill(&d, 0, 1, 0x55);
+        let bad = unmap_list(&[(0, 1), (n, 1)]);
+        run(&d, &unmap_cdb(bad.len()), Some(&bad));
+        assert!(read(&d, 0, 1).iter().all(|&v| v == 0x55));
+        // Too many descriptors.
+        let many: Vec<(u64, u32)> = (0..257).map(|i| (i, 1)).collect();
+        let l = unmap_list(&many);
+        assert_eq!(asc(&run(&d, &unmap_cdb(l.len()), Some(&l))), (5, 0x26, 0));
+        // Parameter list shorter than the header, or than the header says.
+        assert_eq!(asc(&run(&d, &unmap_cdb(4), Some(&[0; 4]))), (5, 0x1a, 0));
+        let mut l = unmap_list(&[(0, 1)]);
+        l[2..4].copy_from_slice(&32u16.to_be_bytes());
+        assert_eq!(asc(&run(&d, &unmap_cdb(l.len()), Some(&l))), (5, 0x1a, 0));
+        // A trailing partial descriptor is ignored.
+        let mut l = unmap_list(&[(0, 1)]);
+        l.extend_from_slice(&[0xff; 8]);
+        l[2..4].copy_from_slice(&24u16.to_be_bytes());
+        l[0..2].copy_from_slice(&30u16.to_be_bytes());
+        assert_eq!(run(&d, &unmap_cdb(l.len()), Some(&l)).status, 0);
+        // ANCHOR.
+        let mut c = unmap_cdb(24);
+        c[1] = 0x01;
+        assert_eq!(
+            asc(&run(&d, &c, Some(&unmap_list(&[(0, 1)])))),
+            (5, 0x24, 0)
+        );
+        // Read-only LUN.
+        let mut t = ScsiTask::new(&unmap_cdb(24), 0, 7);
+        t.read_only = true;
+        assert!(plan(&d, &mut t).is_err());
+        assert_eq!(asc(&t), (7, 0x27, 0));
+        // Not thin provisioned: the command does not exist.
+        let l = unmap_list(&[(0, 1)]);
+        assert_eq!(asc(&run(&dev(), &unmap_cdb(24), Some(&l))), (5, 0x20, 0));
+    }
+
+    #[test]
+    fn write_same_writes_the_block_over_the_range() {
+        let d = dev();
+        let mut block = vec![0u8; 512];
+        block[0] = 0x11;
+        block[511] = 0x22;
+        let t = run(&d, &ws10(3, 4, 0), Some(&block));
+        assert_eq!(t.status, 0);
+        let x = read(&d, 2, 6);
+        assert!(x[..512].iter().all(|&v| v == 0));
+        for b in 1..5 {
+            assert_eq!(&x[b * 512..(b + 1) * 512], &block[..]);
+        }
+        assert!(x[5 * 512..].iter().all(|&v| v == 0));
+        // WRITE SAME (16) with NDOB writes zeros without Data-Out.
+        let mut t = ScsiTask::new(&ws16(3, 2, 0x01), 0, 7);
+        assert_eq!(plan(&d, &mut t).unwrap().dir, DataDir::None);
+        let t = run(&d, &ws16(3, 2, 0x01), None);
+        assert_eq!(t.status, 0);
+        assert!(read(&d, 3, 2).iter().all(|&v| v == 0));
+        assert_eq!(read(&d, 5, 1), block);
+        // 0 blocks: to the end of the LUN (a 1 MiB LUN is within the maximum length).
+        let n = d.num_blocks();
+        let t = run(&d, &ws16(n - 3, 0, 0), Some(&[0x77; 512]));
+        assert_eq!(t.status, 0);
+        assert!(read(&d, (n - 3) as u32, 3).iter().all(|&v| v == 0x77));
+        // A WRITE SAME cannot be shortened to part of its one block.
+        let mut t = ScsiTask::new(&ws10(0, 4, 0), 0, 7);
+        assert_eq!(plan(&d, &mut t).unwrap().len, 512);
+        assert!(!t.limit_write(256, 512));
+    }
+
+    #[test]
+    fn write_same_checks() {
+        let d = dev();
+        let n = d.num_blocks() as u32;
+        assert_eq!(asc(&run(&d, &ws10(n, 1, 0), Some(&[0; 512]))), (5, 0x21, 0));
+        assert_eq!(
+            asc(&run(&d, &ws10(n - 1, 2, 0), Some(&[0; 512]))),
+            (5, 0x21, 0)
+        );
+        assert_eq!(
+            asc(&run(&d, &ws10(n + 1, 0, 0), Some(&[0; 512]))),
+            (5, 0x21, 0)
+        );
+        assert_eq!(
+            asc(&run(&d, &ws10(u32::MAX, 0, 0), Some(&[0; 512]))),
+            (5, 0x21, 0)
+        );
+        assert_eq!(
+            asc(&run(&d, &ws16(1 << 63, 1, 0), Some(&[0; 512]))),
+            (5, 0x21, 0)
+        );
+        // WRPROTECT, ANCHOR, UNMAP on a fully provisioned device.
+        for flags in [0x20, 0x10, 0x18, 0x08] {
+            assert_eq!(
+                asc(&run(&d, &ws10(0, 1, flags), Some(&[0; 512]))),
+                (5, 0x24, 0),
+                "{flags:#x}"
+            );
+        }
+        // Longer than MAXIMUM WRITE SAME LENGTH (16384 blocks of 512).
+        let big = Device::create("vdisk_nullio", "n0", &[]).unwrap();
+        assert_eq!(
+            asc(&run(&big, &ws16(0, 16385, 0), Some(&[0; 512]))),
+            (5, 0x24, 0)
+        );
+        assert_eq!(
+            asc(&run(&big, &ws16(0, 0, 0), Some(&[0; 512]))),
+            (5, 0x24, 0)
+        );
+        assert_eq!(run(&big, &ws16(0, 16384, 0), Some(&[0; 512])).status, 0);
+        let nb = big.num_blocks();
+        assert_eq!(
+            run(&big, &ws16(nb - 16384, 0, 0), Some(&[0; 512])).status,
+            0
+        );
+        assert_eq!(
+            asc(&run(&big, &ws16(nb - 16385, 0, 0), Some(&[0; 512]))),
+            (5, 0x24, 0)
+        );
+        // Read-only.
+        for cdb in [&ws10(0, 1, 0)[..], &ws16(0, 1, 0x08)[..]] {
+            let mut t = ScsiTask::new(cdb, 0, 7);
+            t.read_only = true;
+            assert!(plan(&thin(), &mut t).is_err());
+            assert_eq!(asc(&t), (7, 0x27, 0));
+        }
+    }
+
+    #[test]
+    fn write_same_unmap() {
+        let d = thin();
+        fill(&d, 0, 8, 0xff);
+        // The UNMAP bit deallocates whatever the data block holds (LBPRZ: zeros read back).
+        let t = run(&d, &ws10(2, 3, 0x08), Some(&[0xff; 512]));
+        assert_eq!(t.status, 0);
+        let x = read(&d, 0, 8);
+        for (b, chunk) in x.chunks(512).enumerate() {
+            let zero = (2..5).contains(&b);
+            assert!(
+                chunk.iter().all(|&v| v == if zero { 0 } else { 0xff }),
+                "{b}"
+            );
+        }
+        // Until the end, with WRITE SAME (16) and NDOB.
+        let n = d.num_blocks();
+        fill(&d, (n - 4) as u32, 4, 0xff);
+        assert_eq!(run(&d, &ws16(n - 2, 0, 0x09), None).status, 0);
+        let x = read(&d, (n - 4) as u32, 4);
+        assert!(x[..1024].iter().all(|&v| v == 0xff));
+        assert!(x[1024..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn get_lba_status() {
+        let d = thin();
+        let n = d.num_blocks();
+        let t = run(&d, &sai16(0x12, 5, 24), None);
+        assert_eq!(t.status, 0);
+        let x = data(&t);
+        assert_eq!(x.len(), 24);
+        assert_eq!(u32::from_be_bytes(x[0..4].try_into().unwrap()), 20);
+        assert_eq!(u64::from_be_bytes(x[8..16].try_into().unwrap()), 5);
+        // RAM disks cannot tell: everything counts as mapped, to the end.
+        assert_eq!(
+            u64::from(u32::from_be_bytes(x[16..20].try_into().unwrap())),
+            n - 5
+        );
+        assert_eq!(x[20] & 0x0f, 0);
+        assert_eq!(run(&d, &sai16(0x12, n - 1, 24), None).status, 0);
+        assert_eq!(asc(&run(&d, &sai16(0x12, n, 24), None)), (5, 0x21, 0));
+        assert_eq!(asc(&run(&d, &sai16(0x12, n + 1, 24), None)), (5, 0x21, 0));
+        assert_eq!(
+            asc(&run(&d, &sai16(0x12, u64::MAX, 24), None)),
+            (5, 0x21, 0)
+        );
+        // The allocation length truncates; an unknown service action is refused.
+        assert_eq!(run(&d, &sai16(0x12, 0, 16), None).data_in_len, 16);
+        assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x20, 0));
+    }
+
+    #[test]
+    fn read_only_mode_sense_and_writes() {
+        let d = Device::create(
+            "vdisk_ramio",
+            "ro",
+            &[
+                ("size_mb".into(), "1".into()),
+                ("read_only".into(), "1".into()),
+                ("thin_provisioned".into(), "1".into()),
+            ],
+        )
+        .unwrap();
+        let x = data(&run(&d, &[MODE_SENSE_6, 0, 0x3f, 0, 255, 0], None));
+        assert_eq!(x[2] & 0x80, 0x80, "WP");
+        let x = data(&run(&dev(), &[MODE_SENSE_6, 0, 0x3f, 0, 255, 0], None));
+        assert_eq!(x[2] & 0x80, 0);
+        for cdb in [
+            &[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0][..],
+            &[WRITE_VERIFY_16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0][..],
+            &ws10(0, 1, 0)[..],
+            &ws16(0, 1, 0x08)[..],
+            &unmap_cdb(24)[..],
+        ] {
+            assert_eq!(
+                asc(&run(&d, cdb, Some(&[0; 512]))),
+                (7, 0x27, 0),
+                "{cdb:x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn prevent_allow_and_eject() {
+        let d = removable();
+        let eject = [START_STOP_UNIT, 0, 0, 0, 0x02, 0];
+        assert_eq!(data(&run(&d, &[INQUIRY, 0, 0, 0, 36, 0], None))[1], 0x80);
+        assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 1, 0], None).status, 0);
+        assert!(d.removal_prevented());
+        assert_eq!(asc(&run(&d, &eject, None)), (5, 0x53, 2));
+        // Loading is refused as well; power conditions and START alone are fine.
+        assert_eq!(
+            asc(&run(&d, &[START_STOP_UNIT, 0, 0, 0, 0x03, 0], None)),
+            (5, 0x53, 2)
+        );
+        assert_eq!(
+            run(&d, &[START_STOP_UNIT, 0, 0, 0, 0x01, 0], None).status,
+            0
+        );
+        assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
+        // Another nexus still sees it prevented.
+        let mut t = ScsiTask::new(&eject, 0, 8);
+        assert!(plan(&d, &mut t).is_err());
+        assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 0, 0], None).status, 0);
+        assert!(!d.removal_prevented());
+        assert_eq!(run(&d, &eject, None).status, 0);
+        // SBC has no persistent prevent.
+        assert_eq!(
+            asc(&run(&d, &[PREVENT_ALLOW, 0, 0, 0, 2, 0], None)),
+            (5, 0x24, 0)
+        );
+        // A fixed disk accepts PREVENT but has nothing to lock.
+        let f = dev();
+        assert_eq!(run(&f, &[PREVENT_ALLOW, 0, 0, 0, 1, 0], None).status, 0);
+        assert!(!f.removal_prevented());
+    }
+
+    #[test]
+    fn mmc_commands_are_not_disk_commands() {
+        let d = dev();
+        for cdb in [
+            &[mmc::opcode::READ_TOC, 0, 0, 0, 0, 0, 0, 0, 12, 0][..],
+            &[mmc::opcode::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 0, 8, 0][..],
+            &[
+                mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+                1,
+                0,
+                0,
+                0x10,
+                0,
+                0,
+                0,
+                8,
+                0,
+            ][..],
+            &[
+                mmc::opcode::READ_DISC_INFORMATION,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                34,
+                0,
+            ][..],
+            &[
+                mmc::opcode::MECHANISM_STATUS,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                8,
+                0,
+                0,
+            ][..],
+        ] {
+            assert_eq!(asc(&run(&d, cdb, None)), (5, 0x20, 0), "{cdb:x?}");
+        }
+        // And a disk's MODE SENSE has no CD capabilities page.
+        assert_eq!(
+            asc(&run(&d, &[MODE_SENSE_6, 0, 0x2a, 0, 255, 0], None)),
+            (5, 0x24, 0)
+        );
+    }
+
+    #[test]
+    fn commands_without_a_medium() {
+        for op in [
+            INQUIRY,
+            REQUEST_SENSE,
+            REPORT_LUNS,
+            MODE_SENSE_6,
+            MODE_SENSE_10,
+            START_STOP_UNIT,
+            PREVENT_ALLOW,
+            mmc::opcode::GET_CONFIGURATION,
+            mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+            mmc::opcode::MECHANISM_STATUS,
+        ] {
+            assert!(works_without_medium(op), "{op:#x}");
+        }
+        for op in [
+            TEST_UNIT_READY,
+            READ_10,
+            READ_16,
+            WRITE_10,
+            VERIFY_10,
+            READ_CAPACITY_10,
+            SERVICE_ACTION_IN_16,
+            SYNCHRONIZE_CACHE_10,
+            UNMAP,
+            WRITE_SAME_10,
+            mmc::opcode::READ_TOC,
+            mmc::opcode::READ_DISC_INFORMATION,
+        ] {
+            assert!(!works_without_medium(op), "{op:#x}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! attentions. It knows nothing of iSCSI: another transport could sit on it.
 pub mod device;
 pub mod exec;
+pub mod mmc;
 pub mod sense;
 
 pub use device::{Device, DeviceError};

@@ -25,6 +25,8 @@ pub const MISCOMPARE_DURING_VERIFY: (u8, u8) = (0x1d, 0x00);
 pub const UNRECOVERED_READ_ERROR: (u8, u8) = (0x11, 0x00);
 pub const WRITE_ERROR: (u8, u8) = (0x0c, 0x00);
 pub const PARAMETER_LIST_LENGTH_ERROR: (u8, u8) = (0x1a, 0x00);
+pub const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
+pub const MEDIUM_REMOVAL_PREVENTED: (u8, u8) = (0x53, 0x02);
 
 /// Fixed-format sense data is 18 bytes (SPC-4 §4.5.3).
 pub const FIXED_LEN: usize = 18;
@@ -59,6 +61,17 @@ impl Sense {
             asc: INVALID_FIELD_IN_CDB.0,
             ascq: INVALID_FIELD_IN_CDB.1,
             field_pointer: Some((true, byte, bit)),
+            ..Default::default()
+        }
+    }
+
+    /// INVALID FIELD IN PARAMETER LIST pointing at byte `byte` of the parameter data.
+    pub fn invalid_param_field(byte: u16) -> Sense {
+        Sense {
+            key: ILLEGAL_REQUEST,
+            asc: INVALID_FIELD_IN_PARAMETER_LIST.0,
+            ascq: INVALID_FIELD_IN_PARAMETER_LIST.1,
+            field_pointer: Some((false, byte, None)),
             ..Default::default()
         }
     }
