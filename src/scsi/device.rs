@@ -65,6 +65,8 @@ pub struct Device {
     ua_pending: AtomicBool,
     /// The I_T nexuses that prevent medium removal.
     prevent: Mutex<Vec<u64>>,
+    /// Whether the (removable) medium is loaded.
+    medium: AtomicBool,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -201,6 +203,7 @@ impl Device {
             ua: Mutex::new(HashMap::new()),
             ua_pending: AtomicBool::new(false),
             prevent: Mutex::new(Vec::new()),
+            medium: AtomicBool::new(true),
         }))
     }
 
@@ -239,7 +242,29 @@ impl Device {
 
     /// Whether a medium is loaded (always, except an ejected vcdrom).
     pub fn medium_present(&self) -> bool {
-        true
+        self.medium.load(Ordering::Acquire)
+    }
+
+    /// START STOP UNIT with LOEJ=1 and START=0 on a removable device: the medium goes away
+    /// (commands that need it get NOT READY, MEDIUM NOT PRESENT), unless some nexus prevents
+    /// its removal.
+    pub fn eject(&self) -> Result<(), DeviceError> {
+        if self.removal_prevented() {
+            return Err(invalid(format!(
+                "{}: medium removal is prevented by an initiator",
+                self.name
+            )));
+        }
+        self.medium.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// START STOP UNIT with LOEJ=1 and START=1: the medium is back; every nexus hears NOT
+    /// READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED (SPC-4).
+    pub fn load(&self) {
+        if !self.medium.swap(true, Ordering::AcqRel) {
+            self.add_ua_all(0x28, 0x00);
+        }
     }
 
     /// Whether the device is thin provisioned (`thin_provisioned=1`): LBPME in READ CAPACITY

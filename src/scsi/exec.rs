@@ -975,9 +975,22 @@ pub fn report_luns(task: &mut ScsiTask, luns: &[u64]) {
 fn emulate(dev: &Device, task: &mut ScsiTask) {
     let cd = dev.scsi_type() == mmc::TYPE_CDROM;
     match task.opcode() {
-        TEST_UNIT_READY | START_STOP_UNIT => {
-            // TODO: LOEJ=1 should eject or load the medium; the Device has no API for it
-            // yet, so the command is only checked (plan refuses it while prevented).
+        TEST_UNIT_READY => {}
+        START_STOP_UNIT => {
+            // LOEJ=1 with POWER CONDITION 0 ejects (START=0) or loads (START=1) a removable
+            // medium (SBC-3 §5.25, MMC-6); plan already refused an eject while prevented.
+            let c = task.cdb;
+            let loej = c[4] & 0x02 != 0 && c[4] >> 4 == 0;
+            if loej && (dev.is_removable() || cd) {
+                if c[4] & 0x01 != 0 {
+                    dev.load();
+                } else if dev.eject().is_err() {
+                    task.fail(Sense::new(
+                        sense::ILLEGAL_REQUEST,
+                        sense::MEDIUM_REMOVAL_PREVENTED,
+                    ));
+                }
+            }
         }
         PREVENT_ALLOW => {
             if dev.is_removable() || cd {
