@@ -38,6 +38,9 @@ pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
 pub const STATUS_TASK_SET_FULL: u8 = 0x28;
 
+/// Most pieces a direct receive scatters into: one per chunk of the largest buffer.
+const DIRECT_SEGS: usize = crate::env::buf::MAX_TRANSFER / crate::env::buf::CHUNK_SIZE;
+
 /// Where the payload of the PDU being received goes.
 enum Dest {
     Discard,
@@ -296,12 +299,19 @@ impl Conn {
                                     let start = *offset + *pos;
                                     let n_in_buf = buf.len().saturating_sub(start).min(*remaining);
                                     if n_in_buf > 0 {
-                                        let mut segs: Vec<IoSliceMut<'_>> = buf
-                                            .segments_mut(start, n_in_buf)
-                                            .into_iter()
-                                            .map(IoSliceMut::new)
-                                            .collect();
-                                        return match rx::recv_direct(&mut *self.sock, &mut segs) {
+                                        // On the stack: a range of a buffer spans at most
+                                        // MAX_TRANSFER / CHUNK_SIZE chunks.
+                                        let mut segs: [IoSliceMut<'_>; DIRECT_SEGS] =
+                                            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                                        let mut k = 0;
+                                        for (slot, seg) in
+                                            segs.iter_mut().zip(buf.segments_mut(start, n_in_buf))
+                                        {
+                                            *slot = IoSliceMut::new(seg);
+                                            k += 1;
+                                        }
+                                        let segs = &mut segs[..k];
+                                        return match rx::recv_direct(&mut *self.sock, segs) {
                                             Ok(Some(n)) => {
                                                 *remaining -= n;
                                                 *pos += n;
