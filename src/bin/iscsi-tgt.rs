@@ -54,6 +54,7 @@ fn run(opts: Options) -> Result<(), String> {
 
     env::init(env::PoolConfig {
         mem_size_mb: opts.mem_size_mb,
+        ..Default::default()
     })
     .map_err(|e| format!("cannot set up the buffer pool: {e}"))?;
 

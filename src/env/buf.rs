@@ -1,103 +1,86 @@
 //! Data buffers of the I/O path.
 //!
-//! A [`DataBuf`] holds the data of one SCSI command as a list of fixed-size chunks, so that
-//! large transfers need no large contiguous allocation and every piece can be handed to
-//! `readv`/`writev` or an io_uring SQE as it is.
+//! A [`DataBuf`] holds the data of one SCSI command as a list of fixed-size chunks from the
+//! DMA buffer pool ([`super::pool`]), so that large transfers need no large contiguous memory
+//! and every piece can be handed to `readv`/`writev` or an io_uring SQE as it is (each chunk
+//! is 4096-aligned).
+//!
+//! Transfers up to [`SMALL_SIZE`] take one small buffer; larger ones take
+//! `len.div_ceil(CHUNK_SIZE)` large chunks. The chunk handles sit in an inline array (at most
+//! [`MAX_TRANSFER`] / [`CHUNK_SIZE`] = 64 of them), so allocating, filling and dropping a
+//! `DataBuf` touch no heap memory. Dropping returns the chunks to the pool through the cache of
+//! the thread that drops it, which need not be the thread that allocated it.
 
-use std::cell::RefCell;
+use super::pool::{Class, Pool, MAX_CHUNKS};
+pub use super::pool::{CHUNK_SIZE, SMALL_SIZE};
 
-/// Size of one large chunk.
-pub const CHUNK_SIZE: usize = 128 * 1024;
-/// Size of a small buffer (transfers up to this size use one small chunk).
-pub const SMALL_SIZE: usize = 8 * 1024;
 /// The largest transfer one command may carry (reported in the Block Limits VPD page).
 pub const MAX_TRANSFER: usize = 8 * 1024 * 1024;
 
-/// The data of one command: `len` bytes spread over equal-sized chunks.
+/// The data of one command: `len` bytes spread over equal-sized chunks of one pool.
 pub struct DataBuf {
-    chunks: Vec<Box<[u8]>>,
-    chunk_size: usize,
+    pool: &'static Pool,
+    class: Class,
+    /// Number of chunks in use at the front of `chunks`.
+    n: u8,
     len: usize,
-}
-
-/// Chunks a thread keeps for reuse: a command's buffers go back to the thread that frees
-/// them and the next command there takes them without touching the allocator.
-struct ChunkCache {
-    large: Vec<Box<[u8]>>,
-    small: Vec<Box<[u8]>>,
-}
-
-/// At most this many chunks of each size stay cached per thread (64 MiB and 8 MiB).
-const CACHE_LARGE: usize = 512;
-const CACHE_SMALL: usize = 1024;
-
-thread_local! {
-    static CACHE: RefCell<ChunkCache> = const {
-        RefCell::new(ChunkCache {
-            large: Vec::new(),
-            small: Vec::new(),
-        })
-    };
-}
-
-fn take_chunk(size: usize) -> Box<[u8]> {
-    let cached = CACHE
-        .try_with(|c| {
-            let mut c = c.borrow_mut();
-            if size == CHUNK_SIZE {
-                c.large.pop()
-            } else {
-                c.small.pop()
-            }
-        })
-        .ok()
-        .flatten();
-    cached.unwrap_or_else(|| vec![0u8; size].into_boxed_slice())
+    chunks: [u32; MAX_CHUNKS],
 }
 
 impl Drop for DataBuf {
     fn drop(&mut self) {
-        let chunks = std::mem::take(&mut self.chunks);
-        let size = self.chunk_size;
-        let _ = CACHE.try_with(|c| {
-            let mut c = c.borrow_mut();
-            let (list, cap) = if size == CHUNK_SIZE {
-                (&mut c.large, CACHE_LARGE)
-            } else {
-                (&mut c.small, CACHE_SMALL)
-            };
-            for ch in chunks {
-                if list.len() >= cap {
-                    break;
-                }
-                if ch.len() == size {
-                    list.push(ch);
-                }
-            }
-        });
+        self.pool.give(self.class, &self.chunks[..self.n as usize]);
     }
 }
 
 impl DataBuf {
-    /// A buffer of `len` bytes, or `None` when `len` exceeds [`MAX_TRANSFER`] or the pool is
-    /// exhausted. Its contents are unspecified (recycled chunks are not cleared): whoever
-    /// fills it writes every byte that is later read or sent.
+    /// A buffer of `len` bytes from the process's pool, or `None` when `len` exceeds
+    /// [`MAX_TRANSFER`] or the pool is exhausted (never blocks, never uses the heap). Its
+    /// contents are unspecified (recycled chunks are not cleared): whoever fills it writes
+    /// every byte that is later read or sent.
     pub fn alloc(len: usize) -> Option<DataBuf> {
+        Self::alloc_from(super::pool(), len)
+    }
+
+    /// A buffer of `len` bytes from `pool` (see [`DataBuf::alloc`]).
+    pub fn alloc_from(pool: &'static Pool, len: usize) -> Option<DataBuf> {
         if len > MAX_TRANSFER {
             return None;
         }
-        let chunk_size = if len <= SMALL_SIZE {
-            SMALL_SIZE
+        let class = if len <= SMALL_SIZE {
+            Class::Small
         } else {
-            CHUNK_SIZE
+            Class::Large
         };
-        let n = len.div_ceil(chunk_size).max(1);
-        let chunks = (0..n).map(|_| take_chunk(chunk_size)).collect();
+        let n = len.div_ceil(class.size()).max(1);
+        let mut chunks = [0u32; MAX_CHUNKS];
+        if !pool.take(class, &mut chunks[..n]) {
+            return None;
+        }
         Some(DataBuf {
-            chunks,
-            chunk_size,
+            pool,
+            class,
+            // n <= MAX_CHUNKS = 64: MAX_TRANSFER bounds len above.
+            n: n as u8,
             len,
+            chunks,
         })
+    }
+
+    fn chunk_size(&self) -> usize {
+        self.class.size()
+    }
+
+    /// Chunk `i` as a slice.
+    fn chunk(&self, i: usize) -> &[u8] {
+        let idx = self.chunks[..self.n as usize][i];
+        let p = self.pool.chunk_ptr(self.class, idx);
+        // SAFETY: the pool handed chunk `idx` to this buffer alone and takes it back only when
+        // the buffer drops; it is `chunk_size()` bytes inside the pool's mapping, which is
+        // never unmapped (pools are leaked). `&self` keeps `segments_mut` from running
+        // meanwhile. Every byte is initialised: the kernel zero-fills the mapping and all
+        // later writes store plain bytes.
+        unsafe { std::slice::from_raw_parts(p, self.chunk_size()) }
     }
 
     pub fn len(&self) -> usize {
@@ -111,7 +94,7 @@ impl DataBuf {
     /// The contiguous pieces covering `offset..offset + len` (clamped to the buffer).
     pub fn segments(&self, offset: usize, len: usize) -> impl Iterator<Item = &[u8]> + '_ {
         let end = (offset.saturating_add(len)).min(self.len);
-        let cs = self.chunk_size;
+        let cs = self.chunk_size();
         let mut pos = offset.min(end);
         std::iter::from_fn(move || {
             if pos >= end {
@@ -120,26 +103,36 @@ impl DataBuf {
             let (i, o) = (pos / cs, pos % cs);
             let n = (cs - o).min(end - pos);
             pos += n;
-            Some(&self.chunks[i][o..o + n])
+            Some(&self.chunk(i)[o..o + n])
         })
     }
 
     /// The mutable pieces covering `offset..offset + len` (clamped to the buffer).
-    pub fn segments_mut(&mut self, offset: usize, len: usize) -> Vec<&mut [u8]> {
+    pub fn segments_mut(
+        &mut self,
+        offset: usize,
+        len: usize,
+    ) -> impl Iterator<Item = &mut [u8]> + '_ {
         let end = (offset.saturating_add(len)).min(self.len);
-        let cs = self.chunk_size;
-        let mut out = Vec::new();
+        let cs = self.chunk_size();
         let mut pos = offset.min(end);
-        let mut rest: &mut [Box<[u8]>] = &mut self.chunks[pos / cs..];
-        while pos < end {
-            let o = pos % cs;
+        let this: &mut DataBuf = self;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let (i, o) = (pos / cs, pos % cs);
             let n = (cs - o).min(end - pos);
-            let (first, tail) = rest.split_first_mut().expect("chunk for in-range position");
-            out.push(&mut first[o..o + n]);
-            rest = tail;
             pos += n;
-        }
-        out
+            let idx = this.chunks[..this.n as usize][i];
+            let p = this.pool.chunk_ptr(this.class, idx);
+            // SAFETY: as in `chunk`, the chunk belongs to this buffer alone and lies inside
+            // the pool's mapping for `cs` bytes; `o + n <= cs`. The iterator holds `&mut self`
+            // for the lifetime of what it yields, and it yields each chunk at most once
+            // (`pos` only grows and each piece ends at or before a chunk boundary), so the
+            // slices never overlap one another or any other borrow of the buffer.
+            Some(unsafe { std::slice::from_raw_parts_mut(p.add(o), n) })
+        })
     }
 
     /// Copies `src` into the buffer at `offset`; bytes past the end are dropped.
@@ -177,13 +170,17 @@ impl DataBuf {
 
 impl std::fmt::Debug for DataBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DataBuf").field("len", &self.len).finish()
+        f.debug_struct("DataBuf")
+            .field("len", &self.len)
+            .field("chunks", &self.n)
+            .finish()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::Pool;
 
     #[test]
     fn spans_chunks() {
@@ -210,5 +207,127 @@ mod tests {
         let b = DataBuf::alloc(0).unwrap();
         assert!(b.is_empty());
         assert_eq!(b.segments(0, 10).count(), 0);
+    }
+
+    #[test]
+    fn chunks_are_page_aligned() {
+        for len in [
+            1,
+            4096,
+            SMALL_SIZE,
+            SMALL_SIZE + 1,
+            CHUNK_SIZE * 3 + 7,
+            MAX_TRANSFER,
+        ] {
+            let mut b = DataBuf::alloc(len).unwrap();
+            let cs = b.chunk_size();
+            for (i, seg) in b.segments(0, len).enumerate() {
+                assert_eq!(seg.as_ptr() as usize % 4096, 0, "len {len} chunk {i}");
+                assert!(seg.len() <= cs);
+            }
+            for seg in b.segments_mut(0, len) {
+                assert_eq!(seg.as_ptr() as usize % 4096, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn exhaustion_returns_none_and_recovers() {
+        let pool = Pool::with_counts(16, 2, false).unwrap();
+        let a = DataBuf::alloc_from(pool, 10 * CHUNK_SIZE).unwrap();
+        let b = DataBuf::alloc_from(pool, 6 * CHUNK_SIZE).unwrap();
+        assert!(DataBuf::alloc_from(pool, SMALL_SIZE + 1).is_none());
+        let s1 = DataBuf::alloc_from(pool, 100).unwrap();
+        let s2 = DataBuf::alloc_from(pool, SMALL_SIZE).unwrap();
+        assert!(DataBuf::alloc_from(pool, 1).is_none());
+        let c = pool.counters();
+        assert_eq!(c.alloc_failures, 2);
+        assert_eq!((c.chunks_in_use, c.small_in_use), (16, 2));
+        drop(b);
+        let d = DataBuf::alloc_from(pool, 6 * CHUNK_SIZE).unwrap();
+        drop((a, d, s1, s2));
+        let c = pool.counters();
+        assert_eq!((c.chunks_in_use, c.small_in_use), (0, 0));
+        assert!(
+            DataBuf::alloc_from(pool, MAX_TRANSFER).is_none(),
+            "only 16 chunks"
+        );
+        assert!(DataBuf::alloc_from(pool, 16 * CHUNK_SIZE).is_some());
+    }
+
+    #[test]
+    fn dropped_on_another_thread() {
+        let pool = Pool::with_counts(64, 8, false).unwrap();
+        let mut bufs: Vec<DataBuf> = (0..4)
+            .map(|i| DataBuf::alloc_from(pool, (i + 1) * CHUNK_SIZE).unwrap())
+            .collect();
+        for (i, b) in bufs.iter_mut().enumerate() {
+            b.fill(0, usize::MAX, i as u8);
+        }
+        assert_eq!(pool.counters().chunks_in_use, 10);
+        std::thread::spawn(move || {
+            for (i, b) in bufs.iter().enumerate() {
+                assert!(b
+                    .segments(0, usize::MAX)
+                    .all(|s| s.iter().all(|&x| x == i as u8)));
+            }
+            drop(bufs);
+            assert_eq!(pool.counters().chunks_in_use, 0);
+        })
+        .join()
+        .unwrap();
+        // The other thread's cache went back to the global list when it exited.
+        let c = pool.counters();
+        assert_eq!((c.chunks_in_use, c.chunks_cached), (0, 0));
+        assert!(DataBuf::alloc_from(pool, 64 * CHUNK_SIZE).is_some());
+    }
+
+    #[test]
+    fn fallback_without_hugepages() {
+        let pool = Pool::with_size(16 << 20, false).unwrap();
+        assert!(!pool.is_hugetlb());
+        let c = pool.counters();
+        assert_eq!(c.hugepage_bytes, 0);
+        assert_eq!(c.total_bytes, 16 << 20);
+        // 1/8 small buffers, the rest large chunks.
+        assert_eq!(c.small_chunks, (2 << 20) / SMALL_SIZE);
+        assert_eq!(c.chunks, (14 << 20) / CHUNK_SIZE);
+        let mut b = DataBuf::alloc_from(pool, 3 * CHUNK_SIZE).unwrap();
+        b.fill(0, usize::MAX, 0xa5);
+        assert!(b
+            .segments(0, usize::MAX)
+            .all(|s| s.iter().all(|&x| x == 0xa5)));
+    }
+
+    #[test]
+    fn hugepages_when_reserved() {
+        // Either outcome is fine; the counters must agree with what happened.
+        let pool = Pool::with_size(16 << 20, true).unwrap();
+        let c = pool.counters();
+        assert_eq!(c.hugepages, pool.is_hugetlb());
+        assert_eq!(c.hugepage_bytes, if c.hugepages { 16 << 20 } else { 0 });
+        assert!(DataBuf::alloc_from(pool, MAX_TRANSFER).is_some());
+    }
+
+    #[test]
+    fn stats_snapshot_names() {
+        let _b = DataBuf::alloc(CHUNK_SIZE).unwrap();
+        let snap = crate::env::stats().snapshot();
+        for name in [
+            "total_bytes",
+            "hugepage_bytes",
+            "hugepages",
+            "chunk_size",
+            "chunks",
+            "chunks_in_use",
+            "small_chunks",
+            "cache_hits",
+            "cache_misses",
+            "global_refills",
+            "alloc_failures",
+            "waits",
+        ] {
+            assert!(snap.iter().any(|(n, _)| n == name), "{name}");
+        }
     }
 }

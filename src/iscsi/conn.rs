@@ -4,6 +4,7 @@
 //! events, backend completions and the clock, so everything here runs without locks.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -37,6 +38,25 @@ const RX_BUDGET: usize = 64;
 pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
 pub const STATUS_TASK_SET_FULL: u8 = 0x28;
+
+/// How long a command may wait for a buffer from an exhausted pool before it is answered
+/// with TASK SET FULL (SAM-5 §5.3.1: the task set cannot take the command now).
+const BUF_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// A command parked because the buffer pool was exhausted when it was admitted.
+struct BufWait {
+    slot: usize,
+    itt: u32,
+    len: usize,
+    since: Instant,
+    /// The command PDU's whole payload has arrived (its immediate data is in `data`).
+    arrived: bool,
+    /// Immediate data, kept aside until the buffer exists.
+    data: Vec<u8>,
+}
+
+/// Most pieces a direct receive scatters into: one per chunk of the largest buffer.
+const DIRECT_SEGS: usize = crate::env::buf::MAX_TRANSFER / crate::env::buf::CHUNK_SIZE;
 
 /// Where the payload of the PDU being received goes.
 enum Dest {
@@ -121,6 +141,8 @@ pub struct Conn {
     nop_ping: Option<(u32, Instant)>,
     next_nop_ttt: u32,
     done_slots: Vec<usize>,
+    /// Commands waiting for a data buffer, oldest first.
+    buf_waiters: VecDeque<BufWait>,
     /// Whether the socket wants to be polled for writability.
     pub want_write: bool,
     /// Queued on the reactor's list of connections to flush this pass.
@@ -227,6 +249,7 @@ impl Conn {
             nop_ping: None,
             next_nop_ttt: 1,
             done_slots: Vec::with_capacity(64),
+            buf_waiters: VecDeque::new(),
             want_write: false,
             pending_flush: false,
             rx_more: false,
@@ -396,12 +419,19 @@ impl Conn {
                                     let start = *offset + *pos;
                                     let n_in_buf = buf.len().saturating_sub(start).min(*remaining);
                                     if n_in_buf > 0 {
-                                        let mut segs: Vec<IoSliceMut<'_>> = buf
-                                            .segments_mut(start, n_in_buf)
-                                            .into_iter()
-                                            .map(IoSliceMut::new)
-                                            .collect();
-                                        return match rx::recv_direct(&mut *self.sock, &mut segs) {
+                                        // On the stack: a range of a buffer spans at most
+                                        // MAX_TRANSFER / CHUNK_SIZE chunks.
+                                        let mut segs: [IoSliceMut<'_>; DIRECT_SEGS] =
+                                            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                                        let mut k = 0;
+                                        for (slot, seg) in
+                                            segs.iter_mut().zip(buf.segments_mut(start, n_in_buf))
+                                        {
+                                            *slot = IoSliceMut::new(seg);
+                                            k += 1;
+                                        }
+                                        let segs = &mut segs[..k];
+                                        return match rx::recv_direct(&mut *self.sock, segs) {
                                             Ok(Some(n)) => {
                                                 drop(segs);
                                                 if want_crc {
@@ -522,6 +552,10 @@ impl Conn {
         }
         match pdu {
             Pdu::ScsiCommand(cmd) => match self.admit_command(cmd, data_len, cx) {
+                Some(slot) if data_len > 0 && self.is_parked(slot) => {
+                    // Slow path: no buffer yet, keep the immediate data aside.
+                    Dest::Collect(Vec::with_capacity(data_len))
+                }
                 Some(slot) if data_len > 0 => Dest::Task { slot, offset: 0 },
                 _ => Dest::Discard,
             },
@@ -576,7 +610,18 @@ impl Conn {
             }
         }
         match pdu {
-            Pdu::ScsiCommand(cmd) => self.command_data_done(cmd.itt, received as u32, cx),
+            Pdu::ScsiCommand(cmd) => {
+                if let Some(w) = self
+                    .buf_waiters
+                    .iter_mut()
+                    .find(|w| w.itt == cmd.itt && !w.arrived)
+                {
+                    w.arrived = true;
+                    w.data = data;
+                } else {
+                    self.command_data_done(cmd.itt, received as u32, cx);
+                }
+            }
             Pdu::DataOut(d) => self.data_out_done(&d, received as u32, cx),
             Pdu::NopOut(n) => self.handle_nop_out(&n, data),
             Pdu::TextRequest(t) => self.handle_text(&t, data, cx),
@@ -923,11 +968,14 @@ impl Conn {
                 // reports the rest as residual overflow.
                 match DataBuf::alloc(plan.len as usize) {
                     Some(buf) => t.scsi.buf = Some(buf),
-                    None => {
+                    // Unsolicited Data-Out beyond the immediate data would arrive while the
+                    // command has nowhere to put it: such a command cannot wait.
+                    None if t.unsolicited_len > immediate_data => {
                         t.scsi.status = STATUS_TASK_SET_FULL;
                         self.finish_task(slot, cx);
                         return None;
                     }
+                    None => t.state = TaskState::WaitingBuffer,
                 }
                 t.want_out = plan.len.min(out);
                 t.next_r2t_offset = t.unsolicited_len;
@@ -936,11 +984,7 @@ impl Conn {
             scsi::DataDir::In => {
                 match DataBuf::alloc(plan.len as usize) {
                     Some(buf) => t.scsi.buf = Some(buf),
-                    None => {
-                        t.scsi.status = STATUS_TASK_SET_FULL;
-                        self.finish_task(slot, cx);
-                        return None;
-                    }
+                    None => t.state = TaskState::WaitingBuffer,
                 }
                 t.expected_out = t.unsolicited_len;
             }
@@ -948,7 +992,83 @@ impl Conn {
                 t.expected_out = t.unsolicited_len;
             }
         }
+        if t.state == TaskState::WaitingBuffer {
+            // Waiting on us, not on the initiator: RspTimeout does not run meanwhile.
+            t.waiting_since = None;
+            crate::env::note_wait();
+            self.buf_waiters.push_back(BufWait {
+                slot,
+                itt: cmd.itt,
+                len: plan.len as usize,
+                since: cx.now,
+                arrived: false,
+                data: Vec::new(),
+            });
+        }
         Some(slot)
+    }
+
+    fn is_parked(&self, slot: usize) -> bool {
+        self.tasks
+            .get(slot)
+            .is_some_and(|t| t.state == TaskState::WaitingBuffer)
+    }
+
+    /// Whether commands wait for a data buffer (the reactor then calls `retry_buffers` every
+    /// pass).
+    pub fn has_buf_waiters(&self) -> bool {
+        !self.buf_waiters.is_empty()
+    }
+
+    /// Gives parked commands their buffers, in arrival order, while the pool has them; answers
+    /// TASK SET FULL to those that waited longer than [`BUF_WAIT_LIMIT`]. Returns whether any
+    /// command moved on.
+    pub fn retry_buffers(&mut self, cx: &mut ConnCtx<'_>) -> bool {
+        if self.phase != Phase::FullFeature {
+            self.buf_waiters.clear();
+            return false;
+        }
+        let mut did = false;
+        while let Some(w) = self.buf_waiters.front() {
+            let (slot, itt) = (w.slot, w.itt);
+            let live = self
+                .tasks
+                .get(slot)
+                .is_some_and(|t| t.itt == itt && t.state == TaskState::WaitingBuffer);
+            if !live {
+                // Aborted by task management meanwhile.
+                self.buf_waiters.pop_front();
+                continue;
+            }
+            if cx.now >= w.since + BUF_WAIT_LIMIT {
+                self.buf_waiters.pop_front();
+                if let Some(t) = self.tasks.get_mut(slot) {
+                    t.scsi.status = STATUS_TASK_SET_FULL;
+                }
+                self.finish_task(slot, cx);
+                did = true;
+                continue;
+            }
+            if !w.arrived {
+                // Its immediate data is still on the way; keep the order.
+                break;
+            }
+            let Some(mut buf) = DataBuf::alloc(w.len) else {
+                break;
+            };
+            let Some(w) = self.buf_waiters.pop_front() else {
+                break;
+            };
+            buf.write_at(0, &w.data);
+            if let Some(t) = self.tasks.get_mut(slot) {
+                t.scsi.buf = Some(buf);
+                t.state = TaskState::ReceivingData;
+                t.waiting_since = Some(cx.now);
+            }
+            self.command_data_done(itt, w.data.len() as u32, cx);
+            did = true;
+        }
+        did
     }
 
     /// The immediate data of a command (if any) has arrived.

@@ -351,6 +351,23 @@ impl Poller for Engine {
                 }
             }
         }
+        // Commands parked on an exhausted buffer pool try again (completions above may have
+        // freed buffers).
+        for idx in 0..self.conns.len() {
+            if let Some(conn) = self.conns[idx].as_mut().filter(|c| c.has_buf_waiters()) {
+                let mut cx = ConnCtx {
+                    now,
+                    snapshot: &snap,
+                    shared: &self.shared,
+                    port: &mut self.port,
+                    index: idx,
+                };
+                if conn.retry_buffers(&mut cx) {
+                    did = true;
+                    mark_flush(&mut self.to_flush, conn, idx);
+                }
+            }
+        }
         // One writev per connection for everything this pass produced.
         for i in 0..self.to_flush.len() {
             let idx = self.to_flush[i];

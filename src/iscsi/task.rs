@@ -11,6 +11,9 @@ use crate::scsi::ScsiTask;
 pub enum TaskState {
     /// Waiting for Data-Out (immediate, unsolicited or solicited by R2T).
     ReceivingData,
+    /// Admitted, but the buffer pool was exhausted: parked on the connection's list of
+    /// commands waiting for a buffer, retried every reactor pass.
+    WaitingBuffer,
     /// Handed to the SCSI core; its completion comes from the backend.
     Executing,
     /// Data-In and/or the response are queued for sending.
