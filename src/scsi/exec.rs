@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::bdev::{BdevCompletion, BdevIo, IoChannel, IoOp};
+use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::buf::MAX_TRANSFER;
 use crate::env::DataBuf;
 use crate::scsi::device::Device;
@@ -392,8 +392,15 @@ pub enum Exec {
     Pending,
 }
 
-/// A backend completion for a task.
-pub struct Completion(BdevCompletion);
+/// A backend completion for a task, with what the sense data needs from its device.
+pub struct Completion(BdevCompletion, DevInfo);
+
+/// What [`complete`] needs to know of the device an I/O went to.
+#[derive(Debug, Clone, Copy)]
+struct DevInfo {
+    block_size: u32,
+    thin: bool,
+}
 
 impl Completion {
     pub fn tag(&self) -> u64 {
@@ -401,9 +408,18 @@ impl Completion {
     }
 }
 
-/// The SCSI core's state on one reactor: one channel per device, opened on first use.
+/// One device's channel on this reactor.
+struct PortChannel {
+    ch: Box<dyn IoChannel>,
+    info: DevInfo,
+}
+
+/// The SCSI core's state on one reactor: one channel per device, opened on first use, and
+/// the reactor's backend I/O context (its io_uring, shared by every file and block device).
 pub struct ScsiPort {
-    channels: HashMap<usize, Box<dyn IoChannel>>,
+    // Declared before `io`: channels go first, then the ring waits out what is in flight.
+    channels: HashMap<usize, PortChannel>,
+    io: IoContext,
     scratch: Vec<BdevCompletion>,
 }
 
@@ -417,15 +433,31 @@ impl ScsiPort {
     pub fn new() -> ScsiPort {
         ScsiPort {
             channels: HashMap::new(),
+            io: IoContext::new(),
             scratch: Vec::with_capacity(256),
         }
     }
 
     fn channel(&mut self, dev: &Arc<Device>) -> &mut Box<dyn IoChannel> {
         let key = Arc::as_ptr(dev) as *const u8 as usize;
-        self.channels
+        let io = &self.io;
+        &mut self
+            .channels
             .entry(key)
-            .or_insert_with(|| dev.bdev.clone().open_channel())
+            .or_insert_with(|| PortChannel {
+                ch: dev.bdev.clone().open_channel(io),
+                info: DevInfo {
+                    block_size: dev.block_size(),
+                    thin: dev.thin_provisioned(),
+                },
+            })
+            .ch
+    }
+
+    /// Backend operations in flight in the kernel. While there are any the reactor must not
+    /// sleep in epoll: their completions arrive on the ring, not on a socket.
+    pub fn inflight(&self) -> usize {
+        self.io.inflight()
     }
 
     /// Runs a planned task.
@@ -472,13 +504,15 @@ impl ScsiPort {
         }
     }
 
-    /// Collects completions of this reactor's backend I/O.
+    /// Submits this pass's ring I/O and collects completions of this reactor's backend I/O.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.io.poll();
         let mut n = 0;
-        for ch in self.channels.values_mut() {
+        for pc in self.channels.values_mut() {
             self.scratch.clear();
-            n += ch.poll(&mut self.scratch);
-            out.extend(self.scratch.drain(..).map(Completion));
+            n += pc.ch.poll(&mut self.scratch);
+            let info = pc.info;
+            out.extend(self.scratch.drain(..).map(|c| Completion(c, info)));
         }
         n
     }
@@ -486,7 +520,7 @@ impl ScsiPort {
 
 /// Applies a backend completion to its task.
 pub fn complete(task: &mut ScsiTask, c: Completion) {
-    let c = c.0;
+    let Completion(c, info) = c;
     if task.verify_compare {
         task.aux = c.buf;
     } else if c.buf.is_some() {
@@ -502,17 +536,36 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
                 }
             }
         }
-        Err(e) => {
-            let (key, code) = match task.io {
-                Some((IoOp::Read, ..)) => (sense::MEDIUM_ERROR, sense::UNRECOVERED_READ_ERROR),
-                _ => (sense::MEDIUM_ERROR, sense::WRITE_ERROR),
-            };
-            let mut s = Sense::new(key, code);
-            if let crate::bdev::BdevError::Io(off) = e {
-                s.information = u32::try_from(off / 512).ok();
-            }
-            task.fail(s);
+        Err(e) => task.fail(error_sense(e, task.io.map(|x| x.0), info)),
+    }
+}
+
+/// The sense data for a failed backend I/O.
+fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
+    // SPC-4 Annex D.
+    const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (u8, u8) = (0x27, 0x07);
+    const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
+    const NOT_READY_MANUAL_INTERVENTION: (u8, u8) = (0x04, 0x03);
+    const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
+    let medium = || match op {
+        Some(IoOp::Read) => Sense::new(sense::MEDIUM_ERROR, sense::UNRECOVERED_READ_ERROR),
+        _ => Sense::new(sense::MEDIUM_ERROR, sense::WRITE_ERROR),
+    };
+    match e {
+        // SBC-3 §4.7.3.6: a thin provisioned device out of backing space.
+        BdevError::NoSpace if info.thin => {
+            Sense::new(sense::DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
         }
+        BdevError::NoSpace => medium(),
+        // SPC-4 §4.5.3: the INFORMATION field holds the first failing LBA; VALID only when
+        // it fits the fixed format's four bytes.
+        BdevError::Io(off) => Sense {
+            information: u32::try_from(off / u64::from(info.block_size.max(1))).ok(),
+            ..medium()
+        },
+        BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
+        BdevError::Offline => Sense::new(sense::NOT_READY, NOT_READY_MANUAL_INTERVENTION),
+        BdevError::NoMedium => Sense::new(sense::NOT_READY, MEDIUM_NOT_PRESENT),
     }
 }
 
