@@ -569,6 +569,51 @@ fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
     }
 }
 
+#[cfg(test)]
+mod completion_tests {
+    use super::*;
+
+    fn failed(e: BdevError, op: IoOp, block_size: u32, thin: bool) -> [u8; sense::FIXED_LEN] {
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        t.io = Some((op, 0, 512));
+        let c = BdevCompletion {
+            tag: 0,
+            result: Err(e),
+            buf: None,
+        };
+        complete(&mut t, Completion(c, DevInfo { block_size, thin }));
+        assert_eq!(t.status, STATUS_CHECK_CONDITION);
+        let mut s = [0u8; sense::FIXED_LEN];
+        s.copy_from_slice(t.sense());
+        s
+    }
+
+    #[test]
+    fn backend_errors_map_to_sense() {
+        let w = IoOp::Write { fua: false };
+        let s = failed(BdevError::NoSpace, w, 512, true);
+        assert_eq!((s[2], s[12], s[13]), (sense::DATA_PROTECT, 0x27, 0x07));
+        let s = failed(BdevError::NoSpace, w, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x0c, 0x00));
+        // The LBA of the failing byte, in blocks of the device, with VALID set.
+        let s = failed(BdevError::Io(4096 * 7 + 100), IoOp::Read, 4096, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x11, 0x00));
+        assert_eq!(s[0], 0xf0);
+        assert_eq!(&s[3..7], &7u32.to_be_bytes());
+        let s = failed(BdevError::Io(1024), w, 512, false);
+        assert_eq!((s[12], s[13], s[6]), (0x0c, 0x00, 2));
+        // An LBA past the four bytes of the fixed format: VALID clear.
+        let s = failed(BdevError::Io(512 << 33), IoOp::Read, 512, false);
+        assert_eq!(s[0], 0x70);
+        let s = failed(BdevError::Offline, IoOp::Read, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x04, 0x03));
+        let s = failed(BdevError::NoMedium, IoOp::Read, 2048, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x3a, 0x00));
+        let s = failed(BdevError::BadBuffer, w, 512, false);
+        assert_eq!((s[2], s[12]), (sense::HARDWARE_ERROR, 0x44));
+    }
+}
+
 fn verify_compare(task: &mut ScsiTask, len: u32) {
     let (Some(a), Some(b)) = (task.buf.as_ref(), task.aux.as_ref()) else {
         return;
