@@ -331,7 +331,10 @@ impl FileDev {
         let size = match (&backing, st.size_override) {
             (Some(b), Some(o)) => o.min(b.size),
             (Some(b), None) => b.size,
-            (None, _) => 0,
+            // An empty CD drive has no capacity; a disk that goes inactive keeps the size it
+            // had, so that its commands fail NOT READY rather than out of range.
+            (None, _) if self.opts.kind == Kind::Cdrom => 0,
+            (None, _) => self.size(),
         };
         if let Some(b) = &backing {
             self.phys_block.store(b.phys_block, Ordering::Relaxed);
@@ -699,6 +702,11 @@ impl IoChannel for FileChannel {
         let n = d.len();
         out.extend(d.drain(..));
         n
+    }
+
+    fn busy(&self) -> bool {
+        // Every operation on the ring holds a reference to the completion queue.
+        Rc::strong_count(&self.done) > 1 || !self.done.borrow().is_empty()
     }
 }
 

@@ -156,6 +156,8 @@ pub trait IoChannel {
     fn submit(&mut self, io: BdevIo);
     /// Appends completed I/O; returns how many.
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize;
+    /// Whether I/O submitted here has not been reported by `poll` yet.
+    fn busy(&self) -> bool;
 }
 
 /// A channel for backends that complete in the submitting call.
@@ -182,6 +184,10 @@ impl<D: SyncDev + 'static> IoChannel for Immediate<D> {
         let n = self.done.len();
         out.extend(self.done.drain(..));
         n
+    }
+
+    fn busy(&self) -> bool {
+        !self.done.is_empty()
     }
 }
 

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::buf::MAX_TRANSFER;
@@ -410,6 +410,9 @@ impl Completion {
 
 /// One device's channel on this reactor.
 struct PortChannel {
+    /// The device, weakly: its allocation (and so the map key, its address) stays reserved
+    /// while the channel lives, and a deleted device's channel can be dropped.
+    dev: Weak<Device>,
     ch: Box<dyn IoChannel>,
     info: DevInfo,
 }
@@ -445,6 +448,7 @@ impl ScsiPort {
             .channels
             .entry(key)
             .or_insert_with(|| PortChannel {
+                dev: Arc::downgrade(dev),
                 ch: dev.bdev.clone().open_channel(io),
                 info: DevInfo {
                     block_size: dev.block_size(),
@@ -508,12 +512,16 @@ impl ScsiPort {
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         self.io.poll();
         let mut n = 0;
-        for pc in self.channels.values_mut() {
-            self.scratch.clear();
-            n += pc.ch.poll(&mut self.scratch);
+        let scratch = &mut self.scratch;
+        self.channels.retain(|_, pc| {
+            scratch.clear();
+            n += pc.ch.poll(scratch);
             let info = pc.info;
-            out.extend(self.scratch.drain(..).map(|c| Completion(c, info)));
-        }
+            out.extend(scratch.drain(..).map(|c| Completion(c, info)));
+            // A deleted device's channel goes once its last I/O is back, releasing the
+            // backend (a RAM disk's memory, a file's descriptor).
+            pc.dev.strong_count() > 0 || pc.ch.busy()
+        });
         n
     }
 }
@@ -586,6 +594,85 @@ mod completion_tests {
         let mut s = [0u8; sense::FIXED_LEN];
         s.copy_from_slice(t.sense());
         s
+    }
+
+    #[test]
+    fn a_deleted_device_releases_its_channel() {
+        let d = Device::create("vdisk_ramio", "gone", &[("size_mb".into(), "1".into())]).unwrap();
+        let mut port = ScsiPort::new();
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        plan(&d, &mut t).unwrap();
+        t.buf = DataBuf::alloc(512);
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        let weak = Arc::downgrade(&d);
+        drop(d);
+        let mut out = Vec::new();
+        // The pending completion is still delivered, then the channel goes.
+        assert_eq!(port.poll(&mut out), 1);
+        assert!(port.channels.is_empty());
+        assert_eq!(weak.strong_count(), 0);
+        assert_eq!(port.inflight(), 0);
+    }
+
+    /// Runs a command through a port until its ring I/O completes.
+    fn run_ring(port: &mut ScsiPort, d: &Arc<Device>, cdb: &[u8], data: Option<&[u8]>) -> ScsiTask {
+        let mut t = ScsiTask::new(cdb, 0, 1);
+        let p = plan(d, &mut t).unwrap();
+        if p.len > 0 {
+            let mut b = DataBuf::alloc(p.len as usize).unwrap();
+            if let Some(x) = data {
+                b.write_at(0, x);
+            }
+            t.buf = Some(b);
+        }
+        if port.execute(d, &mut t) == Exec::Pending {
+            let mut out = Vec::new();
+            while port.poll(&mut out) == 0 {
+                assert!(port.inflight() > 0, "nothing in flight and no completion");
+                port.io.wait();
+            }
+            complete(&mut t, out.pop().unwrap());
+        }
+        t
+    }
+
+    #[test]
+    fn fileio_through_the_port() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let f = dir.path().join("p.img");
+        let params = vec![
+            ("filename".to_string(), f.to_str().unwrap().to_string()),
+            ("size_mb".to_string(), "1".to_string()),
+        ];
+        let d = Device::create("vdisk_fileio", "p", &params).unwrap();
+        let mut port = ScsiPort::new();
+        let w = run_ring(
+            &mut port,
+            &d,
+            &[WRITE_10, 0x08, 0, 0, 0, 3, 0, 0, 2, 0],
+            Some(&[0x3c; 1024]),
+        );
+        assert_eq!(w.status, STATUS_GOOD);
+        let s = run_ring(
+            &mut port,
+            &d,
+            &[SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            None,
+        );
+        assert_eq!(s.status, STATUS_GOOD);
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 2, 0], None);
+        assert_eq!(r.status, STATUS_GOOD);
+        let mut back = vec![0u8; 1024];
+        r.buf.as_ref().unwrap().read_at(0, &mut back);
+        assert_eq!(back, vec![0x3c; 1024]);
+        assert_eq!(std::fs::read(&f).unwrap()[1536..2560], [0x3c; 1024]);
+        // Inactive: NOT READY, LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+        d.set_attr("active", "0").unwrap();
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], None);
+        assert_eq!(
+            (r.sense()[2], r.sense()[12], r.sense()[13]),
+            (2, 0x04, 0x03)
+        );
     }
 
     #[test]
