@@ -272,7 +272,14 @@ impl FileDev {
             }
             None => None,
         };
-        let size = backing.as_ref().map_or(0, |b| b.size);
+        // An inactive disk reports the size its file has now (it is opened later).
+        let size = match (&backing, path) {
+            (Some(b), _) => b.size,
+            (None, Some(p)) if opts.kind == Kind::File => std::fs::metadata(p)
+                .map(|m| m.len() - m.len() % u64::from(opts.block_size))
+                .unwrap_or(0),
+            _ => 0,
+        };
         let phys = backing.as_ref().map_or(0, |b| b.phys_block);
         Ok(Arc::new(FileDev {
             name: name.to_string(),
