@@ -4,13 +4,27 @@
 //! reactors on the submission path.
 //!
 //! Backends here: `vdisk_nullio` (reads zeros, writes dropped) and `vdisk_ramio` (RAM with real
-//! storage, SPDK's malloc bdev). Both complete at once; the completion still travels through
-//! `poll` so that asynchronous backends (io_uring) fit the same path.
+//! storage, SPDK's malloc bdev), which complete at once, and in [`file`] `vdisk_fileio`,
+//! `vdisk_blockio` and `vcdrom`, which go through the reactor's io_uring ([`uring`]). Every
+//! completion travels through `poll`, so both kinds share one path.
+//!
+//! Each reactor has one [`IoContext`] (owned by its SCSI port): the ring that all of that
+//! reactor's file and block channels share, created on first use.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::sync::{Arc, RwLock};
 
+use log::error;
+
 use crate::env::DataBuf;
+
+pub mod file;
+pub mod uring;
+
+pub use file::{FileDev, FileOptions, Kind};
+pub use uring::Ring;
 
 /// What a backend reports for a failed I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -19,8 +33,12 @@ pub enum BdevError {
     Io(u64),
     /// out of space
     NoSpace,
-    /// the I/O carried no buffer or a buffer of the wrong size
+    /// the I/O carried no buffer, a buffer of the wrong size, or one not aligned for O_DIRECT
     BadBuffer,
+    /// the device is not active (its backing is closed or failed)
+    Offline,
+    /// no medium is loaded
+    NoMedium,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +82,8 @@ pub struct BdevCompletion {
 pub trait BlockDev: Send + Sync {
     fn block_size(&self) -> u32;
     fn num_blocks(&self) -> u64;
-    /// A channel for one reactor.
-    fn open_channel(self: Arc<Self>) -> Box<dyn IoChannel>;
+    /// A channel for the reactor whose I/O context is `cx`.
+    fn open_channel(self: Arc<Self>, cx: &IoContext) -> Box<dyn IoChannel>;
     /// Whether writes may sit in a volatile cache (MODE SENSE caching page WCE).
     fn has_volatile_cache(&self) -> bool {
         false
@@ -81,11 +99,65 @@ pub trait BlockDev: Send + Sync {
     }
 }
 
+/// A reactor's backend I/O state: the io_uring its file and block channels share, created
+/// on first use so that a reactor serving only RAM disks never opens one. Not `Send`: it
+/// belongs to the reactor thread.
+#[derive(Default)]
+pub struct IoContext {
+    ring: OnceCell<Option<Rc<Ring>>>,
+}
+
+impl IoContext {
+    pub fn new() -> IoContext {
+        IoContext::default()
+    }
+
+    /// The ring, created on first call; `None` (logged once) when io_uring is unavailable.
+    pub fn ring(&self) -> Option<Rc<Ring>> {
+        self.ring
+            .get_or_init(|| match Ring::new() {
+                Ok(r) => Some(Rc::new(r)),
+                Err(e) => {
+                    error!("cannot create an io_uring ({e}): file and block devices fail I/O");
+                    None
+                }
+            })
+            .clone()
+    }
+
+    /// Submits queued SQEs and handles the completions that have arrived; the channels then
+    /// report them from their `poll`. Returns how many operations finished.
+    pub fn poll(&self) -> usize {
+        match self.ring.get() {
+            Some(Some(r)) => r.poll(),
+            _ => 0,
+        }
+    }
+
+    /// Blocks until some ring I/O completes (tests and shutdown).
+    pub fn wait(&self) -> usize {
+        match self.ring.get() {
+            Some(Some(r)) => r.wait(),
+            _ => 0,
+        }
+    }
+
+    /// Operations in flight in the kernel: while there are any the reactor must not sleep.
+    pub fn inflight(&self) -> usize {
+        match self.ring.get() {
+            Some(Some(r)) => r.inflight(),
+            _ => 0,
+        }
+    }
+}
+
 pub trait IoChannel {
     /// Takes the I/O; its completion comes back from [`poll`](IoChannel::poll).
     fn submit(&mut self, io: BdevIo);
     /// Appends completed I/O; returns how many.
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize;
+    /// Whether I/O submitted here has not been reported by `poll` yet.
+    fn busy(&self) -> bool;
 }
 
 /// A channel for backends that complete in the submitting call.
@@ -112,6 +184,10 @@ impl<D: SyncDev + 'static> IoChannel for Immediate<D> {
         let n = self.done.len();
         out.extend(self.done.drain(..));
         n
+    }
+
+    fn busy(&self) -> bool {
+        !self.done.is_empty()
     }
 }
 
@@ -146,7 +222,7 @@ impl BlockDev for NullDev {
     fn num_blocks(&self) -> u64 {
         self.num_blocks
     }
-    fn open_channel(self: Arc<Self>) -> Box<dyn IoChannel> {
+    fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
         Box::new(Immediate {
             dev: self,
             done: VecDeque::with_capacity(64),
@@ -244,7 +320,7 @@ impl BlockDev for RamDev {
     fn num_blocks(&self) -> u64 {
         self.size / u64::from(self.block_size)
     }
-    fn open_channel(self: Arc<Self>) -> Box<dyn IoChannel> {
+    fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
         Box::new(Immediate {
             dev: self,
             done: VecDeque::with_capacity(64),
@@ -270,7 +346,7 @@ mod tests {
     #[test]
     fn ram_reads_back_across_chunks() {
         let dev = RamDev::new(512, 4 << 20);
-        let mut ch = dev.clone().open_channel();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
         let mut b = DataBuf::alloc(300 * 1024).unwrap();
         let data: Vec<u8> = (0..b.len()).map(|i| (i * 7) as u8).collect();
         b.write_at(0, &data);
@@ -310,7 +386,7 @@ mod tests {
     #[test]
     fn null_reads_zeros() {
         let dev = NullDev::new(512, 1000);
-        let mut ch = dev.open_channel();
+        let mut ch = dev.open_channel(&IoContext::new());
         let mut b = DataBuf::alloc(4096).unwrap();
         b.fill(0, 4096, 0xff);
         ch.submit(io(IoOp::Read, 0, 4096, b));

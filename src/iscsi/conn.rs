@@ -433,7 +433,6 @@ impl Conn {
                                         let segs = &mut segs[..k];
                                         return match rx::recv_direct(&mut *self.sock, segs) {
                                             Ok(Some(n)) => {
-                                                drop(segs);
                                                 if want_crc {
                                                     for seg in buf.segments(start, n) {
                                                         *crc = crc32c::crc32c_append(*crc, seg);

@@ -487,6 +487,10 @@ impl Poller for Engine {
     }
 
     fn sleep(&mut self, timeout: Duration) {
+        // Ring completions do not wake epoll: never sleep while backend I/O is in flight.
+        if self.port.inflight() > 0 {
+            return;
+        }
         if let Err(e) = self.group.wait(Some(timeout)) {
             warn!("reactor {}: wait failed: {e}", self.id);
         }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::bdev::{BlockDev, NullDev, RamDev};
+use crate::bdev::{BlockDev, FileDev, FileOptions, Kind, NullDev, RamDev};
 
 /// Why a device could not be created or changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -20,10 +20,24 @@ fn invalid(s: impl Into<String>) -> DeviceError {
 }
 
 /// The virtual device handlers, as `handlers/` lists them.
-pub const HANDLERS: &[&str] = &["vdisk_nullio", "vdisk_ramio"];
+pub const HANDLERS: &[&str] = &[
+    "vdisk_fileio",
+    "vdisk_blockio",
+    "vdisk_nullio",
+    "vcdrom",
+    "vdisk_ramio",
+];
 
 /// SCST's nullio default size: 5 TiB / 2.
 const NULLIO_DEFAULT_SIZE: u64 = (5u64 << 40) / 2;
+/// MMC: a CD's logical block.
+const CDROM_BLOCK_SIZE: u32 = 2048;
+
+/// Unit attention codes the device raises (SPC-4 Annex D).
+const UA_INQUIRY_DATA_CHANGED: (u8, u8) = (0x3f, 0x03);
+const UA_CAPACITY_DATA_CHANGED: (u8, u8) = (0x2a, 0x09);
+/// NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED.
+const UA_MEDIUM_CHANGED: (u8, u8) = (0x28, 0x00);
 
 /// The identity of a device: what INQUIRY reports. Writable attributes change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +49,8 @@ pub struct Ident {
     pub usn: String,
     /// NAA designator (8 or 16 bytes).
     pub naa_id: Vec<u8>,
+    /// EUI-64 designator (8, 12 or 16 bytes); empty: none.
+    pub eui64_id: Vec<u8>,
     pub opt_trans_len: u32,
 }
 
@@ -49,12 +65,15 @@ pub struct Device {
     name: String,
     handler: String,
     pub(crate) bdev: Arc<dyn BlockDev>,
+    /// The same backend when it is a file, block device or CD (its own attributes).
+    file: Option<Arc<FileDev>>,
     block_size: u32,
-    size: u64,
     read_only: bool,
     removable: bool,
     rotational: bool,
     thin: bool,
+    /// Report the logical blocks per physical block exponent (READ CAPACITY 16).
+    lb_per_pb_exp: AtomicBool,
     /// Creation parameters as given (saved with the configuration).
     params: Vec<(String, String)>,
     ident: Mutex<Ident>,
@@ -81,6 +100,24 @@ fn parse_u64(name: &str, v: &str) -> Result<u64, DeviceError> {
     v.trim()
         .parse()
         .map_err(|_| invalid(format!("{name} must be a number, not {v:?}")))
+}
+
+fn parse_hex(v: &str) -> Option<Vec<u8>> {
+    let hex = v.trim().trim_start_matches("0x");
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        })
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A hash of the device name (FNV-1a), the source of the default identifiers.
@@ -112,13 +149,20 @@ impl Device {
                 HANDLERS.join(", ")
             ))
         })?;
-        let mut block_size: u32 = 512;
+        let cdrom = handler == "vcdrom";
+        let mut block_size: u32 = if cdrom { CDROM_BLOCK_SIZE } else { 512 };
         let mut size: Option<u64> = None;
-        let mut read_only = false;
-        let mut removable = false;
+        let mut read_only = cdrom;
+        let mut removable = cdrom;
         let mut rotational = true;
         let mut thin = false;
         let mut t10_dev_id = None;
+        let mut filename: Option<String> = None;
+        let mut active = true;
+        let mut o_direct = false;
+        let mut nv_cache = false;
+        let mut write_through = false;
+        let mut lb_per_pb_exp = true;
         for (k, v) in params {
             if !allowed.contains(&k.as_str()) {
                 return Err(invalid(format!(
@@ -149,28 +193,73 @@ impl Device {
                 "rotational" => rotational = parse_bool(k, v)?,
                 "thin_provisioned" => thin = parse_bool(k, v)?,
                 "t10_dev_id" => t10_dev_id = Some(v.trim().to_string()),
+                "filename" => filename = Some(v.trim().to_string()),
+                "active" => active = parse_bool(k, v)?,
+                "o_direct" => o_direct = parse_bool(k, v)?,
+                "nv_cache" => nv_cache = parse_bool(k, v)?,
+                "write_through" => write_through = parse_bool(k, v)?,
+                "lb_per_pb_exp" => lb_per_pb_exp = parse_bool(k, v)?,
+                // TST 001b: a task set per I_T nexus is all this target implements.
+                "tst" if v.trim() != "1" => {
+                    return Err(invalid(
+                        "only tst=1 (a separate task set per I_T nexus) is supported",
+                    ));
+                }
                 _ => {}
             }
         }
-        let size = match (handler, size) {
-            (_, Some(s)) => s,
-            ("vdisk_nullio", None) => NULLIO_DEFAULT_SIZE,
-            _ => return Err(invalid(format!("{handler} needs size or size_mb"))),
-        };
-        if size == 0 || size % u64::from(block_size) != 0 {
-            return Err(invalid(format!(
-                "size {size} must be a non-zero multiple of the block size {block_size}"
-            )));
+        if let Some(s) = size {
+            if s == 0 || s % u64::from(block_size) != 0 {
+                return Err(invalid(format!(
+                    "size {s} must be a non-zero multiple of the block size {block_size}"
+                )));
+            }
         }
-        let bdev: Arc<dyn BlockDev> = match handler {
-            "vdisk_nullio" => NullDev::new(block_size, size / u64::from(block_size)),
-            _ => {
-                if size > 1 << 40 {
-                    return Err(invalid(format!(
-                        "a RAM disk of {size} bytes is larger than 1 TiB"
-                    )));
+        let kind = match handler {
+            "vdisk_fileio" => Some(Kind::File),
+            "vdisk_blockio" => Some(Kind::Block),
+            "vcdrom" => Some(Kind::Cdrom),
+            _ => None,
+        };
+        let (bdev, file): (Arc<dyn BlockDev>, Option<Arc<FileDev>>) = match kind {
+            Some(kind) => {
+                if kind != Kind::Cdrom && filename.as_deref().is_none_or(str::is_empty) {
+                    return Err(invalid(format!("{handler} needs filename=PATH")));
                 }
-                RamDev::new(block_size, size)
+                if write_through && nv_cache {
+                    return Err(invalid("write_through and nv_cache exclude each other"));
+                }
+                let opts = FileOptions {
+                    kind,
+                    block_size,
+                    read_only,
+                    o_direct,
+                    write_through,
+                    nv_cache,
+                    thin,
+                };
+                let f =
+                    FileDev::new(name, opts, filename.as_deref(), size, active).map_err(invalid)?;
+                (f.clone(), Some(f))
+            }
+            None => {
+                let size = match (handler, size) {
+                    (_, Some(s)) => s,
+                    ("vdisk_nullio", None) => NULLIO_DEFAULT_SIZE,
+                    _ => return Err(invalid(format!("{handler} needs size or size_mb"))),
+                };
+                let bdev: Arc<dyn BlockDev> = match handler {
+                    "vdisk_nullio" => NullDev::new(block_size, size / u64::from(block_size)),
+                    _ => {
+                        if size > 1 << 40 {
+                            return Err(invalid(format!(
+                                "a RAM disk of {size} bytes is larger than 1 TiB"
+                            )));
+                        }
+                        RamDev::new(block_size, size)
+                    }
+                };
+                (bdev, None)
             }
         };
         let h = name_hash(name);
@@ -185,18 +274,20 @@ impl Device {
             usn: format!("{id:x}"),
             // NAA 3 (locally assigned), 60 bits from the name hash.
             naa_id: ((3u64 << 60) | (h >> 4)).to_be_bytes().to_vec(),
+            eui64_id: Vec::new(),
             opt_trans_len: 524_288,
         };
         Ok(Arc::new(Device {
             name: name.to_string(),
             handler: handler.to_string(),
             bdev,
+            file,
             block_size,
-            size,
             read_only,
             removable,
             rotational,
             thin,
+            lb_per_pb_exp: AtomicBool::new(lb_per_pb_exp),
             params: params.to_vec(),
             ident: Mutex::new(default_ident.clone()),
             default_ident,
@@ -219,8 +310,14 @@ impl Device {
         self.block_size
     }
 
+    /// The capacity in blocks; it changes with `resync_size`, a new CD or blockio's `size`
+    /// (and is 0 while a CD drive is empty).
     pub fn num_blocks(&self) -> u64 {
-        self.size / u64::from(self.block_size)
+        self.bdev.num_blocks()
+    }
+
+    fn size(&self) -> u64 {
+        self.num_blocks() * u64::from(self.block_size)
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -235,14 +332,26 @@ impl Device {
         self.rotational
     }
 
+    fn is_cdrom(&self) -> bool {
+        self.handler == "vcdrom"
+    }
+
     /// SPC peripheral device type: 0x00 direct access (disks), 0x05 CD/DVD (vcdrom).
     pub fn scsi_type(&self) -> u8 {
-        0x00
+        if self.is_cdrom() {
+            0x05
+        } else {
+            0x00
+        }
     }
 
     /// Whether a medium is loaded (always, except an ejected vcdrom).
     pub fn medium_present(&self) -> bool {
         self.medium.load(Ordering::Acquire)
+            && match &self.file {
+                Some(f) if self.is_cdrom() => f.is_open(),
+                _ => true,
+            }
     }
 
     /// START STOP UNIT with LOEJ=1 and START=0 on a removable device: the medium goes away
@@ -264,6 +373,41 @@ impl Device {
     pub fn load(&self) {
         if !self.medium.swap(true, Ordering::AcqRel) {
             self.add_ua_all(0x28, 0x00);
+        }
+    }
+
+    /// Whether the backing is open (`active`). A disk whose file failed or that was
+    /// deactivated answers NOT READY.
+    pub fn is_active(&self) -> bool {
+        self.file
+            .as_ref()
+            .is_none_or(|f| self.is_cdrom() || f.is_open())
+    }
+
+    /// Why the device cannot serve media access commands now, as the NOT READY additional
+    /// sense code: MEDIUM NOT PRESENT (3A/00) for an empty CD drive, LOGICAL UNIT NOT READY,
+    /// MANUAL INTERVENTION REQUIRED (04/03) for an inactive disk. `None` when ready.
+    pub fn not_ready(&self) -> Option<(u8, u8)> {
+        if !self.medium_present() {
+            Some((0x3a, 0x00))
+        } else if !self.is_active() {
+            Some((0x04, 0x03))
+        } else {
+            None
+        }
+    }
+
+    /// The LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT of READ CAPACITY(16) (SBC-3 §5.16.2):
+    /// from the backing's physical block size when `lb_per_pb_exp` is 1, else 0.
+    pub fn lb_per_pb_exponent(&self) -> u8 {
+        if !self.lb_per_pb_exp.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let pb = self.file.as_ref().map_or(0, |f| f.physical_block_size());
+        if pb > self.block_size && pb.is_power_of_two() {
+            (pb / self.block_size).trailing_zeros().min(15) as u8
+        } else {
+            0
         }
     }
 
@@ -323,44 +467,106 @@ impl Device {
             name,
             writable: true,
         };
-        vec![
-            ro("blocksize"),
-            rw("naa_id"),
-            rw("opt_trans_len"),
-            rw("prod_id"),
-            rw("prod_rev_lvl"),
-            ro("read_only"),
-            ro("removable"),
-            ro("rotational"),
-            ro("size"),
-            ro("size_mb"),
-            rw("t10_dev_id"),
-            rw("t10_vend_id"),
-            ro("thin_provisioned"),
-            ro("type"),
-            rw("usn"),
-        ]
+        let fileio = self.handler == "vdisk_fileio";
+        let blockio = self.handler == "vdisk_blockio";
+        let disk_file = fileio || blockio;
+        let cdrom = self.is_cdrom();
+        let mut v = Vec::new();
+        if disk_file {
+            v.push(rw("active"));
+        }
+        if !cdrom {
+            v.push(ro("blocksize"));
+        }
+        v.push(rw("eui64_id"));
+        if disk_file || cdrom {
+            v.push(rw("filename"));
+        }
+        if disk_file {
+            v.push(rw("lb_per_pb_exp"));
+        }
+        v.push(rw("naa_id"));
+        if disk_file {
+            v.push(ro("nv_cache"));
+        }
+        if fileio {
+            v.push(ro("o_direct"));
+        }
+        if !cdrom {
+            v.push(rw("opt_trans_len"));
+        }
+        v.extend([rw("prod_id"), rw("prod_rev_lvl")]);
+        if !cdrom {
+            v.extend([ro("read_only"), ro("removable")]);
+        }
+        if disk_file {
+            v.push(rw("resync_size"));
+        }
+        if !cdrom {
+            v.push(ro("rotational"));
+        }
+        if blockio {
+            v.extend([rw("size"), rw("size_mb")]);
+        } else {
+            v.extend([ro("size"), ro("size_mb")]);
+        }
+        if disk_file {
+            v.push(rw("sync"));
+        }
+        v.extend([rw("t10_dev_id"), rw("t10_vend_id")]);
+        if !cdrom {
+            v.push(ro("thin_provisioned"));
+        }
+        v.extend([ro("tst"), ro("type"), rw("usn")]);
+        if disk_file {
+            v.push(ro("write_through"));
+        }
+        v
+    }
+
+    fn has_attr(&self, name: &str) -> bool {
+        self.attrs().iter().any(|a| a.name == name)
     }
 
     pub fn get_attr(&self, name: &str) -> Option<String> {
+        if !self.has_attr(name) {
+            return None;
+        }
         let id = self.ident();
         let b = |x: bool| if x { "1" } else { "0" }.to_string();
+        let opts = self.file.as_ref().map(|f| f.options().clone());
+        let opt = |f: fn(&FileOptions) -> bool| b(opts.as_ref().is_some_and(f));
         Some(match name {
+            "active" => b(self.is_active()),
             "blocksize" => self.block_size.to_string(),
-            "naa_id" => id.naa_id.iter().map(|b| format!("{b:02x}")).collect(),
+            "eui64_id" => hex(&id.eui64_id),
+            "filename" => self.file.as_ref().map(|f| f.filename()).unwrap_or_default(),
+            "lb_per_pb_exp" => b(self.lb_per_pb_exp.load(Ordering::Relaxed)),
+            "naa_id" => hex(&id.naa_id),
+            "nv_cache" => opt(|o| o.nv_cache),
+            "o_direct" => opt(|o| o.o_direct),
             "opt_trans_len" => id.opt_trans_len.to_string(),
             "prod_id" => id.prod_id,
             "prod_rev_lvl" => id.prod_rev_lvl,
             "read_only" => b(self.read_only),
             "removable" => b(self.removable),
+            // Write-only: reading shows nothing, as in SCST.
+            "resync_size" | "sync" => String::new(),
             "rotational" => b(self.rotational),
-            "size" => self.size.to_string(),
-            "size_mb" => (self.size >> 20).to_string(),
+            "size" => self.size().to_string(),
+            "size_mb" => (self.size() >> 20).to_string(),
             "t10_dev_id" => id.t10_dev_id,
             "t10_vend_id" => id.t10_vend_id,
             "thin_provisioned" => b(self.thin),
-            "type" => "0 - direct-access device (e.g., magnetic disk)".into(),
+            "tst" => "1".into(),
+            "type" => if self.is_cdrom() {
+                "5 - CD-ROM device"
+            } else {
+                "0 - direct-access device (e.g., magnetic disk)"
+            }
+            .into(),
             "usn" => id.usn,
+            "write_through" => opt(|o| o.write_through),
             _ => return None,
         })
     }
@@ -369,16 +575,17 @@ impl Device {
     pub fn is_key_attr(&self, name: &str) -> bool {
         let given = |k: &str| self.params.iter().any(|(p, _)| p == k);
         match name {
-            "blocksize" | "read_only" | "removable" | "rotational" | "thin_provisioned" => {
-                given(name)
-            }
+            "blocksize" | "read_only" | "removable" | "rotational" | "thin_provisioned"
+            | "nv_cache" | "o_direct" | "write_through" => given(name),
             "size" | "size_mb" => given("size") || given("size_mb"),
             "t10_dev_id" => {
                 given("t10_dev_id") || self.ident().t10_dev_id != self.default_ident.t10_dev_id
             }
-            "naa_id" | "opt_trans_len" | "prod_id" | "prod_rev_lvl" | "t10_vend_id" | "usn" => {
-                self.get_attr(name) != self.default_attr(name)
-            }
+            "filename" => given("filename") || !self.get_attr(name).unwrap_or_default().is_empty(),
+            "active" => given("active") || !self.is_active(),
+            "lb_per_pb_exp" => given(name) || !self.lb_per_pb_exp.load(Ordering::Relaxed),
+            "naa_id" | "eui64_id" | "opt_trans_len" | "prod_id" | "prod_rev_lvl"
+            | "t10_vend_id" | "usn" => self.get_attr(name) != self.default_attr(name),
             _ => false,
         }
     }
@@ -386,7 +593,8 @@ impl Device {
     fn default_attr(&self, name: &str) -> Option<String> {
         let d = &self.default_ident;
         Some(match name {
-            "naa_id" => d.naa_id.iter().map(|b| format!("{b:02x}")).collect(),
+            "naa_id" => hex(&d.naa_id),
+            "eui64_id" => hex(&d.eui64_id),
             "opt_trans_len" => d.opt_trans_len.to_string(),
             "prod_id" => d.prod_id.clone(),
             "prod_rev_lvl" => d.prod_rev_lvl.clone(),
@@ -396,9 +604,86 @@ impl Device {
         })
     }
 
-    /// Sets a writable attribute; INQUIRY DATA HAS CHANGED is raised for identity changes.
+    /// Sets a writable attribute and raises the unit attention the change calls for:
+    /// INQUIRY DATA HAS CHANGED for identity, CAPACITY DATA HAS CHANGED for a new size,
+    /// NOT READY TO READY CHANGE when a medium is loaded or a disk becomes active.
     pub fn set_attr(&self, name: &str, value: &str) -> Result<(), DeviceError> {
         let v = value.trim_end_matches('\n');
+        match self.attrs().iter().find(|a| a.name == name) {
+            None => {
+                return Err(invalid(format!(
+                    "device {} has no attribute {name}",
+                    self.name
+                )))
+            }
+            Some(a) if !a.writable => return Err(invalid(format!("{name} is read-only"))),
+            Some(_) => {}
+        }
+        if let Some(f) = &self.file {
+            let before = self.size();
+            match name {
+                "filename" => {
+                    let path = v.trim();
+                    if self.is_cdrom() {
+                        return self.change_medium(f, path);
+                    }
+                    f.set_filename(path).map_err(invalid)?;
+                    self.add_ua_all(UA_MEDIUM_CHANGED.0, UA_MEDIUM_CHANGED.1);
+                    if self.size() != before {
+                        self.capacity_changed();
+                    }
+                    return Ok(());
+                }
+                "active" => {
+                    let on = parse_bool(name, v)?;
+                    let was = self.is_active();
+                    f.set_active(on).map_err(invalid)?;
+                    if on && !was {
+                        self.add_ua_all(UA_MEDIUM_CHANGED.0, UA_MEDIUM_CHANGED.1);
+                        if self.size() != before {
+                            self.capacity_changed();
+                        }
+                    }
+                    return Ok(());
+                }
+                "resync_size" => {
+                    if v.trim() != "1" {
+                        return Err(invalid("write 1 to resync_size"));
+                    }
+                    f.resync_size().map_err(invalid)?;
+                    // SCST raises it on every resync, changed or not.
+                    self.capacity_changed();
+                    return Ok(());
+                }
+                "size" | "size_mb" => {
+                    let n = parse_u64(name, v)?;
+                    let bytes = if name == "size_mb" {
+                        n.checked_mul(1 << 20)
+                            .ok_or_else(|| invalid(format!("size_mb {v} is too large")))?
+                    } else {
+                        n
+                    };
+                    f.set_size(bytes).map_err(invalid)?;
+                    if self.size() != before {
+                        self.capacity_changed();
+                    }
+                    return Ok(());
+                }
+                "sync" => {
+                    if v.trim() != "1" {
+                        return Err(invalid("write 1 to sync"));
+                    }
+                    return f.sync().map_err(invalid);
+                }
+                "lb_per_pb_exp" => {
+                    let on = parse_bool(name, v)?;
+                    self.lb_per_pb_exp.store(on, Ordering::Relaxed);
+                    self.capacity_changed();
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         let mut id = self.ident.lock().unwrap_or_else(|e| e.into_inner());
         let ascii = |max: usize| -> Result<String, DeviceError> {
             if v.len() > max || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) {
@@ -428,32 +713,57 @@ impl Device {
                     })?;
                 id.opt_trans_len = n;
             }
-            "naa_id" => {
-                let hex = v.trim().trim_start_matches("0x");
-                let bytes: Option<Vec<u8>> = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| {
-                        hex.get(i..i + 2)
-                            .and_then(|h| u8::from_str_radix(h, 16).ok())
-                    })
-                    .collect();
-                match bytes {
-                    Some(b) if b.len() == 8 || b.len() == 16 => id.naa_id = b,
-                    _ => return Err(invalid("naa_id must be 8 or 16 bytes in hex")),
+            "naa_id" => match parse_hex(v) {
+                Some(b) if b.len() == 8 || b.len() == 16 => id.naa_id = b,
+                _ => return Err(invalid("naa_id must be 8 or 16 bytes in hex")),
+            },
+            "eui64_id" => match parse_hex(v) {
+                Some(b) if b.is_empty() || b.len() == 8 || b.len() == 12 || b.len() == 16 => {
+                    id.eui64_id = b
                 }
-            }
+                _ => {
+                    return Err(invalid(
+                        "eui64_id must be 8, 12 or 16 bytes in hex (or empty)",
+                    ))
+                }
+            },
             _ => {
                 drop(id);
-                return Err(if self.get_attr(name).is_some() {
-                    invalid(format!("{name} is read-only"))
-                } else {
-                    invalid(format!("device {} has no attribute {name}", self.name))
-                });
+                return Err(invalid(format!("{name} is read-only")));
             }
         }
         drop(id);
         // SPC-4: INQUIRY DATA HAS CHANGED to every I_T nexus.
-        self.add_ua_all(0x3f, 0x03);
+        self.add_ua_all(UA_INQUIRY_DATA_CHANGED.0, UA_INQUIRY_DATA_CHANGED.1);
+        Ok(())
+    }
+
+    fn capacity_changed(&self) {
+        self.add_ua_all(UA_CAPACITY_DATA_CHANGED.0, UA_CAPACITY_DATA_CHANGED.1);
+    }
+
+    /// Ejects (`path` empty) or loads a CD. An eject is refused while an initiator prevents
+    /// medium removal (SPC-4 §6.13); so is a load over a disc already in the drive.
+    ///
+    /// Unit attentions (MMC-6 §4.1.6 media changes): a load raises NOT READY TO READY
+    /// CHANGE, MEDIUM MAY HAVE CHANGED (28/00), so initiators drop what they cached. An eject
+    /// raises none: the drive simply becomes not ready, and every media access command then
+    /// fails with NOT READY, MEDIUM NOT PRESENT (3A/00), which is how a real drive reports a
+    /// removed disc (28/00 would claim a transition *to* ready).
+    fn change_medium(&self, f: &FileDev, path: &str) -> Result<(), DeviceError> {
+        if f.is_open() && self.removal_prevented() {
+            return Err(invalid(format!(
+                "cannot {} the medium of {}: an initiator prevents medium removal (PREVENT ALLOW MEDIUM REMOVAL)",
+                if path.is_empty() { "eject" } else { "replace" },
+                self.name
+            )));
+        }
+        if path.is_empty() {
+            f.set_filename("").map_err(invalid)?;
+            return Ok(());
+        }
+        f.set_filename(path).map_err(invalid)?;
+        self.add_ua_all(UA_MEDIUM_CHANGED.0, UA_MEDIUM_CHANGED.1);
         Ok(())
     }
 
@@ -512,9 +822,10 @@ impl Device {
     }
 }
 
-/// The parameters `add_device` accepts for `handler`.
+/// The parameters `add_device` accepts for `handler` (SCST's lists, less what has no
+/// meaning in a userspace target: DIF, ALUA binding, cluster mode, NUMA node, `async`).
 pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
-    const P: &[&str] = &[
+    const RAM: &[&str] = &[
         "blocksize",
         "read_only",
         "removable",
@@ -523,9 +834,44 @@ pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
         "size_mb",
         "t10_dev_id",
         "thin_provisioned",
+        "tst",
+    ];
+    const FILEIO: &[&str] = &[
+        "active",
+        "blocksize",
+        "filename",
+        "lb_per_pb_exp",
+        "nv_cache",
+        "o_direct",
+        "read_only",
+        "removable",
+        "rotational",
+        "size",
+        "size_mb",
+        "t10_dev_id",
+        "thin_provisioned",
+        "tst",
+        "write_through",
+    ];
+    const BLOCKIO: &[&str] = &[
+        "active",
+        "blocksize",
+        "filename",
+        "lb_per_pb_exp",
+        "nv_cache",
+        "read_only",
+        "removable",
+        "rotational",
+        "t10_dev_id",
+        "thin_provisioned",
+        "tst",
+        "write_through",
     ];
     match handler {
-        "vdisk_nullio" | "vdisk_ramio" => Some(P),
+        "vdisk_nullio" | "vdisk_ramio" => Some(RAM),
+        "vdisk_fileio" => Some(FILEIO),
+        "vdisk_blockio" => Some(BLOCKIO),
+        "vcdrom" => Some(&["tst"]),
         _ => None,
     }
 }
@@ -614,5 +960,136 @@ mod tests {
         assert_eq!(d.take_ua(1), Some((0x29, 3)));
         assert_eq!(d.take_ua(2), Some((0x29, 0)));
         assert_eq!(d.take_ua(2), None);
+    }
+
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir_in("/var/tmp").unwrap()
+    }
+
+    #[test]
+    fn fileio_parameters_and_attributes() {
+        let dir = tmp();
+        let f = dir.path().join("disk.img");
+        let fs = f.to_str().unwrap();
+        let e = |r: Result<Arc<Device>, DeviceError>| {
+            r.err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        assert!(e(Device::create("vdisk_fileio", "f", &[])).contains("filename"));
+        assert!(
+            e(Device::create("vdisk_fileio", "f", &p(&[("filename", fs)])))
+                .contains("No such file")
+        );
+        assert!(e(Device::create(
+            "vdisk_fileio",
+            "f",
+            &p(&[("filename", fs), ("blocksize", "1536")])
+        ))
+        .contains("power of two"));
+        assert!(e(Device::create(
+            "vdisk_fileio",
+            "f",
+            &p(&[("filename", fs), ("size", "1000")])
+        ))
+        .contains("multiple"));
+        assert!(e(Device::create(
+            "vdisk_fileio",
+            "f",
+            &p(&[("filename", fs), ("size_mb", "1"), ("tst", "0")])
+        ))
+        .contains("tst"));
+        let d = Device::create(
+            "vdisk_fileio",
+            "f",
+            &p(&[
+                ("filename", fs),
+                ("size_mb", "2"),
+                ("blocksize", "4096"),
+                ("thin_provisioned", "1"),
+                ("write_through", "1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().len(), 2 << 20, "created");
+        assert_eq!(d.num_blocks(), 512);
+        assert!(d.thin_provisioned() && d.bdev.supports_unmap());
+        assert!(!d.bdev.has_volatile_cache(), "write_through reports WCE=0");
+        for a in d.attrs() {
+            assert!(d.get_attr(a.name).is_some(), "{}", a.name);
+        }
+        assert_eq!(d.get_attr("filename").unwrap(), fs);
+        assert_eq!(d.get_attr("active").unwrap(), "1");
+        assert_eq!(d.get_attr("o_direct").unwrap(), "0");
+        assert!(d.is_key_attr("filename") && d.is_key_attr("write_through"));
+        assert!(!d.is_key_attr("nv_cache"));
+        assert!(d
+            .set_attr("size", "4096")
+            .unwrap_err()
+            .to_string()
+            .contains("read-only"));
+        // resync_size picks up a grown file and raises CAPACITY DATA HAS CHANGED.
+        d.register_nexus(1);
+        d.take_ua(1);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        d.set_attr("resync_size", "1").unwrap();
+        assert_eq!(d.num_blocks(), 768);
+        assert_eq!(d.get_attr("size_mb").unwrap(), "3");
+        assert_eq!(d.take_ua(1), Some((0x2a, 0x09)));
+        // active=0 closes, commands see NOT READY; active=1 reopens.
+        d.set_attr("active", "0").unwrap();
+        assert_eq!(d.not_ready(), Some((0x04, 0x03)));
+        assert_eq!(d.get_attr("active").unwrap(), "0");
+        assert!(d.is_key_attr("active"));
+        d.set_attr("active", "1").unwrap();
+        assert_eq!(d.not_ready(), None);
+        assert_eq!(d.take_ua(1), Some((0x28, 0x00)));
+        d.set_attr("eui64_id", "0011223344556677").unwrap();
+        assert_eq!(d.ident().eui64_id.len(), 8);
+        assert!(d.set_attr("eui64_id", "0011").is_err());
+        d.set_attr("sync", "1").unwrap();
+        d.set_attr("lb_per_pb_exp", "0").unwrap();
+        assert_eq!(d.lb_per_pb_exponent(), 0);
+    }
+
+    #[test]
+    fn vcdrom_eject_and_insert() {
+        let dir = tmp();
+        let iso = dir.path().join("a.iso");
+        std::fs::write(&iso, vec![1u8; 2048 * 4]).unwrap();
+        let d = Device::create("vcdrom", "cd0", &[]).unwrap();
+        assert_eq!(d.scsi_type(), 0x05);
+        assert_eq!(d.block_size(), 2048);
+        assert!(d.is_read_only() && d.is_removable());
+        assert!(!d.medium_present());
+        assert_eq!(d.not_ready(), Some((0x3a, 0x00)));
+        assert_eq!(d.get_attr("filename").unwrap(), "");
+        assert!(d.get_attr("blocksize").is_none());
+        assert!(Device::create("vcdrom", "cd1", &p(&[("filename", "/x.iso")])).is_err());
+        d.register_nexus(4);
+        d.take_ua(4);
+        d.set_attr("filename", iso.to_str().unwrap()).unwrap();
+        assert!(d.medium_present());
+        assert_eq!(d.num_blocks(), 4);
+        assert_eq!(d.take_ua(4), Some((0x28, 0x00)));
+        assert!(d.is_key_attr("filename"));
+        // PREVENT ALLOW MEDIUM REMOVAL blocks the eject.
+        d.set_prevent_removal(4, true);
+        let e = d.set_attr("filename", "").unwrap_err().to_string();
+        assert!(e.contains("prevents medium removal"), "{e}");
+        assert!(d.medium_present());
+        d.set_prevent_removal(4, false);
+        d.set_attr("filename", "").unwrap();
+        assert!(!d.medium_present());
+        assert_eq!(d.num_blocks(), 0);
+        assert_eq!(d.take_ua(4), None, "an eject raises no unit attention");
+        assert!(d
+            .set_attr("filename", "/nonexistent.iso")
+            .unwrap_err()
+            .to_string()
+            .contains("No such file"));
     }
 }

@@ -6,9 +6,9 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use crate::bdev::{BdevCompletion, BdevIo, IoChannel, IoOp};
+use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::buf::MAX_TRANSFER;
 use crate::env::DataBuf;
 use crate::scsi::device::Device;
@@ -691,8 +691,15 @@ pub enum Exec {
     Pending,
 }
 
-/// A backend completion for a task.
-pub struct Completion(BdevCompletion);
+/// A backend completion for a task, with what the sense data needs from its device.
+pub struct Completion(BdevCompletion, DevInfo);
+
+/// What [`complete`] needs to know of the device an I/O went to.
+#[derive(Debug, Clone, Copy)]
+struct DevInfo {
+    block_size: u32,
+    thin: bool,
+}
 
 impl Completion {
     pub fn tag(&self) -> u64 {
@@ -700,9 +707,21 @@ impl Completion {
     }
 }
 
-/// The SCSI core's state on one reactor: one channel per device, opened on first use.
+/// One device's channel on this reactor.
+struct PortChannel {
+    /// The device, weakly: its allocation (and so the map key, its address) stays reserved
+    /// while the channel lives, and a deleted device's channel can be dropped.
+    dev: Weak<Device>,
+    ch: Box<dyn IoChannel>,
+    info: DevInfo,
+}
+
+/// The SCSI core's state on one reactor: one channel per device, opened on first use, and
+/// the reactor's backend I/O context (its io_uring, shared by every file and block device).
 pub struct ScsiPort {
-    channels: HashMap<usize, Box<dyn IoChannel>>,
+    // Declared before `io`: channels go first, then the ring waits out what is in flight.
+    channels: HashMap<usize, PortChannel>,
+    io: IoContext,
     scratch: Vec<BdevCompletion>,
 }
 
@@ -716,15 +735,32 @@ impl ScsiPort {
     pub fn new() -> ScsiPort {
         ScsiPort {
             channels: HashMap::new(),
+            io: IoContext::new(),
             scratch: Vec::with_capacity(256),
         }
     }
 
     fn channel(&mut self, dev: &Arc<Device>) -> &mut Box<dyn IoChannel> {
         let key = Arc::as_ptr(dev) as *const u8 as usize;
-        self.channels
+        let io = &self.io;
+        &mut self
+            .channels
             .entry(key)
-            .or_insert_with(|| dev.bdev.clone().open_channel())
+            .or_insert_with(|| PortChannel {
+                dev: Arc::downgrade(dev),
+                ch: dev.bdev.clone().open_channel(io),
+                info: DevInfo {
+                    block_size: dev.block_size(),
+                    thin: dev.thin_provisioned(),
+                },
+            })
+            .ch
+    }
+
+    /// Backend operations in flight in the kernel. While there are any the reactor must not
+    /// sleep in epoll: their completions arrive on the ring, not on a socket.
+    pub fn inflight(&self) -> usize {
+        self.io.inflight()
     }
 
     /// Runs a planned task.
@@ -834,21 +870,27 @@ impl ScsiPort {
         Exec::Pending
     }
 
-    /// Collects completions of this reactor's backend I/O.
+    /// Submits this pass's ring I/O and collects completions of this reactor's backend I/O.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        self.io.poll();
         let mut n = 0;
-        for ch in self.channels.values_mut() {
-            self.scratch.clear();
-            n += ch.poll(&mut self.scratch);
-            out.extend(self.scratch.drain(..).map(Completion));
-        }
+        let scratch = &mut self.scratch;
+        self.channels.retain(|_, pc| {
+            scratch.clear();
+            n += pc.ch.poll(scratch);
+            let info = pc.info;
+            out.extend(scratch.drain(..).map(|c| Completion(c, info)));
+            // A deleted device's channel goes once its last I/O is back, releasing the
+            // backend (a RAM disk's memory, a file's descriptor).
+            pc.dev.strong_count() > 0 || pc.ch.busy()
+        });
         n
     }
 }
 
 /// Applies a backend completion to its task.
 pub fn complete(task: &mut ScsiTask, c: Completion) {
-    let c = c.0;
+    let Completion(c, info) = c;
     if task.verify_compare {
         task.aux = c.buf;
     } else if c.buf.is_some() {
@@ -864,17 +906,160 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
                 }
             }
         }
-        Err(e) => {
-            let (key, code) = match task.io {
-                Some((IoOp::Read, ..)) => (sense::MEDIUM_ERROR, sense::UNRECOVERED_READ_ERROR),
-                _ => (sense::MEDIUM_ERROR, sense::WRITE_ERROR),
-            };
-            let mut s = Sense::new(key, code);
-            if let crate::bdev::BdevError::Io(off) = e {
-                s.information = u32::try_from(off / 512).ok();
-            }
-            task.fail(s);
+        Err(e) => task.fail(error_sense(e, task.io.map(|x| x.0), info)),
+    }
+}
+
+/// The sense data for a failed backend I/O.
+fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
+    // SPC-4 Annex D.
+    const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (u8, u8) = (0x27, 0x07);
+    const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
+    const NOT_READY_MANUAL_INTERVENTION: (u8, u8) = (0x04, 0x03);
+    const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
+    let medium = || match op {
+        Some(IoOp::Read) => Sense::new(sense::MEDIUM_ERROR, sense::UNRECOVERED_READ_ERROR),
+        _ => Sense::new(sense::MEDIUM_ERROR, sense::WRITE_ERROR),
+    };
+    match e {
+        // SBC-3 §4.7.3.6: a thin provisioned device out of backing space.
+        BdevError::NoSpace if info.thin => {
+            Sense::new(sense::DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
         }
+        BdevError::NoSpace => medium(),
+        // SPC-4 §4.5.3: the INFORMATION field holds the first failing LBA; VALID only when
+        // it fits the fixed format's four bytes.
+        BdevError::Io(off) => Sense {
+            information: u32::try_from(off / u64::from(info.block_size.max(1))).ok(),
+            ..medium()
+        },
+        BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
+        BdevError::Offline => Sense::new(sense::NOT_READY, NOT_READY_MANUAL_INTERVENTION),
+        BdevError::NoMedium => Sense::new(sense::NOT_READY, MEDIUM_NOT_PRESENT),
+    }
+}
+
+#[cfg(test)]
+mod completion_tests {
+    use super::*;
+
+    fn failed(e: BdevError, op: IoOp, block_size: u32, thin: bool) -> [u8; sense::FIXED_LEN] {
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        t.io = Some((op, 0, 512));
+        let c = BdevCompletion {
+            tag: 0,
+            result: Err(e),
+            buf: None,
+        };
+        complete(&mut t, Completion(c, DevInfo { block_size, thin }));
+        assert_eq!(t.status, STATUS_CHECK_CONDITION);
+        let mut s = [0u8; sense::FIXED_LEN];
+        s.copy_from_slice(t.sense());
+        s
+    }
+
+    #[test]
+    fn a_deleted_device_releases_its_channel() {
+        let d = Device::create("vdisk_ramio", "gone", &[("size_mb".into(), "1".into())]).unwrap();
+        let mut port = ScsiPort::new();
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        plan(&d, &mut t).unwrap();
+        t.buf = DataBuf::alloc(512);
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        let weak = Arc::downgrade(&d);
+        drop(d);
+        let mut out = Vec::new();
+        // The pending completion is still delivered, then the channel goes.
+        assert_eq!(port.poll(&mut out), 1);
+        assert!(port.channels.is_empty());
+        assert_eq!(weak.strong_count(), 0);
+        assert_eq!(port.inflight(), 0);
+    }
+
+    /// Runs a command through a port until its ring I/O completes.
+    fn run_ring(port: &mut ScsiPort, d: &Arc<Device>, cdb: &[u8], data: Option<&[u8]>) -> ScsiTask {
+        let mut t = ScsiTask::new(cdb, 0, 1);
+        let p = plan(d, &mut t).unwrap();
+        if p.len > 0 {
+            let mut b = DataBuf::alloc(p.len as usize).unwrap();
+            if let Some(x) = data {
+                b.write_at(0, x);
+            }
+            t.buf = Some(b);
+        }
+        if port.execute(d, &mut t) == Exec::Pending {
+            let mut out = Vec::new();
+            while port.poll(&mut out) == 0 {
+                assert!(port.inflight() > 0, "nothing in flight and no completion");
+                port.io.wait();
+            }
+            complete(&mut t, out.pop().unwrap());
+        }
+        t
+    }
+
+    #[test]
+    fn fileio_through_the_port() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let f = dir.path().join("p.img");
+        let params = vec![
+            ("filename".to_string(), f.to_str().unwrap().to_string()),
+            ("size_mb".to_string(), "1".to_string()),
+        ];
+        let d = Device::create("vdisk_fileio", "p", &params).unwrap();
+        let mut port = ScsiPort::new();
+        let w = run_ring(
+            &mut port,
+            &d,
+            &[WRITE_10, 0x08, 0, 0, 0, 3, 0, 0, 2, 0],
+            Some(&[0x3c; 1024]),
+        );
+        assert_eq!(w.status, STATUS_GOOD);
+        let s = run_ring(
+            &mut port,
+            &d,
+            &[SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            None,
+        );
+        assert_eq!(s.status, STATUS_GOOD);
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 2, 0], None);
+        assert_eq!(r.status, STATUS_GOOD);
+        let mut back = vec![0u8; 1024];
+        r.buf.as_ref().unwrap().read_at(0, &mut back);
+        assert_eq!(back, vec![0x3c; 1024]);
+        assert_eq!(std::fs::read(&f).unwrap()[1536..2560], [0x3c; 1024]);
+        // Inactive: NOT READY, LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+        d.set_attr("active", "0").unwrap();
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], None);
+        assert_eq!(
+            (r.sense()[2], r.sense()[12], r.sense()[13]),
+            (2, 0x04, 0x03)
+        );
+    }
+
+    #[test]
+    fn backend_errors_map_to_sense() {
+        let w = IoOp::Write { fua: false };
+        let s = failed(BdevError::NoSpace, w, 512, true);
+        assert_eq!((s[2], s[12], s[13]), (sense::DATA_PROTECT, 0x27, 0x07));
+        let s = failed(BdevError::NoSpace, w, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x0c, 0x00));
+        // The LBA of the failing byte, in blocks of the device, with VALID set.
+        let s = failed(BdevError::Io(4096 * 7 + 100), IoOp::Read, 4096, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x11, 0x00));
+        assert_eq!(s[0], 0xf0);
+        assert_eq!(&s[3..7], &7u32.to_be_bytes());
+        let s = failed(BdevError::Io(1024), w, 512, false);
+        assert_eq!((s[12], s[13], s[6]), (0x0c, 0x00, 2));
+        // An LBA past the four bytes of the fixed format: VALID clear.
+        let s = failed(BdevError::Io(512 << 33), IoOp::Read, 512, false);
+        assert_eq!(s[0], 0x70);
+        let s = failed(BdevError::Offline, IoOp::Read, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x04, 0x03));
+        let s = failed(BdevError::NoMedium, IoOp::Read, 2048, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x3a, 0x00));
+        let s = failed(BdevError::BadBuffer, w, 512, false);
+        assert_eq!((s[2], s[12]), (sense::HARDWARE_ERROR, 0x44));
     }
 }
 

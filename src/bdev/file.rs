@@ -1,0 +1,1279 @@
+//! File and block device backends on the reactor's io_uring: SCST's `vdisk_fileio`,
+//! `vdisk_blockio` and `vcdrom`.
+//!
+//! A [`FileDev`] is shared by every reactor; what it is backed by (a [`Backing`]: the open
+//! file, its size and its O_DIRECT alignment) can change at any time from the management
+//! thread: a CD is ejected or inserted, `active` is written, the file fails. The backing
+//! sits behind a lock that only the management thread and a channel whose generation is
+//! stale ever take; each in-flight operation holds its own `Arc<Backing>`, so the descriptor
+//! stays open until the last CQE that uses it.
+//!
+//! Data goes straight between the command's [`DataBuf`] chunks and the kernel (readv/writev
+//! SQEs over the chunk segments): no bounce buffer, no copy.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use io_uring::{opcode, squeue, types};
+use log::{error, warn};
+
+use super::uring::{Ring, RingOp, Step};
+use super::{BdevCompletion, BdevError, BdevIo, BlockDev, Extent, IoChannel, IoContext, IoOp};
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 119)`: discard a byte range of a block device.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Retries of an operation the kernel answered with EAGAIN, EINTR or ECANCELED (or a write
+/// that made no progress) before it fails.
+const MAX_RETRIES: u8 = 8;
+/// Consecutive EIO completions after which the backing counts as failed.
+const EIO_LIMIT: u32 = 3;
+
+/// Which handler the device belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `vdisk_fileio`: a regular file, through the page cache unless `o_direct`.
+    File,
+    /// `vdisk_blockio`: a block device, always O_DIRECT.
+    Block,
+    /// `vcdrom`: a read-only image (an ISO file), 2048-byte blocks, removable.
+    Cdrom,
+}
+
+/// How a device opens and uses its backing.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    pub kind: Kind,
+    pub block_size: u32,
+    pub read_only: bool,
+    pub o_direct: bool,
+    /// Writes are durable at completion (opened O_DSYNC; WCE=0).
+    pub write_through: bool,
+    /// The cache is non-volatile: SYNCHRONIZE CACHE has nothing to do (WCE=0).
+    pub nv_cache: bool,
+    pub thin: bool,
+}
+
+/// An open backing file.
+pub struct Backing {
+    file: File,
+    path: String,
+    size: u64,
+    direct: bool,
+    /// O_DIRECT requirements (statx DIOALIGN): buffer address and file offset/length.
+    mem_align: usize,
+    off_align: u64,
+    /// The physical block size of the medium (for the LB-per-PB exponent).
+    phys_block: u32,
+}
+
+struct State {
+    path: String,
+    backing: Option<Arc<Backing>>,
+    /// A size set by the administrator (blockio's writable `size`); else the backing's.
+    size_override: Option<u64>,
+}
+
+/// A device backed by a file or a block device.
+pub struct FileDev {
+    name: String,
+    opts: FileOptions,
+    state: RwLock<State>,
+    /// Bumped whenever the backing changes; channels compare it on every submission.
+    generation: AtomicU64,
+    size: AtomicU64,
+    active: AtomicBool,
+    phys_block: AtomicU32,
+    eio_streak: AtomicU32,
+    misaligned_logged: AtomicBool,
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The statx DIOALIGN values of an open file: (memory, offset) alignment, 0 when unknown.
+fn dio_align(file: &File) -> (u32, u32) {
+    // SAFETY: statx is plain data, all-zero is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open, the path is an empty C string used with
+    // AT_EMPTY_PATH, and `stx` is a valid, writable statx buffer.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return (0, 0);
+    }
+    (stx.stx_dio_mem_align, stx.stx_dio_offset_align)
+}
+
+fn block_dev_size(file: &File) -> std::io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for writes.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+fn block_dev_pbsz(file: &File) -> u32 {
+    let mut pb: libc::c_uint = 0;
+    // SAFETY: BLKPBSZGET writes one unsigned int through the pointer, valid for writes.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKPBSZGET, &mut pb as *mut _) };
+    if r == 0 {
+        pb
+    } else {
+        0
+    }
+}
+
+impl Backing {
+    /// Opens `path` the way `opts` says; `size` (for fileio) creates or extends the file.
+    fn open(opts: &FileOptions, path: &str, size: Option<u64>) -> Result<Backing, String> {
+        if !path.starts_with('/') {
+            return Err(format!("filename {path:?} must be an absolute path"));
+        }
+        let direct = opts.o_direct || opts.kind == Kind::Block;
+        let read_only = opts.read_only || opts.kind == Kind::Cdrom;
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        if opts.write_through && !read_only {
+            flags |= libc::O_DSYNC;
+        }
+        let create = size.is_some() && opts.kind == Kind::File && !read_only;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .create(create)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        let md = file
+            .metadata()
+            .map_err(|e| format!("cannot stat {path}: {e}"))?;
+        let ft = md.file_type();
+        let (mut len, phys) = match opts.kind {
+            Kind::Block => {
+                if !ft.is_block_device() {
+                    return Err(format!("{path} is not a block device"));
+                }
+                let s = block_dev_size(&file).map_err(|e| format!("{path}: {e}"))?;
+                (s, block_dev_pbsz(&file))
+            }
+            Kind::File | Kind::Cdrom => {
+                if !ft.is_file() {
+                    return Err(format!(
+                        "{path} is not a regular file{}",
+                        if ft.is_block_device() {
+                            " (use vdisk_blockio for block devices)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                (md.len(), md.blksize() as u32)
+            }
+        };
+        if let Some(want) = size {
+            if opts.kind == Kind::File && want != len {
+                if want < len {
+                    return Err(format!(
+                        "size {want} is smaller than {path} ({len} bytes); resize the file instead"
+                    ));
+                }
+                if read_only {
+                    return Err(format!(
+                        "{path} is {len} bytes and read_only=1 forbids extending it to {want}"
+                    ));
+                }
+                file.set_len(want)
+                    .map_err(|e| format!("cannot extend {path} to {want} bytes: {e}"))?;
+                len = want;
+            }
+        }
+        let bs = u64::from(opts.block_size);
+        if len == 0 || len % bs != 0 {
+            return Err(format!(
+                "the size of {path} ({len} bytes) is not a non-zero multiple of the block size {bs}"
+            ));
+        }
+        let (mem, off) = if direct { dio_align(&file) } else { (1, 1) };
+        // Without statx DIOALIGN fall back to the strictest common rule: the block size.
+        let mem_align = if mem == 0 { opts.block_size } else { mem } as usize;
+        let off_align = if off == 0 { opts.block_size } else { off };
+        if direct && u64::from(off_align) > bs {
+            return Err(format!(
+                "{path} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}"
+            ));
+        }
+        Ok(Backing {
+            file,
+            path: path.to_string(),
+            size: len,
+            direct,
+            mem_align: mem_align.max(1),
+            off_align: u64::from(off_align).max(1),
+            phys_block: phys,
+        })
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
+    }
+
+    /// Whether the file was unlinked under us.
+    fn deleted(&self) -> bool {
+        self.file.metadata().map(|m| m.nlink() == 0).unwrap_or(true)
+    }
+
+    /// The current size of the backing (re-read from the file or the device).
+    fn current_size(&self, kind: Kind) -> std::io::Result<u64> {
+        match kind {
+            Kind::Block => block_dev_size(&self.file),
+            _ => self.file.metadata().map(|m| m.len()),
+        }
+    }
+}
+
+impl FileDev {
+    /// Creates a device. `path` `None` (or an inactive device) opens nothing: a CD drive
+    /// without a disc, or a disk that is not `active`.
+    pub fn new(
+        name: &str,
+        opts: FileOptions,
+        path: Option<&str>,
+        size: Option<u64>,
+        active: bool,
+    ) -> Result<Arc<FileDev>, String> {
+        let backing = match path {
+            Some(p) if active => Some(Arc::new(Backing::open(&opts, p, size)?)),
+            Some(p) => {
+                if !p.starts_with('/') {
+                    return Err(format!("filename {p:?} must be an absolute path"));
+                }
+                None
+            }
+            None => None,
+        };
+        // An inactive disk reports the size its file has now (it is opened later).
+        let size = match (&backing, path) {
+            (Some(b), _) => b.size,
+            (None, Some(p)) if opts.kind == Kind::File => std::fs::metadata(p)
+                .map(|m| m.len() - m.len() % u64::from(opts.block_size))
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let phys = backing.as_ref().map_or(0, |b| b.phys_block);
+        Ok(Arc::new(FileDev {
+            name: name.to_string(),
+            active: AtomicBool::new(backing.is_some() || path.is_none()),
+            state: RwLock::new(State {
+                path: path.unwrap_or("").to_string(),
+                backing,
+                size_override: None,
+            }),
+            opts,
+            generation: AtomicU64::new(1),
+            size: AtomicU64::new(size),
+            phys_block: AtomicU32::new(phys),
+            eio_streak: AtomicU32::new(0),
+            misaligned_logged: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn options(&self) -> &FileOptions {
+        &self.opts
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The backing's path ("" when a CD drive is empty).
+    pub fn filename(&self) -> String {
+        self.state().path.clone()
+    }
+
+    /// Whether the backing is open (`active`; for a CD: a disc is loaded).
+    pub fn is_open(&self) -> bool {
+        self.state().backing.is_some()
+    }
+
+    /// The `active` attribute: the administrator's wish, cleared when the backing fails.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The physical block size of the medium, 0 when unknown.
+    pub fn physical_block_size(&self) -> u32 {
+        self.phys_block.load(Ordering::Relaxed)
+    }
+
+    fn install(&self, st: &mut State, backing: Option<Arc<Backing>>) {
+        let size = match (&backing, st.size_override) {
+            (Some(b), Some(o)) => o.min(b.size),
+            (Some(b), None) => b.size,
+            // An empty CD drive has no capacity; a disk that goes inactive keeps the size it
+            // had, so that its commands fail NOT READY rather than out of range.
+            (None, _) if self.opts.kind == Kind::Cdrom => 0,
+            (None, _) => self.size(),
+        };
+        if let Some(b) = &backing {
+            self.phys_block.store(b.phys_block, Ordering::Relaxed);
+        }
+        st.backing = backing;
+        self.size.store(size, Ordering::Release);
+        self.eio_streak.store(0, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Opens (`true`) or closes the backing (SCST's `active`).
+    pub fn set_active(&self, on: bool) -> Result<(), String> {
+        let mut st = self.state_mut();
+        if on {
+            if st.backing.is_none() {
+                if st.path.is_empty() {
+                    return Err("no filename to open".into());
+                }
+                let b = Backing::open(&self.opts, &st.path, None)?;
+                self.install(&mut st, Some(Arc::new(b)));
+            }
+        } else if st.backing.is_some() {
+            self.install(&mut st, None);
+        }
+        self.active.store(on, Ordering::Release);
+        Ok(())
+    }
+
+    /// Switches to another backing file; `""` closes it (a CD ejected). On failure nothing
+    /// changes.
+    pub fn set_filename(&self, path: &str) -> Result<(), String> {
+        let mut st = self.state_mut();
+        if path.is_empty() {
+            if self.opts.kind != Kind::Cdrom {
+                return Err("filename cannot be empty for a disk; write active=0 instead".into());
+            }
+            st.path.clear();
+            self.install(&mut st, None);
+            return Ok(());
+        }
+        let b = Backing::open(&self.opts, path, None)?;
+        st.path = path.to_string();
+        self.install(&mut st, Some(Arc::new(b)));
+        self.active.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Re-reads the size of the backing; returns the new size.
+    pub fn resync_size(&self) -> Result<u64, String> {
+        let mut st = self.state_mut();
+        let Some(b) = st.backing.clone() else {
+            return Err("the device is not active".into());
+        };
+        let len = b
+            .current_size(self.opts.kind)
+            .map_err(|e| format!("cannot read the size of {}: {e}", b.path))?;
+        let bs = u64::from(self.opts.block_size);
+        let len = len - len % bs;
+        if len == 0 {
+            return Err(format!("{} is smaller than one block", b.path));
+        }
+        let nb = Backing {
+            file: b
+                .file
+                .try_clone()
+                .map_err(|e| format!("cannot reopen {}: {e}", b.path))?,
+            path: b.path.clone(),
+            size: len,
+            direct: b.direct,
+            mem_align: b.mem_align,
+            off_align: b.off_align,
+            phys_block: b.phys_block,
+        };
+        self.install(&mut st, Some(Arc::new(nb)));
+        Ok(self.size())
+    }
+
+    /// Sets the size the device reports (blockio's writable `size`): at most the backing's.
+    pub fn set_size(&self, size: u64) -> Result<(), String> {
+        let mut st = self.state_mut();
+        let bs = u64::from(self.opts.block_size);
+        if size == 0 || !size.is_multiple_of(bs) {
+            return Err(format!(
+                "size {size} must be a non-zero multiple of the block size {bs}"
+            ));
+        }
+        if let Some(b) = &st.backing {
+            if size > b.size {
+                return Err(format!(
+                    "size {size} is larger than {} ({} bytes)",
+                    b.path, b.size
+                ));
+            }
+        }
+        st.size_override = Some(size);
+        let b = st.backing.clone();
+        self.install(&mut st, b);
+        Ok(())
+    }
+
+    /// Flushes the backing to stable storage (the write-only `sync` attribute).
+    pub fn sync(&self) -> Result<(), String> {
+        let b = self.state().backing.clone();
+        match b {
+            Some(b) => b
+                .file
+                .sync_data()
+                .map_err(|e| format!("fdatasync {}: {e}", b.path)),
+            None => Err("the device is not active".into()),
+        }
+    }
+
+    /// The backing failed hard: close it and go inactive, with one log line.
+    fn fail(&self, failed: &Arc<Backing>, why: &str) {
+        let mut st = self.state_mut();
+        let same = st.backing.as_ref().is_some_and(|b| Arc::ptr_eq(b, failed));
+        if !same {
+            return;
+        }
+        error!(
+            "device {}: backing {} failed ({why}); the device is now inactive (write active=1 to reopen)",
+            self.name, failed.path
+        );
+        self.install(&mut st, None);
+        self.active.store(false, Ordering::Release);
+    }
+
+    /// Counts the outcome of an I/O toward the failure detection.
+    fn note(&self, backing: &Arc<Backing>, errno: Option<i32>) {
+        match errno {
+            None => {
+                if self.eio_streak.load(Ordering::Relaxed) != 0 {
+                    self.eio_streak.store(0, Ordering::Relaxed);
+                }
+            }
+            Some(libc::ENODEV) | Some(libc::ENXIO) | Some(libc::ESTALE) => {
+                let e = std::io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO));
+                self.fail(backing, &e.to_string());
+            }
+            Some(libc::EIO) => {
+                if backing.deleted() {
+                    self.fail(backing, "the file was deleted");
+                } else if self.eio_streak.fetch_add(1, Ordering::Relaxed) + 1 >= EIO_LIMIT {
+                    self.fail(backing, "repeated I/O errors");
+                }
+            }
+            Some(_) => {
+                if backing.deleted() {
+                    self.fail(backing, "the file was deleted");
+                }
+            }
+        }
+    }
+
+    fn error_for(&self, errno: i32, offset: u64) -> BdevError {
+        match errno {
+            libc::ENOSPC | libc::EDQUOT if self.opts.thin => BdevError::NoSpace,
+            _ => BdevError::Io(offset),
+        }
+    }
+}
+
+impl BlockDev for FileDev {
+    fn block_size(&self) -> u32 {
+        self.opts.block_size
+    }
+
+    fn num_blocks(&self) -> u64 {
+        self.size() / u64::from(self.opts.block_size)
+    }
+
+    fn open_channel(self: Arc<Self>, cx: &IoContext) -> Box<dyn IoChannel> {
+        Box::new(FileChannel {
+            dev: self,
+            ring: cx.ring(),
+            done: Rc::new(RefCell::new(VecDeque::new())),
+            backing: None,
+            generation: 0,
+        })
+    }
+
+    fn has_volatile_cache(&self) -> bool {
+        !self.opts.write_through && !self.opts.nv_cache && self.opts.kind != Kind::Cdrom
+    }
+
+    fn supports_unmap(&self) -> bool {
+        self.opts.thin && !self.opts.read_only && self.opts.kind != Kind::Cdrom
+    }
+
+    fn extent_at(&self, offset: u64) -> Option<Extent> {
+        if self.opts.kind != Kind::File {
+            return None;
+        }
+        let b = self.state().backing.clone()?;
+        let size = self.size();
+        if offset >= size {
+            return None;
+        }
+        let bs = u64::from(self.opts.block_size);
+        let fd = b.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: lseek on an open descriptor; SEEK_DATA/SEEK_HOLE only move the file
+            // position, which this backend never uses (all I/O is positional).
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        let (mapped, end) = match seek(libc::SEEK_DATA) {
+            Ok(d) if d <= offset => (true, seek(libc::SEEK_HOLE).ok()?),
+            Ok(d) => (false, d),
+            // No data after offset: a hole to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => (false, size),
+            Err(_) => return None,
+        };
+        let end = end.min(size);
+        // Whole blocks: a stretch that starts mid-block counts from the block's start.
+        let len = end.saturating_sub(offset).div_ceil(bs).max(1) * bs;
+        Some(Extent {
+            mapped,
+            len: len.min(size - offset),
+        })
+    }
+}
+
+/// A reactor's channel to a [`FileDev`].
+struct FileChannel {
+    dev: Arc<FileDev>,
+    ring: Option<Rc<Ring>>,
+    done: Rc<RefCell<VecDeque<BdevCompletion>>>,
+    backing: Option<Arc<Backing>>,
+    generation: u64,
+}
+
+impl FileChannel {
+    fn finish(&self, io: BdevIo, result: Result<(), BdevError>) {
+        self.done.borrow_mut().push_back(BdevCompletion {
+            tag: io.tag,
+            result,
+            buf: io.buf,
+        });
+    }
+
+    fn misaligned(&self, b: &Backing, io: &mut BdevIo) -> bool {
+        let Some(buf) = io.buf.as_ref() else {
+            return false;
+        };
+        let bad = !io.offset.is_multiple_of(b.off_align)
+            || u64::from(io.len) % b.off_align != 0
+            || buf.segments(0, io.len as usize).any(|s| {
+                !(s.as_ptr() as usize).is_multiple_of(b.mem_align)
+                    || !(s.len() as u64).is_multiple_of(b.off_align)
+            });
+        if bad && !self.dev.misaligned_logged.swap(true, Ordering::Relaxed) {
+            warn!(
+                "device {}: an I/O buffer is not aligned for O_DIRECT on {} (memory {} bytes, length {}): failing such I/O",
+                self.dev.name, b.path, b.mem_align, b.off_align
+            );
+        }
+        bad
+    }
+}
+
+impl IoChannel for FileChannel {
+    fn submit(&mut self, mut io: BdevIo) {
+        let off = io.offset;
+        let g = self.dev.generation.load(Ordering::Acquire);
+        if g != self.generation {
+            self.backing = self.dev.state().backing.clone();
+            self.generation = g;
+        }
+        let Some(b) = self.backing.clone() else {
+            let e = if self.dev.opts.kind == Kind::Cdrom {
+                BdevError::NoMedium
+            } else {
+                BdevError::Offline
+            };
+            return self.finish(io, Err(e));
+        };
+        let Some(ring) = self.ring.clone() else {
+            return self.finish(io, Err(BdevError::Io(off)));
+        };
+        let size = self.dev.size();
+        match io.op {
+            IoOp::Read | IoOp::Write { .. } => {
+                if io
+                    .offset
+                    .checked_add(u64::from(io.len))
+                    .is_none_or(|end| end > size)
+                {
+                    return self.finish(io, Err(BdevError::Io(off)));
+                }
+                if matches!(io.op, IoOp::Write { .. })
+                    && (self.dev.opts.read_only || self.dev.opts.kind == Kind::Cdrom)
+                {
+                    return self.finish(io, Err(BdevError::Io(off)));
+                }
+                if io.buf.as_ref().is_none_or(|x| x.len() < io.len as usize) {
+                    return self.finish(io, Err(BdevError::BadBuffer));
+                }
+                if io.len == 0 {
+                    return self.finish(io, Ok(()));
+                }
+                if b.direct && self.misaligned(&b, &mut io) {
+                    return self.finish(io, Err(BdevError::BadBuffer));
+                }
+            }
+            IoOp::Flush => {
+                if self.dev.opts.nv_cache || self.dev.opts.read_only {
+                    return self.finish(io, Ok(()));
+                }
+            }
+            IoOp::Unmap => {
+                if io.ranges.is_empty() {
+                    return self.finish(io, Ok(()));
+                }
+                if let Some(&(off, _)) = io
+                    .ranges
+                    .iter()
+                    .find(|&&(o, n)| o.checked_add(n).is_none_or(|e| e > size))
+                {
+                    return self.finish(io, Err(BdevError::Io(off)));
+                }
+                if self.dev.opts.read_only || self.dev.opts.kind == Kind::Cdrom {
+                    let first = io.ranges[0].0;
+                    return self.finish(io, Err(BdevError::Io(first)));
+                }
+                if self.dev.opts.kind == Kind::Block {
+                    // The ring has no discard before Linux 6.12: BLKDISCARD here, on the
+                    // reactor (a discard only updates the device's maps).
+                    let r = discard(&b, &io.ranges);
+                    self.dev.note(&b, r.as_ref().err().map(|(e, _)| *e));
+                    let r = r.map_err(|(e, off)| self.dev.error_for(e, off));
+                    return self.finish(io, r);
+                }
+            }
+        }
+        let rw_flags = match io.op {
+            IoOp::Write { fua: true } if !self.dev.opts.write_through => libc::RWF_DSYNC,
+            _ => 0,
+        };
+        let outstanding = if io.op == IoOp::Unmap {
+            io.ranges.len() as u32
+        } else {
+            1
+        };
+        ring.submit(Box::new(FileOp {
+            io,
+            backing: b,
+            dev: self.dev.clone(),
+            sink: self.done.clone(),
+            done: 0,
+            iov: Vec::new(),
+            retries: 0,
+            outstanding,
+            error: None,
+            rw_flags,
+        }));
+    }
+
+    fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        let mut d = self.done.borrow_mut();
+        let n = d.len();
+        out.extend(d.drain(..));
+        n
+    }
+
+    fn busy(&self) -> bool {
+        // Every operation on the ring holds a reference to the completion queue.
+        Rc::strong_count(&self.done) > 1 || !self.done.borrow().is_empty()
+    }
+}
+
+/// BLKDISCARD over each range; the first failure as (errno, offset).
+fn discard(b: &Backing, ranges: &[(u64, u64)]) -> Result<(), (i32, u64)> {
+    for &(off, len) in ranges {
+        let range: [u64; 2] = [off, len];
+        // SAFETY: BLKDISCARD reads two u64 (start, length) from the pointer, which points at
+        // a live array of two u64.
+        let r = unsafe { libc::ioctl(b.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+        if r != 0 {
+            return Err((errno_of(&std::io::Error::last_os_error()), off));
+        }
+    }
+    Ok(())
+}
+
+/// One I/O on the ring.
+struct FileOp {
+    io: BdevIo,
+    /// Keeps the descriptor open until the last CQE.
+    backing: Arc<Backing>,
+    dev: Arc<FileDev>,
+    sink: Rc<RefCell<VecDeque<BdevCompletion>>>,
+    /// Bytes transferred so far (reads and writes).
+    done: u32,
+    /// The iovec array of the SQE in flight; the kernel reads it until the CQE.
+    iov: Vec<libc::iovec>,
+    retries: u8,
+    /// SQEs in flight (one per range for an unmap).
+    outstanding: u32,
+    error: Option<(i32, u64)>,
+    rw_flags: i32,
+}
+
+fn retryable(errno: i32) -> bool {
+    matches!(errno, libc::EAGAIN | libc::EINTR | libc::ECANCELED)
+}
+
+impl RingOp for FileOp {
+    fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, squeue::Entry)>) {
+        let fd = self.backing.fd();
+        match self.io.op {
+            IoOp::Read | IoOp::Write { .. } => {
+                let Some(buf) = self.io.buf.as_mut() else {
+                    return;
+                };
+                let rest = (self.io.len - self.done) as usize;
+                self.iov.clear();
+                for s in buf.segments_mut(self.done as usize, rest) {
+                    self.iov.push(libc::iovec {
+                        iov_base: s.as_mut_ptr().cast(),
+                        iov_len: s.len(),
+                    });
+                }
+                let off = self.io.offset + u64::from(self.done);
+                let n = self.iov.len() as u32;
+                // The iovecs point into the chunks of `io.buf`, which this operation owns
+                // until its CQE: the ring keeps the operation alive that long.
+                let e = if self.io.op == IoOp::Read {
+                    opcode::Readv::new(fd, self.iov.as_ptr(), n)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Writev::new(fd, self.iov.as_ptr(), n)
+                        .offset(off)
+                        .rw_flags(self.rw_flags)
+                        .build()
+                };
+                out.push((0, e));
+            }
+            IoOp::Flush => out.push((
+                0,
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build(),
+            )),
+            IoOp::Unmap => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let subs: Vec<u32> = match sub {
+                    Some(s) => vec![s],
+                    None => (0..self.io.ranges.len() as u32).collect(),
+                };
+                for s in subs {
+                    let (off, len) = self.io.ranges[s as usize];
+                    out.push((
+                        s,
+                        opcode::Fallocate::new(fd, len)
+                            .offset(off)
+                            .mode(mode)
+                            .build(),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, sub: u32, res: i32) -> Step {
+        if res < 0 && retryable(-res) && self.retries < MAX_RETRIES {
+            self.retries += 1;
+            return Step::Resubmit(sub);
+        }
+        match self.io.op {
+            IoOp::Read | IoOp::Write { .. } => {
+                let at = self.io.offset + u64::from(self.done);
+                if res < 0 {
+                    self.error = Some((-res, at));
+                    return Step::Done;
+                }
+                if res == 0 {
+                    // A read at end of file (the file shrank), or a write that made no
+                    // progress: retry a write, fail a read.
+                    if self.io.op != IoOp::Read && self.retries < MAX_RETRIES {
+                        self.retries += 1;
+                        return Step::Resubmit(0);
+                    }
+                    self.error = Some((libc::EIO, at));
+                    return Step::Done;
+                }
+                self.done = self.done.saturating_add(res as u32).min(self.io.len);
+                if self.done < self.io.len {
+                    // A short transfer: the rest goes out again.
+                    return Step::Resubmit(0);
+                }
+                Step::Done
+            }
+            IoOp::Flush => {
+                if res < 0 {
+                    self.error = Some((-res, 0));
+                }
+                Step::Done
+            }
+            IoOp::Unmap => {
+                if res < 0 && self.error.is_none() {
+                    let off = self.io.ranges.get(sub as usize).map_or(0, |r| r.0);
+                    self.error = Some((-res, off));
+                }
+                self.outstanding -= 1;
+                if self.outstanding == 0 {
+                    Step::Done
+                } else {
+                    Step::Wait
+                }
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>) {
+        let FileOp {
+            io,
+            backing,
+            dev,
+            sink,
+            error,
+            ..
+        } = *self;
+        let result = match error {
+            None => {
+                dev.note(&backing, None);
+                if io.op == IoOp::Flush && backing.deleted() {
+                    dev.fail(&backing, "the file was deleted");
+                }
+                Ok(())
+            }
+            Some((libc::EINVAL, _)) if backing.direct && io.op != IoOp::Unmap => {
+                // O_DIRECT refused the buffer or the range despite the checks.
+                Err(BdevError::BadBuffer)
+            }
+            Some((errno, off)) => {
+                dev.note(&backing, Some(errno));
+                Err(dev.error_for(errno, off))
+            }
+        };
+        sink.borrow_mut().push_back(BdevCompletion {
+            tag: io.tag,
+            result,
+            buf: io.buf,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::DataBuf;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    fn opts(kind: Kind) -> FileOptions {
+        FileOptions {
+            kind,
+            block_size: 512,
+            read_only: false,
+            o_direct: false,
+            write_through: false,
+            nv_cache: false,
+            thin: false,
+        }
+    }
+
+    fn io(op: IoOp, offset: u64, buf: Option<DataBuf>) -> BdevIo {
+        BdevIo {
+            tag: 5,
+            op,
+            offset,
+            len: buf.as_ref().map_or(0, |b| b.len() as u32),
+            buf,
+            ranges: Vec::new(),
+        }
+    }
+
+    /// Submits one I/O and waits for its completion.
+    fn run(cx: &IoContext, ch: &mut Box<dyn IoChannel>, io: BdevIo) -> BdevCompletion {
+        ch.submit(io);
+        let mut out = Vec::new();
+        loop {
+            cx.poll();
+            if ch.poll(&mut out) > 0 {
+                return out.pop().unwrap();
+            }
+            cx.wait();
+        }
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+            .collect()
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir_in("/var/tmp").unwrap()
+    }
+
+    #[test]
+    fn write_and_read_back_across_chunks() {
+        let dir = tempdir();
+        let path = dir.path().join("d.img");
+        let p = path.to_str().unwrap();
+        let dev = FileDev::new("f0", opts(Kind::File), Some(p), Some(4 << 20), true).unwrap();
+        assert_eq!(dev.num_blocks(), 8192);
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        // 300 KiB spans three 128 KiB chunks; the offset is not chunk aligned.
+        let data = pattern(300 * 1024, 3);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        let c = run(
+            &cx,
+            &mut ch,
+            io(IoOp::Write { fua: true }, 512 * 77, Some(b)),
+        );
+        assert_eq!(c.result, Ok(()));
+        assert_eq!(c.tag, 5);
+        assert!(c.buf.is_some(), "the buffer comes back");
+        let c = run(
+            &cx,
+            &mut ch,
+            io(IoOp::Read, 512 * 77, DataBuf::alloc(data.len())),
+        );
+        assert_eq!(c.result, Ok(()));
+        let mut back = vec![0u8; data.len()];
+        c.buf.unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
+        // The file holds it too.
+        let mut f = File::open(&path).unwrap();
+        f.seek(SeekFrom::Start(512 * 77)).unwrap();
+        let mut raw = vec![0u8; data.len()];
+        f.read_exact(&mut raw).unwrap();
+        assert_eq!(raw, data);
+        // Flush; past the end fails without panicking.
+        assert_eq!(run(&cx, &mut ch, io(IoOp::Flush, 0, None)).result, Ok(()));
+        let c = run(
+            &cx,
+            &mut ch,
+            io(IoOp::Read, (4 << 20) - 512, DataBuf::alloc(1024)),
+        );
+        assert_eq!(c.result, Err(BdevError::Io((4 << 20) - 512)));
+        assert_eq!(cx.inflight(), 0);
+    }
+
+    #[test]
+    fn many_in_flight_share_one_ring() {
+        let dir = tempdir();
+        let p = dir.path().join("m.img");
+        let p = p.to_str().unwrap();
+        let a = FileDev::new("a", opts(Kind::File), Some(p), Some(8 << 20), true).unwrap();
+        let cx = IoContext::new();
+        let mut ch = a.clone().open_channel(&cx);
+        // More than the SQ holds: the backlog takes the rest.
+        for i in 0..600u64 {
+            let mut b = DataBuf::alloc(4096).unwrap();
+            b.write_at(0, &pattern(4096, i as u8));
+            ch.submit(BdevIo {
+                tag: i,
+                ..io(IoOp::Write { fua: false }, i * 4096, Some(b))
+            });
+        }
+        let mut out = Vec::new();
+        while out.len() < 600 {
+            cx.poll();
+            ch.poll(&mut out);
+            if out.len() < 600 {
+                cx.wait();
+            }
+        }
+        assert!(out.iter().all(|c| c.result.is_ok()));
+        for i in [0u64, 255, 256, 599] {
+            let c = run(&cx, &mut ch, io(IoOp::Read, i * 4096, DataBuf::alloc(4096)));
+            let mut back = vec![0u8; 4096];
+            c.buf.unwrap().read_at(0, &mut back);
+            assert_eq!(back, pattern(4096, i as u8), "block {i}");
+        }
+    }
+
+    #[test]
+    fn short_reads_are_completed() {
+        // A FileOp whose kernel answers arrive in pieces still fills the whole buffer.
+        let dir = tempdir();
+        let p = dir.path().join("s.img");
+        let p = p.to_str().unwrap();
+        let dev = FileDev::new("s", opts(Kind::File), Some(p), Some(1 << 20), true).unwrap();
+        let backing = dev.state().backing.clone().unwrap();
+        let sink = Rc::new(RefCell::new(VecDeque::new()));
+        let mut op = FileOp {
+            io: io(IoOp::Read, 0, DataBuf::alloc(8192)),
+            backing,
+            dev: dev.clone(),
+            sink: sink.clone(),
+            done: 0,
+            iov: Vec::new(),
+            retries: 0,
+            outstanding: 1,
+            error: None,
+            rw_flags: 0,
+        };
+        let mut sqes = Vec::new();
+        op.prepare(None, &mut sqes);
+        assert_eq!(sqes.len(), 1);
+        assert!(matches!(op.complete(0, 1000), Step::Resubmit(0)));
+        sqes.clear();
+        op.prepare(Some(0), &mut sqes);
+        assert_eq!(op.iov.iter().map(|v| v.iov_len).sum::<usize>(), 8192 - 1000);
+        assert!(matches!(op.complete(0, -libc::EAGAIN), Step::Resubmit(0)));
+        assert!(matches!(
+            op.complete(0, -libc::ECANCELED),
+            Step::Resubmit(0)
+        ));
+        assert!(matches!(op.complete(0, 8192 - 1000), Step::Done));
+        Box::new(op).finish();
+        assert_eq!(sink.borrow_mut().pop_front().unwrap().result, Ok(()));
+        // End of file in the middle of a read is an error at the right offset.
+        let mut op = FileOp {
+            io: io(IoOp::Read, 4096, DataBuf::alloc(4096)),
+            backing: dev.state().backing.clone().unwrap(),
+            dev: dev.clone(),
+            sink: sink.clone(),
+            done: 0,
+            iov: Vec::new(),
+            retries: 0,
+            outstanding: 1,
+            error: None,
+            rw_flags: 0,
+        };
+        assert!(matches!(op.complete(0, 512), Step::Resubmit(0)));
+        assert!(matches!(op.complete(0, 0), Step::Done));
+        Box::new(op).finish();
+        assert_eq!(
+            sink.borrow_mut().pop_front().unwrap().result,
+            Err(BdevError::Io(4096 + 512))
+        );
+    }
+
+    #[test]
+    fn unmap_punches_holes_and_extents_show_them() {
+        let dir = tempdir();
+        let p = dir.path().join("t.img");
+        let p = p.to_str().unwrap();
+        let o = FileOptions {
+            thin: true,
+            ..opts(Kind::File)
+        };
+        let dev = FileDev::new("t", o, Some(p), Some(4 << 20), true).unwrap();
+        assert!(dev.supports_unmap());
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        // A sparse new file: all hole.
+        let e = dev.extent_at(0).unwrap();
+        assert!(!e.mapped);
+        assert_eq!(e.len, 4 << 20);
+        let mut b = DataBuf::alloc(1 << 20).unwrap();
+        b.fill(0, 1 << 20, 0x5a);
+        let c = run(
+            &cx,
+            &mut ch,
+            io(IoOp::Write { fua: false }, 1 << 20, Some(b)),
+        );
+        assert_eq!(c.result, Ok(()));
+        assert_eq!(
+            run(&cx, &mut ch, io(IoOp::Flush, 0, None)).result,
+            Ok(()),
+            "flush"
+        );
+        assert_eq!(
+            dev.extent_at(0),
+            Some(Extent {
+                mapped: false,
+                len: 1 << 20
+            })
+        );
+        assert_eq!(
+            dev.extent_at(1 << 20),
+            Some(Extent {
+                mapped: true,
+                len: 1 << 20
+            })
+        );
+        // Unmap two pieces of the written MiB.
+        let mut u = io(IoOp::Unmap, 0, None);
+        u.ranges = vec![(1 << 20, 64 << 10), ((1 << 20) + (512 << 10), 128 << 10)];
+        assert_eq!(run(&cx, &mut ch, u).result, Ok(()));
+        let e = dev.extent_at(1 << 20).unwrap();
+        assert_eq!((e.mapped, e.len), (false, 64 << 10));
+        let e = dev.extent_at((1 << 20) + (64 << 10)).unwrap();
+        assert_eq!((e.mapped, e.len), (true, 448 << 10));
+        let c = run(
+            &cx,
+            &mut ch,
+            io(IoOp::Read, 1 << 20, DataBuf::alloc(128 << 10)),
+        );
+        let mut back = vec![1u8; 128 << 10];
+        c.buf.unwrap().read_at(0, &mut back);
+        assert!(
+            back[..64 << 10].iter().all(|&x| x == 0),
+            "unmapped reads zeros"
+        );
+        assert!(back[64 << 10..].iter().all(|&x| x == 0x5a));
+        // Out of range unmap fails.
+        let mut u = io(IoOp::Unmap, 0, None);
+        u.ranges = vec![((4 << 20) - 512, 1024)];
+        assert!(run(&cx, &mut ch, u).result.is_err());
+    }
+
+    #[test]
+    fn deleted_file_takes_the_device_offline() {
+        let dir = tempdir();
+        let path = dir.path().join("gone.img");
+        let p = path.to_str().unwrap();
+        let dev = FileDev::new("g", opts(Kind::File), Some(p), Some(1 << 20), true).unwrap();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(run(&cx, &mut ch, io(IoOp::Flush, 0, None)).result, Ok(()));
+        assert!(!dev.is_active());
+        let c = run(&cx, &mut ch, io(IoOp::Read, 0, DataBuf::alloc(512)));
+        assert_eq!(c.result, Err(BdevError::Offline));
+        // Reopening a missing file fails and says why.
+        let e = dev.set_active(true).unwrap_err();
+        assert!(e.contains("No such file"), "{e}");
+        // Recreated, it comes back.
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&[0u8; 4096])
+            .unwrap();
+        dev.set_active(true).unwrap();
+        assert_eq!(dev.num_blocks(), 8);
+        let c = run(&cx, &mut ch, io(IoOp::Read, 0, DataBuf::alloc(512)));
+        assert_eq!(c.result, Ok(()));
+    }
+
+    #[test]
+    fn validation_names_the_cause() {
+        let dir = tempdir();
+        let path = dir.path().join("v.img");
+        let p = path.to_str().unwrap();
+        let e = FileDev::new("v", opts(Kind::File), Some(p), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("No such file"), "{e}");
+        std::fs::write(&path, vec![0u8; 1000]).unwrap();
+        let e = FileDev::new("v", opts(Kind::File), Some(p), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("multiple of the block size"), "{e}");
+        let e = FileDev::new("v", opts(Kind::File), Some("rel.img"), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("absolute"), "{e}");
+        let e = FileDev::new("v", opts(Kind::Block), Some(p), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("not a block device"), "{e}");
+    }
+
+    #[test]
+    fn cdrom_eject_and_insert() {
+        let dir = tempdir();
+        let iso = dir.path().join("a.iso");
+        std::fs::write(&iso, vec![7u8; 2048 * 10]).unwrap();
+        let o = FileOptions {
+            block_size: 2048,
+            read_only: true,
+            ..opts(Kind::Cdrom)
+        };
+        let dev = FileDev::new("cd", o, None, None, true).unwrap();
+        assert!(!dev.is_open());
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let c = run(&cx, &mut ch, io(IoOp::Read, 0, DataBuf::alloc(2048)));
+        assert_eq!(c.result, Err(BdevError::NoMedium));
+        dev.set_filename(iso.to_str().unwrap()).unwrap();
+        assert_eq!(dev.num_blocks(), 10);
+        let c = run(&cx, &mut ch, io(IoOp::Read, 2048, DataBuf::alloc(2048)));
+        assert_eq!(c.result, Ok(()));
+        let mut b = DataBuf::alloc(2048).unwrap();
+        b.fill(0, 2048, 1);
+        let c = run(&cx, &mut ch, io(IoOp::Write { fua: false }, 0, Some(b)));
+        assert!(c.result.is_err(), "a CD is read-only");
+        dev.set_filename("").unwrap();
+        assert_eq!(dev.num_blocks(), 0);
+        let c = run(&cx, &mut ch, io(IoOp::Read, 0, DataBuf::alloc(2048)));
+        assert_eq!(c.result, Err(BdevError::NoMedium));
+    }
+
+    #[test]
+    fn o_direct_reads_back_or_refuses_misaligned_buffers() {
+        let dir = tempdir();
+        let p = dir.path().join("d.img");
+        let p = p.to_str().unwrap();
+        let o = FileOptions {
+            o_direct: true,
+            ..opts(Kind::File)
+        };
+        let dev = FileDev::new("od", o, Some(p), Some(1 << 20), true).unwrap();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let data = pattern(256 << 10, 9);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        let c = run(&cx, &mut ch, io(IoOp::Write { fua: true }, 4096, Some(b)));
+        match c.result {
+            Ok(()) => {
+                let c = run(
+                    &cx,
+                    &mut ch,
+                    io(IoOp::Read, 4096, DataBuf::alloc(data.len())),
+                );
+                assert_eq!(c.result, Ok(()));
+                let mut back = vec![0u8; data.len()];
+                c.buf.unwrap().read_at(0, &mut back);
+                assert_eq!(back, data);
+            }
+            // Buffers not aligned for O_DIRECT fail cleanly; the file is untouched.
+            Err(e) => {
+                assert_eq!(e, BdevError::BadBuffer);
+                let raw = std::fs::read(p).unwrap();
+                assert!(raw.iter().all(|&x| x == 0));
+            }
+        }
+        // A misaligned offset is refused whatever the buffers.
+        let c = run(&cx, &mut ch, io(IoOp::Read, 100, DataBuf::alloc(512)));
+        assert_eq!(c.result, Err(BdevError::BadBuffer));
+    }
+}
