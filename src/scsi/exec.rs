@@ -325,9 +325,12 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         ));
         return Err(());
     }
-    if !works_without_medium(op) && !dev.medium_present() {
-        task.fail(Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT));
-        return Err(());
+    if !works_without_medium(op) {
+        // No medium (3A/00), or an inactive backing (04/03).
+        if let Some(asc) = dev.not_ready() {
+            task.fail(Sense::new(sense::NOT_READY, asc));
+            return Err(());
+        }
     }
     let none = Ok(Plan {
         dir: DataDir::None,
