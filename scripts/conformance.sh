@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # libiscsi's conformance suite (iscsi-test-cu, the suite SCST, LIO and SPDK are tested with)
 # against each backend, configured through rpc.py only: a RAM LUN (every suite), a thin
-# vdisk_fileio LUN (every suite), a read-only fileio LUN (the ReadOnly suite) and a vcdrom
-# (the NoMedia and PreventAllow suites), the last three when their handlers exist. Scores each
+# vdisk_fileio LUN (every suite), a read-only fileio LUN (the ReadOnly suite) and a removable
+# fileio disk (the NoMedia, PreventAllow and StartStopUnit suites). Scores each
 # log with cu_score.py, writes docs/CONFORMANCE.md with a column per backend, and fails if a
 # suite that must be clean on a backend has a failed or warned test, or if the target crashed
 # or stopped answering.
@@ -57,18 +57,15 @@ setup_readonly() {
     MUST='^ReadOnly\.'
     DESC="\`vdisk_fileio\`, read_only=1, thin: the ReadOnly suite"
 }
-setup_vcdrom() {
-    local iso=$WORK/cd.iso
-    mkdir -p "$WORK/cd"
-    head -c $((4 << 20)) /dev/urandom >"$WORK/cd/data.bin"
-    xorriso -as mkisofs -quiet -o "$iso" "$WORK/cd" 2>/dev/null || die "xorriso failed"
-    rpc "$SOCK" mgmt handlers/vcdrom/mgmt "add_device cd0"
-    rpc "$SOCK" set devices/cd0/filename "$iso"
-    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add cd0 0"
-    TESTS=${CU_TESTS:-SCSI.NoMedia,SCSI.PreventAllow}
+setup_removable() {
+    truncate -s 64M "$WORK/removable.img"
+    rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
+        "add_device rm0 filename=$WORK/removable.img; removable=1"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add rm0 0"
+    TESTS=${CU_TESTS:-SCSI.NoMedia,SCSI.PreventAllow,SCSI.StartStopUnit}
     CRED=""
-    MUST='^(NoMedia|PreventAllow)\.'
-    DESC="\`vcdrom\` with an ISO image: the NoMedia and PreventAllow suites"
+    MUST='^(NoMedia|PreventAllow|StartStopUnit)\.'
+    DESC="\`vdisk_fileio\` with removable=1: the NoMedia, PreventAllow and StartStopUnit suites (the vcdrom is checked by scripts/backends.sh)"
 }
 
 # CHAP (MD5, what libiscsi speaks) on a RAM LUN: the iSCSI suites and the basic SCSI ones log in
@@ -84,15 +81,14 @@ setup_chap() {
     DESC="\`vdisk_ramio\` behind one-way CHAP, URLs with user%secret"
 }
 
-BACKENDS=${CU_BACKENDS:-"ram chap fileio readonly vcdrom"}
+BACKENDS=${CU_BACKENDS:-"ram chap fileio readonly removable"}
 RUN=()
 declare -A SUMMARY NOTE BAD SECS DESCS TESTSRUN
 FAILED=0
 for b in $BACKENDS; do
     start_target "$PORT" "$SOCK" "$WORK/target-$b.log" --cores 0
     case $b in
-    fileio | readonly) has_handler vdisk_fileio || { echo "conformance: no vdisk_fileio yet; skipping $b"; stop_target; continue; } ;;
-    vcdrom) has_handler vcdrom || { echo "conformance: no vcdrom yet; skipping $b"; stop_target; continue; } ;;
+    fileio | readonly | removable) has_handler vdisk_fileio || die "the target has no vdisk_fileio handler" ;;
     esac
     rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
     "setup_$b"
@@ -123,22 +119,29 @@ for b in $BACKENDS; do
     echo "  ${SUMMARY[$b]}"
     bad=$(awk -v re="$MUST" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests-$b.txt" || true)
 
-    # iSCSIdatasn.iSCSIDataSnInvalid sends Data-Out PDUs with wrong DataSNs and requires the
-    # WRITE to fail, but checks it through a helper that logs "[FAILED]" whenever a write does
-    # not return GOOD, so a target that behaves correctly is always scored "warned". It is
-    # accepted only when every logged failure is the target ending one of the four writes with
-    # CHECK CONDITION; anything else (a GOOD write, a dropped session, a timeout) still fails.
-    datasn=iSCSIdatasn.iSCSIDataSnInvalid
+    # Some tests are scored "warned" by construction: they log "[FAILED]" through a helper
+    # for an outcome the test itself requires. Each is accepted only when CUnit passed it and
+    # every failure it logged is exactly that required outcome:
+    #  - iSCSIdatasn.iSCSIDataSnInvalid requires its four writes with bad DataSNs to fail
+    #    (CHECK CONDITION);
+    #  - PreventAllow.{LUNReset,WarmReset,ColdReset} poll TEST UNIT READY after the reset and
+    #    log the reset's unit attention, which SAM-5 requires for every I_T nexus (and
+    #    MultipathIO.Reset checks it on the requester's own path).
     NOTE[$b]=""
-    if awk -v t="$datasn" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests-$b.txt"; then
-        section=$(awk '/Test: iSCSIDataSnInvalid/ {on=1} on && /Test: / && !/iSCSIDataSnInvalid/ {on=0} on' "$LOG")
+    for spec in "iSCSIdatasn.iSCSIDataSnInvalid|iSCSIDataSnInvalid|WRITE10 command failed with status 2 " \
+        "PreventAllow.LUNReset|LUNReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06) / ASCQ BUS_DEVICE_RESET" \
+        "PreventAllow.WarmReset|WarmReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)" \
+        "PreventAllow.ColdReset|ColdReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)"; do
+        IFS='|' read -r tname short pattern <<<"$spec"
+        awk -v t="$tname" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests-$b.txt" || continue
+        section=$(awk -v s="Test: $short " 'index($0, s) {on=1; print; next} on && /Test: / {on=0} on' "$LOG")
         fails=$(grep -c '\[FAILED\]' <<<"$section" || true)
-        expected=$(grep -c '\[FAILED\] WRITE10 command failed with status 2 ' <<<"$section" || true)
-        if [ "$fails" -eq 4 ] && [ "$expected" -eq 4 ]; then
-            bad=$(awk -v t="$datasn" '$2 != t' <<<"$bad" || true)
-            NOTE[$b]="$datasn is scored warned by construction (its helper logs [FAILED] for the failure the test requires); all four bad-DataSN writes ended in CHECK CONDITION, as required."
+        expected=$(grep -cF "[FAILED] $pattern" <<<"$section" || true)
+        if [ "$fails" -gt 0 ] && [ "$fails" -eq "$expected" ]; then
+            bad=$(awk -v t="$tname" '$2 != t' <<<"$bad" || true)
+            NOTE[$b]+="$tname is scored warned by construction: every failure it logged ($fails) is the outcome it requires. "
         fi
-    fi
+    done
     BAD[$b]=$bad
     if [ -n "$bad" ]; then FAILED=1; fi
 done
@@ -155,7 +158,7 @@ done
     echo "Suites that must have no failed or warned test: Inquiry, Read6/10/12/16, Write10/12/16,"
     echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite on every"
     echo "backend that runs them; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN;"
-    echo "ReadOnly on the read-only LUN; NoMedia and PreventAllow on the vcdrom."
+    echo "ReadOnly on the read-only LUN; NoMedia, PreventAllow and StartStopUnit on the removable disk."
     for b in "${RUN[@]}"; do
         echo
         echo "## $b: ${DESCS[$b]}"

@@ -22,6 +22,9 @@ grep -q "test result: FAILED" /tmp/iscsi-tgt-cargo-test.log && exit 1
 step "real initiators: libiscsi tools and qemu-img"
 scripts/peers.sh
 
+step "storage backends: data integrity, durability, vcdrom"
+scripts/backends.sh
+
 step "conformance: iscsi-test-cu"
 # The suite runs in full, docs/CONFORMANCE.md records every result, and the run fails if a suite
 # that must be clean has a failed or warned test or if the target crashed or hung.

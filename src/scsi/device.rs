@@ -368,11 +368,11 @@ impl Device {
         Ok(())
     }
 
-    /// START STOP UNIT with LOEJ=1 and START=1: the medium is back; every nexus hears NOT
-    /// READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED (SPC-4).
-    pub fn load(&self) {
+    /// START STOP UNIT with LOEJ=1 and START=1 from nexus `by`: the medium is back; every
+    /// other nexus hears NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED (SPC-4).
+    pub fn load_medium(&self, by: u64) {
         if !self.medium.swap(true, Ordering::AcqRel) {
-            self.add_ua_all(0x28, 0x00);
+            self.add_ua_others(by, 0x28, 0x00);
         }
     }
 

@@ -1171,7 +1171,7 @@ fn emulate(dev: &Device, task: &mut ScsiTask) {
             let loej = c[4] & 0x02 != 0 && c[4] >> 4 == 0;
             if loej && (dev.is_removable() || cd) {
                 if c[4] & 0x01 != 0 {
-                    dev.load();
+                    dev.load_medium(task.nexus);
                 } else if dev.eject().is_err() {
                     task.fail(Sense::new(
                         sense::ILLEGAL_REQUEST,
