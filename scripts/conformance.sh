@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # libiscsi's conformance suite (iscsi-test-cu, the suite SCST, LIO and SPDK are tested with)
 # against each backend, configured through rpc.py only: a RAM LUN (every suite), a thin
-# vdisk_fileio LUN (every suite), a read-only fileio LUN (the ReadOnly suite) and a removable
-# fileio disk (the NoMedia, PreventAllow and StartStopUnit suites). Scores each
+# vdisk_fileio LUN (every suite), the same with 4 KiB physical blocks (the provisioning suites),
+# a read-only fileio LUN (the ReadOnly suite) and a removable fileio disk (the NoMedia,
+# PreventAllow and StartStopUnit suites). Scores each
 # log with cu_score.py, writes docs/CONFORMANCE.md with a column per backend, and fails if a
 # suite that must be clean on a backend has a failed or warned test, or if the target crashed
 # or stopped answering.
@@ -25,6 +26,8 @@ command -v iscsi-test-cu >/dev/null || "$ROOT/scripts/setup.sh"
 # Suites that must be clean everywhere they run.
 BASE='Inquiry|Read6|Read10|Read12|Read16|Write10|Write12|Write16|ReadCapacity10|ReadCapacity16|TestUnitReady|ReportLuns|ModeSense6|iSCSI[A-Za-z]*'
 THIN='Unmap|WriteSame10|WriteSame16|GetLBAStatus'
+# Read-modify-write commands and the command report, on every disk that runs them.
+RMW='CompareAndWrite|OrWrite|ReportSupportedOpcodes'
 
 has_handler() { $RPC -s "$SOCK" ls "handlers/$1" >/dev/null 2>&1; }
 
@@ -34,18 +37,36 @@ setup_ram() {
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add ram0 0"
     TESTS=${CU_TESTS:-ALL}
     CRED=""
-    MUST="^($BASE)\\."
+    MUST="^($BASE|$RMW)\\."
     DESC="\`vdisk_ramio\`, 128 MiB, 512-byte blocks"
 }
 setup_fileio() {
     truncate -s 128M "$WORK/fileio.img"
     rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
-        "add_device file0 filename=$WORK/fileio.img; thin_provisioned=1"
+        "add_device file0 filename=$WORK/fileio.img; thin_provisioned=1; lb_per_pb_exp=0"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add file0 0"
     TESTS=${CU_TESTS:-ALL}
     CRED=""
-    MUST="^($BASE|$THIN)\\."
-    DESC="\`vdisk_fileio\`, thin_provisioned=1, a 128 MiB sparse file, 512-byte blocks"
+    MUST="^($BASE|$THIN|$RMW)\\."
+    DESC="\`vdisk_fileio\`, thin_provisioned=1, a 128 MiB sparse file, 512-byte blocks, one logical block per physical block (lb_per_pb_exp=0)"
+}
+# The same with the file system's 4 KiB blocks reported as physical blocks (lb_per_pb_exp=1,
+# SCST's default): READ CAPACITY 16 says 8 logical blocks per physical block, which the
+# unaligned-UNMAP and Data-Out-size tests need. GetLBAStatus runs on the LUN above only: its
+# UnmapSingle test asks for the status of LBA i+1 and expects a descriptor that starts at
+# i+LBPPB, which only holds when LBPPB is 1.
+setup_physblock() {
+    truncate -s 128M "$WORK/pb.img"
+    local pb
+    pb=$(stat -c %o "$WORK/pb.img")
+    [ "$pb" -ge 1024 ] || die "$WORK has $pb-byte blocks: no physical block above 512 bytes to report"
+    rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
+        "add_device pb0 filename=$WORK/pb.img; thin_provisioned=1; lb_per_pb_exp=1"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add pb0 0"
+    TESTS=${CU_TESTS:-SCSI.Unmap,SCSI.WriteSame10,SCSI.WriteSame16,SCSI.CompareAndWrite,SCSI.ReadCapacity16}
+    CRED=""
+    MUST="^(Unmap|WriteSame10|WriteSame16|CompareAndWrite|ReadCapacity16)\\."
+    DESC="\`vdisk_fileio\`, thin, 512-byte logical blocks in $pb-byte physical blocks (lb_per_pb_exp=1)"
 }
 setup_readonly() {
     truncate -s 64M "$WORK/ro.img"
@@ -81,14 +102,14 @@ setup_chap() {
     DESC="\`vdisk_ramio\` behind one-way CHAP, URLs with user%secret"
 }
 
-BACKENDS=${CU_BACKENDS:-"ram chap fileio readonly removable"}
+BACKENDS=${CU_BACKENDS:-"ram chap fileio physblock readonly removable"}
 RUN=()
 declare -A SUMMARY NOTE BAD SECS DESCS TESTSRUN
 FAILED=0
 for b in $BACKENDS; do
     start_target "$PORT" "$SOCK" "$WORK/target-$b.log" --cores 0
     case $b in
-    fileio | readonly | removable) has_handler vdisk_fileio || die "the target has no vdisk_fileio handler" ;;
+    fileio | physblock | readonly | removable) has_handler vdisk_fileio || die "the target has no vdisk_fileio handler" ;;
     esac
     rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
     "setup_$b"
@@ -157,8 +178,10 @@ done
     echo
     echo "Suites that must have no failed or warned test: Inquiry, Read6/10/12/16, Write10/12/16,"
     echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite on every"
-    echo "backend that runs them; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN;"
-    echo "ReadOnly on the read-only LUN; NoMedia, PreventAllow and StartStopUnit on the removable disk."
+    echo "backend that runs them; CompareAndWrite, OrWrite and ReportSupportedOpcodes on the RAM and"
+    echo "thin fileio LUNs; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN (and all but"
+    echo "GetLBAStatus again with 4 KiB physical blocks); ReadOnly on the read-only LUN; NoMedia,"
+    echo "PreventAllow and StartStopUnit on the removable disk."
     for b in "${RUN[@]}"; do
         echo
         echo "## $b: ${DESCS[$b]}"

@@ -34,10 +34,7 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many PDUs one readiness event may process before other connections get their turn.
 const RX_BUDGET: usize = 64;
 
-/// SAM status codes.
-pub const STATUS_GOOD: u8 = 0x00;
-pub const STATUS_CHECK_CONDITION: u8 = 0x02;
-pub const STATUS_TASK_SET_FULL: u8 = 0x28;
+pub use crate::scsi::exec::{STATUS_CHECK_CONDITION, STATUS_GOOD, STATUS_TASK_SET_FULL};
 
 /// How long a command may wait for a buffer from an exhausted pool before it is answered
 /// with TASK SET FULL (SAM-5 §5.3.1: the task set cannot take the command now).
@@ -931,6 +928,7 @@ impl Conn {
             return None;
         };
         t.scsi.read_only = entry.read_only;
+        t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
         if let Some(sess) = self.sess.as_mut() {
             if !sess.pending_ua.is_empty() && scsi::ua_applies(&t.scsi) {
                 let (asc, ascq) = sess.pending_ua.remove(0);

@@ -86,6 +86,9 @@ pub struct Device {
     prevent: Mutex<Vec<u64>>,
     /// Whether the (removable) medium is loaded.
     medium: AtomicBool,
+    /// Byte ranges held by read-modify-write commands (COMPARE AND WRITE, ORWRITE) between
+    /// their read and their write, on any reactor.
+    rmw_locked: Mutex<Vec<(u64, u64)>>,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -295,6 +298,7 @@ impl Device {
             ua_pending: AtomicBool::new(false),
             prevent: Mutex::new(Vec::new()),
             medium: AtomicBool::new(true),
+            rmw_locked: Mutex::new(Vec::new()),
         }))
     }
 
@@ -427,6 +431,28 @@ impl Device {
             }
         } else {
             p.retain(|&n| n != nexus);
+        }
+    }
+
+    /// Takes the byte range `[offset, offset + len)` for one read-modify-write command;
+    /// false (nothing taken) while another holds an overlapping range.
+    pub fn try_lock_range(&self, offset: u64, len: u64) -> bool {
+        let mut held = self.rmw_locked.lock().unwrap_or_else(|e| e.into_inner());
+        if held
+            .iter()
+            .any(|&(o, l)| offset < o + l && o < offset + len)
+        {
+            return false;
+        }
+        held.push((offset, len));
+        true
+    }
+
+    /// Releases a range taken with [`try_lock_range`](Self::try_lock_range).
+    pub fn unlock_range(&self, offset: u64, len: u64) {
+        let mut held = self.rmw_locked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|&r| r == (offset, len)) {
+            held.swap_remove(i);
         }
     }
 

@@ -5,7 +5,7 @@
 //! [`ScsiPort::poll`].
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
@@ -16,6 +16,7 @@ use crate::scsi::sense::{self, Sense};
 
 pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
+pub const STATUS_TASK_SET_FULL: u8 = 0x28;
 
 /// Operation codes (SPC-4, SBC-3).
 pub mod opcode {
@@ -38,7 +39,9 @@ pub mod opcode {
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const READ_16: u8 = 0x88;
+    pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
@@ -51,6 +54,7 @@ pub mod opcode {
     pub const VERIFY_12: u8 = 0xaf;
 }
 use crate::scsi::mmc::{self, opcode::*};
+use crate::scsi::opcodes::{self, MAINTENANCE_IN};
 use opcode::*;
 
 /// SERVICE ACTION IN(16) service actions READ CAPACITY(16) and GET LBA STATUS.
@@ -71,6 +75,14 @@ fn max_unmap_blocks(bs: u32) -> u32 {
 /// MAXIMUM WRITE SAME LENGTH: a WRITE SAME is expanded into one buffer of its whole range.
 fn max_write_same_blocks(bs: u32) -> u32 {
     (MAX_TRANSFER as u32) / bs
+}
+
+/// MAXIMUM COMPARE AND WRITE LENGTH. Atomic test-and-set users (VMware ATS, cluster locks)
+/// send one block; 128 bounds how long a range stays locked and keeps the Data-Out (twice
+/// the range) within one transfer. It stays below the one-byte field's 255 so that a request
+/// one block past the limit can be expressed, and is refused.
+fn max_compare_and_write_blocks(bs: u32) -> u32 {
+    ((MAX_TRANSFER as u32) / (2 * bs)).min(128)
 }
 
 /// OPTIMAL UNMAP GRANULARITY: 4 KiB.
@@ -107,6 +119,9 @@ pub struct ScsiTask {
     pub tag: u64,
     /// The LUN is mapped read-only.
     pub read_only: bool,
+    /// How many bytes of Data-Out the transport will deliver, when it says (iSCSI's
+    /// expected data transfer length of a command with the W bit).
+    pub data_out_len: Option<u32>,
     /// For VPD page 0x83: the target's name and relative port.
     pub target_name: Option<Arc<str>>,
     pub rel_tgt_id: u16,
@@ -126,6 +141,18 @@ pub struct ScsiTask {
     write_same: bool,
     /// For [`IoOp::Unmap`]: the byte ranges to deallocate.
     ranges: Vec<(u64, u64)>,
+    /// A read-modify-write command: `io` is its write; the port reads the range first.
+    rmw: Option<Rmw>,
+}
+
+/// The read-modify-write commands, which the port runs as one atomic read then write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rmw {
+    /// COMPARE AND WRITE: the Data-Out holds the verify blocks then the write blocks; the
+    /// write happens only if the medium matches the verify blocks.
+    Compare,
+    /// ORWRITE: the medium becomes the medium OR the Data-Out.
+    Or,
 }
 
 impl ScsiTask {
@@ -140,6 +167,7 @@ impl ScsiTask {
             nexus,
             tag: 0,
             read_only: false,
+            data_out_len: None,
             target_name: None,
             rel_tgt_id: 1,
             buf: None,
@@ -152,6 +180,7 @@ impl ScsiTask {
             verify_compare: false,
             write_same: false,
             ranges: Vec::new(),
+            rmw: None,
         }
     }
 
@@ -226,7 +255,7 @@ fn cdb_len_of(op: u8) -> usize {
 }
 
 /// Whether `op` is a command of `dev`'s device type (SBC-3 for disks, MMC-5 for CD-ROMs).
-fn supported(dev: &Device, op: u8, c: &[u8; 16]) -> bool {
+pub(crate) fn supported(dev: &Device, op: u8, c: &[u8; 16]) -> bool {
     let common = matches!(
         op,
         TEST_UNIT_READY
@@ -261,12 +290,15 @@ fn supported(dev: &Device, op: u8, c: &[u8; 16]) -> bool {
     } else {
         match op {
             READ_6 | WRITE_6 | READ_16 | WRITE_16 | WRITE_VERIFY_12 | WRITE_VERIFY_16
-            | VERIFY_12 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_10 | WRITE_SAME_16 => true,
+            | VERIFY_12 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_10 | WRITE_SAME_16
+            | COMPARE_AND_WRITE | ORWRITE_16 => true,
             // SCST: UNMAP exists only on thin provisioned devices.
             UNMAP => dev.thin_provisioned(),
             SERVICE_ACTION_IN_16 => {
                 matches!(c[1] & 0x1f, SAI_READ_CAPACITY_16 | SAI_GET_LBA_STATUS)
             }
+            // MMC gives A3h to SEND KEY: disks only.
+            MAINTENANCE_IN => opcodes::is_report(c),
             _ => false,
         }
     }
@@ -287,6 +319,7 @@ fn works_without_medium(op: u8) -> bool {
             | GET_CONFIGURATION
             | GET_EVENT_STATUS_NOTIFICATION
             | MECHANISM_STATUS
+            | MAINTENANCE_IN
     )
 }
 
@@ -393,6 +426,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             din(be32(&c[10..14]))
         }
         REPORT_LUNS => din(be32(&c[6..10])),
+        MAINTENANCE_IN => din(be32(&c[6..10])),
         READ_TOC | GET_CONFIGURATION | GET_EVENT_STATUS_NOTIFICATION | READ_DISC_INFORMATION => {
             din(be16(&c[7..9]))
         }
@@ -409,6 +443,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         }
         UNMAP => plan_unmap(dev, task),
         WRITE_SAME_10 | WRITE_SAME_16 => plan_write_same(dev, task),
+        COMPARE_AND_WRITE | ORWRITE_16 => plan_rmw(dev, task),
         _ => plan_rw(dev, task),
     }
 }
@@ -543,6 +578,13 @@ fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         return Err(());
     }
     let bs = u64::from(dev.block_size());
+    // Data-Out of another size than one block (none with NDOB) means the initiator has
+    // another block in mind: repeating it over the range would write the wrong pattern.
+    let want = if ndob { 0 } else { bs };
+    if task.data_out_len.is_some_and(|n| u64::from(n) != want) {
+        task.fail(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
+        return Err(());
+    }
     if unmap {
         // The range is deallocated whatever the data block holds: it then reads as zeros
         // (LBPRZ=1).
@@ -559,6 +601,59 @@ fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     Ok(Plan {
         dir: if ndob { DataDir::None } else { DataDir::Out },
         len: if ndob { 0 } else { bs as u32 },
+    })
+}
+
+/// COMPARE AND WRITE (SBC-3 §5.2) and ORWRITE (16).
+fn plan_rmw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+    let c = task.cdb;
+    let caw = c[0] == COMPARE_AND_WRITE;
+    // WRPROTECT/ORPROTECT: no protection information.
+    if c[1] & 0xe0 != 0 {
+        task.fail(Sense::invalid_cdb_field(1, Some(5)));
+        return Err(());
+    }
+    let lba = be64(&c[2..10]);
+    let blocks = if caw {
+        u64::from(c[13])
+    } else {
+        u64::from(be32(&c[10..14]))
+    };
+    let bs = dev.block_size();
+    if caw && blocks > u64::from(max_compare_and_write_blocks(bs)) {
+        task.fail(Sense::invalid_cdb_field(13, None));
+        return Err(());
+    }
+    check_range(dev, task, lba, blocks)?;
+    if write_protected(dev, task) {
+        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
+        return Err(());
+    }
+    let bytes = blocks * u64::from(bs);
+    if bytes > MAX_TRANSFER as u64 {
+        task.fail(Sense::invalid_cdb_field(10, None));
+        return Err(());
+    }
+    let want = if caw { 2 * bytes } else { bytes };
+    // Part of an atomic operation cannot be done: Data-Out of another size than the CDB
+    // needs (a miscounted NUMBER OF LOGICAL BLOCKS, say) is refused whole.
+    if task.data_out_len.is_some_and(|n| u64::from(n) != want) {
+        task.fail(Sense::invalid_cdb_field(if caw { 13 } else { 10 }, None));
+        return Err(());
+    }
+    if blocks == 0 {
+        // No blocks: nothing is read, compared or written, and that is not an error.
+        return Ok(Plan {
+            dir: DataDir::None,
+            len: 0,
+        });
+    }
+    let fua = c[1] & 0x08 != 0;
+    task.io = Some((IoOp::Write { fua }, lba * u64::from(bs), bytes as u32));
+    task.rmw = Some(if caw { Rmw::Compare } else { Rmw::Or });
+    Ok(Plan {
+        dir: DataDir::Out,
+        len: want as u32,
     })
 }
 
@@ -676,6 +771,7 @@ impl ScsiTask {
             Some((IoOp::Write { .. }, _, io_len))
                 if !self.verify_compare
                     && !self.write_same
+                    && self.rmw.is_none()
                     && block_size > 0
                     && len.is_multiple_of(block_size) =>
             {
@@ -695,7 +791,43 @@ pub enum Exec {
 }
 
 /// A backend completion for a task, with what the sense data needs from its device.
-pub struct Completion(BdevCompletion, DevInfo);
+pub struct Completion(BdevCompletion, DevInfo, Outcome);
+
+/// How a completion ended beyond its I/O result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// As the result says.
+    Io,
+    /// The read of a read-modify-write failed (the result holds why).
+    ReadFailed,
+    /// COMPARE AND WRITE found the medium different at this byte of the Data-Out.
+    Miscompare(u32),
+    /// No buffer for the read of a read-modify-write.
+    NoBuffer,
+}
+
+/// Where a read-modify-write command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RmwStage {
+    /// Waiting for its range, held by another read-modify-write on some reactor.
+    Locking,
+    Reading,
+    Writing,
+}
+
+/// A read-modify-write command the port runs: it holds its byte range on the device from
+/// before its read until its write is done, so that two of them on overlapping ranges (on
+/// any reactors) never interleave.
+struct RmwOp {
+    dev: Arc<Device>,
+    kind: Rmw,
+    offset: u64,
+    len: u32,
+    fua: bool,
+    /// The command's Data-Out, handed back at the end.
+    data: Option<DataBuf>,
+    stage: RmwStage,
+}
 
 /// What [`complete`] needs to know of the device an I/O went to.
 #[derive(Debug, Clone, Copy)]
@@ -726,6 +858,12 @@ pub struct ScsiPort {
     channels: HashMap<usize, PortChannel>,
     io: IoContext,
     scratch: Vec<BdevCompletion>,
+    /// Read-modify-write commands in progress, by tag.
+    rmw: HashMap<u64, RmwOp>,
+    /// Tags of those waiting for their range, oldest first.
+    rmw_waiting: VecDeque<u64>,
+    /// Completions the read-modify-write path has ready for the next `poll`.
+    rmw_done: Vec<Completion>,
 }
 
 impl Default for ScsiPort {
@@ -740,6 +878,9 @@ impl ScsiPort {
             channels: HashMap::new(),
             io: IoContext::new(),
             scratch: Vec::with_capacity(256),
+            rmw: HashMap::new(),
+            rmw_waiting: VecDeque::new(),
+            rmw_done: Vec::new(),
         }
     }
 
@@ -763,7 +904,7 @@ impl ScsiPort {
     /// Backend operations in flight in the kernel. While there are any the reactor must not
     /// sleep in epoll: their completions arrive on the ring, not on a socket.
     pub fn inflight(&self) -> usize {
-        self.io.inflight()
+        self.io.inflight() + self.rmw.len()
     }
 
     /// Runs a planned task.
@@ -788,7 +929,7 @@ impl ScsiPort {
                     match DataBuf::alloc(len as usize) {
                         Some(b) => Some(b),
                         None => {
-                            task.status = 0x28; // TASK SET FULL
+                            task.status = STATUS_TASK_SET_FULL;
                             return Exec::Done;
                         }
                     }
@@ -807,6 +948,26 @@ impl ScsiPort {
                 Exec::Pending
             }
             UNMAP | WRITE_SAME_10 | WRITE_SAME_16 => Exec::Done,
+            COMPARE_AND_WRITE | ORWRITE_16 => match (task.rmw, task.io) {
+                (Some(kind), Some((IoOp::Write { fua }, offset, len))) => {
+                    self.rmw.insert(
+                        task.tag,
+                        RmwOp {
+                            dev: dev.clone(),
+                            kind,
+                            offset,
+                            len,
+                            fua,
+                            data: task.buf.take(),
+                            stage: RmwStage::Locking,
+                        },
+                    );
+                    self.rmw_waiting.push_back(task.tag);
+                    self.rmw_start();
+                    Exec::Pending
+                }
+                _ => Exec::Done,
+            },
             _ => {
                 emulate(dev, task);
                 Exec::Done
@@ -848,7 +1009,7 @@ impl ScsiPort {
                 b.read_at(0, &mut block);
             }
             let Some(mut out) = DataBuf::alloc(len as usize) else {
-                task.status = 0x28; // TASK SET FULL
+                task.status = STATUS_TASK_SET_FULL;
                 return Exec::Done;
             };
             if block.iter().all(|&x| x == 0) {
@@ -875,29 +1036,164 @@ impl ScsiPort {
 
     /// Submits this pass's ring I/O and collects completions of this reactor's backend I/O.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if !self.rmw_waiting.is_empty() {
+            self.rmw_start();
+        }
         self.io.poll();
-        let mut n = 0;
+        let start = out.len();
         let scratch = &mut self.scratch;
         self.channels.retain(|_, pc| {
             scratch.clear();
-            n += pc.ch.poll(scratch);
+            pc.ch.poll(scratch);
             let info = pc.info;
-            out.extend(scratch.drain(..).map(|c| Completion(c, info)));
+            out.extend(scratch.drain(..).map(|c| Completion(c, info, Outcome::Io)));
             // A deleted device's channel goes once its last I/O is back, releasing the
             // backend (a RAM disk's memory, a file's descriptor).
             pc.dev.strong_count() > 0 || pc.ch.busy()
         });
-        n
+        if !self.rmw.is_empty() {
+            // The reads and writes of read-modify-write commands go on to their next step.
+            let mut i = start;
+            while i < out.len() {
+                if self.rmw.contains_key(&out[i].tag()) {
+                    let c = out.swap_remove(i);
+                    self.rmw_step(c.0);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out.append(&mut self.rmw_done);
+        out.len() - start
+    }
+
+    /// Starts the read of every waiting read-modify-write whose range is free.
+    fn rmw_start(&mut self) {
+        let mut i = 0;
+        while i < self.rmw_waiting.len() {
+            let tag = self.rmw_waiting[i];
+            let Some(op) = self.rmw.get_mut(&tag) else {
+                self.rmw_waiting.remove(i);
+                continue;
+            };
+            if !op.dev.try_lock_range(op.offset, u64::from(op.len)) {
+                i += 1;
+                continue;
+            }
+            self.rmw_waiting.remove(i);
+            let Some(buf) = DataBuf::alloc(op.len as usize) else {
+                self.rmw_finish(tag, Ok(()), Outcome::NoBuffer);
+                continue;
+            };
+            op.stage = RmwStage::Reading;
+            let (dev, offset, len) = (op.dev.clone(), op.offset, op.len);
+            self.channel(&dev).submit(BdevIo {
+                tag,
+                op: IoOp::Read,
+                offset,
+                len,
+                buf: Some(buf),
+                ranges: Vec::new(),
+            });
+        }
+    }
+
+    /// A read or write of a read-modify-write command has completed.
+    fn rmw_step(&mut self, c: BdevCompletion) {
+        let tag = c.tag;
+        let Some(op) = self.rmw.get_mut(&tag) else {
+            return;
+        };
+        match (op.stage, c.result) {
+            (RmwStage::Reading, Ok(())) => {
+                let Some(mut medium) = c.buf else {
+                    self.rmw_finish(tag, Err(BdevError::BadBuffer), Outcome::ReadFailed);
+                    return;
+                };
+                let Some(data) = op.data.as_ref() else {
+                    self.rmw_finish(tag, Err(BdevError::BadBuffer), Outcome::Io);
+                    return;
+                };
+                let len = op.len as usize;
+                match op.kind {
+                    Rmw::Compare => {
+                        if let Some(at) = first_difference(data, 0, &medium, len) {
+                            self.rmw_finish(tag, Ok(()), Outcome::Miscompare(at as u32));
+                            return;
+                        }
+                        copy_range(data, len, &mut medium, len);
+                    }
+                    Rmw::Or => or_into(data, &mut medium, len),
+                }
+                op.stage = RmwStage::Writing;
+                let (dev, offset, fua) = (op.dev.clone(), op.offset, op.fua);
+                self.channel(&dev).submit(BdevIo {
+                    tag,
+                    op: IoOp::Write { fua },
+                    offset,
+                    len: len as u32,
+                    buf: Some(medium),
+                    ranges: Vec::new(),
+                });
+            }
+            (RmwStage::Reading, Err(e)) => self.rmw_finish(tag, Err(e), Outcome::ReadFailed),
+            (_, result) => self.rmw_finish(tag, result, Outcome::Io),
+        }
+    }
+
+    /// Ends a read-modify-write command: its range is released and its completion goes out
+    /// with the next `poll`.
+    fn rmw_finish(&mut self, tag: u64, result: Result<(), BdevError>, outcome: Outcome) {
+        let Some(op) = self.rmw.remove(&tag) else {
+            return;
+        };
+        if op.stage != RmwStage::Locking || outcome == Outcome::NoBuffer {
+            op.dev.unlock_range(op.offset, u64::from(op.len));
+        }
+        let info = DevInfo {
+            block_size: op.dev.block_size(),
+            thin: op.dev.thin_provisioned(),
+        };
+        self.rmw_done.push(Completion(
+            BdevCompletion {
+                tag,
+                result,
+                buf: op.data,
+            },
+            info,
+            outcome,
+        ));
     }
 }
 
 /// Applies a backend completion to its task.
 pub fn complete(task: &mut ScsiTask, c: Completion) {
-    let Completion(c, info) = c;
+    let Completion(c, info, outcome) = c;
     if task.verify_compare {
         task.aux = c.buf;
     } else if c.buf.is_some() {
         task.buf = c.buf;
+    }
+    match outcome {
+        Outcome::Io => {}
+        Outcome::ReadFailed => {
+            if let Err(e) = c.result {
+                task.fail(error_sense(e, Some(IoOp::Read), info));
+            }
+            return;
+        }
+        Outcome::Miscompare(at) => {
+            // SBC-3 §5.2: the INFORMATION field holds the offset in the Data-Out of the
+            // first byte that differs.
+            let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
+            s.information = Some(at);
+            task.fail(s);
+            return;
+        }
+        Outcome::NoBuffer => {
+            task.status = STATUS_TASK_SET_FULL;
+            return;
+        }
     }
     match c.result {
         Ok(()) => {
@@ -954,7 +1250,10 @@ mod completion_tests {
             result: Err(e),
             buf: None,
         };
-        complete(&mut t, Completion(c, DevInfo { block_size, thin }));
+        complete(
+            &mut t,
+            Completion(c, DevInfo { block_size, thin }, Outcome::Io),
+        );
         assert_eq!(t.status, STATUS_CHECK_CONDITION);
         let mut s = [0u8; sense::FIXED_LEN];
         s.copy_from_slice(t.sense());
@@ -1032,6 +1331,54 @@ mod completion_tests {
         r.buf.as_ref().unwrap().read_at(0, &mut back);
         assert_eq!(back, vec![0x3c; 1024]);
         assert_eq!(std::fs::read(&f).unwrap()[1536..2560], [0x3c; 1024]);
+        // READ CAPACITY 16 reports the file system's block as the physical block
+        // (lb_per_pb_exp=1 by default), and nothing once lb_per_pb_exp is 0.
+        let rc16 = [
+            SERVICE_ACTION_IN_16,
+            0x10,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            32,
+            0,
+            0,
+        ];
+        let blksize = std::os::unix::fs::MetadataExt::blksize(&std::fs::metadata(&f).unwrap());
+        let exp = if blksize > 512 {
+            (blksize / 512).trailing_zeros()
+        } else {
+            0
+        };
+        let mut exponent = || {
+            let r = run_ring(&mut port, &d, &rc16, None);
+            let mut x = [0u8; 14];
+            r.buf.as_ref().unwrap().read_at(0, &mut x);
+            u32::from(x[13])
+        };
+        assert_eq!(exponent(), exp);
+        d.set_attr("lb_per_pb_exp", "0").unwrap();
+        assert_eq!(exponent(), 0);
+        // COMPARE AND WRITE through the ring: a read, a compare, then a write.
+        let mut caw = [0u8; 16];
+        caw[0] = COMPARE_AND_WRITE;
+        caw[9] = 3;
+        caw[13] = 1;
+        let mut out = vec![0x3c; 512];
+        out.extend_from_slice(&[0x11; 512]);
+        let c = run_ring(&mut port, &d, &caw, Some(&out));
+        assert_eq!(c.status, STATUS_GOOD);
+        assert_eq!(std::fs::read(&f).unwrap()[1536..2048], [0x11; 512]);
+        let c = run_ring(&mut port, &d, &caw, Some(&out));
+        assert_eq!(c.sense()[2] & 0x0f, sense::MISCOMPARE);
+        assert_eq!(port.inflight(), 0);
         // Inactive: NOT READY, LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
         d.set_attr("active", "0").unwrap();
         let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], None);
@@ -1067,27 +1414,61 @@ mod completion_tests {
     }
 }
 
-fn verify_compare(task: &mut ScsiTask, len: u32) {
-    let (Some(a), Some(b)) = (task.buf.as_ref(), task.aux.as_ref()) else {
-        return;
-    };
+/// The first byte at which `a` from `a_off` and `b` from 0 differ over `len` bytes.
+fn first_difference(a: &DataBuf, a_off: usize, b: &DataBuf, len: usize) -> Option<usize> {
     let mut x = [0u8; 4096];
     let mut y = [0u8; 4096];
     let mut off = 0usize;
-    while off < len as usize {
-        let n = (len as usize - off).min(4096);
-        a.read_at(off, &mut x[..n]);
+    while off < len {
+        let n = (len - off).min(4096);
+        a.read_at(a_off + off, &mut x[..n]);
         b.read_at(off, &mut y[..n]);
         if let Some(i) = (0..n).find(|&i| x[i] != y[i]) {
-            let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
-            s.information = u32::try_from(off + i).ok();
-            task.fail(s);
-            task.aux = None;
-            return;
+            return Some(off + i);
         }
         off += n;
     }
-    task.aux = None;
+    None
+}
+
+/// Copies `len` bytes of `src` from `src_off` to the start of `dst`.
+fn copy_range(src: &DataBuf, src_off: usize, dst: &mut DataBuf, len: usize) {
+    let mut x = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4096);
+        src.read_at(src_off + off, &mut x[..n]);
+        dst.write_at(off, &x[..n]);
+        off += n;
+    }
+}
+
+/// `dst |= src` over the first `len` bytes.
+fn or_into(src: &DataBuf, dst: &mut DataBuf, len: usize) {
+    let mut x = [0u8; 4096];
+    let mut y = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4096);
+        src.read_at(off, &mut x[..n]);
+        dst.read_at(off, &mut y[..n]);
+        for (d, s) in y[..n].iter_mut().zip(&x[..n]) {
+            *d |= s;
+        }
+        dst.write_at(off, &y[..n]);
+        off += n;
+    }
+}
+
+fn verify_compare(task: &mut ScsiTask, len: u32) {
+    let (Some(a), Some(b)) = (task.buf.as_ref(), task.aux.take()) else {
+        return;
+    };
+    if let Some(at) = first_difference(a, 0, &b, len as usize) {
+        let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
+        s.information = u32::try_from(at).ok();
+        task.fail(s);
+    }
 }
 
 /// Commands for a LUN that is not mapped: REPORT LUNS, INQUIRY (peripheral qualifier 3) and
@@ -1187,6 +1568,13 @@ fn emulate(dev: &Device, task: &mut ScsiTask) {
             }
         }
         INQUIRY => inquiry(dev, task),
+        MAINTENANCE_IN => match opcodes::report(dev, &task.cdb) {
+            Ok(d) => {
+                let alloc = be32(&task.cdb[6..10]) as usize;
+                task.reply(&d[..alloc.min(d.len())]);
+            }
+            Err(s) => task.fail(s),
+        },
         REQUEST_SENSE => {
             if task.cdb[1] & 0x01 != 0 {
                 // DESC=1: descriptor format is not supported.
@@ -1217,6 +1605,8 @@ fn emulate(dev: &Device, task: &mut ScsiTask) {
             let mut d = [0u8; 32];
             d[0..8].copy_from_slice(&dev.num_blocks().saturating_sub(1).to_be_bytes());
             d[8..12].copy_from_slice(&dev.block_size().to_be_bytes());
+            // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT (bits 3-0 of byte 13).
+            d[13] = dev.lb_per_pb_exponent() & 0x0f;
             if dev.thin_provisioned() {
                 // LBPME and LBPRZ: deallocated blocks read as zeros.
                 d[14] |= 0xc0;
@@ -1385,6 +1775,7 @@ fn inquiry(dev: &Device, task: &mut ScsiTask) {
                 // Block Limits (SBC-3 §6.5.3).
                 let mut p = [0u8; 0x3c];
                 let bs = dev.block_size();
+                p[1] = max_compare_and_write_blocks(bs) as u8;
                 p[2..4].copy_from_slice(&1u16.to_be_bytes()); // optimal transfer length granularity
                 p[4..8].copy_from_slice(&((MAX_TRANSFER as u32) / bs).to_be_bytes());
                 p[8..12].copy_from_slice(&(id.opt_trans_len / bs).to_be_bytes());
@@ -1634,8 +2025,13 @@ mod tests {
         let mut port = ScsiPort::new();
         if port.execute(d, &mut t) == Exec::Pending {
             let mut out = Vec::new();
-            port.poll(&mut out);
-            complete(&mut t, out.pop().unwrap());
+            // A read-modify-write takes two passes (its read, then its write).
+            for _ in 0..4 {
+                if port.poll(&mut out) > 0 {
+                    break;
+                }
+            }
+            complete(&mut t, out.pop().expect("no completion"));
         }
         t
     }
@@ -2274,5 +2670,231 @@ mod tests {
         ] {
             assert!(!works_without_medium(op), "{op:#x}");
         }
+    }
+
+    /// COMPARE AND WRITE of `blocks` at `lba`: `verify` then `write` bytes, one per block.
+    fn caw(d: &Arc<Device>, lba: u8, verify: &[u8], write: &[u8]) -> ScsiTask {
+        let bs = d.block_size() as usize;
+        let n = verify.len();
+        let mut out = Vec::new();
+        for &b in verify.iter().chain(write) {
+            out.extend(std::iter::repeat_n(b, bs));
+        }
+        let mut cdb = [0u8; 16];
+        cdb[0] = COMPARE_AND_WRITE;
+        cdb[9] = lba;
+        cdb[13] = n as u8;
+        run(d, &cdb, Some(&out))
+    }
+
+    fn read_block(d: &Arc<Device>, lba: u8) -> Vec<u8> {
+        data(&run(d, &[READ_10, 0, 0, 0, 0, lba, 0, 0, 1, 0], None))
+    }
+
+    #[test]
+    fn compare_and_write_writes_only_on_a_match() {
+        let d = dev();
+        let w = run(
+            &d,
+            &[WRITE_10, 0, 0, 0, 0, 2, 0, 0, 2, 0],
+            Some(&[0xaa; 1024]),
+        );
+        assert_eq!(w.status, STATUS_GOOD);
+        let t = caw(&d, 2, &[0xaa, 0xaa], &[0x55, 0x66]);
+        assert_eq!(t.status, STATUS_GOOD, "{:?}", t.sense());
+        assert_eq!(read_block(&d, 2), vec![0x55; 512]);
+        assert_eq!(read_block(&d, 3), vec![0x66; 512]);
+        // The medium no longer matches: MISCOMPARE, with the offset in the Data-Out of the
+        // first differing byte in INFORMATION, and nothing written.
+        let t = caw(&d, 2, &[0x55, 0xaa], &[0x11, 0x11]);
+        assert_eq!(asc(&t), (sense::MISCOMPARE, 0x1d, 0x00));
+        assert_eq!(t.sense()[0] & 0x80, 0x80, "VALID");
+        assert_eq!(&t.sense()[3..7], &512u32.to_be_bytes());
+        assert_eq!(read_block(&d, 2), vec![0x55; 512]);
+        assert_eq!(read_block(&d, 3), vec![0x66; 512]);
+    }
+
+    #[test]
+    fn compare_and_write_checks_its_cdb_and_data_length() {
+        let d = dev();
+        let limit = max_compare_and_write_blocks(512) as u8;
+        // Above MAXIMUM COMPARE AND WRITE LENGTH (VPD B0 byte 5 says what it is).
+        let b0 = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 64, 0], None));
+        assert_eq!(b0[5], limit);
+        let mut cdb = [0u8; 16];
+        cdb[0] = COMPARE_AND_WRITE;
+        cdb[13] = limit + 1;
+        let t = run(&d, &cdb, None);
+        assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
+        // Zero blocks: nothing happens, and that is not an error.
+        cdb[13] = 0;
+        assert_eq!(run(&d, &cdb, None).status, STATUS_GOOD);
+        // Data-Out of another size than twice the range is refused whole.
+        cdb[13] = 1;
+        let mut t = ScsiTask::new(&cdb, 0, 7);
+        t.data_out_len = Some(512);
+        assert!(plan(&d, &mut t).is_err());
+        assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
+        let mut t = ScsiTask::new(&cdb, 0, 7);
+        t.data_out_len = Some(1024);
+        assert_eq!(plan(&d, &mut t).map(|p| p.len), Ok(1024));
+        // Past the end, and with WRPROTECT set.
+        cdb[2..10].copy_from_slice(&(d.num_blocks()).to_be_bytes());
+        assert_eq!(
+            asc(&run(&d, &cdb, None)),
+            (sense::ILLEGAL_REQUEST, 0x21, 0x00)
+        );
+        let mut cdb = [0u8; 16];
+        cdb[0] = COMPARE_AND_WRITE;
+        cdb[1] = 0x20;
+        cdb[13] = 1;
+        assert_eq!(
+            asc(&run(&d, &cdb, None)),
+            (sense::ILLEGAL_REQUEST, 0x24, 0x00)
+        );
+    }
+
+    #[test]
+    fn orwrite_ors_the_data_into_the_medium() {
+        let d = dev();
+        run(
+            &d,
+            &[WRITE_10, 0, 0, 0, 0, 5, 0, 0, 1, 0],
+            Some(&[0x0f; 512]),
+        );
+        let mut cdb = [0u8; 16];
+        cdb[0] = ORWRITE_16;
+        cdb[9] = 5;
+        cdb[13] = 1;
+        let t = run(&d, &cdb, Some(&[0x30; 512]));
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(read_block(&d, 5), vec![0x3f; 512]);
+    }
+
+    #[test]
+    fn read_modify_writes_wait_for_an_overlapping_one() {
+        let d = dev();
+        run(
+            &d,
+            &[WRITE_10, 0, 0, 0, 0, 8, 0, 0, 1, 0],
+            Some(&[0x01; 512]),
+        );
+        // Another reactor's read-modify-write holds block 8.
+        assert!(d.try_lock_range(8 * 512, 512));
+        let mut cdb = [0u8; 16];
+        cdb[0] = ORWRITE_16;
+        cdb[9] = 8;
+        cdb[13] = 1;
+        let mut t = ScsiTask::new(&cdb, 0, 7);
+        plan(&d, &mut t).unwrap();
+        let mut b = DataBuf::alloc(512).unwrap();
+        b.write_at(0, &[0x80; 512]);
+        t.buf = Some(b);
+        let mut port = ScsiPort::new();
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            assert_eq!(port.poll(&mut out), 0, "ran while the range was held");
+        }
+        assert!(port.inflight() > 0, "a waiting command counts as in flight");
+        assert_eq!(read_block(&d, 8), vec![0x01; 512]);
+        d.unlock_range(8 * 512, 512);
+        let mut n = 0;
+        for _ in 0..4 {
+            n += port.poll(&mut out);
+        }
+        assert_eq!(n, 1);
+        complete(&mut t, out.pop().unwrap());
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(port.inflight(), 0);
+        assert_eq!(read_block(&d, 8), vec![0x81; 512]);
+        // Its range is free again.
+        assert!(d.try_lock_range(8 * 512, 512));
+    }
+
+    fn rsoc(d: &Arc<Device>, options: u8, op: u8, sa: u16) -> ScsiTask {
+        let s = sa.to_be_bytes();
+        run(
+            d,
+            &[
+                MAINTENANCE_IN,
+                0x0c,
+                options,
+                op,
+                s[0],
+                s[1],
+                0,
+                0,
+                0x10,
+                0,
+                0,
+                0,
+            ],
+            None,
+        )
+    }
+
+    /// The (opcode, service action) pairs of an all-commands report.
+    fn listed(t: &ScsiTask) -> Vec<(u8, u16)> {
+        let d = data(t);
+        let len = be32(&d[0..4]) as usize;
+        assert_eq!(len + 4, d.len());
+        let mut v = Vec::new();
+        let mut i = 4;
+        while i < d.len() {
+            v.push((d[i], be16(&d[i + 2..i + 4]) as u16));
+            i += if d[i + 5] & 0x02 != 0 { 20 } else { 8 };
+        }
+        v
+    }
+
+    #[test]
+    fn report_supported_opcodes_lists_what_the_device_serves() {
+        let d = dev();
+        let all = listed(&rsoc(&d, 0, 0, 0));
+        for c in [
+            (READ_10, 0),
+            (COMPARE_AND_WRITE, 0),
+            (SERVICE_ACTION_IN_16, 0x10),
+        ] {
+            assert!(all.contains(&c), "{c:?}");
+        }
+        // UNMAP only on a thin provisioned device.
+        assert!(!all.iter().any(|c| c.0 == UNMAP));
+        assert!(listed(&rsoc(&thin(), 0, 0, 0)).contains(&(UNMAP, 0)));
+        // Every listed command is one the dispatcher accepts, and the other way round for
+        // a sample of opcodes.
+        for &(op, sa) in &all {
+            let mut c = [0u8; 16];
+            c[0] = op;
+            c[1] = sa as u8;
+            assert!(supported(&d, op, &c), "{op:#x}/{sa:#x}");
+        }
+        // With RCTD, each descriptor carries a command timeouts descriptor.
+        let t = rsoc(&d, 0x80, 0, 0);
+        let x = data(&t);
+        assert_eq!(x[4 + 5] & 0x02, 0x02);
+        assert_eq!(&x[4 + 8..4 + 10], &[0, 0x0a]);
+        // One command: SUPPORT 011b and its CDB usage data, DPO and FUA included.
+        let one = data(&rsoc(&d, 1, READ_10, 0));
+        assert_eq!(one[1] & 0x07, 0x03);
+        assert_eq!(be16(&one[2..4]), 10);
+        assert_eq!(one[4], READ_10);
+        assert_eq!(one[5] & 0x18, 0x18);
+        // One not served: SUPPORT 001b.
+        assert_eq!(data(&rsoc(&d, 1, 0x04, 0))[1] & 0x07, 0x01);
+        // By service action; asking for an opcode with service actions without one (and
+        // the other way round) is an invalid field.
+        let rc16 = data(&rsoc(&d, 2, SERVICE_ACTION_IN_16, 0x10));
+        assert_eq!((rc16[1] & 0x07, be16(&rc16[2..4])), (0x03, 16));
+        assert_eq!(
+            asc(&rsoc(&d, 1, SERVICE_ACTION_IN_16, 0)),
+            (sense::ILLEGAL_REQUEST, 0x24, 0)
+        );
+        assert_eq!(
+            asc(&rsoc(&d, 2, READ_10, 0)),
+            (sense::ILLEGAL_REQUEST, 0x24, 0)
+        );
+        assert_eq!(asc(&rsoc(&d, 5, 0, 0)), (sense::ILLEGAL_REQUEST, 0x24, 0));
     }
 }

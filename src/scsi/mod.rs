@@ -3,6 +3,7 @@
 pub mod device;
 pub mod exec;
 pub mod mmc;
+pub mod opcodes;
 pub mod sense;
 
 pub use device::{Device, DeviceError};
