@@ -2,7 +2,9 @@
 # The storage backends end to end, through qemu-img's iscsi:// driver and the release binary:
 #   - a random pattern written and read back identical on vdisk_fileio (buffered and
 #     o_direct), vdisk_blockio on a loop device and vdisk_ramio, each with 512- and
-#     4096-byte blocks (512 MiB each; 128 MiB with QUICK=1);
+#     4096-byte blocks (512 MiB each; 128 MiB with QUICK=1), by qemu-img and then by the
+#     project's own initiator (iscsi-bench --verify) at queue depth 32, which also checks what
+#     qemu-img wrote;
 #   - durability: data written with FUA (cache=writethrough) and with SYNCHRONIZE CACHE
 #     (cache=none) survives kill -9 of the target and a restart from its saved config;
 #   - vcdrom: an ISO image reads back identical; ejected, the LUN has no medium; inserted
@@ -36,6 +38,8 @@ for tool in qemu-img genisoimage losetup cmp; do
 done
 [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] || die "qemu-img lacks iscsi:// (run scripts/setup.sh)"
 [ -x "$BIN" ] || build_release
+BENCH=$(dirname "$BIN")/iscsi-bench
+[ -x "$BENCH" ] || build_release
 
 pass=0
 skip=0
@@ -77,8 +81,8 @@ round_trip() {
     elif ! qemu-img convert -f raw -O raw "$URL/$IQN/0" "$WORK/out.raw" 2>"$WORK/qemu.err"; then
         ok=0
     fi
-    unexport "$dev" "$handler"
     if [ "$ok" = 0 ]; then
+        unexport "$dev" "$handler"
         if misaligned "$mark" && [ "${STRICT_DIRECT:-1}" != 1 ]; then
             return 2
         fi
@@ -87,12 +91,18 @@ round_trip() {
     fi
     cmp "$WORK/in.raw" "$WORK/out.raw" || die "data read back differs ($what)"
     rm -f "$WORK/out.raw"
+    # The project's own initiator at queue depth 32: it reads what qemu-img wrote and
+    # compares, then writes its own pattern over the whole LUN and reads it back.
+    "$BENCH" --portal "127.0.0.1:$PORT" --target "$IQN" --verify --expect "$WORK/in.raw" \
+        --qd 32 --bs 65536 >"$WORK/verify.out" 2>&1 ||
+        { cat "$WORK/verify.out" >&2; die "iscsi-bench --verify failed ($what)"; }
+    unexport "$dev" "$handler"
 }
 
 result() {
     local rc=$1 what=$2
     case $rc in
-    0) check "$MB MiB written and read back identical: $what" ;;
+    0) check "$MB MiB written and read back identical (qemu-img; own initiator at QD32): $what" ;;
     2) skipped "$what: buffers not aligned for O_DIRECT (see the target log)" ;;
     *) die "unexpected result $rc ($what)" ;;
     esac

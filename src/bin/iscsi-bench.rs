@@ -2,10 +2,18 @@
 //! do (data digests, CHAP with SHA-2): reads or writes of one size at a fixed queue depth for a
 //! fixed time, printing `iops N mbps M` at the end.
 //!
+//! With `--verify` it checks data integrity instead: it reads the whole LUN and compares it
+//! with `--expect FILE` (what another initiator wrote), if given, then writes the whole LUN
+//! with a pattern unique to each byte offset and this run, reads it back and compares, all
+//! at the queue depth given. It exits non-zero at the first difference, naming its LBA.
+//!
 //! ```text
 //! iscsi-bench --portal 127.0.0.1:3260 --target IQN [--lun 0] [--bs 131072] [--qd 16]
 //!             [--secs 10] [--write] [--random] [--digests] [--blocksize 512]
+//!             [--verify [--expect FILE]]
 //! ```
+use std::collections::HashMap;
+use std::io::Read;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -22,6 +30,8 @@ struct Opts {
     random: bool,
     digests: bool,
     block_size: u32,
+    verify: bool,
+    expect: Option<String>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -36,6 +46,8 @@ fn parse() -> Result<Opts, String> {
         random: false,
         digests: false,
         block_size: 512,
+        verify: false,
+        expect: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -55,8 +67,10 @@ fn parse() -> Result<Opts, String> {
             "--write" => o.write = true,
             "--random" => o.random = true,
             "--digests" => o.digests = true,
+            "--verify" => o.verify = true,
+            "--expect" => o.expect = Some(val()?),
             "-h" | "--help" => {
-                return Err("usage: iscsi-bench --portal ADDR:PORT --target IQN [--lun N] [--bs BYTES] [--qd N] [--secs S] [--write] [--random] [--digests] [--blocksize 512]".into())
+                return Err("usage: iscsi-bench --portal ADDR:PORT --target IQN [--lun N] [--bs BYTES] [--qd N] [--secs S] [--write] [--random] [--digests] [--blocksize 512] [--verify [--expect FILE]]".into())
             }
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -70,7 +84,7 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
-fn run(o: &Opts) -> Result<(u64, f64), String> {
+fn login(o: &Opts) -> Result<Initiator, String> {
     let mut ini = Initiator::connect(o.portal.as_str()).map_err(|e| e.to_string())?;
     let mut keys = vec![("MaxRecvDataSegmentLength".to_string(), "262144".to_string())];
     let d = if o.digests { "CRC32C" } else { "None" };
@@ -83,20 +97,29 @@ fn run(o: &Opts) -> Result<(u64, f64), String> {
         ..Default::default()
     })
     .map_err(|e| format!("login: {e}"))?;
-    // Clear the new nexus's unit attention; learn the capacity.
-    let cap = loop {
+    Ok(ini)
+}
+
+/// READ CAPACITY (10), clearing the new nexus's unit attentions: (blocks, block size).
+fn capacity(ini: &mut Initiator, lun: u64) -> Result<(u64, u32), String> {
+    for _ in 0..8 {
         let r = ini
-            .scsi(o.lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], None, 8, true)
+            .scsi(lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], None, 8, true)
             .map_err(|e| e.to_string())?;
-        if r.is_good() {
-            break u64::from(u32::from_be_bytes([
-                r.data[0], r.data[1], r.data[2], r.data[3],
-            ])) + 1;
+        if r.is_good() && r.data.len() >= 8 {
+            let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            return Ok((u64::from(be(&r.data[0..4])) + 1, be(&r.data[4..8])));
         }
         if r.sense_key() != Some(6) {
             return Err(format!("READ CAPACITY failed: {r:?}"));
         }
-    };
+    }
+    Err("READ CAPACITY kept reporting unit attentions".into())
+}
+
+fn run(o: &Opts) -> Result<(u64, f64), String> {
+    let mut ini = login(o)?;
+    let (cap, _) = capacity(&mut ini, o.lun)?;
     let blocks = o.bs / o.block_size;
     let span = cap.saturating_sub(u64::from(blocks)).max(1);
     let data = vec![0xa5u8; o.bs as usize];
@@ -145,6 +168,142 @@ fn run(o: &Opts) -> Result<(u64, f64), String> {
     Ok((done, secs))
 }
 
+/// The verify pattern: one word per 8 bytes, a mix of the run's seed and the byte offset, so
+/// that a block written to the wrong place, a stale block and a torn one all differ.
+fn pattern(seed: u64, offset: u64, out: &mut [u8]) {
+    for (i, w) in out.chunks_exact_mut(8).enumerate() {
+        let mut z = seed ^ (offset + 8 * i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        w.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+}
+
+/// Fills a write's buffer with the data for a byte offset.
+type Fill<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> Result<(), String>;
+/// Checks a read's data at a byte offset.
+type Check<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
+
+/// Moves the whole LUN in `bs` commands with `qd` of them in flight: writes `fill`'s data, or
+/// reads and hands each extent to `check`.
+fn sweep(
+    ini: &mut Initiator,
+    o: &Opts,
+    size: u64,
+    block_size: u32,
+    mut fill: Option<Fill<'_>>,
+    check: Check<'_>,
+) -> Result<(), String> {
+    let write = fill.is_some();
+    let mut next = 0u64;
+    let mut inflight: HashMap<u32, u64> = HashMap::new();
+    let mut buf = vec![0u8; o.bs as usize];
+    loop {
+        while inflight.len() < o.qd && next < size {
+            let len = (size - next).min(u64::from(o.bs)) as usize;
+            let lba = next / u64::from(block_size);
+            let blocks = (len / block_size as usize) as u32;
+            let itt = if let Some(f) = fill.as_mut() {
+                f(next, &mut buf[..len])?;
+                ini.submit(
+                    o.lun,
+                    &cdb::write16(lba, blocks),
+                    Some(&buf[..len]),
+                    len as u32,
+                    false,
+                )
+            } else {
+                ini.submit(o.lun, &cdb::read16(lba, blocks), None, len as u32, true)
+            }
+            .map_err(|e| e.to_string())?;
+            inflight.insert(itt, next);
+            next += len as u64;
+        }
+        if inflight.is_empty() {
+            return Ok(());
+        }
+        let (itt, r) = ini.wait_any().map_err(|e| e.to_string())?;
+        let at = inflight.remove(&itt).ok_or("a completion for no command")?;
+        if !r.is_good() {
+            let what = if write { "WRITE" } else { "READ" };
+            return Err(format!(
+                "{what} at LBA {} failed: {r:?}",
+                at / u64::from(block_size)
+            ));
+        }
+        if !write {
+            check(at, &r.data)?;
+        }
+    }
+}
+
+/// The first differing byte of `got` against `want` as an error naming its LBA.
+fn compare(at: u64, got: &[u8], want: &[u8], block_size: u32, what: &str) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: short read at byte {at}: {} of {} bytes",
+            got.len(),
+            want.len()
+        ));
+    }
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(i) => {
+            let off = at + i as u64;
+            Err(format!(
+                "{what}: data differs at LBA {} (byte {off})",
+                off / u64::from(block_size)
+            ))
+        }
+    }
+}
+
+fn verify(o: &Opts) -> Result<u64, String> {
+    let mut ini = login(o)?;
+    let (blocks, block_size) = capacity(&mut ini, o.lun)?;
+    if !o.bs.is_multiple_of(block_size) {
+        return Err(format!(
+            "--bs {} is not a multiple of the LUN's {block_size}-byte blocks",
+            o.bs
+        ));
+    }
+    let size = blocks * u64::from(block_size);
+    if let Some(path) = &o.expect {
+        let mut f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+        let mut want = vec![0u8; o.bs as usize];
+        sweep(&mut ini, o, size, block_size, None, &mut |at, got| {
+            // Completions arrive in any order: read the file at the extent's offset.
+            use std::io::{Seek, SeekFrom};
+            f.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
+            f.read_exact(&mut want[..got.len()])
+                .map_err(|e| format!("{path}: {e}"))?;
+            compare(at, got, &want[..got.len()], block_size, path)
+        })?;
+    }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let mut gen = |at: u64, out: &mut [u8]| {
+        pattern(seed, at, out);
+        Ok(())
+    };
+    sweep(
+        &mut ini,
+        o,
+        size,
+        block_size,
+        Some(&mut gen),
+        &mut |_, _| Ok(()),
+    )?;
+    let mut want = vec![0u8; o.bs as usize];
+    sweep(&mut ini, o, size, block_size, None, &mut |at, got| {
+        pattern(seed, at, &mut want[..got.len()]);
+        compare(at, got, &want[..got.len()], block_size, "pattern")
+    })?;
+    let _ = ini.logout();
+    Ok(size)
+}
+
 fn main() -> ExitCode {
     let o = match parse() {
         Ok(o) => o,
@@ -153,6 +312,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if o.verify {
+        return match verify(&o) {
+            Ok(size) => {
+                println!(
+                    "verified {size} bytes{} and a written pattern at queue depth {}",
+                    if o.expect.is_some() {
+                        " against the file"
+                    } else {
+                        ""
+                    },
+                    o.qd
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("iscsi-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match run(&o) {
         Ok((n, secs)) => {
             let iops = n as f64 / secs;
