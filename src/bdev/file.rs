@@ -10,6 +10,14 @@
 //!
 //! Data goes straight between the command's [`DataBuf`] chunks and the kernel (readv/writev
 //! SQEs over the chunk segments): no bounce buffer, no copy.
+//!
+//! Buffered I/O that cannot wait is done at once on the reactor instead ([`Inline`]): a
+//! read or write with RWF_NOWAIT that the page cache can serve completes in the system call,
+//! and on a memory file system (tmpfs, ramfs, hugetlbfs: no device behind the page cache)
+//! every transfer is a memory copy. Otherwise the kernel would hand such I/O to an io-wq
+//! worker thread, whose wake-ups cost more than the copy and take CPU from the reactor's own
+//! core. Whatever does not finish at once (EAGAIN, a short transfer) goes on to the ring from
+//! where it stopped.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -17,7 +25,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use io_uring::{opcode, squeue, types};
@@ -73,6 +81,48 @@ pub struct Backing {
     off_align: u64,
     /// The physical block size of the medium (for the LB-per-PB exponent).
     phys_block: u32,
+    /// How much of its buffered I/O may be done on the reactor ([`Inline`] as a u8; it drops
+    /// to NEVER for a direction the file refuses RWF_NOWAIT for).
+    inline_read: AtomicU8,
+    inline_write: AtomicU8,
+}
+
+/// Whether a buffered transfer is tried on the reactor before the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Inline {
+    /// O_DIRECT, or the file refused RWF_NOWAIT: always the ring.
+    Never = 0,
+    /// With RWF_NOWAIT: done at once when the page cache can serve it.
+    NoWait = 1,
+    /// On a memory file system: nothing to wait for, always at once.
+    Always = 2,
+}
+
+impl Inline {
+    fn of(v: u8) -> Inline {
+        match v {
+            1 => Inline::NoWait,
+            2 => Inline::Always,
+            _ => Inline::Never,
+        }
+    }
+}
+
+/// Whether `file` lives on a file system whose pages have no device behind them.
+fn memory_backed(file: &File) -> bool {
+    // SAFETY: statfs is plain data, all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open and `st` is a valid, writable statfs buffer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    // ramfs has no constant in libc.
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    matches!(
+        st.f_type,
+        libc::TMPFS_MAGIC | RAMFS_MAGIC | libc::HUGETLBFS_MAGIC
+    )
 }
 
 struct State {
@@ -223,6 +273,13 @@ impl Backing {
                 "{path} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}"
             ));
         }
+        let inline = if direct {
+            Inline::Never
+        } else if memory_backed(&file) {
+            Inline::Always
+        } else {
+            Inline::NoWait
+        };
         Ok(Backing {
             file,
             path: path.to_string(),
@@ -231,6 +288,13 @@ impl Backing {
             mem_align: mem_align.max(1),
             off_align: u64::from(off_align).max(1),
             phys_block: phys,
+            inline_read: AtomicU8::new(inline as u8),
+            // A write-through file's writes wait for the device (O_DSYNC).
+            inline_write: AtomicU8::new(if opts.write_through && inline == Inline::NoWait {
+                Inline::Never
+            } else {
+                inline
+            } as u8),
         })
     }
 
@@ -414,6 +478,8 @@ impl FileDev {
             mem_align: b.mem_align,
             off_align: b.off_align,
             phys_block: b.phys_block,
+            inline_read: AtomicU8::new(b.inline_read.load(Ordering::Relaxed)),
+            inline_write: AtomicU8::new(b.inline_write.load(Ordering::Relaxed)),
         };
         self.install(&mut st, Some(Arc::new(nb)));
         Ok(self.size())
@@ -685,6 +751,14 @@ impl IoChannel for FileChannel {
             IoOp::Write { fua: true } if !self.dev.opts.write_through => libc::RWF_DSYNC,
             _ => 0,
         };
+        let mut done = 0;
+        if matches!(io.op, IoOp::Read | IoOp::Write { .. }) {
+            done = transfer_inline(&b, &mut io, rw_flags);
+            if done == io.len {
+                self.dev.note(&b, None);
+                return self.finish(io, Ok(()));
+            }
+        }
         let outstanding = if io.op == IoOp::Unmap {
             io.ranges.len() as u32
         } else {
@@ -695,7 +769,7 @@ impl IoChannel for FileChannel {
             backing: b,
             dev: self.dev.clone(),
             sink: self.done.clone(),
-            done: 0,
+            done,
             iov: Vec::new(),
             retries: 0,
             outstanding,
@@ -715,6 +789,71 @@ impl IoChannel for FileChannel {
         // Every operation on the ring holds a reference to the completion queue.
         Rc::strong_count(&self.done) > 1 || !self.done.borrow().is_empty()
     }
+}
+
+/// Most segments one inline transfer passes at once (a 8 MiB command in 128 KiB chunks is 64).
+const INLINE_IOV: usize = 64;
+
+/// Does as much of a buffered read or write as can be done without waiting (see [`Inline`]);
+/// returns the bytes transferred. Any failure stops it early: the ring then does the rest and
+/// reports the error as it would have.
+fn transfer_inline(b: &Backing, io: &mut BdevIo, rw_flags: i32) -> u32 {
+    let write = io.op != IoOp::Read;
+    let mode = if write {
+        &b.inline_write
+    } else {
+        &b.inline_read
+    };
+    let flags = match Inline::of(mode.load(Ordering::Relaxed)) {
+        Inline::Never => return 0,
+        // A FUA write waits for the device by definition.
+        Inline::NoWait if rw_flags & libc::RWF_DSYNC != 0 => return 0,
+        Inline::NoWait => rw_flags | libc::RWF_NOWAIT,
+        Inline::Always => rw_flags,
+    };
+    let Some(buf) = io.buf.as_mut() else {
+        return 0;
+    };
+    let len = io.len as usize;
+    let mut done = 0usize;
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; INLINE_IOV];
+    while done < len {
+        let mut n = 0;
+        for s in buf.segments_mut(done, len - done).take(INLINE_IOV) {
+            iov[n] = libc::iovec {
+                iov_base: s.as_mut_ptr().cast(),
+                iov_len: s.len(),
+            };
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        let off = (io.offset + done as u64) as libc::off_t;
+        let fd = b.file.as_raw_fd();
+        let r = if write {
+            // SAFETY: the first `n` iovecs point into live chunks of `buf`, which this call
+            // borrows mutably for its duration; the descriptor is open (`b` holds it).
+            unsafe { libc::pwritev2(fd, iov.as_ptr(), n as i32, off, flags) }
+        } else {
+            // SAFETY: as above; the kernel writes only within the segments' lengths.
+            unsafe { libc::preadv2(fd, iov.as_ptr(), n as i32, off, flags) }
+        };
+        if r > 0 {
+            done += r as usize;
+            continue;
+        }
+        if r < 0 && errno_of(&std::io::Error::last_os_error()) == libc::EOPNOTSUPP {
+            // This file takes no RWF_NOWAIT in this direction: the ring from now on.
+            mode.store(Inline::Never as u8, Ordering::Relaxed);
+        }
+        // EAGAIN (it would wait), end of file, or an error the ring reports.
+        break;
+    }
+    done.min(len) as u32
 }
 
 /// BLKDISCARD over each range; the first failure as (errno, offset).
@@ -992,6 +1131,55 @@ mod tests {
         );
         assert_eq!(c.result, Err(BdevError::Io((4 << 20) - 512)));
         assert_eq!(cx.inflight(), 0);
+    }
+
+    #[test]
+    fn buffered_io_that_cannot_wait_completes_on_the_reactor() {
+        // tmpfs: every transfer is a copy, done in the submitting call; nothing on the ring.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let p = dir.path().join("m.img");
+        let dev = FileDev::new("m", opts(Kind::File), p.to_str(), Some(1 << 20), true).unwrap();
+        assert!(memory_backed(&dev.state().backing.clone().unwrap().file));
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let data = pattern(200 * 1024, 9);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        let mut out = Vec::new();
+        ch.submit(io(IoOp::Write { fua: true }, 4096, Some(b)));
+        assert_eq!(ch.poll(&mut out), 1, "the write completed at submit");
+        assert_eq!(cx.inflight(), 0);
+        ch.submit(io(IoOp::Read, 4096, DataBuf::alloc(data.len())));
+        assert_eq!(ch.poll(&mut out), 1, "the read completed at submit");
+        let c = out.pop().unwrap();
+        assert_eq!(c.result, Ok(()));
+        let mut back = vec![0u8; data.len()];
+        c.buf.unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
+        // Past the end still fails as before.
+        ch.submit(io(IoOp::Read, (1 << 20) - 512, DataBuf::alloc(1024)));
+        assert_eq!(ch.poll(&mut out), 1);
+        assert_eq!(
+            out.pop().unwrap().result,
+            Err(BdevError::Io((1 << 20) - 512))
+        );
+
+        // A page-cache file system: the same read, served from the cache with RWF_NOWAIT
+        // where the file system takes it, else on the ring; the data is right either way.
+        let dir = tempdir();
+        let p = dir.path().join("c.img");
+        let dev = FileDev::new("c", opts(Kind::File), p.to_str(), Some(1 << 20), true).unwrap();
+        assert!(!memory_backed(&dev.state().backing.clone().unwrap().file));
+        let mut ch = dev.clone().open_channel(&cx);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        assert_eq!(
+            run(&cx, &mut ch, io(IoOp::Write { fua: false }, 0, Some(b))).result,
+            Ok(())
+        );
+        let c = run(&cx, &mut ch, io(IoOp::Read, 0, DataBuf::alloc(data.len())));
+        c.buf.unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
     }
 
     #[test]
