@@ -2,7 +2,8 @@
 # libiscsi's conformance suite (iscsi-test-cu, the suite SCST, LIO and SPDK are tested with)
 # against each backend, configured through rpc.py only: a RAM LUN (every suite), a thin
 # vdisk_fileio LUN (every suite), the same with 4 KiB physical blocks (the provisioning suites),
-# a read-only fileio LUN (the ReadOnly suite) and a removable fileio disk (the NoMedia,
+# vdisk_blockio on a loop device (every suite), a vcdrom (the suites that apply to a CD), a
+# read-only fileio LUN (the ReadOnly suite) and a removable fileio disk (the NoMedia,
 # PreventAllow and StartStopUnit suites). Scores each
 # log with cu_score.py, writes docs/CONFORMANCE.md with a column per backend, and fails if a
 # suite that must be clean on a backend has a failed or warned test, or if the target crashed
@@ -17,7 +18,8 @@ WORK=$(mktemp -d /tmp/iscsi-tgt-cu.XXXXXX)
 SOCK=$WORK/rpc.sock
 OUT=${CU_OUT:-$ROOT/docs/CONFORMANCE.md}
 SCORE=$SHARED/tools/cu_score.py
-trap 'stop_target; rm -rf "$WORK"' EXIT
+LOOP=
+trap 'stop_target; [ -n "$LOOP" ] && losetup -d "$LOOP"; rm -rf "$WORK"' EXIT
 
 command -v iscsi-test-cu >/dev/null || "$ROOT/scripts/setup.sh"
 [ -f "$SCORE" ] || die "cannot find cu_score.py at $SCORE (set ISCSI_TGT_SHARED)"
@@ -78,15 +80,46 @@ setup_readonly() {
     MUST='^ReadOnly\.'
     DESC="\`vdisk_fileio\`, read_only=1, thin: the ReadOnly suite"
 }
+# vdisk_blockio over a loop device (needs root), thin: UNMAP and WRITE SAME with UNMAP go to
+# BLKDISCARD. GET LBA STATUS reports a block device as mapped throughout (provisioning status
+# 0, "mapped or unknown": the kernel cannot say what a device has deallocated), so its
+# GetLBAStatus tests, which expect unmapped blocks after UNMAP, are not required here.
+setup_blockio() {
+    [ "$(id -u)" -eq 0 ] || die "the blockio backend needs root (losetup)"
+    truncate -s 128M "$WORK/loop.img"
+    LOOP=$(losetup -f --show "$WORK/loop.img") || die "losetup failed"
+    rpc "$SOCK" mgmt handlers/vdisk_blockio/mgmt "add_device bl0 filename=$LOOP; thin_provisioned=1"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add bl0 0"
+    TESTS=${CU_TESTS:-ALL}
+    CRED=""
+    MUST="^($BASE|$RMW|Unmap|WriteSame10|WriteSame16)\\."
+    DESC="\`vdisk_blockio\` on a 128 MiB loop device, thin (BLKDISCARD), 512-byte blocks"
+}
+# vcdrom with an 8 MiB ISO image: the suites that apply to a read-only MMC device. libiscsi's
+# multipath checks want SBC devices, so this run uses one URL; its NoMedia and PreventAllow
+# suites are SBC-only and run on the removable disk below.
+setup_vcdrom() {
+    mkdir -p "$WORK/iso"
+    head -c 8M /dev/urandom >"$WORK/iso/data.bin"
+    genisoimage -quiet -o "$WORK/cd.iso" "$WORK/iso" || die "genisoimage failed"
+    rpc "$SOCK" mgmt handlers/vcdrom/mgmt "add_device cd0"
+    rpc "$SOCK" set devices/cd0/filename "$WORK/cd.iso"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add cd0 0"
+    TESTS=${CU_TESTS:-SCSI.Inquiry,SCSI.TestUnitReady,SCSI.ReadCapacity10,SCSI.Read10,SCSI.Read12,SCSI.Verify10,SCSI.StartStopUnit,SCSI.ModeSense6,SCSI.ReportLuns}
+    CRED=""
+    SINGLE=1
+    MUST='^(Inquiry|TestUnitReady|ReadCapacity10|Read10|Read12|Verify10|StartStopUnit|ModeSense6|ReportLuns)\.'
+    DESC="\`vcdrom\` with an 8 MiB ISO image (one URL)"
+}
 setup_removable() {
     truncate -s 64M "$WORK/removable.img"
     rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
-        "add_device rm0 filename=$WORK/removable.img; removable=1"
+        "add_device rm0 filename=$WORK/removable.img; removable=1; thin_provisioned=1"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add rm0 0"
     TESTS=${CU_TESTS:-SCSI.NoMedia,SCSI.PreventAllow,SCSI.StartStopUnit}
     CRED=""
     MUST='^(NoMedia|PreventAllow|StartStopUnit)\.'
-    DESC="\`vdisk_fileio\` with removable=1: the NoMedia, PreventAllow and StartStopUnit suites (the vcdrom is checked by scripts/backends.sh)"
+    DESC="\`vdisk_fileio\` with removable=1 (and thin, so that UNMAP exists): the NoMedia, PreventAllow and StartStopUnit suites (the vcdrom is checked by scripts/backends.sh)"
 }
 
 # CHAP (MD5, what libiscsi speaks) on a RAM LUN: the iSCSI suites and the basic SCSI ones log in
@@ -102,16 +135,19 @@ setup_chap() {
     DESC="\`vdisk_ramio\` behind one-way CHAP, URLs with user%secret"
 }
 
-BACKENDS=${CU_BACKENDS:-"ram chap fileio physblock readonly removable"}
+BACKENDS=${CU_BACKENDS:-"ram chap fileio physblock blockio vcdrom readonly removable"}
 RUN=()
 declare -A SUMMARY NOTE BAD SECS DESCS TESTSRUN
 FAILED=0
 for b in $BACKENDS; do
     start_target "$PORT" "$SOCK" "$WORK/target-$b.log" --cores 0
     case $b in
+    blockio) has_handler vdisk_blockio || die "the target has no vdisk_blockio handler" ;;
+    vcdrom) has_handler vcdrom || die "the target has no vcdrom handler" ;;
     fileio | physblock | readonly | removable) has_handler vdisk_fileio || die "the target has no vdisk_fileio handler" ;;
     esac
     rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
+    SINGLE=0
     "setup_$b"
     rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
     rpc "$SOCK" set targets/iscsi/enabled 1
@@ -124,16 +160,22 @@ for b in $BACKENDS; do
     if [ -n "$CRED" ] && iscsi-inq "iscsi://127.0.0.1:$PORT/$IQN/0" >/dev/null 2>&1; then
         die "the $b target accepted a login without CHAP"
     fi
-    echo "conformance ($b): iscsi-test-cu -d -S -t $TESTS $URL $URL"
+    URLS=("$URL" "$URL")
+    [ "$SINGLE" = 1 ] && URLS=("$URL")
+    echo "conformance ($b): iscsi-test-cu -d -S -t $TESTS ${URLS[*]}"
     start=$(date +%s)
     # The suite's own exit status says little (CUnit counts skips as passes); the score decides.
-    timeout 1500 iscsi-test-cu -d -S -t "$TESTS" "$URL" "$URL" >"$LOG" 2>&1 || true
+    timeout 1500 iscsi-test-cu -d -S -t "$TESTS" "${URLS[@]}" >"$LOG" 2>&1 || true
     SECS[$b]=$(($(date +%s) - start))
     kill -0 "$TARGET_PID" 2>/dev/null || { tail -50 "$WORK/target-$b.log" >&2; die "the target died during the $b run"; }
     grep -q "panicked" "$WORK/target-$b.log" && die "the target log shows a panic ($b)"
     # The target still answers after the run: it neither crashed nor hung.
     iscsi-inq "$URL" >/dev/null || die "the target no longer answers after the $b run"
     stop_target
+    if [ -n "$LOOP" ]; then
+        losetup -d "$LOOP" || die "losetup -d $LOOP failed"
+        LOOP=
+    fi
 
     SUMMARY[$b]=$(python3 "$SCORE" "$LOG")
     python3 "$SCORE" "$LOG" --tests >"$WORK/tests-$b.txt"
@@ -178,10 +220,12 @@ done
     echo
     echo "Suites that must have no failed or warned test: Inquiry, Read6/10/12/16, Write10/12/16,"
     echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite on every"
-    echo "backend that runs them; CompareAndWrite, OrWrite and ReportSupportedOpcodes on the RAM and"
-    echo "thin fileio LUNs; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN (and all but"
-    echo "GetLBAStatus again with 4 KiB physical blocks); ReadOnly on the read-only LUN; NoMedia,"
-    echo "PreventAllow and StartStopUnit on the removable disk."
+    echo "backend that runs them; CompareAndWrite, OrWrite and ReportSupportedOpcodes on the RAM,"
+    echo "thin fileio and blockio LUNs; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN"
+    echo "(and all but GetLBAStatus again with 4 KiB physical blocks and on blockio);"
+    echo "Inquiry, TestUnitReady, ReadCapacity10, Read10/12, Verify10, StartStopUnit, ModeSense6 and"
+    echo "ReportLuns on the vcdrom; ReadOnly on the read-only LUN; NoMedia, PreventAllow and"
+    echo "StartStopUnit on the removable disk."
     for b in "${RUN[@]}"; do
         echo
         echo "## $b: ${DESCS[$b]}"

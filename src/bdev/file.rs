@@ -722,6 +722,19 @@ impl IoChannel for FileChannel {
                     return self.finish(io, Ok(()));
                 }
             }
+            IoOp::Prefetch => {
+                if io
+                    .offset
+                    .checked_add(u64::from(io.len))
+                    .is_none_or(|end| end > size)
+                {
+                    return self.finish(io, Err(BdevError::Io(off)));
+                }
+                // O_DIRECT bypasses the page cache: nothing to warm.
+                if b.direct || io.len == 0 {
+                    return self.finish(io, Ok(()));
+                }
+            }
             IoOp::Unmap => {
                 if io.ranges.is_empty() {
                     return self.finish(io, Ok(()));
@@ -930,6 +943,12 @@ impl RingOp for FileOp {
                     .flags(types::FsyncFlags::DATASYNC)
                     .build(),
             )),
+            IoOp::Prefetch => out.push((
+                0,
+                opcode::Fadvise::new(fd, self.io.len as libc::off_t, libc::POSIX_FADV_WILLNEED)
+                    .offset(self.io.offset)
+                    .build(),
+            )),
             IoOp::Unmap => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 let subs: Vec<u32> = match sub {
@@ -985,6 +1004,8 @@ impl RingOp for FileOp {
                 }
                 Step::Done
             }
+            // A hint: a read-ahead that could not be started is not an error of the command.
+            IoOp::Prefetch => Step::Done,
             IoOp::Unmap => {
                 if res < 0 && self.error.is_none() {
                     let off = self.io.ranges.get(sub as usize).map_or(0, |r| r.0);

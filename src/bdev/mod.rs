@@ -51,6 +51,9 @@ pub enum IoOp {
     /// Deallocates the byte ranges in [`BdevIo::ranges`] (thin provisioning: UNMAP, WRITE
     /// SAME with UNMAP). Afterwards they read as zeros; `offset`/`len` are unused.
     Unmap,
+    /// A hint that `offset`/`len` will be read soon (PRE-FETCH): backends with a cache in
+    /// front of slower storage start reading it in; the others have nothing to do.
+    Prefetch,
 }
 
 pub struct BdevIo {
@@ -271,7 +274,7 @@ impl RamDev {
 impl SyncDev for RamDev {
     fn run(&self, io: &mut BdevIo) -> Result<(), BdevError> {
         let len = io.len as usize;
-        if io.op == IoOp::Flush {
+        if matches!(io.op, IoOp::Flush | IoOp::Prefetch) {
             return Ok(());
         }
         if io.op == IoOp::Unmap {
@@ -307,7 +310,7 @@ impl SyncDev for RamDev {
                 let mut chunk = self.chunks[ci].write().unwrap_or_else(|e| e.into_inner());
                 buf.read_at(bo, &mut chunk[co..co + n]);
             }),
-            IoOp::Flush | IoOp::Unmap => {}
+            IoOp::Flush | IoOp::Unmap | IoOp::Prefetch => {}
         }
         Ok(())
     }

@@ -34,6 +34,7 @@ pub mod opcode {
     pub const WRITE_10: u8 = 0x2a;
     pub const WRITE_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
+    pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -44,6 +45,7 @@ pub mod opcode {
     pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
+    pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
@@ -291,7 +293,7 @@ pub(crate) fn supported(dev: &Device, op: u8, c: &[u8; 16]) -> bool {
         match op {
             READ_6 | WRITE_6 | READ_16 | WRITE_16 | WRITE_VERIFY_12 | WRITE_VERIFY_16
             | VERIFY_12 | VERIFY_16 | SYNCHRONIZE_CACHE_16 | WRITE_SAME_10 | WRITE_SAME_16
-            | COMPARE_AND_WRITE | ORWRITE_16 => true,
+            | COMPARE_AND_WRITE | ORWRITE_16 | PRE_FETCH_10 | PRE_FETCH_16 => true,
             // SCST: UNMAP exists only on thin provisioned devices.
             UNMAP => dev.thin_provisioned(),
             SERVICE_ACTION_IN_16 => {
@@ -439,6 +441,21 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             };
             check_range(dev, task, lba, n)?;
             task.io = Some((IoOp::Flush, 0, 0));
+            none
+        }
+        PRE_FETCH_10 | PRE_FETCH_16 => {
+            // SBC-3 PRE-FETCH: a hint. It completes with GOOD, not CONDITION MET: the device
+            // makes no promise that the blocks stay cached. IMMED changes nothing, since
+            // the read-ahead is only started either way.
+            let (lba, n) = if op == PRE_FETCH_10 {
+                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
+            } else {
+                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
+            };
+            check_range(dev, task, lba, n)?;
+            let bs = u64::from(dev.block_size());
+            let bytes = (n * bs).min(u64::from(u32::MAX - (u32::MAX % dev.block_size())));
+            task.io = Some((IoOp::Prefetch, lba * bs, bytes as u32));
             none
         }
         UNMAP => plan_unmap(dev, task),
@@ -918,7 +935,8 @@ impl ScsiPort {
             }
             READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
             | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 | VERIFY_10 | VERIFY_12
-            | VERIFY_16 | SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
+            | VERIFY_16 | SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 | PRE_FETCH_10
+            | PRE_FETCH_16 => {
                 let Some((op, offset, len)) = task.io else {
                     return Exec::Done;
                 };
@@ -1378,6 +1396,15 @@ mod completion_tests {
         assert_eq!(std::fs::read(&f).unwrap()[1536..2048], [0x11; 512]);
         let c = run_ring(&mut port, &d, &caw, Some(&out));
         assert_eq!(c.sense()[2] & 0x0f, sense::MISCOMPARE);
+        assert_eq!(port.inflight(), 0);
+        // PRE-FETCH starts a read-ahead on the ring and completes GOOD.
+        let p = run_ring(
+            &mut port,
+            &d,
+            &[PRE_FETCH_10, 0, 0, 0, 0, 0, 0, 0, 64, 0],
+            None,
+        );
+        assert_eq!(p.status, STATUS_GOOD);
         assert_eq!(port.inflight(), 0);
         // Inactive: NOT READY, LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
         d.set_attr("active", "0").unwrap();
@@ -2755,6 +2782,23 @@ mod tests {
     }
 
     #[test]
+    fn pre_fetch_checks_its_range_and_completes_good() {
+        let d = dev();
+        let t = run(&d, &[PRE_FETCH_10, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], None);
+        assert_eq!(t.status, STATUS_GOOD);
+        let mut c16 = [0u8; 16];
+        c16[0] = PRE_FETCH_16;
+        c16[2..10].copy_from_slice(&(d.num_blocks() - 1).to_be_bytes());
+        c16[13] = 2;
+        assert_eq!(
+            asc(&run(&d, &c16, None)),
+            (sense::ILLEGAL_REQUEST, 0x21, 0x00)
+        );
+        c16[13] = 1;
+        assert_eq!(run(&d, &c16, None).status, STATUS_GOOD);
+    }
+
+    #[test]
     fn orwrite_ors_the_data_into_the_medium() {
         let d = dev();
         run(
@@ -2855,6 +2899,7 @@ mod tests {
         for c in [
             (READ_10, 0),
             (COMPARE_AND_WRITE, 0),
+            (PRE_FETCH_16, 0),
             (SERVICE_ACTION_IN_16, 0x10),
         ] {
             assert!(all.contains(&c), "{c:?}");

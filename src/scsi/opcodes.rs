@@ -69,6 +69,10 @@ const COMMANDS: &[Command] = &[
         &[VERIFY_10, 0xf6, FF, FF, FF, FF, 0, FF, FF, CTL],
     ),
     cmd(
+        PRE_FETCH_10,
+        &[PRE_FETCH_10, 0x02, FF, FF, FF, FF, 0, FF, FF, CTL],
+    ),
+    cmd(
         SYNCHRONIZE_CACHE_10,
         &[SYNCHRONIZE_CACHE_10, 0, FF, FF, FF, FF, 0, FF, FF, CTL],
     ),
@@ -169,6 +173,27 @@ const COMMANDS: &[Command] = &[
         VERIFY_16,
         &[
             VERIFY_16, 0xf6, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL,
+        ],
+    ),
+    cmd(
+        PRE_FETCH_16,
+        &[
+            PRE_FETCH_16,
+            0x02,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            FF,
+            0,
+            CTL,
         ],
     ),
     cmd(
