@@ -245,6 +245,16 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// The LOGICAL BLOCK ADDRESS and the block count of a 10-byte CDB (bytes 2-5 and 7-8) or a
+/// 16-byte one (bytes 2-9 and 10-13), by the opcode's group.
+fn lba_and_blocks(c: &[u8; 16]) -> (u64, u64) {
+    if cdb_len_of(c[0]) == 10 {
+        (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
+    } else {
+        (be64(&c[2..10]), u64::from(be32(&c[10..14])))
+    }
+}
+
 /// The CDB length by group code (SPC-4 §4.2.5.1).
 fn cdb_len_of(op: u8) -> usize {
     match op >> 5 {
@@ -434,11 +444,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         }
         MECHANISM_STATUS => din(be16(&c[8..10])),
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
-            let (lba, n) = if op == SYNCHRONIZE_CACHE_10 {
-                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-            } else {
-                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
-            };
+            let (lba, n) = lba_and_blocks(&c);
             check_range(dev, task, lba, n)?;
             task.io = Some((IoOp::Flush, 0, 0));
             none
@@ -447,11 +453,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             // SBC-3 PRE-FETCH: a hint. It completes with GOOD, not CONDITION MET: the device
             // makes no promise that the blocks stay cached. IMMED changes nothing, since
             // the read-ahead is only started either way.
-            let (lba, n) = if op == PRE_FETCH_10 {
-                (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-            } else {
-                (be64(&c[2..10]), u64::from(be32(&c[10..14])))
-            };
+            let (lba, n) = lba_and_blocks(&c);
             check_range(dev, task, lba, n)?;
             let bs = u64::from(dev.block_size());
             let bytes = (n * bs).min(u64::from(u32::MAX - (u32::MAX % dev.block_size())));
