@@ -1,6 +1,7 @@
 //! Login-level target controls against the real daemon: `redirect` (temporary and permanent,
 //! followed to a second daemon), `MaxSessions` (with reinstatement still allowed), a disabled
-//! target, and `allowed_portal` for logins and SendTargets.
+//! target, `allowed_portal` for logins and SendTargets, and the answers to a login that tries
+//! to add a connection to a session.
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
@@ -151,4 +152,31 @@ fn disabled_and_portal_restricted_targets_are_invisible() {
     let mut d = login_at(t.addr, "iqn.2026-11.org.x:p", 3, None).unwrap();
     assert!(d.send_targets().unwrap().is_empty());
     d.logout().unwrap();
+}
+
+#[test]
+fn a_second_connection_for_a_session_is_refused_by_what_it_names() {
+    let t = Target::with_default_luns(8);
+    let name = "iqn.2026-11.org.iscsi-tgt:mcs";
+    let mut first = login(&t, name, 7).unwrap();
+    let tsih = first.tsih();
+    assert_ne!(tsih, 0);
+    let add = |tsih: u16, cid: u16| {
+        let mut ini = Initiator::connect(t.addr).unwrap();
+        let mut o = LoginOptions {
+            initiator_name: name.into(),
+            target_name: Some(IQN.into()),
+            tsih,
+            cid,
+            ..Default::default()
+        };
+        o.isid[5] = 7;
+        ini.login(&o).map(|_| ini)
+    };
+    // MaxConnections is 1: a connection added to the running session is one too many
+    // (0x0206); a TSIH that names no session does not exist (0x020a).
+    assert_eq!(status(add(tsih, 1)), (0x02, 0x06));
+    assert_eq!(status(add(tsih.wrapping_add(1).max(1), 1)), (0x02, 0x0a));
+    // The first session is untouched.
+    assert!(first.test_unit_ready(0).is_ok());
 }

@@ -83,6 +83,9 @@ pub struct LoginOptions {
     pub cmd_sn: u32,
     /// The CID of the connection.
     pub cid: u16,
+    /// The TSIH of the Login Requests: 0 for a new session, a running session's to add a
+    /// connection to it.
+    pub tsih: u16,
     /// CHAP credentials: AuthMethod=CHAP instead of None.
     pub chap: Option<ChapOptions>,
 }
@@ -107,6 +110,7 @@ impl Default for LoginOptions {
             keys: Vec::new(),
             cmd_sn: 1,
             cid: 0,
+            tsih: 0,
             chap: None,
         }
     }
@@ -534,6 +538,7 @@ impl Initiator {
         }
         self.isid = o.isid;
         self.cid = o.cid;
+        self.tsih = o.tsih;
         self.cmd_sn = o.cmd_sn;
         self.exp_cmd_sn = o.cmd_sn;
         self.max_cmd_sn = o.cmd_sn;
@@ -723,7 +728,7 @@ impl Initiator {
                 csg,
                 nsg: if cont { 0 } else { nsg },
                 isid: self.isid,
-                tsih: 0,
+                tsih: self.tsih,
                 itt,
                 cid: self.cid,
                 cmd_sn: self.cmd_sn,

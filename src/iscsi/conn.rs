@@ -222,6 +222,11 @@ impl TargetLookup for Lookup<'_> {
     fn discovery_auth(&self) -> crate::iscsi::login::Auth {
         self.snap.discovery_auth.clone()
     }
+
+    fn session_exists(&self, isid: [u8; 6], tsih: u16) -> bool {
+        self.registry
+            .contains_sid((u64::from(tsih) << 48) | isid_u48(&isid))
+    }
 }
 
 impl Conn {

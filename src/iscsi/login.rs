@@ -22,6 +22,7 @@ pub mod status {
     pub const REDIRECT_PERMANENT: (u8, u8) = (0x01, 0x02);
     pub const OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (0x02, 0x05);
+    pub const TOO_MANY_CONNECTIONS: (u8, u8) = (0x02, 0x06);
     pub const MISSING_PARAMETER: (u8, u8) = (0x02, 0x07);
     pub const SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
     pub const INVALID_DURING_LOGIN: (u8, u8) = (0x02, 0x0b);
@@ -92,6 +93,11 @@ pub trait TargetLookup {
     /// The accounts of discovery sessions (`targets/iscsi/IncomingUser`, `OutgoingUser`).
     fn discovery_auth(&self) -> Auth {
         Auth::default()
+    }
+    /// Whether a session with this ISID and TSIH is running (a login that names it wants to
+    /// add a connection to it).
+    fn session_exists(&self, _isid: [u8; 6], _tsih: u16) -> bool {
+        false
     }
 }
 
@@ -211,8 +217,15 @@ impl Login {
             self.itt = req.itt;
             self.cid = req.cid;
             if req.tsih != 0 {
-                // Adding a connection to an existing session needs MaxConnections > 1.
-                return self.fail(req, status::SESSION_DOES_NOT_EXIST);
+                // A non-zero TSIH adds a connection to a running session (RFC 7143 §6.3):
+                // sessions here have one connection (MaxConnections=1), so that is one too
+                // many; a TSIH that names no session is "session does not exist".
+                let s = if lookup.session_exists(req.isid, req.tsih) {
+                    status::TOO_MANY_CONNECTIONS
+                } else {
+                    status::SESSION_DOES_NOT_EXIST
+                };
+                return self.fail(req, s);
             }
             self.stage = req.csg;
         } else if req.isid != self.isid || req.cid != self.cid {

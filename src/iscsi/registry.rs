@@ -92,6 +92,12 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Whether any target has a session with this `sid`.
+    pub fn contains_sid(&self, sid: u64) -> bool {
+        let all = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        all.values().any(|m| m.values().any(|s| s.sid == sid))
+    }
+
     pub fn count(&self, target: &str) -> usize {
         let all = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         all.get(target).map_or(0, |m| m.len())
