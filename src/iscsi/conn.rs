@@ -1593,7 +1593,7 @@ impl Conn {
             let _ = self.check_cmd_sn(false, l.cmd_sn);
         }
         // ERL 0: outstanding commands of the session are dropped (RFC 7143 §11.14).
-        self.abort_all();
+        self.abort_all(cx.port);
         let response = match l.reason_code {
             0 | 1 => 0,
             // Removing a connection for recovery needs ERL 2.
@@ -1635,7 +1635,7 @@ impl Conn {
                 });
                 match live {
                     Some(slot) => {
-                        self.abort_slot(slot);
+                        self.abort_slot(slot, cx.port);
                         pdu::TMF_RSP_COMPLETE
                     }
                     None => {
@@ -1681,7 +1681,7 @@ impl Conn {
                         .map(|(i, _)| i)
                         .collect();
                     for s in slots {
-                        self.abort_slot(s);
+                        self.abort_slot(s, cx.port);
                     }
                     // Unit attentions: a reset is seen by every I_T nexus, the requester's
                     // included (SAM-5 §7.7, §7.8).
@@ -1798,7 +1798,7 @@ impl Conn {
             .map(|(i, x)| (i, x.itt))
             .collect();
         for (slot, itt) in hit {
-            self.abort_slot(slot);
+            self.abort_slot(slot, cx.port);
             self.queue_task_aborted(itt);
         }
     }
@@ -1811,7 +1811,7 @@ impl Conn {
         let rsp = pdu::ScsiResponse {
             itt,
             response: 0,
-            status: 0x40,
+            status: scsi::exec::STATUS_TASK_ABORTED,
             stat_sn: self.stat_sn,
             exp_cmd_sn: sess.exp_cmd_sn,
             max_cmd_sn: sess.max_cmd_sn,
@@ -1824,7 +1824,7 @@ impl Conn {
     }
 
     /// Aborts one task: no response is sent for it (RFC 7143 §4.2.3.4 / SAM-5 ABORT TASK).
-    fn abort_slot(&mut self, slot: usize) {
+    fn abort_slot(&mut self, slot: usize, port: &mut ScsiPort) {
         let info = self.sess.as_ref().and_then(|s| s.info.clone());
         let Some(t) = self.tasks.get_mut(slot) else {
             return;
@@ -1834,6 +1834,10 @@ impl Conn {
             return;
         }
         let in_backend = t.in_backend;
+        if in_backend {
+            // A read-modify-write that has not written yet must not write after the abort.
+            port.abort(t.scsi.tag);
+        }
         t.state = TaskState::Aborted;
         self.tasks.retire(slot);
         if let Some(info) = &info {
@@ -1844,10 +1848,10 @@ impl Conn {
         }
     }
 
-    fn abort_all(&mut self) {
+    fn abort_all(&mut self, port: &mut ScsiPort) {
         let slots: Vec<usize> = self.tasks.slots().map(|(i, _)| i).collect();
         for s in slots {
-            self.abort_slot(s);
+            self.abort_slot(s, port);
         }
     }
 
@@ -2047,7 +2051,7 @@ impl Conn {
         }
         info!("{}: connection closed: {why}", self.peer);
         self.phase = Phase::Closed;
-        self.abort_all();
+        self.abort_all(cx.port);
         self.done_slots.clear();
         self.tx.clear(&mut self.done_slots);
         for i in 0..self.done_slots.len() {

@@ -17,6 +17,7 @@ use crate::scsi::sense::{self, Sense};
 pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
 pub const STATUS_TASK_SET_FULL: u8 = 0x28;
+pub const STATUS_TASK_ABORTED: u8 = 0x40;
 
 /// Operation codes (SPC-4, SBC-3).
 pub mod opcode {
@@ -823,6 +824,8 @@ enum Outcome {
     Miscompare(u32),
     /// No buffer for the read of a read-modify-write.
     NoBuffer,
+    /// The transport aborted a read-modify-write before its write: nothing was written.
+    Aborted,
 }
 
 /// Where a read-modify-write command is.
@@ -846,6 +849,8 @@ struct RmwOp {
     /// The command's Data-Out, handed back at the end.
     data: Option<DataBuf>,
     stage: RmwStage,
+    /// Aborted during its read: it ends there, without writing.
+    aborted: bool,
 }
 
 /// What [`complete`] needs to know of the device an I/O went to.
@@ -980,6 +985,7 @@ impl ScsiPort {
                             fua,
                             data: task.buf.take(),
                             stage: RmwStage::Locking,
+                            aborted: false,
                         },
                     );
                     self.rmw_waiting.push_back(task.tag);
@@ -1054,6 +1060,24 @@ impl ScsiPort {
         Exec::Pending
     }
 
+    /// The transport has given up on task `tag` (aborted, or its connection closed). A
+    /// read-modify-write that has not written yet never will: one waiting for its range ends
+    /// now, one reading ends after its read. Other I/O already in the kernel runs its course.
+    /// The completion still comes back from `poll`.
+    pub fn abort(&mut self, tag: u64) {
+        let Some(op) = self.rmw.get_mut(&tag) else {
+            return;
+        };
+        match op.stage {
+            RmwStage::Locking => {
+                self.rmw_waiting.retain(|&t| t != tag);
+                self.rmw_finish(tag, Ok(()), Outcome::Aborted);
+            }
+            RmwStage::Reading => op.aborted = true,
+            RmwStage::Writing => {}
+        }
+    }
+
     /// Submits this pass's ring I/O and collects completions of this reactor's backend I/O.
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         if !self.rmw_waiting.is_empty() {
@@ -1125,6 +1149,7 @@ impl ScsiPort {
             return;
         };
         match (op.stage, c.result) {
+            (RmwStage::Reading, _) if op.aborted => self.rmw_finish(tag, Ok(()), Outcome::Aborted),
             (RmwStage::Reading, Ok(())) => {
                 let Some(mut medium) = c.buf else {
                     self.rmw_finish(tag, Err(BdevError::BadBuffer), Outcome::ReadFailed);
@@ -1212,6 +1237,10 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
         }
         Outcome::NoBuffer => {
             task.status = STATUS_TASK_SET_FULL;
+            return;
+        }
+        Outcome::Aborted => {
+            task.status = STATUS_TASK_ABORTED;
             return;
         }
     }
@@ -2856,6 +2885,53 @@ mod tests {
         assert_eq!(read_block(&d, 8), vec![0x81; 512]);
         // Its range is free again.
         assert!(d.try_lock_range(8 * 512, 512));
+    }
+
+    #[test]
+    fn an_aborted_read_modify_write_never_writes() {
+        let d = dev();
+        run(
+            &d,
+            &[WRITE_10, 0, 0, 0, 0, 9, 0, 0, 1, 0],
+            Some(&[0x01; 512]),
+        );
+        let orwrite = |tag: u64| {
+            let mut cdb = [0u8; 16];
+            cdb[0] = ORWRITE_16;
+            cdb[9] = 9;
+            cdb[13] = 1;
+            let mut t = ScsiTask::new(&cdb, 0, 7);
+            t.tag = tag;
+            plan(&d, &mut t).unwrap();
+            let mut b = DataBuf::alloc(512).unwrap();
+            b.write_at(0, &[0x80; 512]);
+            t.buf = Some(b);
+            t
+        };
+        let mut port = ScsiPort::new();
+        let mut out = Vec::new();
+        // Aborted while waiting for its range.
+        assert!(d.try_lock_range(9 * 512, 512));
+        let mut a = orwrite(1);
+        assert_eq!(port.execute(&d, &mut a), Exec::Pending);
+        port.abort(1);
+        d.unlock_range(9 * 512, 512);
+        // Aborted during its read (the RAM disk's read is done, its completion not polled).
+        let mut b = orwrite(2);
+        assert_eq!(port.execute(&d, &mut b), Exec::Pending);
+        port.abort(2);
+        for _ in 0..4 {
+            port.poll(&mut out);
+        }
+        assert_eq!(out.len(), 2, "both complete");
+        for c in out.drain(..) {
+            let t = if c.tag() == 1 { &mut a } else { &mut b };
+            complete(t, c);
+            assert_eq!(t.status, STATUS_TASK_ABORTED);
+        }
+        assert_eq!(port.inflight(), 0);
+        assert_eq!(read_block(&d, 9), vec![0x01; 512], "nothing was written");
+        assert!(d.try_lock_range(9 * 512, 512), "the range is free again");
     }
 
     fn rsoc(d: &Arc<Device>, options: u8, op: u8, sa: u16) -> ScsiTask {
