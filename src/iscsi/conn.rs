@@ -861,7 +861,7 @@ impl Conn {
         let nexus = sess.nexus;
         let lun_id = pdu::decode_lun(cmd.lun);
         let mut scsi_task = ScsiTask::new(&cmd.cdb[..], lun_id, nexus);
-        scsi_task.tag = (cx.index as u64) << 32; // slot filled in below
+        scsi_task.tag = task_tag(cx.index, 0); // slot filled in below
         let mut task = Task {
             itt: cmd.itt,
             cmd_sn: cmd.cmd_sn,
@@ -916,7 +916,7 @@ impl Conn {
         }
         let lun_entry = target.as_ref().and_then(|t| t.lun(lun_id).cloned());
         let t = self.tasks.get_mut(slot)?;
-        t.scsi.tag = ((cx.index as u64) << 32) | slot as u64;
+        t.scsi.tag = task_tag(cx.index, slot);
         // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first.
         // REPORT LUNS answers for the whole I_T nexus, whatever LUN it addresses (SPC-4 §6.33).
         let lun_entry = if cmd.cdb[0] == 0xa0 { None } else { lun_entry };
@@ -2167,6 +2167,17 @@ fn portal_ip(addr: &str) -> &str {
         return rest.split(']').next().unwrap_or(rest);
     }
     a.rsplit_once(':').map_or(a, |(ip, _)| ip)
+}
+
+/// The backend tag of a task: the connection's index on its reactor in the high half, the
+/// task's slot in the low half.
+fn task_tag(index: usize, slot: usize) -> u64 {
+    ((index as u64) << 32) | (slot as u64 & 0xffff_ffff)
+}
+
+/// The connection index and task slot of a backend tag made by [`task_tag`].
+pub fn split_task_tag(tag: u64) -> (usize, usize) {
+    ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize)
 }
 
 fn isid_u48(isid: &[u8; 6]) -> u64 {

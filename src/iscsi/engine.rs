@@ -14,11 +14,25 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 
 use crate::iscsi::config::{Publisher, Snapshot};
-use crate::iscsi::conn::{AbortScope, Conn, ConnCtx, Phase};
+use crate::iscsi::conn::{split_task_tag, AbortScope, Conn, ConnCtx, Phase};
 use crate::iscsi::registry::Registry;
 use crate::net::{Listener, Readiness, Sock, SockGroup};
 use crate::reactor::{Ctx, Poller, ReactorHandle};
 use crate::scsi::{Completion, ScsiPort};
+
+/// The context a connection's handlers get: the engine's shared state and SCSI port, borrowed
+/// beside `self.conns` (a method could not borrow both).
+macro_rules! conn_cx {
+    ($engine:ident, $now:expr, $snap:expr, $idx:expr) => {
+        ConnCtx {
+            now: $now,
+            snapshot: $snap,
+            shared: &$engine.shared,
+            port: &mut $engine.port,
+            index: $idx,
+        }
+    };
+}
 
 /// Messages between reactors.
 /// How long a stopping target waits for initiators to log out after asking them.
@@ -239,6 +253,24 @@ impl Engine {
             self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
         }
     }
+
+    /// Hands this pass's backend completions to their connections (whose responses go out
+    /// with the pass's flush); returns whether there were any.
+    fn complete_backend_io(&mut self, now: Instant, snap: &Arc<Snapshot>) -> bool {
+        self.completions.clear();
+        if self.port.poll(&mut self.completions) == 0 {
+            return false;
+        }
+        for c in self.completions.drain(..) {
+            let (idx, slot) = split_task_tag(c.tag());
+            if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
+                let mut cx = conn_cx!(self, now, snap, idx);
+                conn.on_completion(slot, c, &mut cx);
+                mark_flush(&mut self.to_flush, conn, idx);
+            }
+        }
+        true
+    }
 }
 
 impl Poller for Engine {
@@ -255,13 +287,7 @@ impl Poller for Engine {
             let snap = self.snapshot.clone();
             for idx in 0..self.conns.len() {
                 if let Some(c) = self.conns[idx].as_mut() {
-                    let mut cx = ConnCtx {
-                        now,
-                        snapshot: &snap,
-                        shared: &self.shared,
-                        port: &mut self.port,
-                        index: idx,
-                    };
+                    let mut cx = conn_cx!(self, now, &snap, idx);
                     c.on_snapshot(&snap, &mut cx);
                     mark_flush(&mut self.to_flush, c, idx);
                 }
@@ -291,13 +317,7 @@ impl Poller for Engine {
         for ei in 0..self.events.len() {
             let (idx, readiness) = self.events[ei];
             if let Some(c) = self.conns[idx].as_mut() {
-                let mut cx = ConnCtx {
-                    now,
-                    snapshot: &snap,
-                    shared: &self.shared,
-                    port: &mut self.port,
-                    index: idx,
-                };
+                let mut cx = conn_cx!(self, now, &snap, idx);
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
                     if let Some((scope, itt)) = c.tmf_out.take() {
@@ -330,38 +350,12 @@ impl Poller for Engine {
                 }
             }
         }
-        // Backend completions.
-        self.completions.clear();
-        if self.port.poll(&mut self.completions) > 0 {
-            did = true;
-            for c in self.completions.drain(..) {
-                let tag = c.tag();
-                let idx = (tag >> 32) as usize;
-                let slot = (tag & 0xffff_ffff) as usize;
-                if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
-                    let mut cx = ConnCtx {
-                        now,
-                        snapshot: &snap,
-                        shared: &self.shared,
-                        port: &mut self.port,
-                        index: idx,
-                    };
-                    conn.on_completion(slot, c, &mut cx);
-                    mark_flush(&mut self.to_flush, conn, idx);
-                }
-            }
-        }
+        did |= self.complete_backend_io(now, &snap);
         // Commands parked on an exhausted buffer pool try again (completions above may have
         // freed buffers).
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut().filter(|c| c.has_buf_waiters()) {
-                let mut cx = ConnCtx {
-                    now,
-                    snapshot: &snap,
-                    shared: &self.shared,
-                    port: &mut self.port,
-                    index: idx,
-                };
+                let mut cx = conn_cx!(self, now, &snap, idx);
                 if conn.retry_buffers(&mut cx) {
                     did = true;
                     mark_flush(&mut self.to_flush, conn, idx);
@@ -373,13 +367,7 @@ impl Poller for Engine {
             let idx = self.to_flush[i];
             if let Some(c) = self.conns[idx].as_mut() {
                 c.pending_flush = false;
-                let mut cx = ConnCtx {
-                    now,
-                    snapshot: &snap,
-                    shared: &self.shared,
-                    port: &mut self.port,
-                    index: idx,
-                };
+                let mut cx = conn_cx!(self, now, &snap, idx);
                 c.flush(&mut cx);
                 let want = c.want_write;
                 let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
@@ -392,13 +380,7 @@ impl Poller for Engine {
             self.next_timer = now + TIMER_PERIOD;
             for idx in 0..self.conns.len() {
                 if let Some(conn) = self.conns[idx].as_mut() {
-                    let mut cx = ConnCtx {
-                        now,
-                        snapshot: &snap,
-                        shared: &self.shared,
-                        port: &mut self.port,
-                        index: idx,
-                    };
+                    let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.on_timer(&mut cx);
                     let want = conn.want_write;
                     let _ = self.group.set_write_interest(conn.sock_mut(), idx, want);
@@ -425,13 +407,7 @@ impl Poller for Engine {
                 let snap = self.snapshot.clone();
                 for idx in 0..self.conns.len() {
                     if let Some(c) = self.conns[idx].as_mut() {
-                        let mut cx = ConnCtx {
-                            now,
-                            snapshot: &snap,
-                            shared: &self.shared,
-                            port: &mut self.port,
-                            index: idx,
-                        };
+                        let mut cx = conn_cx!(self, now, &snap, idx);
                         c.apply_abort(&scope, &mut cx);
                         c.flush(&mut cx);
                         let want = c.want_write;
@@ -461,13 +437,7 @@ impl Poller for Engine {
                     .and_then(Option::as_mut)
                     .filter(same)
                 {
-                    let mut cx = ConnCtx {
-                        now,
-                        snapshot: &snap,
-                        shared: &self.shared,
-                        port: &mut self.port,
-                        index: idx,
-                    };
+                    let mut cx = conn_cx!(self, now, &snap, idx);
                     c.tmf_done(itt);
                     c.flush(&mut cx);
                     let want = c.want_write;
@@ -510,13 +480,7 @@ impl Poller for Engine {
                 if let Some(c) = self.conns[idx].as_mut() {
                     if c.request_logout(LOGOUT_GRACE.as_secs() as u16) {
                         asked += 1;
-                        let mut cx = ConnCtx {
-                            now,
-                            snapshot: &snap,
-                            shared: &self.shared,
-                            port: &mut self.port,
-                            index: idx,
-                        };
+                        let mut cx = conn_cx!(self, now, &snap, idx);
                         c.flush(&mut cx);
                     }
                 }
@@ -539,35 +503,13 @@ impl Poller for Engine {
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut() {
                 if conn.phase != Phase::Closed {
-                    let mut cx = ConnCtx {
-                        now,
-                        snapshot: &snap,
-                        shared: &self.shared,
-                        port: &mut self.port,
-                        index: idx,
-                    };
+                    let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.close(&mut cx, "target shutting down");
                 }
             }
         }
         // Let backend I/O drain so buffers return.
-        self.completions.clear();
-        self.port.poll(&mut self.completions);
-        for c in self.completions.drain(..) {
-            let tag = c.tag();
-            let idx = (tag >> 32) as usize;
-            let slot = (tag & 0xffff_ffff) as usize;
-            if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
-                let mut cx = ConnCtx {
-                    now,
-                    snapshot: &snap,
-                    shared: &self.shared,
-                    port: &mut self.port,
-                    index: idx,
-                };
-                conn.on_completion(slot, c, &mut cx);
-            }
-        }
+        self.complete_backend_io(now, &snap);
         for idx in 0..self.conns.len() {
             self.reap(idx);
         }
