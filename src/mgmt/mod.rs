@@ -182,6 +182,17 @@ fn split(path: &str) -> Vec<&str> {
     path.split('/').filter(|s| !s.is_empty()).collect()
 }
 
+/// Attribute `a` of LUN `l` in a LUN set whose `luns` directory is `depth` levels below the
+/// tree's root: `device` is a link to the device, `read_only` 0 or 1.
+fn lun_attr(luns: &BTreeMap<u64, Lun>, l: &str, a: &str, depth: usize) -> Option<String> {
+    let lun = luns.get(&l.parse::<u64>().ok()?)?;
+    match a {
+        "device" => Some(format!("{}devices/{}", "../".repeat(depth), lun.device)),
+        "read_only" => Some(b01(lun.read_only)),
+        _ => None,
+    }
+}
+
 fn b01(b: bool) -> String {
     if b { "1" } else { "0" }.to_string()
 }
@@ -650,27 +661,11 @@ impl Mgmt {
             }
             ["targets", "iscsi", t, "ini_groups", g, "luns", l, a] => {
                 let grp = group(st, t, g).ok_or_else(nf)?;
-                let lun = grp
-                    .luns
-                    .get(&l.parse::<u64>().map_err(|_| nf())?)
-                    .ok_or_else(nf)?;
-                match *a {
-                    "device" => format!("../../../../../../../devices/{}", lun.device),
-                    "read_only" => b01(lun.read_only),
-                    _ => return Err(nf()),
-                }
+                lun_attr(&grp.luns, l, a, 7).ok_or_else(nf)?
             }
             ["targets", "iscsi", t, "luns", l, a] => {
                 let tg = st.targets.get(*t).ok_or_else(nf)?;
-                let lun = tg
-                    .luns
-                    .get(&l.parse::<u64>().map_err(|_| nf())?)
-                    .ok_or_else(nf)?;
-                match *a {
-                    "device" => format!("../../../../../devices/{}", lun.device),
-                    "read_only" => b01(lun.read_only),
-                    _ => return Err(nf()),
-                }
+                lun_attr(&tg.luns, l, a, 5).ok_or_else(nf)?
             }
             ["targets", "iscsi", t, "sessions", s, a] => {
                 let info = self.session(t, s).ok_or_else(nf)?;
