@@ -1835,6 +1835,23 @@ mod tests {
             m.get("devices/r0/exported/export0").unwrap(),
             format!("../../../targets/iscsi/{T}/luns/0")
         );
+        // A LUN's device link leads back to the tree's root, from a target's LUN set and
+        // from a group's.
+        assert_eq!(
+            m.get(&format!("targets/iscsi/{T}/luns/0/device")).unwrap(),
+            "../../../../../devices/r0"
+        );
+        let g = format!("targets/iscsi/{T}/ini_groups");
+        m.mgmt(&format!("{g}/mgmt"), "create hosts").unwrap();
+        m.mgmt(&format!("{g}/hosts/luns/mgmt"), "add r0 3 read_only=1")
+            .unwrap();
+        assert_eq!(
+            m.get(&format!("{g}/hosts/luns/3/device")).unwrap(),
+            "../../../../../../../devices/r0"
+        );
+        assert_eq!(m.get(&format!("{g}/hosts/luns/3/read_only")).unwrap(), "1");
+        assert!(m.get(&format!("{g}/hosts/luns/3/nothing")).is_err());
+        assert!(m.get(&format!("{g}/hosts/luns/x/device")).is_err());
     }
 
     #[test]
