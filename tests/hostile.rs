@@ -360,32 +360,28 @@ fn command_outside_the_cmd_sn_window_is_ignored() {
 #[test]
 fn rpc_errors_name_the_problem() {
     let mut t = Target::with_default_luns(16);
-    let e = t.try_call("frobnicate_target", json!({})).unwrap_err();
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("frobnicate_target"), "{e}");
-
-    let e = t
-        .try_call("ls", json!({"path": "targets/iscsi/iqn.2026-11.nowhere:x"}))
-        .unwrap_err();
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("iqn.2026-11.nowhere:x"), "{e}");
-
-    let e = t
-        .try_call(
-            "mgmt",
-            json!({"path": format!("targets/iscsi/{IQN}/luns/mgmt"), "command": "teleport ram0 5"}),
-        )
-        .unwrap_err();
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("teleport"), "{e}");
-
-    let e = t
-        .try_call(
-            "mgmt",
-            json!({"path": format!("targets/iscsi/{IQN}/luns/mgmt"), "command": "add no_such_device 7"}),
-        )
-        .unwrap_err();
-    let msg = e["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("no_such_device"), "{e}");
+    // Each call fails, and its message names what was wrong.
+    let fails_naming = |method: &str, params: serde_json::Value, needle: &str| {
+        let e = t.try_call(method, params).unwrap_err();
+        let msg = e["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(needle), "{e}");
+    };
+    fails_naming("frobnicate_target", json!({}), "frobnicate_target");
+    fails_naming(
+        "ls",
+        json!({"path": "targets/iscsi/iqn.2026-11.nowhere:x"}),
+        "iqn.2026-11.nowhere:x",
+    );
+    let luns_mgmt = format!("targets/iscsi/{IQN}/luns/mgmt");
+    fails_naming(
+        "mgmt",
+        json!({"path": luns_mgmt, "command": "teleport ram0 5"}),
+        "teleport",
+    );
+    fails_naming(
+        "mgmt",
+        json!({"path": luns_mgmt, "command": "add no_such_device 7"}),
+        "no_such_device",
+    );
     healthy(&mut t, "RPC errors");
 }
