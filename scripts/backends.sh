@@ -5,6 +5,8 @@
 #     4096-byte blocks (512 MiB each; 128 MiB with QUICK=1), by qemu-img and then by the
 #     project's own initiator (iscsi-bench --verify) at queue depth 32, which also checks what
 #     qemu-img wrote;
+#   - vdisk_blockio's writable size: a smaller one is what initiators see, a larger one is
+#     refused;
 #   - durability: data written with FUA (cache=writethrough) and with SYNCHRONIZE CACHE
 #     (cache=none) survives kill -9 of the target and a restart from its saved config;
 #   - vcdrom: an ISO image reads back identical; ejected, the LUN has no medium; inserted
@@ -135,6 +137,19 @@ for bs in 512 4096; do
     round_trip "vdisk_ramio, blocksize $bs" vdisk_ramio "ram$bs" "size_mb=$MB; blocksize=$bs" || rc=$?
     result "$rc" "vdisk_ramio, blocksize $bs"
 done
+# blockio's writable size (SCST): smaller than the device is what initiators then see; larger
+# than the device is refused.
+rpc "$SOCK" mgmt handlers/vdisk_blockio/mgmt "add_device blsz filename=$LOOP"
+export_lun blsz
+half=$((MB << 19))
+rpc "$SOCK" set devices/blsz/size "$half"
+cap=$(iscsi-readcapacity16 "$URL/$IQN/0") || die "iscsi-readcapacity16 failed: $cap"
+grep -q "^Total size:$half\$" <<<"$cap" || die "blockio size $half not reported: $cap"
+if $RPC -s "$SOCK" set devices/blsz/size $((MB << 21)) >/dev/null 2>&1; then
+    die "a blockio size beyond the device was accepted"
+fi
+unexport blsz vdisk_blockio
+check "vdisk_blockio: a smaller size is what the initiator sees; one beyond the device is refused"
 losetup -d "$LOOP" || die "losetup -d $LOOP failed"
 LOOP=
 
