@@ -252,6 +252,13 @@ impl Login {
         let Ok(keys) = text::parse(&text) else {
             return self.fail(req, status::INITIATOR_ERROR);
         };
+        // RFC 7143 §6.2: a key declared or offered twice is a renegotiation attempt the target
+        // must answer with a Login reject (initiator error), not "first value wins".
+        let mut names = std::collections::HashSet::with_capacity(keys.len());
+        if let Some((dup, _)) = keys.iter().find(|(k, _)| !names.insert(k.as_str())) {
+            self.reason = Some(format!("key {dup} appears twice in one Login Request"));
+            return self.fail(req, status::INITIATOR_ERROR);
+        }
         let mut out: Vec<(String, String)> = Vec::new();
         if self.first {
             self.first = false;
@@ -919,5 +926,51 @@ mod tests {
             panic!("{s:?}")
         };
         assert_eq!(get(&r, "AuthMethod"), "None");
+    }
+
+    #[test]
+    fn a_key_sent_twice_is_an_initiator_error() {
+        // In the first request (identity keys: the first value used to win).
+        let mut l = Login::new(String::new());
+        let s = l.step(
+            &req(
+                0,
+                1,
+                true,
+                &[
+                    ("InitiatorName", "iqn.x:i"),
+                    ("InitiatorName", "iqn.x:other"),
+                    ("TargetName", "iqn.2026-11.x:t"),
+                ],
+            ),
+            &One,
+        );
+        let LoginStep::Fail(r) = s else {
+            panic!("{s:?}")
+        };
+        assert_eq!((r.status_class, r.status_detail), (2, 0));
+        assert!(l.failure_reason().unwrap().contains("InitiatorName"));
+        // Unknown keys and operational keys alike, later in the login.
+        for key in ["X-com.example.k", "MaxRecvDataSegmentLength", "AuthMethod"] {
+            let mut l = Login::new(String::new());
+            let first = l.step(
+                &req(
+                    0,
+                    0,
+                    false,
+                    &[
+                        ("InitiatorName", "iqn.x:i"),
+                        ("TargetName", "iqn.2026-11.x:t"),
+                    ],
+                ),
+                &One,
+            );
+            assert!(matches!(first, LoginStep::Continue(_)), "{first:?}");
+            let s = l.step(&req(0, 1, true, &[(key, "None"), (key, "None")]), &One);
+            let LoginStep::Fail(r) = s else {
+                panic!("{key}: {s:?}")
+            };
+            assert_eq!((r.status_class, r.status_detail), (2, 0), "{key}");
+        }
     }
 }
