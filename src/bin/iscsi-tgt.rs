@@ -52,6 +52,10 @@ fn run(opts: Options) -> Result<(), String> {
             .map_err(|e| format!("cannot handle signals: {e}"))?;
     }
 
+    // A descriptor per connection: take what the hard limit allows, and share it out once
+    // the pool, portals and reactors hold theirs.
+    let fd_limit = util::raise_fd_limit().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+
     env::init(env::PoolConfig {
         mem_size_mb: opts.mem_size_mb,
         ..Default::default()
@@ -73,11 +77,19 @@ fn run(opts: Options) -> Result<(), String> {
         None => vec![reactor::first_allowed_core()
             .map_err(|e| format!("cannot read the CPU affinity: {e}"))?],
     };
+    // Each reactor holds an epoll set, an eventfd and an io_uring; count them as open.
+    let open = util::open_fds().unwrap_or(0) + 3 * cores.len() as u64;
+    let budget = util::FdBudget::new(fd_limit, open);
+    info!(
+        "file descriptors: limit {}, {} open, room for {} connections and {} RPC clients",
+        budget.limit, budget.open, budget.connections, budget.rpc_clients
+    );
     let shared = Shared::new(
         publisher.clone(),
         registry.clone(),
         opts.listen.clone(),
         cores.len(),
+        budget.connections,
     );
 
     let reactors = reactor::spawn_group(&cores, opts.mode, listeners, {
@@ -98,6 +110,18 @@ fn run(opts: Options) -> Result<(), String> {
     let hooks = Hooks {
         reactors: Box::new(move || stats.iter().map(|s| s.snapshot()).collect()),
         sgv: Box::new(|| env::stats().snapshot()),
+        portals: Box::new({
+            let shared = shared.clone();
+            move || {
+                vec![
+                    ("connections".into(), shared.connections().to_string()),
+                    (
+                        "refused_connections".into(),
+                        shared.refused.load(Ordering::Relaxed).to_string(),
+                    ),
+                ]
+            }
+        }),
     };
     let mgmt = Mgmt::new(publisher.clone(), registry.clone(), hooks);
     if let Some(path) = &opts.config {

@@ -105,6 +105,17 @@ pub fn pool() -> &'static Pool {
     })
 }
 
+/// One session may hold at most 1/SESSION_SHARE_DIVISOR of the pool.
+pub const SESSION_SHARE_DIVISOR: usize = 8;
+
+/// The most buffer bytes one session may hold at once: an eighth of the pool, and never less
+/// than one largest transfer. Sessions whose initiators stop reading their Data-In keep their
+/// buffers until the connection is closed; the share bounds what they can take from the
+/// others meanwhile.
+pub fn session_share() -> usize {
+    (pool().size() / SESSION_SHARE_DIVISOR).max(buf::MAX_TRANSFER)
+}
+
 /// Counts one command that waited for a buffer.
 pub fn note_wait() {
     WAITS.fetch_add(1, Ordering::Relaxed);

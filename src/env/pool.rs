@@ -187,6 +187,11 @@ impl Pool {
         Ok(Box::leak(Box::new(pool)))
     }
 
+    /// The pool's size in bytes.
+    pub fn size(&self) -> usize {
+        self.region.size()
+    }
+
     /// Whether the pool's memory is made of hugepages.
     pub fn is_hugetlb(&self) -> bool {
         self.region.is_hugetlb()

@@ -152,6 +152,11 @@ pub struct Snapshot {
     /// CHAP accounts of discovery sessions (`targets/iscsi/IncomingUser*`, `OutgoingUser`).
     pub discovery_auth: Auth,
     pub targets: BTreeMap<String, Arc<TargetConfig>>,
+    /// `targets/iscsi/max_connections`: connections of all portals together; 0 is no limit
+    /// beyond what the file descriptor limit allows.
+    pub max_connections: usize,
+    /// `targets/iscsi/max_connections_per_portal`: connections through one portal; 0 is none.
+    pub max_connections_per_portal: usize,
 }
 
 /// Hands snapshots from the management thread to the reactors.

@@ -31,6 +31,8 @@ use crate::scsi::{self, Exec, ScsiPort, ScsiTask};
 const LOGIN_MAX_DATA: usize = 8192;
 /// How long a login may take before the connection is dropped.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection that is closing may wait for the initiator to read what is left.
+const CLOSING_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// How many PDUs one readiness event may process before other connections get their turn.
 const RX_BUDGET: usize = 64;
 
@@ -87,6 +89,36 @@ struct PduHeader {
     raw: [u8; BHS_LEN],
 }
 
+/// A Login Response whose text does not fit in one PDU (RFC 7143 §11.13.3: C=1, T=0 on every
+/// part but the last). The initiator asks for each further part with an empty Login Request;
+/// the last part carries the response's own flags and status, and what the login step decided
+/// happens only then.
+struct LoginTail {
+    resp: pdu::LoginResponse,
+    data: Vec<u8>,
+    sent: usize,
+    then: LoginThen,
+}
+
+enum LoginThen {
+    Continue,
+    Complete(Box<SessionParams>, [u8; 6], u32),
+}
+
+/// Where to cut `data[from..]` for a PDU of at most `max` bytes: after the last key=value pair
+/// that fits (pairs may span PDUs, RFC 7143 §6.1, but whole ones are kinder to initiators),
+/// or at `max` when a single pair is longer.
+fn text_cut(data: &[u8], from: usize, max: usize) -> usize {
+    let end = from.saturating_add(max).min(data.len());
+    if end == data.len() {
+        return end;
+    }
+    match data[from..end].iter().rposition(|&b| b == 0) {
+        Some(i) => from + i + 1,
+        None => end,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Login,
@@ -120,6 +152,8 @@ pub struct ConnCtx<'a> {
 
 pub struct Conn {
     sock: Box<dyn Sock>,
+    /// The portal (index among the target's listeners) it came through.
+    pub portal: usize,
     peer: SocketAddr,
     local: SocketAddr,
     pub phase: Phase,
@@ -128,6 +162,8 @@ pub struct Conn {
     tx: TxQueue,
     login: Option<Login>,
     login_deadline: Instant,
+    /// A Login Response too long for one PDU, sent in parts.
+    login_tail: Option<LoginTail>,
     sess: Option<Session>,
     tasks: Tasks,
     stat_sn: u32,
@@ -140,8 +176,14 @@ pub struct Conn {
     done_slots: Vec<usize>,
     /// Commands waiting for a data buffer, oldest first.
     buf_waiters: VecDeque<BufWait>,
+    /// Pool bytes held by this session's tasks, and the most it may hold
+    /// ([`crate::env::session_share`]).
+    buf_held: usize,
+    buf_share: usize,
     /// Whether the socket wants to be polled for writability.
     pub want_write: bool,
+    /// Since when queued output has made no progress (the initiator reads nothing).
+    tx_stalled_since: Option<Instant>,
     /// Queued on the reactor's list of connections to flush this pass.
     pub pending_flush: bool,
     /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
@@ -230,11 +272,12 @@ impl TargetLookup for Lookup<'_> {
 }
 
 impl Conn {
-    pub fn new(sock: Box<dyn Sock>, now: Instant) -> Conn {
+    pub fn new(sock: Box<dyn Sock>, portal: usize, now: Instant) -> Conn {
         let peer = sock.peer_addr();
         let local = sock.local_addr();
         Conn {
             sock,
+            portal,
             peer,
             local,
             phase: Phase::Login,
@@ -243,6 +286,7 @@ impl Conn {
             tx: TxQueue::default(),
             login: Some(Login::new(local.to_string())),
             login_deadline: now + LOGIN_TIMEOUT,
+            login_tail: None,
             sess: None,
             tasks: Tasks::with_capacity(64),
             stat_sn: 0,
@@ -252,7 +296,10 @@ impl Conn {
             next_nop_ttt: 1,
             done_slots: Vec::with_capacity(64),
             buf_waiters: VecDeque::new(),
+            buf_held: 0,
+            buf_share: crate::env::session_share(),
             want_write: false,
+            tx_stalled_since: None,
             pending_flush: false,
             rx_more: false,
             rx_header_digest: false,
@@ -275,6 +322,13 @@ impl Conn {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Frees a task slot, returning its buffer's charge to the session's share.
+    fn remove_task(&mut self, slot: usize) {
+        if let Some(t) = self.tasks.remove(slot) {
+            self.buf_held = self.buf_held.saturating_sub(t.buf_charge);
+        }
     }
 
     /// Whether the connection is gone and no backend I/O still holds one of its buffers.
@@ -691,6 +745,29 @@ impl Conn {
             self.phase = Phase::Closing;
             return;
         }
+        if self.login_tail.is_some() {
+            // RFC 7143 §11.13.3: the initiator answers a C=1 Login Response with an empty
+            // Login Request; anything else breaks the exchange.
+            if !fields.data.is_empty() || req.cont {
+                self.login_tail = None;
+                let resp = pdu::LoginResponse {
+                    itt: req.itt,
+                    isid: req.isid,
+                    status_class: 2,
+                    status_detail: 0,
+                    ..Default::default()
+                };
+                warn!(
+                    "{}: Login Request with text while a continued Login Response was pending",
+                    self.peer
+                );
+                self.queue_login_response(resp, Vec::new());
+                self.phase = Phase::Closing;
+                return;
+            }
+            self.send_login_part(cx);
+            return;
+        }
         let Some(login) = self.login.as_mut() else {
             return;
         };
@@ -704,7 +781,13 @@ impl Conn {
         match step {
             LoginStep::Continue(r) => {
                 let data = r.data.clone();
-                self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
+                self.login_tail = Some(LoginTail {
+                    resp: login_resp(&r, exp_cmd_sn),
+                    data,
+                    sent: 0,
+                    then: LoginThen::Continue,
+                });
+                self.send_login_part(cx);
             }
             LoginStep::Fail(r) => {
                 let who = login.initiator_name().unwrap_or("an unnamed initiator");
@@ -718,22 +801,60 @@ impl Conn {
                         self.peer, r.status_class, r.status_detail
                     ),
                 }
-                let data = r.data.clone();
+                // The status is what matters in a refusal: its text is cut to one PDU.
+                let mut data = r.data.clone();
+                data.truncate(text_cut(&data, 0, LOGIN_MAX_DATA));
                 self.queue_login_response(login_resp(&r, exp_cmd_sn), data);
                 self.phase = Phase::Closing;
             }
             LoginStep::Complete(mut r, params) => {
-                let tsih = cx.shared.next_tsih();
-                r.tsih = tsih;
+                r.tsih = cx.shared.next_tsih();
                 let data = r.data.clone();
                 self.stat_sn = req.exp_stat_sn;
+                self.login_tail = Some(LoginTail {
+                    resp: login_resp(&r, exp_cmd_sn),
+                    data,
+                    sent: 0,
+                    then: LoginThen::Complete(Box::new(params), req.isid, exp_cmd_sn),
+                });
+                self.send_login_part(cx);
+            }
+        }
+    }
+
+    /// Sends the next part of the pending Login Response; after the last one, does what the
+    /// login step decided (full feature phase starts after the final response).
+    fn send_login_part(&mut self, cx: &mut ConnCtx<'_>) {
+        let Some(mut tail) = self.login_tail.take() else {
+            return;
+        };
+        let end = text_cut(&tail.data, tail.sent, LOGIN_MAX_DATA);
+        let part = tail.data[tail.sent..end].to_vec();
+        if end < tail.data.len() {
+            let resp = pdu::LoginResponse {
+                transit: false,
+                cont: true,
+                nsg: 0,
+                tsih: 0,
+                status_class: 0,
+                status_detail: 0,
+                ..tail.resp.clone()
+            };
+            tail.sent = end;
+            self.queue_login_response(resp, part);
+            self.login_tail = Some(tail);
+            return;
+        }
+        let mut resp = tail.resp;
+        match tail.then {
+            LoginThen::Continue => self.queue_login_response(resp, part),
+            LoginThen::Complete(params, isid, exp_cmd_sn) => {
                 let (hd, dd) = (params.header_digest, params.data_digest);
-                self.start_session(params, req.isid, tsih, exp_cmd_sn, cx);
-                let mut resp = login_resp(&r, exp_cmd_sn);
+                self.start_session(*params, isid, resp.tsih, exp_cmd_sn, cx);
                 if let Some(s) = &self.sess {
                     resp.max_cmd_sn = s.max_cmd_sn;
                 }
-                self.queue_login_response(resp, data);
+                self.queue_login_response(resp, part);
                 // Digests start with the first PDU after the final Login Response.
                 self.tx.set_digests(hd, dd);
                 self.rx_header_digest = hd;
@@ -886,9 +1007,12 @@ impl Conn {
             generation: 0,
             waiting_since: Some(cx.now),
             in_backend: false,
+            buf_charge: 0,
         };
         if cmd.write && cmd.expected_data_transfer_length > 0 {
-            task.unsolicited_len = if params.initial_r2t {
+            // RFC 7143 §11.3.1: F=1 on the command means no unsolicited Data-Out follows it,
+            // whatever InitialR2T allows; the rest is solicited.
+            task.unsolicited_len = if params.initial_r2t || cmd.final_flag {
                 immediate_data
             } else {
                 params
@@ -926,7 +1050,9 @@ impl Conn {
                 .map(|t| t.luns.iter().map(|l| l.lun).collect())
                 .unwrap_or_default();
             if t.read && t.edtl > 0 {
-                t.scsi.buf = DataBuf::alloc((t.edtl as usize).min(64 * 1024));
+                let len = (t.edtl as usize).min(64 * 1024);
+                t.scsi.buf = session_alloc(&mut self.buf_held, self.buf_share, len);
+                t.buf_charge = t.scsi.buf.as_ref().map_or(0, DataBuf::len);
             }
             scsi::execute_no_lun(&mut t.scsi, &luns);
             self.finish_task(slot, cx);
@@ -968,8 +1094,11 @@ impl Conn {
                 }
                 // Otherwise only the blocks the initiator sends are written; the response
                 // reports the rest as residual overflow.
-                match DataBuf::alloc(plan.len as usize) {
-                    Some(buf) => t.scsi.buf = Some(buf),
+                match session_alloc(&mut self.buf_held, self.buf_share, plan.len as usize) {
+                    Some(buf) => {
+                        t.buf_charge = buf.len();
+                        t.scsi.buf = Some(buf);
+                    }
                     // Unsolicited Data-Out beyond the immediate data would arrive while the
                     // command has nowhere to put it: such a command cannot wait.
                     None if t.unsolicited_len > immediate_data => {
@@ -984,8 +1113,11 @@ impl Conn {
                 t.expected_out = t.unsolicited_len.max(t.want_out);
             }
             scsi::DataDir::In => {
-                match DataBuf::alloc(plan.len as usize) {
-                    Some(buf) => t.scsi.buf = Some(buf),
+                match session_alloc(&mut self.buf_held, self.buf_share, plan.len as usize) {
+                    Some(buf) => {
+                        t.buf_charge = buf.len();
+                        t.scsi.buf = Some(buf);
+                    }
                     None => t.state = TaskState::WaitingBuffer,
                 }
                 t.expected_out = t.unsolicited_len;
@@ -1055,7 +1187,7 @@ impl Conn {
                 // Its immediate data is still on the way; keep the order.
                 break;
             }
-            let Some(mut buf) = DataBuf::alloc(w.len) else {
+            let Some(mut buf) = session_alloc(&mut self.buf_held, self.buf_share, w.len) else {
                 break;
             };
             let Some(w) = self.buf_waiters.pop_front() else {
@@ -1063,6 +1195,7 @@ impl Conn {
             };
             buf.write_at(0, &w.data);
             if let Some(t) = self.tasks.get_mut(slot) {
+                t.buf_charge = buf.len();
                 t.scsi.buf = Some(buf);
                 t.state = TaskState::ReceivingData;
                 t.waiting_since = Some(cx.now);
@@ -1107,8 +1240,12 @@ impl Conn {
             self.execute(slot, cx);
             return;
         }
-        // Solicit the rest (RFC 7143 §11.8), at most MaxOutstandingR2T at a time.
-        while t.r2ts.len() < max_r2t && t.next_r2t_offset < t.want_out {
+        // Solicit the rest (RFC 7143 §11.8), at most MaxOutstandingR2T at a time, once the
+        // unsolicited sequence has ended: until then its end is not known (an F bit may end it
+        // early), and with DataSequenceInOrder=Yes (§13.19) no R2T may ask for an offset
+        // below one already asked for.
+        let unsolicited_done = t.unsolicited_received >= t.unsolicited_len;
+        while unsolicited_done && t.r2ts.len() < max_r2t && t.next_r2t_offset < t.want_out {
             let len = (t.want_out - t.next_r2t_offset).min(max_burst);
             let r2t = R2t {
                 r2t_sn: t.next_r2t_sn,
@@ -1207,6 +1344,13 @@ impl Conn {
         if d.ttt == pdu::RESERVED_TAG {
             t.unsolicited_received += received;
             t.unsolicited_next_data_sn = t.unsolicited_next_data_sn.wrapping_add(1);
+            if d.final_flag && t.unsolicited_received < t.unsolicited_len {
+                // RFC 7143 §11.7.1: F=1 ends the unsolicited sequence short of FirstBurstLength
+                // (§13.14); the target solicits what it did not carry (§11.8).
+                t.unsolicited_len = t.unsolicited_received;
+                t.next_r2t_offset = t.unsolicited_len;
+                t.expected_out = t.unsolicited_len.max(t.want_out);
+            }
         } else {
             let r2t_sn = d.ttt & 0xfff;
             if let Some(i) = t.r2ts.iter().position(|r| r.r2t_sn & 0xfff == r2t_sn) {
@@ -1258,7 +1402,7 @@ impl Conn {
         t.in_backend = false;
         scsi::complete(&mut t.scsi, c);
         if t.state == TaskState::Aborted || matches!(self.phase, Phase::Closing | Phase::Closed) {
-            self.tasks.remove(slot);
+            self.remove_task(slot);
             return;
         }
         self.finish_task(slot, cx);
@@ -1395,7 +1539,7 @@ impl Conn {
             .get(slot)
             .is_some_and(|t| t.tx_refs == 0 && !t.in_backend)
         {
-            self.tasks.remove(slot);
+            self.remove_task(slot);
         }
     }
 
@@ -1844,7 +1988,7 @@ impl Conn {
             info.active_commands.fetch_sub(1, Ordering::Relaxed);
         }
         if !in_backend {
-            self.tasks.remove(slot);
+            self.remove_task(slot);
         }
     }
 
@@ -1884,6 +2028,7 @@ impl Conn {
             return false;
         }
         self.done_slots.clear();
+        let sent_before = self.tx.sent_total();
         let tasks = &self.tasks;
         let res = self.tx.flush(
             &mut *self.sock,
@@ -1895,10 +2040,19 @@ impl Conn {
             if let Some(t) = self.tasks.get_mut(slot) {
                 t.tx_refs = t.tx_refs.saturating_sub(1);
                 if t.tx_refs == 0 && !t.in_backend && t.state == TaskState::Responding {
-                    self.tasks.remove(slot);
+                    self.remove_task(slot);
                 }
             }
         }
+        // A socket that takes nothing for RspTimeout gets the connection closed (on_timer):
+        // its queued Data-In holds buffers other sessions need.
+        self.tx_stalled_since = match &res {
+            Ok(false) if self.tx.sent_total() == sent_before => {
+                Some(self.tx_stalled_since.unwrap_or(cx.now))
+            }
+            Ok(false) => Some(cx.now),
+            _ => None,
+        };
         match res {
             Ok(true) => {
                 self.want_write = false;
@@ -1931,7 +2085,18 @@ impl Conn {
                 }
                 return Some(self.login_deadline);
             }
-            Phase::Closing | Phase::Closed => return None,
+            Phase::Closing => {
+                // What is left to send before the close must drain too.
+                if let Some(t) = self.tx_stalled_since {
+                    if now >= t + CLOSING_DRAIN_LIMIT {
+                        self.close(cx, "the initiator stopped reading before the close");
+                        return None;
+                    }
+                    return Some(t + CLOSING_DRAIN_LIMIT);
+                }
+                return None;
+            }
+            Phase::Closed => return None,
             Phase::FullFeature => {}
         }
         if let Some(info) = self.sess.as_ref().and_then(|s| s.info.as_ref()) {
@@ -1950,6 +2115,15 @@ impl Conn {
         if let Some((_, sent)) = self.nop_ping {
             if now >= sent + rsp {
                 self.close(cx, "no answer to NOP-In within RspTimeout");
+                return None;
+            }
+        }
+        if let Some(t) = self.tx_stalled_since {
+            if now >= t + rsp {
+                self.close(
+                    cx,
+                    "the initiator read none of its responses for RspTimeout",
+                );
                 return None;
             }
         }
@@ -2059,7 +2233,7 @@ impl Conn {
             if let Some(t) = self.tasks.get_mut(slot) {
                 t.tx_refs = t.tx_refs.saturating_sub(1);
                 if t.tx_refs == 0 && !t.in_backend {
-                    self.tasks.remove(slot);
+                    self.remove_task(slot);
                 }
             }
         }
@@ -2070,7 +2244,7 @@ impl Conn {
             .map(|(i, _)| i)
             .collect();
         for s in leftovers {
-            self.tasks.remove(s);
+            self.remove_task(s);
         }
         if let Some(sess) = self.sess.take() {
             if let (Some(info), Some(t)) = (&sess.info, &sess.target) {
@@ -2220,4 +2394,16 @@ fn opcode_name(byte0: u8) -> &'static str {
         0x10 => "SNACK",
         _ => "unexpected",
     }
+}
+
+/// A data buffer of `len` bytes for a session that holds `held` bytes of its `share`: `None`
+/// when the pool is exhausted or the session would exceed its share (the command then waits,
+/// as for an exhausted pool). A session holding nothing may always try.
+fn session_alloc(held: &mut usize, share: usize, len: usize) -> Option<DataBuf> {
+    if *held > 0 && held.saturating_add(len) > share {
+        return None;
+    }
+    let buf = DataBuf::alloc(len)?;
+    *held += buf.len();
+    Some(buf)
 }

@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,8 +39,8 @@ macro_rules! conn_cx {
 const LOGOUT_GRACE: Duration = Duration::from_secs(2);
 
 pub enum Msg {
-    /// A connection accepted on another reactor, now ours.
-    Conn(Box<dyn Sock>),
+    /// A connection accepted on another reactor through portal `.1`, now ours.
+    Conn(Box<dyn Sock>, usize),
     /// Apply another nexus's task management function here, then answer `reply_to`.
     Abort {
         id: u64,
@@ -58,8 +58,16 @@ pub struct Shared {
     /// The portals, for SendTargets when a portal listens on a wildcard address the
     /// connection's own local address is used instead.
     pub portals: Vec<SocketAddr>,
-    /// Connections per reactor, for choosing the least-loaded one.
+    /// Connections per reactor, for choosing the least-loaded one (their sum is every
+    /// connection the target holds).
     pub loads: Vec<AtomicUsize>,
+    /// Connections per portal (index into `portals`).
+    pub portal_conns: Vec<AtomicUsize>,
+    /// The most connections the file descriptor limit leaves room for, after the reserve of
+    /// the RPC server and the backing files (see `util::fd_budget`).
+    pub fd_conn_limit: usize,
+    /// Connections refused at accept because a limit was reached.
+    pub refused: AtomicU64,
     tsih: AtomicU16,
 }
 
@@ -69,14 +77,50 @@ impl Shared {
         registry: Arc<Registry>,
         portals: Vec<SocketAddr>,
         reactors: usize,
+        fd_conn_limit: usize,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             publisher,
             registry,
+            portal_conns: portals.iter().map(|_| AtomicUsize::new(0)).collect(),
             portals,
             loads: (0..reactors).map(|_| AtomicUsize::new(0)).collect(),
+            fd_conn_limit,
+            refused: AtomicU64::new(0),
             tsih: AtomicU16::new(0),
         })
+    }
+
+    /// Every connection the target holds, on all reactors.
+    pub fn connections(&self) -> usize {
+        self.loads.iter().map(|l| l.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Why one more connection through portal `portal` must be refused, if it must.
+    fn over_limit(&self, snap: &Snapshot, portal: usize) -> Option<String> {
+        let total = self.connections();
+        let configured = match snap.max_connections {
+            0 => usize::MAX,
+            n => n,
+        };
+        if total >= configured.min(self.fd_conn_limit) {
+            return Some(if configured <= self.fd_conn_limit {
+                format!("{total} connections, max_connections is {configured}")
+            } else {
+                format!("{total} connections, as many as the file descriptor limit leaves room for")
+            });
+        }
+        let here = self
+            .portal_conns
+            .get(portal)
+            .map_or(0, |c| c.load(Ordering::Relaxed));
+        let per_portal = snap.max_connections_per_portal;
+        if per_portal > 0 && here >= per_portal {
+            return Some(format!(
+                "{here} connections through this portal, max_connections_per_portal is {per_portal}"
+            ));
+        }
+        None
     }
 
     pub fn portals_for(&self, local: SocketAddr) -> Vec<String> {
@@ -109,6 +153,12 @@ impl Shared {
 
 /// The timer granularity of connections (NOP-In, RspTimeout, login timeout).
 const TIMER_PERIOD: Duration = Duration::from_millis(100);
+/// Readiness tokens from here up are the portals' listeners (below are connections).
+const LISTENER_TOKEN: usize = usize::MAX / 2;
+/// How long the listeners stay unwatched after accept ran out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this interval about refused connections.
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Engine {
     id: usize,
@@ -134,6 +184,13 @@ pub struct Engine {
     /// Connections whose receive budget ran out (see `Conn::rx_more`).
     rx_pending: Vec<usize>,
     next_timer: Instant,
+    /// Accept stopped for want of file descriptors: the listeners are watched again then.
+    accept_backoff: Option<Instant>,
+    /// A listener could not be put in the socket group: accept on every pass instead.
+    accept_every_pass: bool,
+    /// Refusals not yet logged, and when the last log line about them went out.
+    refused_unlogged: u64,
+    refused_logged_at: Option<Instant>,
 }
 
 fn mark_flush(list: &mut Vec<usize>, c: &mut Conn, idx: usize) {
@@ -154,6 +211,18 @@ impl Engine {
     ) -> Engine {
         let snapshot = shared.publisher.current();
         let generation = snapshot.generation;
+        let mut group = group;
+        let mut listeners = listeners;
+        let mut accept_every_pass = false;
+        for (i, l) in listeners.iter_mut().enumerate() {
+            if let Err(e) = group.watch_listener(&mut **l, LISTENER_TOKEN + i, true) {
+                warn!(
+                    "reactor {id}: cannot watch the portal {}: {e}; accepting on every pass",
+                    l.local_addr()
+                );
+                accept_every_pass = true;
+            }
+        }
         Engine {
             id,
             shared,
@@ -173,10 +242,14 @@ impl Engine {
             shutdown_at: None,
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
+            accept_backoff: None,
+            accept_every_pass,
+            refused_unlogged: 0,
+            refused_logged_at: None,
         }
     }
 
-    fn add_conn(&mut self, sock: Box<dyn Sock>, now: Instant) {
+    fn add_conn(&mut self, sock: Box<dyn Sock>, portal: usize, now: Instant) {
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -184,63 +257,133 @@ impl Engine {
                 self.conns.len() - 1
             }
         };
-        let mut conn = Conn::new(sock, now);
+        let mut conn = Conn::new(sock, portal, now);
         if let Err(e) = self.group.register(conn.sock_mut(), idx) {
             warn!("reactor {}: cannot poll a new connection: {e}", self.id);
             conn.sock_mut().close();
             self.free.push(idx);
+            if let Some(c) = self.shared.portal_conns.get(portal) {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
             return;
         }
         self.shared.loads[self.id].fetch_add(1, Ordering::Relaxed);
         self.conns[idx] = Some(conn);
     }
 
-    fn accept(&mut self, now: Instant) -> bool {
+    /// Accepts what is pending on every portal.
+    fn accept_all(&mut self, now: Instant) -> bool {
         let mut did = false;
         for li in 0..self.listeners.len() {
-            loop {
-                let sock = match self.listeners[li].accept() {
-                    Ok(Some(s)) => s,
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn!("accept failed: {e}");
-                        break;
-                    }
-                };
-                did = true;
-                if !self.snapshot.iscsi_enabled {
-                    // targets/iscsi/enabled = 0: accept no new connections.
-                    let mut sock = sock;
-                    info!(
-                        "connection from {} refused: iSCSI is disabled",
-                        sock.peer_addr()
+            did |= self.accept(li, now);
+        }
+        did
+    }
+
+    /// Accepts the connections pending on portal `li` and hands each to the least-loaded
+    /// reactor, refusing those beyond the connection limits (RFC 7143 leaves admission to
+    /// the target; a refused connection is closed before any login).
+    fn accept(&mut self, li: usize, now: Instant) -> bool {
+        let mut did = false;
+        while self.accept_backoff.is_none() {
+            let Some(listener) = self.listeners.get_mut(li) else {
+                break;
+            };
+            let sock = match listener.accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => break,
+                Err(e) if out_of_descriptors(&e) => {
+                    // The pending connection stays queued and the listener readable: stop
+                    // watching it for a moment rather than spin on a full descriptor table.
+                    warn!(
+                        "reactor {}: cannot accept on {}: {e}; retrying in {} ms",
+                        self.id,
+                        listener.local_addr(),
+                        ACCEPT_BACKOFF.as_millis()
                     );
-                    sock.close();
-                    continue;
-                }
-                // Least-loaded reactor, this one on ties.
-                let mut best = self.id;
-                let mut best_load = self.shared.loads[self.id].load(Ordering::Relaxed);
-                for (i, l) in self.shared.loads.iter().enumerate() {
-                    let l = l.load(Ordering::Relaxed);
-                    if l < best_load {
-                        best = i;
-                        best_load = l;
+                    self.accept_backoff = Some(now + ACCEPT_BACKOFF);
+                    for (i, l) in self.listeners.iter_mut().enumerate() {
+                        let _ = self
+                            .group
+                            .watch_listener(&mut **l, LISTENER_TOKEN + i, false);
                     }
+                    break;
                 }
-                if best == self.id {
-                    self.add_conn(sock, now);
-                } else {
-                    // Count it at once so a burst of accepts spreads out.
-                    self.shared.loads[best].fetch_add(1, Ordering::Relaxed);
-                    if let Err(Msg::Conn(s)) = self.peers[best].send(Msg::Conn(sock)) {
-                        self.shared.loads[best].fetch_sub(1, Ordering::Relaxed);
-                        self.add_conn(s, now);
-                    }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    break;
+                }
+            };
+            did = true;
+            let mut sock = sock;
+            if !self.snapshot.iscsi_enabled {
+                // targets/iscsi/enabled = 0: accept no new connections.
+                info!(
+                    "connection from {} refused: iSCSI is disabled",
+                    sock.peer_addr()
+                );
+                sock.close();
+                continue;
+            }
+            if let Some(why) = self.shared.over_limit(&self.snapshot, li) {
+                sock.close();
+                self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                self.refused_unlogged += 1;
+                let due = self
+                    .refused_logged_at
+                    .is_none_or(|t| now >= t + REFUSED_LOG_INTERVAL);
+                if due {
+                    warn!(
+                        "connection from {} refused ({} since the last report): {why}",
+                        sock.peer_addr(),
+                        self.refused_unlogged
+                    );
+                    self.refused_unlogged = 0;
+                    self.refused_logged_at = Some(now);
+                }
+                continue;
+            }
+            if let Some(c) = self.shared.portal_conns.get(li) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            // Least-loaded reactor, this one on ties.
+            let mut best = self.id;
+            let mut best_load = self.shared.loads[self.id].load(Ordering::Relaxed);
+            for (i, l) in self.shared.loads.iter().enumerate() {
+                let l = l.load(Ordering::Relaxed);
+                if l < best_load {
+                    best = i;
+                    best_load = l;
+                }
+            }
+            if best == self.id {
+                self.add_conn(sock, li, now);
+            } else {
+                // Count it at once so a burst of accepts spreads out.
+                self.shared.loads[best].fetch_add(1, Ordering::Relaxed);
+                if let Err(Msg::Conn(s, _)) = self.peers[best].send(Msg::Conn(sock, li)) {
+                    self.shared.loads[best].fetch_sub(1, Ordering::Relaxed);
+                    self.add_conn(s, li, now);
                 }
             }
         }
         did
+    }
+
+    /// Watches the listeners again once the accept back-off is over.
+    fn end_accept_backoff(&mut self, now: Instant) {
+        if self.accept_backoff.is_some_and(|t| now >= t) {
+            self.accept_backoff = None;
+            for (i, l) in self.listeners.iter_mut().enumerate() {
+                if let Err(e) = self
+                    .group
+                    .watch_listener(&mut **l, LISTENER_TOKEN + i, true)
+                {
+                    warn!("reactor {}: cannot watch a portal again: {e}", self.id);
+                    self.accept_every_pass = true;
+                }
+            }
+        }
     }
 
     fn reap(&mut self, idx: usize) {
@@ -248,6 +391,9 @@ impl Engine {
         if finished {
             if let Some(mut c) = self.conns[idx].take() {
                 let _ = self.group.deregister(c.sock_mut(), idx);
+                if let Some(p) = self.shared.portal_conns.get(c.portal) {
+                    p.fetch_sub(1, Ordering::Relaxed);
+                }
             }
             self.free.push(idx);
             self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
@@ -293,8 +439,11 @@ impl Poller for Engine {
                 }
             }
         }
-        if !self.listeners.is_empty() {
-            did |= self.accept(now);
+        if self.accept_backoff.is_some() {
+            self.end_accept_backoff(now);
+        }
+        if self.accept_every_pass {
+            did |= self.accept_all(now);
         }
         // Socket readiness.
         self.events.clear();
@@ -316,7 +465,11 @@ impl Poller for Engine {
         let snap = self.snapshot.clone();
         for ei in 0..self.events.len() {
             let (idx, readiness) = self.events[ei];
-            if let Some(c) = self.conns[idx].as_mut() {
+            if idx >= LISTENER_TOKEN {
+                did |= self.accept(idx - LISTENER_TOKEN, now);
+                continue;
+            }
+            if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
@@ -393,10 +546,10 @@ impl Poller for Engine {
 
     fn handle(&mut self, msg: Msg, ctx: &mut Ctx) {
         match msg {
-            Msg::Conn(sock) => {
+            Msg::Conn(sock, portal) => {
                 // Counted by the sender already.
                 self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
-                self.add_conn(sock, ctx.now());
+                self.add_conn(sock, portal, ctx.now());
             }
             Msg::Abort {
                 id,
@@ -449,20 +602,28 @@ impl Poller for Engine {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        if self.conns.iter().any(Option::is_some) {
-            Some(self.next_timer)
-        } else {
-            None
+        let timer = self
+            .conns
+            .iter()
+            .any(Option::is_some)
+            .then_some(self.next_timer);
+        match (timer, self.accept_backoff) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    fn sleep(&mut self, timeout: Duration) {
+    fn sleep(&mut self, timeout: Duration) -> bool {
         // Ring completions do not wake epoll: never sleep while backend I/O is in flight.
         if self.port.inflight() > 0 {
-            return;
+            return false;
         }
-        if let Err(e) = self.group.wait(Some(timeout)) {
-            warn!("reactor {}: wait failed: {e}", self.id);
+        match self.group.wait(Some(timeout)) {
+            Ok(woken) => woken,
+            Err(e) => {
+                warn!("reactor {}: wait failed: {e}", self.id);
+                false
+            }
         }
     }
 
@@ -515,4 +676,13 @@ impl Poller for Engine {
         }
         self.conns.iter().all(Option::is_none)
     }
+}
+
+/// Whether accept failed for want of file descriptors or memory (the connection stays in the
+/// backlog, so retrying at once would spin).
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }

@@ -71,6 +71,8 @@ pub struct Task {
     pub waiting_since: Option<std::time::Instant>,
     /// Whether the backend still owns the buffer.
     pub in_backend: bool,
+    /// Bytes of the pool its buffer counts against the session's share.
+    pub buf_charge: usize,
 }
 
 /// Our Target Transfer Tag for R2T `r2t_sn` of slot `slot`: generation (8 bits), slot

@@ -110,6 +110,8 @@ pub struct TxQueue {
     q: VecDeque<TxPdu>,
     header_digest: bool,
     data_digest: bool,
+    /// Bytes written to the socket over the connection's life.
+    sent_total: u64,
 }
 
 impl TxQueue {
@@ -132,6 +134,11 @@ impl TxQueue {
 
     pub fn len(&self) -> usize {
         self.q.len()
+    }
+
+    /// Bytes written to the socket so far (progress of a connection's output).
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total
     }
 
     /// Writes as much as the socket takes. `buf_of(slot)` gives the data buffer of a task slot;
@@ -238,6 +245,7 @@ impl TxQueue {
             if written == 0 {
                 return Ok(false);
             }
+            self.sent_total += written as u64;
             while written > 0 {
                 let Some(front) = self.q.front_mut() else {
                     break;

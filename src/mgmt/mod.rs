@@ -99,6 +99,8 @@ pub struct Hooks {
     pub reactors: StatsFn<Vec<Vec<(String, String)>>>,
     /// The buffer pool's statistics (`sgv/...`).
     pub sgv: StatsFn<Vec<(String, String)>>,
+    /// Live counters of the portals (`targets/iscsi/connections`, ...).
+    pub portals: StatsFn<Vec<(String, String)>>,
 }
 
 impl Default for Hooks {
@@ -106,6 +108,7 @@ impl Default for Hooks {
         Hooks {
             reactors: Box::new(Vec::new),
             sgv: Box::new(Vec::new),
+            portals: Box::new(Vec::new),
         }
     }
 }
@@ -144,6 +147,9 @@ struct State {
     auth: Auth,
     targets: BTreeMap<String, Target>,
     next_tid: u32,
+    /// `max_connections` and `max_connections_per_portal` (0: no limit of their own).
+    max_connections: usize,
+    max_connections_per_portal: usize,
 }
 
 pub struct Mgmt {
@@ -279,6 +285,8 @@ impl Mgmt {
         let mut snap = Snapshot {
             iscsi_enabled: st.iscsi_enabled,
             discovery_auth: st.auth.clone(),
+            max_connections: st.max_connections,
+            max_connections_per_portal: st.max_connections_per_portal,
             ..Default::default()
         };
         let entries = |luns: &BTreeMap<u64, Lun>| -> Vec<LunEntry> {
@@ -400,7 +408,18 @@ impl Mgmt {
                     Entry::mgmt(),
                     Entry::attr("open_state", false, false),
                     Entry::attr("version", false, false),
+                    Entry::attr("max_connections", true, st.max_connections != 0),
+                    Entry::attr(
+                        "max_connections_per_portal",
+                        true,
+                        st.max_connections_per_portal != 0,
+                    ),
                 ];
+                v.extend(
+                    (self.hooks.portals)()
+                        .into_iter()
+                        .map(|(k, _)| Entry::attr(k, false, false)),
+                );
                 v.extend(auth_entries(&st.auth));
                 v.extend(st.targets.keys().map(Entry::dir));
                 v
@@ -614,6 +633,17 @@ impl Mgmt {
             }
             ["targets", "iscsi", "enabled"] => b01(st.iscsi_enabled),
             ["targets", "iscsi", "open_state"] => "open".into(),
+            ["targets", "iscsi", "max_connections"] => st.max_connections.to_string(),
+            ["targets", "iscsi", "max_connections_per_portal"] => {
+                st.max_connections_per_portal.to_string()
+            }
+            ["targets", "iscsi", k] if (self.hooks.portals)().iter().any(|(n, _)| n == k) => {
+                (self.hooks.portals)()
+                    .into_iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v)
+                    .unwrap_or_default()
+            }
             ["targets", "iscsi", "version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
             ["targets", "iscsi", "mgmt"] => TARGET_MGMT_USAGE.into(),
             ["targets", "iscsi", a] if auth_attr(&st.auth, a).is_some() => {
@@ -764,6 +794,24 @@ impl Mgmt {
         let nf = || MgmtError::NotFound(path.to_string());
         match p.as_slice() {
             ["targets", "iscsi", "enabled"] => st.iscsi_enabled = parse01(path, value)?,
+            ["targets", "iscsi", a @ ("max_connections" | "max_connections_per_portal")] => {
+                let n: usize = value
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 1 << 20)
+                    .ok_or_else(|| {
+                        invalid(
+                            path,
+                            format!("{a} must be a number from 0 (no limit) to 1048576"),
+                        )
+                    })?;
+                if *a == "max_connections" {
+                    st.max_connections = n;
+                } else {
+                    st.max_connections_per_portal = n;
+                }
+            }
             ["devices", d, a] => {
                 let dev = st.devices.get(*d).ok_or_else(nf)?;
                 if dev.get_attr(a).is_none() {
@@ -1129,6 +1177,18 @@ impl Mgmt {
         }
         let mut iscsi = Map::new();
         iscsi.insert("enabled".into(), json!(b01(st.iscsi_enabled)));
+        if st.max_connections != 0 {
+            iscsi.insert(
+                "max_connections".into(),
+                json!(st.max_connections.to_string()),
+            );
+        }
+        if st.max_connections_per_portal != 0 {
+            iscsi.insert(
+                "max_connections_per_portal".into(),
+                json!(st.max_connections_per_portal.to_string()),
+            );
+        }
         save_auth(&st.auth, &mut iscsi);
         iscsi.insert("targets".into(), Value::Object(targets));
         json!({
@@ -1240,6 +1300,10 @@ impl Mgmt {
             for (k, v) in iscsi {
                 match k.as_str() {
                     "enabled" => enable_driver = Some(s(v, "config/targets/iscsi/enabled")?),
+                    "max_connections" | "max_connections_per_portal" => self.set(
+                        &format!("targets/iscsi/{k}"),
+                        &s(v, &format!("config/targets/iscsi/{k}"))?,
+                    )?,
                     "IncomingUser" | "OutgoingUser" => {
                         for line in auth_lines(v, "config/targets/iscsi")? {
                             self.mgmt("targets/iscsi/mgmt", &format!("add_attribute {k} {line}"))?;

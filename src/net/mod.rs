@@ -44,8 +44,18 @@ pub trait SockGroup: Send {
         -> io::Result<()>;
     /// Appends the sockets that are ready now, without waiting.
     fn poll(&mut self, out: &mut Vec<(usize, Readiness)>) -> io::Result<()>;
-    /// Waits until a socket is ready, the reactor is woken, or `timeout` passes.
-    fn wait(&mut self, timeout: Option<std::time::Duration>) -> io::Result<()>;
+    /// Waits until a socket is ready, the reactor is woken, or `timeout` passes. Returns
+    /// whether something (a socket, a listener, a wake-up) ended the wait before the timeout.
+    fn wait(&mut self, timeout: Option<std::time::Duration>) -> io::Result<bool>;
+    /// Starts (`on`) or stops reporting pending connections of `listener` under `token`: a
+    /// reactor that sleeps then wakes for a new connection as it does for data. Stopping is
+    /// how an accept that cannot proceed (no descriptor left) backs off instead of spinning.
+    fn watch_listener(
+        &mut self,
+        listener: &mut dyn Listener,
+        token: usize,
+        on: bool,
+    ) -> io::Result<()>;
 }
 
 /// A listening socket.
@@ -54,6 +64,8 @@ pub trait Listener: Send {
     fn accept(&mut self) -> io::Result<Option<Box<dyn Sock>>>;
     fn local_addr(&self) -> SocketAddr;
     fn close(&mut self);
+    /// For the group implementation that matches this listener.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 /// Listens on `addr` with the kernel's TCP stack (non-blocking; refuses when the port is

@@ -85,6 +85,8 @@ impl Sock for PosixSock {
 pub struct PosixListener {
     listener: Option<TcpListener>,
     addr: SocketAddr,
+    /// Whether a group's epoll set watches it.
+    watched: bool,
 }
 
 impl PosixListener {
@@ -97,6 +99,7 @@ impl PosixListener {
         Ok(PosixListener {
             listener: Some(listener),
             addr,
+            watched: false,
         })
     }
 }
@@ -121,6 +124,10 @@ impl Listener for PosixListener {
 
     fn close(&mut self) {
         self.listener = None;
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
@@ -219,6 +226,36 @@ impl SockGroup for PosixGroup {
         Ok(())
     }
 
+    fn watch_listener(
+        &mut self,
+        listener: &mut dyn Listener,
+        token: usize,
+        on: bool,
+    ) -> io::Result<()> {
+        let Some(pl) = listener.as_any_mut().downcast_mut::<PosixListener>() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a kernel listener",
+            ));
+        };
+        if pl.watched == on {
+            return Ok(());
+        }
+        let Some(l) = pl.listener.as_ref() else {
+            return Ok(());
+        };
+        if on {
+            self.epoll.add(
+                l.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, token as u64),
+            )?;
+        } else {
+            self.epoll.delete(l.as_fd())?;
+        }
+        pl.watched = on;
+        Ok(())
+    }
+
     fn poll(&mut self, out: &mut Vec<(usize, Readiness)>) -> io::Result<()> {
         let n = match self.epoll.wait(&mut self.events, EpollTimeout::ZERO) {
             Ok(n) => n,
@@ -243,7 +280,7 @@ impl SockGroup for PosixGroup {
         Ok(())
     }
 
-    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         let t = match timeout {
             None => EpollTimeout::NONE,
             Some(d) => {
@@ -254,7 +291,8 @@ impl SockGroup for PosixGroup {
         // Level-triggered: whatever is ready stays reported for the next `poll`.
         let mut one = [EpollEvent::empty(); 1];
         match self.epoll.wait(&mut one, t) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Ok(n) => Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => Ok(true),
             Err(e) => Err(e.into()),
         }
     }
@@ -334,6 +372,26 @@ mod tests {
         g.wait(Some(Duration::from_secs(20))).unwrap();
         assert!(start.elapsed() < Duration::from_secs(20));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_watched_listener_wakes_wait_and_an_unwatched_one_does_not() {
+        let mut l = PosixListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut g = PosixGroup::new().unwrap();
+        g.watch_listener(&mut l, 9, true).unwrap();
+        let addr = l.local_addr();
+        let _c = TcpStream::connect(addr).unwrap();
+        assert!(g.wait(Some(Duration::from_secs(20))).unwrap());
+        let mut ev = Vec::new();
+        g.poll(&mut ev).unwrap();
+        assert_eq!(ev[0].0, 9);
+        assert!(l.accept().unwrap().is_some());
+        // Unwatched (the accept back-off): a pending connection no longer ends the wait.
+        g.watch_listener(&mut l, 9, false).unwrap();
+        let _d = TcpStream::connect(addr).unwrap();
+        assert!(!g.wait(Some(Duration::from_millis(50))).unwrap());
+        g.watch_listener(&mut l, 9, true).unwrap();
+        assert!(g.wait(Some(Duration::from_secs(20))).unwrap());
     }
 
     #[test]

@@ -58,7 +58,8 @@ pub trait Poller {
     /// Asked to stop: returns true once everything is closed.
     fn shutdown(&mut self, ctx: &mut Ctx) -> bool;
     /// Sleeps until one of the poller's sockets is ready, the reactor is woken, or `timeout`.
-    fn sleep(&mut self, timeout: Duration);
+    /// Returns whether an event (not the timeout) ended the sleep.
+    fn sleep(&mut self, timeout: Duration) -> bool;
 }
 
 /// Busy/idle accounting of one reactor, readable from any thread.
@@ -71,6 +72,8 @@ pub struct ReactorStats {
     pub idle_ns: AtomicU64,
     pub iterations: AtomicU64,
     pub sleeps: AtomicU64,
+    /// Sleeps ended by an event (a socket, a new connection, a message) before their timeout.
+    pub wakeups: AtomicU64,
     pub messages: AtomicU64,
 }
 
@@ -91,6 +94,10 @@ impl ReactorStats {
             (
                 "sleeps".into(),
                 self.sleeps.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "wakeups".into(),
+                self.wakeups.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "messages".into(),
@@ -357,7 +364,9 @@ fn run<P: Poller>(
         // eventfd; one sent before it is seen here.
         if rx.is_empty() && !stop.load(Ordering::Acquire) {
             st.sleeps.fetch_add(1, Ordering::Relaxed);
-            poller.sleep(timeout);
+            if poller.sleep(timeout) {
+                st.wakeups.fetch_add(1, Ordering::Relaxed);
+            }
         }
         sleeping.store(false, Ordering::Release);
         let woke = Instant::now();

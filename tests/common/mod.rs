@@ -31,12 +31,28 @@ fn free_port() -> u16 {
 impl Target {
     /// Starts the daemon with `extra` flags and waits until its RPC socket answers.
     pub fn start(extra: &[&str]) -> Target {
+        Target::start_wrapped("", extra)
+    }
+
+    /// Starts the daemon through `sh -c "PREFIX exec iscsi-tgt ..."` (for `ulimit` or `umask`
+    /// before it runs); an empty prefix runs it directly.
+    pub fn start_wrapped(prefix: &str, extra: &[&str]) -> Target {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("rpc.sock");
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_iscsi-tgt"))
+        let bin = env!("CARGO_BIN_EXE_iscsi-tgt");
+        let mut cmd = if prefix.is_empty() {
+            Command::new(bin)
+        } else {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!("{prefix} exec \"$0\" \"$@\""))
+                .arg(bin);
+            c
+        };
+        let child = cmd
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--rpc-socket")
