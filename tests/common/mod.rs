@@ -13,6 +13,14 @@ use serde_json::{json, Value};
 
 pub const IQN: &str = "iqn.2026-11.org.iscsi-tgt:test";
 
+/// What the daemon holds of the system's resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub fds: usize,
+    pub threads: u64,
+    pub rss_kib: u64,
+}
+
 pub struct Target {
     pub child: Child,
     pub addr: SocketAddr,
@@ -146,6 +154,28 @@ impl Target {
             .as_str()
             .unwrap_or_default()
             .to_string()
+    }
+
+    /// The daemon's open descriptors, threads and resident memory (KiB), from /proc.
+    pub fn resources(&self) -> Resources {
+        let pid = self.child.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Resources {
+            fds,
+            threads: field("Threads:"),
+            rss_kib: field("VmRSS:"),
+        }
     }
 
     /// Whether the daemon is still running.
