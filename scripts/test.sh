@@ -25,6 +25,9 @@ scripts/peers.sh
 step "storage backends: data integrity, durability, vcdrom"
 scripts/backends.sh
 
+step "faults: a backing file system that fills up"
+scripts/faults.sh
+
 step "conformance: iscsi-test-cu"
 # The suite runs in full, docs/CONFORMANCE.md records every result, and the run fails if a suite
 # that must be clean has a failed or warned test or if the target crashed or hung.
