@@ -31,6 +31,9 @@ use crate::scsi::{self, Exec, ScsiPort, ScsiTask};
 const LOGIN_MAX_DATA: usize = 8192;
 /// How long a login may take before the connection is dropped.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new connection may stay silent: initiators send their Login Request as soon as
+/// they connect, and idle connections must not hold the connection limit for long.
+const SILENT_LIMIT: Duration = Duration::from_secs(10);
 /// How long a connection that is closing may wait for the initiator to read what is left.
 const CLOSING_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// How many PDUs one readiness event may process before other connections get their turn.
@@ -170,6 +173,8 @@ pub struct Conn {
     cid: u16,
     /// Last time anything arrived (for NOP-In keepalive).
     last_rx: Instant,
+    /// Whether anything at all has arrived.
+    heard: bool,
     /// Outstanding NOP-In ping: its TTT and when it was sent.
     nop_ping: Option<(u32, Instant)>,
     next_nop_ttt: u32,
@@ -292,6 +297,7 @@ impl Conn {
             stat_sn: 0,
             cid: 0,
             last_rx: now,
+            heard: false,
             nop_ping: None,
             next_nop_ttt: 1,
             done_slots: Vec::with_capacity(64),
@@ -366,6 +372,7 @@ impl Conn {
         }
         if did {
             self.last_rx = cx.now;
+            self.heard = true;
             self.nop_ping = None;
         }
         // The reactor flushes once per pass, after backend completions, so the responses of
@@ -2079,11 +2086,20 @@ impl Conn {
         let now = cx.now;
         match self.phase {
             Phase::Login => {
+                let silent_until = self.login_deadline - LOGIN_TIMEOUT + SILENT_LIMIT;
+                if !self.heard && now >= silent_until {
+                    self.close(cx, "nothing received within 10 s of connecting");
+                    return None;
+                }
                 if now >= self.login_deadline {
                     self.close(cx, "login timed out");
                     return None;
                 }
-                return Some(self.login_deadline);
+                return Some(if self.heard {
+                    self.login_deadline
+                } else {
+                    silent_until
+                });
             }
             Phase::Closing => {
                 // What is left to send before the close must drain too.
