@@ -31,6 +31,8 @@ use std::sync::{Arc, RwLock};
 use io_uring::{opcode, squeue, types};
 use log::{error, warn};
 
+use crate::util::quote;
+
 use super::uring::{Ring, RingOp, Step};
 use super::{BdevCompletion, BdevError, BdevIo, BlockDev, Extent, IoChannel, IoContext, IoOp};
 
@@ -192,76 +194,164 @@ fn block_dev_pbsz(file: &File) -> u32 {
     }
 }
 
+/// What a file type is, for a message that refuses it.
+fn describe(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Refuses a backing of the wrong type: `vdisk_blockio` takes a block device, the others a
+/// regular file.
+fn check_type(kind: Kind, path: &str, ft: &std::fs::FileType) -> Result<(), String> {
+    let what = describe(ft);
+    match kind {
+        Kind::Block if !ft.is_block_device() => {
+            Err(format!("{} is {what}, not a block device", quote(path)))
+        }
+        Kind::File | Kind::Cdrom if !ft.is_file() => Err(format!(
+            "{} is {what}, not a regular file{}",
+            quote(path),
+            if ft.is_block_device() {
+                " (use vdisk_blockio for block devices)"
+            } else {
+                ""
+            }
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Clears O_NONBLOCK, with which every backing is opened (so that opening a FIFO or a
+/// device that waits for a peer cannot block the management thread), once the descriptor
+/// is known to be a regular file or a block device: io_uring fails I/O on an O_NONBLOCK
+/// descriptor with EAGAIN instead of waiting for it.
+fn clear_nonblock(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on an open descriptor reads its status flags; no memory is passed.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an open descriptor with an integer argument; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Backing {
-    /// Opens `path` the way `opts` says; `size` (for fileio) creates or extends the file.
+    /// Opens `path` the way `opts` says. A handler never changes a file it is asked to open:
+    /// with a `size` (fileio) a missing file is created that size (sparse, mode 0600, never
+    /// over an existing one), and an existing file must already be that size.
     fn open(opts: &FileOptions, path: &str, size: Option<u64>) -> Result<Backing, String> {
         if !path.starts_with('/') {
-            return Err(format!("filename {path:?} must be an absolute path"));
+            return Err(format!("filename {} must be an absolute path", quote(path)));
         }
         let direct = opts.o_direct || opts.kind == Kind::Block;
         let read_only = opts.read_only || opts.kind == Kind::Cdrom;
-        let mut flags = libc::O_CLOEXEC;
+        let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         if direct {
             flags |= libc::O_DIRECT;
         }
         if opts.write_through && !read_only {
             flags |= libc::O_DSYNC;
         }
-        let create = size.is_some() && opts.kind == Kind::File && !read_only;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .create(create)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only).custom_flags(flags);
+        let open_existing = |oo: &OpenOptions| {
+            oo.open(path).map_err(|e| {
+                // Say what the path is when that is why it cannot be opened (a directory
+                // opened for writing, a socket); stat never blocks, whatever the type.
+                match std::fs::metadata(path) {
+                    Ok(md) => match check_type(opts.kind, path, &md.file_type()) {
+                        Err(why) => why,
+                        Ok(()) => format!("cannot open {}: {e}", quote(path)),
+                    },
+                    Err(_) => format!("cannot open {}: {e}", quote(path)),
+                }
+            })
+        };
+        let mut created = None;
+        let file = match size {
+            Some(want) if opts.kind == Kind::File && !read_only => {
+                let mut new = oo.clone();
+                new.create_new(true).mode(0o600);
+                match new.open(path) {
+                    Ok(f) => {
+                        created = Some(want);
+                        f
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_existing(&oo)?,
+                    Err(e) => return Err(format!("cannot create {}: {e}", quote(path))),
+                }
+            }
+            _ => open_existing(&oo)?,
+        };
+        let r = Self::from_file(opts, path, file, size, created, direct);
+        if r.is_err() && created.is_some() {
+            // Leave nothing behind of a file this call made and could not use.
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    /// The rest of [`open`](Self::open) once `file` is open: `created` holds the size to
+    /// give a file this call created.
+    fn from_file(
+        opts: &FileOptions,
+        path: &str,
+        file: File,
+        size: Option<u64>,
+        created: Option<u64>,
+        direct: bool,
+    ) -> Result<Backing, String> {
         let md = file
             .metadata()
-            .map_err(|e| format!("cannot stat {path}: {e}"))?;
+            .map_err(|e| format!("cannot stat {}: {e}", quote(path)))?;
         let ft = md.file_type();
-        let (mut len, phys) = match opts.kind {
+        check_type(opts.kind, path, &ft)?;
+        clear_nonblock(&file).map_err(|e| format!("{}: fcntl: {e}", quote(path)))?;
+        if let Some(want) = created {
+            file.set_len(want).map_err(|e| {
+                format!(
+                    "cannot size the new file {} to {want} bytes: {e}",
+                    quote(path)
+                )
+            })?;
+        }
+        let (len, phys) = match opts.kind {
             Kind::Block => {
-                if !ft.is_block_device() {
-                    return Err(format!("{path} is not a block device"));
-                }
-                let s = block_dev_size(&file).map_err(|e| format!("{path}: {e}"))?;
+                let s = block_dev_size(&file).map_err(|e| format!("{}: {e}", quote(path)))?;
                 (s, block_dev_pbsz(&file))
             }
-            Kind::File | Kind::Cdrom => {
-                if !ft.is_file() {
-                    return Err(format!(
-                        "{path} is not a regular file{}",
-                        if ft.is_block_device() {
-                            " (use vdisk_blockio for block devices)"
-                        } else {
-                            ""
-                        }
-                    ));
-                }
-                (md.len(), md.blksize() as u32)
-            }
+            Kind::File | Kind::Cdrom => (created.unwrap_or(md.len()), md.blksize() as u32),
         };
         if let Some(want) = size {
-            if opts.kind == Kind::File && want != len {
-                if want < len {
-                    return Err(format!(
-                        "size {want} is smaller than {path} ({len} bytes); resize the file instead"
-                    ));
-                }
-                if read_only {
-                    return Err(format!(
-                        "{path} is {len} bytes and read_only=1 forbids extending it to {want}"
-                    ));
-                }
-                file.set_len(want)
-                    .map_err(|e| format!("cannot extend {path} to {want} bytes: {e}"))?;
-                len = want;
+            if want != len {
+                return Err(format!(
+                    "{} is {len} bytes, not the {want} bytes asked for: an existing file is never resized (leave size out to use it as it is)",
+                    quote(path)
+                ));
             }
         }
         let bs = u64::from(opts.block_size);
         if len == 0 || len % bs != 0 {
             return Err(format!(
-                "the size of {path} ({len} bytes) is not a non-zero multiple of the block size {bs}"
+                "the size of {} ({len} bytes) is not a non-zero multiple of the block size {bs}",
+                quote(path)
             ));
         }
         let (mem, off) = if direct { dio_align(&file) } else { (1, 1) };
@@ -270,7 +360,8 @@ impl Backing {
         let off_align = if off == 0 { opts.block_size } else { off };
         if direct && u64::from(off_align) > bs {
             return Err(format!(
-                "{path} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}"
+                "{} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}",
+                quote(path)
             ));
         }
         let inline = if direct {
@@ -330,7 +421,7 @@ impl FileDev {
             Some(p) if active => Some(Arc::new(Backing::open(&opts, p, size)?)),
             Some(p) => {
                 if !p.starts_with('/') {
-                    return Err(format!("filename {p:?} must be an absolute path"));
+                    return Err(format!("filename {} must be an absolute path", quote(p)));
                 }
                 None
             }
@@ -1414,6 +1505,143 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("not a block device"), "{e}");
+    }
+
+    #[test]
+    fn existing_files_are_never_resized() {
+        let dir = tempdir();
+        let path = dir.path().join("e.img");
+        let p = path.to_str().unwrap();
+        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
+        for read_only in [false, true] {
+            let o = FileOptions {
+                read_only,
+                ..opts(Kind::File)
+            };
+            let e = FileDev::new("e", o.clone(), Some(p), Some(2 << 20), true)
+                .err()
+                .unwrap();
+            assert!(
+                e.contains(p) && e.contains(&(1u64 << 20).to_string()) && e.contains("2097152"),
+                "{e}"
+            );
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                1 << 20,
+                "untouched"
+            );
+            // The size it has is fine, and so is no size at all.
+            let d = FileDev::new("e", o.clone(), Some(p), Some(1 << 20), true).unwrap();
+            assert_eq!(d.size(), 1 << 20);
+            let d = FileDev::new("e", o, Some(p), None, true).unwrap();
+            assert_eq!(d.size(), 1 << 20);
+        }
+        let e = FileDev::new("e", opts(Kind::File), Some(p), Some(512 << 10), true)
+            .err()
+            .unwrap();
+        assert!(e.contains("524288"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![3u8; 1 << 20]);
+    }
+
+    #[test]
+    fn new_files_are_private_and_sparse() {
+        let dir = tempdir();
+        let path = dir.path().join("n.img");
+        let p = path.to_str().unwrap();
+        let d = FileDev::new("n", opts(Kind::File), Some(p), Some(64 << 20), true).unwrap();
+        assert_eq!(d.size(), 64 << 20);
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.len(), 64 << 20);
+        assert_eq!(
+            md.mode() & 0o077,
+            0,
+            "mode {:o}: others can read the LUN",
+            md.mode()
+        );
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            md.blocks()
+        );
+        // Without a size a missing file is an error, not a new file.
+        let q = dir.path().join("none.img");
+        let e = FileDev::new("n", opts(Kind::File), q.to_str(), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("No such file"), "{e}");
+        assert!(!q.exists());
+        // A file made for a device that then fails is not left behind.
+        let e = FileDev::new("n", opts(Kind::File), q.to_str(), Some(1000), true)
+            .err()
+            .unwrap();
+        assert!(e.contains("multiple of the block size"), "{e}");
+        assert!(!q.exists(), "a failed create left its file");
+    }
+
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        let dir = tempdir();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let ro = |kind| FileOptions {
+            read_only: true,
+            ..opts(kind)
+        };
+        let cd = FileOptions {
+            block_size: 2048,
+            ..ro(Kind::Cdrom)
+        };
+        let cases = [
+            (&fifo, "a FIFO"),
+            (&sock, "a socket"),
+            (&sub, "a directory"),
+        ];
+        for (path, what) in cases {
+            let p = path.to_str().unwrap();
+            for o in [
+                opts(Kind::File),
+                ro(Kind::File),
+                cd.clone(),
+                opts(Kind::Block),
+            ] {
+                let kind = o.kind;
+                let e = FileDev::new("x", o, Some(p), None, true).err().unwrap();
+                assert!(e.contains(p) && e.contains(what), "{kind:?} on {what}: {e}");
+            }
+        }
+        let e = FileDev::new("x", opts(Kind::File), Some("/dev/null"), None, true)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("/dev/null") && e.contains("a character device"),
+            "{e}"
+        );
+        let e = FileDev::new("x", opts(Kind::Block), Some("/dev/null"), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("not a block device"), "{e}");
+        // A CD drive refuses one as its disc too, and stays empty.
+        let d = FileDev::new("cd", cd, None, None, true).unwrap();
+        let e = d.set_filename(fifo.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("a FIFO"), "{e}");
+        assert!(!d.is_open());
+    }
+
+    #[test]
+    fn the_descriptor_is_blocking_for_io() {
+        // O_NONBLOCK is only for the open: io_uring would fail buffered I/O with EAGAIN.
+        let dir = tempdir();
+        let path = dir.path().join("b.img");
+        let dev = FileDev::new("b", opts(Kind::File), path.to_str(), Some(1 << 20), true).unwrap();
+        let b = dev.state().backing.clone().unwrap();
+        // SAFETY: F_GETFL on an open descriptor reads its flags; no memory is passed.
+        let fl = unsafe { libc::fcntl(b.file.as_raw_fd(), libc::F_GETFL) };
+        assert!(fl >= 0);
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
     }
 
     #[test]
