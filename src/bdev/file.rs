@@ -26,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use io_uring::{opcode, squeue, types};
 use log::{error, warn};
@@ -139,6 +139,10 @@ pub struct FileDev {
     name: String,
     opts: FileOptions,
     state: RwLock<State>,
+    /// Serialises the management operations that change the backing (open, close, resize).
+    /// They may block on I/O, so they hold this and take `state`, which reactors and readers
+    /// of the tree take, only to install the result.
+    ops: Mutex<()>,
     /// Bumped whenever the backing changes; channels compare it on every submission.
     generation: AtomicU64,
     size: AtomicU64,
@@ -444,6 +448,7 @@ impl FileDev {
                 backing,
                 size_override: None,
             }),
+            ops: Mutex::new(()),
             opts,
             generation: AtomicU64::new(1),
             size: AtomicU64::new(size),
@@ -489,7 +494,10 @@ impl FileDev {
         self.phys_block.load(Ordering::Relaxed)
     }
 
-    fn install(&self, st: &mut State, backing: Option<Arc<Backing>>) {
+    /// Puts `backing` in place; returns the one it replaces, for the caller to drop once it
+    /// has released `st` (closing a file may wait for I/O).
+    #[must_use]
+    fn install(&self, st: &mut State, backing: Option<Arc<Backing>>) -> Option<Arc<Backing>> {
         let size = match (&backing, st.size_override) {
             (Some(b), Some(o)) => o.min(b.size),
             (Some(b), None) => b.size,
@@ -501,68 +509,90 @@ impl FileDev {
         if let Some(b) = &backing {
             self.phys_block.store(b.phys_block, Ordering::Relaxed);
         }
-        st.backing = backing;
+        let old = std::mem::replace(&mut st.backing, backing);
         self.size.store(size, Ordering::Release);
         self.eio_streak.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens (`true`) or closes the backing (SCST's `active`).
     pub fn set_active(&self, on: bool) -> Result<(), String> {
-        let mut st = self.state_mut();
-        if on {
-            if st.backing.is_none() {
-                if st.path.is_empty() {
-                    return Err("no filename to open".into());
+        let _op = self.ops();
+        let old = if on {
+            let path = {
+                let st = self.state();
+                st.backing.is_none().then(|| st.path.clone())
+            };
+            match path {
+                None => None,
+                Some(p) if p.is_empty() => return Err("no filename to open".into()),
+                Some(p) => {
+                    let b = Backing::open(&self.opts, &p, None)?;
+                    self.install(&mut self.state_mut(), Some(Arc::new(b)))
                 }
-                let b = Backing::open(&self.opts, &st.path, None)?;
-                self.install(&mut st, Some(Arc::new(b)));
             }
-        } else if st.backing.is_some() {
-            self.install(&mut st, None);
-        }
+        } else {
+            let mut st = self.state_mut();
+            if st.backing.is_some() {
+                self.install(&mut st, None)
+            } else {
+                None
+            }
+        };
         self.active.store(on, Ordering::Release);
+        drop(old);
         Ok(())
     }
 
     /// Switches to another backing file; `""` closes it (a CD ejected). On failure nothing
     /// changes.
     pub fn set_filename(&self, path: &str) -> Result<(), String> {
-        let mut st = self.state_mut();
+        let _op = self.ops();
         if path.is_empty() {
             if self.opts.kind != Kind::Cdrom {
                 return Err("filename cannot be empty for a disk; write active=0 instead".into());
             }
+            let mut st = self.state_mut();
             st.path.clear();
-            self.install(&mut st, None);
+            let old = self.install(&mut st, None);
+            drop(st);
+            drop(old);
             return Ok(());
         }
         let b = Backing::open(&self.opts, path, None)?;
+        let mut st = self.state_mut();
         st.path = path.to_string();
-        self.install(&mut st, Some(Arc::new(b)));
+        let old = self.install(&mut st, Some(Arc::new(b)));
         self.active.store(true, Ordering::Release);
+        drop(st);
+        drop(old);
         Ok(())
     }
 
     /// Re-reads the size of the backing; returns the new size.
     pub fn resync_size(&self) -> Result<u64, String> {
-        let mut st = self.state_mut();
-        let Some(b) = st.backing.clone() else {
+        let _op = self.ops();
+        let Some(b) = self.state().backing.clone() else {
             return Err("the device is not active".into());
         };
         let len = b
             .current_size(self.opts.kind)
-            .map_err(|e| format!("cannot read the size of {}: {e}", b.path))?;
+            .map_err(|e| format!("cannot read the size of {}: {e}", quote(&b.path)))?;
         let bs = u64::from(self.opts.block_size);
         let len = len - len % bs;
         if len == 0 {
-            return Err(format!("{} is smaller than one block", b.path));
+            return Err(format!("{} is smaller than one block", quote(&b.path)));
         }
         let nb = Backing {
             file: b
                 .file
                 .try_clone()
-                .map_err(|e| format!("cannot reopen {}: {e}", b.path))?,
+                .map_err(|e| format!("cannot reopen {}: {e}", quote(&b.path)))?,
             path: b.path.clone(),
             size: len,
             direct: b.direct,
@@ -572,12 +602,20 @@ impl FileDev {
             inline_read: AtomicU8::new(b.inline_read.load(Ordering::Relaxed)),
             inline_write: AtomicU8::new(b.inline_write.load(Ordering::Relaxed)),
         };
-        self.install(&mut st, Some(Arc::new(nb)));
+        let mut st = self.state_mut();
+        // Only a failing I/O changes the backing outside `ops`, and it closes it.
+        if !st.backing.as_ref().is_some_and(|x| Arc::ptr_eq(x, &b)) {
+            return Err("the device went inactive meanwhile".into());
+        }
+        let old = self.install(&mut st, Some(Arc::new(nb)));
+        drop(st);
+        drop(old);
         Ok(self.size())
     }
 
     /// Sets the size the device reports (blockio's writable `size`): at most the backing's.
     pub fn set_size(&self, size: u64) -> Result<(), String> {
+        let _op = self.ops();
         let mut st = self.state_mut();
         let bs = u64::from(self.opts.block_size);
         if size == 0 || !size.is_multiple_of(bs) {
@@ -589,13 +627,15 @@ impl FileDev {
             if size > b.size {
                 return Err(format!(
                     "size {size} is larger than {} ({} bytes)",
-                    b.path, b.size
+                    quote(&b.path),
+                    b.size
                 ));
             }
         }
         st.size_override = Some(size);
         let b = st.backing.clone();
-        self.install(&mut st, b);
+        // The same backing: nothing to close.
+        let _same = self.install(&mut st, b);
         Ok(())
     }
 
@@ -606,7 +646,7 @@ impl FileDev {
             Some(b) => b
                 .file
                 .sync_data()
-                .map_err(|e| format!("fdatasync {}: {e}", b.path)),
+                .map_err(|e| format!("fdatasync {}: {e}", quote(&b.path))),
             None => Err("the device is not active".into()),
         }
     }
@@ -622,8 +662,10 @@ impl FileDev {
             "device {}: backing {} failed ({why}); the device is now inactive (write active=1 to reopen)",
             self.name, failed.path
         );
-        self.install(&mut st, None);
+        let old = self.install(&mut st, None);
         self.active.store(false, Ordering::Release);
+        drop(st);
+        drop(old);
     }
 
     /// Counts the outcome of an I/O toward the failure detection.

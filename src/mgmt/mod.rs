@@ -752,8 +752,28 @@ impl Mgmt {
     // ------------------------------------------------------------------ writing
 
     pub fn set(&self, path: &str, value: &str) -> Result<(), MgmtError> {
+        if let ["devices", d, a] = split(path).as_slice() {
+            return self.set_device_attr(path, d, a, value.trim_end_matches('\n'));
+        }
         let mut st = self.lock();
         self.write(&mut st, path, value)?;
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// Writes a device attribute with the device taken out of the tree's lock: opening,
+    /// closing, resizing or syncing its backing may block on I/O (a file on a hung mount),
+    /// and that must not stop every other request. The device itself serialises its own
+    /// changes.
+    fn set_device_attr(&self, path: &str, d: &str, a: &str, value: &str) -> Result<(), MgmtError> {
+        let nf = || MgmtError::NotFound(path.to_string());
+        let dev = self.lock().devices.get(d).cloned().ok_or_else(nf)?;
+        if dev.get_attr(a).is_none() {
+            return Err(nf());
+        }
+        dev.set_attr(a, value)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        let st = self.lock();
         self.publish(&st);
         Ok(())
     }
@@ -764,14 +784,6 @@ impl Mgmt {
         let nf = || MgmtError::NotFound(path.to_string());
         match p.as_slice() {
             ["targets", "iscsi", "enabled"] => st.iscsi_enabled = parse01(path, value)?,
-            ["devices", d, a] => {
-                let dev = st.devices.get(*d).ok_or_else(nf)?;
-                if dev.get_attr(a).is_none() {
-                    return Err(nf());
-                }
-                dev.set_attr(a, value)
-                    .map_err(|e| invalid(path, e.to_string()))?;
-            }
             ["targets", "iscsi", t, a] if st.targets.contains_key(*t) => {
                 let in_use: Vec<u16> = st
                     .targets
@@ -848,7 +860,6 @@ impl Mgmt {
 
     /// Runs an SCST mgmt command. `path` names the `mgmt` entry or its directory.
     pub fn mgmt(&self, path: &str, command: &str) -> Result<(), MgmtError> {
-        let mut st = self.lock();
         let mut p = split(path);
         if p.last() == Some(&"mgmt") {
             p.pop();
@@ -859,18 +870,17 @@ impl Mgmt {
         };
         let joined = p.join("/");
         let here = format!("{joined}/mgmt");
+        if let (["handlers", h], "add_device") = (p.as_slice(), verb) {
+            if device::HANDLERS.contains(h) {
+                return self.add_device(h, &here, args, command);
+            }
+        }
+        // A device deleted below is dropped after the lock is released: closing its backing
+        // may wait for I/O.
+        let mut removed = None;
+        let mut st = self.lock();
         match p.as_slice() {
             ["handlers", h] if device::HANDLERS.contains(h) => match verb {
-                "add_device" => {
-                    let name = args.first().ok_or_else(|| invalid(&here, "add_device needs a device name"))?;
-                    if st.devices.contains_key(*name) {
-                        return Err(invalid(&here, format!("device {name} already exists")));
-                    }
-                    let rest = command.trim_start()[verb.len()..].trim_start()[name.len()..].to_string();
-                    let params = parse_params(&here, &rest)?;
-                    let dev = Device::create(h, name, &params).map_err(|e| invalid(&here, e.to_string()))?;
-                    st.devices.insert(name.to_string(), dev);
-                }
                 "del_device" => {
                     let [name] = args else { return Err(invalid(&here, "usage: del_device NAME")) };
                     let dev = st.devices.get(*name).ok_or_else(|| invalid(&here, format!("no device {name}")))?;
@@ -884,7 +894,7 @@ impl Mgmt {
                             msg: format!("device {name} is busy: exported as {}", ex.join(", ")),
                         });
                     }
-                    st.devices.remove(*name);
+                    removed = st.devices.remove(*name);
                 }
                 _ => return Err(invalid(&here, format!("unknown command {verb:?}: use add_device or del_device"))),
             },
@@ -960,6 +970,42 @@ impl Mgmt {
             ["targets", "iscsi", t, "ini_groups", g, "initiators"] if has_group(&st, t, g) => initiators_mgmt(&mut st, t, g, &here, verb, args)?,
             _ => return Err(MgmtError::NotFound(here)),
         }
+        self.publish(&st);
+        drop(st);
+        drop(removed);
+        Ok(())
+    }
+
+    /// `add_device NAME [k=v; ...]` on handler `h`. The device is created (its backing
+    /// opened, a file created) without the tree's lock held, so that a slow or stuck open
+    /// cannot stop every other request: the name is checked first, and again when the device
+    /// goes into the tree, where of two racing adds of one name the later one fails cleanly
+    /// (its device is dropped; a file it created stays, as the winner may be using it).
+    fn add_device(
+        &self,
+        h: &str,
+        here: &str,
+        args: &[&str],
+        command: &str,
+    ) -> Result<(), MgmtError> {
+        let name = *args
+            .first()
+            .ok_or_else(|| invalid(here, "add_device needs a device name"))?;
+        let exists = || invalid(here, format!("device {name} already exists"));
+        if self.lock().devices.contains_key(name) {
+            return Err(exists());
+        }
+        // The parameters follow "add_device NAME": both are the command's first words.
+        let rest =
+            command.trim_start()["add_device".len()..].trim_start()[name.len()..].to_string();
+        let params = parse_params(here, &rest)?;
+        let dev = Device::create(h, name, &params).map_err(|e| invalid(here, e.to_string()))?;
+        let mut st = self.lock();
+        if st.devices.contains_key(name) {
+            drop(st);
+            return Err(exists());
+        }
+        st.devices.insert(name.to_string(), dev);
         self.publish(&st);
         Ok(())
     }
@@ -1957,6 +2003,28 @@ mod more_tests {
         assert!(matches!(m.get("nope"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.ls("nope/deeper"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.set("nope", "1"), Err(MgmtError::NotFound(_))));
+    }
+
+    #[test]
+    fn racing_adds_of_one_name_leave_one_device() {
+        // add_device creates the device outside the tree's lock: the name is checked again
+        // on insertion, and every loser says why.
+        let m = mgmt();
+        let results: Vec<Result<(), MgmtError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| m.mgmt("handlers/vdisk_ramio/mgmt", "add_device r size_mb=1")))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(e.to_string().contains("already exists"), "{e}");
+        }
+        assert_eq!(m.ls("devices").unwrap().len(), 1);
     }
 
     #[test]

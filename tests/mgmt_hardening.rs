@@ -1,0 +1,163 @@
+//! What a hostile administrator (or a careless script) can do through the RPC must not hurt the
+//! daemon or the files around it: add_device never changes a file it was only asked to open,
+//! a FIFO or other non-file as a backing is refused at once while the RPC keeps answering,
+//! RAM disks fit in memory, SCST's CHAP commands work as scstadmin sends them, and the fault
+//! injection attribute behaves as documented.
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::Target;
+use serde_json::{json, Value};
+
+fn mgmt(t: &Target, path: &str, command: &str) -> Result<Value, Value> {
+    t.try_call("mgmt", json!({"path": path, "command": command}))
+}
+
+/// The message of a JSON-RPC error, after checking it is one.
+fn err_msg(r: Result<Value, Value>, what: &str) -> String {
+    let e = r.expect_err(what);
+    assert!(e.get("code").is_some(), "{what}: not a JSON-RPC error: {e}");
+    e["message"].as_str().unwrap_or_default().to_string()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn add_device_never_resizes_an_existing_file() {
+    let t = Target::start(&["--cores", "0"]);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = dir.path().join("disk.img");
+    std::fs::write(&f, vec![7u8; 1 << 20]).unwrap();
+    let before = std::fs::metadata(&f).unwrap();
+    let msg = err_msg(
+        mgmt(
+            &t,
+            "handlers/vdisk_fileio/mgmt",
+            &format!("add_device d0 filename={}; size_mb=4", path_str(&f)),
+        ),
+        "a size larger than the existing file",
+    );
+    assert!(
+        msg.contains(path_str(&f)) && msg.contains("1048576") && msg.contains("4194304"),
+        "{msg}"
+    );
+    let after = std::fs::metadata(&f).unwrap();
+    assert_eq!(after.len(), 1 << 20, "the file was resized");
+    assert_eq!(
+        after.mtime_nsec(),
+        before.mtime_nsec(),
+        "the file was touched"
+    );
+    assert!(
+        t.try_call("get", json!({"path": "devices/d0/size"}))
+            .is_err(),
+        "the device was created"
+    );
+    // The size it has is accepted, and so is no size.
+    t.mgmt(
+        "handlers/vdisk_fileio/mgmt",
+        &format!("add_device d0 filename={}; size_mb=1", path_str(&f)),
+    );
+    t.mgmt(
+        "handlers/vdisk_fileio/mgmt",
+        &format!("add_device d1 filename={}", path_str(&f)),
+    );
+    assert_eq!(t.get("devices/d1/size"), "1048576");
+    // A new file is made, private to its owner.
+    let n = dir.path().join("new.img");
+    t.mgmt(
+        "handlers/vdisk_fileio/mgmt",
+        &format!("add_device d2 filename={}; size_mb=2", path_str(&n)),
+    );
+    let md = std::fs::metadata(&n).unwrap();
+    assert_eq!(md.len(), 2 << 20);
+    assert_eq!(md.mode() & 0o077, 0, "mode {:o}", md.mode());
+    // Without a size a missing file is an error.
+    let msg = err_msg(
+        mgmt(
+            &t,
+            "handlers/vdisk_fileio/mgmt",
+            &format!(
+                "add_device d3 filename={}",
+                path_str(&dir.path().join("missing.img"))
+            ),
+        ),
+        "a missing file without a size",
+    );
+    assert!(msg.contains("No such file"), "{msg}");
+}
+
+/// Runs `mgmt` on one client while a second client asks for the version; both must answer
+/// (each call gives up after 30 s, so a hung daemon fails the test rather than hanging it).
+fn mgmt_while_rpc_answers(t: &Target, path: &str, command: &str) -> Result<Value, Value> {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| mgmt(t, path, command));
+        let v = t.try_call("get", json!({"path": "version"}));
+        assert!(v.is_ok(), "get version during {command:?}: {v:?}");
+        let r = h.join().unwrap();
+        if let Err(e) = &r {
+            assert!(e.get("io").is_none(), "{command:?} did not answer: {e}");
+        }
+        let v = t.try_call("get", json!({"path": "version"}));
+        assert!(v.is_ok(), "get version after {command:?}: {v:?}");
+        r
+    })
+}
+
+#[test]
+fn a_fifo_or_other_non_file_is_refused_and_rpc_keeps_answering() {
+    let t = Target::start(&["--cores", "0"]);
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let cases = [
+        (&fifo as &Path, "a FIFO"),
+        (&sub, "a directory"),
+        (Path::new("/dev/null"), "a character device"),
+    ];
+    for (i, (p, what)) in cases.into_iter().enumerate() {
+        let p = path_str(p);
+        for (handler, extra) in [
+            ("vdisk_fileio", ""),
+            ("vdisk_fileio", "; read_only=1"),
+            ("vdisk_blockio", ""),
+        ] {
+            let cmd = format!("add_device x{i} filename={p}{extra}");
+            let msg = err_msg(
+                mgmt_while_rpc_answers(&t, &format!("handlers/{handler}/mgmt"), &cmd),
+                &cmd,
+            );
+            let want = if handler == "vdisk_blockio" {
+                "not a block device"
+            } else {
+                what
+            };
+            assert!(msg.contains(p) && msg.contains(want), "{cmd}: {msg}");
+        }
+        // A CD drive refuses it as a disc, and stays empty.
+        t.mgmt("handlers/vcdrom/mgmt", &format!("add_device cd{i}"));
+        let path = format!("devices/cd{i}/filename");
+        let r = std::thread::scope(|s| {
+            let h = s.spawn(|| t.try_call("set", json!({"path": path, "value": p})));
+            assert!(t.try_call("get", json!({"path": "version"})).is_ok());
+            h.join().unwrap()
+        });
+        let msg = err_msg(r, &format!("vcdrom on {p}"));
+        assert!(msg.contains(p) && msg.contains(what), "{msg}");
+        assert_eq!(t.get(&path), "");
+    }
+    let devices = t.call("ls", json!({"path": "devices"}));
+    let names: Vec<&str> = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert_eq!(names, ["cd0", "cd1", "cd2"], "only the CD drives exist");
+}
