@@ -161,3 +161,64 @@ fn a_fifo_or_other_non_file_is_refused_and_rpc_keeps_answering() {
         .collect();
     assert_eq!(names, ["cd0", "cd1", "cd2"], "only the CD drives exist");
 }
+
+/// MemAvailable of this machine, in MiB.
+fn mem_available_mib() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        >> 10
+}
+
+#[test]
+fn a_ram_disk_beyond_memory_is_refused() {
+    let t = Target::start(&["--cores", "0"]);
+    // Margins wide enough that memory freed meanwhile by other processes cannot matter.
+    let avail = mem_available_mib();
+    let want = avail + avail / 2 + 1024;
+    let msg = err_msg(
+        mgmt(
+            &t,
+            "handlers/vdisk_ramio/mgmt",
+            &format!("add_device big size_mb={want}"),
+        ),
+        "a RAM disk beyond MemAvailable",
+    );
+    assert!(
+        msg.contains(&format!("{want} MiB")) && msg.contains("available"),
+        "{msg}"
+    );
+    assert!(t
+        .try_call("get", json!({"path": "devices/big/size"}))
+        .is_err());
+    // What fits is made (untouched, it costs nothing) and counts against the next one.
+    let half = (avail / 2).max(1);
+    t.mgmt(
+        "handlers/vdisk_ramio/mgmt",
+        &format!("add_device half size_mb={half}"),
+    );
+    assert_eq!(t.get("devices/half/size_mb"), half.to_string());
+    let more = (avail * 3 / 4).max(1);
+    let msg = err_msg(
+        mgmt(
+            &t,
+            "handlers/vdisk_ramio/mgmt",
+            &format!("add_device more size_mb={more}"),
+        ),
+        "MemAvailable with another RAM disk holding half of it",
+    );
+    assert!(msg.contains("other RAM disks"), "{msg}");
+    // Deleting the first gives its share back.
+    t.mgmt("handlers/vdisk_ramio/mgmt", "del_device half");
+    t.mgmt(
+        "handlers/vdisk_ramio/mgmt",
+        &format!("add_device more size_mb={}", (avail / 4).max(1)),
+    );
+}

@@ -13,10 +13,12 @@
 
 use std::cell::OnceCell;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use log::error;
+use log::{error, warn};
 
 use crate::env::DataBuf;
 
@@ -237,25 +239,161 @@ impl BlockDev for NullDev {
 /// of the disk never meet.
 const RAM_CHUNK: usize = 1 << 20;
 
+/// Bytes promised to this process's RAM disks: their whole sizes, as their memory is only
+/// taken when first written and MemAvailable does not show it yet.
+static RAM_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Memory a new RAM disk may take, and where the figure comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryRoom {
+    pub bytes: u64,
+    pub source: &'static str,
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// The room left under the memory limits of this process's cgroups (`/proc/self/cgroup`
+/// lines: v2 `0::PATH` with memory.max, v1 `N:memory:PATH` with memory.limit_in_bytes),
+/// from its own cgroup up to the hierarchy's root; `None` when no limit applies.
+fn cgroup_room(proc_cgroup: &str, root: &Path) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (base, limit, usage) = if ctrl.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current")
+        } else if ctrl.split(',').any(|c| c == "memory") {
+            (
+                root.join("memory"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        // Inside a container the path may not exist under our mount: its ancestors (and the
+        // root, which is then the container's own cgroup) still tell.
+        let mut dir: PathBuf = base.join(path.trim_start_matches('/'));
+        loop {
+            // "max" (v2, no limit) does not parse: nothing to bound.
+            if let (Some(l), Some(u)) = (read_u64(&dir.join(limit)), read_u64(&dir.join(usage))) {
+                let room = l.saturating_sub(u);
+                best = Some(best.map_or(room, |b| b.min(room)));
+            }
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    best
+}
+
+/// The memory a new RAM disk may take: MemAvailable, or less when a cgroup limit is nearer.
+/// `None` when /proc/meminfo cannot be read.
+pub fn memory_room() -> Option<MemoryRoom> {
+    let avail = mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
+    let cg = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| cgroup_room(&t, Path::new("/sys/fs/cgroup")));
+    Some(match cg {
+        Some(c) if c < avail => MemoryRoom {
+            bytes: c,
+            source: "the cgroup's memory limit",
+        },
+        _ => MemoryRoom {
+            bytes: avail,
+            source: "MemAvailable",
+        },
+    })
+}
+
+/// A RAM disk's share of the bytes reserved in a counter ([`RAM_RESERVED`]), given back when
+/// it is dropped.
+struct RamReservation {
+    size: u64,
+    counter: &'static AtomicU64,
+}
+
+impl RamReservation {
+    /// Reserves `size` bytes in `counter` if they fit in `room` beside what other RAM disks
+    /// hold.
+    fn take(
+        size: u64,
+        room: &MemoryRoom,
+        counter: &'static AtomicU64,
+    ) -> Result<RamReservation, String> {
+        let mut held = counter.load(Ordering::Acquire);
+        loop {
+            let free = room.bytes.saturating_sub(held);
+            if size > free {
+                return Err(format!(
+                    "a RAM disk of {size} bytes ({} MiB) does not fit in memory: {free} bytes ({} MiB) are available ({} {} MiB, less {} MiB for the other RAM disks)",
+                    size >> 20,
+                    free >> 20,
+                    room.source,
+                    room.bytes >> 20,
+                    held >> 20
+                ));
+            }
+            match counter.compare_exchange(held, held + size, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(RamReservation { size, counter }),
+                Err(now) => held = now,
+            }
+        }
+    }
+}
+
+impl Drop for RamReservation {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.size, Ordering::AcqRel);
+    }
+}
+
 /// A RAM disk whose data reads back (SPDK's malloc bdev). Memory is zero-filled on demand by
-/// the kernel (calloc'd chunks), so an untouched disk costs nothing.
+/// the kernel (calloc'd chunks), so an untouched disk costs nothing; its whole size is
+/// reserved all the same, so that the disks together never promise more than the machine
+/// has.
 pub struct RamDev {
     block_size: u32,
     size: u64,
     chunks: Vec<RwLock<Box<[u8]>>>,
+    _reserved: Option<RamReservation>,
 }
 
 impl RamDev {
-    pub fn new(block_size: u32, size: u64) -> Arc<RamDev> {
-        let n = (size as usize).div_ceil(RAM_CHUNK);
+    /// A RAM disk of `size` bytes, refused when it does not fit in the memory available
+    /// ([`memory_room`]) less what the other RAM disks reserve.
+    pub fn new(block_size: u32, size: u64) -> Result<Arc<RamDev>, String> {
+        let reserved = match memory_room() {
+            Some(room) => Some(RamReservation::take(size, &room, &RAM_RESERVED)?),
+            None => {
+                warn!("cannot read MemAvailable from /proc/meminfo: a RAM disk of {size} bytes is not checked against memory");
+                None
+            }
+        };
+        let n = usize::try_from(size)
+            .map_err(|_| format!("a RAM disk of {size} bytes is too large"))?
+            .div_ceil(RAM_CHUNK);
         let chunks = (0..n)
             .map(|_| RwLock::new(vec![0u8; RAM_CHUNK].into_boxed_slice()))
             .collect();
-        Arc::new(RamDev {
+        Ok(Arc::new(RamDev {
             block_size,
             size,
             chunks,
-        })
+            _reserved: reserved,
+        }))
     }
 
     /// Calls `f(chunk_index, offset_in_chunk, buf_offset, len)` for each piece of a range.
@@ -348,7 +486,7 @@ mod tests {
 
     #[test]
     fn ram_reads_back_across_chunks() {
-        let dev = RamDev::new(512, 4 << 20);
+        let dev = RamDev::new(512, 4 << 20).unwrap();
         let mut ch = dev.clone().open_channel(&IoContext::new());
         let mut b = DataBuf::alloc(300 * 1024).unwrap();
         let data: Vec<u8> = (0..b.len()).map(|i| (i * 7) as u8).collect();
@@ -384,6 +522,73 @@ mod tests {
         out.clear();
         ch.poll(&mut out);
         assert!(out[0].result.is_err());
+    }
+
+    #[test]
+    fn ram_disks_fit_in_memory() {
+        assert_eq!(
+            mem_available("MemTotal: 100 kB\nMemFree: 5 kB\nMemAvailable:   2048 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(mem_available("MemTotal: 100 kB\n"), None);
+        // A pretend machine, with a counter of its own (tests run in parallel).
+        static HELD: AtomicU64 = AtomicU64::new(0);
+        let room = MemoryRoom {
+            bytes: 1 << 62,
+            source: "MemAvailable",
+        };
+        let a = RamReservation::take(1 << 61, &room, &HELD).unwrap();
+        let e = RamReservation::take(3 << 60, &room, &HELD).err().unwrap();
+        assert!(
+            e.contains(&(3u64 << 60).to_string()) && e.contains("available"),
+            "{e}"
+        );
+        drop(a);
+        // Given back when the disk goes.
+        let b = RamReservation::take(3 << 60, &room, &HELD).unwrap();
+        drop(b);
+        let small = MemoryRoom {
+            bytes: 1 << 20,
+            source: "MemAvailable",
+        };
+        assert!(RamReservation::take(2 << 20, &small, &HELD).is_err());
+        // The real machine: a disk beyond its memory is refused.
+        let real = memory_room().unwrap();
+        let e = RamDev::new(512, (real.bytes + (1 << 30)) & !511)
+            .err()
+            .unwrap();
+        assert!(e.contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_limits_bound_the_room() {
+        let root = tempfile::tempdir().unwrap();
+        let w = |rel: &str, v: &str| {
+            let p = root.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, v).unwrap();
+        };
+        // v2: the nearest ancestor with a limit counts; "max" is none.
+        w("a/memory.max", "1000000");
+        w("a/memory.current", "400000");
+        w("a/b/memory.max", "max");
+        w("a/b/memory.current", "100");
+        assert_eq!(cgroup_room("0::/a/b\n", root.path()), Some(600_000));
+        assert_eq!(cgroup_room("0::/\n", root.path()), None);
+        // v1 memory controller, also listed with others.
+        w("memory/c/memory.limit_in_bytes", "5000");
+        w("memory/c/memory.usage_in_bytes", "1000");
+        assert_eq!(
+            cgroup_room("4:cpu,memory:/c\n1:pids:/\n", root.path()),
+            Some(4000)
+        );
+        // A path missing from the mount (a container's view): its root still tells.
+        w("memory/memory.limit_in_bytes", "3000");
+        w("memory/memory.usage_in_bytes", "2000");
+        assert_eq!(
+            cgroup_room("4:memory:/elsewhere/x\n", root.path()),
+            Some(1000)
+        );
     }
 
     #[test]

@@ -259,7 +259,7 @@ impl Device {
                                 "a RAM disk of {size} bytes is larger than 1 TiB"
                             )));
                         }
-                        RamDev::new(block_size, size)
+                        RamDev::new(block_size, size).map_err(invalid)?
                     }
                 };
                 (bdev, None)
