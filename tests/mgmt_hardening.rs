@@ -222,3 +222,59 @@ fn a_ram_disk_beyond_memory_is_refused() {
         &format!("add_device more size_mb={}", (avail / 4).max(1)),
     );
 }
+
+#[test]
+fn chap_deletes_as_scstadmin_sends_them_and_handler_types() {
+    let t = Target::start(&["--cores", "0"]);
+    let iqn = common::IQN;
+    t.mgmt("targets/iscsi/mgmt", &format!("add_target {iqn}"));
+    let m = "targets/iscsi/mgmt";
+    t.mgmt(
+        m,
+        &format!("add_target_attribute {iqn} IncomingUser joe 12charsecret"),
+    );
+    t.mgmt(m, "add_attribute IncomingUser ann 12charsecret");
+    t.mgmt(m, "add_attribute OutgoingUser tgt 12charsecret");
+    // A secret that does not match is refused, naming the user and not the secret.
+    let msg = err_msg(
+        mgmt(
+            &t,
+            m,
+            &format!("del_target_attribute {iqn} IncomingUser joe not-the-secret"),
+        ),
+        "a wrong secret",
+    );
+    assert!(
+        msg.contains("joe") && !msg.contains("not-the-secret"),
+        "{msg}"
+    );
+    assert_eq!(t.get(&format!("targets/iscsi/{iqn}/IncomingUser")), "joe");
+    // The value scstadmin reads back and sends: user and secret.
+    t.mgmt(
+        m,
+        &format!("del_target_attribute {iqn} IncomingUser joe 12charsecret"),
+    );
+    assert!(t
+        .try_call(
+            "get",
+            json!({"path": format!("targets/iscsi/{iqn}/IncomingUser")})
+        )
+        .is_err());
+    t.mgmt(m, "del_attribute IncomingUser ann 12charsecret");
+    t.mgmt(m, "del_attribute OutgoingUser tgt 12charsecret");
+    assert!(t
+        .try_call("get", json!({"path": "targets/iscsi/OutgoingUser"}))
+        .is_err());
+    assert_eq!(t.get("handlers/vcdrom/type"), "5 - CD-ROM device");
+    for h in [
+        "vdisk_fileio",
+        "vdisk_blockio",
+        "vdisk_nullio",
+        "vdisk_ramio",
+    ] {
+        assert_eq!(
+            t.get(&format!("handlers/{h}/type")),
+            "0 - direct-access device (e.g., magnetic disk)"
+        );
+    }
+}

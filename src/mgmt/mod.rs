@@ -19,6 +19,7 @@ use crate::iscsi::login::Auth;
 use crate::iscsi::param::{self, TargetParams};
 use crate::iscsi::registry::Registry;
 use crate::scsi::device::{self, Device};
+use crate::util::quote;
 
 /// What went wrong with a management request; the message names the path and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -568,7 +569,7 @@ impl Mgmt {
                 )
             }
             ["handlers", h, "type"] if device::HANDLERS.contains(h) => {
-                "0 - direct-access device (e.g., magnetic disk)".into()
+                device::handler_type(h).into()
             }
             ["handlers", h, d] if device::HANDLERS.contains(h) => {
                 let dev = st
@@ -1698,8 +1699,10 @@ fn auth_attr(a: &Auth, name: &str) -> Option<String> {
     a.incoming.get(i).map(|x| x.user.clone())
 }
 
-/// `add_attribute IncomingUser USER SECRET`, `del_attribute IncomingUser USER` and the same
-/// for OutgoingUser (one account at most), on the driver or on one target.
+/// `add_attribute IncomingUser USER SECRET`, `del_attribute IncomingUser USER [SECRET]` and
+/// the same for OutgoingUser (one account at most), on the driver or on one target. A delete
+/// takes the secret too, as scstadmin sends back the value it read (`USER SECRET`); given,
+/// it must be the account's.
 fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result<(), MgmtError> {
     let Some((&attr, rest)) = args.split_first() else {
         return Err(invalid(
@@ -1740,22 +1743,39 @@ fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result
             auth.incoming.push(acct);
         }
     } else {
-        let [user] = rest else {
-            return Err(invalid(here, format!("usage: del_attribute {attr} USER")));
-        };
-        let found = if attr == "OutgoingUser" {
-            let hit = auth.outgoing.as_ref().is_some_and(|o| o.user == *user);
-            if hit {
-                auth.outgoing = None;
+        let (user, secret) = match rest {
+            [user] => (*user, None),
+            [user, secret] => (*user, Some(*secret)),
+            _ => {
+                return Err(invalid(
+                    here,
+                    format!("usage: del_attribute {attr} USER [SECRET]"),
+                ))
             }
-            hit
-        } else {
-            let before = auth.incoming.len();
-            auth.incoming.retain(|a| a.user != *user);
-            auth.incoming.len() != before
         };
-        if !found {
-            return Err(invalid(here, format!("no {attr} {user}")));
+        let account = if attr == "OutgoingUser" {
+            auth.outgoing.as_ref().filter(|o| o.user == user)
+        } else {
+            auth.incoming.iter().find(|a| a.user == user)
+        };
+        let Some(account) = account else {
+            return Err(invalid(here, format!("no {attr} {}", quote(user))));
+        };
+        if let Some(s) = secret {
+            if !chap::constant_time_eq(s.as_bytes(), account.secret.as_bytes()) {
+                return Err(invalid(
+                    here,
+                    format!(
+                        "the secret given does not match {attr} {}'s; nothing was deleted",
+                        quote(user)
+                    ),
+                ));
+            }
+        }
+        if attr == "OutgoingUser" {
+            auth.outgoing = None;
+        } else {
+            auth.incoming.retain(|a| a.user != user);
         }
     }
     Ok(())
@@ -2003,6 +2023,70 @@ mod more_tests {
         assert!(matches!(m.get("nope"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.ls("nope/deeper"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.set("nope", "1"), Err(MgmtError::NotFound(_))));
+    }
+
+    #[test]
+    fn chap_deletes_take_the_value_scstadmin_sends() {
+        let m = mgmt();
+        setup(&m);
+        let t = "targets/iscsi/mgmt";
+        let secret = "12charsecret";
+        for (add, del) in [
+            (
+                format!("add_target_attribute {T} IncomingUser joe {secret}"),
+                format!("del_target_attribute {T} IncomingUser joe"),
+            ),
+            (
+                format!("add_attribute OutgoingUser tgt {secret}"),
+                "del_attribute OutgoingUser tgt".to_string(),
+            ),
+        ] {
+            m.mgmt(t, &add).unwrap();
+            // A wrong secret is refused, naming the user and not the secret.
+            let e = m
+                .mgmt(t, &format!("{del} wrong-secret-1"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("joe") || e.contains("tgt"), "{e}");
+            assert!(
+                e.contains("does not match") && !e.contains("wrong-secret-1"),
+                "{e}"
+            );
+            // With the right secret (as scstadmin sends it) it goes.
+            m.mgmt(t, &format!("{del} {secret}")).unwrap();
+            assert!(m.mgmt(t, &del).unwrap_err().to_string().contains("no "));
+            // And without one, as before.
+            m.mgmt(t, &add).unwrap();
+            m.mgmt(t, &del).unwrap();
+        }
+        assert!(m
+            .mgmt(t, "del_attribute IncomingUser a b c")
+            .unwrap_err()
+            .to_string()
+            .contains("usage"));
+    }
+
+    #[test]
+    fn handler_types_are_scsts() {
+        let m = mgmt();
+        assert_eq!(m.get("handlers/vcdrom/type").unwrap(), "5 - CD-ROM device");
+        for h in [
+            "vdisk_fileio",
+            "vdisk_blockio",
+            "vdisk_nullio",
+            "vdisk_ramio",
+        ] {
+            assert_eq!(
+                m.get(&format!("handlers/{h}/type")).unwrap(),
+                "0 - direct-access device (e.g., magnetic disk)",
+                "{h}"
+            );
+        }
+        m.mgmt("handlers/vcdrom/mgmt", "add_device cd").unwrap();
+        assert_eq!(
+            m.get("devices/cd/type").unwrap(),
+            m.get("handlers/vcdrom/type").unwrap()
+        );
     }
 
     #[test]

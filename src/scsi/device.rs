@@ -585,12 +585,7 @@ impl Device {
             "t10_vend_id" => id.t10_vend_id,
             "thin_provisioned" => b(self.thin),
             "tst" => "1".into(),
-            "type" => if self.is_cdrom() {
-                "5 - CD-ROM device"
-            } else {
-                "0 - direct-access device (e.g., magnetic disk)"
-            }
-            .into(),
+            "type" => handler_type(&self.handler).into(),
             "usn" => id.usn,
             "write_through" => opt(|o| o.write_through),
             _ => return None,
@@ -845,6 +840,16 @@ impl Device {
             self.ua_pending.store(false, Ordering::Release);
         }
         first
+    }
+}
+
+/// The `type` attribute of a handler and of its devices, as SCST shows it: the SPC
+/// peripheral device type and its name.
+pub fn handler_type(handler: &str) -> &'static str {
+    if handler == "vcdrom" {
+        "5 - CD-ROM device"
+    } else {
+        "0 - direct-access device (e.g., magnetic disk)"
     }
 }
 
