@@ -278,3 +278,192 @@ fn chap_deletes_as_scstadmin_sends_them_and_handler_types() {
         );
     }
 }
+
+mod faults {
+    use super::*;
+    use iscsi_tgt::initiator::{cdb, Initiator, LoginOptions, ScsiResult, STATUS_CHECK_CONDITION};
+    use std::time::Duration;
+
+    const BS: u32 = 512;
+    const MEDIUM_ERROR: u8 = 0x03;
+    const WRITE_ERROR: (u8, u8) = (0x0c, 0x00);
+    const UNRECOVERED_READ_ERROR: (u8, u8) = (0x11, 0x00);
+
+    fn login(t: &Target) -> Initiator {
+        let mut ini = Initiator::connect(t.addr).unwrap();
+        ini.login(&LoginOptions {
+            initiator_name: "iqn.2026-11.org.iscsi-tgt:faults".into(),
+            target_name: Some(common::IQN.into()),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("login: {e}\n{}", t.log()));
+        for lun in [0, 1] {
+            for _ in 0..8 {
+                if ini.test_unit_ready(lun).unwrap().is_good() {
+                    break;
+                }
+            }
+        }
+        ini
+    }
+
+    /// The INFORMATION field of fixed-format sense data, when VALID.
+    fn information(r: &ScsiResult) -> Option<u32> {
+        let s = &r.sense;
+        if s.len() < 7 || s[0] & 0x80 == 0 {
+            return None;
+        }
+        Some(u32::from_be_bytes([s[3], s[4], s[5], s[6]]))
+    }
+
+    fn write(ini: &mut Initiator, lun: u64, lba: u32, data: &[u8]) -> ScsiResult {
+        let blocks = (data.len() / BS as usize) as u16;
+        ini.scsi(
+            lun,
+            &cdb::write10(lba, blocks),
+            Some(data),
+            data.len() as u32,
+            false,
+        )
+        .unwrap()
+    }
+
+    fn read(ini: &mut Initiator, lun: u64, lba: u32, blocks: u16) -> ScsiResult {
+        ini.scsi(
+            lun,
+            &cdb::read10(lba, blocks),
+            None,
+            u32::from(blocks) * BS,
+            true,
+        )
+        .unwrap()
+    }
+
+    fn target() -> (Target, tempfile::TempDir) {
+        let t = Target::start(&["--cores", "0"]);
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        t.mgmt("handlers/vdisk_ramio/mgmt", "add_device ram0 size_mb=4");
+        t.mgmt(
+            "handlers/vdisk_fileio/mgmt",
+            &format!(
+                "add_device file0 filename={}; size_mb=4",
+                path_str(&dir.path().join("f.img"))
+            ),
+        );
+        let iqn = common::IQN;
+        t.mgmt("targets/iscsi/mgmt", &format!("add_target {iqn}"));
+        t.mgmt(&format!("targets/iscsi/{iqn}/luns/mgmt"), "add ram0 0");
+        t.mgmt(&format!("targets/iscsi/{iqn}/luns/mgmt"), "add file0 1");
+        t.set(&format!("targets/iscsi/{iqn}/enabled"), "1");
+        t.set("targets/iscsi/enabled", "1");
+        (t, dir)
+    }
+
+    const DEVICES: [(u64, &str); 2] = [(0, "ram0"), (1, "file0")];
+
+    #[test]
+    fn injected_eio_is_a_medium_error_and_the_device_stays() {
+        let (t, _dir) = target();
+        let mut ini = login(&t);
+        let data: Vec<u8> = (0..4 * BS as usize).map(|i| (i * 13 % 251) as u8).collect();
+        for (lun, dev) in DEVICES {
+            let attr = format!("devices/{dev}/fault_inject");
+            assert_eq!(t.get(&attr), "none");
+            assert!(write(&mut ini, lun, 8, &data).is_good());
+
+            t.set(&attr, "eio_write");
+            // More than the EIO_LIMIT of real errors that takes a file offline.
+            for _ in 0..5 {
+                let r = write(&mut ini, lun, 16, &data);
+                assert_eq!(r.status, STATUS_CHECK_CONDITION, "{dev}: {r:?}");
+                assert_eq!(r.sense_key(), Some(MEDIUM_ERROR), "{dev}: {r:?}");
+                assert_eq!(r.asc_ascq(), Some(WRITE_ERROR), "{dev}: {r:?}");
+                assert_eq!(information(&r), Some(16), "{dev}: the LBA");
+            }
+            let r = read(&mut ini, lun, 8, 4);
+            assert!(r.is_good(), "{dev}: a READ under eio_write: {r:?}");
+            assert_eq!(r.data, data, "{dev}");
+            assert!(
+                ini.test_unit_ready(lun).unwrap().is_good(),
+                "{dev} went offline"
+            );
+            if dev == "file0" {
+                assert_eq!(t.get("devices/file0/active"), "1");
+            }
+
+            t.set(&attr, "eio_read");
+            let r = read(&mut ini, lun, 9, 2);
+            assert_eq!(r.sense_key(), Some(MEDIUM_ERROR), "{dev}: {r:?}");
+            assert_eq!(r.asc_ascq(), Some(UNRECOVERED_READ_ERROR), "{dev}: {r:?}");
+            assert_eq!(information(&r), Some(9), "{dev}: the LBA");
+
+            t.set(&attr, "none");
+            let r = read(&mut ini, lun, 8, 4);
+            assert!(r.is_good(), "{dev}: {r:?}");
+            assert_eq!(r.data, data, "{dev}");
+            // The failed writes wrote nothing.
+            let r = read(&mut ini, lun, 16, 4);
+            assert!(r.data.iter().all(|&b| b == 0), "{dev}");
+        }
+        // save_config leaves the attribute out at its default, keeps it otherwise.
+        let cfg = t.call("save_config", json!({}));
+        assert!(!cfg.to_string().contains("fault_inject"), "{cfg}");
+        t.set("devices/ram0/fault_inject", "eio");
+        let cfg = t.call("save_config", json!({}));
+        assert_eq!(
+            cfg["handlers"]["vdisk_ramio"]["ram0"]["fault_inject"], "eio",
+            "{cfg}"
+        );
+        t.set("devices/ram0/fault_inject", "none");
+        let msg = err_msg(
+            t.try_call(
+                "set",
+                json!({"path": "devices/ram0/fault_inject", "value": "often"}),
+            ),
+            "a bad value",
+        );
+        assert!(msg.contains("stall") && msg.contains("often"), "{msg}");
+    }
+
+    #[test]
+    fn a_stalled_read_completes_when_the_stall_is_cleared() {
+        let (t, _dir) = target();
+        let mut ini = login(&t);
+        let iqn = common::IQN;
+        for (lun, dev) in DEVICES {
+            let data: Vec<u8> = (0..8 * BS as usize)
+                .map(|i| (i * 7 + lun as usize) as u8)
+                .collect();
+            assert!(write(&mut ini, lun, 100, &data).is_good());
+            let attr = format!("devices/{dev}/fault_inject");
+            t.set(&attr, "stall");
+            let itt = ini
+                .submit(lun, &cdb::read10(100, 8), None, 8 * BS, true)
+                .unwrap();
+            // It does not complete while the stall lasts (whatever the machine's load, a
+            // held READ never completes early)...
+            ini.set_timeout(Some(Duration::from_secs(1))).unwrap();
+            assert!(
+                ini.wait(itt).is_err(),
+                "{dev}: the READ completed during the stall"
+            );
+            let sessions = t.call(
+                "ls",
+                json!({"path": format!("targets/iscsi/{iqn}/sessions")}),
+            );
+            let s = sessions[0]["name"].as_str().unwrap().to_string();
+            assert_eq!(
+                t.get(&format!("targets/iscsi/{iqn}/sessions/{s}/active_commands")),
+                "1",
+                "{dev}"
+            );
+            // ...and does once it is cleared, with the data.
+            t.set(&attr, "none");
+            ini.set_timeout(Some(Duration::from_secs(30))).unwrap();
+            let r = ini.wait(itt).unwrap();
+            assert!(r.is_good(), "{dev}: {r:?}");
+            assert_eq!(r.data, data, "{dev}");
+            assert!(ini.test_unit_ready(lun).unwrap().is_good());
+        }
+    }
+}

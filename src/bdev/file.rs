@@ -34,7 +34,10 @@ use log::{error, warn};
 use crate::util::quote;
 
 use super::uring::{Ring, RingOp, Step};
-use super::{BdevCompletion, BdevError, BdevIo, BlockDev, Extent, IoChannel, IoContext, IoOp};
+use super::{
+    BdevCompletion, BdevError, BdevIo, BlockDev, Extent, FaultInject, Faulty, IoChannel, IoContext,
+    IoOp,
+};
 
 /// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -150,6 +153,7 @@ pub struct FileDev {
     phys_block: AtomicU32,
     eio_streak: AtomicU32,
     misaligned_logged: AtomicBool,
+    fault: Arc<FaultInject>,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -455,6 +459,7 @@ impl FileDev {
             phys_block: AtomicU32::new(phys),
             eio_streak: AtomicU32::new(0),
             misaligned_logged: AtomicBool::new(false),
+            fault: Arc::default(),
         }))
     }
 
@@ -713,13 +718,21 @@ impl BlockDev for FileDev {
     }
 
     fn open_channel(self: Arc<Self>, cx: &IoContext) -> Box<dyn IoChannel> {
-        Box::new(FileChannel {
-            dev: self,
-            ring: cx.ring(),
-            done: Rc::new(RefCell::new(VecDeque::new())),
-            backing: None,
-            generation: 0,
-        })
+        let fault = self.fault.clone();
+        Box::new(Faulty::new(
+            FileChannel {
+                dev: self,
+                ring: cx.ring(),
+                done: Rc::new(RefCell::new(VecDeque::new())),
+                backing: None,
+                generation: 0,
+            },
+            fault,
+        ))
+    }
+
+    fn fault(&self) -> Option<&FaultInject> {
+        Some(&self.fault)
     }
 
     fn has_volatile_cache(&self) -> bool {
@@ -1684,6 +1697,59 @@ mod tests {
         let fl = unsafe { libc::fcntl(b.file.as_raw_fd(), libc::F_GETFL) };
         assert!(fl >= 0);
         assert_eq!(fl & libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn injected_faults_leave_the_backing_alone() {
+        use crate::bdev::Fault;
+        let dir = tempdir();
+        let p = dir.path().join("f.img");
+        let dev = FileDev::new("f", opts(Kind::File), p.to_str(), Some(1 << 20), true).unwrap();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let data = pattern(8192, 4);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        let c = run(&cx, &mut ch, io(IoOp::Write { fua: false }, 4096, Some(b)));
+        assert_eq!(c.result, Ok(()));
+        let fault = dev.fault().unwrap();
+        fault.set(Fault::EioWrite);
+        // More injected errors than it takes real ones to close the backing.
+        for _ in 0..EIO_LIMIT * 2 {
+            let c = run(
+                &cx,
+                &mut ch,
+                io(IoOp::Write { fua: false }, 512, DataBuf::alloc(512)),
+            );
+            assert_eq!(c.result, Err(BdevError::Io(512)));
+        }
+        assert!(
+            dev.is_active() && dev.is_open(),
+            "an injected EIO took it offline"
+        );
+        // A stalled read on the ring completes, with the data, once the stall is over.
+        fault.set(Fault::Stall);
+        ch.submit(io(IoOp::Read, 4096, DataBuf::alloc(data.len())));
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            cx.poll();
+            assert_eq!(ch.poll(&mut out), 0, "held");
+        }
+        assert_eq!(cx.inflight(), 0, "nothing went to the ring");
+        fault.set(Fault::None);
+        let c = loop {
+            cx.poll();
+            if ch.poll(&mut out) > 0 {
+                break out.pop().unwrap();
+            }
+            if cx.inflight() > 0 {
+                cx.wait();
+            }
+        };
+        assert_eq!(c.result, Ok(()));
+        let mut back = vec![0u8; data.len()];
+        c.buf.unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
     }
 
     #[test]
