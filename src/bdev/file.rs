@@ -417,7 +417,8 @@ impl Backing {
 
 impl FileDev {
     /// Creates a device. `path` `None` (or an inactive device) opens nothing: a CD drive
-    /// without a disc, or a disk that is not `active`.
+    /// without a disc, or a disk that is not `active`. `size` creates a missing file that
+    /// size, or must be the size of the existing one (see `Backing::open`).
     pub fn new(
         name: &str,
         opts: FileOptions,

@@ -10,6 +10,9 @@
 //!
 //! Each reactor has one [`IoContext`] (owned by its SCSI port): the ring that all of that
 //! reactor's file and block channels share, created on first use.
+//!
+//! Fault injection for reliability tests ([`Fault`]) sits in one place for every backend: a
+//! wrapper around each backend's own channel, set through the device's [`FaultInject`].
 
 use std::cell::OnceCell;
 use std::collections::VecDeque;
@@ -102,7 +105,8 @@ pub trait BlockDev: Send + Sync {
     fn extent_at(&self, _offset: u64) -> Option<Extent> {
         None
     }
-    /// The backend's fault injection switch, when its channels have one ([`Faulty`]).
+    /// The backend's fault injection switch, when its channels have one (they are wrapped
+    /// in `Faulty`).
     fn fault(&self) -> Option<&FaultInject> {
         None
     }

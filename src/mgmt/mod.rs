@@ -992,7 +992,7 @@ impl Mgmt {
         let name = *args
             .first()
             .ok_or_else(|| invalid(here, "add_device needs a device name"))?;
-        let exists = || invalid(here, format!("device {name} already exists"));
+        let exists = || invalid(here, format!("device {} already exists", quote(name)));
         if self.lock().devices.contains_key(name) {
             return Err(exists());
         }
