@@ -26,13 +26,18 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use io_uring::{opcode, squeue, types};
 use log::{error, warn};
 
+use crate::util::quote;
+
 use super::uring::{Ring, RingOp, Step};
-use super::{BdevCompletion, BdevError, BdevIo, BlockDev, Extent, IoChannel, IoContext, IoOp};
+use super::{
+    BdevCompletion, BdevError, BdevIo, BlockDev, Extent, FaultInject, Faulty, IoChannel, IoContext,
+    IoOp,
+};
 
 /// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -137,6 +142,10 @@ pub struct FileDev {
     name: String,
     opts: FileOptions,
     state: RwLock<State>,
+    /// Serialises the management operations that change the backing (open, close, resize).
+    /// They may block on I/O, so they hold this and take `state`, which reactors and readers
+    /// of the tree take, only to install the result.
+    ops: Mutex<()>,
     /// Bumped whenever the backing changes; channels compare it on every submission.
     generation: AtomicU64,
     size: AtomicU64,
@@ -144,6 +153,7 @@ pub struct FileDev {
     phys_block: AtomicU32,
     eio_streak: AtomicU32,
     misaligned_logged: AtomicBool,
+    fault: Arc<FaultInject>,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -192,76 +202,164 @@ fn block_dev_pbsz(file: &File) -> u32 {
     }
 }
 
+/// What a file type is, for a message that refuses it.
+fn describe(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Refuses a backing of the wrong type: `vdisk_blockio` takes a block device, the others a
+/// regular file.
+fn check_type(kind: Kind, path: &str, ft: &std::fs::FileType) -> Result<(), String> {
+    let what = describe(ft);
+    match kind {
+        Kind::Block if !ft.is_block_device() => {
+            Err(format!("{} is {what}, not a block device", quote(path)))
+        }
+        Kind::File | Kind::Cdrom if !ft.is_file() => Err(format!(
+            "{} is {what}, not a regular file{}",
+            quote(path),
+            if ft.is_block_device() {
+                " (use vdisk_blockio for block devices)"
+            } else {
+                ""
+            }
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Clears O_NONBLOCK, with which every backing is opened (so that opening a FIFO or a
+/// device that waits for a peer cannot block the management thread), once the descriptor
+/// is known to be a regular file or a block device: io_uring fails I/O on an O_NONBLOCK
+/// descriptor with EAGAIN instead of waiting for it.
+fn clear_nonblock(file: &File) -> std::io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on an open descriptor reads its status flags; no memory is passed.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an open descriptor with an integer argument; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl Backing {
-    /// Opens `path` the way `opts` says; `size` (for fileio) creates or extends the file.
+    /// Opens `path` the way `opts` says. A handler never changes a file it is asked to open:
+    /// with a `size` (fileio) a missing file is created that size (sparse, mode 0600, never
+    /// over an existing one), and an existing file must already be that size.
     fn open(opts: &FileOptions, path: &str, size: Option<u64>) -> Result<Backing, String> {
         if !path.starts_with('/') {
-            return Err(format!("filename {path:?} must be an absolute path"));
+            return Err(format!("filename {} must be an absolute path", quote(path)));
         }
         let direct = opts.o_direct || opts.kind == Kind::Block;
         let read_only = opts.read_only || opts.kind == Kind::Cdrom;
-        let mut flags = libc::O_CLOEXEC;
+        let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         if direct {
             flags |= libc::O_DIRECT;
         }
         if opts.write_through && !read_only {
             flags |= libc::O_DSYNC;
         }
-        let create = size.is_some() && opts.kind == Kind::File && !read_only;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .create(create)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only).custom_flags(flags);
+        let open_existing = |oo: &OpenOptions| {
+            oo.open(path).map_err(|e| {
+                // Say what the path is when that is why it cannot be opened (a directory
+                // opened for writing, a socket); stat never blocks, whatever the type.
+                match std::fs::metadata(path) {
+                    Ok(md) => match check_type(opts.kind, path, &md.file_type()) {
+                        Err(why) => why,
+                        Ok(()) => format!("cannot open {}: {e}", quote(path)),
+                    },
+                    Err(_) => format!("cannot open {}: {e}", quote(path)),
+                }
+            })
+        };
+        let mut created = None;
+        let file = match size {
+            Some(want) if opts.kind == Kind::File && !read_only => {
+                let mut new = oo.clone();
+                new.create_new(true).mode(0o600);
+                match new.open(path) {
+                    Ok(f) => {
+                        created = Some(want);
+                        f
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open_existing(&oo)?,
+                    Err(e) => return Err(format!("cannot create {}: {e}", quote(path))),
+                }
+            }
+            _ => open_existing(&oo)?,
+        };
+        let r = Self::from_file(opts, path, file, size, created, direct);
+        if r.is_err() && created.is_some() {
+            // Leave nothing behind of a file this call made and could not use.
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    /// The rest of [`open`](Self::open) once `file` is open: `created` holds the size to
+    /// give a file this call created.
+    fn from_file(
+        opts: &FileOptions,
+        path: &str,
+        file: File,
+        size: Option<u64>,
+        created: Option<u64>,
+        direct: bool,
+    ) -> Result<Backing, String> {
         let md = file
             .metadata()
-            .map_err(|e| format!("cannot stat {path}: {e}"))?;
+            .map_err(|e| format!("cannot stat {}: {e}", quote(path)))?;
         let ft = md.file_type();
-        let (mut len, phys) = match opts.kind {
+        check_type(opts.kind, path, &ft)?;
+        clear_nonblock(&file).map_err(|e| format!("{}: fcntl: {e}", quote(path)))?;
+        if let Some(want) = created {
+            file.set_len(want).map_err(|e| {
+                format!(
+                    "cannot size the new file {} to {want} bytes: {e}",
+                    quote(path)
+                )
+            })?;
+        }
+        let (len, phys) = match opts.kind {
             Kind::Block => {
-                if !ft.is_block_device() {
-                    return Err(format!("{path} is not a block device"));
-                }
-                let s = block_dev_size(&file).map_err(|e| format!("{path}: {e}"))?;
+                let s = block_dev_size(&file).map_err(|e| format!("{}: {e}", quote(path)))?;
                 (s, block_dev_pbsz(&file))
             }
-            Kind::File | Kind::Cdrom => {
-                if !ft.is_file() {
-                    return Err(format!(
-                        "{path} is not a regular file{}",
-                        if ft.is_block_device() {
-                            " (use vdisk_blockio for block devices)"
-                        } else {
-                            ""
-                        }
-                    ));
-                }
-                (md.len(), md.blksize() as u32)
-            }
+            Kind::File | Kind::Cdrom => (created.unwrap_or(md.len()), md.blksize() as u32),
         };
         if let Some(want) = size {
-            if opts.kind == Kind::File && want != len {
-                if want < len {
-                    return Err(format!(
-                        "size {want} is smaller than {path} ({len} bytes); resize the file instead"
-                    ));
-                }
-                if read_only {
-                    return Err(format!(
-                        "{path} is {len} bytes and read_only=1 forbids extending it to {want}"
-                    ));
-                }
-                file.set_len(want)
-                    .map_err(|e| format!("cannot extend {path} to {want} bytes: {e}"))?;
-                len = want;
+            if want != len {
+                return Err(format!(
+                    "{} is {len} bytes, not the {want} bytes asked for: an existing file is never resized (leave size out to use it as it is)",
+                    quote(path)
+                ));
             }
         }
         let bs = u64::from(opts.block_size);
         if len == 0 || len % bs != 0 {
             return Err(format!(
-                "the size of {path} ({len} bytes) is not a non-zero multiple of the block size {bs}"
+                "the size of {} ({len} bytes) is not a non-zero multiple of the block size {bs}",
+                quote(path)
             ));
         }
         let (mem, off) = if direct { dio_align(&file) } else { (1, 1) };
@@ -270,7 +368,8 @@ impl Backing {
         let off_align = if off == 0 { opts.block_size } else { off };
         if direct && u64::from(off_align) > bs {
             return Err(format!(
-                "{path} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}"
+                "{} needs O_DIRECT I/O aligned to {off_align} bytes, more than the block size {bs}",
+                quote(path)
             ));
         }
         let inline = if direct {
@@ -318,7 +417,8 @@ impl Backing {
 
 impl FileDev {
     /// Creates a device. `path` `None` (or an inactive device) opens nothing: a CD drive
-    /// without a disc, or a disk that is not `active`.
+    /// without a disc, or a disk that is not `active`. `size` creates a missing file that
+    /// size, or must be the size of the existing one (see `Backing::open`).
     pub fn new(
         name: &str,
         opts: FileOptions,
@@ -330,7 +430,7 @@ impl FileDev {
             Some(p) if active => Some(Arc::new(Backing::open(&opts, p, size)?)),
             Some(p) => {
                 if !p.starts_with('/') {
-                    return Err(format!("filename {p:?} must be an absolute path"));
+                    return Err(format!("filename {} must be an absolute path", quote(p)));
                 }
                 None
             }
@@ -353,12 +453,14 @@ impl FileDev {
                 backing,
                 size_override: None,
             }),
+            ops: Mutex::new(()),
             opts,
             generation: AtomicU64::new(1),
             size: AtomicU64::new(size),
             phys_block: AtomicU32::new(phys),
             eio_streak: AtomicU32::new(0),
             misaligned_logged: AtomicBool::new(false),
+            fault: Arc::default(),
         }))
     }
 
@@ -398,7 +500,10 @@ impl FileDev {
         self.phys_block.load(Ordering::Relaxed)
     }
 
-    fn install(&self, st: &mut State, backing: Option<Arc<Backing>>) {
+    /// Puts `backing` in place; returns the one it replaces, for the caller to drop once it
+    /// has released `st` (closing a file may wait for I/O).
+    #[must_use]
+    fn install(&self, st: &mut State, backing: Option<Arc<Backing>>) -> Option<Arc<Backing>> {
         let size = match (&backing, st.size_override) {
             (Some(b), Some(o)) => o.min(b.size),
             (Some(b), None) => b.size,
@@ -410,68 +515,90 @@ impl FileDev {
         if let Some(b) = &backing {
             self.phys_block.store(b.phys_block, Ordering::Relaxed);
         }
-        st.backing = backing;
+        let old = std::mem::replace(&mut st.backing, backing);
         self.size.store(size, Ordering::Release);
         self.eio_streak.store(0, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        old
+    }
+
+    fn ops(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Opens (`true`) or closes the backing (SCST's `active`).
     pub fn set_active(&self, on: bool) -> Result<(), String> {
-        let mut st = self.state_mut();
-        if on {
-            if st.backing.is_none() {
-                if st.path.is_empty() {
-                    return Err("no filename to open".into());
+        let _op = self.ops();
+        let old = if on {
+            let path = {
+                let st = self.state();
+                st.backing.is_none().then(|| st.path.clone())
+            };
+            match path {
+                None => None,
+                Some(p) if p.is_empty() => return Err("no filename to open".into()),
+                Some(p) => {
+                    let b = Backing::open(&self.opts, &p, None)?;
+                    self.install(&mut self.state_mut(), Some(Arc::new(b)))
                 }
-                let b = Backing::open(&self.opts, &st.path, None)?;
-                self.install(&mut st, Some(Arc::new(b)));
             }
-        } else if st.backing.is_some() {
-            self.install(&mut st, None);
-        }
+        } else {
+            let mut st = self.state_mut();
+            if st.backing.is_some() {
+                self.install(&mut st, None)
+            } else {
+                None
+            }
+        };
         self.active.store(on, Ordering::Release);
+        drop(old);
         Ok(())
     }
 
     /// Switches to another backing file; `""` closes it (a CD ejected). On failure nothing
     /// changes.
     pub fn set_filename(&self, path: &str) -> Result<(), String> {
-        let mut st = self.state_mut();
+        let _op = self.ops();
         if path.is_empty() {
             if self.opts.kind != Kind::Cdrom {
                 return Err("filename cannot be empty for a disk; write active=0 instead".into());
             }
+            let mut st = self.state_mut();
             st.path.clear();
-            self.install(&mut st, None);
+            let old = self.install(&mut st, None);
+            drop(st);
+            drop(old);
             return Ok(());
         }
         let b = Backing::open(&self.opts, path, None)?;
+        let mut st = self.state_mut();
         st.path = path.to_string();
-        self.install(&mut st, Some(Arc::new(b)));
+        let old = self.install(&mut st, Some(Arc::new(b)));
         self.active.store(true, Ordering::Release);
+        drop(st);
+        drop(old);
         Ok(())
     }
 
     /// Re-reads the size of the backing; returns the new size.
     pub fn resync_size(&self) -> Result<u64, String> {
-        let mut st = self.state_mut();
-        let Some(b) = st.backing.clone() else {
+        let _op = self.ops();
+        let Some(b) = self.state().backing.clone() else {
             return Err("the device is not active".into());
         };
         let len = b
             .current_size(self.opts.kind)
-            .map_err(|e| format!("cannot read the size of {}: {e}", b.path))?;
+            .map_err(|e| format!("cannot read the size of {}: {e}", quote(&b.path)))?;
         let bs = u64::from(self.opts.block_size);
         let len = len - len % bs;
         if len == 0 {
-            return Err(format!("{} is smaller than one block", b.path));
+            return Err(format!("{} is smaller than one block", quote(&b.path)));
         }
         let nb = Backing {
             file: b
                 .file
                 .try_clone()
-                .map_err(|e| format!("cannot reopen {}: {e}", b.path))?,
+                .map_err(|e| format!("cannot reopen {}: {e}", quote(&b.path)))?,
             path: b.path.clone(),
             size: len,
             direct: b.direct,
@@ -481,12 +608,20 @@ impl FileDev {
             inline_read: AtomicU8::new(b.inline_read.load(Ordering::Relaxed)),
             inline_write: AtomicU8::new(b.inline_write.load(Ordering::Relaxed)),
         };
-        self.install(&mut st, Some(Arc::new(nb)));
+        let mut st = self.state_mut();
+        // Only a failing I/O changes the backing outside `ops`, and it closes it.
+        if !st.backing.as_ref().is_some_and(|x| Arc::ptr_eq(x, &b)) {
+            return Err("the device went inactive meanwhile".into());
+        }
+        let old = self.install(&mut st, Some(Arc::new(nb)));
+        drop(st);
+        drop(old);
         Ok(self.size())
     }
 
     /// Sets the size the device reports (blockio's writable `size`): at most the backing's.
     pub fn set_size(&self, size: u64) -> Result<(), String> {
+        let _op = self.ops();
         let mut st = self.state_mut();
         let bs = u64::from(self.opts.block_size);
         if size == 0 || !size.is_multiple_of(bs) {
@@ -498,13 +633,15 @@ impl FileDev {
             if size > b.size {
                 return Err(format!(
                     "size {size} is larger than {} ({} bytes)",
-                    b.path, b.size
+                    quote(&b.path),
+                    b.size
                 ));
             }
         }
         st.size_override = Some(size);
         let b = st.backing.clone();
-        self.install(&mut st, b);
+        // The same backing: nothing to close.
+        let _same = self.install(&mut st, b);
         Ok(())
     }
 
@@ -515,7 +652,7 @@ impl FileDev {
             Some(b) => b
                 .file
                 .sync_data()
-                .map_err(|e| format!("fdatasync {}: {e}", b.path)),
+                .map_err(|e| format!("fdatasync {}: {e}", quote(&b.path))),
             None => Err("the device is not active".into()),
         }
     }
@@ -531,8 +668,10 @@ impl FileDev {
             "device {}: backing {} failed ({why}); the device is now inactive (write active=1 to reopen)",
             self.name, failed.path
         );
-        self.install(&mut st, None);
+        let old = self.install(&mut st, None);
         self.active.store(false, Ordering::Release);
+        drop(st);
+        drop(old);
     }
 
     /// Counts the outcome of an I/O toward the failure detection.
@@ -580,13 +719,21 @@ impl BlockDev for FileDev {
     }
 
     fn open_channel(self: Arc<Self>, cx: &IoContext) -> Box<dyn IoChannel> {
-        Box::new(FileChannel {
-            dev: self,
-            ring: cx.ring(),
-            done: Rc::new(RefCell::new(VecDeque::new())),
-            backing: None,
-            generation: 0,
-        })
+        let fault = self.fault.clone();
+        Box::new(Faulty::new(
+            FileChannel {
+                dev: self,
+                ring: cx.ring(),
+                done: Rc::new(RefCell::new(VecDeque::new())),
+                backing: None,
+                generation: 0,
+            },
+            fault,
+        ))
+    }
+
+    fn fault(&self) -> Option<&FaultInject> {
+        Some(&self.fault)
     }
 
     fn has_volatile_cache(&self) -> bool {
@@ -1414,6 +1561,196 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.contains("not a block device"), "{e}");
+    }
+
+    #[test]
+    fn existing_files_are_never_resized() {
+        let dir = tempdir();
+        let path = dir.path().join("e.img");
+        let p = path.to_str().unwrap();
+        std::fs::write(&path, vec![3u8; 1 << 20]).unwrap();
+        for read_only in [false, true] {
+            let o = FileOptions {
+                read_only,
+                ..opts(Kind::File)
+            };
+            let e = FileDev::new("e", o.clone(), Some(p), Some(2 << 20), true)
+                .err()
+                .unwrap();
+            assert!(
+                e.contains(p) && e.contains(&(1u64 << 20).to_string()) && e.contains("2097152"),
+                "{e}"
+            );
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                1 << 20,
+                "untouched"
+            );
+            // The size it has is fine, and so is no size at all.
+            let d = FileDev::new("e", o.clone(), Some(p), Some(1 << 20), true).unwrap();
+            assert_eq!(d.size(), 1 << 20);
+            let d = FileDev::new("e", o, Some(p), None, true).unwrap();
+            assert_eq!(d.size(), 1 << 20);
+        }
+        let e = FileDev::new("e", opts(Kind::File), Some(p), Some(512 << 10), true)
+            .err()
+            .unwrap();
+        assert!(e.contains("524288"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![3u8; 1 << 20]);
+    }
+
+    #[test]
+    fn new_files_are_private_and_sparse() {
+        let dir = tempdir();
+        let path = dir.path().join("n.img");
+        let p = path.to_str().unwrap();
+        let d = FileDev::new("n", opts(Kind::File), Some(p), Some(64 << 20), true).unwrap();
+        assert_eq!(d.size(), 64 << 20);
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.len(), 64 << 20);
+        assert_eq!(
+            md.mode() & 0o077,
+            0,
+            "mode {:o}: others can read the LUN",
+            md.mode()
+        );
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            md.blocks()
+        );
+        // Without a size a missing file is an error, not a new file.
+        let q = dir.path().join("none.img");
+        let e = FileDev::new("n", opts(Kind::File), q.to_str(), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("No such file"), "{e}");
+        assert!(!q.exists());
+        // A file made for a device that then fails is not left behind.
+        let e = FileDev::new("n", opts(Kind::File), q.to_str(), Some(1000), true)
+            .err()
+            .unwrap();
+        assert!(e.contains("multiple of the block size"), "{e}");
+        assert!(!q.exists(), "a failed create left its file");
+    }
+
+    #[test]
+    fn special_files_are_refused_without_blocking() {
+        let dir = tempdir();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let ro = |kind| FileOptions {
+            read_only: true,
+            ..opts(kind)
+        };
+        let cd = FileOptions {
+            block_size: 2048,
+            ..ro(Kind::Cdrom)
+        };
+        let cases = [
+            (&fifo, "a FIFO"),
+            (&sock, "a socket"),
+            (&sub, "a directory"),
+        ];
+        for (path, what) in cases {
+            let p = path.to_str().unwrap();
+            for o in [
+                opts(Kind::File),
+                ro(Kind::File),
+                cd.clone(),
+                opts(Kind::Block),
+            ] {
+                let kind = o.kind;
+                let e = FileDev::new("x", o, Some(p), None, true).err().unwrap();
+                assert!(e.contains(p) && e.contains(what), "{kind:?} on {what}: {e}");
+            }
+        }
+        let e = FileDev::new("x", opts(Kind::File), Some("/dev/null"), None, true)
+            .err()
+            .unwrap();
+        assert!(
+            e.contains("/dev/null") && e.contains("a character device"),
+            "{e}"
+        );
+        let e = FileDev::new("x", opts(Kind::Block), Some("/dev/null"), None, true)
+            .err()
+            .unwrap();
+        assert!(e.contains("not a block device"), "{e}");
+        // A CD drive refuses one as its disc too, and stays empty.
+        let d = FileDev::new("cd", cd, None, None, true).unwrap();
+        let e = d.set_filename(fifo.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("a FIFO"), "{e}");
+        assert!(!d.is_open());
+    }
+
+    #[test]
+    fn the_descriptor_is_blocking_for_io() {
+        // O_NONBLOCK is only for the open: io_uring would fail buffered I/O with EAGAIN.
+        let dir = tempdir();
+        let path = dir.path().join("b.img");
+        let dev = FileDev::new("b", opts(Kind::File), path.to_str(), Some(1 << 20), true).unwrap();
+        let b = dev.state().backing.clone().unwrap();
+        // SAFETY: F_GETFL on an open descriptor reads its flags; no memory is passed.
+        let fl = unsafe { libc::fcntl(b.file.as_raw_fd(), libc::F_GETFL) };
+        assert!(fl >= 0);
+        assert_eq!(fl & libc::O_NONBLOCK, 0);
+    }
+
+    #[test]
+    fn injected_faults_leave_the_backing_alone() {
+        use crate::bdev::Fault;
+        let dir = tempdir();
+        let p = dir.path().join("f.img");
+        let dev = FileDev::new("f", opts(Kind::File), p.to_str(), Some(1 << 20), true).unwrap();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let data = pattern(8192, 4);
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, &data);
+        let c = run(&cx, &mut ch, io(IoOp::Write { fua: false }, 4096, Some(b)));
+        assert_eq!(c.result, Ok(()));
+        let fault = dev.fault().unwrap();
+        fault.set(Fault::EioWrite);
+        // More injected errors than it takes real ones to close the backing.
+        for _ in 0..EIO_LIMIT * 2 {
+            let c = run(
+                &cx,
+                &mut ch,
+                io(IoOp::Write { fua: false }, 512, DataBuf::alloc(512)),
+            );
+            assert_eq!(c.result, Err(BdevError::Io(512)));
+        }
+        assert!(
+            dev.is_active() && dev.is_open(),
+            "an injected EIO took it offline"
+        );
+        // A stalled read on the ring completes, with the data, once the stall is over.
+        fault.set(Fault::Stall);
+        ch.submit(io(IoOp::Read, 4096, DataBuf::alloc(data.len())));
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            cx.poll();
+            assert_eq!(ch.poll(&mut out), 0, "held");
+        }
+        assert_eq!(cx.inflight(), 0, "nothing went to the ring");
+        fault.set(Fault::None);
+        let c = loop {
+            cx.poll();
+            if ch.poll(&mut out) > 0 {
+                break out.pop().unwrap();
+            }
+            if cx.inflight() > 0 {
+                cx.wait();
+            }
+        };
+        assert_eq!(c.result, Ok(()));
+        let mut back = vec![0u8; data.len()];
+        c.buf.unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
     }
 
     #[test]

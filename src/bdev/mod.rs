@@ -10,13 +10,18 @@
 //!
 //! Each reactor has one [`IoContext`] (owned by its SCSI port): the ring that all of that
 //! reactor's file and block channels share, created on first use.
+//!
+//! Fault injection for reliability tests ([`Fault`]) sits in one place for every backend: a
+//! wrapper around each backend's own channel, set through the device's [`FaultInject`].
 
 use std::cell::OnceCell;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
-use log::error;
+use log::{error, warn};
 
 use crate::env::DataBuf;
 
@@ -99,6 +104,182 @@ pub trait BlockDev: Send + Sync {
     /// backend cannot tell: everything counts as mapped.
     fn extent_at(&self, _offset: u64) -> Option<Extent> {
         None
+    }
+    /// The backend's fault injection switch, when its channels have one (they are wrapped
+    /// in `Faulty`).
+    fn fault(&self) -> Option<&FaultInject> {
+        None
+    }
+}
+
+/// A fault injected into a device's I/O for reliability tests (the `fault_inject` device
+/// attribute). An injected error is what the backend reports for a real EIO: the same
+/// [`BdevError::Io`] at the I/O's first byte, so the initiator sees the same MEDIUM ERROR with
+/// the same LBA. Unlike a real one it never counts toward taking a file's backing offline
+/// (three EIOs in a row do that to a real file): the fault stays exactly what was asked for
+/// until it is set back to [`Fault::None`], and the device stays active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Fault {
+    /// No fault: every I/O goes to the backend.
+    None = 0,
+    /// Reads fail.
+    EioRead = 1,
+    /// Writes fail, and so do cache flushes (SYNCHRONIZE CACHE) and unmaps.
+    EioWrite = 2,
+    /// Reads, writes, flushes and unmaps fail.
+    Eio = 3,
+    /// New I/O is held, as by a device that stopped answering, until the fault is set to
+    /// another value; the held I/O then goes on as that value says. I/O submitted before the
+    /// stall completes as usual.
+    Stall = 4,
+}
+
+impl Fault {
+    /// Every fault with the name the attribute uses for it.
+    pub const ALL: [(Fault, &'static str); 5] = [
+        (Fault::None, "none"),
+        (Fault::EioRead, "eio_read"),
+        (Fault::EioWrite, "eio_write"),
+        (Fault::Eio, "eio"),
+        (Fault::Stall, "stall"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Fault::ALL
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("none", |(_, n)| n)
+    }
+
+    pub fn parse(name: &str) -> Option<Fault> {
+        Fault::ALL.iter().find(|(_, n)| *n == name).map(|(f, _)| *f)
+    }
+
+    fn from_u8(v: u8) -> Fault {
+        Fault::ALL
+            .iter()
+            .find(|(f, _)| *f as u8 == v)
+            .map_or(Fault::None, |(f, _)| *f)
+    }
+
+    /// Whether `op` fails under this fault.
+    fn fails(self, op: IoOp) -> bool {
+        match op {
+            IoOp::Read => matches!(self, Fault::EioRead | Fault::Eio),
+            IoOp::Write { .. } | IoOp::Flush | IoOp::Unmap => {
+                matches!(self, Fault::EioWrite | Fault::Eio)
+            }
+            // A hint: a read-ahead that cannot start is no error of the command.
+            IoOp::Prefetch => false,
+        }
+    }
+}
+
+/// A device's fault injection switch, shared by all of its channels.
+#[derive(Debug, Default)]
+pub struct FaultInject(AtomicU8);
+
+impl FaultInject {
+    pub fn get(&self) -> Fault {
+        Fault::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Takes effect at each channel's next submission; held I/O is released at its next
+    /// poll.
+    pub fn set(&self, f: Fault) {
+        self.0.store(f as u8, Ordering::Relaxed);
+    }
+}
+
+/// A backend's channel with fault injection in front: every backend's `open_channel` wraps
+/// its own channel in one, so faults are injected in one place for all of them, beneath the
+/// SCSI layer, which then treats an injected error exactly as a real one. Without a fault a
+/// submission costs one relaxed load more, with no extra dynamic call.
+struct Faulty<C> {
+    inner: C,
+    fault: Arc<FaultInject>,
+    /// I/O held by [`Fault::Stall`], in submission order.
+    held: VecDeque<BdevIo>,
+    /// Completions of injected errors, for the next `poll`.
+    failed: VecDeque<BdevCompletion>,
+}
+
+impl<C: IoChannel> Faulty<C> {
+    fn new(inner: C, fault: Arc<FaultInject>) -> Faulty<C> {
+        Faulty {
+            inner,
+            fault,
+            held: VecDeque::new(),
+            failed: VecDeque::new(),
+        }
+    }
+
+    #[cold]
+    fn inject(&mut self, io: BdevIo) {
+        if !self.held.is_empty() {
+            // What was held goes first.
+            self.release();
+        }
+        let f = self.fault.get();
+        self.route(f, io);
+    }
+
+    /// Holds, fails or submits `io` as fault `f` says.
+    fn route(&mut self, f: Fault, io: BdevIo) {
+        if f == Fault::Stall {
+            self.held.push_back(io);
+        } else if f.fails(io.op) {
+            let at = match io.op {
+                IoOp::Unmap => io.ranges.first().map_or(0, |r| r.0),
+                IoOp::Flush => 0,
+                _ => io.offset,
+            };
+            self.failed.push_back(BdevCompletion {
+                tag: io.tag,
+                result: Err(BdevError::Io(at)),
+                buf: io.buf,
+            });
+        } else {
+            self.inner.submit(io);
+        }
+    }
+
+    /// Hands held I/O on, in order, once the stall is over, each as the fault now says.
+    #[cold]
+    fn release(&mut self) {
+        let f = self.fault.get();
+        if f == Fault::Stall {
+            return;
+        }
+        while let Some(io) = self.held.pop_front() {
+            self.route(f, io);
+        }
+    }
+}
+
+impl<C: IoChannel> IoChannel for Faulty<C> {
+    fn submit(&mut self, io: BdevIo) {
+        if self.fault.0.load(Ordering::Relaxed) == Fault::None as u8 && self.held.is_empty() {
+            return self.inner.submit(io);
+        }
+        self.inject(io);
+    }
+
+    fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        if !self.held.is_empty() {
+            self.release();
+        }
+        let mut n = self.inner.poll(out);
+        if !self.failed.is_empty() {
+            n += self.failed.len();
+            out.extend(self.failed.drain(..));
+        }
+        n
+    }
+
+    fn busy(&self) -> bool {
+        self.inner.busy() || !self.held.is_empty() || !self.failed.is_empty()
     }
 }
 
@@ -237,25 +418,163 @@ impl BlockDev for NullDev {
 /// of the disk never meet.
 const RAM_CHUNK: usize = 1 << 20;
 
+/// Bytes promised to this process's RAM disks: their whole sizes, as their memory is only
+/// taken when first written and MemAvailable does not show it yet.
+static RAM_RESERVED: AtomicU64 = AtomicU64::new(0);
+
+/// Memory a new RAM disk may take, and where the figure comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryRoom {
+    pub bytes: u64,
+    pub source: &'static str,
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// The room left under the memory limits of this process's cgroups (`/proc/self/cgroup`
+/// lines: v2 `0::PATH` with memory.max, v1 `N:memory:PATH` with memory.limit_in_bytes),
+/// from its own cgroup up to the hierarchy's root; `None` when no limit applies.
+fn cgroup_room(proc_cgroup: &str, root: &Path) -> Option<u64> {
+    let mut best: Option<u64> = None;
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(_), Some(ctrl), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (base, limit, usage) = if ctrl.is_empty() {
+            (root.to_path_buf(), "memory.max", "memory.current")
+        } else if ctrl.split(',').any(|c| c == "memory") {
+            (
+                root.join("memory"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        // Inside a container the path may not exist under our mount: its ancestors (and the
+        // root, which is then the container's own cgroup) still tell.
+        let mut dir: PathBuf = base.join(path.trim_start_matches('/'));
+        loop {
+            // "max" (v2, no limit) does not parse: nothing to bound.
+            if let (Some(l), Some(u)) = (read_u64(&dir.join(limit)), read_u64(&dir.join(usage))) {
+                let room = l.saturating_sub(u);
+                best = Some(best.map_or(room, |b| b.min(room)));
+            }
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    best
+}
+
+/// The memory a new RAM disk may take: MemAvailable, or less when a cgroup limit is nearer.
+/// `None` when /proc/meminfo cannot be read.
+pub fn memory_room() -> Option<MemoryRoom> {
+    let avail = mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
+    let cg = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| cgroup_room(&t, Path::new("/sys/fs/cgroup")));
+    Some(match cg {
+        Some(c) if c < avail => MemoryRoom {
+            bytes: c,
+            source: "the cgroup's memory limit",
+        },
+        _ => MemoryRoom {
+            bytes: avail,
+            source: "MemAvailable",
+        },
+    })
+}
+
+/// A RAM disk's share of the bytes reserved in a counter ([`RAM_RESERVED`]), given back when
+/// it is dropped.
+struct RamReservation {
+    size: u64,
+    counter: &'static AtomicU64,
+}
+
+impl RamReservation {
+    /// Reserves `size` bytes in `counter` if they fit in `room` beside what other RAM disks
+    /// hold.
+    fn take(
+        size: u64,
+        room: &MemoryRoom,
+        counter: &'static AtomicU64,
+    ) -> Result<RamReservation, String> {
+        let mut held = counter.load(Ordering::Acquire);
+        loop {
+            let free = room.bytes.saturating_sub(held);
+            if size > free {
+                return Err(format!(
+                    "a RAM disk of {size} bytes ({} MiB) does not fit in memory: {free} bytes ({} MiB) are available ({} {} MiB, less {} MiB for the other RAM disks)",
+                    size >> 20,
+                    free >> 20,
+                    room.source,
+                    room.bytes >> 20,
+                    held >> 20
+                ));
+            }
+            match counter.compare_exchange(held, held + size, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(RamReservation { size, counter }),
+                Err(now) => held = now,
+            }
+        }
+    }
+}
+
+impl Drop for RamReservation {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.size, Ordering::AcqRel);
+    }
+}
+
 /// A RAM disk whose data reads back (SPDK's malloc bdev). Memory is zero-filled on demand by
-/// the kernel (calloc'd chunks), so an untouched disk costs nothing.
+/// the kernel (calloc'd chunks), so an untouched disk costs nothing; its whole size is
+/// reserved all the same, so that the disks together never promise more than the machine
+/// has.
 pub struct RamDev {
     block_size: u32,
     size: u64,
     chunks: Vec<RwLock<Box<[u8]>>>,
+    _reserved: Option<RamReservation>,
+    fault: Arc<FaultInject>,
 }
 
 impl RamDev {
-    pub fn new(block_size: u32, size: u64) -> Arc<RamDev> {
-        let n = (size as usize).div_ceil(RAM_CHUNK);
+    /// A RAM disk of `size` bytes, refused when it does not fit in the memory available
+    /// ([`memory_room`]) less what the other RAM disks reserve.
+    pub fn new(block_size: u32, size: u64) -> Result<Arc<RamDev>, String> {
+        let reserved = match memory_room() {
+            Some(room) => Some(RamReservation::take(size, &room, &RAM_RESERVED)?),
+            None => {
+                warn!("cannot read MemAvailable from /proc/meminfo: a RAM disk of {size} bytes is not checked against memory");
+                None
+            }
+        };
+        let n = usize::try_from(size)
+            .map_err(|_| format!("a RAM disk of {size} bytes is too large"))?
+            .div_ceil(RAM_CHUNK);
         let chunks = (0..n)
             .map(|_| RwLock::new(vec![0u8; RAM_CHUNK].into_boxed_slice()))
             .collect();
-        Arc::new(RamDev {
+        Ok(Arc::new(RamDev {
             block_size,
             size,
             chunks,
-        })
+            _reserved: reserved,
+            fault: Arc::default(),
+        }))
     }
 
     /// Calls `f(chunk_index, offset_in_chunk, buf_offset, len)` for each piece of a range.
@@ -324,10 +643,17 @@ impl BlockDev for RamDev {
         self.size / u64::from(self.block_size)
     }
     fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
-        Box::new(Immediate {
-            dev: self,
-            done: VecDeque::with_capacity(64),
-        })
+        let fault = self.fault.clone();
+        Box::new(Faulty::new(
+            Immediate {
+                dev: self,
+                done: VecDeque::with_capacity(64),
+            },
+            fault,
+        ))
+    }
+    fn fault(&self) -> Option<&FaultInject> {
+        Some(&self.fault)
     }
 }
 
@@ -348,7 +674,7 @@ mod tests {
 
     #[test]
     fn ram_reads_back_across_chunks() {
-        let dev = RamDev::new(512, 4 << 20);
+        let dev = RamDev::new(512, 4 << 20).unwrap();
         let mut ch = dev.clone().open_channel(&IoContext::new());
         let mut b = DataBuf::alloc(300 * 1024).unwrap();
         let data: Vec<u8> = (0..b.len()).map(|i| (i * 7) as u8).collect();
@@ -384,6 +710,208 @@ mod tests {
         out.clear();
         ch.poll(&mut out);
         assert!(out[0].result.is_err());
+    }
+
+    #[test]
+    fn ram_disks_fit_in_memory() {
+        assert_eq!(
+            mem_available("MemTotal: 100 kB\nMemFree: 5 kB\nMemAvailable:   2048 kB\n"),
+            Some(2 << 20)
+        );
+        assert_eq!(mem_available("MemTotal: 100 kB\n"), None);
+        // A pretend machine, with a counter of its own (tests run in parallel).
+        static HELD: AtomicU64 = AtomicU64::new(0);
+        let room = MemoryRoom {
+            bytes: 1 << 62,
+            source: "MemAvailable",
+        };
+        let a = RamReservation::take(1 << 61, &room, &HELD).unwrap();
+        let e = RamReservation::take(3 << 60, &room, &HELD).err().unwrap();
+        assert!(
+            e.contains(&(3u64 << 60).to_string()) && e.contains("available"),
+            "{e}"
+        );
+        drop(a);
+        // Given back when the disk goes.
+        let b = RamReservation::take(3 << 60, &room, &HELD).unwrap();
+        drop(b);
+        let small = MemoryRoom {
+            bytes: 1 << 20,
+            source: "MemAvailable",
+        };
+        assert!(RamReservation::take(2 << 20, &small, &HELD).is_err());
+        // The real machine: a disk beyond its memory is refused.
+        let real = memory_room().unwrap();
+        let e = RamDev::new(512, (real.bytes + (1 << 30)) & !511)
+            .err()
+            .unwrap();
+        assert!(e.contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_limits_bound_the_room() {
+        let root = tempfile::tempdir().unwrap();
+        let w = |rel: &str, v: &str| {
+            let p = root.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, v).unwrap();
+        };
+        // v2: the nearest ancestor with a limit counts; "max" is none.
+        w("a/memory.max", "1000000");
+        w("a/memory.current", "400000");
+        w("a/b/memory.max", "max");
+        w("a/b/memory.current", "100");
+        assert_eq!(cgroup_room("0::/a/b\n", root.path()), Some(600_000));
+        assert_eq!(cgroup_room("0::/\n", root.path()), None);
+        // v1 memory controller, also listed with others.
+        w("memory/c/memory.limit_in_bytes", "5000");
+        w("memory/c/memory.usage_in_bytes", "1000");
+        assert_eq!(
+            cgroup_room("4:cpu,memory:/c\n1:pids:/\n", root.path()),
+            Some(4000)
+        );
+        // A path missing from the mount (a container's view): its root still tells.
+        w("memory/memory.limit_in_bytes", "3000");
+        w("memory/memory.usage_in_bytes", "2000");
+        assert_eq!(
+            cgroup_room("4:memory:/elsewhere/x\n", root.path()),
+            Some(1000)
+        );
+    }
+
+    fn submit_one(ch: &mut Box<dyn IoChannel>, op: IoOp, offset: u64, data: u8) {
+        let mut b = DataBuf::alloc(4096).unwrap();
+        b.fill(0, 4096, data);
+        ch.submit(io(op, offset, 4096, b));
+    }
+
+    fn poll_all(ch: &mut Box<dyn IoChannel>) -> Vec<BdevCompletion> {
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        out
+    }
+
+    #[test]
+    fn injected_errors_are_what_a_real_eio_reports() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let fault = dev.fault().unwrap();
+        assert_eq!(fault.get(), Fault::None);
+        submit_one(&mut ch, IoOp::Write { fua: false }, 8192, 0x5a);
+        assert_eq!(poll_all(&mut ch)[0].result, Ok(()));
+
+        fault.set(Fault::EioWrite);
+        submit_one(&mut ch, IoOp::Write { fua: false }, 4096, 0x77);
+        let c = poll_all(&mut ch);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].result, Err(BdevError::Io(4096)));
+        assert!(c[0].buf.is_some(), "the buffer comes back");
+        ch.submit(BdevIo {
+            tag: 1,
+            op: IoOp::Flush,
+            offset: 0,
+            len: 0,
+            buf: None,
+            ranges: Vec::new(),
+        });
+        assert_eq!(poll_all(&mut ch)[0].result, Err(BdevError::Io(0)));
+        ch.submit(BdevIo {
+            tag: 2,
+            op: IoOp::Unmap,
+            offset: 0,
+            len: 0,
+            buf: None,
+            ranges: vec![(1024, 512)],
+        });
+        assert_eq!(poll_all(&mut ch)[0].result, Err(BdevError::Io(1024)));
+        // Reads still work, and read what was written before.
+        submit_one(&mut ch, IoOp::Read, 8192, 0);
+        let c = poll_all(&mut ch);
+        assert_eq!(c[0].result, Ok(()));
+        let mut back = vec![0u8; 4096];
+        c[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert!(back.iter().all(|&x| x == 0x5a));
+        // The failed write changed nothing.
+        submit_one(&mut ch, IoOp::Read, 4096, 1);
+        let c = poll_all(&mut ch);
+        c[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert!(back.iter().all(|&x| x == 0));
+
+        fault.set(Fault::EioRead);
+        submit_one(&mut ch, IoOp::Read, 512, 0);
+        assert_eq!(poll_all(&mut ch)[0].result, Err(BdevError::Io(512)));
+        submit_one(&mut ch, IoOp::Write { fua: true }, 512, 1);
+        assert_eq!(poll_all(&mut ch)[0].result, Ok(()));
+        ch.submit(BdevIo {
+            tag: 3,
+            op: IoOp::Prefetch,
+            offset: 0,
+            len: 4096,
+            buf: None,
+            ranges: Vec::new(),
+        });
+        assert_eq!(poll_all(&mut ch)[0].result, Ok(()), "a hint never fails");
+
+        fault.set(Fault::Eio);
+        submit_one(&mut ch, IoOp::Read, 0, 0);
+        submit_one(&mut ch, IoOp::Write { fua: false }, 0, 0);
+        let c = poll_all(&mut ch);
+        assert!(
+            c.iter().all(|c| c.result == Err(BdevError::Io(0))),
+            "both fail"
+        );
+        assert!(!ch.busy());
+
+        fault.set(Fault::None);
+        submit_one(&mut ch, IoOp::Read, 512, 0);
+        assert_eq!(poll_all(&mut ch)[0].result, Ok(()));
+        assert_eq!(Fault::parse("eio_write"), Some(Fault::EioWrite));
+        assert_eq!(Fault::parse("bogus"), None);
+        for (f, n) in Fault::ALL {
+            assert_eq!(Fault::parse(n), Some(f));
+            assert_eq!(f.name(), n);
+        }
+    }
+
+    #[test]
+    fn a_stall_holds_io_until_it_is_cleared() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let fault = dev.fault().unwrap();
+        submit_one(&mut ch, IoOp::Write { fua: false }, 0, 0x33);
+        // Submitted before the stall: it completes.
+        fault.set(Fault::Stall);
+        assert_eq!(poll_all(&mut ch).len(), 1);
+        submit_one(&mut ch, IoOp::Read, 0, 0);
+        ch.submit(BdevIo {
+            tag: 10,
+            ..io(IoOp::Write { fua: false }, 4096, 4096, {
+                let mut b = DataBuf::alloc(4096).unwrap();
+                b.fill(0, 4096, 0x44);
+                b
+            })
+        });
+        for _ in 0..3 {
+            assert!(poll_all(&mut ch).is_empty(), "held");
+            assert!(ch.busy(), "held I/O keeps the channel busy");
+        }
+        fault.set(Fault::None);
+        let c = poll_all(&mut ch);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].tag, 9, "in submission order");
+        assert_eq!(c[1].tag, 10);
+        assert!(c.iter().all(|c| c.result.is_ok()));
+        let mut back = vec![0u8; 4096];
+        c[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert!(back.iter().all(|&x| x == 0x33));
+        assert!(!ch.busy());
+        // Held I/O released into another fault gets that fault.
+        fault.set(Fault::Stall);
+        submit_one(&mut ch, IoOp::Read, 0, 0);
+        assert!(poll_all(&mut ch).is_empty());
+        fault.set(Fault::EioRead);
+        assert_eq!(poll_all(&mut ch)[0].result, Err(BdevError::Io(0)));
+        fault.set(Fault::None);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::iscsi::login::Auth;
 use crate::iscsi::param::{self, TargetParams};
 use crate::iscsi::registry::Registry;
 use crate::scsi::device::{self, Device};
+use crate::util::quote;
 
 /// What went wrong with a management request; the message names the path and what is allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -587,7 +588,7 @@ impl Mgmt {
                 )
             }
             ["handlers", h, "type"] if device::HANDLERS.contains(h) => {
-                "0 - direct-access device (e.g., magnetic disk)".into()
+                device::handler_type(h).into()
             }
             ["handlers", h, d] if device::HANDLERS.contains(h) => {
                 let dev = st
@@ -782,8 +783,28 @@ impl Mgmt {
     // ------------------------------------------------------------------ writing
 
     pub fn set(&self, path: &str, value: &str) -> Result<(), MgmtError> {
+        if let ["devices", d, a] = split(path).as_slice() {
+            return self.set_device_attr(path, d, a, value.trim_end_matches('\n'));
+        }
         let mut st = self.lock();
         self.write(&mut st, path, value)?;
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// Writes a device attribute with the device taken out of the tree's lock: opening,
+    /// closing, resizing or syncing its backing may block on I/O (a file on a hung mount),
+    /// and that must not stop every other request. The device itself serialises its own
+    /// changes.
+    fn set_device_attr(&self, path: &str, d: &str, a: &str, value: &str) -> Result<(), MgmtError> {
+        let nf = || MgmtError::NotFound(path.to_string());
+        let dev = self.lock().devices.get(d).cloned().ok_or_else(nf)?;
+        if dev.get_attr(a).is_none() {
+            return Err(nf());
+        }
+        dev.set_attr(a, value)
+            .map_err(|e| invalid(path, e.to_string()))?;
+        let st = self.lock();
         self.publish(&st);
         Ok(())
     }
@@ -811,14 +832,6 @@ impl Mgmt {
                 } else {
                     st.max_connections_per_portal = n;
                 }
-            }
-            ["devices", d, a] => {
-                let dev = st.devices.get(*d).ok_or_else(nf)?;
-                if dev.get_attr(a).is_none() {
-                    return Err(nf());
-                }
-                dev.set_attr(a, value)
-                    .map_err(|e| invalid(path, e.to_string()))?;
             }
             ["targets", "iscsi", t, a] if st.targets.contains_key(*t) => {
                 let in_use: Vec<u16> = st
@@ -896,7 +909,6 @@ impl Mgmt {
 
     /// Runs an SCST mgmt command. `path` names the `mgmt` entry or its directory.
     pub fn mgmt(&self, path: &str, command: &str) -> Result<(), MgmtError> {
-        let mut st = self.lock();
         let mut p = split(path);
         if p.last() == Some(&"mgmt") {
             p.pop();
@@ -907,18 +919,17 @@ impl Mgmt {
         };
         let joined = p.join("/");
         let here = format!("{joined}/mgmt");
+        if let (["handlers", h], "add_device") = (p.as_slice(), verb) {
+            if device::HANDLERS.contains(h) {
+                return self.add_device(h, &here, args, command);
+            }
+        }
+        // A device deleted below is dropped after the lock is released: closing its backing
+        // may wait for I/O.
+        let mut removed = None;
+        let mut st = self.lock();
         match p.as_slice() {
             ["handlers", h] if device::HANDLERS.contains(h) => match verb {
-                "add_device" => {
-                    let name = args.first().ok_or_else(|| invalid(&here, "add_device needs a device name"))?;
-                    if st.devices.contains_key(*name) {
-                        return Err(invalid(&here, format!("device {name} already exists")));
-                    }
-                    let rest = command.trim_start()[verb.len()..].trim_start()[name.len()..].to_string();
-                    let params = parse_params(&here, &rest)?;
-                    let dev = Device::create(h, name, &params).map_err(|e| invalid(&here, e.to_string()))?;
-                    st.devices.insert(name.to_string(), dev);
-                }
                 "del_device" => {
                     let [name] = args else { return Err(invalid(&here, "usage: del_device NAME")) };
                     let dev = st.devices.get(*name).ok_or_else(|| invalid(&here, format!("no device {name}")))?;
@@ -932,7 +943,7 @@ impl Mgmt {
                             msg: format!("device {name} is busy: exported as {}", ex.join(", ")),
                         });
                     }
-                    st.devices.remove(*name);
+                    removed = st.devices.remove(*name);
                 }
                 _ => return Err(invalid(&here, format!("unknown command {verb:?}: use add_device or del_device"))),
             },
@@ -1008,6 +1019,42 @@ impl Mgmt {
             ["targets", "iscsi", t, "ini_groups", g, "initiators"] if has_group(&st, t, g) => initiators_mgmt(&mut st, t, g, &here, verb, args)?,
             _ => return Err(MgmtError::NotFound(here)),
         }
+        self.publish(&st);
+        drop(st);
+        drop(removed);
+        Ok(())
+    }
+
+    /// `add_device NAME [k=v; ...]` on handler `h`. The device is created (its backing
+    /// opened, a file created) without the tree's lock held, so that a slow or stuck open
+    /// cannot stop every other request: the name is checked first, and again when the device
+    /// goes into the tree, where of two racing adds of one name the later one fails cleanly
+    /// (its device is dropped; a file it created stays, as the winner may be using it).
+    fn add_device(
+        &self,
+        h: &str,
+        here: &str,
+        args: &[&str],
+        command: &str,
+    ) -> Result<(), MgmtError> {
+        let name = *args
+            .first()
+            .ok_or_else(|| invalid(here, "add_device needs a device name"))?;
+        let exists = || invalid(here, format!("device {} already exists", quote(name)));
+        if self.lock().devices.contains_key(name) {
+            return Err(exists());
+        }
+        // The parameters follow "add_device NAME": both are the command's first words.
+        let rest =
+            command.trim_start()["add_device".len()..].trim_start()[name.len()..].to_string();
+        let params = parse_params(here, &rest)?;
+        let dev = Device::create(h, name, &params).map_err(|e| invalid(here, e.to_string()))?;
+        let mut st = self.lock();
+        if st.devices.contains_key(name) {
+            drop(st);
+            return Err(exists());
+        }
+        st.devices.insert(name.to_string(), dev);
         self.publish(&st);
         Ok(())
     }
@@ -1716,8 +1763,10 @@ fn auth_attr(a: &Auth, name: &str) -> Option<String> {
     a.incoming.get(i).map(|x| x.user.clone())
 }
 
-/// `add_attribute IncomingUser USER SECRET`, `del_attribute IncomingUser USER` and the same
-/// for OutgoingUser (one account at most), on the driver or on one target.
+/// `add_attribute IncomingUser USER SECRET`, `del_attribute IncomingUser USER [SECRET]` and
+/// the same for OutgoingUser (one account at most), on the driver or on one target. A delete
+/// takes the secret too, as scstadmin sends back the value it read (`USER SECRET`); given,
+/// it must be the account's.
 fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result<(), MgmtError> {
     let Some((&attr, rest)) = args.split_first() else {
         return Err(invalid(
@@ -1758,22 +1807,39 @@ fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result
             auth.incoming.push(acct);
         }
     } else {
-        let [user] = rest else {
-            return Err(invalid(here, format!("usage: del_attribute {attr} USER")));
-        };
-        let found = if attr == "OutgoingUser" {
-            let hit = auth.outgoing.as_ref().is_some_and(|o| o.user == *user);
-            if hit {
-                auth.outgoing = None;
+        let (user, secret) = match rest {
+            [user] => (*user, None),
+            [user, secret] => (*user, Some(*secret)),
+            _ => {
+                return Err(invalid(
+                    here,
+                    format!("usage: del_attribute {attr} USER [SECRET]"),
+                ))
             }
-            hit
-        } else {
-            let before = auth.incoming.len();
-            auth.incoming.retain(|a| a.user != *user);
-            auth.incoming.len() != before
         };
-        if !found {
-            return Err(invalid(here, format!("no {attr} {user}")));
+        let account = if attr == "OutgoingUser" {
+            auth.outgoing.as_ref().filter(|o| o.user == user)
+        } else {
+            auth.incoming.iter().find(|a| a.user == user)
+        };
+        let Some(account) = account else {
+            return Err(invalid(here, format!("no {attr} {}", quote(user))));
+        };
+        if let Some(s) = secret {
+            if !chap::constant_time_eq(s.as_bytes(), account.secret.as_bytes()) {
+                return Err(invalid(
+                    here,
+                    format!(
+                        "the secret given does not match {attr} {}'s; nothing was deleted",
+                        quote(user)
+                    ),
+                ));
+            }
+        }
+        if attr == "OutgoingUser" {
+            auth.outgoing = None;
+        } else {
+            auth.incoming.retain(|a| a.user != user);
         }
     }
     Ok(())
@@ -2021,6 +2087,92 @@ mod more_tests {
         assert!(matches!(m.get("nope"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.ls("nope/deeper"), Err(MgmtError::NotFound(_))));
         assert!(matches!(m.set("nope", "1"), Err(MgmtError::NotFound(_))));
+    }
+
+    #[test]
+    fn chap_deletes_take_the_value_scstadmin_sends() {
+        let m = mgmt();
+        setup(&m);
+        let t = "targets/iscsi/mgmt";
+        let secret = "12charsecret";
+        for (add, del) in [
+            (
+                format!("add_target_attribute {T} IncomingUser joe {secret}"),
+                format!("del_target_attribute {T} IncomingUser joe"),
+            ),
+            (
+                format!("add_attribute OutgoingUser tgt {secret}"),
+                "del_attribute OutgoingUser tgt".to_string(),
+            ),
+        ] {
+            m.mgmt(t, &add).unwrap();
+            // A wrong secret is refused, naming the user and not the secret.
+            let e = m
+                .mgmt(t, &format!("{del} wrong-secret-1"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("joe") || e.contains("tgt"), "{e}");
+            assert!(
+                e.contains("does not match") && !e.contains("wrong-secret-1"),
+                "{e}"
+            );
+            // With the right secret (as scstadmin sends it) it goes.
+            m.mgmt(t, &format!("{del} {secret}")).unwrap();
+            assert!(m.mgmt(t, &del).unwrap_err().to_string().contains("no "));
+            // And without one, as before.
+            m.mgmt(t, &add).unwrap();
+            m.mgmt(t, &del).unwrap();
+        }
+        assert!(m
+            .mgmt(t, "del_attribute IncomingUser a b c")
+            .unwrap_err()
+            .to_string()
+            .contains("usage"));
+    }
+
+    #[test]
+    fn handler_types_are_scsts() {
+        let m = mgmt();
+        assert_eq!(m.get("handlers/vcdrom/type").unwrap(), "5 - CD-ROM device");
+        for h in [
+            "vdisk_fileio",
+            "vdisk_blockio",
+            "vdisk_nullio",
+            "vdisk_ramio",
+        ] {
+            assert_eq!(
+                m.get(&format!("handlers/{h}/type")).unwrap(),
+                "0 - direct-access device (e.g., magnetic disk)",
+                "{h}"
+            );
+        }
+        m.mgmt("handlers/vcdrom/mgmt", "add_device cd").unwrap();
+        assert_eq!(
+            m.get("devices/cd/type").unwrap(),
+            m.get("handlers/vcdrom/type").unwrap()
+        );
+    }
+
+    #[test]
+    fn racing_adds_of_one_name_leave_one_device() {
+        // add_device creates the device outside the tree's lock: the name is checked again
+        // on insertion, and every loser says why.
+        let m = mgmt();
+        let results: Vec<Result<(), MgmtError>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| m.mgmt("handlers/vdisk_ramio/mgmt", "add_device r size_mb=1")))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        for e in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(e.to_string().contains("already exists"), "{e}");
+        }
+        assert_eq!(m.ls("devices").unwrap().len(), 1);
     }
 
     #[test]

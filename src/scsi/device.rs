@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::bdev::{BlockDev, FileDev, FileOptions, Kind, NullDev, RamDev};
+use crate::bdev::{BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev};
+use crate::util::quote;
 
 /// Why a device could not be created or changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, displaydoc::Display)]
@@ -259,7 +260,7 @@ impl Device {
                                 "a RAM disk of {size} bytes is larger than 1 TiB"
                             )));
                         }
-                        RamDev::new(block_size, size)
+                        RamDev::new(block_size, size).map_err(invalid)?
                     }
                 };
                 (bdev, None)
@@ -505,6 +506,9 @@ impl Device {
             v.push(ro("blocksize"));
         }
         v.push(rw("eui64_id"));
+        if self.fault_injectable() {
+            v.push(rw("fault_inject"));
+        }
         if disk_file || cdrom {
             v.push(rw("filename"));
         }
@@ -550,6 +554,15 @@ impl Device {
         v
     }
 
+    /// Whether the device has the `fault_inject` attribute: file and block devices and RAM
+    /// disks.
+    fn fault_injectable(&self) -> bool {
+        matches!(
+            self.handler.as_str(),
+            "vdisk_fileio" | "vdisk_blockio" | "vdisk_ramio"
+        ) && self.bdev.fault().is_some()
+    }
+
     fn has_attr(&self, name: &str) -> bool {
         self.attrs().iter().any(|a| a.name == name)
     }
@@ -566,6 +579,12 @@ impl Device {
             "active" => b(self.is_active()),
             "blocksize" => self.block_size.to_string(),
             "eui64_id" => hex(&id.eui64_id),
+            "fault_inject" => self
+                .bdev
+                .fault()
+                .map_or(Fault::None, |f| f.get())
+                .name()
+                .into(),
             "filename" => self.file.as_ref().map(|f| f.filename()).unwrap_or_default(),
             "lb_per_pb_exp" => b(self.lb_per_pb_exp.load(Ordering::Relaxed)),
             "naa_id" => hex(&id.naa_id),
@@ -585,12 +604,7 @@ impl Device {
             "t10_vend_id" => id.t10_vend_id,
             "thin_provisioned" => b(self.thin),
             "tst" => "1".into(),
-            "type" => if self.is_cdrom() {
-                "5 - CD-ROM device"
-            } else {
-                "0 - direct-access device (e.g., magnetic disk)"
-            }
-            .into(),
+            "type" => handler_type(&self.handler).into(),
             "usn" => id.usn,
             "write_through" => opt(|o| o.write_through),
             _ => return None,
@@ -609,6 +623,7 @@ impl Device {
             }
             "filename" => given("filename") || !self.get_attr(name).unwrap_or_default().is_empty(),
             "active" => given("active") || !self.is_active(),
+            "fault_inject" => self.bdev.fault().is_some_and(|f| f.get() != Fault::None),
             "lb_per_pb_exp" => given(name) || !self.lb_per_pb_exp.load(Ordering::Relaxed),
             "naa_id" | "eui64_id" | "opt_trans_len" | "prod_id" | "prod_rev_lvl"
             | "t10_vend_id" | "usn" => self.get_attr(name) != self.default_attr(name),
@@ -644,6 +659,20 @@ impl Device {
             }
             Some(a) if !a.writable => return Err(invalid(format!("{name} is read-only"))),
             Some(_) => {}
+        }
+        if name == "fault_inject" {
+            let f = Fault::parse(v.trim()).ok_or_else(|| {
+                let names: Vec<&str> = Fault::ALL.iter().map(|(_, n)| *n).collect();
+                invalid(format!(
+                    "fault_inject must be one of {}, not {}",
+                    names.join(", "),
+                    quote(v)
+                ))
+            })?;
+            if let Some(fi) = self.bdev.fault() {
+                fi.set(f);
+            }
+            return Ok(());
         }
         if let Some(f) = &self.file {
             let before = self.size();
@@ -848,6 +877,25 @@ impl Device {
     }
 }
 
+/// The `type` attribute of a handler and of its devices, as SCST shows it: the SPC
+/// peripheral device type and its name.
+pub fn handler_type(handler: &str) -> &'static str {
+    if handler == "vcdrom" {
+        "5 - CD-ROM device"
+    } else {
+        "0 - direct-access device (e.g., magnetic disk)"
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // I/O held by a stall would otherwise wait for a device nobody can reach any more.
+        if let Some(f) = self.bdev.fault() {
+            f.set(Fault::None);
+        }
+    }
+}
+
 /// The parameters `add_device` accepts for `handler` (SCST's lists, less what has no
 /// meaning in a userspace target: DIF, ALUA binding, cluster mode, NUMA node, `async`).
 pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
@@ -972,6 +1020,45 @@ mod tests {
         for a in d.attrs() {
             assert!(d.get_attr(a.name).is_some(), "{}", a.name);
         }
+    }
+
+    #[test]
+    fn fault_inject_attribute() {
+        let dir = tmp();
+        let f = dir.path().join("fi.img");
+        let file = Device::create(
+            "vdisk_fileio",
+            "f",
+            &p(&[("filename", f.to_str().unwrap()), ("size_mb", "1")]),
+        )
+        .unwrap();
+        let ram = Device::create("vdisk_ramio", "r", &p(&[("size_mb", "1")])).unwrap();
+        for d in [&file, &ram] {
+            assert_eq!(d.get_attr("fault_inject").unwrap(), "none");
+            assert!(!d.is_key_attr("fault_inject"), "saved at its default");
+            for v in ["eio_read", "eio_write", "eio", "stall", "none\n", "eio"] {
+                d.set_attr("fault_inject", v).unwrap();
+                assert_eq!(d.get_attr("fault_inject").unwrap(), v.trim());
+            }
+            assert!(d.is_key_attr("fault_inject"));
+            let e = d
+                .set_attr("fault_inject", "sometimes")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("eio_write") && e.contains("sometimes"), "{e}");
+            assert_eq!(d.get_attr("fault_inject").unwrap(), "eio");
+            d.set_attr("fault_inject", "none").unwrap();
+        }
+        // Not on devices that are neither a file, a block device nor RAM.
+        let n = Device::create("vdisk_nullio", "n", &[]).unwrap();
+        assert!(n.get_attr("fault_inject").is_none());
+        let cd = Device::create("vcdrom", "cd", &[]).unwrap();
+        assert!(cd.get_attr("fault_inject").is_none());
+        // A device that goes away releases what a stall holds.
+        ram.set_attr("fault_inject", "stall").unwrap();
+        let bdev = ram.bdev.clone();
+        drop(ram);
+        assert_eq!(bdev.fault().unwrap().get(), crate::bdev::Fault::None);
     }
 
     #[test]
