@@ -4,11 +4,12 @@
 # vdisk_fileio LUN (every suite), the same with 4 KiB physical blocks (the provisioning suites),
 # vdisk_blockio on a loop device (every suite), a vcdrom (the suites that apply to a CD), a
 # read-only fileio LUN (the ReadOnly suite) and a removable fileio disk (the NoMedia,
-# PreventAllow and StartStopUnit suites). Scores each
-# log with cu_score.py, writes docs/CONFORMANCE.md with a column per backend, and fails if a
-# suite that must be clean on a backend has a failed or warned test, or if the target crashed
-# or stopped answering.
+# PreventAllow and StartStopUnit suites). Scores each log with scripts/cu-score.py (checked
+# first by scripts/cu-score-test.sh), writes docs/CONFORMANCE.md with a column per backend, and
+# fails if a suite that must be clean on a backend has a failed or warned test, if a log is
+# incomplete, or if the target crashed or stopped answering.
 #   CU_BACKENDS="ram fileio" scripts/conformance.sh      CU_TESTS=SBC.Read10 for one suite
+#   CU_KEEP=1 keeps the logs (the run says where)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -17,12 +18,12 @@ IQN=iqn.2026-11.org.iscsi-tgt:conformance
 WORK=$(mktemp -d /tmp/iscsi-tgt-cu.XXXXXX)
 SOCK=$WORK/rpc.sock
 OUT=${CU_OUT:-$ROOT/docs/CONFORMANCE.md}
-SCORE=$SHARED/tools/cu_score.py
+SCORE=$ROOT/scripts/cu-score.py
 LOOP=
-trap 'stop_target; [ -n "$LOOP" ] && losetup -d "$LOOP"; rm -rf "$WORK"' EXIT
+trap 'stop_target; [ -n "$LOOP" ] && losetup -d "$LOOP"; if [ -n "${CU_KEEP:-}" ]; then echo "conformance: logs kept in $WORK"; else rm -rf "$WORK"; fi' EXIT
 
+"$ROOT/scripts/cu-score-test.sh"
 command -v iscsi-test-cu >/dev/null || "$ROOT/scripts/setup.sh"
-[ -f "$SCORE" ] || die "cannot find cu_score.py at $SCORE (set ISCSI_TGT_SHARED)"
 [ -x "$BIN" ] || build_release
 
 # Suites that must be clean everywhere they run.
@@ -177,34 +178,42 @@ for b in $BACKENDS; do
         LOOP=
     fi
 
-    SUMMARY[$b]=$(python3 "$SCORE" "$LOG")
-    python3 "$SCORE" "$LOG" --tests >"$WORK/tests-$b.txt"
+    # The scorer exits 1 when the log is incomplete (the suite was cut short) or disagrees
+    # with CUnit's own summary: then the scores cannot be trusted and the run fails.
+    complete=1
+    SUMMARY[$b]=$(python3 "$SCORE" "$LOG") || complete=0
+    python3 "$SCORE" "$LOG" --tests >"$WORK/tests-$b.txt" || true
     echo "  ${SUMMARY[$b]}"
     bad=$(awk -v re="$MUST" '($1 == "failed" || $1 == "warned") && $2 ~ re {print}' "$WORK/tests-$b.txt" || true)
 
-    # Some tests are scored "warned" by construction: they log "[FAILED]" through a helper
-    # for an outcome the test itself requires. Each is accepted only when CUnit passed it and
-    # every failure it logged is exactly that required outcome:
+    # Some tests fail or warn by construction. Each is accepted only on the backends listed,
+    # with the status listed, and when every failure it records (a "[FAILED]" line it logged
+    # or a CUnit failure line) is exactly the one described:
     #  - iSCSIdatasn.iSCSIDataSnInvalid requires its four writes with bad DataSNs to fail
-    #    (CHECK CONDITION);
+    #    (CHECK CONDITION), and logs them through a helper;
     #  - PreventAllow.{LUNReset,WarmReset,ColdReset} poll TEST UNIT READY after the reset and
     #    log the reset's unit attention, which SAM-5 requires for every I_T nexus (and
     #    MultipathIO.Reset checks it on the requester's own path).
     NOTE[$b]=""
-    for spec in "iSCSIdatasn.iSCSIDataSnInvalid|iSCSIDataSnInvalid|WRITE10 command failed with status 2 " \
-        "PreventAllow.LUNReset|LUNReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06) / ASCQ BUS_DEVICE_RESET" \
-        "PreventAllow.WarmReset|WarmReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)" \
-        "PreventAllow.ColdReset|ColdReset|TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)"; do
-        IFS='|' read -r tname short pattern <<<"$spec"
-        awk -v t="$tname" '$1 == "warned" && $2 == t {found=1} END {exit !found}' "$WORK/tests-$b.txt" || continue
-        section=$(awk -v s="Test: $short " 'index($0, s) {on=1; print; next} on && /Test: / {on=0} on' "$LOG")
-        fails=$(grep -c '\[FAILED\]' <<<"$section" || true)
-        expected=$(grep -cF "[FAILED] $pattern" <<<"$section" || true)
+    for spec in "*|iSCSIdatasn.iSCSIDataSnInvalid|warned|[FAILED] WRITE10 command failed with status 2 |every failure it logged (%n) is the outcome it requires" \
+        "*|PreventAllow.LUNReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06) / ASCQ BUS_DEVICE_RESET|every failure it logged (%n) is the outcome it requires" \
+        "*|PreventAllow.WarmReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)|every failure it logged (%n) is the outcome it requires" \
+        "*|PreventAllow.ColdReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)|every failure it logged (%n) is the outcome it requires"; do
+        IFS='|' read -r backends tname status pattern why <<<"$spec"
+        # shellcheck disable=SC2254 # the backends field is a pattern
+        case $b in $backends) ;; *) continue ;; esac
+        awk -v t="$tname" -v s="$status" '$1 == s && $2 == t {found=1} END {exit !found}' "$WORK/tests-$b.txt" || continue
+        output=$(python3 "$SCORE" "$LOG" --output "$tname" || true)
+        fails=$(grep -cE '\[FAILED\]|^    [0-9]+\. [^ ]+:[0-9]+  - ' <<<"$output" || true)
+        expected=$(grep -cF "$pattern" <<<"$output" || true)
         if [ "$fails" -gt 0 ] && [ "$fails" -eq "$expected" ]; then
             bad=$(awk -v t="$tname" '$2 != t' <<<"$bad" || true)
-            NOTE[$b]+="$tname is scored warned by construction: every failure it logged ($fails) is the outcome it requires. "
+            NOTE[$b]+="$tname is scored $status by construction: ${why//%n/$fails}. "
         fi
     done
+    if [ "$complete" = 0 ]; then
+        bad+="${bad:+$'\n'}the log is incomplete: ${SUMMARY[$b]}"
+    fi
     BAD[$b]=$bad
     if [ -n "$bad" ]; then FAILED=1; fi
 done
@@ -214,7 +223,7 @@ done
     echo
     echo "libiscsi's \`iscsi-test-cu\` ($(dpkg-query -W -f='${Version}' libiscsi-bin 2>/dev/null || echo unknown)), run by"
     echo "\`scripts/conformance.sh\` against each backend configured through \`rpc/rpc.py\` only:"
-    echo "\`iscsi-test-cu -d -S -t TESTS URL URL\`, scored with \`shared/tools/cu_score.py\` (a test that"
+    echo "\`iscsi-test-cu -d -S -t TESTS URL URL\`, scored with \`scripts/cu-score.py\` (a test that"
     echo "only printed [SKIPPED] counts as skipped, one that CUnit passed while logging a failed check"
     echo "counts as warned)."
     echo
