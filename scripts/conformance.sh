@@ -55,9 +55,8 @@ setup_fileio() {
 }
 # The same with the file system's 4 KiB blocks reported as physical blocks (lb_per_pb_exp=1,
 # SCST's default): READ CAPACITY 16 says 8 logical blocks per physical block, which the
-# unaligned-UNMAP and Data-Out-size tests need. GetLBAStatus runs on the LUN above only: its
-# UnmapSingle test asks for the status of LBA i+1 and expects a descriptor that starts at
-# i+LBPPB, which only holds when LBPPB is 1.
+# unaligned-UNMAP and Data-Out-size tests need, and GET LBA STATUS is asked about LBAs inside
+# a physical block (GetLBAStatus.UnmapSingle: see the accepted failures below).
 setup_physblock() {
     truncate -s 128M "$WORK/pb.img"
     local pb
@@ -66,9 +65,9 @@ setup_physblock() {
     rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt \
         "add_device pb0 filename=$WORK/pb.img; thin_provisioned=1; lb_per_pb_exp=1"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add pb0 0"
-    TESTS=${CU_TESTS:-SCSI.Unmap,SCSI.WriteSame10,SCSI.WriteSame16,SCSI.CompareAndWrite,SCSI.ReadCapacity16}
+    TESTS=${CU_TESTS:-SCSI.Unmap,SCSI.WriteSame10,SCSI.WriteSame16,SCSI.GetLBAStatus,SCSI.CompareAndWrite,SCSI.ReadCapacity16}
     CRED=""
-    MUST="^(Unmap|WriteSame10|WriteSame16|CompareAndWrite|ReadCapacity16)\\."
+    MUST="^($THIN|CompareAndWrite|ReadCapacity16)\\."
     DESC="\`vdisk_fileio\`, thin, 512-byte logical blocks in $pb-byte physical blocks (lb_per_pb_exp=1)"
 }
 setup_readonly() {
@@ -193,12 +192,21 @@ for b in $BACKENDS; do
     #    (CHECK CONDITION), and logs them through a helper;
     #  - PreventAllow.{LUNReset,WarmReset,ColdReset} poll TEST UNIT READY after the reset and
     #    log the reset's unit attention, which SAM-5 requires for every I_T nexus (and
-    #    MultipathIO.Reset checks it on the requester's own path).
+    #    MultipathIO.Reset checks it on the requester's own path);
+    #  - GetLBAStatus.UnmapSingle, where a physical block holds more than one logical block:
+    #    after unmapping LBAs 0 to i-1 (i a multiple of LBPPB) it asks for the status from
+    #    LBA i+1 and requires the first descriptor to start at LBA i+LBPPB
+    #    (test_get_lba_status_unmap_single.c:135 in libiscsi 1.19, unchanged upstream). SBC-3
+    #    (5.6, GET LBA STATUS) requires the first descriptor to start at the STARTING LOGICAL
+    #    BLOCK ADDRESS, i+1, which is what the target answers; the two agree only when LBPPB
+    #    is 1. The test stops at that check, after its first half (each physical block
+    #    unmapped in turn, the status asked at it and after it) passed.
     NOTE[$b]=""
     for spec in "*|iSCSIdatasn.iSCSIDataSnInvalid|warned|[FAILED] WRITE10 command failed with status 2 |every failure it logged (%n) is the outcome it requires" \
         "*|PreventAllow.LUNReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06) / ASCQ BUS_DEVICE_RESET|every failure it logged (%n) is the outcome it requires" \
         "*|PreventAllow.WarmReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)|every failure it logged (%n) is the outcome it requires" \
-        "*|PreventAllow.ColdReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)|every failure it logged (%n) is the outcome it requires"; do
+        "*|PreventAllow.ColdReset|warned|[FAILED] TESTUNITREADY command failed with status 2 / sense key UNIT_ATTENTION(0x06)|every failure it logged (%n) is the outcome it requires" \
+        "physblock|GetLBAStatus.UnmapSingle|failed|test_get_lba_status_unmap_single.c:135  - CU_FAIL(\"[FAILED] GETLBASTATUS command: \" \"lba offset in first descriptor does not \"|its one failure is libiscsi requiring the status asked from LBA i+1 to start at LBA i+LBPPB, where SBC-3 requires it to start at the LBA asked for, as the target's does (scripts/conformance.sh says more)"; do
         IFS='|' read -r backends tname status pattern why <<<"$spec"
         # shellcheck disable=SC2254 # the backends field is a pattern
         case $b in $backends) ;; *) continue ;; esac
@@ -231,7 +239,8 @@ done
     echo "ReadCapacity10/16, TestUnitReady, ReportLuns, ModeSense6 and every iSCSI suite on every"
     echo "backend that runs them; CompareAndWrite, OrWrite and ReportSupportedOpcodes on the RAM,"
     echo "thin fileio and blockio LUNs; Unmap, WriteSame10/16 and GetLBAStatus on the thin fileio LUN"
-    echo "(and all but GetLBAStatus again with 4 KiB physical blocks and on blockio);"
+    echo "and again with 4 KiB physical blocks (with CompareAndWrite and ReadCapacity16), Unmap and"
+    echo "WriteSame10/16 on blockio;"
     echo "Inquiry, TestUnitReady, ReadCapacity10, Read10/12, Verify10, StartStopUnit, ModeSense6 and"
     echo "ReportLuns on the vcdrom; ReadOnly on the read-only LUN; NoMedia, PreventAllow and"
     echo "StartStopUnit on the removable disk."
