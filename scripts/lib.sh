@@ -4,7 +4,6 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${ISCSI_TGT_BIN:-$ROOT/target/release/iscsi-tgt}
 RPC="python3 $ROOT/rpc/rpc.py"
-SHARED=${ISCSI_TGT_SHARED:-$(cd "$ROOT/.." && pwd)/shared}
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 

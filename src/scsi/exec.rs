@@ -2576,6 +2576,139 @@ mod tests {
         assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x20, 0));
     }
 
+    /// The LBA status descriptors (LBA, blocks, provisioning status) of one GET LBA STATUS,
+    /// after checking the header's length against them.
+    fn lba_status(d: &Arc<Device>, start: u64, alloc: u32) -> Vec<(u64, u32, u8)> {
+        let t = run(d, &sai16(0x12, start, alloc), None);
+        assert_eq!(t.status, 0, "GET LBA STATUS at {start}");
+        let x = data(&t);
+        let len = u32::from_be_bytes(x[0..4].try_into().unwrap()) as usize;
+        assert_eq!(len + 4, x.len(), "parameter data length at {start}");
+        x[8..]
+            .chunks_exact(16)
+            .map(|c| {
+                (
+                    u64::from_be_bytes(c[0..8].try_into().unwrap()),
+                    u32::from_be_bytes(c[8..12].try_into().unwrap()),
+                    c[12] & 0x0f,
+                )
+            })
+            .collect()
+    }
+
+    /// GET LBA STATUS on a real sparse file, whose file system maps whole blocks of P
+    /// logical blocks: the first descriptor starts at the requested LBA wherever it falls in
+    /// a file-system (physical) block, and a block the file system holds counts as mapped
+    /// even where only some of its logical blocks were written. The answer is the same
+    /// whether the LUN reports one logical block per physical block or P of them.
+    #[test]
+    fn get_lba_status_from_any_lba_of_a_sparse_file() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        const MAPPED: u8 = 0;
+        const DEALLOCATED: u8 = 1;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = dir.path().join("sparse.img");
+        let f = std::fs::File::create(&path).unwrap();
+        let fs_block = f.metadata().unwrap().blksize();
+        assert!(
+            fs_block >= 1024 && fs_block.is_power_of_two(),
+            "/var/tmp has {fs_block}-byte blocks: this test needs more than one logical block per file-system block"
+        );
+        // Logical blocks per file-system block.
+        let p = fs_block / 512;
+        let blocks = 64 * p;
+        f.set_len(blocks * 512).unwrap();
+        let write = |lba: u64, n: u64| {
+            f.write_all_at(&vec![0x5a; n as usize * 512], lba * 512)
+                .unwrap()
+        };
+        // File-system blocks 1, 3, 4, 5 and 63 hold data; of 3 and 63 only one logical block
+        // was written (the last of 3, the first of 63).
+        write(p, p);
+        write(4 * p - 1, 1);
+        write(4 * p, 2 * p);
+        write(63 * p, 1);
+        f.sync_all().unwrap();
+        let lbppb = |d: &Arc<Device>| {
+            let t = run(d, &sai16(0x10, 0, 32), None);
+            1u64 << (data(&t)[13] & 0x0f)
+        };
+        let u = |n: u64| u32::try_from(n).unwrap();
+        for exp in ["0", "1"] {
+            let d = Device::create(
+                "vdisk_fileio",
+                "sparse",
+                &[
+                    ("filename".into(), path.to_str().unwrap().into()),
+                    ("thin_provisioned".into(), "1".into()),
+                    ("lb_per_pb_exp".into(), exp.into()),
+                ],
+            )
+            .unwrap();
+            assert_eq!(d.num_blocks(), blocks);
+            assert_eq!(lbppb(&d), if exp == "1" { p } else { 1 });
+            let tail = [(6 * p, u(57 * p), DEALLOCATED), (63 * p, u(p), MAPPED)];
+            // From LBA 0: every stretch, in order, to the end of the LUN.
+            let mut all = vec![
+                (0, u(p), DEALLOCATED),
+                (p, u(p), MAPPED),
+                (2 * p, u(p), DEALLOCATED),
+                (3 * p, u(3 * p), MAPPED),
+            ];
+            all.extend(tail);
+            assert_eq!(lba_status(&d, 0, 1024), all, "lb_per_pb_exp={exp}");
+            // Inside a hole, one block past its start.
+            assert_eq!(
+                lba_status(&d, 1, 1024)[..2],
+                [(1, u(p - 1), DEALLOCATED), (p, u(p), MAPPED)],
+                "lb_per_pb_exp={exp}"
+            );
+            // Inside a written file-system block: the rest of it, then the hole after it.
+            assert_eq!(
+                lba_status(&d, p + 3, 1024)[..2],
+                [(p + 3, u(p - 3), MAPPED), (2 * p, u(p), DEALLOCATED)],
+                "lb_per_pb_exp={exp}"
+            );
+            // Inside a partly written file-system block, on a block that was not written:
+            // mapped, with the written blocks after it, then the tail.
+            let mut v = vec![(3 * p + 1, u(3 * p - 1), MAPPED)];
+            v.extend(tail);
+            assert_eq!(lba_status(&d, 3 * p + 1, 1024), v, "lb_per_pb_exp={exp}");
+            // Inside the long hole.
+            assert_eq!(
+                lba_status(&d, 6 * p + 5, 1024),
+                [(6 * p + 5, u(57 * p - 5), DEALLOCATED), tail[1]],
+                "lb_per_pb_exp={exp}"
+            );
+            // The last LBA, unwritten in the last file-system block, which holds data.
+            assert_eq!(
+                lba_status(&d, blocks - 1, 1024),
+                [(blocks - 1, 1, MAPPED)],
+                "lb_per_pb_exp={exp}"
+            );
+            // Room for one descriptor: the one that starts at the requested LBA.
+            assert_eq!(
+                lba_status(&d, 2 * p + 1, 24),
+                [(2 * p + 1, u(p - 1), DEALLOCATED)],
+                "lb_per_pb_exp={exp}"
+            );
+            // Every request from LBA 0 to the end starts where it was asked to, and its
+            // first stretch matches the status of that LBA in the full answer.
+            for start in 0..blocks {
+                let first = lba_status(&d, start, 24)[0];
+                let (lba, n, status) = *all
+                    .iter()
+                    .find(|&&(lba, n, _)| start < lba + u64::from(n))
+                    .unwrap();
+                assert_eq!(
+                    first,
+                    (start, u(lba + u64::from(n) - start), status),
+                    "lb_per_pb_exp={exp}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn read_only_mode_sense_and_writes() {
         let d = Device::create(
