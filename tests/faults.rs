@@ -1,11 +1,13 @@
-//! Faults of the backing store, seen from an initiator: a file system that fills up. Every
-//! command is answered (none hangs), with the sense SBC-3 names: a thin provisioned LUN out of
-//! space reports SPACE ALLOCATION FAILED WRITE PROTECT (07/27/07) and gets space back with
-//! UNMAP, a fully provisioned one reports MEDIUM ERROR, WRITE ERROR (03/0C/00) with the LBA;
-//! reads and other LUNs go on.
+//! Faults of the backing store, seen from an initiator.
 //!
-//! These tests need a small tmpfs mounted as root: `scripts/faults.sh` mounts one and runs
-//! them with `--ignored`.
+//! - A file system that fills up: every command is answered (none hangs), with the sense
+//!   SBC-3 names: a thin provisioned LUN out of space reports SPACE ALLOCATION FAILED WRITE
+//!   PROTECT (07/27/07) and gets space back with UNMAP, a fully provisioned one reports MEDIUM
+//!   ERROR, WRITE ERROR (03/0C/00); reads and other LUNs go on. It needs a small tmpfs
+//!   mounted as root: `scripts/faults.sh` mounts one and runs it with `--ignored`.
+//! - A backend that stalls (`fault_inject=stall`): memory stays bounded by the command
+//!   window, task management is answered, sessions that give up close, and everything held
+//!   drains when the stall ends. (Injected EIO: tests/mgmt_hardening.rs.)
 mod common;
 
 use std::time::Duration;
@@ -159,5 +161,114 @@ fn a_full_file_system_gets_the_right_sense_and_nothing_hangs() {
     assert!(ini.test_unit_ready(0).unwrap().is_good());
     ini.logout().unwrap();
     let mut t = t;
+    assert!(t.alive(), "{}", t.log());
+}
+
+/// A RAM LUN 0 (16 MiB) on target IQN, logged in, unit attentions cleared.
+fn stalled_target() -> (Target, Initiator) {
+    let t = Target::with_default_luns(16);
+    let ini = login(&t);
+    (t, ini)
+}
+
+#[test]
+fn a_stalled_backend_keeps_memory_bounded_and_sessions_recover() {
+    let (t, mut ini) = stalled_target();
+    t.set(&format!("targets/iscsi/{IQN}/QueuedCommands"), "32");
+    let base = t.resources();
+    t.set("devices/ram0/fault_inject", "stall");
+    // 32 READs of 256 KiB fill the command window and stay in the backend.
+    let itts: Vec<u32> = (0..32u32)
+        .map(|i| {
+            ini.submit(0, &cdb::read10(i * 512, 512), None, 256 * 1024, true)
+                .unwrap()
+        })
+        .collect();
+    // Meanwhile the target answers what does not touch the medium, and holds no more than
+    // the window's worth of buffers however long the stall lasts.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(200));
+        let r = t.resources();
+        assert!(
+            r.rss_kib <= base.rss_kib + 32 * 1024,
+            "{r:?} against {base:?} at the start of the stall"
+        );
+    }
+    assert!(
+        ini.outstanding() >= 32,
+        "nothing completes during the stall"
+    );
+    let in_use: u64 = t.get("sgv/chunks_in_use").trim().parse().unwrap();
+    assert!(
+        in_use <= 32 * 2,
+        "{in_use} chunks held for 32 commands of 2 chunks"
+    );
+    // The stall ends: every command completes with its data.
+    t.set("devices/ram0/fault_inject", "none");
+    for itt in itts {
+        let r = ini.wait(itt).unwrap();
+        assert!(r.is_good(), "{r:?}");
+        assert_eq!(r.data.len(), 256 * 1024);
+    }
+    assert!(ini.test_unit_ready(0).unwrap().is_good());
+}
+
+#[test]
+fn sessions_that_give_up_on_a_stalled_backend_close_cleanly() {
+    let (mut t, mut ini) = stalled_target();
+    t.set("devices/ram0/fault_inject", "stall");
+    let data = vec![0x5au8; 65536];
+    let w = ini
+        .submit(0, &cdb::write10(0, 128), Some(&data), 65536, false)
+        .unwrap();
+    let r = ini
+        .submit(0, &cdb::read10(256, 128), None, 65536, true)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The initiator gives up on its commands: ABORT TASK, then LOGICAL UNIT RESET, both
+    // answered at once although the backend still holds the I/O.
+    assert_eq!(
+        ini.task_mgmt(iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK, 0, r)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        ini.task_mgmt(iscsi_tgt::iscsi::pdu::TMF_LOGICAL_UNIT_RESET, 0, 0)
+            .unwrap(),
+        0
+    );
+    let _ = w;
+    ini.logout().unwrap();
+    // Another initiator drops its connection with I/O held.
+    let mut other = login(&t);
+    other
+        .submit(0, &cdb::read10(0, 128), None, 65536, true)
+        .unwrap();
+    drop(other);
+    // Both sessions leave the tree at once; their connections linger, holding the buffers of
+    // the I/O the backend still has, and count against the connection limit until it ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let sessions = format!("targets/iscsi/{IQN}/sessions");
+    while t
+        .call("ls", serde_json::json!({ "path": sessions }))
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", t.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(t.get("targets/iscsi/connections").trim(), "0");
+    // The stall ends: the held I/O drains, its buffers return, the LUN serves again.
+    t.set("devices/ram0/fault_inject", "none");
+    while t.get("targets/iscsi/connections").trim() != "0"
+        || t.get("sgv/chunks_in_use").trim() != "0"
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", t.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ini = login(&t);
+    assert!(ini.test_unit_ready(0).unwrap().is_good());
+    ini.write10(0, 0, &data, 512).unwrap();
+    assert_eq!(ini.read10(0, 0, 128, 512).unwrap(), data);
     assert!(t.alive(), "{}", t.log());
 }
