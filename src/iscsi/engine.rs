@@ -64,7 +64,7 @@ pub struct Shared {
     /// Connections per portal (index into `portals`).
     pub portal_conns: Vec<AtomicUsize>,
     /// The most connections the file descriptor limit leaves room for, after the reserve of
-    /// the RPC server and the backing files (see `util::fd_budget`).
+    /// the RPC server and the backing files (see [`crate::util::FdBudget`]).
     pub fd_conn_limit: usize,
     /// Connections refused at accept because a limit was reached.
     pub refused: AtomicU64,
