@@ -19,6 +19,7 @@ use log::{debug, warn};
 use serde_json::{json, Value};
 
 use crate::mgmt::{Mgmt, MgmtError};
+use crate::util::{quote, QUOTE_MAX};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -30,6 +31,12 @@ pub const INTERNAL_ERROR: i64 = -32603;
 const MAX_REQUEST: usize = 16 << 20;
 /// A client that sends nothing for this long is disconnected.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest `path` parameter: PATH_MAX, and far more than any path in the tree.
+pub const MAX_PATH: usize = 4096;
+/// The longest `value` or `command` parameter: one page, what an SCST sysfs write takes.
+pub const MAX_VALUE: usize = 4096;
+/// Error messages longer than this are cut (names in them are already quoted and cut).
+const MAX_MESSAGE: usize = 1024;
 
 pub const METHODS: &[&str] = &[
     "get",
@@ -60,7 +67,21 @@ pub struct Server {
 struct Fail(i64, String);
 
 impl From<MgmtError> for Fail {
-    fn from(e: MgmtError) -> Fail {
+    fn from(mut e: MgmtError) -> Fail {
+        // Paths in the tree are short; a long one was made from input (a name in a
+        // configuration given to load_config), so it is quoted and cut like other input.
+        match &mut e {
+            MgmtError::NotFound(p)
+            | MgmtError::IsDir(p)
+            | MgmtError::NotDir(p)
+            | MgmtError::ReadOnly(p)
+            | MgmtError::Invalid { path: p, .. }
+            | MgmtError::Busy { path: p, .. } => {
+                if p.len() > QUOTE_MAX {
+                    *p = quote(p);
+                }
+            }
+        }
         Fail(INVALID_PARAMS, e.to_string())
     }
 }
@@ -153,7 +174,7 @@ fn connection(mut stream: UnixStream, mgmt: &Mgmt, stop: &AtomicBool) -> io::Res
                 }
                 Some(Err(e)) if e.is_eof() => break,
                 Some(Err(e)) => {
-                    let resp = error(Value::Null, PARSE_ERROR, &format!("parse error: {e}"));
+                    let resp = error(Value::Null, PARSE_ERROR, &parse_error(&e));
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
                     out.push(b'\n');
                     stream.write_all(&out)?;
@@ -193,8 +214,31 @@ fn connection(mut stream: UnixStream, mgmt: &Mgmt, stop: &AtomicBool) -> io::Res
     }
 }
 
+/// A parse error says what was wrong and where (serde_json's messages for a `Value` name the
+/// line and column, never the input).
+fn parse_error(e: &serde_json::Error) -> String {
+    format!("parse error: {e}")
+}
+
+/// `msg` cut to [`MAX_MESSAGE`] bytes, on a character boundary, with its length when longer.
+fn bounded(msg: &str) -> std::borrow::Cow<'_, str> {
+    if msg.len() <= MAX_MESSAGE {
+        return msg.into();
+    }
+    let mut cut = MAX_MESSAGE - 32;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}... ({} bytes)",
+        msg.get(..cut).unwrap_or_default(),
+        msg.len()
+    )
+    .into()
+}
+
 fn error(id: Value, code: i64, msg: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": msg}})
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": bounded(msg)}})
 }
 
 /// One request or a batch; `None` when nothing is to be sent (notifications).
@@ -259,14 +303,27 @@ fn single(mgmt: &Mgmt, v: Value) -> Option<Value> {
     })
 }
 
-/// Parameter `name` (or position `pos`) as a string.
-fn param(params: &Value, name: &str, pos: usize, required: bool) -> Result<Option<String>, Fail> {
+/// Parameter `name` (or position `pos`) as a string of at most `max` bytes.
+fn param(
+    params: &Value,
+    name: &str,
+    pos: usize,
+    required: bool,
+    max: usize,
+) -> Result<Option<String>, Fail> {
     let v = match params {
         Value::Object(o) => o.get(name),
         Value::Array(a) => a.get(pos),
         _ => None,
     };
     match v {
+        Some(Value::String(s)) if s.len() > max => Err(Fail(
+            INVALID_PARAMS,
+            format!(
+                "parameter {name} is {} bytes long; at most {max} are allowed",
+                s.len()
+            ),
+        )),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(Value::Null) | None if !required => Ok(None),
@@ -279,20 +336,21 @@ fn param(params: &Value, name: &str, pos: usize, required: bool) -> Result<Optio
 }
 
 fn call(mgmt: &Mgmt, method: &str, params: &Value) -> Result<Value, Fail> {
-    let path = |required| param(params, "path", 0, required).map(Option::unwrap_or_default);
+    let path =
+        |required| param(params, "path", 0, required, MAX_PATH).map(Option::unwrap_or_default);
     match method {
         "rpc_get_methods" => Ok(json!(METHODS)),
         "ls" => Ok(serde_json::to_value(mgmt.ls(&path(false)?)?).unwrap_or(Value::Null)),
         "get" => Ok(Value::String(mgmt.get(&path(true)?)?)),
         "set" => {
             let p = path(true)?;
-            let v = param(params, "value", 1, true)?.unwrap_or_default();
+            let v = param(params, "value", 1, true, MAX_VALUE)?.unwrap_or_default();
             mgmt.set(&p, &v)?;
             Ok(Value::Bool(true))
         }
         "mgmt" => {
             let p = path(true)?;
-            let c = param(params, "command", 1, true)?.unwrap_or_default();
+            let c = param(params, "command", 1, true, MAX_VALUE)?.unwrap_or_default();
             mgmt.mgmt(&p, &c)?;
             Ok(Value::Bool(true))
         }
@@ -311,7 +369,8 @@ fn call(mgmt: &Mgmt, method: &str, params: &Value) -> Result<Value, Fail> {
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "method {method:?} not found; methods are {}",
+                "method {} not found; methods are {}",
+                quote(method),
                 METHODS.join(", ")
             ),
         )),
@@ -395,5 +454,57 @@ mod tests {
         assert_eq!(r.read_line(&mut line).unwrap(), 0);
         srv.shutdown();
         assert!(!sock.exists());
+    }
+
+    #[test]
+    fn long_input_is_not_echoed() {
+        let m = m();
+        let long = "x".repeat(1 << 20);
+        let msg = |r: Value| r["error"]["message"].as_str().unwrap().to_string();
+        let e = msg(handle(&m, json!({"id": 1, "method": long})).unwrap());
+        assert!(
+            e.len() < 300 && e.contains("not found") && e.contains("1048576 bytes"),
+            "{e}"
+        );
+        for (method, params) in [
+            ("get", json!({"path": long})),
+            ("set", json!({"path": "version", "value": long})),
+            (
+                "mgmt",
+                json!({"path": "targets/iscsi/mgmt", "command": long}),
+            ),
+        ] {
+            let e = msg(handle(&m, json!({"id": 1, "method": method, "params": params})).unwrap());
+            assert!(
+                e.len() < 200 && e.contains("1048576 bytes"),
+                "{method}: {e}"
+            );
+            assert!(e.contains("at most 4096"), "{method}: {e}");
+        }
+        // Within the bounds, a long command word is quoted and cut.
+        let cmd = format!("{} x", "y".repeat(4000));
+        let e = msg(handle(&m, json!({"id": 1, "method": "mgmt", "params": {"path": "targets/iscsi/mgmt", "command": cmd}})).unwrap());
+        assert!(e.len() < 400 && e.contains("unknown command"), "{e}");
+        // A path of allowed length that does not exist.
+        let p = "z/".repeat(2000);
+        let e = msg(handle(&m, json!({"id": 1, "method": "get", "params": {"path": p}})).unwrap());
+        assert!(e.len() < 300 && e.contains("no such file"), "{e}");
+        // Names in a configuration are not bounded by the path limit.
+        let cfg = json!({"targets": {"iscsi": {"targets": {long.clone(): {}}}}});
+        let e = msg(handle(
+            &m,
+            json!({"id": 1, "method": "load_config", "params": {"config": cfg}}),
+        )
+        .unwrap());
+        assert!(e.len() <= MAX_MESSAGE, "{}", e.len());
+    }
+
+    #[test]
+    fn bounded_cuts_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(MAX_MESSAGE);
+        let b = bounded(&long);
+        assert!(b.len() <= MAX_MESSAGE, "{}", b.len());
+        assert!(b.ends_with(&format!("... ({} bytes)", long.len())), "{b}");
     }
 }

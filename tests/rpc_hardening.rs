@@ -1,0 +1,124 @@
+//! The RPC socket as a hostile local user meets it: oversized input.
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Target;
+use serde_json::{json, Value};
+
+/// Starts the daemon through `sh -c "SETUP; exec iscsi-tgt ..."` (a umask, a descriptor limit)
+/// and waits until its RPC socket answers.
+fn start_after(setup: &str, extra: &[&str]) -> Target {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rpc.sock");
+    let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{setup}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_iscsi-tgt"))
+        .args(["--listen", "127.0.0.1:0", "--cores", "0", "--rpc-socket"])
+        .arg(&sock)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start iscsi-tgt");
+    let mut t = Target {
+        child,
+        addr: "127.0.0.1:0".parse().unwrap(),
+        sock,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.try_call("rpc_get_methods", json!({})).is_err() {
+        if let Ok(Some(status)) = t.child.try_wait() {
+            panic!("iscsi-tgt exited during start ({status}): {}", t.log());
+        }
+        assert!(Instant::now() < deadline, "no RPC socket: {}", t.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t
+}
+
+fn connect(t: &Target) -> UnixStream {
+    let s = UnixStream::connect(&t.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Sends `req` and reads one answer line.
+fn exchange(t: &Target, req: &[u8]) -> String {
+    let mut s = connect(t);
+    // The daemon may answer and close before it has read everything.
+    let _ = s.write_all(req);
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    line
+}
+
+/// A call that may meet a full server while closed clients are still being noticed.
+fn call_eventually(t: &Target) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match t.try_call("get", json!({"path": "version"})) {
+            Ok(v) => return v,
+            Err(e) => assert!(Instant::now() < deadline, "still failing: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn oversized_input_gets_a_short_error() {
+    let mut t = start_after("true", &[]);
+    let big = "x".repeat(8 << 20);
+    let short_error = |req: Value, needles: &[&str]| {
+        let line = exchange(&t, req.to_string().as_bytes());
+        assert!(
+            line.len() < 1024,
+            "{} bytes: {}...",
+            line.len(),
+            &line[..200]
+        );
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        for n in needles {
+            assert!(msg.contains(n), "{msg}");
+        }
+    };
+    short_error(
+        json!({"jsonrpc": "2.0", "id": 1, "method": big}),
+        &["not found", "8388608 bytes"],
+    );
+    for (method, params) in [
+        ("get", json!({"path": big})),
+        ("ls", json!([big])),
+        (
+            "set",
+            json!({"path": "targets/iscsi/enabled", "value": big}),
+        ),
+        (
+            "mgmt",
+            json!({"path": "targets/iscsi/mgmt", "command": big}),
+        ),
+    ] {
+        short_error(
+            json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}),
+            &["8388608 bytes", "at most 4096"],
+        );
+    }
+    // Not JSON: answered without the input.
+    let mut junk = br#"{"id":1,"method":"#.to_vec();
+    junk.extend_from_slice(big.as_bytes());
+    junk.push(b'}');
+    let line = exchange(&t, &junk);
+    assert!(line.len() < 1024 && line.contains("parse error"), "{line}");
+    assert!(t.alive());
+    assert_eq!(
+        call_eventually(&t),
+        format!("{}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
