@@ -1,7 +1,9 @@
-//! The RPC socket as a hostile local user meets it: oversized input.
+//! The RPC socket as a hostile local user meets it: its mode whatever the umask, its group,
+//! oversized input.
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +71,74 @@ fn call_eventually(t: &Target) -> Value {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn socket_is_0600_whatever_the_umask() {
+    let t = start_after("umask 000", &[]);
+    let m = std::fs::symlink_metadata(&t.sock).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o600, "{:o}", m.mode());
+    assert_eq!(m.uid(), nix::unistd::geteuid().as_raw());
+    // Nothing is left beside it from creating it.
+    let names: Vec<_> = std::fs::read_dir(t.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(
+        names.iter().all(|n| n == "rpc.sock" || n == "target.log"),
+        "{names:?}"
+    );
+}
+
+/// A group to give the socket to: one other than ours when we may chown to it (root), else our
+/// own.
+fn some_group() -> (String, u32) {
+    let own = nix::unistd::getegid();
+    if nix::unistd::geteuid().is_root() {
+        for name in ["daemon", "bin", "sys", "adm", "users", "nogroup"] {
+            if let Ok(Some(g)) = nix::unistd::Group::from_name(name) {
+                if g.gid != own {
+                    return (g.name, g.gid.as_raw());
+                }
+            }
+        }
+    }
+    let g = nix::unistd::Group::from_gid(own)
+        .unwrap()
+        .expect("our group");
+    (g.name, own.as_raw())
+}
+
+#[test]
+fn rpc_group_makes_it_0660_for_that_group() {
+    let (name, gid) = some_group();
+    let t = start_after("umask 000", &["--rpc-group", &name]);
+    let m = std::fs::metadata(&t.sock).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o660, "{:o}", m.mode());
+    assert_eq!(m.gid(), gid, "group {name}");
+    drop(t);
+    // A gid works the same.
+    let t = start_after("umask 022", &["--rpc-group", &gid.to_string()]);
+    let m = std::fs::metadata(&t.sock).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o660, "{:o}", m.mode());
+    assert_eq!(m.gid(), gid);
+}
+
+#[test]
+fn an_unknown_rpc_group_is_a_start_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rpc.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_iscsi-tgt"))
+        .args(["--listen", "127.0.0.1:0", "--rpc-group", "no-such-group-qx"])
+        .arg("--rpc-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no-such-group-qx"), "{err}");
+    assert!(!sock.exists());
 }
 
 #[test]

@@ -46,6 +46,15 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: Options) -> Result<(), String> {
+    // Before anything starts: an unknown group is a mistake to hear about at once.
+    let rpc_opts = rpc::Options {
+        group: opts
+            .rpc_group
+            .as_deref()
+            .map(rpc::group_id)
+            .transpose()
+            .map_err(|e| format!("--rpc-group: {e}"))?,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
@@ -110,7 +119,7 @@ fn run(opts: Options) -> Result<(), String> {
         info!("loaded {}", path.display());
     }
 
-    let server = match rpc::Server::start(&opts.rpc_socket, mgmt.clone()) {
+    let server = match rpc::Server::start(&opts.rpc_socket, mgmt.clone(), &rpc_opts) {
         Ok(s) => s,
         Err(e) => {
             reactors.stop();

@@ -5,9 +5,14 @@
 //!
 //! Methods map onto the management tree: `ls`, `get`, `set`, `mgmt`, `tree`, `save_config`,
 //! `load_config`, `rpc_get_methods`.
+//!
+//! The socket is as good as root. It is created mode 0600 (0660 and owned by a group when one is
+//! given) inside a fresh 0700 directory beside its final path and then linked into place, so it
+//! never exists with the mode the umask would give it.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, warn};
+use nix::errno::Errno;
 use serde_json::{json, Value};
 
 use crate::mgmt::{Mgmt, MgmtError};
@@ -53,8 +59,35 @@ pub const METHODS: &[&str] = &[
 pub enum RpcError {
     /// the socket is in use by a running server
     InUse,
+    /// the path exists and is not a socket (not removing it)
+    NotSocket,
+    /// no group named {0}
+    UnknownGroup(String),
+    /// cannot look up group {0}: {1}
+    GroupLookup(String, Errno),
+    /// cannot give the socket to group {0}: {1}
+    Chown(u32, io::Error),
     /// {0}
     Io(#[from] io::Error),
+}
+
+/// How the server is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Make the socket 0660 and owned by this group (else 0600).
+    pub group: Option<u32>,
+}
+
+/// The group `name` names: a numeric gid as it is, else looked up.
+pub fn group_id(name: &str) -> Result<u32, RpcError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(RpcError::UnknownGroup(quote(name))),
+        Err(e) => Err(RpcError::GroupLookup(quote(name), e)),
+    }
 }
 
 /// A running server; `shutdown` stops it and removes the socket.
@@ -87,17 +120,10 @@ impl From<MgmtError> for Fail {
 }
 
 impl Server {
-    /// Binds `path` (refusing when a live server answers there, removing a stale socket file)
-    /// and serves it on a thread of its own.
-    pub fn start(path: &Path, mgmt: Arc<Mgmt>) -> Result<Server, RpcError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(RpcError::InUse);
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+    /// Creates the socket at `path` (refusing when a live server answers there, removing a
+    /// stale socket) and serves it on a thread of its own.
+    pub fn start(path: &Path, mgmt: Arc<Mgmt>, opts: &Options) -> Result<Server, RpcError> {
+        let listener = bind(path, opts.group)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let thread = std::thread::Builder::new()
@@ -117,6 +143,51 @@ impl Server {
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Binds the socket in a fresh 0700 directory beside `path`, sets its mode (and group), and
+/// links it to `path`: link(2) never replaces, so a server that appeared meanwhile is not
+/// displaced.
+fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, RpcError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => return Err(RpcError::NotSocket),
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(RpcError::InUse);
+            }
+            std::fs::remove_file(path)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = nix::unistd::mkdtemp(&parent.join(".rpc-XXXXXX")).map_err(io::Error::from)?;
+    let tmp = dir.join("s");
+    let placed = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        let mode = match group {
+            Some(gid) => {
+                std::os::unix::fs::chown(&tmp, None, Some(gid))
+                    .map_err(|e| RpcError::Chown(gid, e))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(listener),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(RpcError::InUse),
+            Err(e) => Err(e.into()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    let listener = placed?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 fn serve(listener: UnixListener, mgmt: Arc<Mgmt>, stop: Arc<AtomicBool>) {
@@ -424,8 +495,11 @@ mod tests {
     fn stream_framing() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s");
-        let srv = Server::start(&sock, m()).unwrap();
-        assert!(matches!(Server::start(&sock, m()), Err(RpcError::InUse)));
+        let srv = Server::start(&sock, m(), &Options::default()).unwrap();
+        assert!(matches!(
+            Server::start(&sock, m(), &Options::default()),
+            Err(RpcError::InUse)
+        ));
         let mut s = UnixStream::connect(&sock).unwrap();
         // Two requests in one write, the second split over two writes.
         s.write_all(br#"{"id":1,"method":"get","params":{"path":"version"}}{"id":2,"method":"#)
@@ -506,5 +580,22 @@ mod tests {
         let b = bounded(&long);
         assert!(b.len() <= MAX_MESSAGE, "{}", b.len());
         assert!(b.ends_with(&format!("... ({} bytes)", long.len())), "{b}");
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("precious");
+        std::fs::write(&path, "data").unwrap();
+        let r = Server::start(&path, m(), &Options::default());
+        assert!(matches!(r, Err(RpcError::NotSocket)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        // A stale socket is replaced.
+        let stale = dir.path().join("stale");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let srv = Server::start(&stale, m(), &Options::default()).unwrap();
+        assert!(UnixStream::connect(&stale).is_ok());
+        srv.shutdown();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
