@@ -1,14 +1,15 @@
-//! The RPC socket as a hostile local user meets it: its mode whatever the umask, its group,
-//! oversized input.
+//! The RPC socket as a hostile local user meets it: its mode whatever the umask, its group, a
+//! flood of idle clients, a client over the cap, descriptors running out, oversized input.
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Target;
+use iscsi_tgt::rpc::MAX_CLIENTS;
 use serde_json::{json, Value};
 
 /// Starts the daemon through `sh -c "SETUP; exec iscsi-tgt ..."` (a umask, a descriptor limit)
@@ -43,6 +44,36 @@ fn start_after(setup: &str, extra: &[&str]) -> Target {
         std::thread::sleep(Duration::from_millis(50));
     }
     t
+}
+
+/// A line from /proc/PID/status, e.g. `Threads`.
+fn proc_status(pid: u32, key: &str) -> usize {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Lets this test process hold a few thousand sockets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the rlimit struct we own, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < 4096 {
+            lim.rlim_cur = lim.rlim_max.min(4096);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn connect(t: &Target) -> UnixStream {
@@ -142,6 +173,87 @@ fn an_unknown_rpc_group_is_a_start_error() {
 }
 
 #[test]
+fn a_thousand_idle_clients_cost_no_threads() {
+    raise_fd_limit();
+    let mut t = start_after("true", &[]);
+    let pid = t.child.id();
+    let threads = proc_status(pid, "Threads");
+    let clients: Vec<UnixStream> = (0..1000).map(|_| connect(&t)).collect();
+    // Give a server that spawns per client time to show it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        proc_status(pid, "Threads"),
+        threads,
+        "threads grew with clients"
+    );
+    // One more, read to the end: by then the daemon has taken every earlier connection.
+    let mut late = String::new();
+    connect(&t).read_to_string(&mut late).unwrap();
+    let busy: Value = serde_json::from_str(late.trim()).unwrap();
+    assert_eq!(busy["error"]["code"], -32000, "{busy}");
+    let msg = busy["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("busy") && msg.contains(&MAX_CLIENTS.to_string()),
+        "{msg}"
+    );
+    // Exactly the cap is held open, and served; every other client was told and closed.
+    let mut held = Vec::new();
+    for mut c in clients {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        match c.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => held.push(c),
+            Ok(n) => {
+                let v: Value = serde_json::from_slice(buf[..n].trim_ascii()).unwrap();
+                assert_eq!(v["error"]["code"], -32000, "{v}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(held.len(), MAX_CLIENTS);
+    for c in held.iter_mut().step_by(16) {
+        c.set_nonblocking(false).unwrap();
+        c.write_all(br#"{"jsonrpc":"2.0","id":9,"method":"rpc_get_methods"}"#)
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&*c).read_line(&mut line).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&line).unwrap()["id"],
+            9,
+            "{line}"
+        );
+    }
+    drop(held);
+    assert_eq!(
+        call_eventually(&t),
+        format!("{}\n", env!("CARGO_PKG_VERSION"))
+    );
+    // SIGTERM is prompt with the cap of clients connected.
+    let _held: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| connect(&t)).collect();
+    assert_eq!(proc_status(pid, "Threads"), threads);
+    assert_eq!(t.terminate(), Some(0), "{}", t.log());
+}
+
+#[test]
+fn running_out_of_descriptors_is_logged_once() {
+    // How many descriptors the daemon holds when idle, then a limit a few above that.
+    let t = start_after("true", &[]);
+    let base = open_fds(t.child.id());
+    drop(t);
+    let t = start_after(&format!("ulimit -n {}", base + 6), &[]);
+    let clients: Vec<UnixStream> = (0..30).map(|_| connect(&t)).collect();
+    // Long enough for several retries of accept(2).
+    std::thread::sleep(Duration::from_secs(1));
+    let failures = |log: &str| log.matches("cannot accept a client").count();
+    assert_eq!(failures(&t.log()), 1, "{}", t.log());
+    drop(clients);
+    call_eventually(&t);
+    let log = t.log();
+    assert_eq!(failures(&log), 1, "{log}");
+    assert!(log.contains("accepting clients again"), "{log}");
+}
+
+#[test]
 fn oversized_input_gets_a_short_error() {
     let mut t = start_after("true", &[]);
     let big = "x".repeat(8 << 20);
@@ -180,12 +292,29 @@ fn oversized_input_gets_a_short_error() {
             &["8388608 bytes", "at most 4096"],
         );
     }
-    // Not JSON: answered without the input.
+    // Not JSON, and not a request: answered without the input.
     let mut junk = br#"{"id":1,"method":"#.to_vec();
     junk.extend_from_slice(big.as_bytes());
     junk.push(b'}');
     let line = exchange(&t, &junk);
     assert!(line.len() < 1024 && line.contains("parse error"), "{line}");
+    let line = exchange(&t, format!("\"{big}\"").as_bytes());
+    assert!(
+        line.len() < 1024 && line.contains("object or a batch array"),
+        "{line}"
+    );
+    // Too large: refused once past the limit, without waiting for the end.
+    let mut s = connect(&t);
+    let mut huge = br#"{"id":1,"method":"load_config","params":{"config":""#.to_vec();
+    huge.extend_from_slice("y".repeat(17 << 20).as_bytes());
+    // The daemon may close before everything is written.
+    let _ = s.write_all(&huge);
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(
+        line.len() < 1024 && line.contains("16777216 bytes"),
+        "{line}"
+    );
     assert!(t.alive());
     assert_eq!(
         call_eventually(&t),

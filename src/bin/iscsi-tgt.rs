@@ -54,6 +54,7 @@ fn run(opts: Options) -> Result<(), String> {
             .map(rpc::group_id)
             .transpose()
             .map_err(|e| format!("--rpc-group: {e}"))?,
+        ..Default::default()
     };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
