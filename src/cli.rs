@@ -1,7 +1,7 @@
 //! The daemon's command line.
 //!
-//! `iscsi-tgt [--listen ADDR:PORT]... [--rpc-socket PATH] [--cores LIST] [--mode poll|adaptive]
-//! [--config FILE] [--mem-size MB] [--log LEVEL]`
+//! `iscsi-tgt [--listen ADDR:PORT]... [--rpc-socket PATH] [--rpc-group GROUP] [--cores LIST]
+//! [--mode poll|adaptive] [--config FILE] [--mem-size MB] [--log LEVEL]`
 #![forbid(unsafe_code)]
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -19,6 +19,8 @@ usage: iscsi-tgt [OPTIONS]
 
   --listen ADDR:PORT    portal to listen on; repeat for several [0.0.0.0:3260]
   --rpc-socket PATH     JSON-RPC Unix socket [/var/tmp/iscsi-tgt.sock]
+  --rpc-group GROUP     make the socket 0660 and owned by this group (a name or a gid)
+                        [0600: only the daemon's user]
   --cores LIST          cores to run reactors on: 1,2 or 0-3 or a mask 0x6 [first allowed core]
   -m MASK               the same as a hexadecimal core mask
   --mode poll|adaptive  poll spins; adaptive sleeps in epoll when idle [adaptive]
@@ -33,6 +35,8 @@ usage: iscsi-tgt [OPTIONS]
 pub struct Options {
     pub listen: Vec<SocketAddr>,
     pub rpc_socket: PathBuf,
+    /// The group (name or gid) that may use the RPC socket besides the daemon's user.
+    pub rpc_group: Option<String>,
     pub cores: Option<Vec<usize>>,
     pub mode: Mode,
     pub config: Option<PathBuf>,
@@ -102,6 +106,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     let mut o = Options {
         listen: Vec::new(),
         rpc_socket: PathBuf::from(DEFAULT_RPC_SOCKET),
+        rpc_group: None,
         cores: None,
         mode: Mode::Adaptive,
         config: None,
@@ -125,6 +130,13 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "-V" | "--version" => return Ok(Command::Version),
             "--listen" | "-l" => o.listen.push(parse_listen(&value("--listen")?)?),
             "--rpc-socket" | "-r" => o.rpc_socket = PathBuf::from(value("--rpc-socket")?),
+            "--rpc-group" => {
+                let v = value("--rpc-group")?;
+                if v.is_empty() {
+                    return Err("--rpc-group needs a group name or number".into());
+                }
+                o.rpc_group = Some(v);
+            }
             "--cores" => o.cores = Some(parse_cores(&value("--cores")?)?),
             "-m" => {
                 let v = value("-m")?;
@@ -189,6 +201,7 @@ mod tests {
         assert_eq!(o.rpc_socket, PathBuf::from("/var/tmp/iscsi-tgt.sock"));
         assert_eq!(o.mode, Mode::Adaptive);
         assert_eq!(o.cores, None);
+        assert_eq!(o.rpc_group, None);
     }
 
     #[test]
@@ -208,6 +221,13 @@ mod tests {
         assert_eq!(o.mode, Mode::Poll);
         assert_eq!(run(&["-m", "0x6"]).unwrap().cores, Some(vec![1, 2]));
         assert_eq!(run(&["-m", "6"]).unwrap().cores, Some(vec![1, 2]));
+        assert_eq!(
+            run(&["--rpc-group=disk"]).unwrap().rpc_group.as_deref(),
+            Some("disk")
+        );
+        assert!(run(&["--rpc-group", ""])
+            .unwrap_err()
+            .contains("--rpc-group"));
     }
 
     #[test]

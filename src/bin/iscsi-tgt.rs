@@ -46,6 +46,16 @@ fn main() -> ExitCode {
 }
 
 fn run(opts: Options) -> Result<(), String> {
+    // Before anything starts: an unknown group is a mistake to hear about at once.
+    let mut rpc_opts = rpc::Options {
+        group: opts
+            .rpc_group
+            .as_deref()
+            .map(rpc::group_id)
+            .transpose()
+            .map_err(|e| format!("--rpc-group: {e}"))?,
+        ..Default::default()
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone())
@@ -84,6 +94,8 @@ fn run(opts: Options) -> Result<(), String> {
         "file descriptors: limit {}, {} open, room for {} connections and {} RPC clients",
         budget.limit, budget.open, budget.connections, budget.rpc_clients
     );
+    // The RPC server takes no more clients than its share of the descriptors.
+    rpc_opts.limits.max_clients = budget.rpc_clients;
     let shared = Shared::new(
         publisher.clone(),
         registry.clone(),
@@ -134,7 +146,7 @@ fn run(opts: Options) -> Result<(), String> {
         info!("loaded {}", path.display());
     }
 
-    let server = match rpc::Server::start(&opts.rpc_socket, mgmt.clone()) {
+    let server = match rpc::Server::start(&opts.rpc_socket, mgmt.clone(), &rpc_opts) {
         Ok(s) => s,
         Err(e) => {
             reactors.stop();

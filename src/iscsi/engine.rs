@@ -186,6 +186,8 @@ pub struct Engine {
     next_timer: Instant,
     /// Accept stopped for want of file descriptors: the listeners are watched again then.
     accept_backoff: Option<Instant>,
+    /// Accept has failed for want of descriptors since it last succeeded (logged once).
+    accept_starved: bool,
     /// A listener could not be put in the socket group: accept on every pass instead.
     accept_every_pass: bool,
     /// Refusals not yet logged, and when the last log line about them went out.
@@ -243,6 +245,7 @@ impl Engine {
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
             accept_backoff: None,
+            accept_starved: false,
             accept_every_pass,
             refused_unlogged: 0,
             refused_logged_at: None,
@@ -290,17 +293,26 @@ impl Engine {
                 break;
             };
             let sock = match listener.accept() {
-                Ok(Some(s)) => s,
-                Ok(None) => break,
+                Ok(Some(s)) => {
+                    self.accept_starved = false;
+                    s
+                }
+                Ok(None) => {
+                    self.accept_starved = false;
+                    break;
+                }
                 Err(e) if out_of_descriptors(&e) => {
                     // The pending connection stays queued and the listener readable: stop
                     // watching it for a moment rather than spin on a full descriptor table.
-                    warn!(
-                        "reactor {}: cannot accept on {}: {e}; retrying in {} ms",
-                        self.id,
-                        listener.local_addr(),
-                        ACCEPT_BACKOFF.as_millis()
-                    );
+                    if !self.accept_starved {
+                        warn!(
+                            "reactor {}: cannot accept on {}: {e}; retrying every {} ms",
+                            self.id,
+                            listener.local_addr(),
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                    }
+                    self.accept_starved = true;
                     self.accept_backoff = Some(now + ACCEPT_BACKOFF);
                     for (i, l) in self.listeners.iter_mut().enumerate() {
                         let _ = self

@@ -210,7 +210,7 @@ fn parse01(path: &str, v: &str) -> Result<bool, MgmtError> {
         "1" => Ok(true),
         _ => Err(invalid(
             path,
-            format!("value must be 0 or 1, not {:?}", v.trim()),
+            format!("value must be 0 or 1, not {}", quote(v.trim())),
         )),
     }
 }
@@ -226,12 +226,15 @@ fn parse_params(path: &str, s: &str) -> Result<Vec<(String, String)>, MgmtError>
         let (k, v) = part.split_once('=').ok_or_else(|| {
             invalid(
                 path,
-                format!("parameter {part:?} is not of the form name=value"),
+                format!("parameter {} is not of the form name=value", quote(part)),
             )
         })?;
         let (k, v) = (k.trim(), v.trim());
         if k.is_empty() {
-            return Err(invalid(path, format!("parameter {part:?} has no name")));
+            return Err(invalid(
+                path,
+                format!("parameter {} has no name", quote(part)),
+            ));
         }
         out.push((k.to_string(), v.to_string()));
     }
@@ -945,7 +948,7 @@ impl Mgmt {
                     }
                     removed = st.devices.remove(*name);
                 }
-                _ => return Err(invalid(&here, format!("unknown command {verb:?}: use add_device or del_device"))),
+                _ => return Err(invalid(&here, format!("unknown command {}: use add_device or del_device", quote(verb)))),
             },
             ["targets", "iscsi"] => match verb {
                 "add_target" => {
@@ -953,7 +956,7 @@ impl Mgmt {
                     if !valid_iscsi_name(name) {
                         return Err(invalid(
                             &here,
-                            format!("{name:?} is not an iSCSI name (iqn.YYYY-MM.domain[:id], eui.<16 hex>, naa.<16 or 32 hex>)"),
+                            format!("{} is not an iSCSI name (iqn.YYYY-MM.domain[:id], eui.<16 hex>, naa.<16 or 32 hex>)", quote(name)),
                         ));
                     }
                     if st.targets.keys().any(|k| k.eq_ignore_ascii_case(name)) {
@@ -1009,7 +1012,7 @@ impl Mgmt {
                 _ => {
                     return Err(invalid(
                         &here,
-                        format!("unknown command {verb:?}: use add_target, del_target, add_attribute, del_attribute, add_target_attribute or del_target_attribute"),
+                        format!("unknown command {}: use add_target, del_target, add_attribute, del_attribute, add_target_attribute or del_target_attribute", quote(verb)),
                     ))
                 }
             },
@@ -1077,7 +1080,7 @@ impl Mgmt {
                 .ok_or_else(|| {
                     invalid(
                         here,
-                        format!("LUN {s:?} must be a number from 0 to {MAX_LUN}"),
+                        format!("LUN {} must be a number from 0 to {MAX_LUN}", quote(s)),
                     )
                 })
         };
@@ -1105,7 +1108,10 @@ impl Mgmt {
                         _ => {
                             return Err(invalid(
                                 here,
-                                format!("unknown parameter {k:?}; the only one is read_only"),
+                                format!(
+                                    "unknown parameter {}; the only one is read_only",
+                                    quote(&k)
+                                ),
                             ))
                         }
                     }
@@ -1146,7 +1152,8 @@ impl Mgmt {
                 return Err(invalid(
                     here,
                     format!(
-                        "unknown command {verb:?}: use add, del, replace, replace_no_ua or clear"
+                        "unknown command {}: use add, del, replace, replace_no_ua or clear",
+                        quote(verb)
                     ),
                 ))
             }
@@ -1285,7 +1292,10 @@ impl Mgmt {
             if k != "handlers" && k != "targets" {
                 return Err(invalid(
                     "config",
-                    format!("unknown section {k:?}; sections are handlers and targets"),
+                    format!(
+                        "unknown section {}; sections are handlers and targets",
+                        quote(k)
+                    ),
                 ));
             }
         }
@@ -1426,7 +1436,7 @@ impl Mgmt {
                     _ => {
                         return Err(invalid(
                             "config/targets/iscsi",
-                            format!("unknown key {k:?}"),
+                            format!("unknown key {}", quote(k)),
                         ))
                     }
                 }
@@ -1515,7 +1525,10 @@ fn groups_mgmt(
     match (verb, args) {
         ("create", [g]) => {
             if g.is_empty() || g.len() > 64 || g.contains('/') || *g == "mgmt" {
-                return Err(invalid(here, format!("{g:?} is not a valid group name")));
+                return Err(invalid(
+                    here,
+                    format!("{} is not a valid group name", quote(g)),
+                ));
             }
             if tg.groups.iter().any(|(n, _)| n == g) {
                 return Err(invalid(here, format!("group {g} already exists")));
@@ -1551,7 +1564,7 @@ fn groups_mgmt(
         _ => {
             return Err(invalid(
                 here,
-                format!("unknown command {verb:?}: use create or del"),
+                format!("unknown command {}: use create or del", quote(verb)),
             ))
         }
     }
@@ -1591,7 +1604,7 @@ fn initiators_mgmt(
             if !valid(n) {
                 return Err(invalid(
                     here,
-                    format!("{n:?} is not an initiator name or pattern"),
+                    format!("{} is not an initiator name or pattern", quote(n)),
                 ));
             }
             if let Some(o) = owner(tg, n) {
@@ -1627,7 +1640,10 @@ fn initiators_mgmt(
         _ => {
             return Err(invalid(
                 here,
-                format!("unknown command {verb:?}: use add, del, move or clear"),
+                format!(
+                    "unknown command {}: use add, del, move or clear",
+                    quote(verb)
+                ),
             ))
         }
     }
@@ -1685,7 +1701,8 @@ fn portal_command(
         return Err(invalid(
             here,
             format!(
-                "allowed_portal {pattern:?} is not an address pattern (digits, '.', ':', '*', '?')"
+                "allowed_portal {} is not an address pattern (digits, '.', ':', '*', '?')",
+                quote(pattern)
             ),
         ));
     }
@@ -1723,7 +1740,12 @@ fn parse_redirect(v: &str) -> Result<Option<(String, bool)>, String> {
     let permanent = match kind {
         "temp" => false,
         "perm" => true,
-        _ => return Err(format!("redirect kind {kind:?} must be temp or perm")),
+        _ => {
+            return Err(format!(
+                "redirect kind {} must be temp or perm",
+                quote(kind)
+            ))
+        }
     };
     let with_port = if addr.parse::<std::net::SocketAddr>().is_ok() {
         addr.to_string()
@@ -1732,11 +1754,12 @@ fn parse_redirect(v: &str) -> Result<Option<(String, bool)>, String> {
     } else if let Some(inner) = addr.strip_prefix('[').and_then(|a| a.strip_suffix(']')) {
         inner
             .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+            .map_err(|_| format!("{} is not an IPv6 address", quote(addr)))?;
         format!("{addr}:3260")
     } else {
         return Err(format!(
-            "{addr:?} is not an IP address with an optional port"
+            "{} is not an IP address with an optional port",
+            quote(addr)
         ));
     };
     Ok(Some((format!("{with_port},1"), permanent)))
@@ -1777,7 +1800,10 @@ fn auth_command(auth: &mut Auth, here: &str, add: bool, args: &[&str]) -> Result
     if !matches!(attr, "IncomingUser" | "OutgoingUser") {
         return Err(invalid(
             here,
-            format!("attribute {attr:?} is not supported here; use IncomingUser or OutgoingUser"),
+            format!(
+                "attribute {} is not supported here; use IncomingUser or OutgoingUser",
+                quote(attr)
+            ),
         ));
     }
     if add {

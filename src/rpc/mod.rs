@@ -1,35 +1,82 @@
 //! The JSON-RPC 2.0 server on a Unix socket, framed as SPDK frames it: requests are JSON values
 //! read one after another from the stream (no length prefix, no newline needed), a top-level
-//! array is a batch, and each response is one JSON value followed by a newline. A parse error
-//! cannot be resynchronised in a stream, so it is answered and the connection closed.
+//! array is a batch, and each response is one JSON value followed by a newline. A stream that
+//! holds anything but objects and arrays, or invalid JSON, cannot be resynchronised, so it is
+//! answered and the connection closed.
 //!
 //! Methods map onto the management tree: `ls`, `get`, `set`, `mgmt`, `tree`, `save_config`,
 //! `load_config`, `rpc_get_methods`.
+//!
+//! The socket is as good as root. It is created mode 0600 (0660 and owned by a group when one is
+//! given) inside a fresh 0700 directory beside its final path and then linked into place, so it
+//! never exists with the mode the umask would give it.
+//!
+//! One thread serves every client: it polls the listening socket and the clients' sockets
+//! (level-triggered epoll, non-blocking), answers each client's requests in the order they
+//! arrive and queues the answers in that client's output buffer, so a client that does not read
+//! stalls only itself. [`Limits`] bounds what clients may hold: how many are served at once and
+//! how long one may sit idle or on a partial request.
 #![forbid(unsafe_code)]
 
+pub mod frame;
+
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use serde_json::{json, Value};
 
 use crate::mgmt::{Mgmt, MgmtError};
+use crate::util::{quote, QUOTE_MAX};
+use frame::{FrameError, Framer};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
 pub const METHOD_NOT_FOUND: i64 = -32601;
 pub const INVALID_PARAMS: i64 = -32602;
 pub const INTERNAL_ERROR: i64 = -32603;
+/// JSON-RPC 2.0 §5.1 leaves -32000 to -32099 to the server: every client slot is taken.
+pub const SERVER_BUSY: i64 = -32000;
 
 /// The largest request accepted (a whole configuration fits easily).
-const MAX_REQUEST: usize = 16 << 20;
-/// A client that sends nothing for this long is disconnected.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub const MAX_REQUEST: usize = 16 << 20;
+/// Clients served at once unless [`Limits`] says otherwise.
+pub const MAX_CLIENTS: usize = 64;
+/// A client with no complete request (and no answer read) for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client whose partial request gets no new byte for this long is dropped.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `path` parameter: PATH_MAX, and far more than any path in the tree.
+pub const MAX_PATH: usize = 4096;
+/// The longest `value` or `command` parameter: one page, what an SCST sysfs write takes.
+pub const MAX_VALUE: usize = 4096;
+/// Error messages longer than this are cut (names in them are already quoted and cut).
+const MAX_MESSAGE: usize = 1024;
+/// A client is not read while this much of its output is unread: it stalls only itself.
+const OUTPUT_HIGH: usize = 1 << 20;
+/// A client whose unread output exceeds this (one enormous batch answer) is dropped.
+const MAX_OUTPUT: usize = 4 * MAX_REQUEST;
+/// Requests answered for one client before the others get their turn.
+const REQUESTS_PER_ROUND: usize = 64;
+/// Reads from one client before the others get their turn.
+const READS_PER_ROUND: usize = 4;
+const READ_CHUNK: usize = 64 << 10;
+/// Output buffer capacity kept after a large answer was sent.
+const KEEP_CAPACITY: usize = 64 << 10;
+/// How long accepting pauses after accept(2) fails (EMFILE, ENFILE, ENOMEM): the listener stays
+/// readable while connections wait, so retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Refusing clients over the cap is logged at most this often.
+const BUSY_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// Connections taken from the backlog in one round.
+const ACCEPTS_PER_ROUND: usize = 256;
 
 pub const METHODS: &[&str] = &[
     "get",
@@ -46,51 +93,121 @@ pub const METHODS: &[&str] = &[
 pub enum RpcError {
     /// the socket is in use by a running server
     InUse,
+    /// the path exists and is not a socket (not removing it)
+    NotSocket,
+    /// no group named {0}
+    UnknownGroup(String),
+    /// cannot look up group {0}: {1}
+    GroupLookup(String, Errno),
+    /// cannot give the socket to group {0}: {1}
+    Chown(u32, io::Error),
     /// {0}
     Io(#[from] io::Error),
+}
+
+/// What clients may hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Clients served at once; one more is answered [`SERVER_BUSY`] and closed.
+    pub max_clients: usize,
+    /// A client with no complete request and no answer read for this long is dropped.
+    pub idle_timeout: Duration,
+    /// A client whose partial request gets no new byte for this long is dropped.
+    pub stall_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_clients: MAX_CLIENTS,
+            idle_timeout: IDLE_TIMEOUT,
+            stall_timeout: STALL_TIMEOUT,
+        }
+    }
+}
+
+/// How the server is set up.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Make the socket 0660 and owned by this group (else 0600).
+    pub group: Option<u32>,
+    pub limits: Limits,
+}
+
+/// The group `name` names: a numeric gid as it is, else looked up.
+pub fn group_id(name: &str) -> Result<u32, RpcError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(RpcError::UnknownGroup(quote(name))),
+        Err(e) => Err(RpcError::GroupLookup(quote(name), e)),
+    }
 }
 
 /// A running server; `shutdown` stops it and removes the socket.
 pub struct Server {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
+    /// Dropping it wakes the RPC thread, which then closes every client and returns.
+    waker: Option<UnixStream>,
     thread: Option<JoinHandle<()>>,
 }
 
 struct Fail(i64, String);
 
 impl From<MgmtError> for Fail {
-    fn from(e: MgmtError) -> Fail {
+    fn from(mut e: MgmtError) -> Fail {
+        // Paths in the tree are short; a long one was made from input (a name in a
+        // configuration given to load_config), so it is quoted and cut like other input.
+        match &mut e {
+            MgmtError::NotFound(p)
+            | MgmtError::IsDir(p)
+            | MgmtError::NotDir(p)
+            | MgmtError::ReadOnly(p)
+            | MgmtError::Invalid { path: p, .. }
+            | MgmtError::Busy { path: p, .. } => {
+                if p.len() > QUOTE_MAX {
+                    *p = quote(p);
+                }
+            }
+        }
         Fail(INVALID_PARAMS, e.to_string())
     }
 }
 
 impl Server {
-    /// Binds `path` (refusing when a live server answers there, removing a stale socket file)
-    /// and serves it on a thread of its own.
-    pub fn start(path: &Path, mgmt: Arc<Mgmt>) -> Result<Server, RpcError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(RpcError::InUse);
+    /// Creates the socket at `path` (refusing when a live server answers there, removing a
+    /// stale socket) and serves it on a thread of its own.
+    pub fn start(path: &Path, mgmt: Arc<Mgmt>, opts: &Options) -> Result<Server, RpcError> {
+        let listener = bind(path, opts.group)?;
+        let (waker, wake) = UnixStream::pair()?;
+        let rpc = match Rpc::new(listener, wake, mgmt, opts.limits.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e.into());
             }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
+        };
         let thread = std::thread::Builder::new()
             .name("rpc".into())
-            .spawn(move || serve(listener, mgmt, s2))?;
+            .spawn(move || rpc.run());
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e.into());
+            }
+        };
         Ok(Server {
             path: path.to_path_buf(),
-            stop,
+            waker: Some(waker),
             thread: Some(thread),
         })
     }
 
     pub fn shutdown(mut self) {
-        self.stop.store(true, Ordering::Release);
+        drop(self.waker.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -98,103 +215,527 @@ impl Server {
     }
 }
 
-fn serve(listener: UnixListener, mgmt: Arc<Mgmt>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let m = mgmt.clone();
-                let st = stop.clone();
-                let _ = std::thread::Builder::new()
-                    .name("rpc-conn".into())
-                    .spawn(move || {
-                        if let Err(e) = connection(stream, &m, &st) {
-                            debug!("rpc connection ended: {e}");
+/// Binds the socket in a fresh 0700 directory beside `path`, sets its mode (and group), and
+/// links it to `path`: link(2) never replaces, so a server that appeared meanwhile is not
+/// displaced.
+fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, RpcError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => return Err(RpcError::NotSocket),
+        Ok(_) => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(RpcError::InUse);
+            }
+            std::fs::remove_file(path)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = nix::unistd::mkdtemp(&parent.join(".rpc-XXXXXX")).map_err(io::Error::from)?;
+    let tmp = dir.join("s");
+    let placed = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        let mode = match group {
+            Some(gid) => {
+                std::os::unix::fs::chown(&tmp, None, Some(gid))
+                    .map_err(|e| RpcError::Chown(gid, e))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(listener),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(RpcError::InUse),
+            Err(e) => Err(e.into()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    let listener = placed?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+const LISTENER: u64 = 0;
+const WAKER: u64 = 1;
+const FIRST_CLIENT: u64 = 2;
+
+/// The RPC thread's state.
+struct Rpc {
+    mgmt: Arc<Mgmt>,
+    limits: Limits,
+    epoll: Epoll,
+    listener: UnixListener,
+    /// Readable (end of file) once [`Server`] drops the other end; held so it stays polled.
+    _wake: UnixStream,
+    /// Slot `i` has the epoll token `FIRST_CLIENT + i`.
+    clients: Vec<Option<Client>>,
+    count: usize,
+    /// Accepting resumes at this time after accept(2) failed.
+    accept_paused: Option<Instant>,
+    /// Accept failures have been logged, and connections still wait.
+    accept_failing: bool,
+    /// When refusing clients was last logged: at most once per [`BUSY_LOG_INTERVAL`], since
+    /// clients can come and go as fast as they like.
+    busy_logged: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+/// Why a client's connection ends.
+#[derive(Debug)]
+enum End {
+    /// Everything asked was answered and the client closed its side, or the stream failed.
+    Done,
+    Io(io::Error),
+    Overflow,
+}
+
+/// Why [`Client::answer`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// No complete request is left.
+    Drained,
+    /// This round's budget is spent; more may wait.
+    Budget,
+    /// The client has not read enough of its answers; more may wait.
+    Output,
+    /// The stream cannot be read further.
+    Failed,
+}
+
+struct Client {
+    stream: UnixStream,
+    framer: Framer,
+    out: Vec<u8>,
+    /// Bytes of `out` already sent.
+    sent: usize,
+    /// The last complete request, or progress sending an answer.
+    active: Instant,
+    /// The last byte read.
+    heard: Instant,
+    /// The client closed its side: answer what arrived, then close.
+    eof: bool,
+    /// The stream cannot be read further: send what is queued, then close.
+    failed: bool,
+    /// Complete requests may still wait in the framer: the round's budget ran out, so the
+    /// client gets another turn without waiting for its socket.
+    more: bool,
+    interest: EpollFlags,
+}
+
+impl Client {
+    fn new(stream: UnixStream, now: Instant) -> Client {
+        Client {
+            stream,
+            framer: Framer::new(MAX_REQUEST),
+            out: Vec::new(),
+            sent: 0,
+            active: now,
+            heard: now,
+            eof: false,
+            failed: false,
+            more: false,
+            interest: EpollFlags::EPOLLIN,
+        }
+    }
+
+    fn unsent(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.eof && !self.failed && self.unsent() < OUTPUT_HIGH
+    }
+
+    fn wanted_interest(&self) -> EpollFlags {
+        let mut f = EpollFlags::empty();
+        if self.wants_read() {
+            f |= EpollFlags::EPOLLIN;
+        }
+        if self.unsent() > 0 {
+            f |= EpollFlags::EPOLLOUT;
+        }
+        f
+    }
+
+    /// When the client is dropped unless it makes progress.
+    fn deadline(&self, limits: &Limits) -> Instant {
+        let idle = self.active + limits.idle_timeout;
+        if self.framer.has_partial() && self.wants_read() {
+            idle.min(self.heard + limits.stall_timeout)
+        } else {
+            idle
+        }
+    }
+
+    /// Sends, answers and reads as far as the client allows without blocking. `Ok(true)` keeps
+    /// the connection.
+    fn pump(&mut self, mgmt: &Mgmt, scratch: &mut [u8], now: Instant) -> Result<bool, End> {
+        self.flush(now)?;
+        let mut budget = REQUESTS_PER_ROUND;
+        let mut stop = self.answer(mgmt, now, &mut budget);
+        let mut reads = READS_PER_ROUND;
+        while self.wants_read() && reads > 0 && stop == Stop::Drained {
+            reads -= 1;
+            match self.stream.read(scratch) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.framer.push(scratch.get(..n).unwrap_or_default());
+                    self.heard = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(End::Io(e)),
+            }
+            stop = self.answer(mgmt, now, &mut budget);
+        }
+        self.more = stop == Stop::Budget;
+        self.flush(now)?;
+        if self.unsent() > MAX_OUTPUT {
+            return Err(End::Overflow);
+        }
+        let finished = stop == Stop::Failed || (self.eof && stop == Stop::Drained);
+        Ok(!(finished && self.unsent() == 0))
+    }
+
+    /// Answers the complete requests waiting, while the output has room and budget lasts.
+    fn answer(&mut self, mgmt: &Mgmt, now: Instant, budget: &mut usize) -> Stop {
+        loop {
+            if self.failed {
+                return Stop::Failed;
+            }
+            if self.unsent() >= OUTPUT_HIGH {
+                return Stop::Output;
+            }
+            if *budget == 0 {
+                return Stop::Budget;
+            }
+            let resp = match self.framer.next_value() {
+                Ok(None) => return Stop::Drained,
+                Ok(Some(bytes)) => {
+                    *budget -= 1;
+                    self.active = now;
+                    match serde_json::from_slice::<Value>(bytes) {
+                        Ok(v) => handle(mgmt, v),
+                        Err(e) => {
+                            self.failed = true;
+                            Some(error(Value::Null, PARSE_ERROR, &parse_error(&e)))
                         }
-                    });
+                    }
+                }
+                Err(e @ (FrameError::NotContainer(_) | FrameError::TooLarge(_))) => {
+                    self.failed = true;
+                    Some(error(Value::Null, INVALID_REQUEST, &e.to_string()))
+                }
+            };
+            if let Some(r) = resp {
+                self.queue(&r);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20))
+        }
+    }
+
+    fn queue(&mut self, resp: &Value) {
+        let before = self.out.len();
+        if serde_json::to_writer(&mut self.out, resp).is_err() {
+            self.out.truncate(before);
+            let e = error(Value::Null, INTERNAL_ERROR, "cannot encode the answer");
+            self.out.extend_from_slice(e.to_string().as_bytes());
+        }
+        self.out.push(b'\n');
+    }
+
+    /// Writes queued output until the socket is full.
+    fn flush(&mut self, now: Instant) -> Result<(), End> {
+        while let Some(rest) = self.out.get(self.sent..).filter(|r| !r.is_empty()) {
+            match self.stream.write(rest) {
+                Ok(0) => return Err(End::Done),
+                Ok(n) => {
+                    self.sent += n;
+                    self.active = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Io(e)),
             }
-            Err(e) => {
-                warn!("rpc accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+            if self.out.capacity() > KEEP_CAPACITY {
+                self.out = Vec::new();
             }
+        } else if self.sent > self.out.len() / 2 {
+            // Amortised: what is moved is less than what was sent since the last move.
+            self.out.drain(..self.sent);
+            self.sent = 0;
+        }
+        Ok(())
+    }
+}
+
+impl Rpc {
+    fn new(
+        listener: UnixListener,
+        wake: UnixStream,
+        mgmt: Arc<Mgmt>,
+        limits: Limits,
+    ) -> io::Result<Rpc> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
+        epoll.add(&wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKER))?;
+        Ok(Rpc {
+            mgmt,
+            limits,
+            epoll,
+            listener,
+            _wake: wake,
+            clients: Vec::new(),
+            count: 0,
+            accept_paused: None,
+            accept_failing: false,
+            busy_logged: None,
+            scratch: vec![0; READ_CHUNK],
+        })
+    }
+
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); 32];
+        loop {
+            let timeout = self.timeout(Instant::now());
+            let n = match self.epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => {
+                    // Only a bug gets here (EBADF, EINVAL); do not spin on it.
+                    warn!("epoll_wait failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    0
+                }
+            };
+            let now = Instant::now();
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    WAKER => return self.close_all(),
+                    LISTENER => self.accept(now),
+                    token => self.service(token, now),
+                }
+            }
+            // Clients whose budget ran out get another turn, after everyone else had one.
+            for slot in 0..self.clients.len() {
+                if self
+                    .clients
+                    .get(slot)
+                    .is_some_and(|c| c.as_ref().is_some_and(|c| c.more))
+                {
+                    self.service(FIRST_CLIENT + slot as u64, now);
+                }
+            }
+            self.expire(now);
+            if self.accept_paused.is_some_and(|t| now >= t) {
+                self.accept_paused = None;
+                let ev = EpollEvent::new(EpollFlags::EPOLLIN, LISTENER);
+                if let Err(e) = self.epoll.add(&self.listener, ev) {
+                    warn!("cannot poll the socket again: {e}");
+                    self.accept_paused = Some(now + ACCEPT_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        debug!("stopping with {} client(s) connected", self.count);
+        self.clients.clear();
+    }
+
+    /// Until the next deadline: a client's, or the end of an accept pause.
+    fn timeout(&self, now: Instant) -> EpollTimeout {
+        let clients = self.clients.iter().flatten();
+        if clients.clone().any(|c| c.more) {
+            return EpollTimeout::ZERO;
+        }
+        let next = clients
+            .map(|c| c.deadline(&self.limits))
+            .chain(self.accept_paused)
+            .min();
+        match next {
+            None => EpollTimeout::NONE,
+            // Rounded up, so the deadline has passed when the wait ends.
+            Some(t) => {
+                let ms = t
+                    .saturating_duration_since(now)
+                    .as_millis()
+                    .saturating_add(1);
+                EpollTimeout::try_from(ms.min(i32::MAX as u128)).unwrap_or(EpollTimeout::MAX)
+            }
+        }
+    }
+
+    fn accept(&mut self, now: Instant) {
+        for _ in 0..ACCEPTS_PER_ROUND {
+            match self.listener.accept() {
+                Ok((stream, _)) => self.admit(stream, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The episode ends when every waiting connection was taken.
+                    if self.accept_failing {
+                        info!("accepting clients again");
+                        self.accept_failing = false;
+                    }
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOMEM: the connection stays queued and the socket
+                    // readable. Stop polling it for a moment; say so once per episode.
+                    if !self.accept_failing {
+                        warn!(
+                            "cannot accept a client: {e}; retrying every {} ms until this clears",
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                        self.accept_failing = true;
+                    }
+                    let _ = self.epoll.delete(&self.listener);
+                    self.accept_paused = Some(now + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn admit(&mut self, stream: UnixStream, now: Instant) {
+        let max = self.limits.max_clients;
+        if self.count >= max {
+            if self
+                .busy_logged
+                .is_none_or(|t| now.duration_since(t) >= BUSY_LOG_INTERVAL)
+            {
+                warn!("{max} clients are connected, the most allowed; refusing more");
+                self.busy_logged = Some(now);
+            }
+            let msg = format!(
+                "server busy: {max} clients are connected, the most allowed; try again later"
+            );
+            let mut line = error(Value::Null, SERVER_BUSY, &msg).to_string();
+            line.push('\n');
+            // A fresh socket has room for one short line; if not, the client only misses it.
+            let _ = stream.set_nonblocking(true);
+            let _ = (&stream).write(line.as_bytes());
+            return;
+        }
+        if let Err(e) = stream.set_nonblocking(true) {
+            debug!("dropping a client: {e}");
+            return;
+        }
+        let slot = match self.clients.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.clients.push(None);
+                self.clients.len() - 1
+            }
+        };
+        let token = FIRST_CLIENT + slot as u64;
+        if let Err(e) = self
+            .epoll
+            .add(&stream, EpollEvent::new(EpollFlags::EPOLLIN, token))
+        {
+            debug!("dropping a client: cannot poll it: {e}");
+            return;
+        }
+        if let Some(s) = self.clients.get_mut(slot) {
+            *s = Some(Client::new(stream, now));
+            self.count += 1;
+        }
+    }
+
+    fn service(&mut self, token: u64, now: Instant) {
+        let Some(slot) = token
+            .checked_sub(FIRST_CLIENT)
+            .and_then(|s| usize::try_from(s).ok())
+        else {
+            return;
+        };
+        let Some(Some(c)) = self.clients.get_mut(slot) else {
+            return;
+        };
+        match c.pump(&self.mgmt, &mut self.scratch, now) {
+            Ok(true) => {
+                let want = c.wanted_interest();
+                if want != c.interest {
+                    c.interest = want;
+                    let mut ev = EpollEvent::new(want, token);
+                    if let Err(e) = self.epoll.modify(&c.stream, &mut ev) {
+                        debug!("dropping a client: cannot poll it: {e}");
+                        self.remove(slot);
+                    }
+                }
+            }
+            Ok(false) => self.remove(slot),
+            Err(End::Done) => self.remove(slot),
+            Err(End::Io(e)) => {
+                debug!("dropping a client: {e}");
+                self.remove(slot);
+            }
+            Err(End::Overflow) => {
+                debug!("dropping a client: more than {MAX_OUTPUT} bytes of answers unread");
+                self.remove(slot);
+            }
+        }
+    }
+
+    /// Drops clients idle or stalled past their deadline.
+    fn expire(&mut self, now: Instant) {
+        for slot in 0..self.clients.len() {
+            let late = match self.clients.get(slot) {
+                Some(Some(c)) => c.deadline(&self.limits) <= now,
+                _ => false,
+            };
+            if late {
+                debug!("dropping a client that made no progress");
+                self.remove(slot);
+            }
+        }
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(c) = self.clients.get_mut(slot).and_then(Option::take) {
+            let _ = self.epoll.delete(&c.stream);
+            self.count -= 1;
         }
     }
 }
 
-fn connection(mut stream: UnixStream, mgmt: &Mgmt, stop: &AtomicBool) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = [0u8; 64 * 1024];
-    let mut idle = Duration::ZERO;
-    loop {
-        // Answer every complete value in the buffer.
-        loop {
-            let start = buf
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(buf.len());
-            if start == buf.len() {
-                buf.clear();
-                break;
-            }
-            let mut it = serde_json::Deserializer::from_slice(&buf[start..]).into_iter::<Value>();
-            match it.next() {
-                Some(Ok(v)) => {
-                    let used = start + it.byte_offset();
-                    buf.drain(..used);
-                    if let Some(resp) = handle(mgmt, v) {
-                        let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                        out.push(b'\n');
-                        stream.write_all(&out)?;
-                    }
-                }
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Err(e)) => {
-                    let resp = error(Value::Null, PARSE_ERROR, &format!("parse error: {e}"));
-                    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-                    out.push(b'\n');
-                    stream.write_all(&out)?;
-                    return Ok(());
-                }
-                None => break,
-            }
-        }
-        if buf.len() > MAX_REQUEST {
-            let resp = error(
-                Value::Null,
-                INVALID_REQUEST,
-                &format!("request larger than {MAX_REQUEST} bytes"),
-            );
-            let _ = stream.write_all(format!("{resp}\n").as_bytes());
-            return Ok(());
-        }
-        match stream.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                idle = Duration::ZERO;
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                idle += Duration::from_millis(200);
-                if stop.load(Ordering::Acquire) || idle >= IDLE_TIMEOUT {
-                    return Ok(());
-                }
-            }
-            Err(e) => return Err(e),
-        }
+/// A parse error says what was wrong and where (serde_json's messages for a `Value` name the
+/// line and column, never the input).
+fn parse_error(e: &serde_json::Error) -> String {
+    format!("parse error: {e}")
+}
+
+/// `msg` cut to [`MAX_MESSAGE`] bytes, on a character boundary, with its length when longer.
+fn bounded(msg: &str) -> std::borrow::Cow<'_, str> {
+    if msg.len() <= MAX_MESSAGE {
+        return msg.into();
     }
+    let mut cut = MAX_MESSAGE - 32;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(
+        "{}... ({} bytes)",
+        msg.get(..cut).unwrap_or_default(),
+        msg.len()
+    )
+    .into()
 }
 
 fn error(id: Value, code: i64, msg: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": msg}})
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": bounded(msg)}})
 }
 
 /// One request or a batch; `None` when nothing is to be sent (notifications).
@@ -259,14 +800,27 @@ fn single(mgmt: &Mgmt, v: Value) -> Option<Value> {
     })
 }
 
-/// Parameter `name` (or position `pos`) as a string.
-fn param(params: &Value, name: &str, pos: usize, required: bool) -> Result<Option<String>, Fail> {
+/// Parameter `name` (or position `pos`) as a string of at most `max` bytes.
+fn param(
+    params: &Value,
+    name: &str,
+    pos: usize,
+    required: bool,
+    max: usize,
+) -> Result<Option<String>, Fail> {
     let v = match params {
         Value::Object(o) => o.get(name),
         Value::Array(a) => a.get(pos),
         _ => None,
     };
     match v {
+        Some(Value::String(s)) if s.len() > max => Err(Fail(
+            INVALID_PARAMS,
+            format!(
+                "parameter {name} is {} bytes long; at most {max} are allowed",
+                s.len()
+            ),
+        )),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(Value::Null) | None if !required => Ok(None),
@@ -279,20 +833,21 @@ fn param(params: &Value, name: &str, pos: usize, required: bool) -> Result<Optio
 }
 
 fn call(mgmt: &Mgmt, method: &str, params: &Value) -> Result<Value, Fail> {
-    let path = |required| param(params, "path", 0, required).map(Option::unwrap_or_default);
+    let path =
+        |required| param(params, "path", 0, required, MAX_PATH).map(Option::unwrap_or_default);
     match method {
         "rpc_get_methods" => Ok(json!(METHODS)),
         "ls" => Ok(serde_json::to_value(mgmt.ls(&path(false)?)?).unwrap_or(Value::Null)),
         "get" => Ok(Value::String(mgmt.get(&path(true)?)?)),
         "set" => {
             let p = path(true)?;
-            let v = param(params, "value", 1, true)?.unwrap_or_default();
+            let v = param(params, "value", 1, true, MAX_VALUE)?.unwrap_or_default();
             mgmt.set(&p, &v)?;
             Ok(Value::Bool(true))
         }
         "mgmt" => {
             let p = path(true)?;
-            let c = param(params, "command", 1, true)?.unwrap_or_default();
+            let c = param(params, "command", 1, true, MAX_VALUE)?.unwrap_or_default();
             mgmt.mgmt(&p, &c)?;
             Ok(Value::Bool(true))
         }
@@ -311,7 +866,8 @@ fn call(mgmt: &Mgmt, method: &str, params: &Value) -> Result<Value, Fail> {
         _ => Err(Fail(
             METHOD_NOT_FOUND,
             format!(
-                "method {method:?} not found; methods are {}",
+                "method {} not found; methods are {}",
+                quote(method),
                 METHODS.join(", ")
             ),
         )),
@@ -365,8 +921,11 @@ mod tests {
     fn stream_framing() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s");
-        let srv = Server::start(&sock, m()).unwrap();
-        assert!(matches!(Server::start(&sock, m()), Err(RpcError::InUse)));
+        let srv = Server::start(&sock, m(), &Options::default()).unwrap();
+        assert!(matches!(
+            Server::start(&sock, m(), &Options::default()),
+            Err(RpcError::InUse)
+        ));
         let mut s = UnixStream::connect(&sock).unwrap();
         // Two requests in one write, the second split over two writes.
         s.write_all(br#"{"id":1,"method":"get","params":{"path":"version"}}{"id":2,"method":"#)
@@ -395,5 +954,267 @@ mod tests {
         assert_eq!(r.read_line(&mut line).unwrap(), 0);
         srv.shutdown();
         assert!(!sock.exists());
+    }
+
+    /// A server with `limits` on a fresh socket.
+    fn server(limits: Limits) -> (tempfile::TempDir, PathBuf, Server) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let opts = Options {
+            group: None,
+            limits,
+        };
+        let srv = Server::start(&sock, m(), &opts).unwrap();
+        (dir, sock, srv)
+    }
+
+    fn connect(sock: &Path) -> (UnixStream, BufReader<UnixStream>) {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        (s, r)
+    }
+
+    fn answer(r: &mut BufReader<UnixStream>) -> Value {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Whether the server closed the connection (within the read timeout).
+    fn closed(r: &mut BufReader<UnixStream>) -> bool {
+        let mut line = String::new();
+        matches!(r.read_line(&mut line), Ok(0) | Err(_)) && line.is_empty()
+    }
+
+    const VERSION: &[u8] =
+        br#"{"jsonrpc":"2.0","id":7,"method":"get","params":{"path":"version"}}"#;
+
+    #[test]
+    fn requests_before_a_half_close_are_answered() {
+        let (_d, sock, srv) = server(Limits::default());
+        let (mut s, mut r) = connect(&sock);
+        s.write_all(VERSION).unwrap();
+        s.write_all(VERSION).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(answer(&mut r)["id"], 7);
+        assert_eq!(answer(&mut r)["id"], 7);
+        assert!(closed(&mut r));
+        srv.shutdown();
+    }
+
+    #[test]
+    fn idle_and_stalled_clients_are_dropped() {
+        let limits = Limits {
+            max_clients: 8,
+            idle_timeout: Duration::from_millis(600),
+            stall_timeout: Duration::from_millis(300),
+        };
+        let (_d, sock, srv) = server(limits);
+        // Silent from the start.
+        let (_idle, mut idle_r) = connect(&sock);
+        // Half a request, then nothing.
+        let (mut stalled, mut stalled_r) = connect(&sock);
+        stalled.write_all(br#"{"id":1,"method":"#).unwrap();
+        // Busy: a request now and then keeps it.
+        let (mut busy, mut busy_r) = connect(&sock);
+        for _ in 0..6 {
+            busy.write_all(VERSION).unwrap();
+            assert_eq!(answer(&mut busy_r)["id"], 7);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(closed(&mut idle_r));
+        assert!(closed(&mut stalled_r));
+        busy.write_all(VERSION).unwrap();
+        assert_eq!(answer(&mut busy_r)["id"], 7);
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_client_beyond_the_cap_is_told_the_limit() {
+        let limits = Limits {
+            max_clients: 3,
+            ..Limits::default()
+        };
+        let (_d, sock, srv) = server(limits);
+        let mut held: Vec<_> = (0..3).map(|_| connect(&sock)).collect();
+        // Each held client is served, so all three were admitted.
+        for (s, r) in &mut held {
+            s.write_all(VERSION).unwrap();
+            assert_eq!(answer(r)["id"], 7);
+        }
+        let (_s, mut r) = connect(&sock);
+        let e = answer(&mut r);
+        assert_eq!(e["error"]["code"], SERVER_BUSY, "{e}");
+        let msg = e["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("busy") && msg.contains('3'), "{msg}");
+        assert!(closed(&mut r));
+        drop(held);
+        // Once they leave, a client is served again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (mut s, mut r) = connect(&sock);
+            s.write_all(VERSION).unwrap();
+            let v = answer(&mut r);
+            if v["id"] == 7 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still busy: {v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_stalls_only_itself() {
+        let (_d, sock, srv) = server(Limits::default());
+        // Answers asked for and never read, until the server stops reading this client.
+        let (mut hog, _hog_r) = connect(&sock);
+        hog.set_nonblocking(true).unwrap();
+        let tree = br#"{"id":1,"method":"tree","params":{"path":""}}"#.repeat(1000);
+        let mut stuck = 0;
+        while stuck < 50 {
+            match hog.write(&tree) {
+                Ok(_) => stuck = 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    stuck += 1;
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (mut s, mut r) = connect(&sock);
+        s.write_all(VERSION).unwrap();
+        assert_eq!(answer(&mut r)["id"], 7);
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_stream_that_is_no_request_is_answered_and_closed() {
+        let (_d, sock, srv) = server(Limits::default());
+        for junk in [&b"42 "[..], b"\"str\"", b"][", b"{\"a\":1}}"] {
+            let (mut s, mut r) = connect(&sock);
+            s.write_all(junk).unwrap();
+            let e = answer(&mut r);
+            if junk == b"{\"a\":1}}" {
+                // The object is answered (not a request), then the stray bracket.
+                assert_eq!(e["error"]["code"], INVALID_REQUEST, "{e}");
+                let e = answer(&mut r);
+                assert_eq!(e["error"]["code"], INVALID_REQUEST, "{e}");
+                assert!(
+                    e["error"]["message"].as_str().unwrap().contains("'}'"),
+                    "{e}"
+                );
+            } else {
+                assert_eq!(e["error"]["code"], INVALID_REQUEST, "{e}");
+                let msg = e["error"]["message"].as_str().unwrap();
+                assert!(msg.contains("object or a batch array"), "{msg}");
+            }
+            assert!(closed(&mut r), "{junk:?}");
+        }
+        srv.shutdown();
+    }
+
+    #[test]
+    fn long_input_is_not_echoed() {
+        let m = m();
+        let long = "x".repeat(1 << 20);
+        let msg = |r: Value| r["error"]["message"].as_str().unwrap().to_string();
+        let e = msg(handle(&m, json!({"id": 1, "method": long})).unwrap());
+        assert!(
+            e.len() < 300 && e.contains("not found") && e.contains("1048576 bytes"),
+            "{e}"
+        );
+        for (method, params) in [
+            ("get", json!({"path": long})),
+            ("set", json!({"path": "version", "value": long})),
+            (
+                "mgmt",
+                json!({"path": "targets/iscsi/mgmt", "command": long}),
+            ),
+        ] {
+            let e = msg(handle(&m, json!({"id": 1, "method": method, "params": params})).unwrap());
+            assert!(
+                e.len() < 200 && e.contains("1048576 bytes"),
+                "{method}: {e}"
+            );
+            assert!(e.contains("at most 4096"), "{method}: {e}");
+        }
+        // Within the bounds, a long command word is quoted and cut.
+        let cmd = format!("{} x", "y".repeat(4000));
+        let e = msg(handle(&m, json!({"id": 1, "method": "mgmt", "params": {"path": "targets/iscsi/mgmt", "command": cmd}})).unwrap());
+        assert!(e.len() < 400 && e.contains("unknown command"), "{e}");
+        // A path of allowed length that does not exist.
+        let p = "z/".repeat(2000);
+        let e = msg(handle(&m, json!({"id": 1, "method": "get", "params": {"path": p}})).unwrap());
+        assert!(e.len() < 300 && e.contains("no such file"), "{e}");
+        // Names in a configuration are not bounded by the path limit.
+        let cfg = json!({"targets": {"iscsi": {"targets": {long.clone(): {}}}}});
+        let e = msg(handle(
+            &m,
+            json!({"id": 1, "method": "load_config", "params": {"config": cfg}}),
+        )
+        .unwrap());
+        assert!(e.len() <= MAX_MESSAGE, "{}", e.len());
+    }
+
+    #[test]
+    fn bounded_cuts_on_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(MAX_MESSAGE);
+        let b = bounded(&long);
+        assert!(b.len() <= MAX_MESSAGE, "{}", b.len());
+        assert!(b.ends_with(&format!("... ({} bytes)", long.len())), "{b}");
+    }
+
+    #[test]
+    fn every_request_before_a_half_close_is_answered_however_slowly_read() {
+        let (_d, sock, srv) = server(Limits::default());
+        let (s, mut r) = connect(&sock);
+        // Megabytes of answers: the server stops reading while they wait, and must still
+        // answer every request once they are read, although the client has closed its side.
+        const N: usize = 6000;
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            for i in 0..N {
+                let req = json!({"id": i, "method": "tree", "params": {"path": ""}});
+                w.write_all(req.to_string().as_bytes()).unwrap();
+            }
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let mut bytes = 0;
+        for i in 0..N {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            bytes += line.len();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(v["id"], i, "{line}");
+            if i % 2000 == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        assert!(bytes > 2 * OUTPUT_HIGH, "{bytes}");
+        assert!(closed(&mut r));
+        writer.join().unwrap();
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_file_in_the_way_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("precious");
+        std::fs::write(&path, "data").unwrap();
+        let r = Server::start(&path, m(), &Options::default());
+        assert!(matches!(r, Err(RpcError::NotSocket)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        // A stale socket is replaced.
+        let stale = dir.path().join("stale");
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        let srv = Server::start(&stale, m(), &Options::default()).unwrap();
+        let (mut s, mut r) = connect(&stale);
+        s.write_all(VERSION).unwrap();
+        assert_eq!(answer(&mut r)["id"], 7);
+        srv.shutdown();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
