@@ -567,8 +567,44 @@ impl Mgmt {
     }
 
     pub fn get(&self, path: &str) -> Result<String, MgmtError> {
+        // Statistics need no tree: they are read without waiting for the lock, so monitoring
+        // goes on while a long change holds it.
+        if let Some(v) = self.read_stats(path, &split(path)) {
+            return v;
+        }
         let st = self.lock();
         self.read(&st, path)
+    }
+
+    /// The attributes that other parts of the daemon supply (`threads`, `sgv/`, `reactors/`,
+    /// the portals' counters), or `None` for a path of the tree.
+    fn read_stats(&self, path: &str, p: &[&str]) -> Option<Result<String, MgmtError>> {
+        let nf = || MgmtError::NotFound(path.to_string());
+        let find = |list: Vec<(String, String)>, k: &str| {
+            list.into_iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v)
+                .ok_or_else(nf)
+        };
+        Some(match p {
+            ["threads"] => Ok((self.hooks.reactors)().len().to_string()),
+            ["sgv", k] => find((self.hooks.sgv)(), k),
+            ["reactors", n, k] => {
+                let all = (self.hooks.reactors)();
+                match n.parse::<usize>().ok().and_then(|i| all.get(i).cloned()) {
+                    Some(r) => find(r, k),
+                    None => Err(nf()),
+                }
+            }
+            ["targets", "iscsi", k] => {
+                let v = (self.hooks.portals)()
+                    .into_iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v)?;
+                Ok(v)
+            }
+            _ => return None,
+        })
     }
 
     fn read(&self, st: &State, path: &str) -> Result<String, MgmtError> {
@@ -579,10 +615,12 @@ impl Mgmt {
     /// error message); `list` passes false so the two never recurse into each other.
     fn read_inner(&self, st: &State, path: &str, dir_check: bool) -> Result<String, MgmtError> {
         let p = split(path);
+        if let Some(v) = self.read_stats(path, &p) {
+            return v;
+        }
         let nf = || MgmtError::NotFound(path.to_string());
         let v = match p.as_slice() {
             ["version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
-            ["threads"] => (self.hooks.reactors)().len().to_string(),
             ["handlers", h, "mgmt"] if device::HANDLERS.contains(h) => {
                 let params = device::add_device_params(h).unwrap_or(&[]);
                 format!(
@@ -618,35 +656,11 @@ impl Mgmt {
                 .ok_or_else(nf)?
                 .get_attr(a)
                 .ok_or_else(nf)?,
-            ["sgv", k] => (self.hooks.sgv)()
-                .into_iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v)
-                .ok_or_else(nf)?,
-            ["reactors", n, k] => {
-                let all = (self.hooks.reactors)();
-                let r = n
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| all.get(i).cloned())
-                    .ok_or_else(nf)?;
-                r.into_iter()
-                    .find(|(name, _)| name == k)
-                    .map(|(_, v)| v)
-                    .ok_or_else(nf)?
-            }
             ["targets", "iscsi", "enabled"] => b01(st.iscsi_enabled),
             ["targets", "iscsi", "open_state"] => "open".into(),
             ["targets", "iscsi", "max_connections"] => st.max_connections.to_string(),
             ["targets", "iscsi", "max_connections_per_portal"] => {
                 st.max_connections_per_portal.to_string()
-            }
-            ["targets", "iscsi", k] if (self.hooks.portals)().iter().any(|(n, _)| n == k) => {
-                (self.hooks.portals)()
-                    .into_iter()
-                    .find(|(n, _)| n == k)
-                    .map(|(_, v)| v)
-                    .unwrap_or_default()
             }
             ["targets", "iscsi", "version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
             ["targets", "iscsi", "mgmt"] => TARGET_MGMT_USAGE.into(),

@@ -11,11 +11,14 @@
 //! given) inside a fresh 0700 directory beside its final path and then linked into place, so it
 //! never exists with the mode the umask would give it.
 //!
-//! One thread serves every client: it polls the listening socket and the clients' sockets
-//! (level-triggered epoll, non-blocking), answers each client's requests in the order they
-//! arrive and queues the answers in that client's output buffer, so a client that does not read
-//! stalls only itself. [`Limits`] bounds what clients may hold: how many are served at once and
-//! how long one may sit idle or on a partial request.
+//! One thread serves every client's socket: it polls the listening socket and the clients'
+//! sockets (level-triggered epoll, non-blocking), frames their requests and queues the answers
+//! in each client's output buffer, so a client that does not read stalls only itself. The
+//! requests themselves run on a few worker threads ([`WORKERS`]), one request of a client at a
+//! time so its answers keep their order: a request that blocks (a backing file on a hung
+//! mount, a long fdatasync) holds one worker, never the socket thread or the other clients.
+//! [`Limits`] bounds what clients may hold: how many are served at once and how long one may
+//! sit idle or on a partial request.
 #![forbid(unsafe_code)]
 
 pub mod frame;
@@ -77,6 +80,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const BUSY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// Connections taken from the backlog in one round.
 const ACCEPTS_PER_ROUND: usize = 256;
+/// Threads that run requests; the socket thread never does.
+pub const WORKERS: usize = 4;
 
 pub const METHODS: &[&str] = &[
     "get",
@@ -182,7 +187,14 @@ impl Server {
     pub fn start(path: &Path, mgmt: Arc<Mgmt>, opts: &Options) -> Result<Server, RpcError> {
         let listener = bind(path, opts.group)?;
         let (waker, wake) = UnixStream::pair()?;
-        let rpc = match Rpc::new(listener, wake, mgmt, opts.limits.clone()) {
+        let workers = match Workers::start(&mgmt) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                return Err(e.into());
+            }
+        };
+        let rpc = match Rpc::new(listener, wake, workers, opts.limits.clone()) {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_file(path);
@@ -262,11 +274,85 @@ fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, RpcError> {
 
 const LISTENER: u64 = 0;
 const WAKER: u64 = 1;
-const FIRST_CLIENT: u64 = 2;
+/// The workers have answers ready.
+const DONE: u64 = 2;
+const FIRST_CLIENT: u64 = 3;
+
+/// A request for a worker: the client's slot and generation (the slot may be reused by the
+/// time the answer comes back), and the request.
+struct Job {
+    slot: usize,
+    generation: u64,
+    request: Value,
+}
+
+/// A worker's answer (`None` for notifications).
+struct Done {
+    slot: usize,
+    generation: u64,
+    answer: Option<Value>,
+}
+
+/// The worker threads and the channels to them. Dropping it ends them once their current
+/// request is done.
+struct Workers {
+    jobs: crossbeam_channel::Sender<Job>,
+    done: crossbeam_channel::Receiver<Done>,
+    /// Readable while answers wait in `done` (each worker writes a byte after sending one).
+    ready: UnixStream,
+}
+
+impl Workers {
+    fn start(mgmt: &Arc<Mgmt>) -> io::Result<Workers> {
+        let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done) = crossbeam_channel::unbounded::<Done>();
+        let (ready, notify) = UnixStream::pair()?;
+        ready.set_nonblocking(true)?;
+        notify.set_nonblocking(true)?;
+        let notify = Arc::new(notify);
+        for i in 0..WORKERS {
+            let (mgmt, job_rx, done_tx) = (mgmt.clone(), job_rx.clone(), done_tx.clone());
+            let notify = notify.clone();
+            std::thread::Builder::new()
+                .name(format!("rpc-worker-{i}"))
+                .spawn(move || {
+                    for job in job_rx {
+                        // A bug in a handler answers its request with an internal error
+                        // instead of taking the worker (and the client's answers) with it.
+                        let request = job.request;
+                        let id = request.get("id").cloned().unwrap_or(Value::Null);
+                        let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            handle(&mgmt, request)
+                        }))
+                        .unwrap_or_else(|_| {
+                            Some(error(
+                                id,
+                                INTERNAL_ERROR,
+                                "the request failed inside the target",
+                            ))
+                        });
+                        let done = Done {
+                            slot: job.slot,
+                            generation: job.generation,
+                            answer,
+                        };
+                        if done_tx.send(done).is_err() {
+                            return;
+                        }
+                        // A full socket already wakes the RPC thread.
+                        let _ = (&*notify).write(&[1]);
+                    }
+                })?;
+        }
+        Ok(Workers { jobs, done, ready })
+    }
+}
 
 /// The RPC thread's state.
 struct Rpc {
-    mgmt: Arc<Mgmt>,
+    workers: Workers,
+    /// Generation of the next client admitted.
+    next_generation: u64,
     limits: Limits,
     epoll: Epoll,
     listener: UnixListener,
@@ -305,6 +391,14 @@ enum Stop {
     Output,
     /// The stream cannot be read further.
     Failed,
+    /// A request is with a worker; the next waits for its answer.
+    Pending,
+}
+
+/// Where a client's requests go: the workers' queue, tagged with the client's slot.
+struct Dispatch<'a> {
+    sender: &'a crossbeam_channel::Sender<Job>,
+    slot: usize,
 }
 
 struct Client {
@@ -325,11 +419,17 @@ struct Client {
     /// client gets another turn without waiting for its socket.
     more: bool,
     interest: EpollFlags,
+    /// Its slot's generation (see [`Job`]).
+    generation: u64,
+    /// A request of this client is with a worker; the next waits for its answer.
+    pending: bool,
 }
 
 impl Client {
-    fn new(stream: UnixStream, now: Instant) -> Client {
+    fn new(stream: UnixStream, now: Instant, generation: u64) -> Client {
         Client {
+            generation,
+            pending: false,
             stream,
             framer: Framer::new(MAX_REQUEST),
             out: Vec::new(),
@@ -348,7 +448,7 @@ impl Client {
     }
 
     fn wants_read(&self) -> bool {
-        !self.eof && !self.failed && self.unsent() < OUTPUT_HIGH
+        !self.eof && !self.failed && !self.pending && self.unsent() < OUTPUT_HIGH
     }
 
     fn wanted_interest(&self) -> EpollFlags {
@@ -364,7 +464,12 @@ impl Client {
 
     /// When the client is dropped unless it makes progress.
     fn deadline(&self, limits: &Limits) -> Instant {
-        let idle = self.active + limits.idle_timeout;
+        // However long its request takes, a client waiting for an answer is not idle.
+        let idle = if self.pending {
+            Instant::now() + limits.idle_timeout
+        } else {
+            self.active + limits.idle_timeout
+        };
         if self.framer.has_partial() && self.wants_read() {
             idle.min(self.heard + limits.stall_timeout)
         } else {
@@ -374,10 +479,10 @@ impl Client {
 
     /// Sends, answers and reads as far as the client allows without blocking. `Ok(true)` keeps
     /// the connection.
-    fn pump(&mut self, mgmt: &Mgmt, scratch: &mut [u8], now: Instant) -> Result<bool, End> {
+    fn pump(&mut self, jobs: &Dispatch<'_>, scratch: &mut [u8], now: Instant) -> Result<bool, End> {
         self.flush(now)?;
         let mut budget = REQUESTS_PER_ROUND;
-        let mut stop = self.answer(mgmt, now, &mut budget);
+        let mut stop = self.answer(jobs, now, &mut budget);
         let mut reads = READS_PER_ROUND;
         while self.wants_read() && reads > 0 && stop == Stop::Drained {
             reads -= 1;
@@ -391,7 +496,7 @@ impl Client {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(End::Io(e)),
             }
-            stop = self.answer(mgmt, now, &mut budget);
+            stop = self.answer(jobs, now, &mut budget);
         }
         self.more = stop == Stop::Budget;
         self.flush(now)?;
@@ -399,12 +504,17 @@ impl Client {
             return Err(End::Overflow);
         }
         let finished = stop == Stop::Failed || (self.eof && stop == Stop::Drained);
+        // The stream failed while a request was out: its answer is not waited for.
         Ok(!(finished && self.unsent() == 0))
     }
 
-    /// Answers the complete requests waiting, while the output has room and budget lasts.
-    fn answer(&mut self, mgmt: &Mgmt, now: Instant, budget: &mut usize) -> Stop {
+    /// Hands the next complete request to a worker, or answers what needs no worker (a
+    /// framing or parse error), while the output has room and budget lasts.
+    fn answer(&mut self, jobs: &Dispatch<'_>, now: Instant, budget: &mut usize) -> Stop {
         loop {
+            if self.pending {
+                return Stop::Pending;
+            }
             if self.failed {
                 return Stop::Failed;
             }
@@ -420,7 +530,24 @@ impl Client {
                     *budget -= 1;
                     self.active = now;
                     match serde_json::from_slice::<Value>(bytes) {
-                        Ok(v) => handle(mgmt, v),
+                        Ok(v) => {
+                            let job = Job {
+                                slot: jobs.slot,
+                                generation: self.generation,
+                                request: v,
+                            };
+                            if jobs.sender.send(job).is_err() {
+                                self.failed = true;
+                                Some(error(
+                                    Value::Null,
+                                    INTERNAL_ERROR,
+                                    "the RPC server is stopping",
+                                ))
+                            } else {
+                                self.pending = true;
+                                return Stop::Pending;
+                            }
+                        }
                         Err(e) => {
                             self.failed = true;
                             Some(error(Value::Null, PARSE_ERROR, &parse_error(&e)))
@@ -481,14 +608,16 @@ impl Rpc {
     fn new(
         listener: UnixListener,
         wake: UnixStream,
-        mgmt: Arc<Mgmt>,
+        workers: Workers,
         limits: Limits,
     ) -> io::Result<Rpc> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&listener, EpollEvent::new(EpollFlags::EPOLLIN, LISTENER))?;
         epoll.add(&wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKER))?;
+        epoll.add(&workers.ready, EpollEvent::new(EpollFlags::EPOLLIN, DONE))?;
         Ok(Rpc {
-            mgmt,
+            workers,
+            next_generation: 0,
             limits,
             epoll,
             listener,
@@ -521,6 +650,7 @@ impl Rpc {
                 match ev.data() {
                     WAKER => return self.close_all(),
                     LISTENER => self.accept(now),
+                    DONE => self.collect(now),
                     token => self.service(token, now),
                 }
             }
@@ -649,7 +779,8 @@ impl Rpc {
             return;
         }
         if let Some(s) = self.clients.get_mut(slot) {
-            *s = Some(Client::new(stream, now));
+            *s = Some(Client::new(stream, now, self.next_generation));
+            self.next_generation += 1;
             self.count += 1;
         }
     }
@@ -664,13 +795,26 @@ impl Rpc {
         let Some(Some(c)) = self.clients.get_mut(slot) else {
             return;
         };
-        match c.pump(&self.mgmt, &mut self.scratch, now) {
+        let jobs = Dispatch {
+            sender: &self.workers.jobs,
+            slot,
+        };
+        match c.pump(&jobs, &mut self.scratch, now) {
             Ok(true) => {
+                // A client with nothing to read or send (its request is with a worker) leaves
+                // the epoll set: a hang-up is reported whatever the interest, and would spin.
                 let want = c.wanted_interest();
                 if want != c.interest {
-                    c.interest = want;
                     let mut ev = EpollEvent::new(want, token);
-                    if let Err(e) = self.epoll.modify(&c.stream, &mut ev) {
+                    let r = if want.is_empty() {
+                        self.epoll.delete(&c.stream)
+                    } else if c.interest.is_empty() {
+                        self.epoll.add(&c.stream, ev)
+                    } else {
+                        self.epoll.modify(&c.stream, &mut ev)
+                    };
+                    c.interest = want;
+                    if let Err(e) = r {
                         debug!("dropping a client: cannot poll it: {e}");
                         self.remove(slot);
                     }
@@ -686,6 +830,28 @@ impl Rpc {
                 debug!("dropping a client: more than {MAX_OUTPUT} bytes of answers unread");
                 self.remove(slot);
             }
+        }
+    }
+
+    /// Queues the workers' answers to their clients, and lets each go on with its next
+    /// request.
+    fn collect(&mut self, now: Instant) {
+        let mut sink = [0u8; 256];
+        while matches!((&self.workers.ready).read(&mut sink), Ok(n) if n > 0) {}
+        while let Ok(done) = self.workers.done.try_recv() {
+            let Some(Some(c)) = self.clients.get_mut(done.slot) else {
+                continue;
+            };
+            if c.generation != done.generation {
+                // Its client left; the slot has another now.
+                continue;
+            }
+            c.pending = false;
+            c.active = now;
+            if let Some(a) = &done.answer {
+                c.queue(a);
+            }
+            self.service(FIRST_CLIENT + done.slot as u64, now);
         }
     }
 
@@ -1216,5 +1382,72 @@ mod tests {
         assert_eq!(answer(&mut r)["id"], 7);
         srv.shutdown();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_slow_request_holds_one_worker_not_the_other_clients() {
+        // `get threads` asks the reactors hook, which here waits until the test lets it go:
+        // a request that blocks (a backing file on a hung mount).
+        let (release_tx, release_rx) = crossbeam_channel::unbounded::<()>();
+        let (entered_tx, entered_rx) = crossbeam_channel::unbounded::<()>();
+        let hooks = Hooks {
+            reactors: Box::new(move || {
+                let _ = entered_tx.send(());
+                let _ = release_rx.recv_timeout(Duration::from_secs(60));
+                vec![Vec::new()]
+            }),
+            ..Hooks::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let mgmt = Mgmt::new(Publisher::new(), Registry::new(), hooks);
+        let srv = Server::start(&sock, mgmt, &Options::default()).unwrap();
+        let (mut a, mut ra) = connect(&sock);
+        a.write_all(br#"{"id":1,"method":"get","params":{"path":"threads"}}"#)
+            .unwrap();
+        entered_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        // While it waits, other clients are served, and so are the slow client's own later
+        // requests once its first is answered, in order.
+        a.write_all(br#"{"id":2,"method":"get","params":{"path":"version"}}"#)
+            .unwrap();
+        for id in 10..14 {
+            let (mut b, mut rb) = connect(&sock);
+            b.write_all(
+                format!(r#"{{"id":{id},"method":"get","params":{{"path":"version"}}}}"#).as_bytes(),
+            )
+            .unwrap();
+            assert_eq!(answer(&mut rb)["id"], id);
+        }
+        release_tx.send(()).unwrap();
+        let first = answer(&mut ra);
+        assert_eq!(
+            (first["id"].clone(), first["result"].clone()),
+            (json!(1), json!("1"))
+        );
+        assert_eq!(answer(&mut ra)["id"], 2);
+        srv.shutdown();
+    }
+
+    #[test]
+    fn a_panicking_request_is_answered_with_an_internal_error() {
+        let hooks = Hooks {
+            sgv: Box::new(|| panic!("a bug in a handler")),
+            ..Hooks::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let mgmt = Mgmt::new(Publisher::new(), Registry::new(), hooks);
+        let srv = Server::start(&sock, mgmt, &Options::default()).unwrap();
+        let (mut a, mut ra) = connect(&sock);
+        for _ in 0..WORKERS + 1 {
+            a.write_all(br#"{"id":7,"method":"ls","params":{"path":"sgv"}}"#)
+                .unwrap();
+            assert_eq!(answer(&mut ra)["error"]["code"], INTERNAL_ERROR);
+        }
+        // Every worker is still there.
+        a.write_all(br#"{"id":8,"method":"get","params":{"path":"version"}}"#)
+            .unwrap();
+        assert_eq!(answer(&mut ra)["id"], 8);
+        srv.shutdown();
     }
 }
