@@ -226,7 +226,8 @@ fn sessions_that_give_up_on_a_stalled_backend_close_cleanly() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     // The initiator gives up on its commands: ABORT TASK, then LOGICAL UNIT RESET, both
-    // answered at once although the backend still holds the I/O.
+    // answered at once: the I/O the stalled backend holds has not reached the medium, so it
+    // is cancelled and can never land later.
     assert_eq!(
         ini.task_mgmt(iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK, 0, r)
             .unwrap(),
@@ -245,30 +246,220 @@ fn sessions_that_give_up_on_a_stalled_backend_close_cleanly() {
         .submit(0, &cdb::read10(0, 128), None, 65536, true)
         .unwrap();
     drop(other);
-    // Both sessions leave the tree at once; their connections linger, holding the buffers of
-    // the I/O the backend still has, and count against the connection limit until it ends.
+    // The held I/O of aborted commands and of the dropped connection was cancelled (it had
+    // not reached the medium): both sessions end, their connections close and their buffers
+    // return while the backend still stalls.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let sessions = format!("targets/iscsi/{IQN}/sessions");
     while t
         .call("ls", serde_json::json!({ "path": sessions }))
         .as_array()
         .is_some_and(|a| !a.is_empty())
-    {
-        assert!(std::time::Instant::now() < deadline, "{}", t.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_ne!(t.get("targets/iscsi/connections").trim(), "0");
-    // The stall ends: the held I/O drains, its buffers return, the LUN serves again.
-    t.set("devices/ram0/fault_inject", "none");
-    while t.get("targets/iscsi/connections").trim() != "0"
+        || t.get("targets/iscsi/connections").trim() != "0"
         || t.get("sgv/chunks_in_use").trim() != "0"
     {
         assert!(std::time::Instant::now() < deadline, "{}", t.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The stall ends: nothing of the aborted commands is written, the LUN serves again.
+    t.set("devices/ram0/fault_inject", "none");
     let mut ini = login(&t);
+    assert_eq!(ini.read10(0, 0, 128, 512).unwrap(), vec![0u8; 65536]);
     assert!(ini.test_unit_ready(0).unwrap().is_good());
     ini.write10(0, 0, &data, 512).unwrap();
     assert_eq!(ini.read10(0, 0, 128, 512).unwrap(), data);
     assert!(t.alive(), "{}", t.log());
+}
+
+/// A session of `name` with ISID `isid`, unit attentions cleared.
+fn login_as(t: &Target, name: &str, isid: u8) -> Initiator {
+    let mut ini = Initiator::connect(t.addr).unwrap();
+    ini.set_timeout(Some(Duration::from_secs(30))).unwrap();
+    ini.login(&LoginOptions {
+        initiator_name: name.into(),
+        target_name: Some(IQN.into()),
+        isid: [0x80, 0, 0, 0, 0x33, isid],
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("login: {e}\n{}", t.log()));
+    for _ in 0..4 {
+        if ini.test_unit_ready(0).unwrap().is_good() {
+            break;
+        }
+    }
+    ini
+}
+
+#[test]
+fn an_abort_is_answered_only_once_the_write_can_no_longer_land() {
+    let t = Target::with_default_luns(16);
+    let mut ini = login_as(&t, "iqn.2026-11.org.iscsi-tgt:abort", 1);
+    // The write reaches the "device" and hangs there: it cannot be cancelled.
+    t.set("devices/ram0/fault_inject", "hang");
+    let a = vec![0xaau8; 65536];
+    let itt = ini
+        .submit(0, &cdb::write10(0, 128), Some(&a), 65536, false)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let req = iscsi_tgt::iscsi::pdu::TaskMgmtRequest {
+        immediate: true,
+        function: iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK,
+        lun: iscsi_tgt::iscsi::pdu::encode_lun(0),
+        itt: 0x7777,
+        referenced_task_tag: itt,
+        cmd_sn: ini.next_cmd_sn(),
+        exp_stat_sn: ini.exp_stat_sn(),
+        ref_cmd_sn: ini.next_cmd_sn().wrapping_sub(1),
+        ..Default::default()
+    };
+    let mut bhs = [0u8; iscsi_tgt::iscsi::pdu::BHS_LEN];
+    req.emit(&mut bhs);
+    ini.send_pdu(&bhs, &[], &[]).unwrap();
+    // FUNCTION COMPLETE would promise the write will not change the medium any more: while
+    // it hangs in the device, no answer.
+    ini.set_timeout(Some(Duration::from_secs(1))).unwrap();
+    assert!(
+        ini.recv_pdu().is_err(),
+        "the ABORT TASK was answered while its write could still land"
+    );
+    ini.set_timeout(Some(Duration::from_secs(30))).unwrap();
+    t.set("devices/ram0/fault_inject", "none");
+    let (h, _) = ini.recv_pdu().unwrap();
+    assert_eq!(h[0] & 0x3f, iscsi_tgt::iscsi::pdu::op::TASK_MGMT_RESPONSE);
+    let r = iscsi_tgt::iscsi::pdu::TaskMgmtResponse::parse(&h, &[]).unwrap();
+    assert_eq!((r.itt, r.response), (0x7777, 0));
+}
+
+/// Logs in on a thread; the result comes on the channel.
+fn login_in_background(
+    t: &Target,
+    name: &'static str,
+    isid: u8,
+) -> crossbeam_channel::Receiver<Result<Initiator, String>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let addr = t.addr;
+    std::thread::spawn(move || {
+        let r = (|| {
+            let mut ini = Initiator::connect(addr).map_err(|e| e.to_string())?;
+            ini.set_timeout(Some(Duration::from_secs(30)))
+                .map_err(|e| e.to_string())?;
+            ini.login(&LoginOptions {
+                initiator_name: name.into(),
+                target_name: Some(IQN.into()),
+                isid: [0x80, 0, 0, 0, 0x33, isid],
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(ini)
+        })();
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+/// The old session's write in the device, a new session of the same I_T nexus (same
+/// initiator, same ISID) logging in: it completes only after that write is done, so the old
+/// write can never land over the new session's data.
+fn new_session_waits_for_the_old_ones_writes(drop_first: bool) {
+    const NAME: &str = "iqn.2026-11.org.iscsi-tgt:reinstated";
+    let t = Target::with_default_luns(16);
+    let mut old = login_as(&t, NAME, 7);
+    t.set("devices/ram0/fault_inject", "hang");
+    let a = vec![0xaau8; 65536];
+    old.submit(0, &cdb::write10(0, 128), Some(&a), 65536, false)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    if drop_first {
+        // The initiator loses its connection with the write outstanding.
+        drop(old);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let pending = login_in_background(&t, NAME, 7);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        pending.try_recv().is_err(),
+        "the new session logged in while the old one's write could still land\n{}",
+        t.log()
+    );
+    if !drop_first {
+        assert_eq!(
+            t.get(&format!("targets/iscsi/{IQN}/sessions/{NAME}/reinstating")),
+            "1"
+        );
+    }
+    t.set("devices/ram0/fault_inject", "none");
+    let mut new = pending
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", t.log()));
+    for _ in 0..4 {
+        if new.test_unit_ready(0).unwrap().is_good() {
+            break;
+        }
+    }
+    let b = vec![0xbbu8; 65536];
+    new.write10(0, 0, &b, 512).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(new.read10(0, 0, 128, 512).unwrap(), b);
+    let sessions = t.call(
+        "ls",
+        serde_json::json!({"path": format!("targets/iscsi/{IQN}/sessions")}),
+    );
+    assert_eq!(sessions.as_array().map_or(0, Vec::len), 1, "{sessions}");
+}
+
+#[test]
+fn a_reinstating_login_waits_for_the_old_sessions_writes() {
+    new_session_waits_for_the_old_ones_writes(false);
+}
+
+#[test]
+fn a_login_after_a_dropped_connection_waits_for_its_writes() {
+    new_session_waits_for_the_old_ones_writes(true);
+}
+
+#[test]
+fn a_lun_reset_waits_for_another_nexus_writes_on_any_reactor() {
+    let t = Target::start(&["--cores", "0,1"]);
+    t.configure_default(16);
+    let mut a = login_as(&t, "iqn.2026-11.org.iscsi-tgt:resetter", 1);
+    let mut b = login_as(&t, "iqn.2026-11.org.iscsi-tgt:writer", 2);
+    t.set("devices/ram0/fault_inject", "hang");
+    let data = vec![0xccu8; 65536];
+    let itt = b
+        .submit(0, &cdb::write10(0, 128), Some(&data), 65536, false)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let req = iscsi_tgt::iscsi::pdu::TaskMgmtRequest {
+        immediate: true,
+        function: iscsi_tgt::iscsi::pdu::TMF_LOGICAL_UNIT_RESET,
+        lun: iscsi_tgt::iscsi::pdu::encode_lun(0),
+        itt: 0x8888,
+        referenced_task_tag: iscsi_tgt::iscsi::pdu::RESERVED_TAG,
+        cmd_sn: a.next_cmd_sn(),
+        exp_stat_sn: a.exp_stat_sn(),
+        ..Default::default()
+    };
+    let mut bhs = [0u8; iscsi_tgt::iscsi::pdu::BHS_LEN];
+    req.emit(&mut bhs);
+    a.send_pdu(&bhs, &[], &[]).unwrap();
+    // Neither the reset's answer nor the other nexus's TASK ABORTED while its write hangs.
+    a.set_timeout(Some(Duration::from_secs(1))).unwrap();
+    assert!(
+        a.recv_pdu().is_err(),
+        "LUN RESET answered while a write could land"
+    );
+    b.set_timeout(Some(Duration::from_secs(1))).unwrap();
+    assert!(
+        b.recv_pdu().is_err(),
+        "TASK ABORTED while the write could land"
+    );
+    a.set_timeout(Some(Duration::from_secs(30))).unwrap();
+    b.set_timeout(Some(Duration::from_secs(30))).unwrap();
+    t.set("devices/ram0/fault_inject", "none");
+    let r = b.wait(itt).unwrap();
+    assert_eq!(r.status, 0x40, "TASK ABORTED: {r:?}");
+    let (h, _) = a.recv_pdu().unwrap();
+    let r = iscsi_tgt::iscsi::pdu::TaskMgmtResponse::parse(&h, &[]).unwrap();
+    assert_eq!((r.itt, r.response), (0x8888, 0));
 }

@@ -44,6 +44,8 @@ pub enum BdevError {
     Offline,
     /// no medium is loaded
     NoMedium,
+    /// cancelled before it reached the medium
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,18 +133,25 @@ pub enum Fault {
     Eio = 3,
     /// New I/O is held, as by a device that stopped answering, until the fault is set to
     /// another value; the held I/O then goes on as that value says. I/O submitted before the
-    /// stall completes as usual.
+    /// stall completes as usual. Held I/O of an aborted command is cancelled: it had not
+    /// reached the device.
     Stall = 4,
+    /// Like `Stall`, but as if the held I/O had already been issued to the device: it cannot
+    /// be cancelled, and lands when the fault is cleared (what a write in a disk's queue
+    /// does). Shows that an aborted command is reported over only once it can no longer
+    /// change the medium.
+    Hang = 5,
 }
 
 impl Fault {
     /// Every fault with the name the attribute uses for it.
-    pub const ALL: [(Fault, &'static str); 5] = [
+    pub const ALL: [(Fault, &'static str); 6] = [
         (Fault::None, "none"),
         (Fault::EioRead, "eio_read"),
         (Fault::EioWrite, "eio_write"),
         (Fault::Eio, "eio"),
         (Fault::Stall, "stall"),
+        (Fault::Hang, "hang"),
     ];
 
     pub fn name(self) -> &'static str {
@@ -199,8 +208,9 @@ impl FaultInject {
 struct Faulty<C> {
     inner: C,
     fault: Arc<FaultInject>,
-    /// I/O held by [`Fault::Stall`], in submission order.
-    held: VecDeque<BdevIo>,
+    /// I/O held by [`Fault::Stall`] or [`Fault::Hang`] (`true`: it can be cancelled), in
+    /// submission order.
+    held: VecDeque<(BdevIo, bool)>,
     /// Completions of injected errors, for the next `poll`.
     failed: VecDeque<BdevCompletion>,
 }
@@ -227,8 +237,8 @@ impl<C: IoChannel> Faulty<C> {
 
     /// Holds, fails or submits `io` as fault `f` says.
     fn route(&mut self, f: Fault, io: BdevIo) {
-        if f == Fault::Stall {
-            self.held.push_back(io);
+        if matches!(f, Fault::Stall | Fault::Hang) {
+            self.held.push_back((io, f == Fault::Stall));
         } else if f.fails(io.op) {
             let at = match io.op {
                 IoOp::Unmap => io.ranges.first().map_or(0, |r| r.0),
@@ -249,10 +259,10 @@ impl<C: IoChannel> Faulty<C> {
     #[cold]
     fn release(&mut self) {
         let f = self.fault.get();
-        if f == Fault::Stall {
+        if matches!(f, Fault::Stall | Fault::Hang) {
             return;
         }
-        while let Some(io) = self.held.pop_front() {
+        while let Some((io, _)) = self.held.pop_front() {
             self.route(f, io);
         }
     }
@@ -280,6 +290,26 @@ impl<C: IoChannel> IoChannel for Faulty<C> {
 
     fn busy(&self) -> bool {
         self.inner.busy() || !self.held.is_empty() || !self.failed.is_empty()
+    }
+
+    fn cancel(&mut self, tag: u64) {
+        // Held I/O has not gone anywhere: it ends here, so an aborted command held by a stall
+        // is answered at once and can never reach the medium later.
+        if let Some(i) = self
+            .held
+            .iter()
+            .position(|(io, cancellable)| io.tag == tag && *cancellable)
+        {
+            if let Some((io, _)) = self.held.remove(i) {
+                self.failed.push_back(BdevCompletion {
+                    tag,
+                    result: Err(BdevError::Cancelled),
+                    buf: io.buf,
+                });
+            }
+            return;
+        }
+        self.inner.cancel(tag);
     }
 }
 
@@ -342,6 +372,10 @@ pub trait IoChannel {
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize;
     /// Whether I/O submitted here has not been reported by `poll` yet.
     fn busy(&self) -> bool;
+    /// Cancels I/O `tag` if it has not reached the medium yet: its completion then reports
+    /// [`BdevError::Cancelled`]. I/O already under way completes as it would have; either way
+    /// it completes through `poll`, so the caller learns when it can no longer act.
+    fn cancel(&mut self, _tag: u64) {}
 }
 
 /// A channel for backends that complete in the submitting call.

@@ -202,6 +202,16 @@ pub struct Conn {
     pub tmf_out: Option<(AbortScope, u32)>,
     /// A TARGET COLD RESET: close after its response.
     close_after_tmf: bool,
+    /// Task management responses (ITT, response) held until every task they aborted is
+    /// back from the backend: FUNCTION COMPLETE promises the aborted commands will not touch
+    /// the medium any more (SAM-5 §7.1).
+    tmf_deferred: Vec<(u32, u8)>,
+    /// The session of a closed connection, kept (in the registry, its nexus registered) until
+    /// the last of its backend I/O is back: a new session of the same I_T nexus waits for it.
+    ended: Option<Session>,
+    /// A login that reinstates a session waits, its final response held, until the old
+    /// session has gone (RFC 7143 §6.3.5).
+    reinstating: bool,
     /// A text request being continued (C=1): its ITT, the TTT we gave it, the text so far.
     text_in: Option<(u32, u32, Vec<u8>)>,
     /// The rest of a long text answer: our TTT, the ITT, and the bytes not yet sent.
@@ -312,6 +322,9 @@ impl Conn {
             rx_data_digest: false,
             tmf_out: None,
             close_after_tmf: false,
+            tmf_deferred: Vec::new(),
+            ended: None,
+            reinstating: false,
             text_in: None,
             text_out: None,
             text_ttt: 0,
@@ -824,8 +837,80 @@ impl Conn {
                     sent: 0,
                     then: LoginThen::Complete(Box::new(params), req.isid, exp_cmd_sn),
                 });
-                self.send_login_part(cx);
+                // RFC 7143 §6.3.5: a login with the ISID of a session still there reinstates
+                // it. The old session must be gone, its commands ended and none of its writes
+                // still on their way to the medium, before the new one may issue any: ask it
+                // to close and hold the final response until it has (on_timer).
+                let old = self.sessions_reinstated(cx);
+                if old.is_empty() {
+                    self.send_login_part(cx);
+                } else {
+                    for o in &old {
+                        info!(
+                            "{}: reinstating session {:x} of {}",
+                            self.peer, o.sid, o.initiator_name
+                        );
+                        o.reinstating.store(true, Ordering::Relaxed);
+                        o.close_requested.store(true, Ordering::Relaxed);
+                    }
+                    self.reinstating = true;
+                }
             }
+        }
+    }
+
+    /// The sessions of the I_T nexus the pending login would start (same initiator name and
+    /// ISID at the same target), running or still draining after their connection closed.
+    fn sessions_reinstated(&self, cx: &ConnCtx<'_>) -> Vec<Arc<SessionInfo>> {
+        let Some(LoginTail {
+            then: LoginThen::Complete(params, isid, _),
+            ..
+        }) = &self.login_tail
+        else {
+            return Vec::new();
+        };
+        if params.session_type != SessionType::Normal {
+            return Vec::new();
+        }
+        let isid = isid_u48(isid);
+        cx.shared
+            .registry
+            .sessions(&params.target_name)
+            .into_iter()
+            .map(|(_, s)| s)
+            .filter(|s| {
+                s.initiator_name == params.initiator_name && s.sid & 0xffff_ffff_ffff == isid
+            })
+            .collect()
+    }
+
+    /// A reinstating login: once the old session has gone, the login completes; if it has not
+    /// gone by the end of the login timeout (its backend does not answer), the login is
+    /// refused as "service unavailable" and the initiator may try again later.
+    fn check_reinstatement(&mut self, cx: &mut ConnCtx<'_>) {
+        if self.sessions_reinstated(cx).is_empty() {
+            self.reinstating = false;
+            self.send_login_part(cx);
+            self.flush(cx);
+        } else if cx.now >= self.login_deadline {
+            self.reinstating = false;
+            let Some(tail) = self.login_tail.take() else {
+                return;
+            };
+            warn!(
+                "{}: the session being reinstated did not end within the login timeout; login refused",
+                self.peer
+            );
+            let resp = pdu::LoginResponse {
+                status_class: 3,
+                status_detail: 1,
+                tsih: 0,
+                transit: false,
+                ..tail.resp
+            };
+            self.queue_login_response(resp, Vec::new());
+            self.phase = Phase::Closing;
+            self.flush(cx);
         }
     }
 
@@ -1015,6 +1100,7 @@ impl Conn {
             waiting_since: Some(cx.now),
             in_backend: false,
             buf_charge: 0,
+            answer_aborted: false,
         };
         if cmd.write && cmd.expected_data_transfer_length > 0 {
             // RFC 7143 §11.3.1: F=1 on the command means no unsolicited Data-Out follows it,
@@ -1409,7 +1495,15 @@ impl Conn {
         t.in_backend = false;
         scsi::complete(&mut t.scsi, c);
         if t.state == TaskState::Aborted || matches!(self.phase, Phase::Closing | Phase::Closed) {
+            let (answer, itt) = (t.answer_aborted, t.itt);
             self.remove_task(slot);
+            if answer && self.phase == Phase::FullFeature {
+                self.queue_task_aborted(itt);
+            }
+            self.release_tmf();
+            if self.phase == Phase::Closed {
+                self.release_session(&cx.shared.registry);
+            }
             return;
         }
         self.finish_task(slot, cx);
@@ -1891,8 +1985,35 @@ impl Conn {
             pdu::TMF_TASK_REASSIGN => pdu::TMF_RSP_REASSIGN_NOT_SUPPORTED,
             _ => pdu::TMF_RSP_NOT_SUPPORTED,
         };
-        self.queue_tmf_response(t.itt, response);
+        self.respond_tmf(t.itt, response);
         let _ = cx;
+    }
+
+    /// Whether a task aborted here still has I/O out in the backend.
+    pub fn has_aborted_in_backend(&self) -> bool {
+        self.tasks
+            .slots()
+            .any(|(_, t)| t.state == TaskState::Aborted && t.in_backend)
+    }
+
+    /// Answers a task management request once no task it aborted can still reach the medium.
+    fn respond_tmf(&mut self, itt: u32, response: u8) {
+        self.tmf_deferred.push((itt, response));
+        self.release_tmf();
+    }
+
+    /// Sends the held task management responses, in order, when their aborted tasks are back.
+    fn release_tmf(&mut self) {
+        if self.tmf_deferred.is_empty() || self.has_aborted_in_backend() {
+            return;
+        }
+        for (itt, response) in std::mem::take(&mut self.tmf_deferred) {
+            self.queue_tmf_response(itt, response);
+        }
+        if self.close_after_tmf {
+            self.close_after_tmf = false;
+            self.phase = Phase::Closing;
+        }
     }
 
     fn queue_tmf_response(&mut self, itt: u32, response: u8) {
@@ -1917,11 +2038,7 @@ impl Conn {
     /// Every reactor has applied this connection's task management function (`tmf_out`):
     /// answer it.
     pub fn tmf_done(&mut self, itt: u32) {
-        self.queue_tmf_response(itt, pdu::TMF_RSP_COMPLETE);
-        if self.close_after_tmf {
-            self.close_after_tmf = false;
-            self.phase = Phase::Closing;
-        }
+        self.respond_tmf(itt, pdu::TMF_RSP_COMPLETE);
     }
 
     /// Another nexus's task management function reaches this connection: end the tasks it
@@ -1940,17 +2057,25 @@ impl Conn {
             self.close(cx, "target cold reset by another initiator");
             return;
         }
-        let hit: Vec<(usize, u32)> = self
+        let hit: Vec<(usize, u32, bool)> = self
             .tasks
             .slots()
             .filter(|(_, x)| {
-                x.state != TaskState::Responding && scope.lun.is_none_or(|l| x.lun == l)
+                !matches!(x.state, TaskState::Responding | TaskState::Aborted)
+                    && scope.lun.is_none_or(|l| x.lun == l)
             })
-            .map(|(i, x)| (i, x.itt))
+            .map(|(i, x)| (i, x.itt, x.in_backend))
             .collect();
-        for (slot, itt) in hit {
+        for (slot, itt, in_backend) in hit {
             self.abort_slot(slot, cx.port);
-            self.queue_task_aborted(itt);
+            if in_backend {
+                // TASK ABORTED only once its I/O can no longer reach the medium.
+                if let Some(t) = self.tasks.get_mut(slot) {
+                    t.answer_aborted = true;
+                }
+            } else {
+                self.queue_task_aborted(itt);
+            }
         }
     }
 
@@ -2086,6 +2211,10 @@ impl Conn {
         let now = cx.now;
         match self.phase {
             Phase::Login => {
+                if self.reinstating {
+                    self.check_reinstatement(cx);
+                    return Some(self.login_deadline);
+                }
                 let silent_until = self.login_deadline - LOGIN_TIMEOUT + SILENT_LIMIT;
                 if !self.heard && now >= silent_until {
                     self.close(cx, "nothing received within 10 s of connecting");
@@ -2262,15 +2391,36 @@ impl Conn {
         for s in leftovers {
             self.remove_task(s);
         }
+        self.tmf_deferred.clear();
         if let Some(sess) = self.sess.take() {
-            if let (Some(info), Some(t)) = (&sess.info, &sess.target) {
-                cx.shared.registry.remove(&t.name, info.sid);
-                for l in &t.luns {
-                    l.device.unregister_nexus(sess.nexus);
+            if let Some(info) = &sess.info {
+                let mut conns = info.connections.lock().unwrap_or_else(|e| e.into_inner());
+                for c in conns.iter_mut() {
+                    c.state = "closing".into();
                 }
             }
+            self.ended = Some(sess);
         }
+        self.release_session(&cx.shared.registry);
         self.sock.close();
+    }
+
+    /// Ends the session of a closed connection once none of its I/O is out in the backend:
+    /// until then it stays in the registry (so a new login of the same I_T nexus waits for
+    /// it), and its aborted writes can still land.
+    pub fn release_session(&mut self, registry: &crate::iscsi::registry::Registry) {
+        if self.tasks.slots().any(|(_, t)| t.in_backend) {
+            return;
+        }
+        let Some(sess) = self.ended.take() else {
+            return;
+        };
+        if let (Some(info), Some(t)) = (&sess.info, &sess.target) {
+            registry.remove(&t.name, info.sid);
+            for l in &t.luns {
+                l.device.unregister_nexus(sess.nexus);
+            }
+        }
     }
 
     /// A new configuration snapshot: keep the session's view of its target current and raise

@@ -181,6 +181,9 @@ pub struct Engine {
     next_tmf: u64,
     /// When the shutdown stops waiting for initiators to log out.
     shutdown_at: Option<Instant>,
+    /// Task management functions applied here whose answer (AbortDone to the reactor of
+    /// `.1`) waits until no task they aborted has I/O out in the backend.
+    acks_pending: Vec<(u64, usize)>,
     /// Connections whose receive budget ran out (see `Conn::rx_more`).
     rx_pending: Vec<usize>,
     next_timer: Instant,
@@ -242,6 +245,7 @@ impl Engine {
             tmf_pending: std::collections::HashMap::new(),
             next_tmf: 0,
             shutdown_at: None,
+            acks_pending: Vec::new(),
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
             accept_backoff: None,
@@ -382,6 +386,25 @@ impl Engine {
         did
     }
 
+    /// Answers the task management functions applied here once none of the tasks they
+    /// aborted has I/O out in the backend (SAM-5: the function is complete when the tasks can
+    /// no longer change the medium).
+    fn send_acks(&mut self) {
+        if self
+            .conns
+            .iter()
+            .flatten()
+            .any(Conn::has_aborted_in_backend)
+        {
+            return;
+        }
+        for (id, reply_to) in std::mem::take(&mut self.acks_pending) {
+            if let Some(p) = self.peers.get(reply_to) {
+                let _ = p.send(Msg::AbortDone { id });
+            }
+        }
+    }
+
     /// Watches the listeners again once the accept back-off is over.
     fn end_accept_backoff(&mut self, now: Instant) {
         if self.accept_backoff.is_some_and(|t| now >= t) {
@@ -402,6 +425,7 @@ impl Engine {
         let finished = self.conns[idx].as_ref().is_some_and(Conn::is_finished);
         if finished {
             if let Some(mut c) = self.conns[idx].take() {
+                c.release_session(&self.shared.registry);
                 let _ = self.group.deregister(c.sock_mut(), idx);
                 if let Some(p) = self.shared.portal_conns.get(c.portal) {
                     p.fetch_sub(1, Ordering::Relaxed);
@@ -516,6 +540,9 @@ impl Poller for Engine {
             }
         }
         did |= self.complete_backend_io(now, &snap);
+        if !self.acks_pending.is_empty() {
+            self.send_acks();
+        }
         // Commands parked on an exhausted buffer pool try again (completions above may have
         // freed buffers).
         for idx in 0..self.conns.len() {
@@ -580,7 +607,8 @@ impl Poller for Engine {
                     }
                     self.reap(idx);
                 }
-                let _ = self.peers[reply_to].send(Msg::AbortDone { id });
+                self.acks_pending.push((id, reply_to));
+                self.send_acks();
             }
             Msg::AbortDone { id } => {
                 let Some(e) = self.tmf_pending.get_mut(&id) else {

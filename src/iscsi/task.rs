@@ -73,6 +73,9 @@ pub struct Task {
     pub in_backend: bool,
     /// Bytes of the pool its buffer counts against the session's share.
     pub buf_charge: usize,
+    /// Aborted by another nexus's task management while its I/O was out: TASK ABORTED goes
+    /// to the initiator when that I/O is back.
+    pub answer_aborted: bool,
 }
 
 /// Our Target Transfer Tag for R2T `r2t_sn` of slot `slot`: generation (8 bits), slot

@@ -1062,19 +1062,24 @@ impl ScsiPort {
 
     /// The transport has given up on task `tag` (aborted, or its connection closed). A
     /// read-modify-write that has not written yet never will: one waiting for its range ends
-    /// now, one reading ends after its read. Other I/O already in the kernel runs its course.
-    /// The completion still comes back from `poll`.
+    /// now, one reading ends after its read. I/O that has not reached the medium is cancelled
+    /// (the backends that can: I/O held by a stall); I/O already in the kernel runs its
+    /// course. Either way the completion comes back from `poll`, and only then is the task
+    /// over: the transport waits for it before it reports the task aborted.
     pub fn abort(&mut self, tag: u64) {
-        let Some(op) = self.rmw.get_mut(&tag) else {
-            return;
-        };
-        match op.stage {
-            RmwStage::Locking => {
-                self.rmw_waiting.retain(|&t| t != tag);
-                self.rmw_finish(tag, Ok(()), Outcome::Aborted);
+        if let Some(op) = self.rmw.get_mut(&tag) {
+            match op.stage {
+                RmwStage::Locking => {
+                    self.rmw_waiting.retain(|&t| t != tag);
+                    self.rmw_finish(tag, Ok(()), Outcome::Aborted);
+                    return;
+                }
+                RmwStage::Reading => op.aborted = true,
+                RmwStage::Writing => {}
             }
-            RmwStage::Reading => op.aborted = true,
-            RmwStage::Writing => {}
+        }
+        for pc in self.channels.values_mut() {
+            pc.ch.cancel(tag);
         }
     }
 
@@ -1284,6 +1289,9 @@ fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
         BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
         BdevError::Offline => Sense::new(sense::NOT_READY, NOT_READY_MANUAL_INTERVENTION),
         BdevError::NoMedium => Sense::new(sense::NOT_READY, MEDIUM_NOT_PRESENT),
+        // Only an aborted command's I/O is cancelled, and its status is never sent; a
+        // read-modify-write whose read was cancelled ends here.
+        BdevError::Cancelled => Sense::new(sense::ABORTED_COMMAND, (0, 0)),
     }
 }
 
