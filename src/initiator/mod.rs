@@ -253,6 +253,8 @@ impl RawPdu {
 /// A command in flight.
 struct Task {
     lun: u64,
+    /// The CmdSN the command carried (the RefCmdSN of an ABORT TASK for it).
+    cmd_sn: u32,
     /// Write data (empty for reads).
     data_out: Vec<u8>,
     /// Data-In buffer, EDTL bytes.
@@ -904,6 +906,7 @@ impl Initiator {
             itt,
             Task {
                 lun,
+                cmd_sn: cmd.cmd_sn,
                 data_out: out.to_vec(),
                 data_in: if read {
                     vec![0u8; edtl as usize]
@@ -1134,6 +1137,54 @@ impl Initiator {
 
     /// A task management function (immediate); returns the response code.
     pub fn task_mgmt(&mut self, function: u8, lun: u64, referenced_itt: u32) -> Result<u8> {
+        self.tmf(function, lun, referenced_itt, 0).map(|(r, _)| r)
+    }
+
+    /// ABORT TASK for command `itt` of this initiator, with the command's CmdSN as RefCmdSN
+    /// (RFC 7143 §11.5.1, §11.5.5). Returns the response code and whether the abort ended the
+    /// command: it had not been answered when the Function Complete came, so it never will
+    /// be. A command answered before the TMF response finishes as usual through
+    /// [`Initiator::wait_any`].
+    pub fn abort_task(&mut self, lun: u64, itt: u32) -> Result<(u8, bool)> {
+        let ref_cmd_sn = self.tasks.get(&itt).map_or(0, |t| t.cmd_sn);
+        self.tmf(pdu::TMF_ABORT_TASK, lun, itt, ref_cmd_sn)
+    }
+
+    /// Whether command `itt` is still waiting for its answer (neither answered nor aborted).
+    pub fn in_flight(&self, itt: u32) -> bool {
+        self.tasks.contains_key(&itt)
+    }
+
+    /// Closes the connection abruptly with whatever is in flight: a TCP reset (`SO_LINGER`
+    /// 0: unsent data discarded) when `reset`, else a shutdown of both directions (FIN, what
+    /// was sent still reaches the target). Nothing is answered or logged out; a new
+    /// connection with the same ISID and TSIH 0 reinstates the session (RFC 7143 §6.3.5).
+    pub fn drop_connection(self, reset: bool) -> Result<()> {
+        let s = &self.wire.writer;
+        if reset {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger)
+                .map_err(io::Error::from)?;
+        } else {
+            s.shutdown(std::net::Shutdown::Both)?;
+        }
+        // Both descriptors of the socket close here.
+        drop(self);
+        Ok(())
+    }
+
+    /// Sends a task management request and waits for its response: the response code and
+    /// whether the referenced task (ABORT TASK) was still outstanding and is now ended.
+    fn tmf(
+        &mut self,
+        function: u8,
+        lun: u64,
+        referenced_itt: u32,
+        ref_cmd_sn: u32,
+    ) -> Result<(u8, bool)> {
         self.need_login()?;
         let itt = self.alloc_itt();
         let req = pdu::TaskMgmtRequest {
@@ -1143,7 +1194,7 @@ impl Initiator {
             referenced_task_tag: referenced_itt,
             cmd_sn: self.cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
-            ref_cmd_sn: 0,
+            ref_cmd_sn,
             exp_data_sn: 0,
             function,
             data_segment_length: 0,
@@ -1157,10 +1208,11 @@ impl Initiator {
         }
         let r = pdu::TaskMgmtResponse::parse(&p.bhs, &p.ahs)
             .map_err(|e| InitiatorError::Protocol(e.to_string()))?;
+        let mut ended = false;
         if r.response == pdu::TMF_RSP_COMPLETE {
             // The referenced task (or the LUN's tasks) will not be answered.
             if function == pdu::TMF_ABORT_TASK {
-                self.tasks.remove(&referenced_itt);
+                ended = self.tasks.remove(&referenced_itt).is_some();
             } else if matches!(
                 function,
                 pdu::TMF_ABORT_TASK_SET | pdu::TMF_CLEAR_TASK_SET | pdu::TMF_LOGICAL_UNIT_RESET
@@ -1168,7 +1220,7 @@ impl Initiator {
                 self.tasks.retain(|_, t| t.lun != lun);
             }
         }
-        Ok(r.response)
+        Ok((r.response, ended))
     }
 
     /// Waits for the answer to request `itt` (or a Reject of it).
