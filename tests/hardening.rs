@@ -8,7 +8,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Target, IQN};
+use common::{tur_good, Target, IQN};
 use iscsi_tgt::initiator::{cdb, Initiator, LoginOptions};
 use iscsi_tgt::iscsi::pdu::{self, op, BHS_LEN, RESERVED_TAG};
 use iscsi_tgt::iscsi::text;
@@ -32,18 +32,6 @@ fn login_with(t: &Target, keys: &[(&str, &str)]) -> Initiator {
     .unwrap_or_else(|e| panic!("login: {e}\n{}", t.log()));
     tur_good(&mut ini);
     ini
-}
-
-/// TEST UNIT READY until GOOD (the first ones report the new nexus's unit attentions).
-fn tur_good(ini: &mut Initiator) {
-    for _ in 0..8 {
-        let r = ini.test_unit_ready(0).unwrap();
-        if r.is_good() {
-            return;
-        }
-        assert_eq!(r.sense_key(), Some(0x06), "{r:?}");
-    }
-    panic!("TEST UNIT READY never became GOOD");
 }
 
 /// Sends a SCSI Command PDU as built here (flags and all), with `data` as immediate data.

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use common::{Target, IQN};
+use common::{tur_good, Target, IQN};
 use iscsi_tgt::initiator::{cdb, Initiator, InitiatorError, LoginOptions};
 use iscsi_tgt::iscsi::pdu::{self, op, BHS_LEN, RESERVED_TAG};
 use serde_json::json;
@@ -39,18 +39,6 @@ fn login(t: &Target) -> Initiator {
     })
     .unwrap_or_else(|e| panic!("login: {e}\n{}", t.log()));
     ini
-}
-
-/// TEST UNIT READY until GOOD (the first ones report the new nexus's unit attentions).
-fn tur_good(ini: &mut Initiator) {
-    for _ in 0..8 {
-        let r = ini.test_unit_ready(0).unwrap();
-        if r.is_good() {
-            return;
-        }
-        assert_eq!(r.sense_key(), Some(0x06), "{r:?}");
-    }
-    panic!("TEST UNIT READY never became GOOD");
 }
 
 /// The daemon is alive and serves a new session.

@@ -12,53 +12,12 @@ use common::Target;
 use iscsi_tgt::rpc::MAX_CLIENTS;
 use serde_json::{json, Value};
 
-/// Starts the daemon through `sh -c "SETUP; exec iscsi-tgt ..."` (a umask, a descriptor limit)
-/// and waits until its RPC socket answers.
+/// Starts the daemon on one reactor through `sh -c "SETUP; exec iscsi-tgt ..."` (a umask, a
+/// descriptor limit) and waits until its RPC socket answers.
 fn start_after(setup: &str, extra: &[&str]) -> Target {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("rpc.sock");
-    let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{setup}; exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_iscsi-tgt"))
-        .args(["--listen", "127.0.0.1:0", "--cores", "0", "--rpc-socket"])
-        .arg(&sock)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start iscsi-tgt");
-    let mut t = Target {
-        child,
-        addr: "127.0.0.1:0".parse().unwrap(),
-        sock,
-        dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.try_call("rpc_get_methods", json!({})).is_err() {
-        if let Ok(Some(status)) = t.child.try_wait() {
-            panic!("iscsi-tgt exited during start ({status}): {}", t.log());
-        }
-        assert!(Instant::now() < deadline, "no RPC socket: {}", t.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    t
-}
-
-/// A line from /proc/PID/status, e.g. `Threads`.
-fn proc_status(pid: u32, key: &str) -> usize {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
+    let mut args = vec!["--cores", "0"];
+    args.extend_from_slice(extra);
+    Target::start_wrapped(&format!("{setup};"), &args)
 }
 
 /// Lets this test process hold a few thousand sockets.
@@ -176,13 +135,12 @@ fn an_unknown_rpc_group_is_a_start_error() {
 fn a_thousand_idle_clients_cost_no_threads() {
     raise_fd_limit();
     let mut t = start_after("true", &[]);
-    let pid = t.child.id();
-    let threads = proc_status(pid, "Threads");
+    let threads = t.resources().threads as usize;
     let clients: Vec<UnixStream> = (0..1000).map(|_| connect(&t)).collect();
     // Give a server that spawns per client time to show it.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
-        proc_status(pid, "Threads"),
+        t.resources().threads as usize,
         threads,
         "threads grew with clients"
     );
@@ -230,7 +188,7 @@ fn a_thousand_idle_clients_cost_no_threads() {
     );
     // SIGTERM is prompt with the cap of clients connected.
     let _held: Vec<UnixStream> = (0..MAX_CLIENTS).map(|_| connect(&t)).collect();
-    assert_eq!(proc_status(pid, "Threads"), threads);
+    assert_eq!(t.resources().threads as usize, threads);
     assert_eq!(t.terminate(), Some(0), "{}", t.log());
 }
 
@@ -238,7 +196,7 @@ fn a_thousand_idle_clients_cost_no_threads() {
 fn running_out_of_descriptors_is_logged_once() {
     // How many descriptors the daemon holds when idle, then a limit a few above that.
     let t = start_after("true", &[]);
-    let base = open_fds(t.child.id());
+    let base = t.resources().fds;
     drop(t);
     let t = start_after(&format!("ulimit -n {}", base + 6), &[]);
     // The daemon keeps a reserve of descriptors for RPC clients and files out of reach of

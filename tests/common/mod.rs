@@ -213,3 +213,15 @@ impl Drop for Target {
         let _ = self.child.wait();
     }
 }
+
+/// TEST UNIT READY until GOOD (the first ones report the new nexus's unit attentions).
+pub fn tur_good(ini: &mut iscsi_tgt::initiator::Initiator) {
+    for _ in 0..8 {
+        let r = ini.test_unit_ready(0).unwrap();
+        if r.is_good() {
+            return;
+        }
+        assert_eq!(r.sense_key(), Some(0x06), "{r:?}");
+    }
+    panic!("TEST UNIT READY never became GOOD");
+}
