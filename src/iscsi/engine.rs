@@ -342,8 +342,9 @@ impl Engine {
                 continue;
             }
             if let Some(why) = self.shared.over_limit(&self.snapshot, li) {
-                sock.close();
+                // Counted before the close, so whoever sees the close sees the count.
                 self.shared.refused.fetch_add(1, Ordering::Relaxed);
+                sock.close();
                 self.refused_unlogged += 1;
                 let due = self
                     .refused_logged_at
