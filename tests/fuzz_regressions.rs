@@ -27,11 +27,15 @@ fn replay(target: &str, run: fn(&[u8])) {
     }
     files.sort();
     assert!(!files.is_empty(), "no seeds or regressions for {target}");
+    // Every input runs, so that one failure does not hide another.
+    let mut failed = Vec::new();
     for f in &files {
         let data = std::fs::read(f).unwrap();
-        eprintln!("{target}: {}", f.display());
-        run(&data);
+        if std::panic::catch_unwind(|| run(&data)).is_err() {
+            failed.push(f.display().to_string());
+        }
     }
+    assert!(failed.is_empty(), "{target} fails on {failed:#?}");
 }
 
 #[test]
