@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
+use iscsi_tgt::env::buf::MAX_TRANSFER;
 use iscsi_tgt::env::{self, DataBuf, PoolConfig};
 use iscsi_tgt::iscsi::chap::{self, Account, Algorithm};
 use iscsi_tgt::iscsi::config::Publisher;
@@ -897,11 +898,16 @@ pub fn cdb(data: &[u8]) {
                 continue;
             }
         };
+        assert!(
+            plan.len as usize <= MAX_TRANSFER,
+            "opcode {op:#04x}: a plan of {} bytes, more than any buffer holds",
+            plan.len
+        );
         if plan.len > 0 {
-            // The transport allocates what the plan asks (refusing more than a buffer takes)
-            // and delivers the Data-Out it received.
+            // The transport allocates what the plan asks and delivers the Data-Out it
+            // received.
             let Some(mut buf) = DataBuf::alloc(plan.len as usize) else {
-                continue;
+                panic!("no buffer of {} bytes", plan.len);
             };
             if plan.dir == DataDir::Out {
                 let n = payload.len().min(buf.len());
