@@ -116,7 +116,8 @@ const CHAP_OUT_SECRET: &str = "fuzz-secret-out";
 /// - bits 5-7: how many bytes each receive returns (1 to all).
 ///
 /// A second byte: bits 0-1 the clock step per pass, bits 2-3 how much each send takes,
-/// bit 4 InitialR2T=Yes in the harness's login, bit 5 ImmediateData=No.
+/// bit 4 InitialR2T=Yes in the harness's login, bit 5 ImmediateData=No, bit 6 change the
+/// target's LUNs once half the input is read, bit 7 delete the target then.
 pub fn pdu(data: &[u8]) {
     let mut input = Input::new(data);
     let mode = input.u8();
@@ -305,7 +306,7 @@ fn add_digests(stream: &[u8], header: bool, data: bool) -> Vec<u8> {
 
 /// The management tree the connection runs against: a normal target with four LUNs and a
 /// CHAP-guarded one, made through the real mgmt commands.
-fn fuzz_config() -> (Arc<Publisher>, Arc<Registry>) {
+fn fuzz_config() -> (Arc<Mgmt>, Arc<Publisher>, Arc<Registry>) {
     let publisher = Publisher::new();
     let registry = Registry::new();
     let m = Mgmt::new(publisher.clone(), registry.clone(), Hooks::default());
@@ -355,7 +356,26 @@ fn fuzz_config() -> (Arc<Publisher>, Arc<Registry>) {
             panic!("harness configuration {path} {arg}: {e}");
         }
     }
-    (publisher, registry)
+    (m, publisher, registry)
+}
+
+/// The management changes of mode bits 6 and 7, while the session runs.
+fn reconfigure(m: &Mgmt, mode2: u8) {
+    let luns = format!("targets/iscsi/{TARGET}/luns");
+    let changes: &[(&str, &str)] = if mode2 & 0x80 != 0 {
+        &[("targets/iscsi", &format!("del_target {TARGET}"))]
+    } else {
+        &[
+            (&luns, "del 2"),
+            (&luns, "replace t0 0"),
+            (&luns, "add r0 9"),
+        ]
+    };
+    for (path, command) in changes {
+        if let Err(e) = m.mgmt(path, command) {
+            panic!("harness reconfiguration {path} {command}: {e}");
+        }
+    }
 }
 
 /// Passes of the receive/complete/flush loop before the connection counts as hung.
@@ -364,8 +384,9 @@ const MAX_PASSES: usize = 200_000;
 fn connection(mode: u8, mode2: u8, stream: &[u8]) {
     init_pool();
     let before = buffers_in_use();
-    let (publisher, registry) = fuzz_config();
-    let snap = publisher.current();
+    let (m, publisher, registry) = fuzz_config();
+    let mut snap = publisher.current();
+    let mut reconfigured = mode2 & 0xc0 == 0;
     let shared = Shared::new(
         publisher.clone(),
         registry.clone(),
@@ -421,10 +442,23 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
     let mut completions = Vec::new();
     let mut settled = false;
     for pass in 0..MAX_PASSES {
-        let eof = {
+        let (eof, half) = {
             let s = mem_sock(&mut conn);
-            s.pos == s.input.len()
+            (s.pos == s.input.len(), s.pos >= s.input.len() / 2)
         };
+        if half && !reconfigured {
+            reconfigured = true;
+            reconfigure(&m, mode2);
+            snap = publisher.current();
+            let mut cx = ConnCtx {
+                now,
+                snapshot: &snap,
+                shared: &shared,
+                port: &mut port,
+                index: 0,
+            };
+            conn.on_snapshot(&snap, &mut cx);
+        }
         let mut cx = ConnCtx {
             now,
             snapshot: &snap,
