@@ -8,7 +8,7 @@
 #   FUZZ_TARGETS="pdu cdb"  which targets (default: every fuzz/fuzz_targets/*.rs)
 #
 # A crashing input is kept in fuzz/artifacts/TARGET/; replay it with
-#   cargo +nightly fuzz run TARGET fuzz/artifacts/TARGET/crash-...
+#   cargo +nightly fuzz run --debug-assertions TARGET fuzz/artifacts/TARGET/crash-...
 # and, once fixed, keep it under fuzz/regressions/TARGET/ (tests/fuzz_regressions.rs replays
 # those on the stable toolchain).
 set -euo pipefail
@@ -31,9 +31,21 @@ max_len() {
     esac
 }
 
+# cargo-fuzz passes the compiler unstable flags (-Z sanitizer=address, coverage): the nightly
+# toolchain, installed here when missing. Where no toolchain can be fetched the stable one
+# takes them with RUSTC_BOOTSTRAP=1 (its standard library ships the sanitizer runtimes).
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "== installing the nightly toolchain"
-    rustup toolchain install nightly --profile minimal
+    rustup toolchain install nightly --profile minimal || true
+fi
+if cargo +nightly --version >/dev/null 2>&1; then
+    FUZZ=(cargo +nightly fuzz)
+    replay="cargo +nightly fuzz"
+else
+    echo "== no nightly toolchain: the stable one with RUSTC_BOOTSTRAP=1"
+    export RUSTC_BOOTSTRAP=1
+    FUZZ=(cargo fuzz)
+    replay="RUSTC_BOOTSTRAP=1 cargo fuzz"
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"
@@ -41,7 +53,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "== building fuzz targets: $FUZZ_TARGETS"
-cargo +nightly fuzz build --debug-assertions
+"${FUZZ[@]}" build --debug-assertions
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/iscsi-tgt-fuzz.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -62,18 +74,24 @@ for t in $FUZZ_TARGETS; do
     done
     log="$WORK/$t.log"
     rc=0
-    cargo +nightly fuzz run --debug-assertions "$t" "$corpus" -- \
+    "${FUZZ[@]}" run --debug-assertions "$t" "$corpus" -- \
         -max_total_time="$FUZZ_SECS" -max_len="$(max_len "$t")" -rss_limit_mb=2048 \
         -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     if [ "$rc" -ne 0 ]; then
         failed=1
         artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
-        what=$(grep -m1 -E "^==[0-9]+== ERROR: libFuzzer: |panicked at|ERROR: AddressSanitizer" "$log" || true)
-        echo "FAIL $t: ${what:-exit status $rc} after ${execs:-?} executions"
+        # A panic (its message is on the next line), or libFuzzer's or the sanitizer's report
+        # (crash, timeout, out-of-memory).
+        first='panicked at|==[0-9]+== ?ERROR: (libFuzzer|AddressSanitizer|LeakSanitizer)'
+        echo "FAIL $t after ${execs:-?} executions (exit status $rc)"
         echo "     input saved as ${artifact:-<none>}"
-        echo "     --- last lines of the fuzzer's output:"
-        tail -n 40 "$log" | sed 's/^/     /'
+        echo "     replay: $replay run --debug-assertions $t ${artifact:-<input>}"
+        if grep -q -E "$first" "$log"; then
+            grep -m1 -A24 -E "$first" "$log" | sed 's/^/     /'
+        else
+            tail -n 40 "$log" | sed 's/^/     /'
+        fi
     else
         echo "ok   $t: ${execs:-?} executions in ${FUZZ_SECS}s"
     fi
