@@ -33,7 +33,7 @@ use iscsi_tgt::iscsi::registry::Registry;
 use iscsi_tgt::iscsi::text;
 use iscsi_tgt::mgmt::{Hooks, Mgmt};
 use iscsi_tgt::net::Sock;
-use iscsi_tgt::scsi::{self, DataDir, Device, Exec, ScsiPort, ScsiTask};
+use iscsi_tgt::scsi::{self, mmc, DataDir, Device, Exec, ScsiPort, ScsiTask};
 
 /// Reads fields off the fuzz input; past its end every read gives zeros.
 struct Input<'a> {
@@ -924,6 +924,7 @@ pub fn cdb(data: &[u8]) {
             _ => Some(u32::from(input.u16()) * 512),
         };
         no_lun(&cdb);
+        mmc_pages(&task.cdb, flags);
         let plan = match scsi::plan(&dev, &mut task) {
             Ok(plan) => plan,
             Err(()) => {
@@ -1030,6 +1031,50 @@ fn check_data_in(task: &ScsiTask) {
         }
         assert_eq!(at, n, "designators overrun the page: {d:02x?}");
     }
+}
+
+/// The CD-ROM pages MMC builds from a CDB alone, for a drive with or without a disc (of up
+/// to four million blocks, any size a medium has): their length fields count what follows.
+fn mmc_pages(cdb: &[u8; 16], flags: u8) {
+    let drive = mmc::Drive {
+        medium_present: flags & 0x10 != 0,
+        prevented: flags & 0x20 != 0,
+        blocks: u64::from(u16::from_be_bytes([cdb[12], cdb[13]])) * 64,
+    };
+    let be16 = |d: &[u8]| usize::from(u16::from_be_bytes([d[0], d[1]]));
+    let alloc = be16(&cdb[7..9]);
+    let whole = |d: &[u8], header: usize, counted: usize| {
+        if d.len() < alloc && d.len() >= header {
+            assert_eq!(
+                counted + header,
+                d.len(),
+                "MMC page {:02x?}: {d:02x?}",
+                cdb[0]
+            );
+        }
+    };
+    if let Ok(d) = mmc::read_toc(cdb, drive.blocks) {
+        whole(&d, 2, if d.len() >= 2 { be16(&d) } else { 0 });
+    }
+    if let Ok(d) = mmc::get_configuration(cdb, &drive) {
+        let n = d
+            .get(..4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        whole(&d, 4, n);
+    }
+    let event = [
+        mmc::MediaEvent::NoChange,
+        mmc::MediaEvent::NewMedia,
+        mmc::MediaEvent::MediaRemoval,
+    ][usize::from(flags >> 6) % 3];
+    if let Ok(d) = mmc::get_event_status(cdb, &drive, event) {
+        whole(&d, 2, if d.len() >= 2 { be16(&d) } else { 0 });
+    }
+    if let Ok(d) = mmc::read_disc_information(cdb) {
+        whole(&d, 2, if d.len() >= 2 { be16(&d) } else { 0 });
+    }
+    let d = mmc::mechanism_status(cdb, &drive);
+    assert!(d.len() <= 8);
 }
 
 /// The same CDB addressed to a LUN that does not exist.
