@@ -102,8 +102,8 @@ const CHAP_SECRET: &str = "fuzz-secret-in";
 const CHAP_OUT_USER: &str = "tgt";
 const CHAP_OUT_SECRET: &str = "fuzz-secret-out";
 
-/// PDU parsing: the first byte chooses how the connection is driven, the rest is what the
-/// initiator sends.
+/// PDU parsing: the first two bytes choose how the connection is driven, the rest is what
+/// the initiator sends.
 ///
 /// The rest goes through `Pdu::parse` (BHS and AHS) with the emit round trip checked, and
 /// then through a whole connection (`Conn`) over an in-memory socket: login (or a login the
@@ -115,7 +115,8 @@ const CHAP_OUT_SECRET: &str = "fuzz-secret-out";
 /// - bit 4: frame the input: the harness appends correct digests to each PDU it finds;
 /// - bits 5-7: how many bytes each receive returns (1 to all).
 ///
-/// A second byte: bits 0-1 the clock step per pass, bits 2-3 how much each send takes,
+/// Second byte: bits 0-1 the clock step per pass (0, 1 ms, 100 ms, 5 s), bits 2-3 how much
+/// each send takes (all, 1, 100 bytes, 8 KiB),
 /// bit 4 InitialR2T=Yes in the harness's login, bit 5 ImmediateData=No, bit 6 change the
 /// target's LUNs once half the input is read, bit 7 delete the target then.
 pub fn pdu(data: &[u8]) {
