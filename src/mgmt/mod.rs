@@ -1071,10 +1071,18 @@ impl Mgmt {
             let mut devs = Map::new();
             for d in st.devices.values().filter(|d| d.handler() == *h) {
                 let mut o = Map::new();
+                let attrs = d.attrs();
                 for (k, v) in d.creation_params() {
-                    o.insert(k.clone(), json!(v));
+                    // A writable attribute given at creation (t10_dev_id, filename, active,
+                    // lb_per_pb_exp) is saved as it is now: `set` may have changed it since.
+                    let now = attrs
+                        .iter()
+                        .any(|a| a.writable && a.name == k.as_str())
+                        .then(|| d.get_attr(k))
+                        .flatten();
+                    o.insert(k.clone(), json!(now.unwrap_or_else(|| v.clone())));
                 }
-                for a in d.attrs() {
+                for a in attrs {
                     if a.writable && d.is_key_attr(a.name) && !o.contains_key(a.name) {
                         o.insert(a.name.into(), json!(d.get_attr(a.name).unwrap_or_default()));
                     }
