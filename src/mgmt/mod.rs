@@ -1187,10 +1187,18 @@ impl Mgmt {
             let mut devs = Map::new();
             for d in st.devices.values().filter(|d| d.handler() == *h) {
                 let mut o = Map::new();
+                let attrs = d.attrs();
                 for (k, v) in d.creation_params() {
-                    o.insert(k.clone(), json!(v));
+                    // A writable attribute given at creation (t10_dev_id, filename, active,
+                    // lb_per_pb_exp) is saved as it is now: `set` may have changed it since.
+                    let now = attrs
+                        .iter()
+                        .any(|a| a.writable && a.name == k.as_str())
+                        .then(|| d.get_attr(k))
+                        .flatten();
+                    o.insert(k.clone(), json!(now.unwrap_or_else(|| v.clone())));
                 }
-                for a in d.attrs() {
+                for a in attrs {
                     if a.writable && d.is_key_attr(a.name) && !o.contains_key(a.name) {
                         o.insert(a.name.into(), json!(d.get_attr(a.name).unwrap_or_default()));
                     }
@@ -1290,6 +1298,9 @@ impl Mgmt {
                 .map(s)
                 .transpose()?
                 .unwrap_or_else(|| "0".into());
+            command_text(path, "LUN", l, true)?;
+            command_text(path, "device", &dev, true)?;
+            command_text(path, "read_only", &ro, false)?;
             self.mgmt(mgmt, &format!("add {dev} {l} read_only={ro}"))?;
         }
         Ok(())
@@ -1339,11 +1350,14 @@ impl Mgmt {
                         .iter()
                         .map(|s| s.to_string())
                         .collect();
+                    command_text(&path, "device name", name, true)?;
                     let mut params = Vec::new();
                     let mut later = Vec::new();
                     for (k, v) in attrs {
                         if create.contains(k) {
-                            params.push(format!("{k}={}", s(v, &path)?));
+                            let v = s(v, &path)?;
+                            command_text(&path, k, &v, false)?;
+                            params.push(format!("{k}={v}"));
                         } else {
                             later.push((k.clone(), s(v, &path)?));
                         }
@@ -1464,6 +1478,26 @@ impl Mgmt {
         }
         Ok(())
     }
+}
+
+/// A name or value of a configuration that `load_config` writes into a mgmt command must come
+/// out of that command as it went in: a `word` (a name, a LUN) without blanks, which separate
+/// words, and a parameter value without ';', which separates parameters. Otherwise its rest
+/// would be read as more of the command (`"r0 blocksize=4096"` as a device name would create
+/// `r0` with another block size).
+fn command_text(path: &str, what: &str, v: &str, word: bool) -> Result<(), MgmtError> {
+    let (bad, rule) = if word {
+        (v.is_empty() || v.contains(char::is_whitespace), "one word")
+    } else {
+        (v.contains(';'), "without ';'")
+    };
+    if bad {
+        return Err(invalid(
+            path,
+            format!("{what} {} must be {rule}", crate::util::quote(v)),
+        ));
+    }
+    Ok(())
 }
 
 /// The LUNs exporting device `name`, as tree paths.

@@ -124,6 +124,27 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// SCST's longest `t10_dev_id`. It follows the 8-byte vendor ID in the T10 vendor ID based
+/// designator of the Device Identification VPD page, whose one-byte length it must not
+/// overflow.
+const MAX_T10_DEV_ID: usize = 24;
+
+/// A `t10_dev_id` as `add_device` and `set` take it: the blanks around it dropped, and at
+/// most [`MAX_T10_DEV_ID`] printable ASCII characters without `;`, which separates
+/// `add_device` parameters (the saved configuration carries it as one, so that it could
+/// not be loaded back).
+fn parse_t10_dev_id(v: &str) -> Result<String, DeviceError> {
+    let v = v.trim();
+    if v.len() > MAX_T10_DEV_ID || !v.bytes().all(|b| (0x20..0x7f).contains(&b)) || v.contains(';')
+    {
+        return Err(invalid(format!(
+            "t10_dev_id must be at most {MAX_T10_DEV_ID} printable ASCII characters without ';', not {}",
+            crate::util::quote(v)
+        )));
+    }
+    Ok(v.to_string())
+}
+
 /// A hash of the device name (FNV-1a), the source of the default identifiers.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -196,7 +217,7 @@ impl Device {
                 "removable" => removable = parse_bool(k, v)?,
                 "rotational" => rotational = parse_bool(k, v)?,
                 "thin_provisioned" => thin = parse_bool(k, v)?,
-                "t10_dev_id" => t10_dev_id = Some(v.trim().to_string()),
+                "t10_dev_id" => t10_dev_id = Some(parse_t10_dev_id(v)?),
                 "filename" => filename = Some(v.trim().to_string()),
                 "active" => active = parse_bool(k, v)?,
                 "o_direct" => o_direct = parse_bool(k, v)?,
@@ -752,7 +773,7 @@ impl Device {
             "t10_vend_id" => id.t10_vend_id = ascii(8)?,
             "prod_id" => id.prod_id = ascii(16)?,
             "prod_rev_lvl" => id.prod_rev_lvl = ascii(4)?,
-            "t10_dev_id" => id.t10_dev_id = ascii(24)?,
+            "t10_dev_id" => id.t10_dev_id = parse_t10_dev_id(v)?,
             "usn" => id.usn = ascii(20)?,
             "opt_trans_len" => {
                 let n: u32 = v

@@ -382,10 +382,14 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         dir: DataDir::None,
         len: 0,
     });
+    // An emulated command's allocation length only bounds what it returns (SPC-4 §4.2.5.6),
+    // and what it returns is far below the largest transfer: a buffer of that size does.
+    // Planning more (up to 4 GiB in a 32-bit field) would ask the transport for a buffer no
+    // pool can give, and the command would wait for it in vain.
     let din = |len: u32| {
         Ok(Plan {
             dir: DataDir::In,
-            len,
+            len: len.min(MAX_TRANSFER as u32),
         })
     };
     match op {

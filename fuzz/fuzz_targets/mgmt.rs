@@ -1,0 +1,8 @@
+//! The `mgmt` fuzz target: see `harness::mgmt`.
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../harness.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::mgmt(data));
