@@ -393,6 +393,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
         registry.clone(),
         vec![SocketAddr::from(([127, 0, 0, 1], 3260))],
         1,
+        usize::MAX,
     );
     let (hd, dd) = (mode & 0x04 != 0, mode & 0x08 != 0);
     let mut wire = Vec::new();
@@ -439,7 +440,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
     let start = Instant::now();
     let mut now = start;
     let mut port = ScsiPort::new();
-    let mut conn = Conn::new(Box::new(sock), now);
+    let mut conn = Conn::new(Box::new(sock), 0, now);
     let mut completions = Vec::new();
     let mut settled = false;
     for pass in 0..MAX_PASSES {
@@ -1249,5 +1250,77 @@ fn json_allowed(v: &serde_json::Value) -> bool {
             ok(k) && ok(&format!("{k}={as_text}")) && json_allowed(x)
         }),
         _ => true,
+    }
+}
+
+/// The RPC stream: the first byte picks how the rest is cut into reads. The framer must find
+/// the same requests (and the same error) however the stream is split, examine each byte at
+/// most once, and hand out only whole objects or arrays; every request it finds is answered
+/// by the RPC layer on a fresh tree (file names and large sizes skipped, as for `mgmt`),
+/// with answers that are JSON-RPC 2.0 objects whose error messages stay short.
+pub fn rpc(data: &[u8]) {
+    use iscsi_tgt::rpc::frame::Framer;
+    const LIMIT: usize = 4096;
+    let mut input = Input::new(data);
+    let cut = usize::from(input.u8() % 17) + 1;
+    let stream = input.rest();
+    // Every value (or the error that ends the stream) of a framer fed `chunks`.
+    let frames = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut f = Framer::new(LIMIT);
+        let mut out: Vec<Result<Vec<u8>, String>> = Vec::new();
+        let mut pushed = 0u64;
+        'feed: for c in chunks {
+            f.push(c);
+            pushed += c.len() as u64;
+            loop {
+                match f.next_value() {
+                    Ok(Some(v)) => out.push(Ok(v.to_vec())),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e.to_string()));
+                        break 'feed;
+                    }
+                }
+            }
+        }
+        assert!(
+            f.examined() <= pushed,
+            "{} bytes examined of {pushed}",
+            f.examined()
+        );
+        out
+    };
+    let split = frames(&mut stream.chunks(cut));
+    let whole = frames(&mut std::iter::once(stream));
+    assert_eq!(
+        split, whole,
+        "the framing depends on how the stream was read"
+    );
+    let m = Mgmt::new(Publisher::new(), Registry::new(), Hooks::default());
+    for v in split.into_iter().flatten() {
+        assert!(
+            matches!(v.first(), Some(b'{' | b'[')) && matches!(v.last(), Some(b'}' | b']')),
+            "a value that is no object or array: {:?}",
+            String::from_utf8_lossy(&v)
+        );
+        let Ok(req) = serde_json::from_slice::<serde_json::Value>(&v) else {
+            continue;
+        };
+        if !json_allowed(&req) {
+            continue;
+        }
+        let Some(answer) = iscsi_tgt::rpc::handle(&m, req) else {
+            continue;
+        };
+        let answers = match &answer {
+            serde_json::Value::Array(a) => a.clone(),
+            one => vec![one.clone()],
+        };
+        for a in answers {
+            assert_eq!(a["jsonrpc"], "2.0", "{a}");
+            if let Some(msg) = a["error"]["message"].as_str() {
+                assert!(msg.len() <= 1024, "an error message of {} bytes", msg.len());
+            }
+        }
     }
 }

@@ -21,12 +21,13 @@ if [ -z "${FUZZ_TARGETS:-}" ]; then
 fi
 
 # The longest input each target takes: a stream of PDUs, login text, a few CDBs with their
-# Data-Out, a few management commands.
+# Data-Out, a few management commands, an RPC stream.
 max_len() {
     case "$1" in
         pdu) echo 65536 ;;
         login | cdb) echo 16384 ;;
         mgmt) echo 4096 ;;
+        rpc) echo 16384 ;;
         *) echo 16384 ;;
     esac
 }

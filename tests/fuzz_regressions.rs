@@ -57,3 +57,8 @@ fn cdb() {
 fn mgmt() {
     replay("mgmt", harness::mgmt);
 }
+
+#[test]
+fn rpc() {
+    replay("rpc", harness::rpc);
+}
