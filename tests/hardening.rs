@@ -4,7 +4,7 @@
 //! descriptor reserve, and initiators that stop reading while holding the buffer pool.
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -542,4 +542,69 @@ fn initiators_that_stop_reading_cannot_starve_other_sessions() {
     );
     drop(stuck);
     assert!(ini.test_unit_ready(0).unwrap().is_good());
+}
+
+#[test]
+fn a_peer_that_sends_but_never_reads_is_not_read_without_bound() {
+    let t = Target::with_default_luns(16);
+    t.set(&format!("targets/iscsi/{IQN}/RspTimeout"), "3");
+    t.set(&format!("targets/iscsi/{IQN}/NopInInterval"), "0");
+    let ini = login_with(&t, &[]);
+    nix::sys::socket::setsockopt(ini.stream(), nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    // NOP-Outs with 8 KiB of ping data each, whose echoes are never read.
+    let data = vec![0x5au8; 8192];
+    let mut bhs = [0u8; BHS_LEN];
+    ini.stream().set_nonblocking(true).unwrap();
+    let mut sent = 0usize;
+    let mut stuck_since: Option<Instant> = None;
+    let limit = 128 << 20;
+    while sent < limit {
+        let nop = pdu::NopOut {
+            immediate: true,
+            final_flag: true,
+            itt: (sent / 8192) as u32 & 0x7fff_ffff,
+            ttt: RESERVED_TAG,
+            cmd_sn: ini.next_cmd_sn(),
+            data_segment_length: data.len() as u32,
+            ..Default::default()
+        };
+        nop.emit(&mut bhs);
+        let mut pdu_bytes = bhs.to_vec();
+        pdu_bytes.extend_from_slice(&data);
+        let mut off = 0;
+        while off < pdu_bytes.len() {
+            match ini.stream().write(&pdu_bytes[off..]) {
+                Ok(n) => {
+                    off += n;
+                    sent += n;
+                    stuck_since = None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let since = *stuck_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => break,
+            }
+        }
+        if stuck_since.is_some_and(|s| s.elapsed() > Duration::from_secs(2))
+            || off < pdu_bytes.len()
+        {
+            break;
+        }
+    }
+    // The target stopped taking input once a MiB of echoes waited (what the kernel buffers
+    // hold comes on top): far less than the peer would send.
+    assert!(
+        sent < 32 << 20,
+        "the target took {sent} bytes from a peer that reads nothing"
+    );
+    // And with nothing read for RspTimeout the connection is closed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.get("targets/iscsi/connections").trim() != "0" {
+        assert!(Instant::now() < deadline, "{}", t.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

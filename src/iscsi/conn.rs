@@ -36,6 +36,11 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 const SILENT_LIMIT: Duration = Duration::from_secs(10);
 /// How long a connection that is closing may wait for the initiator to read what is left.
 const CLOSING_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// A connection stops reading while this much of its queued output is held in its own memory
+/// (NOP-In echoes, text and reject answers, sense data): a peer that sends and never reads
+/// cannot make it grow without bound. Data-In comes from the commands' pool buffers, which the
+/// session's share bounds instead.
+const OWNED_BACKLOG_LIMIT: usize = 1 << 20;
 /// How many PDUs one readiness event may process before other connections get their turn.
 const RX_BUDGET: usize = 64;
 
@@ -343,6 +348,12 @@ impl Conn {
         self.local
     }
 
+    /// Whether the connection takes input: not while too much of its output waits unread
+    /// ([`OWNED_BACKLOG_LIMIT`]).
+    pub fn wants_read(&self) -> bool {
+        self.tx.owned_bytes() < OWNED_BACKLOG_LIMIT
+    }
+
     /// Frees a task slot, returning its buffer's charge to the session's share.
     fn remove_task(&mut self, slot: usize) {
         if let Some(t) = self.tasks.remove(slot) {
@@ -369,6 +380,11 @@ impl Conn {
         }
         let mut did = false;
         self.rx_more = false;
+        if !self.wants_read() {
+            // Its answers are not being read: read on once they drain (the reactor stops
+            // polling the socket for input meanwhile).
+            return false;
+        }
         for i in 0..RX_BUDGET {
             match self.rx_step(cx) {
                 Ok(true) => did = true,
@@ -378,7 +394,7 @@ impl Conn {
                     return true;
                 }
             }
-            if matches!(self.phase, Phase::Closing | Phase::Closed) {
+            if matches!(self.phase, Phase::Closing | Phase::Closed) || !self.wants_read() {
                 break;
             }
             self.rx_more = i + 1 == RX_BUDGET;

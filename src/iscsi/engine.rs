@@ -562,8 +562,8 @@ impl Poller for Engine {
                 c.pending_flush = false;
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 c.flush(&mut cx);
-                let want = c.want_write;
-                let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+                let (read, write) = (c.wants_read(), c.want_write);
+                let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
             }
             self.reap(idx);
         }
@@ -575,8 +575,8 @@ impl Poller for Engine {
                 if let Some(conn) = self.conns[idx].as_mut() {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.on_timer(&mut cx);
-                    let want = conn.want_write;
-                    let _ = self.group.set_write_interest(conn.sock_mut(), idx, want);
+                    let (read, write) = (conn.wants_read(), conn.want_write);
+                    let _ = self.group.set_interest(conn.sock_mut(), idx, read, write);
                 }
                 self.reap(idx);
             }
@@ -603,8 +603,8 @@ impl Poller for Engine {
                         let mut cx = conn_cx!(self, now, &snap, idx);
                         c.apply_abort(&scope, &mut cx);
                         c.flush(&mut cx);
-                        let want = c.want_write;
-                        let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+                        let (read, write) = (c.wants_read(), c.want_write);
+                        let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
                     }
                     self.reap(idx);
                 }
@@ -634,8 +634,8 @@ impl Poller for Engine {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     c.tmf_done(itt);
                     c.flush(&mut cx);
-                    let want = c.want_write;
-                    let _ = self.group.set_write_interest(c.sock_mut(), idx, want);
+                    let (read, write) = (c.wants_read(), c.want_write);
+                    let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
                 }
                 self.reap(idx);
             }

@@ -112,10 +112,16 @@ pub struct TxQueue {
     data_digest: bool,
     /// Bytes written to the socket over the connection's life.
     sent_total: u64,
+    /// Bytes of queued data segments held in the queue's own memory (`TxData::Owned`): the
+    /// output a peer that does not read can make the connection accumulate.
+    owned_bytes: usize,
 }
 
 impl TxQueue {
     pub fn push(&mut self, mut pdu: TxPdu) {
+        if let TxData::Owned(v) = &pdu.data {
+            self.owned_bytes += v.len();
+        }
         pdu.header_digest = self.header_digest;
         pdu.data_digest = self.data_digest;
         pdu.digests_ready = !(pdu.header_digest || pdu.ddig_len() > 0);
@@ -139,6 +145,11 @@ impl TxQueue {
     /// Bytes written to the socket so far (progress of a connection's output).
     pub fn sent_total(&self) -> u64 {
         self.sent_total
+    }
+
+    /// Bytes of data segments queued in the queue's own memory, not yet sent.
+    pub fn owned_bytes(&self) -> usize {
+        self.owned_bytes
     }
 
     /// Writes as much as the socket takes. `buf_of(slot)` gives the data buffer of a task slot;
@@ -254,8 +265,12 @@ impl TxQueue {
                 if written >= left {
                     written -= left;
                     if let Some(done) = self.q.pop_front() {
-                        if let TxData::Task { slot, .. } = done.data {
-                            done_slots.push(slot);
+                        match done.data {
+                            TxData::Task { slot, .. } => done_slots.push(slot),
+                            TxData::Owned(v) => {
+                                self.owned_bytes = self.owned_bytes.saturating_sub(v.len())
+                            }
+                            TxData::None => {}
                         }
                     }
                 } else {
@@ -269,6 +284,7 @@ impl TxQueue {
 
     /// Drops everything queued; the task slots referenced are appended to `done_slots`.
     pub fn clear(&mut self, done_slots: &mut Vec<usize>) {
+        self.owned_bytes = 0;
         for pdu in self.q.drain(..) {
             if let TxData::Task { slot, .. } = pdu.data {
                 done_slots.push(slot);

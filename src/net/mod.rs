@@ -39,9 +39,15 @@ pub trait SockGroup: Send {
     fn register(&mut self, sock: &mut dyn Sock, token: usize) -> io::Result<()>;
     /// Stops reporting `sock`.
     fn deregister(&mut self, sock: &mut dyn Sock, token: usize) -> io::Result<()>;
-    /// Whether writability of `sock` should be reported (only while output is queued).
-    fn set_write_interest(&mut self, sock: &mut dyn Sock, token: usize, on: bool)
-        -> io::Result<()>;
+    /// What of `sock` should be reported: readability (unless its owner has stopped reading,
+    /// holding too much unsent output) and writability (only while output is queued).
+    fn set_interest(
+        &mut self,
+        sock: &mut dyn Sock,
+        token: usize,
+        read: bool,
+        write: bool,
+    ) -> io::Result<()>;
     /// Appends the sockets that are ready now, without waiting.
     fn poll(&mut self, out: &mut Vec<(usize, Readiness)>) -> io::Result<()>;
     /// Waits until a socket is ready, the reactor is woken, or `timeout` passes. Returns

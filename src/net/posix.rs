@@ -23,8 +23,8 @@ pub struct PosixSock {
     stream: Option<TcpStream>,
     peer: SocketAddr,
     local: SocketAddr,
-    /// Whether the group's epoll set watches this socket for writability.
-    write_interest: bool,
+    /// What the group's epoll set watches this socket for: (readable, writable).
+    interest: (bool, bool),
 }
 
 impl PosixSock {
@@ -39,7 +39,7 @@ impl PosixSock {
             stream: Some(stream),
             peer,
             local,
-            write_interest: false,
+            interest: (true, false),
         })
     }
 
@@ -172,8 +172,11 @@ impl PosixGroup {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an open kernel socket"))
     }
 
-    fn flags(write: bool) -> EpollFlags {
-        let mut f = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+    fn flags(read: bool, write: bool) -> EpollFlags {
+        let mut f = EpollFlags::empty();
+        if read {
+            f |= EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+        }
         if write {
             f |= EpollFlags::EPOLLOUT;
         }
@@ -188,10 +191,12 @@ impl PosixGroup {
 impl SockGroup for PosixGroup {
     fn register(&mut self, sock: &mut dyn Sock, token: usize) -> io::Result<()> {
         let s = Self::stream_of(sock)?;
-        self.epoll
-            .add(s.as_fd(), EpollEvent::new(Self::flags(false), token as u64))?;
+        self.epoll.add(
+            s.as_fd(),
+            EpollEvent::new(Self::flags(true, false), token as u64),
+        )?;
         if let Some(ps) = sock.as_any_mut().downcast_mut::<PosixSock>() {
-            ps.write_interest = false;
+            ps.interest = (true, false);
         }
         Ok(())
     }
@@ -204,25 +209,27 @@ impl SockGroup for PosixGroup {
         }
     }
 
-    fn set_write_interest(
+    fn set_interest(
         &mut self,
         sock: &mut dyn Sock,
         token: usize,
-        on: bool,
+        read: bool,
+        write: bool,
     ) -> io::Result<()> {
         let Some(ps) = sock.as_any_mut().downcast_mut::<PosixSock>() else {
             return Ok(());
         };
         // Only a change costs an epoll_ctl.
-        if ps.write_interest == on {
+        if ps.interest == (read, write) {
             return Ok(());
         }
         let Some(s) = ps.stream.as_ref() else {
             return Ok(());
         };
-        let mut ev = EpollEvent::new(Self::flags(on), token as u64);
+        // With neither, the socket stays in the set: a hang-up or an error is still reported.
+        let mut ev = EpollEvent::new(Self::flags(read, write), token as u64);
         self.epoll.modify(s.as_fd(), &mut ev)?;
-        ps.write_interest = on;
+        ps.interest = (read, write);
         Ok(())
     }
 
