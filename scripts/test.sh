@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting and lints, unit and integration tests, the
-# target against real initiators, and libiscsi's conformance suite. Installs what it needs.
+# target against real initiators, the storage backends, backing-store faults, fuzzing and
+# libiscsi's conformance suite. Installs what it needs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -27,6 +28,9 @@ scripts/backends.sh
 
 step "faults: a backing file system that fills up"
 scripts/faults.sh
+
+step "fuzzing: a bounded run of every target"
+FUZZ_SECS=${FUZZ_SECS:-30} scripts/fuzz.sh
 
 step "conformance: iscsi-test-cu"
 # The suite runs in full, docs/CONFORMANCE.md records every result, and the run fails if a suite
