@@ -783,8 +783,10 @@ impl Conn {
         }
         if self.login_tail.is_some() {
             // RFC 7143 §11.13.3: the initiator answers a C=1 Login Response with an empty
-            // Login Request; anything else breaks the exchange.
-            if !fields.data.is_empty() || req.cont {
+            // Login Request; anything else breaks the exchange, and so does a request while
+            // the final response waits for a reinstated session to end.
+            if !fields.data.is_empty() || req.cont || self.reinstating {
+                self.reinstating = false;
                 self.login_tail = None;
                 let resp = pdu::LoginResponse {
                     itt: req.itt,
