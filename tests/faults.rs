@@ -290,6 +290,25 @@ fn login_as(t: &Target, name: &str, isid: u8) -> Initiator {
     ini
 }
 
+/// Sends a task management request (immediate, LUN 0) without waiting for its answer: the
+/// tests below check when it comes.
+fn send_tmf(ini: &mut Initiator, function: u8, itt: u32, referenced: u32) {
+    let req = iscsi_tgt::iscsi::pdu::TaskMgmtRequest {
+        immediate: true,
+        function,
+        lun: iscsi_tgt::iscsi::pdu::encode_lun(0),
+        itt,
+        referenced_task_tag: referenced,
+        cmd_sn: ini.next_cmd_sn(),
+        exp_stat_sn: ini.exp_stat_sn(),
+        ref_cmd_sn: ini.next_cmd_sn().wrapping_sub(1),
+        ..Default::default()
+    };
+    let mut bhs = [0u8; iscsi_tgt::iscsi::pdu::BHS_LEN];
+    req.emit(&mut bhs);
+    ini.send_pdu(&bhs, &[], &[]).unwrap();
+}
+
 #[test]
 fn an_abort_is_answered_only_once_the_write_can_no_longer_land() {
     let t = Target::with_default_luns(16);
@@ -301,20 +320,7 @@ fn an_abort_is_answered_only_once_the_write_can_no_longer_land() {
         .submit(0, &cdb::write10(0, 128), Some(&a), 65536, false)
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let req = iscsi_tgt::iscsi::pdu::TaskMgmtRequest {
-        immediate: true,
-        function: iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK,
-        lun: iscsi_tgt::iscsi::pdu::encode_lun(0),
-        itt: 0x7777,
-        referenced_task_tag: itt,
-        cmd_sn: ini.next_cmd_sn(),
-        exp_stat_sn: ini.exp_stat_sn(),
-        ref_cmd_sn: ini.next_cmd_sn().wrapping_sub(1),
-        ..Default::default()
-    };
-    let mut bhs = [0u8; iscsi_tgt::iscsi::pdu::BHS_LEN];
-    req.emit(&mut bhs);
-    ini.send_pdu(&bhs, &[], &[]).unwrap();
+    send_tmf(&mut ini, iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK, 0x7777, itt);
     // FUNCTION COMPLETE would promise the write will not change the medium any more: while
     // it hangs in the device, no answer.
     ini.set_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -430,19 +436,12 @@ fn a_lun_reset_waits_for_another_nexus_writes_on_any_reactor() {
         .submit(0, &cdb::write10(0, 128), Some(&data), 65536, false)
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let req = iscsi_tgt::iscsi::pdu::TaskMgmtRequest {
-        immediate: true,
-        function: iscsi_tgt::iscsi::pdu::TMF_LOGICAL_UNIT_RESET,
-        lun: iscsi_tgt::iscsi::pdu::encode_lun(0),
-        itt: 0x8888,
-        referenced_task_tag: iscsi_tgt::iscsi::pdu::RESERVED_TAG,
-        cmd_sn: a.next_cmd_sn(),
-        exp_stat_sn: a.exp_stat_sn(),
-        ..Default::default()
-    };
-    let mut bhs = [0u8; iscsi_tgt::iscsi::pdu::BHS_LEN];
-    req.emit(&mut bhs);
-    a.send_pdu(&bhs, &[], &[]).unwrap();
+    send_tmf(
+        &mut a,
+        iscsi_tgt::iscsi::pdu::TMF_LOGICAL_UNIT_RESET,
+        0x8888,
+        iscsi_tgt::iscsi::pdu::RESERVED_TAG,
+    );
     // Neither the reset's answer nor the other nexus's TASK ABORTED while its write hangs.
     a.set_timeout(Some(Duration::from_secs(1))).unwrap();
     assert!(

@@ -1384,6 +1384,15 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// A server over a tree whose statistics come from `hooks`.
+    fn server_with(hooks: Hooks) -> (tempfile::TempDir, PathBuf, Server) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let mgmt = Mgmt::new(Publisher::new(), Registry::new(), hooks);
+        let srv = Server::start(&sock, mgmt, &Options::default()).unwrap();
+        (dir, sock, srv)
+    }
+
     #[test]
     fn a_slow_request_holds_one_worker_not_the_other_clients() {
         // `get threads` asks the reactors hook, which here waits until the test lets it go:
@@ -1398,10 +1407,7 @@ mod tests {
             }),
             ..Hooks::default()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s");
-        let mgmt = Mgmt::new(Publisher::new(), Registry::new(), hooks);
-        let srv = Server::start(&sock, mgmt, &Options::default()).unwrap();
+        let (_dir, sock, srv) = server_with(hooks);
         let (mut a, mut ra) = connect(&sock);
         a.write_all(br#"{"id":1,"method":"get","params":{"path":"threads"}}"#)
             .unwrap();
@@ -1434,10 +1440,7 @@ mod tests {
             sgv: Box::new(|| panic!("a bug in a handler")),
             ..Hooks::default()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s");
-        let mgmt = Mgmt::new(Publisher::new(), Registry::new(), hooks);
-        let srv = Server::start(&sock, mgmt, &Options::default()).unwrap();
+        let (_dir, sock, srv) = server_with(hooks);
         let (mut a, mut ra) = connect(&sock);
         for _ in 0..WORKERS + 1 {
             a.write_all(br#"{"id":7,"method":"ls","params":{"path":"sgv"}}"#)
