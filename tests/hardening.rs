@@ -608,3 +608,35 @@ fn a_peer_that_sends_but_never_reads_is_not_read_without_bound() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_portal_out_of_descriptors_backs_off_and_says_so_once() {
+    // A limit of 200, and backing files opened beyond the reserve kept for them: the
+    // connections the budget allows no longer all have a descriptor, so accept(2) fails.
+    let t = Target::start_wrapped("ulimit -n 200 &&", &["--cores", "0"]);
+    t.configure_default(16);
+    for i in 0..80 {
+        let f = t.dir.path().join(format!("f{i}.img"));
+        std::fs::write(&f, vec![0u8; 4096]).unwrap();
+        t.mgmt(
+            "handlers/vdisk_fileio/mgmt",
+            &format!("add_device f{i} filename={}", f.display()),
+        );
+    }
+    let mut held = Vec::new();
+    for _ in 0..150 {
+        if let Ok(s) = TcpStream::connect(t.addr) {
+            held.push(s);
+        }
+    }
+    // Long enough for several retries of accept(2) 100 ms apart.
+    std::thread::sleep(Duration::from_secs(1));
+    let failures = t.log().matches("cannot accept on").count();
+    assert_eq!(failures, 1, "{}", t.log());
+    // The RPC still answers, and once the connections go a login works.
+    assert_eq!(t.get("targets/iscsi/enabled"), "1");
+    drop(held);
+    wait_for(&t, "targets/iscsi/connections", "0");
+    let mut ini = login_with(&t, &[]);
+    assert!(ini.test_unit_ready(0).unwrap().is_good());
+}
