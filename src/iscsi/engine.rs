@@ -332,32 +332,19 @@ impl Engine {
             };
             did = true;
             let mut sock = sock;
-            if !self.snapshot.iscsi_enabled {
-                // targets/iscsi/enabled = 0: accept no new connections.
-                info!(
-                    "connection from {} refused: iSCSI is disabled",
-                    sock.peer_addr()
-                );
-                sock.close();
-                continue;
-            }
-            if let Some(why) = self.shared.over_limit(&self.snapshot, li) {
-                // Counted before the close, so whoever sees the close sees the count.
-                self.shared.refused.fetch_add(1, Ordering::Relaxed);
-                sock.close();
-                self.refused_unlogged += 1;
-                let due = self
-                    .refused_logged_at
-                    .is_none_or(|t| now >= t + REFUSED_LOG_INTERVAL);
-                if due {
-                    warn!(
-                        "connection from {} refused ({} since the last report): {why}",
-                        sock.peer_addr(),
-                        self.refused_unlogged
-                    );
-                    self.refused_unlogged = 0;
-                    self.refused_logged_at = Some(now);
+            // targets/iscsi/enabled = 0 takes no new connection; the limits take no more.
+            let why = if self.snapshot.iscsi_enabled {
+                self.shared.over_limit(&self.snapshot, li)
+            } else {
+                Some("iSCSI is disabled".to_string())
+            };
+            if let Some(why) = why {
+                if self.snapshot.iscsi_enabled {
+                    // Counted before the close, so whoever sees the close sees the count.
+                    self.shared.refused.fetch_add(1, Ordering::Relaxed);
                 }
+                sock.close();
+                self.note_refusal(sock.peer_addr(), &why, now);
                 continue;
             }
             if let Some(c) = self.shared.portal_conns.get(li) {
@@ -403,6 +390,23 @@ impl Engine {
             if let Some(p) = self.peers.get(reply_to) {
                 let _ = p.send(Msg::AbortDone { id });
             }
+        }
+    }
+
+    /// Logs a refused connection, at most once per [`REFUSED_LOG_INTERVAL`] with the number
+    /// refused since: a flood of connections must not become a flood of log lines.
+    fn note_refusal(&mut self, peer: SocketAddr, why: &str, now: Instant) {
+        self.refused_unlogged += 1;
+        if self
+            .refused_logged_at
+            .is_none_or(|t| now >= t + REFUSED_LOG_INTERVAL)
+        {
+            warn!(
+                "connection from {peer} refused ({} since the last report): {why}",
+                self.refused_unlogged
+            );
+            self.refused_unlogged = 0;
+            self.refused_logged_at = Some(now);
         }
     }
 
