@@ -6,6 +6,7 @@
 //! readiness bookkeeping and reports ready sockets by token.
 
 pub mod posix;
+pub mod ustack;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;

@@ -1,0 +1,95 @@
+//! Frame devices under the userspace stack: one receive and one transmit queue per reactor.
+//!
+//! A device hands frames to the stack in place (a slot of a packet ring, a preallocated
+//! buffer) and takes frames to send the same way: nothing is allocated per packet. The stack
+//! adapts these queues to smoltcp's `phy::Device` in `ustack`, where ARP sharing between
+//! reactors, checksum completion and the counters live, once for every device.
+
+pub mod mem;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// What the device knows about a received frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RxInfo {
+    /// The sender left the transport checksum for offload (a local kernel's partial
+    /// checksum, `TP_STATUS_CSUMNOTREADY`): the frame is intact but its TCP/UDP checksum field
+    /// holds only the pseudo-header sum, so the stack must complete it rather than drop the
+    /// frame.
+    pub csum_partial: bool,
+}
+
+/// The receive half of a device queue.
+pub trait RxQueue: Send {
+    /// Whether a frame is waiting (checks the ring or reads the next one into a buffer; never
+    /// blocks).
+    fn ready(&mut self) -> bool;
+    /// Hands the next frame to `f`, in place, and releases its slot afterwards; `None` when
+    /// no frame is waiting.
+    fn recv<R>(&mut self, f: impl FnOnce(&mut [u8], RxInfo) -> R) -> Option<R>;
+}
+
+/// The transmit half of a device queue.
+pub trait TxQueue: Send {
+    /// Whether a frame can be queued now (a free ring slot).
+    fn ready(&mut self) -> bool;
+    /// Queues one frame of `len` bytes built by `f` in place. Called only after `ready`
+    /// returned true; a frame that cannot be queued after all is counted as dropped.
+    fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R;
+    /// Hands what was queued to the kernel or the NIC (one system call per pass at most).
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// One queue pair of a device, owned by one reactor.
+pub trait NetDev: Send {
+    type Rx: RxQueue;
+    type Tx: TxQueue;
+    /// Both halves at once (smoltcp takes a receive and a transmit token together).
+    fn queues(&mut self) -> (&mut Self::Rx, &mut Self::Tx);
+    /// The interface's Ethernet address.
+    fn mac(&self) -> [u8; 6];
+    /// The largest IP packet a frame carries (the interface's MTU, without the Ethernet
+    /// header).
+    fn mtu(&self) -> usize;
+    /// A descriptor that polls readable when frames arrive, for a reactor that sleeps; `None`
+    /// when the device can only be polled.
+    fn wait_fd(&self) -> Option<RawFd>;
+    /// The device's counters.
+    fn stats(&self) -> &Arc<DevStats>;
+}
+
+/// Packet counters of one device queue, readable from any thread.
+#[derive(Debug, Default)]
+pub struct DevStats {
+    pub rx_packets: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// Frames lost before the stack saw them: ring overruns reported by the kernel, frames
+    /// truncated to the slot size, frames that could not be read.
+    pub rx_dropped: AtomicU64,
+    pub tx_packets: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames not sent: no free slot, or the kernel refused them.
+    pub tx_dropped: AtomicU64,
+}
+
+impl DevStats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Name/value pairs for the management tree.
+    pub fn snapshot(&self) -> Vec<(String, String)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
+        vec![
+            ("rx_packets".into(), g(&self.rx_packets)),
+            ("rx_bytes".into(), g(&self.rx_bytes)),
+            ("rx_dropped".into(), g(&self.rx_dropped)),
+            ("tx_packets".into(), g(&self.tx_packets)),
+            ("tx_bytes".into(), g(&self.tx_bytes)),
+            ("tx_dropped".into(), g(&self.tx_dropped)),
+        ]
+    }
+}
