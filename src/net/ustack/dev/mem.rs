@@ -109,7 +109,7 @@ impl TxQueue for MemTx {
         buf.resize(len, 0);
         let r = f(&mut buf);
         w.sent += 1;
-        if (w.drop_every > 0 && w.sent % w.drop_every == 0) || w.frames.len() >= RING {
+        if (w.drop_every > 0 && w.sent.is_multiple_of(w.drop_every)) || w.frames.len() >= RING {
             DevStats::add(&self.stats.tx_dropped, 1);
             w.spare.push(buf);
         } else {
