@@ -11,7 +11,6 @@
 //! Nothing here touches the file system or the network: devices are RAM disks, null devices
 //! and an empty CD drive, and the connection runs over an in-memory socket.
 
-use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -32,7 +31,8 @@ use iscsi_tgt::iscsi::pdu::{self, Bhs, Pdu, BHS_LEN};
 use iscsi_tgt::iscsi::registry::Registry;
 use iscsi_tgt::iscsi::text;
 use iscsi_tgt::mgmt::{Hooks, Mgmt};
-use iscsi_tgt::net::Sock;
+use iscsi_tgt::net::mem::{MemGroup, MemSock};
+use iscsi_tgt::net::SockGroup;
 use iscsi_tgt::scsi::{self, mmc, DataDir, Device, Exec, ScsiPort, ScsiTask};
 
 /// Reads fields off the fuzz input; past its end every read gives zeros.
@@ -175,86 +175,6 @@ fn round_trip(raw: &[u8; BHS_LEN], p: &Pdu) {
     p2.emit(&mut b2);
     assert_eq!(b1, b2, "emit(parse(emit(p))) differs for {p:?}");
     assert_eq!(p2.ahs(), a1);
-}
-
-/// A socket that hands out the fuzz input and swallows what the target sends.
-struct MemSock {
-    input: Vec<u8>,
-    pos: usize,
-    /// Most bytes one receive returns.
-    chunk: usize,
-    /// Most bytes one send takes.
-    send_chunk: usize,
-    /// The input is over: receives see the peer close.
-    eof: bool,
-    sent: usize,
-    closed: bool,
-}
-
-impl MemSock {
-    fn take(&mut self, want: usize) -> io::Result<&[u8]> {
-        if self.closed {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "closed"));
-        }
-        let left = self.input.len() - self.pos;
-        if left == 0 {
-            return if self.eof {
-                Ok(&[])
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-        }
-        let n = left.min(want).min(self.chunk);
-        let s = &self.input[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-}
-
-impl Sock for MemSock {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let s = self.take(buf.len())?;
-        buf[..s.len()].copy_from_slice(s);
-        Ok(s.len())
-    }
-
-    fn recv_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let want = bufs.iter().map(|b| b.len()).sum();
-        let s = self.take(want)?;
-        let mut done = 0;
-        for b in bufs.iter_mut() {
-            let n = b.len().min(s.len() - done);
-            b[..n].copy_from_slice(&s[done..done + n]);
-            done += n;
-        }
-        Ok(done)
-    }
-
-    fn send_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if self.closed {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let n = total.min(self.send_chunk);
-        self.sent += n;
-        Ok(n)
-    }
-
-    fn peer_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 40000))
-    }
-
-    fn local_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 3260))
-    }
-
-    fn close(&mut self) {
-        self.closed = true;
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
 }
 
 /// A Login Request PDU with `keys`, as bytes on the wire.
@@ -428,24 +348,21 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
     let chunk = [usize::MAX, 1, 7, 48, 100, 1000, 4096, 65536][usize::from(mode >> 5)];
     let send_chunk = [usize::MAX, 1, 100, 8192][usize::from((mode2 >> 2) & 3)];
     let step = [0, 1, 100, 5000][usize::from(mode2 & 3)];
-    let sock = MemSock {
-        input: wire,
-        pos: 0,
+    let mut net = MemGroup::new();
+    let sock = net.add(MemSock {
         chunk,
         send_chunk,
-        eof: false,
-        sent: 0,
-        closed: false,
-    };
+        ..MemSock::new(wire)
+    });
     let start = Instant::now();
     let mut now = start;
     let mut port = ScsiPort::new();
-    let mut conn = Conn::new(Box::new(sock), 0, now);
+    let mut conn = Conn::new(sock, net.addrs(sock), 0, now);
     let mut completions = Vec::new();
     let mut settled = false;
     for pass in 0..MAX_PASSES {
         let (eof, half) = {
-            let s = mem_sock(&mut conn);
+            let s = mem_sock(&mut net, sock);
             (s.pos == s.input.len(), s.pos >= s.input.len() / 2)
         };
         if half && !reconfigured {
@@ -457,6 +374,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
                 snapshot: &snap,
                 shared: &shared,
                 port: &mut port,
+                net: &mut net,
                 index: 0,
             };
             conn.on_snapshot(&snap, &mut cx);
@@ -466,6 +384,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
             snapshot: &snap,
             shared: &shared,
             port: &mut port,
+            net: &mut net,
             index: 0,
         };
         let mut did = conn.on_readable(&mut cx);
@@ -499,7 +418,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
         if !did && !conn.rx_more && cx.port.inflight() == 0 {
             if eof {
                 // Everything was read and answered: now the peer goes away.
-                let s = mem_sock(&mut conn);
+                let s = mem_sock(&mut net, sock);
                 if s.eof {
                     settled = true;
                     break;
@@ -523,6 +442,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
         snapshot: &snap,
         shared: &shared,
         port: &mut port,
+        net: &mut net,
         index: 0,
     };
     conn.on_timer(&mut cx);
@@ -556,8 +476,8 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
     );
 }
 
-fn mem_sock(conn: &mut Conn) -> &mut MemSock {
-    match conn.sock_mut().as_any_mut().downcast_mut::<MemSock>() {
+fn mem_sock(net: &mut MemGroup, sock: iscsi_tgt::net::SockId) -> &mut MemSock {
+    match net.sock_mut(sock) {
         Some(s) => s,
         None => unreachable!("the harness made the socket"),
     }

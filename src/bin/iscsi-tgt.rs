@@ -73,20 +73,21 @@ fn run(opts: Options) -> Result<(), String> {
     .map_err(|e| format!("cannot set up the buffer pool: {e}"))?;
 
     // Portals first: a taken port is a clear error before anything else starts.
-    let mut listeners = Vec::new();
-    for addr in &opts.listen {
-        let l = net::listen(*addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        info!("listening on {addr}");
-        listeners.push(l);
-    }
-
-    let publisher = Publisher::new();
-    let registry = Registry::new();
     let cores = match &opts.cores {
         Some(c) => c.clone(),
         None => vec![reactor::first_allowed_core()
             .map_err(|e| format!("cannot read the CPU affinity: {e}"))?],
     };
+    let kernel = net::posix::KernelNet::new(&opts.listen, cores.len())
+        .map_err(|e| format!("cannot listen on {e}"))?;
+    let portals = kernel.portals().to_vec();
+    for a in &portals {
+        info!("listening on {a}");
+    }
+    let network: Arc<dyn net::Net> = Arc::new(kernel);
+
+    let publisher = Publisher::new();
+    let registry = Registry::new();
     // Each reactor holds an epoll set, an eventfd and an io_uring; count them as open.
     let open = util::open_fds().unwrap_or(0) + 3 * cores.len() as u64;
     let budget = util::FdBudget::new(fd_limit, open);
@@ -99,16 +100,14 @@ fn run(opts: Options) -> Result<(), String> {
     let shared = Shared::new(
         publisher.clone(),
         registry.clone(),
-        opts.listen.clone(),
+        portals,
         cores.len(),
         budget.connections,
     );
 
-    let reactors = reactor::spawn_group(&cores, opts.mode, listeners, {
+    let reactors = reactor::spawn_group(&cores, opts.mode, &*network, {
         let shared = shared.clone();
-        move |id, peers, group, listeners, now| {
-            Engine::new(id, shared.clone(), peers, group, listeners, now)
-        }
+        move |id, peers, group, now| Engine::new(id, shared.clone(), peers, group, now)
     })
     .map_err(|e| format!("cannot start the reactors: {e}"))?;
     info!(

@@ -24,7 +24,7 @@ use crate::iscsi::rx::{self, Fill, Staging};
 use crate::iscsi::seq;
 use crate::iscsi::task::{self, R2t, Task, TaskState, Tasks};
 use crate::iscsi::tx::{TxData, TxPdu, TxQueue};
-use crate::net::Sock;
+use crate::net::{SockGroup, SockId};
 use crate::scsi::{self, Exec, ScsiPort, ScsiTask};
 
 /// RFC 7143 §13.12: the default MaxRecvDataSegmentLength, in force during login.
@@ -154,12 +154,14 @@ pub struct ConnCtx<'a> {
     pub snapshot: &'a Arc<Snapshot>,
     pub shared: &'a Shared,
     pub port: &'a mut ScsiPort,
+    /// The reactor's sockets.
+    pub net: &'a mut dyn SockGroup,
     /// Our index among the reactor's connections (high half of backend tags).
     pub index: usize,
 }
 
 pub struct Conn {
-    sock: Box<dyn Sock>,
+    sock: SockId,
     /// The portal (index among the target's listeners) it came through.
     pub portal: usize,
     peer: SocketAddr,
@@ -292,9 +294,13 @@ impl TargetLookup for Lookup<'_> {
 }
 
 impl Conn {
-    pub fn new(sock: Box<dyn Sock>, portal: usize, now: Instant) -> Conn {
-        let peer = sock.peer_addr();
-        let local = sock.local_addr();
+    /// A connection on socket `sock` of the reactor's group, from `peer` to `local`.
+    pub fn new(
+        sock: SockId,
+        (peer, local): (SocketAddr, SocketAddr),
+        portal: usize,
+        now: Instant,
+    ) -> Conn {
         Conn {
             sock,
             portal,
@@ -336,8 +342,8 @@ impl Conn {
         }
     }
 
-    pub fn sock_mut(&mut self) -> &mut dyn Sock {
-        &mut *self.sock
+    pub fn sock(&self) -> SockId {
+        self.sock
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -373,7 +379,7 @@ impl Conn {
         if matches!(self.phase, Phase::Closing | Phase::Closed) {
             // Discard input while closing; a peer that closed is noticed here.
             let mut scratch = [0u8; 4096];
-            if let Ok(0) = self.sock.recv(&mut scratch) {
+            if let Ok(0) = cx.net.recv(self.sock, &mut scratch) {
                 self.close(cx, "peer closed");
             }
             return false;
@@ -414,7 +420,7 @@ impl Conn {
         match &mut self.rx_state {
             RxState::Header => {
                 if self.staging.len() < BHS_LEN {
-                    return self.fill();
+                    return self.fill(cx);
                 }
                 let avail = self.staging.available();
                 let mut raw = [0u8; BHS_LEN];
@@ -424,7 +430,7 @@ impl Conn {
                     (usize::from(raw[5]) << 16) | (usize::from(raw[6]) << 8) | usize::from(raw[7]);
                 let hd = if self.rx_header_digest { 4 } else { 0 };
                 if self.staging.len() < BHS_LEN + ahs_len + hd {
-                    return self.fill();
+                    return self.fill(cx);
                 }
                 let ahs = avail[BHS_LEN..BHS_LEN + ahs_len].to_vec();
                 if hd > 0 {
@@ -523,7 +529,7 @@ impl Conn {
                                             k += 1;
                                         }
                                         let segs = &mut segs[..k];
-                                        return match rx::recv_direct(&mut *self.sock, segs) {
+                                        return match rx::recv_direct(cx.net, self.sock, segs) {
                                             Ok(Some(n)) => {
                                                 if want_crc {
                                                     for seg in buf.segments(start, n) {
@@ -541,7 +547,7 @@ impl Conn {
                                 }
                             }
                         }
-                        return self.fill();
+                        return self.fill(cx);
                     }
                     let avail = self.staging.available();
                     let n = avail.len().min(*remaining);
@@ -566,7 +572,7 @@ impl Conn {
                 }
                 if *pad > 0 {
                     if self.staging.is_empty() {
-                        return self.fill();
+                        return self.fill(cx);
                     }
                     let n = self.staging.len().min(*pad);
                     if want_crc {
@@ -578,7 +584,7 @@ impl Conn {
                 }
                 if *digest_left > 0 {
                     if self.staging.is_empty() {
-                        return self.fill();
+                        return self.fill(cx);
                     }
                     let n = self.staging.len().min(*digest_left);
                     let at = 4 - *digest_left;
@@ -605,8 +611,8 @@ impl Conn {
         }
     }
 
-    fn fill(&mut self) -> Result<bool, String> {
-        match self.staging.fill(&mut *self.sock) {
+    fn fill(&mut self, cx: &mut ConnCtx<'_>) -> Result<bool, String> {
+        match self.staging.fill(cx.net, self.sock) {
             Ok(Fill::Data(n)) => Ok(n > 0),
             Ok(Fill::WouldBlock) => Ok(false),
             Ok(Fill::Closed) => Err("peer closed the connection".into()),
@@ -2181,7 +2187,8 @@ impl Conn {
         let sent_before = self.tx.sent_total();
         let tasks = &self.tasks;
         let res = self.tx.flush(
-            &mut *self.sock,
+            cx.net,
+            self.sock,
             |s| tasks.get(s).and_then(|t| t.scsi.buf.as_ref()),
             &mut self.done_slots,
         );
@@ -2420,7 +2427,7 @@ impl Conn {
             self.ended = Some(sess);
         }
         self.release_session(&cx.shared.registry);
-        self.sock.close();
+        cx.net.close(self.sock);
     }
 
     /// Ends the session of a closed connection once none of its I/O is out in the backend:

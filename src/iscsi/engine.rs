@@ -1,9 +1,10 @@
-//! The iSCSI engine of one reactor: its connections, its socket group, its SCSI port (the
-//! per-reactor channels to the backends) and, on the first reactor, the portals' listeners.
+//! The iSCSI engine of one reactor: its connections, its socket group and its SCSI port (the
+//! per-reactor channels to the backends).
 //!
-//! New connections are accepted on the first reactor and handed to the least-loaded reactor
-//! by message: connections, not targets, are the unit spread over cores, so many sessions to
-//! one busy target use every reactor.
+//! On the kernel's TCP, connections are accepted on the first reactor and handed to the
+//! least-loaded reactor by message: connections, not targets, are the unit spread over
+//! cores, so many sessions to one busy target use every reactor. On the userspace stack every
+//! reactor accepts the flows its queue receives and keeps them (the group cannot detach).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ use log::{info, warn};
 use crate::iscsi::config::{Publisher, Snapshot};
 use crate::iscsi::conn::{split_task_tag, AbortScope, Conn, ConnCtx, Phase};
 use crate::iscsi::registry::Registry;
-use crate::net::{Listener, Readiness, Sock, SockGroup};
+use crate::net::{Detached, Event, Readiness, SockGroup, SockId};
 use crate::reactor::{Ctx, Poller, ReactorHandle};
 use crate::scsi::{Completion, ScsiPort};
 
@@ -29,6 +30,7 @@ macro_rules! conn_cx {
             snapshot: $snap,
             shared: &$engine.shared,
             port: &mut $engine.port,
+            net: &mut *$engine.group,
             index: $idx,
         }
     };
@@ -40,7 +42,7 @@ const LOGOUT_GRACE: Duration = Duration::from_secs(2);
 
 pub enum Msg {
     /// A connection accepted on another reactor through portal `.1`, now ours.
-    Conn(Box<dyn Sock>, usize),
+    Conn(Detached, usize),
     /// Apply another nexus's task management function here, then answer `reply_to`.
     Abort {
         id: u64,
@@ -153,8 +155,6 @@ impl Shared {
 
 /// The timer granularity of connections (NOP-In, RspTimeout, login timeout).
 const TIMER_PERIOD: Duration = Duration::from_millis(100);
-/// Readiness tokens from here up are the portals' listeners (below are connections).
-const LISTENER_TOKEN: usize = usize::MAX / 2;
 /// How long the listeners stay unwatched after accept ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one log line per this interval about refused connections.
@@ -165,14 +165,13 @@ pub struct Engine {
     shared: Arc<Shared>,
     peers: Vec<ReactorHandle<Msg>>,
     group: Box<dyn SockGroup>,
-    listeners: Vec<Box<dyn Listener>>,
+    /// Indexed by socket handle.
     conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
     port: ScsiPort,
     snapshot: Arc<Snapshot>,
     generation: u64,
     completions: Vec<Completion>,
-    events: Vec<(usize, Readiness)>,
+    events: Vec<Event>,
     /// Connections to flush at the end of this pass.
     to_flush: Vec<usize>,
     /// Task management functions of our connections waiting for every reactor: id →
@@ -191,7 +190,7 @@ pub struct Engine {
     accept_backoff: Option<Instant>,
     /// Accept has failed for want of descriptors since it last succeeded (logged once).
     accept_starved: bool,
-    /// A listener could not be put in the socket group: accept on every pass instead.
+    /// The portals could not be watched: accept on every pass instead.
     accept_every_pass: bool,
     /// Refusals not yet logged, and when the last log line about them went out.
     refused_unlogged: u64,
@@ -211,31 +210,22 @@ impl Engine {
         shared: Arc<Shared>,
         peers: Vec<ReactorHandle<Msg>>,
         group: Box<dyn SockGroup>,
-        listeners: Vec<Box<dyn Listener>>,
         now: Instant,
     ) -> Engine {
         let snapshot = shared.publisher.current();
         let generation = snapshot.generation;
         let mut group = group;
-        let mut listeners = listeners;
         let mut accept_every_pass = false;
-        for (i, l) in listeners.iter_mut().enumerate() {
-            if let Err(e) = group.watch_listener(&mut **l, LISTENER_TOKEN + i, true) {
-                warn!(
-                    "reactor {id}: cannot watch the portal {}: {e}; accepting on every pass",
-                    l.local_addr()
-                );
-                accept_every_pass = true;
-            }
+        if let Err(e) = group.watch_portals(true) {
+            warn!("reactor {id}: cannot watch the portals: {e}; accepting on every pass");
+            accept_every_pass = true;
         }
         Engine {
             id,
             shared,
             peers,
             group,
-            listeners,
             conns: Vec::new(),
-            free: Vec::new(),
             port: ScsiPort::new(),
             snapshot,
             generation,
@@ -256,32 +246,34 @@ impl Engine {
         }
     }
 
-    fn add_conn(&mut self, sock: Box<dyn Sock>, portal: usize, now: Instant) {
-        let idx = match self.free.pop() {
-            Some(i) => i,
-            None => {
-                self.conns.push(None);
-                self.conns.len() - 1
-            }
-        };
-        let mut conn = Conn::new(sock, portal, now);
-        if let Err(e) = self.group.register(conn.sock_mut(), idx) {
-            warn!("reactor {}: cannot poll a new connection: {e}", self.id);
-            conn.sock_mut().close();
-            self.free.push(idx);
-            if let Some(c) = self.shared.portal_conns.get(portal) {
-                c.fetch_sub(1, Ordering::Relaxed);
-            }
-            return;
+    /// Takes on socket `sock` of our group as a connection through portal `portal`.
+    fn add_conn(&mut self, sock: SockId, portal: usize, now: Instant) {
+        let idx = sock.0;
+        if self.conns.len() <= idx {
+            self.conns.resize_with(idx + 1, || None);
         }
+        let conn = Conn::new(sock, self.group.addrs(sock), portal, now);
         self.shared.loads[self.id].fetch_add(1, Ordering::Relaxed);
         self.conns[idx] = Some(conn);
+    }
+
+    /// Adopts a connection another reactor accepted.
+    fn adopt(&mut self, d: Detached, portal: usize, now: Instant) {
+        match self.group.attach(d) {
+            Ok(s) => self.add_conn(s, portal, now),
+            Err(e) => {
+                warn!("reactor {}: cannot poll a new connection: {e}", self.id);
+                if let Some(c) = self.shared.portal_conns.get(portal) {
+                    c.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Accepts what is pending on every portal.
     fn accept_all(&mut self, now: Instant) -> bool {
         let mut did = false;
-        for li in 0..self.listeners.len() {
+        for li in 0..self.shared.portals.len() {
             did |= self.accept(li, now);
         }
         did
@@ -293,10 +285,7 @@ impl Engine {
     fn accept(&mut self, li: usize, now: Instant) -> bool {
         let mut did = false;
         while self.accept_backoff.is_none() {
-            let Some(listener) = self.listeners.get_mut(li) else {
-                break;
-            };
-            let sock = match listener.accept() {
+            let sock = match self.group.accept(li) {
                 Ok(Some(s)) => {
                     self.accept_starved = false;
                     s
@@ -312,17 +301,16 @@ impl Engine {
                         warn!(
                             "reactor {}: cannot accept on {}: {e}; retrying every {} ms",
                             self.id,
-                            listener.local_addr(),
+                            self.shared
+                                .portals
+                                .get(li)
+                                .map_or("?".into(), |a| a.to_string()),
                             ACCEPT_BACKOFF.as_millis()
                         );
                     }
                     self.accept_starved = true;
                     self.accept_backoff = Some(now + ACCEPT_BACKOFF);
-                    for (i, l) in self.listeners.iter_mut().enumerate() {
-                        let _ = self
-                            .group
-                            .watch_listener(&mut **l, LISTENER_TOKEN + i, false);
-                    }
+                    let _ = self.group.watch_portals(false);
                     break;
                 }
                 Err(e) => {
@@ -331,7 +319,6 @@ impl Engine {
                 }
             };
             did = true;
-            let mut sock = sock;
             // targets/iscsi/enabled = 0 takes no new connection; the limits take no more.
             let why = if self.snapshot.iscsi_enabled {
                 self.shared.over_limit(&self.snapshot, li)
@@ -343,8 +330,9 @@ impl Engine {
                     // Counted before the close, so whoever sees the close sees the count.
                     self.shared.refused.fetch_add(1, Ordering::Relaxed);
                 }
-                sock.close();
-                self.note_refusal(sock.peer_addr(), &why, now);
+                let (peer, _) = self.group.addrs(sock);
+                self.group.release(sock);
+                self.note_refusal(peer, &why, now);
                 continue;
             }
             if let Some(c) = self.shared.portal_conns.get(li) {
@@ -360,14 +348,21 @@ impl Engine {
                     best_load = l;
                 }
             }
-            if best == self.id {
-                self.add_conn(sock, li, now);
+            // A stack that cannot move a connection keeps it here.
+            let moved = if best == self.id {
+                None
             } else {
-                // Count it at once so a burst of accepts spreads out.
-                self.shared.loads[best].fetch_add(1, Ordering::Relaxed);
-                if let Err(Msg::Conn(s, _)) = self.peers[best].send(Msg::Conn(sock, li)) {
-                    self.shared.loads[best].fetch_sub(1, Ordering::Relaxed);
-                    self.add_conn(s, li, now);
+                self.group.detach(sock)
+            };
+            match moved {
+                None => self.add_conn(sock, li, now),
+                Some(d) => {
+                    // Count it at once so a burst of accepts spreads out.
+                    self.shared.loads[best].fetch_add(1, Ordering::Relaxed);
+                    if let Err(Msg::Conn(d, _)) = self.peers[best].send(Msg::Conn(d, li)) {
+                        self.shared.loads[best].fetch_sub(1, Ordering::Relaxed);
+                        self.adopt(d, li, now);
+                    }
                 }
             }
         }
@@ -414,14 +409,9 @@ impl Engine {
     fn end_accept_backoff(&mut self, now: Instant) {
         if self.accept_backoff.is_some_and(|t| now >= t) {
             self.accept_backoff = None;
-            for (i, l) in self.listeners.iter_mut().enumerate() {
-                if let Err(e) = self
-                    .group
-                    .watch_listener(&mut **l, LISTENER_TOKEN + i, true)
-                {
-                    warn!("reactor {}: cannot watch a portal again: {e}", self.id);
-                    self.accept_every_pass = true;
-                }
+            if let Err(e) = self.group.watch_portals(true) {
+                warn!("reactor {}: cannot watch the portals again: {e}", self.id);
+                self.accept_every_pass = true;
             }
         }
     }
@@ -431,12 +421,11 @@ impl Engine {
         if finished {
             if let Some(mut c) = self.conns[idx].take() {
                 c.release_session(&self.shared.registry);
-                let _ = self.group.deregister(c.sock_mut(), idx);
+                self.group.release(c.sock());
                 if let Some(p) = self.shared.portal_conns.get(c.portal) {
                     p.fetch_sub(1, Ordering::Relaxed);
                 }
             }
-            self.free.push(idx);
             self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -488,15 +477,16 @@ impl Poller for Engine {
         }
         // Socket readiness.
         self.events.clear();
-        if let Err(e) = self.group.poll(&mut self.events) {
-            warn!("reactor {}: socket poll failed: {e}", self.id);
+        match self.group.poll(now, &mut self.events) {
+            Ok(net_did) => did |= net_did,
+            Err(e) => warn!("reactor {}: socket poll failed: {e}", self.id),
         }
         // Connections that stopped at their receive budget get another turn even though their
         // socket may report nothing new: complete PDUs can be waiting in their staging buffer.
         for idx in self.rx_pending.drain(..) {
             did = true;
-            self.events.push((
-                idx,
+            self.events.push(Event::Sock(
+                SockId(idx),
                 Readiness {
                     readable: true,
                     writable: false,
@@ -505,11 +495,13 @@ impl Poller for Engine {
         }
         let snap = self.snapshot.clone();
         for ei in 0..self.events.len() {
-            let (idx, readiness) = self.events[ei];
-            if idx >= LISTENER_TOKEN {
-                did |= self.accept(idx - LISTENER_TOKEN, now);
-                continue;
-            }
+            let (idx, readiness) = match self.events[ei] {
+                Event::Accept(li) => {
+                    did |= self.accept(li, now);
+                    continue;
+                }
+                Event::Sock(s, r) => (s.0, r),
+            };
             if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 if readiness.readable {
@@ -567,11 +559,13 @@ impl Poller for Engine {
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 c.flush(&mut cx);
                 let (read, write) = (c.wants_read(), c.want_write);
-                let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
+                self.group.set_interest(c.sock(), read, write);
             }
             self.reap(idx);
         }
         self.to_flush.clear();
+        // Everything this pass queued leaves in one go.
+        self.group.flush(now);
         // Timers.
         if now >= self.next_timer {
             self.next_timer = now + TIMER_PERIOD;
@@ -580,7 +574,7 @@ impl Poller for Engine {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.on_timer(&mut cx);
                     let (read, write) = (conn.wants_read(), conn.want_write);
-                    let _ = self.group.set_interest(conn.sock_mut(), idx, read, write);
+                    self.group.set_interest(conn.sock(), read, write);
                 }
                 self.reap(idx);
             }
@@ -590,10 +584,10 @@ impl Poller for Engine {
 
     fn handle(&mut self, msg: Msg, ctx: &mut Ctx) {
         match msg {
-            Msg::Conn(sock, portal) => {
+            Msg::Conn(d, portal) => {
                 // Counted by the sender already.
                 self.shared.loads[self.id].fetch_sub(1, Ordering::Relaxed);
-                self.add_conn(sock, portal, ctx.now());
+                self.adopt(d, portal, ctx.now());
             }
             Msg::Abort {
                 id,
@@ -608,7 +602,7 @@ impl Poller for Engine {
                         c.apply_abort(&scope, &mut cx);
                         c.flush(&mut cx);
                         let (read, write) = (c.wants_read(), c.want_write);
-                        let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
+                        self.group.set_interest(c.sock(), read, write);
                     }
                     self.reap(idx);
                 }
@@ -639,7 +633,7 @@ impl Poller for Engine {
                     c.tmf_done(itt);
                     c.flush(&mut cx);
                     let (read, write) = (c.wants_read(), c.want_write);
-                    let _ = self.group.set_interest(c.sock_mut(), idx, read, write);
+                    self.group.set_interest(c.sock(), read, write);
                 }
                 self.reap(idx);
             }
@@ -675,9 +669,7 @@ impl Poller for Engine {
     fn shutdown(&mut self, ctx: &mut Ctx) -> bool {
         let now = ctx.now();
         let snap = self.snapshot.clone();
-        for l in &mut self.listeners {
-            l.close();
-        }
+        self.group.close_portals();
         // First ask every logged-in initiator to log out (AsyncEvent 1) and give them
         // LOGOUT_GRACE to do so while the reactor keeps polling; then close what is left.
         let deadline = *self.shutdown_at.get_or_insert_with(|| {

@@ -5,7 +5,7 @@
 
 use std::io::{self, IoSliceMut};
 
-use crate::net::Sock;
+use crate::net::{SockGroup, SockId};
 
 /// Size of the per-connection staging buffer.
 pub const STAGING_SIZE: usize = 64 * 1024;
@@ -62,7 +62,7 @@ impl Staging {
 
     /// Reads what the socket has into the free space (moving unconsumed bytes to the front
     /// first when the tail is short).
-    pub fn fill(&mut self, sock: &mut dyn Sock) -> io::Result<Fill> {
+    pub fn fill(&mut self, net: &mut dyn SockGroup, sock: SockId) -> io::Result<Fill> {
         if self.buf.len() - self.end < DIRECT_MIN * 4 && self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -71,7 +71,7 @@ impl Staging {
         if self.end == self.buf.len() {
             return Ok(Fill::Data(0));
         }
-        match sock.recv(&mut self.buf[self.end..]) {
+        match net.recv(sock, &mut self.buf[self.end..]) {
             Ok(0) => Ok(Fill::Closed),
             Ok(n) => {
                 self.end += n;
@@ -91,8 +91,12 @@ impl Default for Staging {
 }
 
 /// Reads directly into `bufs`; `Ok(None)` when nothing is available.
-pub fn recv_direct(sock: &mut dyn Sock, bufs: &mut [IoSliceMut<'_>]) -> io::Result<Option<usize>> {
-    match sock.recv_vectored(bufs) {
+pub fn recv_direct(
+    net: &mut dyn SockGroup,
+    sock: SockId,
+    bufs: &mut [IoSliceMut<'_>],
+) -> io::Result<Option<usize>> {
+    match net.recv_vectored(sock, bufs) {
         Ok(0) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "peer closed the connection",

@@ -8,7 +8,7 @@ use std::io::{self, IoSlice};
 
 use crate::env::DataBuf;
 use crate::iscsi::pdu::BHS_LEN;
-use crate::net::Sock;
+use crate::net::{SockGroup, SockId};
 
 /// At most this many iovecs per send (the kernel's UIO_MAXIOV is 1024; SPDK batches 64).
 const IOV_BATCH: usize = 64;
@@ -157,7 +157,8 @@ impl TxQueue {
     /// Returns whether everything queued was sent.
     pub fn flush<'a>(
         &mut self,
-        sock: &mut dyn Sock,
+        net: &mut dyn SockGroup,
+        sock: SockId,
         buf_of: impl Fn(usize) -> Option<&'a DataBuf>,
         done_slots: &mut Vec<usize>,
     ) -> io::Result<bool> {
@@ -247,7 +248,7 @@ impl TxQueue {
                     break;
                 }
             }
-            let mut written = match sock.send_vectored(&iov[..n]) {
+            let mut written = match net.send_vectored(sock, &iov[..n]) {
                 Ok(w) => w,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::net::posix::{PosixGroup, Waker};
-
-use crate::net::{Listener, SockGroup};
+use crate::net::{Net, SockGroup, Wake};
 
 /// How a reactor waits when it has nothing to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +108,7 @@ impl ReactorStats {
 /// Sends messages to a reactor from any thread.
 pub struct ReactorHandle<M> {
     tx: Sender<M>,
-    waker: Arc<Waker>,
+    waker: Arc<dyn Wake>,
     sleeping: Arc<AtomicBool>,
 }
 
@@ -203,24 +201,17 @@ impl<M: Send + 'static> Reactors<M> {
     }
 }
 
-/// Starts one reactor per core. `make(id, peers, group, listeners, now)` builds each poller on
-/// its own thread; the listeners go to the first reactor (connections are accepted there and
-/// handed to the least-loaded reactor).
+/// Starts one reactor per core. `make(id, peers, group, now)` builds each poller on its own
+/// thread, with the socket group `net` made for it.
 pub fn spawn_group<P, F>(
     cores: &[usize],
     mode: Mode,
-    listeners: Vec<Box<dyn Listener>>,
+    net: &dyn Net,
     make: F,
 ) -> Result<Reactors<P::Msg>, ReactorError>
 where
     P: Poller + 'static,
-    F: Fn(
-            usize,
-            Vec<ReactorHandle<P::Msg>>,
-            Box<dyn SockGroup>,
-            Vec<Box<dyn Listener>>,
-            Instant,
-        ) -> P
+    F: Fn(usize, Vec<ReactorHandle<P::Msg>>, Box<dyn SockGroup>, Instant) -> P
         + Send
         + Sync
         + 'static,
@@ -231,8 +222,8 @@ where
     let mut handles = Vec::new();
     let mut rxs: Vec<Receiver<P::Msg>> = Vec::new();
     let mut sleeps = Vec::new();
-    for _ in cores {
-        let g = PosixGroup::new().map_err(ReactorError::Group)?;
+    for id in 0..cores.len() {
+        let g = net.group(id).map_err(ReactorError::Group)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let sleeping = Arc::new(AtomicBool::new(false));
         handles.push(ReactorHandle {
@@ -244,7 +235,6 @@ where
         rxs.push(rx);
         sleeps.push(sleeping);
     }
-    let mut listeners = Some(listeners);
     let mut threads = Vec::new();
     let mut stats = Vec::new();
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<Result<(), ReactorError>>();
@@ -267,11 +257,6 @@ where
         let peers = handles.clone();
         let make = make.clone();
         let stop = stop.clone();
-        let ls = if id == 0 {
-            listeners.take().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
         let ready = ready_tx.clone();
         let t = std::thread::Builder::new()
             .name(format!("reactor_{core}"))
@@ -281,7 +266,7 @@ where
                     return;
                 }
                 let _ = ready.send(Ok(()));
-                let poller = make(id, peers, Box::new(group), ls, Instant::now());
+                let poller = make(id, peers, group, Instant::now());
                 run(id, mode, poller, rx, sleeping, stop, st);
             })
             .map_err(ReactorError::Thread)?;
