@@ -6,11 +6,13 @@
 //! reactors, checksum completion and the counters live, once for every device.
 //!
 //! The devices: [`af_packet`], a queue of a kernel interface through memory-mapped packet
-//! rings; [`mem`], two devices joined back to back for tests.
+//! rings; [`tap`], a queue of a TAP device whose other end is the kernel; [`mem`], two devices
+//! joined back to back for tests.
 
 pub mod af_packet;
 pub mod mem;
 mod netif;
+pub mod tap;
 #[cfg(test)]
 mod testns;
 

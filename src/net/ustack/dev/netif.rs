@@ -107,6 +107,27 @@ pub(crate) fn hwaddr(fd: RawFd, name: &str) -> io::Result<(u16, [u8; 6])> {
     Ok((sa.sa_family, mac))
 }
 
+/// The interface's flags (SIOCGIFFLAGS).
+pub(crate) fn flags(fd: RawFd, name: &str) -> io::Result<libc::c_short> {
+    let mut ifr = ifreq(name)?;
+    ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled in the `ifru_flags` member of the union.
+    Ok(unsafe { ifr.ifr_ifru.ifru_flags })
+}
+
+/// Brings the interface up (SIOCSIFFLAGS with IFF_UP added) unless it is up already.
+pub(crate) fn set_up(fd: RawFd, name: &str) -> io::Result<()> {
+    let f = flags(fd, name)?;
+    // IFF_UP is bit 0: it fits the `short` the kernel uses for these flags.
+    let up = libc::IFF_UP as libc::c_short;
+    if f & up != 0 {
+        return Ok(());
+    }
+    let mut ifr = ifreq(name)?;
+    ifr.ifr_ifru.ifru_flags = f | up;
+    ioctl(fd, libc::SIOCSIFFLAGS, &mut ifr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

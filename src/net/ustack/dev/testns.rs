@@ -64,6 +64,10 @@ impl Netns {
         ns
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Runs `ip -n NAME ARGS` (split on white space); panics with its error if it fails.
     pub fn ip(&self, args: &str) -> String {
         let mut v = vec!["-n", &self.name];
