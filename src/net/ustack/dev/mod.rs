@@ -4,8 +4,17 @@
 //! buffer) and takes frames to send the same way: nothing is allocated per packet. The stack
 //! adapts these queues to smoltcp's `phy::Device` in `ustack`, where ARP sharing between
 //! reactors, checksum completion and the counters live, once for every device.
+//!
+//! The devices: [`af_packet`], a queue of a kernel interface through memory-mapped packet
+//! rings; [`tap`], a queue of a TAP device whose other end is the kernel; [`mem`], two devices
+//! joined back to back for tests.
 
+pub mod af_packet;
 pub mod mem;
+mod netif;
+pub mod tap;
+#[cfg(test)]
+mod testns;
 
 use std::io;
 use std::os::fd::RawFd;
