@@ -388,7 +388,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
             index: 0,
         };
         let mut did = conn.on_readable(&mut cx);
-        if let Some((scope, itt)) = conn.tmf_out.take() {
+        if let Some((scope, itt)) = conn.take_tmf() {
             // The one reactor applies it, then answers.
             conn.apply_abort(&scope, &mut cx);
             conn.tmf_done(itt);
@@ -411,11 +411,11 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
             conn.on_timer(&mut cx);
         }
         now += Duration::from_millis(step);
-        if conn.phase == Phase::Closed && cx.port.inflight() == 0 {
+        if conn.phase() == Phase::Closed && cx.port.inflight() == 0 {
             settled = true;
             break;
         }
-        if !did && !conn.rx_more && cx.port.inflight() == 0 {
+        if !did && !conn.rx_more() && cx.port.inflight() == 0 {
             if eof {
                 // Everything was read and answered: now the peer goes away.
                 let s = mem_sock(&mut net, sock);

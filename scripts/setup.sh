@@ -10,6 +10,10 @@ command -v tgtd >/dev/null 2>&1 || need_apt+=(tgt)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 # backends.sh builds an ISO image for the vcdrom check.
 command -v genisoimage >/dev/null 2>&1 || need_apt+=(genisoimage)
+# netns-test.sh: namespaces and veth pairs, offloads off on the kernel end, packet loss.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # qemu-img must come from the same build as qemu-block-extra (which adds iscsi://):
 # installing the block module pins qemu-utils to Debian's matching version.
 qemu_iscsi_ok() { [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] && command -v qemu-img >/dev/null 2>&1; }
@@ -33,6 +37,9 @@ fi
 qemu_iscsi_ok || { echo "setup.sh: qemu-img with iscsi:// support is not installed" >&2; exit 1; }
 command -v iscsi-test-cu >/dev/null || { echo "setup.sh: libiscsi-bin did not install" >&2; exit 1; }
 command -v genisoimage >/dev/null || { echo "setup.sh: genisoimage did not install" >&2; exit 1; }
+for c in ip ethtool iptables; do
+    command -v "$c" >/dev/null || { echo "setup.sh: $c did not install" >&2; exit 1; }
+done
 
 # tgtd is only a benchmark peer: keep Debian's service from holding port 3260.
 if command -v systemctl >/dev/null 2>&1; then

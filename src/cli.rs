@@ -1,10 +1,11 @@
 //! The daemon's command line.
 //!
-//! `iscsi-tgt [--listen ADDR:PORT]... [--rpc-socket PATH] [--rpc-group GROUP] [--cores LIST]
-//! [--mode poll|adaptive] [--config FILE] [--mem-size MB] [--log LEVEL]`
+//! `iscsi-tgt [--listen ADDR:PORT]... [--net kernel|af_packet:IF|tap:NAME [--ip ADDR/PREFIX]
+//! [--gateway ADDR] [--stack KEY=VALUE]...] [--rpc-socket PATH] [--rpc-group GROUP]
+//! [--cores LIST] [--mode poll|adaptive] [--config FILE] [--mem-size MB] [--log LEVEL]`
 #![forbid(unsafe_code)]
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use crate::reactor::Mode;
@@ -18,6 +19,15 @@ pub const USAGE: &str = "\
 usage: iscsi-tgt [OPTIONS]
 
   --listen ADDR:PORT    portal to listen on; repeat for several [0.0.0.0:3260]
+  --net NET             the network: kernel (the kernel's TCP), af_packet:IFNAME or
+                        tap:NAME (the userspace TCP stack on that interface, one queue
+                        per reactor) [kernel]
+  --ip ADDR/PREFIX      the userspace stack's address (required with af_packet and tap)
+  --gateway ADDR        the userspace stack's default route
+  --stack KEY=VALUE     a userspace stack setting; repeat for several: rx_buf, tx_buf
+                        (bytes, 262144..4194304) [1048576], nagle (0|1) [0], ack_delay_us
+                        [0: off], backlog [4], max_half_open [64], syn_timeout_ms [5000],
+                        linger_ms [10000]
   --rpc-socket PATH     JSON-RPC Unix socket [/var/tmp/iscsi-tgt.sock]
   --rpc-group GROUP     make the socket 0660 and owned by this group (a name or a gid)
                         [0600: only the daemon's user]
@@ -34,6 +44,11 @@ usage: iscsi-tgt [OPTIONS]
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     pub listen: Vec<SocketAddr>,
+    pub net: NetSpec,
+    /// The userspace stack's address and prefix length, gateway and settings.
+    pub ip: Option<(IpAddr, u8)>,
+    pub gateway: Option<IpAddr>,
+    pub stack: Vec<(String, String)>,
     pub rpc_socket: PathBuf,
     /// The group (name or gid) that may use the RPC socket besides the daemon's user.
     pub rpc_group: Option<String>,
@@ -44,10 +59,60 @@ pub struct Options {
     pub log_level: String,
 }
 
+/// Which network the portals listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetSpec {
+    /// The kernel's TCP.
+    Kernel,
+    /// The userspace stack over AF_PACKET on an interface.
+    AfPacket(String),
+    /// The userspace stack over a TAP interface.
+    Tap(String),
+}
+
+impl NetSpec {
+    pub fn is_userspace(&self) -> bool {
+        !matches!(self, NetSpec::Kernel)
+    }
+}
+
+fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let named = |kind: &str, name: &str| {
+        // IFNAMSIZ is 16 with the terminating NUL.
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+            Err(format!(
+                "--net {kind}: needs an interface name of 1 to 15 characters, not {name:?}"
+            ))
+        } else {
+            Ok(name.to_string())
+        }
+    };
+    match s.split_once(':') {
+        None if s == "kernel" => Ok(NetSpec::Kernel),
+        Some(("af_packet", n)) => Ok(NetSpec::AfPacket(named("af_packet", n)?)),
+        Some(("tap", n)) => Ok(NetSpec::Tap(named("tap", n)?)),
+        _ => Err(format!(
+            "--net must be kernel, af_packet:IFNAME or tap:NAME, not {s:?}"
+        )),
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let bad = || format!("--ip must be ADDRESS/PREFIX (10.0.0.2/24, fd00::2/64), not {s:?}");
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let ip: IpAddr = a.parse().map_err(|_| bad())?;
+    let p: u8 = p.parse().map_err(|_| bad())?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if p > max || ip.is_unspecified() || ip.is_multicast() {
+        return Err(bad());
+    }
+    Ok((ip, p))
+}
+
 /// What the command line asks for.
 #[derive(Debug, PartialEq)]
 pub enum Command {
-    Run(Options),
+    Run(Box<Options>),
     Help,
     Version,
 }
@@ -105,6 +170,10 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut o = Options {
         listen: Vec::new(),
+        net: NetSpec::Kernel,
+        ip: None,
+        gateway: None,
+        stack: Vec::new(),
         rpc_socket: PathBuf::from(DEFAULT_RPC_SOCKET),
         rpc_group: None,
         cores: None,
@@ -129,6 +198,22 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "--listen" | "-l" => o.listen.push(parse_listen(&value("--listen")?)?),
+            "--net" => o.net = parse_net(&value("--net")?)?,
+            "--ip" => o.ip = Some(parse_cidr(&value("--ip")?)?),
+            "--gateway" => {
+                let v = value("--gateway")?;
+                o.gateway = Some(
+                    v.parse()
+                        .map_err(|_| format!("--gateway must be an IP address, not {v:?}"))?,
+                );
+            }
+            "--stack" => {
+                let v = value("--stack")?;
+                let (k, val) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("--stack must be KEY=VALUE, not {v:?}"))?;
+                o.stack.push((k.to_string(), val.to_string()));
+            }
             "--rpc-socket" | "-r" => o.rpc_socket = PathBuf::from(value("--rpc-socket")?),
             "--rpc-group" => {
                 let v = value("--rpc-group")?;
@@ -180,7 +265,16 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     if o.listen.is_empty() {
         o.listen.push(parse_listen(DEFAULT_LISTEN)?);
     }
-    Ok(Command::Run(o))
+    if o.net.is_userspace() {
+        if o.ip.is_none() {
+            return Err(
+                "--net af_packet and tap need the stack's address: --ip ADDR/PREFIX".into(),
+            );
+        }
+    } else if o.ip.is_some() || o.gateway.is_some() || !o.stack.is_empty() {
+        return Err("--ip, --gateway and --stack set the userspace stack: add --net af_packet:IF or tap:NAME".into());
+    }
+    Ok(Command::Run(Box::new(o)))
 }
 
 #[cfg(test)]
@@ -189,8 +283,55 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Options, String> {
         match parse(args.iter().map(|s| s.to_string()))? {
-            Command::Run(o) => Ok(o),
+            Command::Run(o) => Ok(*o),
             other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn userspace_network_options() {
+        let o = run(&[
+            "--net",
+            "af_packet:veth1",
+            "--ip",
+            "10.1.0.2/24",
+            "--gateway=10.1.0.1",
+            "--stack",
+            "rx_buf=524288",
+        ])
+        .unwrap();
+        assert_eq!(o.net, NetSpec::AfPacket("veth1".into()));
+        assert_eq!(o.ip, Some(("10.1.0.2".parse().unwrap(), 24)));
+        assert_eq!(o.gateway, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(o.stack, vec![("rx_buf".into(), "524288".into())]);
+        let o = run(&["--net=tap:tgt0", "--ip", "fd00::2/64"]).unwrap();
+        assert_eq!(o.net, NetSpec::Tap("tgt0".into()));
+        assert_eq!(run(&["--net", "kernel"]).unwrap().net, NetSpec::Kernel);
+        for (args, why) in [
+            (&["--net", "dpdk:0"][..], "--net must be"),
+            (&["--net", "tap:"], "interface name"),
+            (
+                &["--net", "af_packet:averyveryverylongname"],
+                "interface name",
+            ),
+            (&["--net", "tap:t0"], "need the stack's address"),
+            (&["--net", "tap:t0", "--ip", "10.0.0.1"], "ADDRESS/PREFIX"),
+            (
+                &["--net", "tap:t0", "--ip", "10.0.0.1/33"],
+                "ADDRESS/PREFIX",
+            ),
+            (&["--ip", "10.0.0.1/24"], "add --net"),
+            (
+                &["--net", "tap:t0", "--ip", "10.0.0.1/24", "--stack", "x"],
+                "KEY=VALUE",
+            ),
+            (
+                &["--net", "tap:t0", "--ip", "10.0.0.1/24", "--gateway", "x"],
+                "--gateway",
+            ),
+        ] {
+            let e = run(args).unwrap_err();
+            assert!(e.contains(why), "{args:?}: {e}");
         }
     }
 

@@ -8,12 +8,17 @@ use std::time::Duration;
 
 use log::{error, info};
 
-use iscsi_tgt::cli::{self, Command, Options};
+use iscsi_tgt::cli::{self, Command, NetSpec, Options};
 use iscsi_tgt::iscsi::config::Publisher;
 use iscsi_tgt::iscsi::engine::{Engine, Shared};
 use iscsi_tgt::iscsi::registry::Registry;
-use iscsi_tgt::mgmt::{Hooks, Mgmt};
+use iscsi_tgt::mgmt::{Hooks, Mgmt, NetView};
+use iscsi_tgt::net::ustack::dev::af_packet::AfPacketDev;
+use iscsi_tgt::net::ustack::dev::tap::TapDev;
+use iscsi_tgt::net::ustack::dev::NetDev;
+use iscsi_tgt::net::ustack::{StackConfig, UstackNet};
 use iscsi_tgt::{env, net, reactor, rpc, util};
+use smoltcp::wire::IpCidr;
 
 fn main() -> ExitCode {
     let cmd = match cli::parse(std::env::args().skip(1)) {
@@ -32,7 +37,7 @@ fn main() -> ExitCode {
             println!("iscsi-tgt {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Command::Run(o) => o,
+        Command::Run(o) => *o,
     };
     util::init_logging(&opts.log_level);
     match run(opts) {
@@ -78,13 +83,10 @@ fn run(opts: Options) -> Result<(), String> {
         None => vec![reactor::first_allowed_core()
             .map_err(|e| format!("cannot read the CPU affinity: {e}"))?],
     };
-    let kernel = net::posix::KernelNet::new(&opts.listen, cores.len())
-        .map_err(|e| format!("cannot listen on {e}"))?;
-    let portals = kernel.portals().to_vec();
+    let (network, portals) = open_network(&opts, cores.len())?;
     for a in &portals {
         info!("listening on {a}");
     }
-    let network: Arc<dyn net::Net> = Arc::new(kernel);
 
     let publisher = Publisher::new();
     let registry = Registry::new();
@@ -121,6 +123,29 @@ fn run(opts: Options) -> Result<(), String> {
     let hooks = Hooks {
         reactors: Box::new(move || stats.iter().map(|s| s.snapshot()).collect()),
         sgv: Box::new(|| env::stats().snapshot()),
+        net: Box::new({
+            let network = network.clone();
+            move || NetView {
+                attrs: network.describe(),
+                reactors: network.counters(),
+                connections: network
+                    .connections()
+                    .into_iter()
+                    .map(|c| {
+                        vec![
+                            ("peer".into(), c.peer),
+                            ("local".into(), c.local),
+                            ("state".into(), c.state),
+                            ("send_queue".into(), c.send_queue.to_string()),
+                            ("recv_queue".into(), c.recv_queue.to_string()),
+                            ("recv_window".into(), c.recv_window.to_string()),
+                            ("send_window".into(), c.send_window.to_string()),
+                            ("retransmits".into(), c.retransmits.to_string()),
+                        ]
+                    })
+                    .collect(),
+            }
+        }),
         portals: Box::new({
             let shared = shared.clone();
             move || {
@@ -165,4 +190,58 @@ fn run(opts: Options) -> Result<(), String> {
     reactors.stop();
     info!("stopped");
     Ok(())
+}
+
+/// The network `--net` names, with its portals bound (kernel TCP) or its device queues open
+/// (one per reactor), so that a taken port or a missing interface is an error at start.
+fn open_network(
+    opts: &Options,
+    reactors: usize,
+) -> Result<(Arc<dyn net::Net>, Vec<std::net::SocketAddr>), String> {
+    match &opts.net {
+        NetSpec::Kernel => {
+            let k = net::posix::KernelNet::new(&opts.listen, reactors)
+                .map_err(|e| format!("cannot listen on {e}"))?;
+            let portals = k.portals().to_vec();
+            Ok((Arc::new(k), portals))
+        }
+        NetSpec::AfPacket(ifname) => {
+            // One fanout group per process: its id only has to differ from other programs'
+            // groups on the same interface.
+            let fanout = (std::process::id() & 0xffff) as u16;
+            userspace("af_packet", ifname, opts, reactors, |q| {
+                AfPacketDev::open(ifname, q, reactors, fanout)
+            })
+        }
+        NetSpec::Tap(name) => userspace("tap", name, opts, reactors, |q| {
+            TapDev::open(name, q, reactors)
+        }),
+    }
+}
+
+/// The userspace stack over `reactors` queues of one device.
+fn userspace<D: NetDev + 'static>(
+    kind: &str,
+    ifname: &str,
+    opts: &Options,
+    reactors: usize,
+    open: impl Fn(usize) -> std::io::Result<D>,
+) -> Result<(Arc<dyn net::Net>, Vec<std::net::SocketAddr>), String> {
+    let Some((ip, prefix)) = opts.ip else {
+        return Err("the userspace stack needs --ip ADDR/PREFIX".into());
+    };
+    let mut cfg = StackConfig::new(IpCidr::new(ip.into(), prefix), opts.gateway);
+    for (k, v) in &opts.stack {
+        cfg.set(k, v)?;
+    }
+    let devices = (0..reactors)
+        .map(|q| open(q).map_err(|e| format!("cannot open {kind} queue {q} of {ifname}: {e}")))
+        .collect::<Result<Vec<D>, String>>()?;
+    let u = UstackNet::new(kind, ifname, cfg, &opts.listen, devices)
+        .map_err(|e| format!("cannot start the userspace stack on {ifname}: {e}"))?;
+    info!(
+        "userspace TCP on {kind}:{ifname}, {}/{prefix}, {reactors} queue(s)",
+        ip
+    );
+    Ok((Arc::new(u), opts.listen.clone()))
 }

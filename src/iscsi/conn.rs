@@ -163,10 +163,10 @@ pub struct ConnCtx<'a> {
 pub struct Conn {
     sock: SockId,
     /// The portal (index among the target's listeners) it came through.
-    pub portal: usize,
+    portal: usize,
     peer: SocketAddr,
     local: SocketAddr,
-    pub phase: Phase,
+    phase: Phase,
     rx_state: RxState,
     staging: Staging,
     tx: TxQueue,
@@ -193,20 +193,18 @@ pub struct Conn {
     buf_held: usize,
     buf_share: usize,
     /// Whether the socket wants to be polled for writability.
-    pub want_write: bool,
+    want_write: bool,
     /// Since when queued output has made no progress (the initiator reads nothing).
     tx_stalled_since: Option<Instant>,
-    /// Queued on the reactor's list of connections to flush this pass.
-    pub pending_flush: bool,
     /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
     /// which the socket will not report again, so the reactor must call back.
-    pub rx_more: bool,
+    rx_more: bool,
     /// Digests negotiated for this connection (RFC 7143 §13.1), checked on receive.
     rx_header_digest: bool,
     rx_data_digest: bool,
     /// A task management function that reaches other sessions, for the reactor to hand to
     /// every reactor; its response (ITT) waits until all have applied it.
-    pub tmf_out: Option<(AbortScope, u32)>,
+    tmf_out: Option<(AbortScope, u32)>,
     /// A TARGET COLD RESET: close after its response.
     close_after_tmf: bool,
     /// Task management responses (ITT, response) held until every task they aborted is
@@ -327,7 +325,6 @@ impl Conn {
             buf_share: crate::env::session_share(),
             want_write: false,
             tx_stalled_since: None,
-            pending_flush: false,
             rx_more: false,
             rx_header_digest: false,
             rx_data_digest: false,
@@ -344,6 +341,32 @@ impl Conn {
 
     pub fn sock(&self) -> SockId {
         self.sock
+    }
+
+    /// The portal (index among the target's portals) the connection came through.
+    pub fn portal(&self) -> usize {
+        self.portal
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether output is queued that the socket did not take: poll it for writability.
+    pub fn wants_write(&self) -> bool {
+        self.want_write
+    }
+
+    /// The last [`Conn::on_readable`] stopped at its budget with input possibly left in the
+    /// staging buffer, which the socket will not report again: call it again next pass.
+    pub fn rx_more(&self) -> bool {
+        self.rx_more
+    }
+
+    /// A task management function that reaches other sessions, for the reactor to hand to
+    /// every reactor (its response waits for [`Conn::tmf_done`]).
+    pub fn take_tmf(&mut self) -> Option<(AbortScope, u32)> {
+        self.tmf_out.take()
     }
 
     pub fn peer(&self) -> SocketAddr {

@@ -172,8 +172,9 @@ pub struct Engine {
     generation: u64,
     completions: Vec<Completion>,
     events: Vec<Event>,
-    /// Connections to flush at the end of this pass.
+    /// Connections to flush at the end of this pass, and which are in that list.
     to_flush: Vec<usize>,
+    flush_marks: Vec<bool>,
     /// Task management functions of our connections waiting for every reactor: id →
     /// (connection, its I_T nexus, ITT, reactors still to answer).
     tmf_pending: std::collections::HashMap<u64, (usize, u64, u32, usize)>,
@@ -197,9 +198,13 @@ pub struct Engine {
     refused_logged_at: Option<Instant>,
 }
 
-fn mark_flush(list: &mut Vec<usize>, c: &mut Conn, idx: usize) {
-    if !c.pending_flush {
-        c.pending_flush = true;
+/// Queues connection `idx` for this pass's flush, once.
+fn mark_flush(list: &mut Vec<usize>, marks: &mut Vec<bool>, idx: usize) {
+    if marks.len() <= idx {
+        marks.resize(idx + 1, false);
+    }
+    if !marks[idx] {
+        marks[idx] = true;
         list.push(idx);
     }
 }
@@ -232,6 +237,7 @@ impl Engine {
             completions: Vec::with_capacity(256),
             events: Vec::with_capacity(256),
             to_flush: Vec::with_capacity(256),
+            flush_marks: Vec::with_capacity(256),
             tmf_pending: std::collections::HashMap::new(),
             next_tmf: 0,
             shutdown_at: None,
@@ -422,7 +428,7 @@ impl Engine {
             if let Some(mut c) = self.conns[idx].take() {
                 c.release_session(&self.shared.registry);
                 self.group.release(c.sock());
-                if let Some(p) = self.shared.portal_conns.get(c.portal) {
+                if let Some(p) = self.shared.portal_conns.get(c.portal()) {
                     p.fetch_sub(1, Ordering::Relaxed);
                 }
             }
@@ -442,7 +448,7 @@ impl Engine {
             if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
                 let mut cx = conn_cx!(self, now, snap, idx);
                 conn.on_completion(slot, c, &mut cx);
-                mark_flush(&mut self.to_flush, conn, idx);
+                mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
             }
         }
         true
@@ -465,7 +471,7 @@ impl Poller for Engine {
                 if let Some(c) = self.conns[idx].as_mut() {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     c.on_snapshot(&snap, &mut cx);
-                    mark_flush(&mut self.to_flush, c, idx);
+                    mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
                 }
             }
         }
@@ -506,7 +512,7 @@ impl Poller for Engine {
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
-                    if let Some((scope, itt)) = c.tmf_out.take() {
+                    if let Some((scope, itt)) = c.take_tmf() {
                         // Every reactor (this one included) applies it, then answers.
                         let id = ((self.id as u64) << 48) | self.next_tmf;
                         self.next_tmf += 1;
@@ -527,12 +533,12 @@ impl Poller for Engine {
                             }
                         }
                     }
-                    if c.rx_more && !self.rx_pending.contains(&idx) {
+                    if c.rx_more() && !self.rx_pending.contains(&idx) {
                         self.rx_pending.push(idx);
                     }
                 }
-                if readiness.readable || readiness.writable || c.want_write {
-                    mark_flush(&mut self.to_flush, c, idx);
+                if readiness.readable || readiness.writable || c.wants_write() {
+                    mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
                 }
             }
         }
@@ -547,18 +553,18 @@ impl Poller for Engine {
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 if conn.retry_buffers(&mut cx) {
                     did = true;
-                    mark_flush(&mut self.to_flush, conn, idx);
+                    mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
                 }
             }
         }
         // One writev per connection for everything this pass produced.
         for i in 0..self.to_flush.len() {
             let idx = self.to_flush[i];
+            self.flush_marks[idx] = false;
             if let Some(c) = self.conns[idx].as_mut() {
-                c.pending_flush = false;
                 let mut cx = conn_cx!(self, now, &snap, idx);
                 c.flush(&mut cx);
-                let (read, write) = (c.wants_read(), c.want_write);
+                let (read, write) = (c.wants_read(), c.wants_write());
                 self.group.set_interest(c.sock(), read, write);
             }
             self.reap(idx);
@@ -573,7 +579,7 @@ impl Poller for Engine {
                 if let Some(conn) = self.conns[idx].as_mut() {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.on_timer(&mut cx);
-                    let (read, write) = (conn.wants_read(), conn.want_write);
+                    let (read, write) = (conn.wants_read(), conn.wants_write());
                     self.group.set_interest(conn.sock(), read, write);
                 }
                 self.reap(idx);
@@ -601,7 +607,7 @@ impl Poller for Engine {
                         let mut cx = conn_cx!(self, now, &snap, idx);
                         c.apply_abort(&scope, &mut cx);
                         c.flush(&mut cx);
-                        let (read, write) = (c.wants_read(), c.want_write);
+                        let (read, write) = (c.wants_read(), c.wants_write());
                         self.group.set_interest(c.sock(), read, write);
                     }
                     self.reap(idx);
@@ -632,7 +638,7 @@ impl Poller for Engine {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     c.tmf_done(itt);
                     c.flush(&mut cx);
-                    let (read, write) = (c.wants_read(), c.want_write);
+                    let (read, write) = (c.wants_read(), c.wants_write());
                     self.group.set_interest(c.sock(), read, write);
                 }
                 self.reap(idx);
@@ -640,16 +646,17 @@ impl Poller for Engine {
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
         let timer = self
             .conns
             .iter()
             .any(Option::is_some)
             .then_some(self.next_timer);
-        match (timer, self.accept_backoff) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The network's own timers (the userspace stack's retransmissions, delayed ACKs).
+        [timer, self.accept_backoff, self.group.next_deadline(now)]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn sleep(&mut self, timeout: Duration) -> bool {
@@ -694,13 +701,13 @@ impl Poller for Engine {
             .conns
             .iter()
             .flatten()
-            .any(|c| c.phase == Phase::FullFeature);
+            .any(|c| c.phase() == Phase::FullFeature);
         if now < deadline && waiting {
             return false;
         }
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut() {
-                if conn.phase != Phase::Closed {
+                if conn.phase() != Phase::Closed {
                     let mut cx = conn_cx!(self, now, &snap, idx);
                     conn.close(&mut cx, "target shutting down");
                 }

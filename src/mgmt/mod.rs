@@ -102,6 +102,19 @@ pub struct Hooks {
     pub sgv: StatsFn<Vec<(String, String)>>,
     /// Live counters of the portals (`targets/iscsi/connections`, ...).
     pub portals: StatsFn<Vec<(String, String)>>,
+    /// The network (`net/...`).
+    pub net: StatsFn<NetView>,
+}
+
+/// What the tree shows of the network under `net/`.
+#[derive(Debug, Clone, Default)]
+pub struct NetView {
+    /// `net/KEY`: the stack, interface, addresses, settings.
+    pub attrs: Vec<(String, String)>,
+    /// `net/reactors/N/KEY`: packet, byte and drop counters, TCP retransmits.
+    pub reactors: Vec<Vec<(String, String)>>,
+    /// `net/connections/N/KEY`: each connection's TCP state and windows.
+    pub connections: Vec<Vec<(String, String)>>,
 }
 
 impl Default for Hooks {
@@ -110,7 +123,17 @@ impl Default for Hooks {
             reactors: Box::new(Vec::new),
             sgv: Box::new(Vec::new),
             portals: Box::new(Vec::new),
+            net: Box::new(NetView::default),
         }
+    }
+}
+
+/// `net/reactors` or `net/connections`.
+fn net_list(v: NetView, which: &str) -> Vec<Vec<(String, String)>> {
+    if which == "reactors" {
+        v.reactors
+    } else {
+        v.connections
     }
 }
 
@@ -349,6 +372,7 @@ impl Mgmt {
             [] => vec![
                 Entry::dir("devices"),
                 Entry::dir("handlers"),
+                Entry::dir("net"),
                 Entry::dir("reactors"),
                 Entry::dir("sgv"),
                 Entry::dir("targets"),
@@ -391,6 +415,31 @@ impl Mgmt {
                 .into_iter()
                 .map(|(k, _)| Entry::attr(k, false, false))
                 .collect(),
+            ["net"] => {
+                let mut v: Vec<Entry> = (self.hooks.net)()
+                    .attrs
+                    .into_iter()
+                    .map(|(k, _)| Entry::attr(k, false, false))
+                    .collect();
+                v.push(Entry::dir("connections"));
+                v.push(Entry::dir("reactors"));
+                v
+            }
+            ["net", which @ ("reactors" | "connections")] => {
+                let n = net_list((self.hooks.net)(), which).len();
+                (0..n).map(|i| Entry::dir(i.to_string())).collect()
+            }
+            ["net", which @ ("reactors" | "connections"), n] => {
+                let all = net_list((self.hooks.net)(), which);
+                let r = n
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| all.get(i).cloned())
+                    .ok_or_else(nf)?;
+                r.into_iter()
+                    .map(|(k, _)| Entry::attr(k, false, false))
+                    .collect()
+            }
             ["reactors"] => (0..(self.hooks.reactors)().len())
                 .map(|i| Entry::dir(i.to_string()))
                 .collect(),
@@ -591,6 +640,14 @@ impl Mgmt {
             ["sgv", k] => find((self.hooks.sgv)(), k),
             ["reactors", n, k] => {
                 let all = (self.hooks.reactors)();
+                match n.parse::<usize>().ok().and_then(|i| all.get(i).cloned()) {
+                    Some(r) => find(r, k),
+                    None => Err(nf()),
+                }
+            }
+            ["net", k] => find((self.hooks.net)().attrs, k),
+            ["net", which @ ("reactors" | "connections"), n, k] => {
+                let all = net_list((self.hooks.net)(), which);
                 match n.parse::<usize>().ok().and_then(|i| all.get(i).cloned()) {
                     Some(r) => find(r, k),
                     None => Err(nf()),

@@ -52,7 +52,7 @@ pub trait Poller {
     fn poll(&mut self, ctx: &mut Ctx) -> bool;
     fn handle(&mut self, msg: Self::Msg, ctx: &mut Ctx);
     /// The earliest timer the poller needs, bounding an adaptive sleep.
-    fn next_deadline(&self) -> Option<Instant>;
+    fn next_deadline(&mut self, now: Instant) -> Option<Instant>;
     /// Asked to stop: returns true once everything is closed.
     fn shutdown(&mut self, ctx: &mut Ctx) -> bool;
     /// Sleeps until one of the poller's sockets is ready, the reactor is woken, or `timeout`.
@@ -340,7 +340,7 @@ fn run<P: Poller>(
         if end.duration_since(since) < IDLE_BEFORE_SLEEP {
             continue;
         }
-        let timeout = match poller.next_deadline() {
+        let timeout = match poller.next_deadline(end) {
             Some(d) => d.saturating_duration_since(end).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };

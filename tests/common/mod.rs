@@ -44,19 +44,35 @@ impl Target {
 
     /// Starts the daemon through `sh -c "PREFIX exec iscsi-tgt ..."` (for `ulimit` or `umask`
     /// before it runs); an empty prefix runs it directly.
+    ///
+    /// `ISCSI_TGT_TEST_NET="WRAP;ADDRESS;ARGS"` runs it elsewhere: through `WRAP` (say `ip
+    /// netns exec NS`), listening on `ADDRESS` with `ARGS` added (say `--net af_packet:veth0
+    /// --ip ADDRESS/24`). scripts/netns-test.sh runs the hostile-input tests this way over
+    /// the userspace stack.
     pub fn start_wrapped(prefix: &str, extra: &[&str]) -> Target {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("rpc.sock");
         let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let net = std::env::var("ISCSI_TGT_TEST_NET").ok();
+        let (wrap, host, net_args) =
+            match net.as_deref().map(|v| v.splitn(3, ';').collect::<Vec<_>>()) {
+                Some(parts) if parts.len() == 3 => (
+                    parts[0].to_string(),
+                    parts[1].to_string(),
+                    parts[2].split_whitespace().map(str::to_string).collect(),
+                ),
+                Some(_) => panic!("ISCSI_TGT_TEST_NET must be WRAP;ADDRESS;ARGS"),
+                None => (String::new(), "127.0.0.1".to_string(), Vec::new()),
+            };
+        let addr: SocketAddr = format!("{host}:{port}").parse().unwrap();
         let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
         let bin = env!("CARGO_BIN_EXE_iscsi-tgt");
-        let mut cmd = if prefix.is_empty() {
+        let mut cmd = if prefix.is_empty() && wrap.is_empty() {
             Command::new(bin)
         } else {
             let mut c = Command::new("sh");
             c.arg("-c")
-                .arg(format!("{prefix} exec \"$0\" \"$@\""))
+                .arg(format!("{prefix} exec {wrap} \"$0\" \"$@\""))
                 .arg(bin);
             c
         };
@@ -66,6 +82,7 @@ impl Target {
             .arg("--rpc-socket")
             .arg(&sock)
             .args(extra)
+            .args(&net_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

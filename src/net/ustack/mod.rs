@@ -77,6 +77,49 @@ impl StackConfig {
         }
     }
 
+    /// Sets one setting by name, as `--stack KEY=VALUE` gives it.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let num = || -> Result<u64, String> {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("--stack {key}: {value:?} is not a number"))
+        };
+        match key {
+            "rx_buf" => self.rx_buf = num()? as usize,
+            "tx_buf" => self.tx_buf = num()? as usize,
+            "nagle" => {
+                self.nagle = match value {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(format!("--stack nagle must be 0 or 1, not {value:?}")),
+                }
+            }
+            "ack_delay_us" => {
+                self.ack_delay = match num()? {
+                    0 => None,
+                    us if us <= 500_000 => Some(Duration::from_micros(us)),
+                    _ => return Err("--stack ack_delay_us is at most 500000".into()),
+                }
+            }
+            "backlog" => self.backlog = num()? as usize,
+            "max_half_open" => self.max_half_open = num()? as usize,
+            "syn_timeout_ms" => match num()? {
+                ms @ 100..=120_000 => self.syn_timeout = Duration::from_millis(ms),
+                _ => return Err("--stack syn_timeout_ms is 100..=120000".into()),
+            },
+            "linger_ms" => match num()? {
+                ms @ 0..=600_000 => self.linger = Duration::from_millis(ms),
+                _ => return Err("--stack linger_ms is 0..=600000".into()),
+            },
+            _ => {
+                return Err(format!(
+                    "unknown --stack setting {key:?} (rx_buf, tx_buf, nagle, ack_delay_us, backlog, max_half_open, syn_timeout_ms, linger_ms)"
+                ))
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), String> {
         for (name, v) in [("rx_buf", self.rx_buf), ("tx_buf", self.tx_buf)] {
@@ -693,14 +736,8 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
                 }
             }
         }
-        // ACKs and window updates for what arrived.
-        while self
-            .iface
-            .poll_egress(ts, &mut self.link, &mut self.sockets)
-            == smoltcp::iface::PollResult::SocketStateChanged
-        {
-            changed = true;
-        }
+        // No egress here: ACKs for what arrived leave with the pass's flush, after the
+        // engine has answered, so that they ride on the responses.
         let after = self
             .link
             .dev
@@ -743,7 +780,6 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
                 .collect();
             *self.publish.lock().unwrap_or_else(|e| e.into_inner()) = list;
         }
-        let _ = self.link.dev.queues().1.flush();
         Ok(changed || after != before)
     }
 

@@ -264,6 +264,18 @@ fn a_reset_reads_as_an_error_and_a_fin_as_end_of_stream() {
 fn configuration_is_checked() {
     let mut c = StackConfig::new(cidr("10.0.0.1/24"), None);
     assert!(c.validate().is_ok());
+    c.set("tx_buf", "4194304").unwrap();
+    c.set("ack_delay_us", "200").unwrap();
+    c.set("nagle", "1").unwrap();
+    assert_eq!(c.tx_buf, 4 << 20);
+    assert_eq!(c.ack_delay, Some(Duration::from_micros(200)));
+    assert!(c.nagle);
+    assert!(c.set("nagle", "yes").unwrap_err().contains("0 or 1"));
+    assert!(c.set("window", "1").unwrap_err().contains("unknown"));
+    assert!(c.set("rx_buf", "big").unwrap_err().contains("not a number"));
+    c.set("tx_buf", "8388608").unwrap();
+    assert!(c.validate().unwrap_err().contains("tx_buf"));
+    c.tx_buf = BUF_MIN;
     c.rx_buf = 1024;
     assert!(c.validate().unwrap_err().contains("rx_buf"));
     let c = StackConfig::new(cidr("10.0.0.1/24"), Some("fe80::1".parse().unwrap()));
