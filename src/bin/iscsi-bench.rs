@@ -131,12 +131,14 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
+/// One session per process: the ISID carries the process id (a random-qualifier ISID, RFC
+/// 7143 §10.12.5), so that several runs at once are several sessions, not reinstatements of
+/// one.
 fn login(o: &Opts) -> Result<Initiator, String> {
-    login_as(
-        o,
-        "iqn.2026-11.org.iscsi-tgt:bench",
-        LoginOptions::default().isid,
-    )
+    let pid = std::process::id().to_be_bytes();
+    let mut isid = LoginOptions::default().isid;
+    isid[2..].copy_from_slice(&pid);
+    login_as(o, "iqn.2026-11.org.iscsi-tgt:bench", isid)
 }
 
 fn login_as(o: &Opts, initiator_name: &str, isid: [u8; 6]) -> Result<Initiator, String> {

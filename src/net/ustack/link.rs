@@ -22,6 +22,13 @@ pub const ETH_HDR: usize = 14;
 const ARP_FRAME_MAX: usize = 64;
 /// ARP frames waiting for one reactor; more are dropped (ARP retries).
 const ARP_QUEUE: usize = 256;
+/// The largest pure ACK replayed (Ethernet, IPv6 and TCP headers with options).
+const ACK_FRAME_MAX: usize = 14 + 40 + 60;
+/// Copies of a SACK-bearing ACK handed to the stack after it: with the original, enough
+/// duplicates for its fast retransmit (3).
+const SACK_REPLAYS: u8 = 3;
+/// The largest header (Ethernet, IP with options, TCP with options) kept as a probe template.
+const PROBE_FRAME_MAX: usize = 14 + 60 + 60;
 
 /// An ARP frame copied for another reactor.
 #[derive(Clone, Copy)]
@@ -58,8 +65,13 @@ pub struct StackStats {
     /// Frames whose transport checksum was completed here (partial checksums of a local
     /// kernel's offload).
     pub csum_completed: AtomicU64,
-    /// Connections accepted, and refused because no listening socket was free.
+    /// Connections accepted.
     pub accepted: AtomicU64,
+    /// ACKs with SACK replayed to start a fast retransmit (see [`sack_hole`]).
+    pub sack_replayed: AtomicU64,
+    /// Tail-loss probes: retransmissions started after the peer fell silent (see
+    /// [`Probes`]).
+    pub tail_probes: AtomicU64,
 }
 
 impl StackStats {
@@ -71,6 +83,8 @@ impl StackStats {
             ("arp_injected".into(), g(&self.arp_injected)),
             ("csum_completed".into(), g(&self.csum_completed)),
             ("accepted".into(), g(&self.accepted)),
+            ("sack_replayed".into(), g(&self.sack_replayed)),
+            ("tail_probes".into(), g(&self.tail_probes)),
         ]
     }
 }
@@ -80,9 +94,21 @@ pub type FlowKey = (IpAddress, u16, u16);
 
 /// The highest sequence number sent per flow, to recognise a segment sent again, and how
 /// many were.
-#[derive(Default)]
 pub struct Retransmits {
-    flows: HashMap<FlowKey, (u32, u64)>,
+    /// Per flow: the highest sequence number sent, segments sent again, and when new data
+    /// last went out.
+    flows: HashMap<FlowKey, (u32, u64, SInstant)>,
+    /// The time of the current poll.
+    pub now: SInstant,
+}
+
+impl Default for Retransmits {
+    fn default() -> Self {
+        Retransmits {
+            flows: HashMap::new(),
+            now: SInstant::ZERO,
+        }
+    }
 }
 
 impl Retransmits {
@@ -111,13 +137,15 @@ impl Retransmits {
         let seq = tcp.seq_number().0 as u32;
         let end = seq.wrapping_add(len);
         let key = (dst, tcp.dst_port(), tcp.src_port());
-        let e = self.flows.entry(key).or_insert((seq, 0));
+        let now = self.now;
+        let e = self.flows.entry(key).or_insert((seq, 0, now));
         // Sequence space wraps: `end` at or before the highest end sent is a resend.
         if (end.wrapping_sub(e.0) as i32) <= 0 && !tcp.syn() {
             e.1 += 1;
             true
         } else {
             e.0 = end;
+            e.2 = now;
             false
         }
     }
@@ -125,6 +153,11 @@ impl Retransmits {
     /// Segments of `key` sent again.
     pub fn of(&self, key: &FlowKey) -> u64 {
         self.flows.get(key).map_or(0, |e| e.1)
+    }
+
+    /// When new data of `key` last went out.
+    pub fn last_sent(&self, key: &FlowKey) -> Option<SInstant> {
+        self.flows.get(key).map(|e| e.2)
     }
 
     pub fn forget(&mut self, key: &FlowKey) {
@@ -195,6 +228,56 @@ pub fn complete_checksum(frame: &mut [u8]) -> bool {
     }
 }
 
+/// Whether `frame` is a pure ACK whose SACK blocks say the peer holds data beyond a hole at
+/// its acknowledgement number: a segment was lost and what followed it arrived.
+///
+/// smoltcp ignores SACK and starts a fast retransmit on the third duplicate ACK only. A Linux
+/// peer, coalescing the segments after a hole (GRO), often sends a single duplicate ACK with
+/// a SACK block for the lot, and the loss then waits for the retransmission timeout (1 s in
+/// smoltcp). Handing the stack that ACK three more times turns the peer's SACK into the
+/// duplicate ACKs it counts; the first hole is resent at once, and each later hole as the
+/// next ACK with SACK arrives.
+pub fn sack_hole(frame: &[u8]) -> bool {
+    let Some((_, _, proto, l4)) = ip_payload(frame) else {
+        return false;
+    };
+    if proto != IpProtocol::Tcp || frame.len() > ACK_FRAME_MAX {
+        return false;
+    }
+    let Ok(tcp) = TcpPacket::new_checked(l4) else {
+        return false;
+    };
+    if !tcp.ack() || tcp.syn() || tcp.fin() || tcp.rst() || !tcp.payload().is_empty() {
+        return false;
+    }
+    let ack = tcp.ack_number().0 as u32;
+    let mut opts = tcp.options();
+    while let Some((&kind, rest)) = opts.split_first() {
+        match kind {
+            0 => break,
+            1 => opts = rest,
+            _ => {
+                let Some(&len) = rest.first() else { break };
+                let len = usize::from(len);
+                if len < 2 || len > opts.len() {
+                    break;
+                }
+                if kind == 5 {
+                    // SACK: blocks of (left, right) edges.
+                    for b in opts[2..len].chunks_exact(8) {
+                        let left = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        if (left.wrapping_sub(ack) as i32) > 0 {
+                            return true;
+                        }
+                    }
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    false
+}
+
 fn is_arp(frame: &[u8]) -> bool {
     frame.len() >= ETH_HDR && frame[12] == 0x08 && frame[13] == 0x06
 }
@@ -206,6 +289,10 @@ pub struct Link<D: NetDev> {
     me: usize,
     /// An ARP frame from another reactor being handed to the stack.
     injected: Option<ArpFrame>,
+    /// A SACK-bearing ACK (or a tail-loss probe) to hand to the stack again, and how many
+    /// more times.
+    pub replay: Replay,
+    pub probes: Probes,
     pub retransmits: Retransmits,
     pub stats: Arc<StackStats>,
 }
@@ -217,9 +304,140 @@ impl<D: NetDev> Link<D> {
             bus,
             me,
             injected: None,
+            replay: Replay::default(),
+            probes: Probes::default(),
             retransmits: Retransmits::default(),
             stats,
         }
+    }
+}
+
+/// A pure ACK kept for replay (see [`sack_hole`] and [`Probes`]).
+pub struct Replay {
+    len: u8,
+    left: u8,
+    data: [u8; PROBE_FRAME_MAX],
+}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Replay {
+            len: 0,
+            left: 0,
+            data: [0; PROBE_FRAME_MAX],
+        }
+    }
+}
+
+impl Replay {
+    /// Hands `frame` to the stack `times` times, unless a replay is under way.
+    pub fn start(&mut self, frame: &[u8], times: u8) -> bool {
+        if self.left > 0 || frame.len() > PROBE_FRAME_MAX {
+            return false;
+        }
+        self.len = frame.len() as u8;
+        self.data[..frame.len()].copy_from_slice(frame);
+        self.left = times;
+        true
+    }
+}
+
+/// What the last segment of a flow from the peer was, as a pure ACK, and when it came.
+pub struct FlowRx {
+    ack: [u8; PROBE_FRAME_MAX],
+    len: u8,
+    /// When the peer last sent anything, or when the last probe went out.
+    pub at: SInstant,
+    /// Probes since the peer last sent anything.
+    pub probes: u32,
+}
+
+impl FlowRx {
+    /// The pure ACK template.
+    pub fn frame(&self) -> &[u8] {
+        &self.ack[..usize::from(self.len)]
+    }
+}
+
+/// Tail-loss probes (after RFC 8985's idea).
+///
+/// smoltcp retransmits after at least a second (its minimum RTO is a constant), and only a
+/// duplicate ACK starts anything sooner. When the end of a burst is lost (the last segments,
+/// or the peer's last ACK), no duplicate ACK ever comes and the connection waits that second.
+/// So every segment from the peer is kept as a pure ACK template; when a connection has data
+/// outstanding and the peer has said nothing for the probe timeout, that ACK is handed to the
+/// stack three times: smoltcp takes them for duplicates and resends its first unacknowledged
+/// segment, and the peer's answer acknowledges whatever it already holds.
+#[derive(Default)]
+pub struct Probes {
+    pub flows: HashMap<FlowKey, FlowRx>,
+}
+
+impl Probes {
+    /// Records a segment from the peer as the flow's pure ACK template.
+    fn note(&mut self, frame: &[u8], now: SInstant) {
+        let Some(eth) = frame.get(..ETH_HDR) else {
+            return;
+        };
+        let Some((src, dst, proto, l4)) = ip_payload(frame) else {
+            return;
+        };
+        if proto != IpProtocol::Tcp {
+            return;
+        }
+        let Ok(tcp) = TcpPacket::new_checked(l4) else {
+            return;
+        };
+        if !tcp.ack() || tcp.syn() || tcp.fin() || tcp.rst() {
+            return;
+        }
+        let key = (src, tcp.src_port(), tcp.dst_port());
+        let tcp_hdr = usize::from(tcp.header_len());
+        let ip_hdr = l4.as_ptr() as usize - frame.as_ptr() as usize - ETH_HDR;
+        let total = ETH_HDR + ip_hdr + tcp_hdr;
+        if total > PROBE_FRAME_MAX {
+            return;
+        }
+        let next_seq = (tcp.seq_number() + tcp.payload().len()).0 as u32;
+        let e = self.flows.entry(key).or_insert(FlowRx {
+            ack: [0; PROBE_FRAME_MAX],
+            len: 0,
+            at: now,
+            probes: 0,
+        });
+        e.at = now;
+        e.probes = 0;
+        e.len = total as u8;
+        let buf = &mut e.ack[..total];
+        buf[..ETH_HDR].copy_from_slice(eth);
+        buf[ETH_HDR..].copy_from_slice(&frame[ETH_HDR..total]);
+        // The same headers without the payload: a pure ACK at the peer's next sequence number.
+        let (ip_part, tcp_part) = buf[ETH_HDR..].split_at_mut(ip_hdr);
+        match (src, dst) {
+            (IpAddress::Ipv4(_), IpAddress::Ipv4(_)) => {
+                let mut ip = Ipv4Packet::new_unchecked(&mut *ip_part);
+                ip.set_total_len((ip_hdr + tcp_hdr) as u16);
+                ip.fill_checksum();
+            }
+            (IpAddress::Ipv6(_), IpAddress::Ipv6(_)) => {
+                let mut ip = Ipv6Packet::new_unchecked(&mut *ip_part);
+                ip.set_payload_len(tcp_hdr as u16);
+            }
+            _ => return,
+        }
+        let mut t = TcpPacket::new_unchecked(&mut *tcp_part);
+        t.set_seq_number(smoltcp::wire::TcpSeqNumber(next_seq as i32));
+        t.set_psh(false);
+        t.fill_checksum(&src, &dst);
+    }
+
+    pub fn forget(&mut self, key: &FlowKey) {
+        self.flows.remove(key);
+    }
+
+    #[cfg(test)]
+    pub fn note_for_test(&mut self, frame: &[u8]) {
+        self.note(frame, SInstant::ZERO);
     }
 }
 
@@ -229,8 +447,12 @@ pub enum LinkRx<'a, R: RxQueue> {
         bus: &'a ArpBus,
         me: usize,
         stats: &'a StackStats,
+        replay: &'a mut Replay,
+        probes: &'a mut Probes,
+        now: SInstant,
     },
     Injected(ArpFrame),
+    Replayed(&'a Replay),
 }
 
 pub struct LinkTx<'a, T: TxQueue> {
@@ -246,7 +468,16 @@ impl<R: RxQueue> phy::RxToken for LinkRx<'_, R> {
     {
         match self {
             LinkRx::Injected(a) => f(&a.data[..usize::from(a.len)]),
-            LinkRx::Dev { rx, bus, me, stats } => {
+            LinkRx::Replayed(r) => f(&r.data[..usize::from(r.len)]),
+            LinkRx::Dev {
+                rx,
+                bus,
+                me,
+                stats,
+                replay,
+                probes,
+                now,
+            } => {
                 let mut f = Some(f);
                 let r = rx.recv(|frame: &mut [u8], info: RxInfo| {
                     if info.csum_partial && complete_checksum(frame) {
@@ -269,6 +500,10 @@ impl<R: RxQueue> phy::RxToken for LinkRx<'_, R> {
                             }
                         }
                     }
+                    if sack_hole(frame) && replay.start(frame, SACK_REPLAYS) {
+                        stats.sack_replayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    probes.note(frame, now);
                     f.take().map(|f| f(frame))
                 });
                 match r.flatten() {
@@ -315,18 +550,30 @@ impl<D: NetDev> phy::Device for Link<D> {
     where
         Self: 'a;
 
-    fn receive(&mut self, _ts: SInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+    fn receive(&mut self, ts: SInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let Link {
             dev,
             bus,
             me,
             injected,
+            replay,
+            probes,
             retransmits,
             stats,
         } = self;
+        retransmits.now = ts;
         let (rx, tx) = dev.queues();
         if !tx.ready() {
             return None;
+        }
+        if replay.left > 0 {
+            replay.left -= 1;
+            let txt = LinkTx {
+                tx,
+                retransmits,
+                stats,
+            };
+            return Some((LinkRx::Replayed(replay), txt));
         }
         if injected.is_none() {
             if let Some((_, inbox)) = bus.inboxes.get(*me) {
@@ -351,18 +598,22 @@ impl<D: NetDev> phy::Device for Link<D> {
                 bus,
                 me: *me,
                 stats,
+                replay,
+                probes,
+                now: ts,
             },
             txt,
         ))
     }
 
-    fn transmit(&mut self, _ts: SInstant) -> Option<Self::TxToken<'_>> {
+    fn transmit(&mut self, ts: SInstant) -> Option<Self::TxToken<'_>> {
         let Link {
             dev,
             retransmits,
             stats,
             ..
         } = self;
+        retransmits.now = ts;
         let (_, tx) = dev.queues();
         if !tx.ready() {
             return None;

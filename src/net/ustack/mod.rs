@@ -55,6 +55,11 @@ pub struct StackConfig {
     pub syn_timeout: Duration,
     /// How long a closed connection may take to finish its FIN handshake before it is reset.
     pub linger: Duration,
+    /// Tail-loss probe timeout (`None`: off): a connection with data outstanding whose peer
+    /// has said nothing for this long resends its first unacknowledged segment instead of
+    /// waiting for smoltcp's one-second retransmission timeout ([`link::Probes`]). Doubled
+    /// for each probe the peer leaves unanswered.
+    pub tail_probe: Option<Duration>,
 }
 
 /// Buffer sizes the stack accepts.
@@ -74,6 +79,8 @@ impl StackConfig {
             max_half_open: 64,
             syn_timeout: Duration::from_secs(5),
             linger: Duration::from_secs(10),
+            // Above a peer's delayed ACK (40 ms on Linux), far below the 1 s timeout.
+            tail_probe: Some(Duration::from_millis(50)),
         }
     }
 
@@ -107,13 +114,20 @@ impl StackConfig {
                 ms @ 100..=120_000 => self.syn_timeout = Duration::from_millis(ms),
                 _ => return Err("--stack syn_timeout_ms is 100..=120000".into()),
             },
+            "tail_probe_ms" => {
+                self.tail_probe = match num()? {
+                    0 => None,
+                    ms @ 1..=1000 => Some(Duration::from_millis(ms)),
+                    _ => return Err("--stack tail_probe_ms is 0 (off) or 1..=1000".into()),
+                }
+            }
             "linger_ms" => match num()? {
                 ms @ 0..=600_000 => self.linger = Duration::from_millis(ms),
                 _ => return Err("--stack linger_ms is 0..=600000".into()),
             },
             _ => {
                 return Err(format!(
-                    "unknown --stack setting {key:?} (rx_buf, tx_buf, nagle, ack_delay_us, backlog, max_half_open, syn_timeout_ms, linger_ms)"
+                    "unknown --stack setting {key:?} (rx_buf, tx_buf, nagle, ack_delay_us, backlog, max_half_open, syn_timeout_ms, linger_ms, tail_probe_ms)"
                 ))
             }
         }
@@ -273,6 +287,10 @@ impl<D: NetDev + 'static> Net for UstackNet<D> {
                 c.ack_delay.map_or(0, |d| d.as_micros()).to_string(),
             ),
             ("backlog".into(), c.backlog.to_string()),
+            (
+                "tail_probe_ms".into(),
+                c.tail_probe.map_or(0, |d| d.as_millis()).to_string(),
+            ),
         ]
     }
 
@@ -522,6 +540,78 @@ impl<D: NetDev> UstackGroup<D> {
         }
     }
 
+    /// How long until the next tail-loss probe is due, if one may be.
+    fn probe_due(&self, ts: SInstant) -> Option<SDuration> {
+        let pto = SDuration::from_micros(self.cfg.tail_probe?.as_micros() as u64);
+        let mut due: Option<SInstant> = None;
+        for slot in self.conns.iter().flatten() {
+            if slot.closed {
+                continue;
+            }
+            let t = self.sockets.get::<tcp::Socket>(slot.handle);
+            if t.send_queue() == 0 || t.state() != tcp::State::Established {
+                continue;
+            }
+            let key = Self::flow_key(slot);
+            let Some(f) = self.link.probes.flows.get(&key) else {
+                continue;
+            };
+            let since = self
+                .link
+                .retransmits
+                .last_sent(&key)
+                .map_or(f.at, |sent| sent.max(f.at));
+            let at = since + pto * (1u32 << f.probes.min(5));
+            due = Some(due.map_or(at, |d| d.min(at)));
+        }
+        due.map(|d| if d > ts { d - ts } else { SDuration::ZERO })
+    }
+
+    /// Starts a tail-loss probe on connections with data outstanding whose peer has been
+    /// silent for the probe timeout (one probe per pass); returns whether it did.
+    fn probe_tails(&mut self, ts: SInstant) -> bool {
+        let Some(pto) = self.cfg.tail_probe else {
+            return false;
+        };
+        let pto = SDuration::from_micros(pto.as_micros() as u64);
+        for slot in self.conns.iter().flatten() {
+            if slot.closed {
+                continue;
+            }
+            let t = self.sockets.get::<tcp::Socket>(slot.handle);
+            if t.send_queue() == 0 || t.state() != tcp::State::Established {
+                continue;
+            }
+            let key = Self::flow_key(slot);
+            let Link {
+                probes,
+                replay,
+                retransmits,
+                stats,
+                ..
+            } = &mut self.link;
+            let Some(f) = probes.flows.get_mut(&key) else {
+                continue;
+            };
+            let since = retransmits
+                .last_sent(&key)
+                .map_or(f.at, |sent| sent.max(f.at));
+            let wait = pto * (1u32 << f.probes.min(5));
+            if ts < since + wait {
+                continue;
+            }
+            if replay.start(f.frame(), 3) {
+                f.probes += 1;
+                f.at = ts;
+                stats
+                    .tail_probes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Ends lingering connections that are done or out of time.
     fn housekeeping(&mut self, now: Instant) {
         let sockets = &mut self.sockets;
@@ -633,7 +723,9 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             return;
         };
         self.free.push(s.0);
-        self.link.retransmits.forget(&Self::flow_key(&slot));
+        let key = Self::flow_key(&slot);
+        self.link.retransmits.forget(&key);
+        self.link.probes.forget(&key);
         let until = Instant::now() + self.cfg.linger;
         self.lingering.push((slot.handle, until));
     }
@@ -738,6 +830,19 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         }
         // No egress here: ACKs for what arrived leave with the pass's flush, after the
         // engine has answered, so that they ride on the responses.
+        if self.cfg.tail_probe.is_some() && self.probe_tails(ts) {
+            // The probe's duplicate ACKs, taken now so the retransmission leaves with this
+            // pass's flush.
+            for _ in 0..4 {
+                if self
+                    .iface
+                    .poll_ingress_single(ts, &mut self.link, &mut self.sockets)
+                    == PollIngressSingleResult::None
+                {
+                    break;
+                }
+            }
+        }
         let after = self
             .link
             .dev
@@ -797,10 +902,18 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
 
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
         let ts = self.ts(now);
-        let d = self.iface.poll_delay(ts, &self.sockets)?;
+        let d = self.iface.poll_delay(ts, &self.sockets);
+        let probe = self.probe_due(ts);
+        let d = match (d, probe) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
         let mut at = now + Duration::from_micros(d.total_micros());
         if let Some(&(_, until)) = self.lingering.iter().min_by_key(|(_, u)| *u) {
             at = at.min(until);
+        }
+        if let Some(p) = self.probe_due(ts) {
+            at = at.min(now + Duration::from_micros(p.total_micros()));
         }
         Some(at)
     }

@@ -337,3 +337,100 @@ fn partial_checksums_are_completed() {
 }
 
 use smoltcp::wire::IpProtocol;
+
+/// A TCP frame from 10.9.0.1:5000 to 10.9.0.2:3260 with the given ACK, payload and options.
+fn tcp_frame(seq: u32, ack: u32, payload: &[u8], options: &[u8]) -> Vec<u8> {
+    use smoltcp::wire::{EthernetFrame, Ipv4Packet, TcpPacket, TcpSeqNumber};
+    let tcp_len = 20 + options.len() + payload.len();
+    let mut frame = vec![0u8; 14 + 20 + tcp_len];
+    EthernetFrame::new_unchecked(&mut frame[..])
+        .set_ethertype(smoltcp::wire::EthernetProtocol::Ipv4);
+    let mut ip = Ipv4Packet::new_unchecked(&mut frame[14..]);
+    ip.set_version(4);
+    ip.set_header_len(20);
+    ip.set_total_len((20 + tcp_len) as u16);
+    ip.set_hop_limit(64);
+    ip.set_next_header(IpProtocol::Tcp);
+    ip.set_src_addr(Ipv4Address::new(10, 9, 0, 1));
+    ip.set_dst_addr(Ipv4Address::new(10, 9, 0, 2));
+    ip.fill_checksum();
+    let mut t = TcpPacket::new_unchecked(&mut frame[34..]);
+    t.set_src_port(5000);
+    t.set_dst_port(3260);
+    t.set_seq_number(TcpSeqNumber(seq as i32));
+    t.set_ack_number(TcpSeqNumber(ack as i32));
+    t.set_header_len((20 + options.len()) as u8);
+    t.set_ack(true);
+    t.set_psh(!payload.is_empty());
+    t.set_window_len(1000);
+    t.options_mut().copy_from_slice(options);
+    t.payload_mut().copy_from_slice(payload);
+    t.fill_checksum(
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 1)),
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 2)),
+    );
+    frame
+}
+
+fn sack(left: u32, right: u32) -> Vec<u8> {
+    let mut o = vec![1, 1, 5, 10];
+    o.extend_from_slice(&left.to_be_bytes());
+    o.extend_from_slice(&right.to_be_bytes());
+    o
+}
+
+#[test]
+fn an_ack_with_sack_beyond_a_hole_is_recognised() {
+    assert!(link::sack_hole(&tcp_frame(1, 1000, &[], &sack(2460, 9000))));
+    // A D-SACK (a block below the ACK), plain ACKs and data segments are not holes.
+    assert!(!link::sack_hole(&tcp_frame(
+        1,
+        9000,
+        &[],
+        &sack(1000, 2460)
+    )));
+    assert!(!link::sack_hole(&tcp_frame(1, 1000, &[], &[])));
+    assert!(!link::sack_hole(&tcp_frame(
+        1,
+        1000,
+        b"data",
+        &sack(2460, 9000)
+    )));
+    // A malformed option list ends the scan without a panic.
+    assert!(!link::sack_hole(&tcp_frame(1, 1000, &[], &[5, 40, 0, 0])));
+    // Wrapping sequence space: a block just past an ACK near 2^32.
+    assert!(link::sack_hole(&tcp_frame(
+        1,
+        u32::MAX - 10,
+        &[],
+        &sack(5, 1000)
+    )));
+}
+
+#[test]
+fn a_probe_template_is_a_valid_pure_ack_after_the_segment() {
+    use smoltcp::wire::{Ipv4Packet, TcpPacket};
+    let mut p = link::Probes::default();
+    let seg = tcp_frame(
+        7000,
+        1234,
+        b"a command PDU of 48 bytes......................",
+        &[],
+    );
+    p.note_for_test(&seg);
+    let key = (IpAddress::from(Ipv4Address::new(10, 9, 0, 1)), 5000, 3260);
+    let f = p.flows.get(&key).expect("the flow is recorded");
+    let ack = f.frame();
+    let ip = Ipv4Packet::new_checked(&ack[14..]).unwrap();
+    assert!(ip.verify_checksum());
+    assert_eq!(ip.total_len(), 40);
+    let t = TcpPacket::new_checked(&ack[34..]).unwrap();
+    assert!(t.payload().is_empty());
+    assert!(!t.psh());
+    assert_eq!(t.seq_number().0 as u32, 7000 + 48);
+    assert_eq!(t.ack_number().0 as u32, 1234);
+    assert!(t.verify_checksum(
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 1)),
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 2))
+    ));
+}
