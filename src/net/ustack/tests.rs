@@ -411,12 +411,8 @@ fn an_ack_with_sack_beyond_a_hole_is_recognised() {
 fn a_probe_template_is_a_valid_pure_ack_after_the_segment() {
     use smoltcp::wire::{Ipv4Packet, TcpPacket};
     let mut p = link::Probes::default();
-    let seg = tcp_frame(
-        7000,
-        1234,
-        b"a command PDU of 48 bytes......................",
-        &[],
-    );
+    let payload = [0x42u8; 48];
+    let seg = tcp_frame(7000, 1234, &payload, &[]);
     p.note_for_test(&seg);
     let key = (IpAddress::from(Ipv4Address::new(10, 9, 0, 1)), 5000, 3260);
     let f = p.flows.get(&key).expect("the flow is recorded");
