@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting and lints, unit and integration tests, the
-# target against real initiators, the storage backends, backing-store faults, fuzzing and
-# libiscsi's conformance suite. Installs what it needs.
+# target against real initiators, the storage backends, backing-store faults, fuzzing, the
+# userspace TCP stack between network namespaces and libiscsi's conformance suite. Installs
+# what it needs.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -31,6 +32,9 @@ scripts/faults.sh
 
 step "fuzzing: a bounded run of every target"
 FUZZ_SECS=${FUZZ_SECS:-30} scripts/fuzz.sh
+
+step "the userspace TCP stack between two network namespaces"
+scripts/netns-test.sh
 
 step "conformance: iscsi-test-cu"
 # The suite runs in full, docs/CONFORMANCE.md records every result, and the run fails if a suite

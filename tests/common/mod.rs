@@ -65,6 +65,10 @@ impl Target {
                 None => (String::new(), "127.0.0.1".to_string(), Vec::new()),
             };
         let addr: SocketAddr = format!("{host}:{port}").parse().unwrap();
+        if !wrap.is_empty() {
+            // What scripts/netns-test.sh looks for to know the tests ran where it asked.
+            eprintln!("test target: {wrap} on {addr} with {}", net_args.join(" "));
+        }
         let log = std::fs::File::create(dir.path().join("target.log")).unwrap();
         let bin = env!("CARGO_BIN_EXE_iscsi-tgt");
         let mut cmd = if prefix.is_empty() && wrap.is_empty() {

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The network paths side by side, in one run, with the same initiator (iscsi-bench on core 0,
+# the target's one reactor on core 1, poll mode, a 1 GiB RAM LUN):
+#   1. the kernel path on loopback, this build against an earlier one (BASE, a git revision):
+#      the socket seam must not have made it slower;
+#   2. over one veth pair between two namespaces: the kernel's TCP, the userspace stack on
+#      AF_PACKET, and the userspace stack on TAP (routed through the target namespace).
+# Prints a Markdown table: IOPS, MB/s and the target's busy time per I/O (reactors/0/busy_ns
+# over the run divided by the I/Os). With PROFILE=1 it also records `perf` profiles of the
+# target at 4 KiB QD32 on each veth path and prints their top functions.
+#   BASE=2139ce8 SECS=8 scripts/bench-net.sh
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+[ "$(id -u)" -eq 0 ] || die "needs root (namespaces)"
+BASE=${BASE:-2139ce8}
+SECS=${SECS:-8}
+TAG=$$
+NS_T=ibn-t-$TAG
+NS_I=ibn-i-$TAG
+WORK=$(mktemp -d /tmp/iscsi-tgt-bench-net.XXXXXX)
+SOCK=$WORK/rpc.sock
+IQN=iqn.2026-11.org.iscsi-tgt:bench
+BENCH=$ROOT/target/release/iscsi-bench
+PORT=${PORT:-13270}
+cleanup() {
+    stop_target || true
+    ip netns del "$NS_T" 2>/dev/null || true
+    ip netns del "$NS_I" 2>/dev/null || true
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+build_release
+# The earlier build, in a scratch work tree of its own.
+if [ ! -x "$WORK/base/target/release/iscsi-tgt" ]; then
+    git -C "$ROOT" worktree add -q --detach "$WORK/base" "$BASE"
+    (cd "$WORK/base" && cargo build --release --quiet --bin iscsi-tgt) || die "cannot build $BASE"
+    git -C "$ROOT" worktree remove --force "$WORK/base" 2>/dev/null || true
+fi
+BASE_BIN=$WORK/base-iscsi-tgt
+[ -x "$BASE_BIN" ] || cp "$WORK/base/target/release/iscsi-tgt" "$BASE_BIN" 2>/dev/null ||
+    die "no binary for $BASE"
+
+# start BIN WRAP... -- ARGS...: the target with its RPC socket at $SOCK.
+start() {
+    local bin=$1
+    shift
+    local wrap=()
+    while [ "$1" != "--" ]; do wrap+=("$1"); shift; done
+    shift
+    rm -f "$SOCK"
+    "${wrap[@]}" "$bin" --rpc-socket "$SOCK" --cores 1 --mode poll "$@" >"$WORK/target.log" 2>&1 &
+    TARGET_PID=$!
+    for _ in $(seq 1 100); do
+        [ -S "$SOCK" ] && $RPC -s "$SOCK" get version >/dev/null 2>&1 && break
+        kill -0 "$TARGET_PID" 2>/dev/null || { cat "$WORK/target.log" >&2; die "target exited"; }
+        sleep 0.1
+    done
+    rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device r0 size_mb=1024"
+    rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add r0 0"
+    rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
+    rpc "$SOCK" set targets/iscsi/enabled 1
+}
+
+# run NAME PORTAL WRAP... -- BENCH ARGS...: one measurement, printed as a table row.
+run() {
+    local name=$1 portal=$2
+    shift 2
+    local wrap=()
+    while [ "$1" != "--" ]; do wrap+=("$1"); shift; done
+    shift
+    local b0 b1 out iops mbps
+    b0=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    out=$("${wrap[@]}" taskset -c 0 "$BENCH" --portal "$portal" --target "$IQN" --secs "$SECS" "$@")
+    b1=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    iops=$(awk '{print $2}' <<<"$out")
+    mbps=$(awk '{print $4}' <<<"$out")
+    local us
+    us=$(python3 -c "print(f'{($b1 - $b0) / 1000 / max(1, $iops * $SECS):.2f}')")
+    printf '| %s | %s | %s | %s | %s |\n' "$name" "$*" "$iops" "$mbps" "$us"
+}
+
+WORKLOADS=("--bs 4096 --qd 1 --random" "--bs 4096 --qd 32 --random" "--bs 131072 --qd 16")
+
+echo "| path | workload | IOPS | MB/s | target busy µs per I/O |"
+echo "|---|---|---:|---:|---:|"
+for which in base new; do
+    bin=$BIN
+    [ "$which" = base ] && bin=$BASE_BIN
+    start "$bin" env -- --listen "127.0.0.1:$PORT"
+    for w in "${WORKLOADS[@]}"; do
+        # shellcheck disable=SC2086 # a workload is several arguments
+        run "loopback, kernel TCP ($which: $([ "$which" = base ] && echo "$BASE" || git -C "$ROOT" rev-parse --short HEAD))" "127.0.0.1:$PORT" env -- $w
+    done
+    stop_target
+done
+
+ip netns add "$NS_T"
+ip netns add "$NS_I"
+ip link add "bt$TAG" type veth peer name "bi$TAG"
+ip link set "bt$TAG" netns "$NS_T"
+ip link set "bi$TAG" netns "$NS_I"
+ip -n "$NS_T" link set "bt$TAG" name vt up
+ip -n "$NS_I" link set "bi$TAG" name vi up
+ip -n "$NS_T" link set lo up
+ip -n "$NS_I" link set lo up
+ip -n "$NS_I" addr add 10.79.0.1/24 dev vi
+ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
+# Offloads off on the initiator's end, for every path alike (the userspace stack needs
+# complete checksums and no GSO super-frames).
+ip netns exec "$NS_I" ethtool -K vi tx off >/dev/null
+
+profile() {
+    [ -n "${PROFILE:-}" ] || return 0
+    local name=$1 portal=$2
+    ip netns exec "$NS_I" taskset -c 0 "$BENCH" --portal "$portal" --target "$IQN" --secs 6 --bs 4096 --qd 32 --random >/dev/null &
+    local b=$!
+    sleep 1
+    perf record -q -e cpu-clock -g -p "$TARGET_PID" -o "$WORK/perf-$name.data" -- sleep 4 >/dev/null 2>&1 || true
+    wait "$b"
+    echo
+    echo "profile $name (4 KiB random read QD32), top functions of the target:"
+    perf report -i "$WORK/perf-$name.data" --no-children --percent-limit 2 --stdio 2>/dev/null |
+        grep -E '^ +[0-9.]+%' | head -15
+}
+
+ip -n "$NS_T" addr add 10.79.0.2/24 dev vt
+start "$BIN" ip netns exec "$NS_T" -- --listen 10.79.0.2:3260
+for w in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2086
+    run "veth, kernel TCP" 10.79.0.2:3260 ip netns exec "$NS_I" -- $w
+done
+profile kernel 10.79.0.2:3260 >"$WORK/profile-kernel.txt"
+stop_target
+ip -n "$NS_T" addr del 10.79.0.2/24 dev vt
+
+start "$BIN" ip netns exec "$NS_T" -- --listen 10.79.0.2:3260 --net af_packet:vt --ip 10.79.0.2/24
+for w in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2086
+    run "veth, userspace TCP on AF_PACKET" 10.79.0.2:3260 ip netns exec "$NS_I" -- $w
+done
+profile af_packet 10.79.0.2:3260 >"$WORK/profile-af_packet.txt"
+stop_target
+
+ip netns exec "$NS_T" sysctl -qw net.ipv4.ip_forward=1
+ip -n "$NS_T" addr add 10.79.1.2/24 dev vt
+ip -n "$NS_I" addr add 10.79.1.1/24 dev vi
+ip -n "$NS_I" route add 10.80.0.0/24 via 10.79.1.2
+start "$BIN" ip netns exec "$NS_T" -- --listen 10.80.0.2:3260 --net tap:ibn0 --ip 10.80.0.2/24 --gateway 10.80.0.1
+ip -n "$NS_T" addr add 10.80.0.1/24 dev ibn0
+ip -n "$NS_T" link set ibn0 up
+for w in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2086
+    run "veth + routed TAP, userspace TCP" 10.80.0.2:3260 ip netns exec "$NS_I" -- $w
+done
+stop_target
+
+cat "$WORK"/profile-*.txt 2>/dev/null || true
