@@ -32,15 +32,18 @@ cleanup() {
 trap cleanup EXIT
 
 build_release
-# The earlier build, in a scratch work tree of its own.
-if [ ! -x "$WORK/base/target/release/iscsi-tgt" ]; then
+# The earlier build, in a scratch work tree of its own (its target directory is kept between
+# runs in BASE_CACHE).
+BASE_CACHE=${BASE_CACHE:-/var/tmp/iscsi-tgt-bench-base}
+BASE_BIN=$BASE_CACHE/iscsi-tgt-$BASE
+if [ ! -x "$BASE_BIN" ]; then
+    mkdir -p "$BASE_CACHE"
     git -C "$ROOT" worktree add -q --detach "$WORK/base" "$BASE"
-    (cd "$WORK/base" && cargo build --release --quiet --bin iscsi-tgt) || die "cannot build $BASE"
-    git -C "$ROOT" worktree remove --force "$WORK/base" 2>/dev/null || true
+    (cd "$WORK/base" && CARGO_TARGET_DIR=$BASE_CACHE/target cargo build --release --quiet --bin iscsi-tgt) ||
+        die "cannot build $BASE"
+    git -C "$ROOT" worktree remove --force "$WORK/base"
+    cp "$BASE_CACHE/target/release/iscsi-tgt" "$BASE_BIN"
 fi
-BASE_BIN=$WORK/base-iscsi-tgt
-[ -x "$BASE_BIN" ] || cp "$WORK/base/target/release/iscsi-tgt" "$BASE_BIN" 2>/dev/null ||
-    die "no binary for $BASE"
 
 # start BIN WRAP... -- ARGS...: the target with its RPC socket at $SOCK.
 start() {
@@ -111,6 +114,14 @@ ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
 # Offloads off on the initiator's end, for every path alike (the userspace stack needs
 # complete checksums and no GSO super-frames).
 ip netns exec "$NS_I" ethtool -K vi tx off >/dev/null
+# A veth delivers what one end sends on the sender's core, inside its send call: without RPS
+# the initiator's whole TCP receive path would run on the target's core and count as the
+# target's busy time (and the target's on the initiator's). RPS hands each end's receive work
+# to its own side's core, as two hosts would have it.
+ip netns exec "$NS_I" sh -c 'echo 1 > /sys/class/net/vi/queues/rx-0/rps_cpus' ||
+    die "cannot set RPS on the initiator's veth end"
+ip netns exec "$NS_T" sh -c 'echo 2 > /sys/class/net/vt/queues/rx-0/rps_cpus' ||
+    die "cannot set RPS on the target's veth end"
 
 profile() {
     [ -n "${PROFILE:-}" ] || return 0
