@@ -8,7 +8,7 @@
 # Prints a Markdown table: IOPS, MB/s and the target's busy time per I/O (reactors/0/busy_ns
 # over the run divided by the I/Os). With PROFILE=1 it also records `perf` profiles of the
 # target at 4 KiB QD32 on each veth path and prints their top functions.
-#   BASE=2139ce8 SECS=8 scripts/bench-net.sh
+#   BASE=2139ce8 SECS=8 scripts/bench-net.sh        MTU=9000 for jumbo frames on the veth
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -103,6 +103,9 @@ done
 ip netns add "$NS_T"
 ip netns add "$NS_I"
 ip link add "bt$TAG" type veth peer name "bi$TAG"
+# MTU=9000 measures with jumbo frames on the veth (every path alike).
+ip link set "bt$TAG" mtu "${MTU:-1500}"
+ip link set "bi$TAG" mtu "${MTU:-1500}"
 ip link set "bt$TAG" netns "$NS_T"
 ip link set "bi$TAG" netns "$NS_I"
 ip -n "$NS_T" link set "bt$TAG" name vt up
