@@ -14,7 +14,7 @@ use smoltcp::wire::{
     UdpPacket,
 };
 
-use super::dev::{NetDev, RxInfo, RxQueue, TxQueue};
+use super::dev::{Gso, NetDev, RxInfo, RxQueue, TxMeta, TxQueue};
 
 /// Ethernet header length.
 pub const ETH_HDR: usize = 14;
@@ -278,6 +278,70 @@ pub fn sack_hole(frame: &[u8]) -> bool {
     false
 }
 
+/// Prepares a TCP frame built without its checksum for a device that completes it: the
+/// checksum field gets the pseudo-header sum, and a frame whose payload is longer than
+/// `mss` is marked for segmentation. Other frames need nothing (smoltcp checksums them).
+pub fn offload_meta(frame: &mut [u8], mss: Option<u16>) -> TxMeta {
+    let Some((src, dst, proto, l4)) = ip_payload(frame) else {
+        return TxMeta::default();
+    };
+    if proto != IpProtocol::Tcp {
+        return TxMeta::default();
+    }
+    let start = l4.as_ptr() as usize - frame.as_ptr() as usize;
+    let l4_len = l4.len();
+    let Ok(tcp) = TcpPacket::new_checked(l4) else {
+        return TxMeta::default();
+    };
+    let hdr_len = start + usize::from(tcp.header_len());
+    let payload = tcp.payload().len();
+    let sum = pseudo_header_sum(&src, &dst, l4_len);
+    let Some(field) = frame.get_mut(start + 16..start + 18) else {
+        return TxMeta::default();
+    };
+    field.copy_from_slice(&sum.to_be_bytes());
+    let gso = mss.filter(|&m| payload > usize::from(m)).map(|mss| Gso {
+        mss,
+        hdr_len: hdr_len as u16,
+        ipv6: matches!(src, IpAddress::Ipv6(_)),
+    });
+    TxMeta {
+        csum: Some((start as u16, 16)),
+        gso,
+    }
+}
+
+/// The TCP pseudo-header's one's complement sum, folded and not complemented (what a
+/// checksum left to the device starts from).
+fn pseudo_header_sum(src: &IpAddress, dst: &IpAddress, len: usize) -> u16 {
+    let mut acc: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            let w = u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]);
+            acc += u32::from(w);
+        }
+    };
+    match (src, dst) {
+        (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        _ => {}
+    }
+    let len = len as u32;
+    acc += len >> 16;
+    acc += len & 0xffff;
+    acc += 6; // TCP
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
 fn is_arp(frame: &[u8]) -> bool {
     frame.len() >= ETH_HDR && frame[12] == 0x08 && frame[13] == 0x06
 }
@@ -295,11 +359,17 @@ pub struct Link<D: NetDev> {
     pub probes: Probes,
     pub retransmits: Retransmits,
     pub stats: Arc<StackStats>,
+    /// The device completes TCP checksums, and segments large frames up to `tso_max`.
+    offload: bool,
+    tso_max: Option<usize>,
 }
 
 impl<D: NetDev> Link<D> {
     pub fn new(dev: D, bus: Arc<ArpBus>, me: usize, stats: Arc<StackStats>) -> Link<D> {
+        let o = dev.offload();
         Link {
+            offload: o.csum,
+            tso_max: o.tso_max.filter(|_| o.csum),
             dev,
             bus,
             me,
@@ -459,6 +529,10 @@ pub struct LinkTx<'a, T: TxQueue> {
     tx: &'a mut T,
     retransmits: &'a mut Retransmits,
     stats: &'a StackStats,
+    /// The device completes TCP checksums (and segments when smoltcp asks).
+    offload: bool,
+    /// The segment size smoltcp asked the device to cut this frame into.
+    mss: Option<u16>,
 }
 
 impl<R: RxQueue> phy::RxToken for LinkRx<'_, R> {
@@ -529,14 +603,25 @@ impl<T: TxQueue> phy::TxToken for LinkTx<'_, T> {
             tx,
             retransmits,
             stats,
+            offload,
+            mss,
         } = self;
-        tx.send(len, |buf| {
+        tx.send_meta(len, |buf| {
             let r = f(buf);
             if retransmits.note(buf) {
                 stats.retransmits.fetch_add(1, Ordering::Relaxed);
             }
-            r
+            let meta = if offload {
+                offload_meta(buf, mss)
+            } else {
+                TxMeta::default()
+            };
+            (r, meta)
         })
+    }
+
+    fn set_meta(&mut self, meta: phy::PacketMeta) {
+        self.mss = meta.segmentation_offload_size.map(|m| m.get());
     }
 }
 
@@ -560,6 +645,8 @@ impl<D: NetDev> phy::Device for Link<D> {
             probes,
             retransmits,
             stats,
+            offload,
+            ..
         } = self;
         retransmits.now = ts;
         let (rx, tx) = dev.queues();
@@ -572,6 +659,8 @@ impl<D: NetDev> phy::Device for Link<D> {
                 tx,
                 retransmits,
                 stats,
+                offload: *offload,
+                mss: None,
             };
             return Some((LinkRx::Replayed(replay), txt));
         }
@@ -584,6 +673,8 @@ impl<D: NetDev> phy::Device for Link<D> {
             tx,
             retransmits,
             stats,
+            offload: *offload,
+            mss: None,
         };
         if let Some(a) = injected.take() {
             stats.arp_injected.fetch_add(1, Ordering::Relaxed);
@@ -611,6 +702,7 @@ impl<D: NetDev> phy::Device for Link<D> {
             dev,
             retransmits,
             stats,
+            offload,
             ..
         } = self;
         retransmits.now = ts;
@@ -622,6 +714,8 @@ impl<D: NetDev> phy::Device for Link<D> {
             tx,
             retransmits,
             stats,
+            offload: *offload,
+            mss: None,
         })
     }
 
@@ -629,6 +723,11 @@ impl<D: NetDev> phy::Device for Link<D> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.dev.mtu() + ETH_HDR;
+        if self.offload {
+            // Received checksums are still verified; sent ones are the device's.
+            caps.checksum.tcp = phy::Checksum::Rx;
+            caps.segmentation.tcpv4 = self.tso_max.and_then(std::num::NonZeroUsize::new);
+        }
         caps
     }
 }

@@ -430,3 +430,39 @@ fn a_probe_template_is_a_valid_pure_ack_after_the_segment() {
         &IpAddress::from(Ipv4Address::new(10, 9, 0, 2))
     ));
 }
+
+#[test]
+fn a_frame_left_to_the_device_gets_the_pseudo_header_sum_and_its_segmentation() {
+    use smoltcp::wire::TcpPacket;
+    let payload = vec![0x5au8; 3000];
+    let mut f = tcp_frame(1, 2, &payload, &[]);
+    // smoltcp leaves the field zero when the device checksums.
+    f[34 + 16] = 0;
+    f[34 + 17] = 0;
+    let m = link::offload_meta(&mut f, Some(1460));
+    assert_eq!(m.csum, Some((34, 16)));
+    let g = m.gso.expect("3000 bytes at an MSS of 1460 are segmented");
+    assert_eq!((g.mss, g.hdr_len, g.ipv6), (1460, 54, false));
+    // What the device does: the one's complement sum of the segment, from the field's value.
+    let mut acc: u32 = 0;
+    for c in f[34..].chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    let sum = !(acc as u16);
+    f[34 + 16..34 + 18].copy_from_slice(&sum.to_be_bytes());
+    let t = TcpPacket::new_checked(&f[34..]).unwrap();
+    assert!(t.verify_checksum(
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 1)),
+        &IpAddress::from(Ipv4Address::new(10, 9, 0, 2))
+    ));
+    // A frame within one segment is not segmented; a non-TCP frame needs nothing.
+    let mut small = tcp_frame(1, 2, b"x", &[]);
+    assert!(link::offload_meta(&mut small, Some(1460)).gso.is_none());
+    let mut arp = vec![0u8; 60];
+    arp[12] = 0x08;
+    arp[13] = 0x06;
+    assert_eq!(link::offload_meta(&mut arp, Some(1460)), Default::default());
+}

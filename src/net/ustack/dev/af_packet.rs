@@ -44,6 +44,7 @@ use std::sync::Arc;
 
 use super::netif::{self, ETH_HLEN, VLAN_HLEN};
 use super::{DevStats, NetDev, RxInfo, RxQueue, TxQueue};
+use super::{TxMeta, TxOffload};
 
 /// `TPACKET_ALIGN` (linux/if_packet.h).
 const fn tpacket_align(x: usize) -> usize {
@@ -65,6 +66,14 @@ const RX_PKTTYPE_OFF: usize =
 
 /// Receive polls between two reads of the kernel's drop counter (a system call).
 const STATS_EVERY: u32 = 4096;
+/// `struct virtio_net_hdr`, which precedes each frame of a socket with `PACKET_VNET_HDR`.
+const VNET_LEN: usize = 10;
+const VNET_F_NEEDS_CSUM: u8 = 1;
+const VNET_GSO_TCPV4: u8 = 1;
+const VNET_GSO_TCPV6: u8 = 4;
+/// The offloading transmit ring: slots of 64 KiB (a whole TSO frame), at most 128 of them.
+const VNET_FRAME: usize = 64 * 1024;
+const VNET_FRAMES: usize = 128;
 
 /// Whether the advice about truncated frames was given (once per process, not per queue).
 static WARNED_TRUNCATED: AtomicBool = AtomicBool::new(false);
@@ -300,6 +309,21 @@ pub struct AfPacketTx {
     spill: Vec<u8>,
     fd: RawFd,
     stats: Arc<DevStats>,
+    /// Each slot starts with a `virtio_net_hdr`: the kernel completes TCP checksums and
+    /// segments frames larger than the MTU (the socket of [`VnetTx`]).
+    vnet: bool,
+    /// The largest frame sent whole (the MTU with a link header).
+    mtu_len: usize,
+}
+
+/// A second socket per queue for sending only, with `PACKET_VNET_HDR`: frames leave with
+/// their TCP checksum to complete and, up to 64 KiB, to segment (TSO: a veth hands the large
+/// frame to its peer whole; a NIC segments it in hardware). Bound to the interface with
+/// protocol 0, it receives nothing.
+struct VnetTx {
+    // The mapping is declared before the socket, so it is unmapped first.
+    ring: RingMap,
+    fd: OwnedFd,
 }
 
 // SAFETY: as for `AfPacketRx`; only this half touches the transmit ring.
@@ -313,10 +337,74 @@ pub struct AfPacketDev {
     mtu: usize,
     layout: Layout,
     stats: Arc<DevStats>,
+    /// The offloading transmit socket, when the kernel allows one.
+    _vnet: Option<VnetTx>,
     // The mapping is declared before the socket: it is unmapped before the socket is closed,
     // so no ring outlives the descriptor it belongs to.
     _ring: RingMap,
     fd: OwnedFd,
+}
+
+/// Opens the offloading transmit socket of `ifindex` ([`VnetTx`]).
+fn open_vnet_tx(ifindex: libc::c_int, frames: usize) -> io::Result<VnetTx> {
+    // SAFETY: plain socket creation; the result is checked.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor just created and owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sfd = fd.as_raw_fd();
+    let v2 = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
+    setopt(sfd, libc::PACKET_VERSION, &v2)?;
+    let on: libc::c_int = 1;
+    setopt(sfd, libc::PACKET_VNET_HDR, &on)?;
+    setopt(sfd, libc::PACKET_LOSS, &on)?;
+    setopt(sfd, libc::PACKET_QDISC_BYPASS, &on)?;
+    let req = libc::tpacket_req {
+        tp_block_size: VNET_FRAME as libc::c_uint,
+        tp_block_nr: frames as libc::c_uint,
+        tp_frame_size: VNET_FRAME as libc::c_uint,
+        tp_frame_nr: frames as libc::c_uint,
+    };
+    setopt(sfd, libc::PACKET_TX_RING, &req)?;
+    let len = VNET_FRAME * frames;
+    // SAFETY: a shared mapping of the socket's ring at an address of the kernel's choosing,
+    // of exactly the ring's size; failure is MAP_FAILED, checked below.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            sfd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let addr =
+        NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    let ring = RingMap { addr, len };
+    // SAFETY: all-zero bytes are a valid `sockaddr_ll` (integers and a byte array).
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
+    sll.sll_protocol = 0;
+    sll.sll_ifindex = ifindex;
+    let sll_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `sll` is a live `sockaddr_ll` of `sll_len` bytes; the kernel only reads it.
+    let r = unsafe { libc::bind(sfd, (&sll as *const libc::sockaddr_ll).cast(), sll_len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(VnetTx { ring, fd })
 }
 
 fn setopt<T>(fd: RawFd, name: libc::c_int, val: &T) -> io::Result<()> {
@@ -479,7 +567,7 @@ impl AfPacketDev {
         // flow hash: they may belong to another queue's connections, so they go. Frames of
         // this queue's own flows that are dropped with them are sent again by their peers.
         rx.discard_all();
-        let tx = AfPacketTx {
+        let mut tx = AfPacketTx {
             ring: tx_slots,
             head: 0,
             max_len: (layout.frame_size - TX_DATA_OFF).min(mtu + ETH_HLEN + VLAN_HLEN),
@@ -487,6 +575,30 @@ impl AfPacketDev {
             spill: Vec::new(),
             fd: sfd,
             stats: stats.clone(),
+            vnet: false,
+            mtu_len: mtu + ETH_HLEN + VLAN_HLEN,
+        };
+        // Sends go through the offloading socket where the kernel allows it; otherwise
+        // through this socket's own ring, with checksums computed by the stack.
+        let vnet_frames = layout.tx_frames.min(VNET_FRAMES);
+        let vnet = match open_vnet_tx(ifindex, vnet_frames) {
+            Ok(v) => {
+                tx.ring = Slots {
+                    base: v.ring.addr,
+                    frame_size: VNET_FRAME,
+                    count: vnet_frames,
+                };
+                tx.fd = v.fd.as_raw_fd();
+                tx.max_len = VNET_FRAME - TX_DATA_OFF - VNET_LEN;
+                tx.vnet = true;
+                Some(v)
+            }
+            Err(e) => {
+                log::info!(
+                    "{ifname}: no transmit offloads ({e}); the stack checksums and segments"
+                );
+                None
+            }
         };
         Ok(AfPacketDev {
             rx,
@@ -495,6 +607,7 @@ impl AfPacketDev {
             mtu,
             layout,
             stats,
+            _vnet: vnet,
             _ring: ring,
             fd,
         })
@@ -700,20 +813,49 @@ impl TxQueue for AfPacketTx {
     }
 
     fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.send_meta(len, |b| (f(b), TxMeta::default()))
+    }
+
+    fn send_meta<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> (R, TxMeta)) -> R {
         if len < ETH_HLEN || len > self.max_len || !self.head_free() {
             DevStats::add(&self.stats.tx_dropped, 1);
             self.spill.clear();
             self.spill.resize(len, 0);
-            return f(&mut self.spill);
+            return f(&mut self.spill).0;
         }
         let slot = self.ring.slot(self.head);
+        let hdr = if self.vnet { VNET_LEN } else { 0 };
         // SAFETY: the slot is available, so neither the kernel nor the driver reads it;
-        // `TX_DATA_OFF + len <= frame_size` (`max_len` is at most the slot's room) keeps the
-        // bytes inside it; `&mut self` keeps them unique.
-        let frame = unsafe { std::slice::from_raw_parts_mut(slot.add(TX_DATA_OFF), len) };
-        let r = f(frame);
-        // `len <= max_len < frame_size`, which fits a u32 (`Layout::new`).
-        let tp_len = len as u32;
+        // `TX_DATA_OFF + hdr + len <= frame_size` (`max_len` is at most the slot's room)
+        // keeps the bytes inside it; `&mut self` keeps them unique.
+        let frame = unsafe { std::slice::from_raw_parts_mut(slot.add(TX_DATA_OFF + hdr), len) };
+        let (r, meta) = f(frame);
+        if len > self.mtu_len && meta.gso.is_none() {
+            // Only a frame the kernel is to segment may exceed the MTU.
+            DevStats::add(&self.stats.tx_dropped, 1);
+            return r;
+        }
+        if self.vnet {
+            let mut v = [0u8; VNET_LEN];
+            if let Some((start, off)) = meta.csum {
+                v[0] = VNET_F_NEEDS_CSUM;
+                v[6..8].copy_from_slice(&start.to_ne_bytes());
+                v[8..10].copy_from_slice(&off.to_ne_bytes());
+            }
+            if let Some(g) = meta.gso {
+                v[1] = if g.ipv6 {
+                    VNET_GSO_TCPV6
+                } else {
+                    VNET_GSO_TCPV4
+                };
+                v[2..4].copy_from_slice(&g.hdr_len.to_ne_bytes());
+                v[4..6].copy_from_slice(&g.mss.to_ne_bytes());
+            }
+            // SAFETY: as for the frame: the header's 10 bytes precede it inside the slot.
+            unsafe { ptr::copy_nonoverlapping(v.as_ptr(), slot.add(TX_DATA_OFF), VNET_LEN) };
+        }
+        // `hdr + len <= max_len + hdr < frame_size`, which fits a u32.
+        let tp_len = (hdr + len) as u32;
         // SAFETY: the slot is ours (available); `tp_len` is an aligned u32 of its header.
         unsafe {
             ptr::write(
@@ -780,6 +922,18 @@ impl NetDev for AfPacketDev {
 
     fn stats(&self) -> &Arc<DevStats> {
         &self.stats
+    }
+
+    fn offload(&self) -> TxOffload {
+        if self.tx.vnet {
+            TxOffload {
+                csum: true,
+                // An IPv4 packet is at most 65535 bytes.
+                tso_max: Some(self.tx.max_len.min(65535 + ETH_HLEN)),
+            }
+        } else {
+            TxOffload::default()
+        }
     }
 }
 
@@ -926,6 +1080,9 @@ mod tests {
                 RingConfig::new().with_frame_size(2048),
                 "default rings, 2048-byte slots for MTU 1500"
             );
+            // Sends go through the offloading socket (checksums and TSO left to the kernel).
+            let o = dev.offload();
+            assert!(o.csum && o.tso_max.is_some_and(|m| m > 60_000), "{o:?}");
             testns::arp_both_ways(std::slice::from_mut(&mut dev), &link);
             testns::udp_to_kernel(&mut dev, &link);
 

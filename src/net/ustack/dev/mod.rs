@@ -41,6 +41,35 @@ pub trait RxQueue: Send {
     fn recv<R>(&mut self, f: impl FnOnce(&mut [u8], RxInfo) -> R) -> Option<R>;
 }
 
+/// What a device is to finish in a frame it sends (transmit offloads).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxMeta {
+    /// Complete the transport checksum: (where the checksummed bytes start, where the field
+    /// is, relative to that start), both from the start of the frame; the field holds the
+    /// pseudo-header sum.
+    pub csum: Option<(u16, u16)>,
+    /// Cut the TCP payload into segments of `mss` bytes, each with a copy of the first
+    /// `hdr_len` bytes (Ethernet, IP and TCP headers).
+    pub gso: Option<Gso>,
+}
+
+/// TCP segmentation of one large frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gso {
+    pub mss: u16,
+    pub hdr_len: u16,
+    pub ipv6: bool,
+}
+
+/// The transmit offloads a device offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TxOffload {
+    /// It completes TCP checksums ([`TxMeta::csum`]).
+    pub csum: bool,
+    /// It segments TCP frames up to this length, Ethernet header included ([`TxMeta::gso`]).
+    pub tso_max: Option<usize>,
+}
+
 /// The transmit half of a device queue.
 pub trait TxQueue: Send {
     /// Whether a frame can be queued now (a free ring slot).
@@ -50,6 +79,11 @@ pub trait TxQueue: Send {
     fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R;
     /// Hands what was queued to the kernel or the NIC (one system call per pass at most).
     fn flush(&mut self) -> io::Result<()>;
+    /// As [`TxQueue::send`], with what the device is to finish in the frame `f` built. A
+    /// device without offloads ignores it (and offers none: [`NetDev::offload`]).
+    fn send_meta<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> (R, TxMeta)) -> R {
+        self.send(len, |b| f(b).0)
+    }
 }
 
 /// One queue pair of a device, owned by one reactor.
@@ -68,6 +102,10 @@ pub trait NetDev: Send {
     fn wait_fd(&self) -> Option<RawFd>;
     /// The device's counters.
     fn stats(&self) -> &Arc<DevStats>;
+    /// The transmit offloads it offers.
+    fn offload(&self) -> TxOffload {
+        TxOffload::default()
+    }
 }
 
 /// Packet counters of one device queue, readable from any thread.
