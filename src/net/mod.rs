@@ -12,6 +12,7 @@
 pub mod mem;
 pub mod posix;
 pub mod ustack;
+mod wake;
 
 use std::any::Any;
 use std::io::{self, IoSlice, IoSliceMut};

@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{setsockopt, sockopt};
 
+use super::wake::{epoll_timeout, EventWaker};
 use super::{Detached, Event, Net, Readiness, SockGroup, SockId, SockInfo, Wake};
 
 /// Kernel socket buffers as SPDK sizes them (2 MiB) so a 1 MiB burst fits in flight.
@@ -115,17 +115,6 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(l)
 }
 
-/// Wakes a reactor that sleeps in its group's epoll.
-struct EventWaker {
-    fd: EventFd,
-}
-
-impl Wake for EventWaker {
-    fn wake(&self) {
-        let _ = self.fd.write(1);
-    }
-}
-
 /// The kernel TCP network: portals bound at start, accepted on the first reactor.
 pub struct KernelNet {
     listeners: Mutex<Option<Vec<TcpListener>>>,
@@ -208,11 +197,11 @@ impl PosixGroup {
         publish: Arc<Mutex<Vec<SockInfo>>>,
     ) -> io::Result<PosixGroup> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        epoll.add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        let waker = EventWaker::new()?;
+        epoll.add(waker.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         let mut g = PosixGroup {
             epoll,
-            waker: Arc::new(EventWaker { fd }),
+            waker: Arc::new(waker),
             events: vec![EpollEvent::empty(); 128],
             socks: Vec::new(),
             free: Vec::new(),
@@ -401,7 +390,7 @@ impl SockGroup for PosixGroup {
         for ev in &self.events[..n] {
             let token = ev.data();
             if token == WAKE_TOKEN {
-                let _ = self.waker.fd.read();
+                self.waker.drain();
                 continue;
             }
             if token >= LISTENER_TOKEN {
@@ -433,13 +422,7 @@ impl SockGroup for PosixGroup {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
-        let t = match timeout {
-            None => EpollTimeout::NONE,
-            Some(d) => {
-                let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
-                EpollTimeout::try_from(ms).unwrap_or(EpollTimeout::NONE)
-            }
-        };
+        let t = epoll_timeout(timeout);
         // Level-triggered: whatever is ready stays reported for the next `poll`.
         let mut one = [EpollEvent::empty(); 1];
         match self.epoll.wait(&mut one, t) {

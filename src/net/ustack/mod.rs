@@ -13,12 +13,11 @@ pub mod link;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
@@ -26,6 +25,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListe
 
 use self::dev::{DevStats, NetDev, TxQueue};
 use self::link::{ArpBus, FlowKey, Link, StackStats};
+use super::wake::{epoll_timeout, EventWaker};
 use super::{Detached, Event, Net, Readiness, SockGroup, SockId, SockInfo, Wake};
 
 /// What the stack can tune, in one place. Two settings are fixed when the program is built,
@@ -317,16 +317,6 @@ impl<D: NetDev + 'static> Net for UstackNet<D> {
     }
 }
 
-struct EventWaker {
-    fd: EventFd,
-}
-
-impl Wake for EventWaker {
-    fn wake(&self) {
-        let _ = self.fd.write(1);
-    }
-}
-
 /// A connection of the group.
 struct Slot {
     handle: SocketHandle,
@@ -407,8 +397,8 @@ impl<D: NetDev> UstackGroup<D> {
             None => {}
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
-        epoll.add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        let waker = EventWaker::new()?;
+        epoll.add(waker.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
         if let Some(raw) = link.dev.wait_fd() {
             // SAFETY: the device owns `raw` and lives as long as the group (it is a field of
             // `link`), so the descriptor stays open while the epoll set refers to it.
@@ -427,7 +417,7 @@ impl<D: NetDev> UstackGroup<D> {
             watched: true,
             lingering: Vec::new(),
             epoll,
-            waker: Arc::new(EventWaker { fd }),
+            waker: Arc::new(waker),
             publish,
             next_publish: None,
         };
@@ -919,19 +909,13 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
-        let t = match timeout {
-            None => EpollTimeout::NONE,
-            Some(d) => {
-                let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
-                EpollTimeout::try_from(ms).unwrap_or(EpollTimeout::NONE)
-            }
-        };
+        let t = epoll_timeout(timeout);
         let mut evs = [EpollEvent::empty(); 2];
         match self.epoll.wait(&mut evs, t) {
             Ok(n) => {
                 for e in &evs[..n] {
                     if e.data() == WAKE_TOKEN {
-                        let _ = self.waker.fd.read();
+                        self.waker.drain();
                     }
                 }
                 Ok(n > 0)
@@ -945,9 +929,6 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         self.waker.clone()
     }
 }
-
-/// The descriptor type devices hand out for sleeping.
-pub type WaitFd = RawFd;
 
 #[cfg(test)]
 mod tests;
