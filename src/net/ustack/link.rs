@@ -412,10 +412,15 @@ impl Replay {
     }
 }
 
-/// What the last segment of a flow from the peer was, as a pure ACK, and when it came.
+/// The headers of the last segment of a flow from the peer, and when it came.
 pub struct FlowRx {
     ack: [u8; PROBE_FRAME_MAX],
     len: u8,
+    /// The IP header's length, and the payload the segment carried (not kept).
+    ip_hdr: u8,
+    payload: u16,
+    /// `ack` has been made a pure ACK already.
+    converted: bool,
     /// When the peer last sent anything, or when the last probe went out.
     pub at: SInstant,
     /// Probes since the peer last sent anything.
@@ -423,9 +428,32 @@ pub struct FlowRx {
 }
 
 impl FlowRx {
-    /// The pure ACK template.
-    pub fn frame(&self) -> &[u8] {
-        &self.ack[..usize::from(self.len)]
+    /// The segment as a pure ACK at the peer's next sequence number: its headers with the
+    /// lengths, sequence number and checksums set for no payload. Made when a probe needs it,
+    /// not for every segment received.
+    pub fn frame(&mut self) -> &[u8] {
+        let len = usize::from(self.len);
+        if !self.converted {
+            self.converted = true;
+            let ip_hdr = usize::from(self.ip_hdr);
+            let tcp_hdr = len - ETH_HDR - ip_hdr;
+            let (ip_part, tcp_part) = self.ack[ETH_HDR..len].split_at_mut(ip_hdr);
+            let (src, dst): (IpAddress, IpAddress) = if ip_part[0] >> 4 == 4 {
+                let mut ip = Ipv4Packet::new_unchecked(&mut *ip_part);
+                ip.set_total_len((ip_hdr + tcp_hdr) as u16);
+                ip.fill_checksum();
+                (ip.src_addr().into(), ip.dst_addr().into())
+            } else {
+                let mut ip = Ipv6Packet::new_unchecked(&mut *ip_part);
+                ip.set_payload_len(tcp_hdr as u16);
+                (ip.src_addr().into(), ip.dst_addr().into())
+            };
+            let mut t = TcpPacket::new_unchecked(&mut *tcp_part);
+            t.set_seq_number(t.seq_number() + usize::from(self.payload));
+            t.set_psh(false);
+            t.fill_checksum(&src, &dst);
+        }
+        &self.ack[..len]
     }
 }
 
@@ -449,7 +477,7 @@ impl Probes {
         let Some(eth) = frame.get(..ETH_HDR) else {
             return;
         };
-        let Some((src, dst, proto, l4)) = ip_payload(frame) else {
+        let Some((src, _, proto, l4)) = ip_payload(frame) else {
             return;
         };
         if proto != IpProtocol::Tcp {
@@ -468,37 +496,25 @@ impl Probes {
         if total > PROBE_FRAME_MAX {
             return;
         }
-        let next_seq = (tcp.seq_number() + tcp.payload().len()).0 as u32;
+        // An IP packet carries at most 65535 bytes.
+        let payload = u16::try_from(tcp.payload().len()).unwrap_or(u16::MAX);
         let e = self.flows.entry(key).or_insert(FlowRx {
             ack: [0; PROBE_FRAME_MAX],
             len: 0,
+            ip_hdr: 0,
+            payload: 0,
+            converted: false,
             at: now,
             probes: 0,
         });
         e.at = now;
         e.probes = 0;
         e.len = total as u8;
-        let buf = &mut e.ack[..total];
-        buf[..ETH_HDR].copy_from_slice(eth);
-        buf[ETH_HDR..].copy_from_slice(&frame[ETH_HDR..total]);
-        // The same headers without the payload: a pure ACK at the peer's next sequence number.
-        let (ip_part, tcp_part) = buf[ETH_HDR..].split_at_mut(ip_hdr);
-        match (src, dst) {
-            (IpAddress::Ipv4(_), IpAddress::Ipv4(_)) => {
-                let mut ip = Ipv4Packet::new_unchecked(&mut *ip_part);
-                ip.set_total_len((ip_hdr + tcp_hdr) as u16);
-                ip.fill_checksum();
-            }
-            (IpAddress::Ipv6(_), IpAddress::Ipv6(_)) => {
-                let mut ip = Ipv6Packet::new_unchecked(&mut *ip_part);
-                ip.set_payload_len(tcp_hdr as u16);
-            }
-            _ => return,
-        }
-        let mut t = TcpPacket::new_unchecked(&mut *tcp_part);
-        t.set_seq_number(smoltcp::wire::TcpSeqNumber(next_seq as i32));
-        t.set_psh(false);
-        t.fill_checksum(&src, &dst);
+        e.ip_hdr = ip_hdr as u8;
+        e.payload = payload;
+        e.converted = false;
+        e.ack[..ETH_HDR].copy_from_slice(eth);
+        e.ack[ETH_HDR..total].copy_from_slice(&frame[ETH_HDR..total]);
     }
 
     pub fn forget(&mut self, key: &FlowKey) {
@@ -653,22 +669,6 @@ impl<D: NetDev> phy::Device for Link<D> {
         if !tx.ready() {
             return None;
         }
-        if replay.left > 0 {
-            replay.left -= 1;
-            let txt = LinkTx {
-                tx,
-                retransmits,
-                stats,
-                offload: *offload,
-                mss: None,
-            };
-            return Some((LinkRx::Replayed(replay), txt));
-        }
-        if injected.is_none() {
-            if let Some((_, inbox)) = bus.inboxes.get(*me) {
-                *injected = inbox.try_recv().ok();
-            }
-        }
         let txt = LinkTx {
             tx,
             retransmits,
@@ -676,6 +676,15 @@ impl<D: NetDev> phy::Device for Link<D> {
             offload: *offload,
             mss: None,
         };
+        if replay.left > 0 {
+            replay.left -= 1;
+            return Some((LinkRx::Replayed(replay), txt));
+        }
+        if injected.is_none() {
+            if let Some((_, inbox)) = bus.inboxes.get(*me) {
+                *injected = inbox.try_recv().ok();
+            }
+        }
         if let Some(a) = injected.take() {
             stats.arp_injected.fetch_add(1, Ordering::Relaxed);
             return Some((LinkRx::Injected(a), txt));

@@ -415,7 +415,7 @@ fn a_probe_template_is_a_valid_pure_ack_after_the_segment() {
     let seg = tcp_frame(7000, 1234, &payload, &[]);
     p.note_for_test(&seg);
     let key = (IpAddress::from(Ipv4Address::new(10, 9, 0, 1)), 5000, 3260);
-    let f = p.flows.get(&key).expect("the flow is recorded");
+    let f = p.flows.get_mut(&key).expect("the flow is recorded");
     let ack = f.frame();
     let ip = Ipv4Packet::new_checked(&ack[14..]).unwrap();
     assert!(ip.verify_checksum());
