@@ -530,76 +530,70 @@ impl<D: NetDev> UstackGroup<D> {
         }
     }
 
-    /// How long until the next tail-loss probe is due, if one may be.
-    fn probe_due(&self, ts: SInstant) -> Option<SDuration> {
-        let pto = SDuration::from_micros(self.cfg.tail_probe?.as_micros() as u64);
-        let mut due: Option<SInstant> = None;
-        for slot in self.conns.iter().flatten() {
+    /// The connections a tail-loss probe may be due on (established, data outstanding, a
+    /// segment heard from the peer), with when it is due.
+    fn probe_times(&self, pto: SDuration) -> impl Iterator<Item = (FlowKey, SInstant)> + '_ {
+        self.conns.iter().flatten().filter_map(move |slot| {
             if slot.closed {
-                continue;
+                return None;
             }
             let t = self.sockets.get::<tcp::Socket>(slot.handle);
             if t.send_queue() == 0 || t.state() != tcp::State::Established {
-                continue;
+                return None;
             }
             let key = Self::flow_key(slot);
-            let Some(f) = self.link.probes.flows.get(&key) else {
-                continue;
-            };
+            let f = self.link.probes.flows.get(&key)?;
             let since = self
                 .link
                 .retransmits
                 .last_sent(&key)
                 .map_or(f.at, |sent| sent.max(f.at));
-            let at = since + pto * (1u32 << f.probes.min(5));
-            due = Some(due.map_or(at, |d| d.min(at)));
-        }
-        due.map(|d| if d > ts { d - ts } else { SDuration::ZERO })
+            Some((key, since + pto * (1u32 << f.probes.min(5))))
+        })
     }
 
-    /// Starts a tail-loss probe on connections with data outstanding whose peer has been
+    fn probe_timeout(&self) -> Option<SDuration> {
+        Some(SDuration::from_micros(
+            self.cfg.tail_probe?.as_micros() as u64
+        ))
+    }
+
+    /// How long until the next tail-loss probe is due, if one may be.
+    fn probe_due(&self, ts: SInstant) -> Option<SDuration> {
+        let due = self
+            .probe_times(self.probe_timeout()?)
+            .map(|(_, at)| at)
+            .min()?;
+        Some(if due > ts { due - ts } else { SDuration::ZERO })
+    }
+
+    /// Starts a tail-loss probe on a connection with data outstanding whose peer has been
     /// silent for the probe timeout (one probe per pass); returns whether it did.
     fn probe_tails(&mut self, ts: SInstant) -> bool {
-        let Some(pto) = self.cfg.tail_probe else {
+        let Some(pto) = self.probe_timeout() else {
             return false;
         };
-        let pto = SDuration::from_micros(pto.as_micros() as u64);
-        for slot in self.conns.iter().flatten() {
-            if slot.closed {
-                continue;
-            }
-            let t = self.sockets.get::<tcp::Socket>(slot.handle);
-            if t.send_queue() == 0 || t.state() != tcp::State::Established {
-                continue;
-            }
-            let key = Self::flow_key(slot);
-            let Link {
-                probes,
-                replay,
-                retransmits,
-                stats,
-                ..
-            } = &mut self.link;
-            let Some(f) = probes.flows.get_mut(&key) else {
-                continue;
-            };
-            let since = retransmits
-                .last_sent(&key)
-                .map_or(f.at, |sent| sent.max(f.at));
-            let wait = pto * (1u32 << f.probes.min(5));
-            if ts < since + wait {
-                continue;
-            }
-            if replay.start(f.frame(), 3) {
-                f.probes += 1;
-                f.at = ts;
-                stats
-                    .tail_probes
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return true;
-            }
+        let Some((key, _)) = self.probe_times(pto).find(|&(_, at)| ts >= at) else {
+            return false;
+        };
+        let Link {
+            probes,
+            replay,
+            stats,
+            ..
+        } = &mut self.link;
+        let Some(f) = probes.flows.get_mut(&key) else {
+            return false;
+        };
+        if !replay.start(f.frame(), 3) {
+            return false;
         }
-        false
+        f.probes += 1;
+        f.at = ts;
+        stats
+            .tail_probes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
     }
 
     /// Ends lingering connections that are done or out of time.
