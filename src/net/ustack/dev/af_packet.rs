@@ -345,8 +345,8 @@ pub struct AfPacketDev {
     fd: OwnedFd,
 }
 
-/// Opens the offloading transmit socket of `ifindex` ([`VnetTx`]).
-fn open_vnet_tx(ifindex: libc::c_int, frames: usize) -> io::Result<VnetTx> {
+/// A packet socket that receives nothing until bound (protocol 0).
+fn packet_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket creation; the result is checked.
     let raw = unsafe {
         libc::socket(
@@ -359,7 +359,52 @@ fn open_vnet_tx(ifindex: libc::c_int, frames: usize) -> io::Result<VnetTx> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: `raw` is a descriptor just created and owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Binds a packet socket to interface `ifindex` for `protocol` (host order; 0 sends only).
+fn bind_packet(fd: RawFd, ifindex: libc::c_int, protocol: u16) -> io::Result<()> {
+    // SAFETY: all-zero bytes are a valid `sockaddr_ll` (integers and a byte array).
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
+    sll.sll_protocol = protocol.to_be();
+    sll.sll_ifindex = ifindex;
+    let sll_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `sll` is a live `sockaddr_ll` of `sll_len` bytes; the kernel only reads it.
+    let r = unsafe { libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), sll_len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl RingMap {
+    /// Maps the `len` bytes of `fd`'s rings (all of them, as the kernel requires).
+    fn new(fd: RawFd, len: usize) -> io::Result<RingMap> {
+        // SAFETY: a shared mapping of the socket's rings at an address of the kernel's
+        // choosing (no MAP_FIXED); failure is MAP_FAILED, checked below.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let addr = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        Ok(RingMap { addr, len })
+    }
+}
+
+/// Opens the offloading transmit socket of `ifindex` ([`VnetTx`]).
+fn open_vnet_tx(ifindex: libc::c_int, frames: usize) -> io::Result<VnetTx> {
+    let fd = packet_socket()?;
     let sfd = fd.as_raw_fd();
     let v2 = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
     setopt(sfd, libc::PACKET_VERSION, &v2)?;
@@ -374,36 +419,8 @@ fn open_vnet_tx(ifindex: libc::c_int, frames: usize) -> io::Result<VnetTx> {
         tp_frame_nr: frames as libc::c_uint,
     };
     setopt(sfd, libc::PACKET_TX_RING, &req)?;
-    let len = VNET_FRAME * frames;
-    // SAFETY: a shared mapping of the socket's ring at an address of the kernel's choosing,
-    // of exactly the ring's size; failure is MAP_FAILED, checked below.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            sfd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let addr =
-        NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-    let ring = RingMap { addr, len };
-    // SAFETY: all-zero bytes are a valid `sockaddr_ll` (integers and a byte array).
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as libc::c_ushort;
-    sll.sll_protocol = 0;
-    sll.sll_ifindex = ifindex;
-    let sll_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-    // SAFETY: `sll` is a live `sockaddr_ll` of `sll_len` bytes; the kernel only reads it.
-    let r = unsafe { libc::bind(sfd, (&sll as *const libc::sockaddr_ll).cast(), sll_len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let ring = RingMap::new(sfd, VNET_FRAME * frames)?;
+    bind_packet(sfd, ifindex, 0)?;
     Ok(VnetTx { ring, fd })
 }
 
@@ -451,19 +468,7 @@ impl AfPacketDev {
 
         // Protocol 0: the socket receives nothing until `bind` names the interface and the
         // protocol, so no frame of another interface lands in the ring.
-        // SAFETY: plain socket creation; the result is checked.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if raw < 0 {
-            return Err(ctx(io::Error::last_os_error(), "packet socket"));
-        }
-        // SAFETY: `raw` is a descriptor just created and owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = packet_socket().map_err(|e| ctx(e, "packet socket"))?;
         let sfd = fd.as_raw_fd();
 
         let ifindex = netif::index(sfd, ifname).map_err(|e| ctx(e, "interface index"))?;
@@ -499,39 +504,11 @@ impl AfPacketDev {
             .map_err(|e| ctx(e, "receive ring"))?;
         setopt(sfd, libc::PACKET_TX_RING, &layout.req(layout.tx_frames))
             .map_err(|e| ctx(e, "transmit ring"))?;
-        let len = layout.rx_bytes() + layout.tx_bytes();
-        // SAFETY: a shared mapping of the socket's rings at an address of the kernel's
-        // choosing (no MAP_FIXED), of exactly the size of both rings as the kernel requires;
-        // failure is MAP_FAILED, checked below.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                sfd,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(ctx(io::Error::last_os_error(), "mapping the rings"));
-        }
-        let addr = NonNull::new(p.cast::<u8>())
-            .ok_or_else(|| ctx(io::Error::from(io::ErrorKind::OutOfMemory), "mapping"))?;
-        let ring = RingMap { addr, len };
-
-        // SAFETY: all-zero bytes are a valid `sockaddr_ll` (integers and a byte array).
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as libc::c_ushort;
-        // ETH_P_ALL is 3: it fits the 16-bit protocol field, in network byte order.
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = ifindex;
-        let sll_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-        // SAFETY: `sll` is a live `sockaddr_ll` of `sll_len` bytes; the kernel only reads it.
-        let r = unsafe { libc::bind(sfd, (&sll as *const libc::sockaddr_ll).cast(), sll_len) };
-        if r < 0 {
-            return Err(ctx(io::Error::last_os_error(), "bind"));
-        }
+        let ring = RingMap::new(sfd, layout.rx_bytes() + layout.tx_bytes())
+            .map_err(|e| ctx(e, "mapping the rings"))?;
+        let addr = ring.addr;
+        // ETH_P_ALL is 3: it fits the 16-bit protocol field.
+        bind_packet(sfd, ifindex, libc::ETH_P_ALL as u16).map_err(|e| ctx(e, "bind"))?;
         join_fanout(sfd, fanout_group).map_err(|e| {
             let hint = if e.raw_os_error() == Some(libc::EINVAL) {
                 " (the group is in use on another interface or by another process)"
