@@ -128,6 +128,20 @@ impl Default for Hooks {
     }
 }
 
+/// Entry `n` (a decimal index from a path) of a numbered list of statistics.
+fn nth(all: Vec<Vec<(String, String)>>, n: &str) -> Option<Vec<(String, String)>> {
+    let i = n.parse::<usize>().ok()?;
+    all.into_iter().nth(i)
+}
+
+/// Read-only attributes named after statistics.
+fn attr_entries(stats: Vec<(String, String)>) -> Vec<Entry> {
+    stats
+        .into_iter()
+        .map(|(k, _)| Entry::attr(k, false, false))
+        .collect()
+}
+
 /// `net/reactors` or `net/connections`.
 fn net_list(v: NetView, which: &str) -> Vec<Vec<(String, String)>> {
     if which == "reactors" {
@@ -411,16 +425,9 @@ impl Mgmt {
                     .map(|(i, _)| Entry::link(format!("export{i}")))
                     .collect()
             }
-            ["sgv"] => (self.hooks.sgv)()
-                .into_iter()
-                .map(|(k, _)| Entry::attr(k, false, false))
-                .collect(),
+            ["sgv"] => attr_entries((self.hooks.sgv)()),
             ["net"] => {
-                let mut v: Vec<Entry> = (self.hooks.net)()
-                    .attrs
-                    .into_iter()
-                    .map(|(k, _)| Entry::attr(k, false, false))
-                    .collect();
+                let mut v = attr_entries((self.hooks.net)().attrs);
                 v.push(Entry::dir("connections"));
                 v.push(Entry::dir("reactors"));
                 v
@@ -430,30 +437,12 @@ impl Mgmt {
                 (0..n).map(|i| Entry::dir(i.to_string())).collect()
             }
             ["net", which @ ("reactors" | "connections"), n] => {
-                let all = net_list((self.hooks.net)(), which);
-                let r = n
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| all.get(i).cloned())
-                    .ok_or_else(nf)?;
-                r.into_iter()
-                    .map(|(k, _)| Entry::attr(k, false, false))
-                    .collect()
+                attr_entries(nth(net_list((self.hooks.net)(), which), n).ok_or_else(nf)?)
             }
             ["reactors"] => (0..(self.hooks.reactors)().len())
                 .map(|i| Entry::dir(i.to_string()))
                 .collect(),
-            ["reactors", n] => {
-                let all = (self.hooks.reactors)();
-                let r = n
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| all.get(i).cloned())
-                    .ok_or_else(nf)?;
-                r.into_iter()
-                    .map(|(k, _)| Entry::attr(k, false, false))
-                    .collect()
-            }
+            ["reactors", n] => attr_entries(nth((self.hooks.reactors)(), n).ok_or_else(nf)?),
             ["targets"] => vec![Entry::dir("iscsi")],
             ["targets", "iscsi"] => {
                 let mut v = vec![
@@ -638,17 +627,13 @@ impl Mgmt {
         Some(match p {
             ["threads"] => Ok((self.hooks.reactors)().len().to_string()),
             ["sgv", k] => find((self.hooks.sgv)(), k),
-            ["reactors", n, k] => {
-                let all = (self.hooks.reactors)();
-                match n.parse::<usize>().ok().and_then(|i| all.get(i).cloned()) {
-                    Some(r) => find(r, k),
-                    None => Err(nf()),
-                }
-            }
+            ["reactors", n, k] => match nth((self.hooks.reactors)(), n) {
+                Some(r) => find(r, k),
+                None => Err(nf()),
+            },
             ["net", k] => find((self.hooks.net)().attrs, k),
             ["net", which @ ("reactors" | "connections"), n, k] => {
-                let all = net_list((self.hooks.net)(), which);
-                match n.parse::<usize>().ok().and_then(|i| all.get(i).cloned()) {
+                match nth(net_list((self.hooks.net)(), which), n) {
                     Some(r) => find(r, k),
                     None => Err(nf()),
                 }
