@@ -165,13 +165,9 @@ impl Rig {
             data_segment_length: data.len() as u32,
             ..Default::default()
         };
-        let mut bytes = vec![0u8; BHS_LEN];
         let mut bhs = [0u8; BHS_LEN];
         req.emit(&mut bhs);
-        bytes.copy_from_slice(&bhs);
-        bytes.extend_from_slice(&data);
-        bytes.resize(BHS_LEN + pdu::padded(data.len()), 0);
-        self.send(&bytes);
+        self.send(&wire(&bhs, &data));
         let got = self.received();
         match got.as_slice() {
             [(Pdu::LoginResponse(r), _)] => {
@@ -197,9 +193,14 @@ fn nop_out(itt: u32, cmd_sn: u32, ping: &[u8]) -> Vec<u8> {
     };
     let mut bhs = [0u8; BHS_LEN];
     p.emit(&mut bhs);
+    wire(&bhs, ping)
+}
+
+/// A PDU as it goes on the wire: header, then data padded to four bytes.
+fn wire(bhs: &[u8; BHS_LEN], data: &[u8]) -> Vec<u8> {
     let mut v = bhs.to_vec();
-    v.extend_from_slice(ping);
-    v.resize(BHS_LEN + pdu::padded(ping.len()), 0);
+    v.extend_from_slice(data);
+    v.resize(BHS_LEN + pdu::padded(data.len()), 0);
     v
 }
 
