@@ -55,11 +55,7 @@ start() {
     rm -f "$SOCK"
     "${wrap[@]}" "$bin" --rpc-socket "$SOCK" --cores 1 --mode poll "$@" >"$WORK/target.log" 2>&1 &
     TARGET_PID=$!
-    for _ in $(seq 1 100); do
-        [ -S "$SOCK" ] && $RPC -s "$SOCK" get version >/dev/null 2>&1 && break
-        kill -0 "$TARGET_PID" 2>/dev/null || { cat "$WORK/target.log" >&2; die "target exited"; }
-        sleep 0.1
-    done
+    wait_rpc "$SOCK" "$WORK/target.log"
     rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device r0 size_mb=1024"
     rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
     rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add r0 0"

@@ -11,14 +11,10 @@ build_release() {
     (cd "$ROOT" && cargo build --release --quiet) || die "release build failed"
 }
 
-# start_target PORT SOCK LOG [extra daemon args...]: starts the daemon in the background and
-# waits for its RPC socket; sets TARGET_PID.
-start_target() {
-    local port=$1 sock=$2 log=$3
-    shift 3
-    rm -f "$sock"
-    "$BIN" --listen "127.0.0.1:$port" --rpc-socket "$sock" "$@" >"$log" 2>&1 &
-    TARGET_PID=$!
+# wait_rpc SOCK LOG: waits for the daemon started as $TARGET_PID to answer on SOCK; dies with
+# its log if it exits first or takes over 10 s.
+wait_rpc() {
+    local sock=$1 log=$2
     for _ in $(seq 1 100); do
         if [ -S "$sock" ] && $RPC -s "$sock" get version >/dev/null 2>&1; then
             return 0
@@ -28,6 +24,17 @@ start_target() {
     done
     cat "$log" >&2
     die "target did not open its RPC socket $sock"
+}
+
+# start_target PORT SOCK LOG [extra daemon args...]: starts the daemon in the background and
+# waits for its RPC socket; sets TARGET_PID.
+start_target() {
+    local port=$1 sock=$2 log=$3
+    shift 3
+    rm -f "$sock"
+    "$BIN" --listen "127.0.0.1:$port" --rpc-socket "$sock" "$@" >"$log" 2>&1 &
+    TARGET_PID=$!
+    wait_rpc "$sock" "$log"
 }
 
 stop_target() {

@@ -76,15 +76,7 @@ start_in_t() {
     rm -f "$SOCK"
     ip netns exec "$NS_T" "$BIN" --rpc-socket "$SOCK" --cores 0,1 "$@" >"$log" 2>&1 &
     TARGET_PID=$!
-    for _ in $(seq 1 100); do
-        if [ -S "$SOCK" ] && $RPC -s "$SOCK" get version >/dev/null 2>&1; then
-            return 0
-        fi
-        kill -0 "$TARGET_PID" 2>/dev/null || { cat "$log" >&2; die "target exited during start"; }
-        sleep 0.1
-    done
-    cat "$log" >&2
-    die "target did not open its RPC socket"
+    wait_rpc "$SOCK" "$log"
 }
 
 # configure: $IQN with a 256 MiB RAM LUN 0 and four 64 MiB RAM LUNs 1-4; $CU_IQN with a
@@ -146,6 +138,12 @@ verify_sessions() {
         c1=$(get net/reactors/1/connections)
         if [ "$c0" -gt 0 ] && [ "$c1" -gt 0 ]; then
             spread=1
+            # Each connection's TCP view, as the tree publishes it (once a second).
+            local st win
+            st=$(get net/connections/0/state)
+            win=$(get net/connections/0/recv_window)
+            [ "$st" = ESTABLISHED ] || die "net/connections/0/state is $st while sessions run ($what)"
+            [ "$win" -gt 0 ] || die "net/connections/0/recv_window is $win ($what)"
             break
         fi
         if [ "$try" -gt 8 ] && [ $((try % 4)) -eq 0 ] && [ ${#extra[@]} -lt 10 ]; then
@@ -196,7 +194,7 @@ data_checks() {
     rx=$(net_sum rx_packets)
     [ "$rx" -gt 100000 ] || die "net/reactors counted only $rx packets received ($what)"
     [ "$(get net/stack)" = "smoltcp ${what%% *}" ] || die "net/stack is $(get net/stack)"
-    check "the tree shows the stack, $rx packets received and per-connection TCP state"
+    check "the tree shows the stack, $rx packets received, and (above) each connection's TCP state"
 }
 
 finish_target() {
