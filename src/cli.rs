@@ -1,7 +1,8 @@
 //! The daemon's command line.
 //!
-//! `iscsi-tgt [--listen ADDR:PORT]... [--net kernel|af_packet:IF|tap:NAME [--ip ADDR/PREFIX]
-//! [--gateway ADDR] [--stack KEY=VALUE]...] [--rpc-socket PATH] [--rpc-group GROUP]
+//! `iscsi-tgt [--listen ADDR:PORT]... [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS
+//! [--ip ADDR/PREFIX] [--gateway ADDR] [--stack KEY=VALUE]... [--eal "ARGS"]]
+//! [--rpc-socket PATH] [--rpc-group GROUP]
 //! [--cores LIST] [--mode poll|adaptive] [--config FILE] [--mem-size MB] [--log LEVEL]`
 #![forbid(unsafe_code)]
 
@@ -19,15 +20,18 @@ pub const USAGE: &str = "\
 usage: iscsi-tgt [OPTIONS]
 
   --listen ADDR:PORT    portal to listen on; repeat for several [0.0.0.0:3260]
-  --net NET             the network: kernel (the kernel's TCP), af_packet:IFNAME or
-                        tap:NAME (the userspace TCP stack on that interface, one queue
-                        per reactor) [kernel]
-  --ip ADDR/PREFIX      the userspace stack's address (required with af_packet and tap)
+  --net NET             the network: kernel (the kernel's TCP), af_packet:IFNAME,
+                        tap:NAME or dpdk:DEVARGS (the userspace TCP stack on that interface
+                        or DPDK port, one queue per reactor; DEVARGS is a PCI address bound
+                        to vfio-pci or a vdev, net_af_packet0,iface=eth1) [kernel]
+  --ip ADDR/PREFIX      the userspace stack's address (required with a userspace --net)
   --gateway ADDR        the userspace stack's default route
   --stack KEY=VALUE     a userspace stack setting; repeat for several: rx_buf, tx_buf
                         (bytes, 262144..4194304) [1048576], nagle (0|1) [0], ack_delay_us
                         [0: off], backlog [4], max_half_open [64], syn_timeout_ms [5000],
                         linger_ms [10000]
+  --eal ARGS            further DPDK EAL arguments with --net dpdk: (--no-huge, -m MB,
+                        --lcores ...); repeat for more
   --rpc-socket PATH     JSON-RPC Unix socket [/var/tmp/iscsi-tgt.sock]
   --rpc-group GROUP     make the socket 0660 and owned by this group (a name or a gid)
                         [0600: only the daemon's user]
@@ -49,6 +53,8 @@ pub struct Options {
     pub ip: Option<(IpAddr, u8)>,
     pub gateway: Option<IpAddr>,
     pub stack: Vec<(String, String)>,
+    /// Further EAL arguments (`--net dpdk:` only).
+    pub eal: Vec<String>,
     pub rpc_socket: PathBuf,
     /// The group (name or gid) that may use the RPC socket besides the daemon's user.
     pub rpc_group: Option<String>,
@@ -68,6 +74,8 @@ pub enum NetSpec {
     AfPacket(String),
     /// The userspace stack over a TAP interface.
     Tap(String),
+    /// The userspace stack over a DPDK port: a PCI address or a vdev with its arguments.
+    Dpdk(String),
 }
 
 impl NetSpec {
@@ -91,8 +99,17 @@ fn parse_net(s: &str) -> Result<NetSpec, String> {
         None if s == "kernel" => Ok(NetSpec::Kernel),
         Some(("af_packet", n)) => Ok(NetSpec::AfPacket(named("af_packet", n)?)),
         Some(("tap", n)) => Ok(NetSpec::Tap(named("tap", n)?)),
+        Some(("dpdk", d)) => {
+            if d.is_empty() || d.starts_with(',') || d.contains([' ', '\0']) {
+                Err(format!(
+                    "--net dpdk: needs a PCI address or a vdev with its arguments (dpdk:0000:01:00.0, dpdk:net_af_packet0,iface=eth1), not {d:?}"
+                ))
+            } else {
+                Ok(NetSpec::Dpdk(d.to_string()))
+            }
+        }
         _ => Err(format!(
-            "--net must be kernel, af_packet:IFNAME or tap:NAME, not {s:?}"
+            "--net must be kernel, af_packet:IFNAME, tap:NAME or dpdk:DEVARGS, not {s:?}"
         )),
     }
 }
@@ -174,6 +191,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         ip: None,
         gateway: None,
         stack: Vec::new(),
+        eal: Vec::new(),
         rpc_socket: PathBuf::from(DEFAULT_RPC_SOCKET),
         rpc_group: None,
         cores: None,
@@ -213,6 +231,16 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     .split_once('=')
                     .ok_or_else(|| format!("--stack must be KEY=VALUE, not {v:?}"))?;
                 o.stack.push((k.to_string(), val.to_string()));
+            }
+            "--eal" => {
+                let v = value("--eal")?;
+                if v.trim().is_empty() {
+                    return Err(
+                        "--eal needs the EAL arguments, as one word: --eal \"--no-huge -m 512\""
+                            .into(),
+                    );
+                }
+                o.eal.extend(v.split_whitespace().map(str::to_string));
             }
             "--rpc-socket" | "-r" => o.rpc_socket = PathBuf::from(value("--rpc-socket")?),
             "--rpc-group" => {
@@ -265,14 +293,17 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     if o.listen.is_empty() {
         o.listen.push(parse_listen(DEFAULT_LISTEN)?);
     }
+    if !o.eal.is_empty() && !matches!(o.net, NetSpec::Dpdk(_)) {
+        return Err("--eal passes arguments to DPDK: add --net dpdk:DEVARGS".into());
+    }
     if o.net.is_userspace() {
         if o.ip.is_none() {
             return Err(
-                "--net af_packet and tap need the stack's address: --ip ADDR/PREFIX".into(),
+                "--net af_packet, tap and dpdk need the stack's address: --ip ADDR/PREFIX".into(),
             );
         }
     } else if o.ip.is_some() || o.gateway.is_some() || !o.stack.is_empty() {
-        return Err("--ip, --gateway and --stack set the userspace stack: add --net af_packet:IF or tap:NAME".into());
+        return Err("--ip, --gateway and --stack set the userspace stack: add --net af_packet:IF, tap:NAME or dpdk:DEVARGS".into());
     }
     Ok(Command::Run(Box::new(o)))
 }
@@ -307,8 +338,41 @@ mod tests {
         let o = run(&["--net=tap:tgt0", "--ip", "fd00::2/64"]).unwrap();
         assert_eq!(o.net, NetSpec::Tap("tgt0".into()));
         assert_eq!(run(&["--net", "kernel"]).unwrap().net, NetSpec::Kernel);
+        let o = run(&[
+            "--net",
+            "dpdk:net_af_packet0,iface=v,qpairs=2",
+            "--ip",
+            "10.0.0.1/24",
+            "--eal",
+            "--no-huge -m 256",
+            "--eal",
+            "--lcores=0@1",
+        ])
+        .unwrap();
+        assert_eq!(
+            o.net,
+            NetSpec::Dpdk("net_af_packet0,iface=v,qpairs=2".into())
+        );
+        assert_eq!(o.eal, ["--no-huge", "-m", "256", "--lcores=0@1"]);
         for (args, why) in [
-            (&["--net", "dpdk:0"][..], "--net must be"),
+            (&["--net", "vpp:0"][..], "--net must be"),
+            (&["--net", "dpdk:"], "PCI address or a vdev"),
+            (
+                &["--net", "dpdk:,iface=x", "--ip", "10.0.0.1/24"],
+                "PCI address",
+            ),
+            (&["--eal", "--no-huge"], "add --net dpdk"),
+            (
+                &[
+                    "--net",
+                    "dpdk:net_tap0",
+                    "--ip",
+                    "10.0.0.1/24",
+                    "--eal",
+                    " ",
+                ],
+                "--eal needs",
+            ),
             (&["--net", "tap:"], "interface name"),
             (
                 &["--net", "af_packet:averyveryverylongname"],

@@ -26,6 +26,7 @@ fn init_pool() {
         let _ = env::init(PoolConfig {
             mem_size_mb: 64,
             hugepages: false,
+            memory: None,
         });
     });
 }

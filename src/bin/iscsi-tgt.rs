@@ -71,18 +71,22 @@ fn run(opts: Options) -> Result<(), String> {
     // the pool, portals and reactors hold theirs.
     let fd_limit = util::raise_fd_limit().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
 
-    env::init(env::PoolConfig {
-        mem_size_mb: opts.mem_size_mb,
-        ..Default::default()
-    })
-    .map_err(|e| format!("cannot set up the buffer pool: {e}"))?;
-
-    // Portals first: a taken port is a clear error before anything else starts.
     let cores = match &opts.cores {
         Some(c) => c.clone(),
         None => vec![reactor::first_allowed_core()
             .map_err(|e| format!("cannot read the CPU affinity: {e}"))?],
     };
+    // With DPDK the EAL comes first: the buffer pool is carved from its heap, so that the
+    // pool and the mbufs share one hugepage budget.
+    let memory = start_dpdk(&opts, cores[0])?;
+    env::init(env::PoolConfig {
+        mem_size_mb: opts.mem_size_mb,
+        memory,
+        ..Default::default()
+    })
+    .map_err(|e| format!("cannot set up the buffer pool: {e}"))?;
+
+    // Portals first: a taken port is a clear error before anything else starts.
     let (network, portals) = open_network(&opts, cores.len())?;
     for a in &portals {
         info!("listening on {a}");
@@ -122,7 +126,12 @@ fn run(opts: Options) -> Result<(), String> {
     let stats = reactors.stats();
     let hooks = Hooks {
         reactors: Box::new(move || stats.iter().map(|s| s.snapshot()).collect()),
-        sgv: Box::new(|| env::stats().snapshot()),
+        sgv: Box::new(|| {
+            let v = env::stats().snapshot();
+            #[cfg(feature = "dpdk")]
+            let v = [v, env::dpdk::sgv_attrs()].concat();
+            v
+        }),
         net: Box::new({
             let network = network.clone();
             move || NetView {
@@ -216,6 +225,47 @@ fn open_network(
         NetSpec::Tap(name) => userspace("tap", name, opts, reactors, |q| {
             TapDev::open(name, q, reactors)
         }),
+        #[cfg(feature = "dpdk")]
+        NetSpec::Dpdk(devargs) => {
+            use iscsi_tgt::net::ustack::dev::dpdk;
+            let mut devs = dpdk::open(devargs, reactors)?.into_iter();
+            userspace("dpdk", devargs, opts, reactors, |_| {
+                devs.next()
+                    .ok_or_else(|| std::io::Error::other("fewer queues than reactors"))
+            })
+        }
+        #[cfg(not(feature = "dpdk"))]
+        NetSpec::Dpdk(_) => Err(no_dpdk()),
+    }
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn no_dpdk() -> String {
+    "--net dpdk: this build has no DPDK; build with `cargo build --release --features dpdk`".into()
+}
+
+/// With `--net dpdk:`, initialises the EAL and returns where the buffer pool's memory comes
+/// from; otherwise nothing.
+#[cfg(feature = "dpdk")]
+fn start_dpdk(opts: &Options, main_core: usize) -> Result<Option<env::MemorySource>, String> {
+    let NetSpec::Dpdk(devargs) = &opts.net else {
+        return Ok(None);
+    };
+    let args = iscsi_tgt::net::ustack::dev::dpdk::eal_args(
+        devargs,
+        main_core,
+        opts.mem_size_mb,
+        &opts.eal,
+    );
+    env::dpdk::init(&args)?;
+    Ok(Some(env::dpdk::region))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn start_dpdk(opts: &Options, _main_core: usize) -> Result<Option<env::MemorySource>, String> {
+    match opts.net {
+        NetSpec::Dpdk(_) => Err(no_dpdk()),
+        _ => Ok(None),
     }
 }
 
@@ -225,7 +275,7 @@ fn userspace<D: NetDev + 'static>(
     ifname: &str,
     opts: &Options,
     reactors: usize,
-    open: impl Fn(usize) -> std::io::Result<D>,
+    mut open: impl FnMut(usize) -> std::io::Result<D>,
 ) -> Result<(Arc<dyn net::Net>, Vec<std::net::SocketAddr>), String> {
     let Some((ip, prefix)) = opts.ip else {
         return Err("the userspace stack needs --ip ADDR/PREFIX".into());

@@ -38,13 +38,20 @@ pub struct PoolConfig {
     pub mem_size_mb: usize,
     /// Try 2 MiB hugepages first (the default); `false` maps ordinary pages straight away.
     pub hugepages: bool,
+    /// Where the memory comes from instead of a mapping of the pool's own: DPDK's heap, so
+    /// that the pool and the mbufs share one hugepage budget.
+    pub memory: Option<MemorySource>,
 }
+
+/// Memory for a pool of a given size, from an allocator other than the pool's own mapping.
+pub type MemorySource = fn(usize) -> std::io::Result<region::Region>;
 
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             mem_size_mb: 512,
             hugepages: true,
+            memory: None,
         }
     }
 }
@@ -57,6 +64,19 @@ static WAITS: AtomicU64 = AtomicU64::new(0);
 fn create(cfg: &PoolConfig) -> std::io::Result<&'static Pool> {
     let forced_off = std::env::var_os(NO_HUGEPAGES_ENV).is_some_and(|v| v != "0");
     let try_huge = cfg.hugepages && !forced_off;
+    if let Some(memory) = cfg.memory {
+        let pool = Pool::with_size_in(cfg.mem_size_mb << 20, memory)?;
+        log::info!(
+            "buffer pool of {} MiB in DPDK's heap ({})",
+            cfg.mem_size_mb,
+            if pool.is_hugetlb() {
+                "hugepages"
+            } else {
+                "ordinary pages: --no-huge"
+            }
+        );
+        return Ok(pool);
+    }
     let pool = Pool::with_size(cfg.mem_size_mb << 20, try_huge)?;
     if try_huge && !pool.is_hugetlb() {
         log::warn!(
@@ -165,3 +185,5 @@ pub fn stats() -> PoolStats {
         waits: WAITS.load(Ordering::Relaxed),
     }
 }
+#[cfg(feature = "dpdk")]
+pub mod dpdk;

@@ -152,9 +152,17 @@ impl Pool {
     /// A pool of `mem_size` bytes: 1/[`SMALL_SHARE_DIVISOR`] as small buffers, the rest as
     /// large chunks. Leaked: it lives until the process exits.
     pub fn with_size(mem_size: usize, try_hugetlb: bool) -> std::io::Result<&'static Pool> {
+        Self::with_size_in(mem_size, |size| Region::new(size, try_hugetlb))
+    }
+
+    /// As [`Pool::with_size`], in memory that `region` provides for a given size.
+    pub fn with_size_in(
+        mem_size: usize,
+        region: impl FnOnce(usize) -> std::io::Result<Region>,
+    ) -> std::io::Result<&'static Pool> {
         let small = mem_size / SMALL_SHARE_DIVISOR / SMALL_SIZE;
         let large = (mem_size - small * SMALL_SIZE) / CHUNK_SIZE;
-        Self::with_counts(large, small, try_hugetlb)
+        Self::with_counts_in(large, small, region)
     }
 
     /// A pool of exactly `large` chunks and `small` small buffers. Leaked.
@@ -163,6 +171,14 @@ impl Pool {
         small: usize,
         try_hugetlb: bool,
     ) -> std::io::Result<&'static Pool> {
+        Self::with_counts_in(large, small, |size| Region::new(size, try_hugetlb))
+    }
+
+    fn with_counts_in(
+        large: usize,
+        small: usize,
+        region: impl FnOnce(usize) -> std::io::Result<Region>,
+    ) -> std::io::Result<&'static Pool> {
         if large > u32::MAX as usize || small > u32::MAX as usize {
             return Err(std::io::ErrorKind::InvalidInput.into());
         }
@@ -170,7 +186,7 @@ impl Pool {
         // 4096-aligned.
         let small_base = large * CHUNK_SIZE;
         let size = small_base + small * SMALL_SIZE;
-        let region = Region::new(size, try_hugetlb)?;
+        let region = region(size)?;
         let slot = NEXT_CACHE_SLOT.fetch_add(1, Ordering::Relaxed);
         let pool = Pool {
             cache_slot: (slot < MAX_CACHED_POOLS).then_some(slot),

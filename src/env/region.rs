@@ -23,6 +23,8 @@ pub struct Region {
     addr: NonNull<u8>,
     size: usize,
     hugetlb: bool,
+    /// Mapped here (and unmapped on drop), not lent by another allocator.
+    mapped: bool,
 }
 
 // SAFETY: the region is plain memory owned by this value; which parts of it each thread may
@@ -45,6 +47,7 @@ impl Region {
                     addr: r,
                     size,
                     hugetlb: true,
+                    mapped: true,
                 });
             }
         }
@@ -53,7 +56,23 @@ impl Region {
             addr,
             size,
             hugetlb: false,
+            mapped: true,
         })
+    }
+
+    /// Memory another allocator set aside for the life of the process (DPDK's heap, which
+    /// knows its IOVAs): `size` bytes at `addr`, page-aligned, never given back.
+    ///
+    /// # Safety
+    /// `addr..addr + size` must be readable and writable memory, aligned to 4096 bytes, that
+    /// nothing else uses and that stays valid for the rest of the process.
+    pub unsafe fn lent(addr: NonNull<u8>, size: usize, hugetlb: bool) -> Region {
+        Region {
+            addr,
+            size,
+            hugetlb,
+            mapped: false,
+        }
     }
 
     fn map(size: usize, extra_flags: libc::c_int) -> io::Result<NonNull<u8>> {
@@ -94,6 +113,9 @@ impl Region {
 
 impl Drop for Region {
     fn drop(&mut self) {
+        if !self.mapped {
+            return;
+        }
         // SAFETY: `addr`/`size` are exactly what mmap returned and nothing borrows the region
         // once its owner is dropped (the pool never drops a region it handed chunks out of).
         unsafe {

@@ -23,7 +23,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration as SDuration, Instant as SInstant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 
-use self::dev::{DevStats, NetDev, TxQueue};
+use self::dev::{DevStats, NetDev, PortView, TxQueue};
 use self::link::{ArpBus, FlowKey, Link, StackStats};
 use super::wake::{epoll_timeout, EventWaker};
 use super::{Detached, Event, Net, Readiness, SockGroup, SockId, SockInfo, Wake};
@@ -184,6 +184,7 @@ pub struct UstackNet<D: NetDev> {
     dev_stats: Vec<Arc<DevStats>>,
     stack_stats: Vec<Arc<StackStats>>,
     published: Vec<Arc<Mutex<Vec<SockInfo>>>>,
+    port: Option<Arc<dyn PortView>>,
 }
 
 impl<D: NetDev + 'static> UstackNet<D> {
@@ -214,8 +215,10 @@ impl<D: NetDev + 'static> UstackNet<D> {
             .first()
             .ok_or_else(|| bad("no device queue".into()))?;
         let mac = first.mac();
+        let port = first.port_view();
         let n = devices.len();
         Ok(UstackNet {
+            port,
             kind: kind.into(),
             ifname: ifname.into(),
             cfg,
@@ -292,6 +295,9 @@ impl<D: NetDev + 'static> Net for UstackNet<D> {
                 c.tail_probe.map_or(0, |d| d.as_millis()).to_string(),
             ),
         ]
+        .into_iter()
+        .chain(self.port.iter().flat_map(|p| p.attrs()))
+        .collect()
     }
 
     fn counters(&self) -> Vec<Vec<(String, String)>> {
@@ -299,9 +305,13 @@ impl<D: NetDev + 'static> Net for UstackNet<D> {
             .iter()
             .zip(&self.stack_stats)
             .zip(&self.published)
-            .map(|((d, s), p)| {
+            .enumerate()
+            .map(|(q, ((d, s), p))| {
                 let mut v = d.snapshot();
                 v.extend(s.snapshot());
+                if let Some(port) = &self.port {
+                    v.extend(port.queue_attrs(q));
+                }
                 let conns = p.lock().unwrap_or_else(|e| e.into_inner()).len();
                 v.push(("connections".into(), conns.to_string()));
                 v
@@ -350,10 +360,15 @@ pub struct UstackGroup<D: NetDev> {
     waker: Arc<EventWaker>,
     publish: Arc<Mutex<Vec<SockInfo>>>,
     next_publish: Option<Instant>,
+    /// The device has no descriptor to sleep on: sleep in short naps.
+    nap: bool,
 }
 
 const WAKE_TOKEN: u64 = 1;
 const DEV_TOKEN: u64 = 2;
+/// How long a reactor in adaptive mode sleeps at a time over a device it cannot sleep on (a
+/// poll-mode driver): frames that arrive meanwhile wait at most this long.
+const NAP: Duration = Duration::from_micros(500);
 
 fn sock_addr(e: smoltcp::wire::IpEndpoint) -> SocketAddr {
     SocketAddr::new(e.addr.into(), e.port)
@@ -399,6 +414,7 @@ impl<D: NetDev> UstackGroup<D> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let waker = EventWaker::new()?;
         epoll.add(waker.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        let nap = link.dev.wait_fd().is_none();
         if let Some(raw) = link.dev.wait_fd() {
             // SAFETY: the device owns `raw` and lives as long as the group (it is a field of
             // `link`), so the descriptor stays open while the epoll set refers to it.
@@ -406,6 +422,7 @@ impl<D: NetDev> UstackGroup<D> {
             epoll.add(b, EpollEvent::new(EpollFlags::EPOLLIN, DEV_TOKEN))?;
         }
         let mut g = UstackGroup {
+            nap,
             iface,
             sockets: SocketSet::new(Vec::new()),
             link,
@@ -903,6 +920,11 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
+        let timeout = if self.nap {
+            Some(timeout.map_or(NAP, |t| t.min(NAP)))
+        } else {
+            timeout
+        };
         let t = epoll_timeout(timeout);
         let mut evs = [EpollEvent::empty(); 2];
         match self.epoll.wait(&mut evs, t) {

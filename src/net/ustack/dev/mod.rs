@@ -6,10 +6,12 @@
 //! reactors, checksum completion and the counters live, once for every device.
 //!
 //! The devices: [`af_packet`], a queue of a kernel interface through memory-mapped packet
-//! rings; [`tap`], a queue of a TAP device whose other end is the kernel; [`mem`], two devices
-//! joined back to back for tests.
+//! rings; [`tap`], a queue of a TAP device whose other end is the kernel; `dpdk` (feature
+//! `dpdk`), a queue pair of a DPDK port; [`mem`], two devices joined back to back for tests.
 
 pub mod af_packet;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod mem;
 mod netif;
 pub mod tap;
@@ -106,6 +108,19 @@ pub trait NetDev: Send {
     fn offload(&self) -> TxOffload {
         TxOffload::default()
     }
+    /// What the tree shows of the port the queue belongs to, beyond the queue's own counters
+    /// (driver, link, the port's counters); `None` for devices with nothing more to say.
+    fn port_view(&self) -> Option<Arc<dyn PortView>> {
+        None
+    }
+}
+
+/// A device's port as the management tree shows it, readable from any thread.
+pub trait PortView: Send + Sync {
+    /// Attributes of the port as a whole (under `net/`).
+    fn attrs(&self) -> Vec<(String, String)>;
+    /// Attributes of queue `q` (under `net/reactors/q/`).
+    fn queue_attrs(&self, q: usize) -> Vec<(String, String)>;
 }
 
 /// Packet counters of one device queue, readable from any thread.
