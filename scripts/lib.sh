@@ -11,6 +11,15 @@ build_release() {
     (cd "$ROOT" && cargo build --release --quiet) || die "release build failed"
 }
 
+# The build with DPDK (feature dpdk), in a target directory of its own so that it and the
+# default build do not overwrite each other's binaries.
+DPDK_TARGET=$ROOT/target/dpdk
+DPDK_BIN=${ISCSI_TGT_DPDK_BIN:-$DPDK_TARGET/release/iscsi-tgt}
+build_dpdk() {
+    (cd "$ROOT" && CARGO_TARGET_DIR=$DPDK_TARGET cargo build --release --quiet --features dpdk) ||
+        die "release build with --features dpdk failed (DPDK: apt-get install libdpdk-dev libclang-dev pkg-config)"
+}
+
 # wait_rpc SOCK LOG: waits for the daemon started as $TARGET_PID to answer on SOCK; dies with
 # its log if it exits first or takes over 10 s.
 wait_rpc() {

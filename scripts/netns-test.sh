@@ -6,9 +6,15 @@
 # cmp, iscsi-bench --verify at QD32 over 4 sessions spread over both reactors, and
 # iscsi-test-cu's required suites. Then, over AF_PACKET: the same data checks with 1% of
 # packets dropped each way (retransmits must show in the tree), the hostile-input tests, and
-# floods of SYNs and of connections while a logged-in session keeps serving. Also runs the
-# device tests that need root. Removes its namespaces and links on every exit path.
-#   NETNS_STAGES="af_packet tap loss hostile flood" selects stages (all by default).
+# floods of SYNs and of connections while a logged-in session keeps serving. Then the stack on
+# DPDK's poll-mode drivers (the build with --features dpdk): net_af_packet (two queue pairs, two
+# reactors) and net_af_xdp (one queue, one reactor) on the same veth, each with hugepages and
+# with --no-huge: the full data checks once per driver, a shorter round (iscsi-ls, a 64 MiB
+# round trip, iscsi-bench --verify) for the other memory mode. Also runs the device tests that
+# need root. Removes its namespaces and links on every exit path; DPDK runs --in-memory (or
+# --no-shconf), so its hugepages go back when the target exits.
+#   NETNS_STAGES="af_packet tap loss hostile flood dpdk_af_packet dpdk_af_xdp" selects stages
+#   (all by default).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -17,7 +23,7 @@ for c in ip iptables ethtool iscsi-ls iscsi-inq iscsi-test-cu qemu-img python3; 
     command -v "$c" >/dev/null || die "$c is missing: run scripts/setup.sh"
 done
 
-STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood"}
+STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood dpdk_af_packet dpdk_af_xdp"}
 TAG=$$
 NS_T=itgt-t-$TAG
 NS_I=itgt-i-$TAG
@@ -74,7 +80,7 @@ start_in_t() {
     local log=$1
     shift
     rm -f "$SOCK"
-    ip netns exec "$NS_T" "$BIN" --rpc-socket "$SOCK" --cores 0,1 "$@" >"$log" 2>&1 &
+    ip netns exec "$NS_T" "${TBIN:-$BIN}" --rpc-socket "$SOCK" --cores "${CORES:-0,1}" "$@" >"$log" 2>&1 &
     TARGET_PID=$!
     wait_rpc "$SOCK" "$log"
 }
@@ -119,9 +125,22 @@ round_trip() {
 }
 
 # verify_sessions PORTAL N WHAT: iscsi-bench --verify at QD32 on LUNs 1..N at once, one
-# session each; while they run, the tree must show both reactors holding connections.
+# session each; while they run, the tree must show both reactors holding connections (when the
+# target has two).
 verify_sessions() {
     local portal=$1 n=$2 what=$3 pids=() l extra=()
+    if [ "$($RPC -s "$SOCK" ls net/reactors | wc -l)" -lt 2 ]; then
+        for l in $(seq 1 "$n"); do
+            in_i "$BENCH" --portal "$portal" --target "$IQN" --lun "$l" --qd 32 --bs 65536 --verify \
+                >"$WORK/verify-$l.log" 2>&1 &
+            pids+=($!)
+        done
+        local fail=0
+        for p in "${pids[@]}"; do wait "$p" || fail=1; done
+        [ "$fail" = 0 ] || { cat "$WORK"/verify-*.log >&2; die "iscsi-bench --verify failed ($what)"; }
+        check "iscsi-bench --verify at QD32 on $n sessions at once ($what, one reactor)"
+        return
+    fi
     for l in $(seq 1 "$n"); do
         in_i "$BENCH" --portal "$portal" --target "$IQN" --lun "$l" --qd 32 --bs 65536 --verify \
             >"$WORK/verify-$l.log" 2>&1 &
@@ -193,7 +212,7 @@ data_checks() {
     local rx
     rx=$(net_sum rx_packets)
     [ "$rx" -gt 100000 ] || die "net/reactors counted only $rx packets received ($what)"
-    [ "$(get net/stack)" = "smoltcp ${what%% *}" ] || die "net/stack is $(get net/stack)"
+    [ "$(get net/stack)" = "smoltcp ${what%% *}" ] || die "net/stack is $(get net/stack) ($what)"
     check "the tree shows the stack, $rx packets received, and (above) each connection's TCP state"
 }
 
@@ -347,6 +366,57 @@ EOF
     check "a new login works after the floods"
     finish_target flood "$WORK/target-flood.log"
     drop_namespaces
+fi
+
+# dpdk_stage DRIVER DEVARGS CORES: the target on DPDK's DRIVER over vt, with hugepages and with
+# --no-huge; the full data checks in the mode FULL names, the shorter round in the other.
+dpdk_stage() {
+    local driver=$1 devargs=$2 cores=$3 full=$4 mem
+    for mem in huge nohuge; do
+        local what="dpdk $driver, $mem" eal=() log=$WORK/target-dpdk-$driver-$mem.log
+        [ "$mem" = nohuge ] && eal=(--eal --no-huge)
+        make_namespaces
+        in_i ip addr add 10.77.0.1/24 dev vi
+        TBIN=$DPDK_BIN CORES=$cores start_in_t "$log" --net "dpdk:$devargs" --ip 10.77.0.2/24 \
+            --listen 10.77.0.2:3260 --mem-size 256 "${eal[@]}"
+        configure
+        [ "$(get net/dpdk_driver)" = "$driver" ] || die "net/dpdk_driver is $(get net/dpdk_driver), not $driver"
+        [ "$(get net/link)" = up ] || die "net/link is $(get net/link) ($what)"
+        local huge=1
+        [ "$mem" = nohuge ] && huge=0
+        [ "$(get sgv/dpdk_hugepages)" = "$huge" ] || die "sgv/dpdk_hugepages is $(get sgv/dpdk_hugepages) ($what)"
+        [ "$(get sgv/hugepages)" = "$huge" ] || die "sgv/hugepages (the buffer pool) is $(get sgv/hugepages) ($what)"
+        [ "$(get sgv/dpdk_heap_allocated_bytes)" -ge $((256 << 20)) ] ||
+            die "the buffer pool is not in DPDK's heap: sgv/dpdk_heap_allocated_bytes is $(get sgv/dpdk_heap_allocated_bytes)"
+        check "target on DPDK $driver ($mem): the tree shows the driver, the link up, the buffer pool and $(get sgv/dpdk_mbufs) mbufs in DPDK's heap"
+        if [ "$mem" = "$full" ]; then
+            data_checks 10.77.0.2 "$what"
+        else
+            local out
+            out=$(in_i iscsi-ls -s "iscsi://10.77.0.2:3260") || die "iscsi-ls failed ($what): $out"
+            echo "$out" | grep -q "Target:$IQN" || die "iscsi-ls does not list $IQN ($what): $out"
+            check "iscsi-ls lists the targets over $what"
+            round_trip "iscsi://10.77.0.2:3260/$IQN/0" 64 "$what"
+            verify_sessions 10.77.0.2:3260 2 "$what"
+        fi
+        local tx
+        tx=$(get net/port_tx_packets)
+        [ "$tx" -gt 1000 ] || die "net/port_tx_packets (rte_eth_stats) is $tx ($what)"
+        check "the port's own counters move: $tx packets sent, $(get net/port_rx_packets) received; $(net_sum misrouted) segments that reached the wrong queue dropped ($what)"
+        finish_target "$what" "$log"
+        drop_namespaces
+    done
+}
+
+if stage dpdk_af_packet || stage dpdk_af_xdp; then
+    build_dpdk
+fi
+if stage dpdk_af_packet; then
+    dpdk_stage net_af_packet "net_af_packet0,iface=vt,qpairs=2" 0,1 huge
+fi
+if stage dpdk_af_xdp; then
+    # A veth has one receive queue: one XDP socket, one reactor.
+    dpdk_stage net_af_xdp "net_af_xdp0,iface=vt" 1 nohuge
 fi
 
 echo "$pass passed, 0 failed"

@@ -21,6 +21,13 @@ cargo build --release --quiet
 cargo test --quiet 2>&1 | tee /tmp/iscsi-tgt-cargo-test.log
 grep -q "test result: FAILED" /tmp/iscsi-tgt-cargo-test.log && exit 1
 
+step "the build with DPDK (feature dpdk): lints and unit tests"
+# Its own target directory, shared with netns-test.sh's DPDK stages, so that the two builds do
+# not overwrite each other's binaries.
+CARGO_TARGET_DIR=target/dpdk cargo clippy --all-targets --features dpdk --quiet -- -D warnings
+CARGO_TARGET_DIR=target/dpdk cargo test --features dpdk --lib --quiet 2>&1 | tee /tmp/iscsi-tgt-cargo-test-dpdk.log
+grep -q "test result: ok" /tmp/iscsi-tgt-cargo-test-dpdk.log || exit 1
+
 step "real initiators: libiscsi tools and qemu-img"
 scripts/peers.sh
 
@@ -33,7 +40,7 @@ scripts/faults.sh
 step "fuzzing: a bounded run of every target"
 FUZZ_SECS=${FUZZ_SECS:-30} scripts/fuzz.sh
 
-step "the userspace TCP stack between two network namespaces"
+step "the userspace TCP stack between two network namespaces (AF_PACKET, TAP, DPDK)"
 scripts/netns-test.sh
 
 step "conformance: iscsi-test-cu"

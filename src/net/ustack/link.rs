@@ -2,7 +2,7 @@
 //! once: ARP shared between the reactors, transport checksums completed for frames a local
 //! kernel left to offload, and retransmitted segments counted on the way out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -45,6 +45,11 @@ pub struct ArpBus {
 }
 
 impl ArpBus {
+    /// The reactors (queues) it joins.
+    pub fn reactors(&self) -> usize {
+        self.inboxes.len()
+    }
+
     pub fn new(reactors: usize) -> Arc<ArpBus> {
         Arc::new(ArpBus {
             inboxes: (0..reactors)
@@ -72,6 +77,8 @@ pub struct StackStats {
     /// Tail-loss probes: retransmissions started after the peer fell silent (see
     /// [`Probes`]).
     pub tail_probes: AtomicU64,
+    /// TCP segments of flows this reactor holds no socket for, dropped (see [`FlowFilter`]).
+    pub misrouted: AtomicU64,
 }
 
 impl StackStats {
@@ -85,6 +92,7 @@ impl StackStats {
             ("accepted".into(), g(&self.accepted)),
             ("sack_replayed".into(), g(&self.sack_replayed)),
             ("tail_probes".into(), g(&self.tail_probes)),
+            ("misrouted".into(), g(&self.misrouted)),
         ]
     }
 }
@@ -346,6 +354,39 @@ fn is_arp(frame: &[u8]) -> bool {
     frame.len() >= ETH_HDR && frame[12] == 0x08 && frame[13] == 0x06
 }
 
+/// On one queue of several: the flows this reactor's stack holds a socket for. A device may
+/// deliver a flow's segment to another queue than its own (a packet socket's fanout rolls over
+/// to the next queue when one ring is full; a NIC's RSS table is rewritten), and a stack with
+/// no socket for it would answer with a reset and kill the connection. Such a segment is
+/// dropped instead, as if lost: TCP sends it again, and it lands where it belongs.
+#[derive(Debug, Default)]
+pub struct FlowFilter {
+    /// Filtering is on (the device has several queues).
+    pub on: bool,
+    /// (peer address, peer port, local port) of every socket that has a peer.
+    pub known: HashSet<FlowKey>,
+}
+
+impl FlowFilter {
+    /// Whether `frame` is a TCP segment of a flow this stack does not hold, other than a SYN
+    /// opening one.
+    pub fn foreign(&self, frame: &[u8]) -> bool {
+        if !self.on {
+            return false;
+        }
+        let Some((src, _, IpProtocol::Tcp, l4)) = ip_payload(frame) else {
+            return false;
+        };
+        let Ok(tcp) = TcpPacket::new_checked(l4) else {
+            return false;
+        };
+        if tcp.syn() && !tcp.ack() {
+            return false;
+        }
+        !self.known.contains(&(src, tcp.src_port(), tcp.dst_port()))
+    }
+}
+
 /// One reactor's device, as smoltcp's `phy::Device`.
 pub struct Link<D: NetDev> {
     pub dev: D,
@@ -358,6 +399,7 @@ pub struct Link<D: NetDev> {
     pub replay: Replay,
     pub probes: Probes,
     pub retransmits: Retransmits,
+    pub flows: FlowFilter,
     pub stats: Arc<StackStats>,
     /// The device completes TCP checksums, and segments large frames up to `tso_max`.
     offload: bool,
@@ -377,6 +419,7 @@ impl<D: NetDev> Link<D> {
             replay: Replay::default(),
             probes: Probes::default(),
             retransmits: Retransmits::default(),
+            flows: FlowFilter::default(),
             stats,
         }
     }
@@ -535,6 +578,7 @@ pub enum LinkRx<'a, R: RxQueue> {
         stats: &'a StackStats,
         replay: &'a mut Replay,
         probes: &'a mut Probes,
+        flows: &'a FlowFilter,
         now: SInstant,
     },
     Injected(ArpFrame),
@@ -566,10 +610,15 @@ impl<R: RxQueue> phy::RxToken for LinkRx<'_, R> {
                 stats,
                 replay,
                 probes,
+                flows,
                 now,
             } => {
                 let mut f = Some(f);
                 let r = rx.recv(|frame: &mut [u8], info: RxInfo| {
+                    if flows.foreign(frame) {
+                        stats.misrouted.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
                     if info.csum_partial && complete_checksum(frame) {
                         stats.csum_completed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -660,6 +709,7 @@ impl<D: NetDev> phy::Device for Link<D> {
             replay,
             probes,
             retransmits,
+            flows,
             stats,
             offload,
             ..
@@ -700,6 +750,7 @@ impl<D: NetDev> phy::Device for Link<D> {
                 stats,
                 replay,
                 probes,
+                flows,
                 now: ts,
             },
             txt,

@@ -389,7 +389,9 @@ impl<D: NetDev> UstackGroup<D> {
         getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
         let mac = dev.mac();
         let _ = dev.queues();
+        let queues = bus.reactors();
         let mut link = Link::new(dev, bus, me, stats);
+        link.flows.on = queues > 1;
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         config.random_seed = u64::from_le_bytes(seed);
         let mut iface = Interface::new(config, &mut link, SInstant::from_micros(0));
@@ -502,6 +504,23 @@ impl<D: NetDev> UstackGroup<D> {
             recv_window: t.recv_capacity() - t.recv_queue(),
             send_window: t.send_capacity() - t.send_queue(),
             retransmits: self.link.retransmits.of(&Self::flow_key(slot)),
+        }
+    }
+
+    /// Rebuilds the set of flows this reactor holds (for [`link::FlowFilter`]): every socket
+    /// with a peer. Runs when a socket changed state, not per packet.
+    fn refresh_flows(&mut self) {
+        if !self.link.flows.on {
+            return;
+        }
+        let known = &mut self.link.flows.known;
+        known.clear();
+        for (_, s) in self.sockets.iter() {
+            if let Some(t) = <tcp::Socket as smoltcp::socket::AnySocket>::downcast(s) {
+                if let (Some(r), Some(l)) = (t.remote_endpoint(), t.local_endpoint()) {
+                    known.insert((r.addr, r.port, l.port));
+                }
+            }
         }
     }
 
@@ -826,6 +845,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
                 PollIngressSingleResult::SocketStateChanged => {
                     changed = true;
                     self.refill();
+                    self.refresh_flows();
                 }
             }
         }

@@ -466,3 +466,32 @@ fn a_frame_left_to_the_device_gets_the_pseudo_header_sum_and_its_segmentation() 
     arp[13] = 0x06;
     assert_eq!(link::offload_meta(&mut arp, Some(1460)), Default::default());
 }
+
+#[test]
+fn a_segment_of_a_flow_held_by_another_queue_is_dropped_not_answered() {
+    use smoltcp::wire::TcpPacket;
+    let mut f = link::FlowFilter::default();
+    let data = tcp_frame(1, 1, b"x", &[]);
+    assert!(
+        !f.foreign(&data),
+        "one queue: every segment goes to the stack"
+    );
+    f.on = true;
+    assert!(f.foreign(&data), "a flow this queue holds no socket for");
+    let mut syn = tcp_frame(1, 0, &[], &[]);
+    {
+        let mut t = TcpPacket::new_unchecked(&mut syn[34..]);
+        t.set_syn(true);
+        t.set_ack(false);
+    }
+    assert!(!f.foreign(&syn), "a SYN opens a flow wherever it lands");
+    f.known
+        .insert((IpAddress::from(Ipv4Address::new(10, 9, 0, 1)), 5000, 3260));
+    assert!(!f.foreign(&data), "a flow this queue holds");
+    let mut other = data.clone();
+    TcpPacket::new_unchecked(&mut other[34..]).set_src_port(5001);
+    assert!(f.foreign(&other), "another port of the same peer");
+    let mut arp = data.clone();
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    assert!(!f.foreign(&arp), "not TCP");
+}
