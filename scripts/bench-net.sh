@@ -4,7 +4,9 @@
 #   1. the kernel path on loopback, this build against an earlier one (BASE, a git revision):
 #      the socket seam must not have made it slower;
 #   2. over one veth pair between two namespaces: the kernel's TCP, the userspace stack on
-#      AF_PACKET, and the userspace stack on TAP (routed through the target namespace).
+#      AF_PACKET, the userspace stack on TAP (routed through the target namespace), and the
+#      userspace stack on DPDK's net_af_packet and net_af_xdp (the build with --features dpdk;
+#      DPDK=0 leaves them out).
 # Prints a Markdown table: IOPS, MB/s and the target's busy time per I/O (reactors/0/busy_ns
 # over the run divided by the I/Os). With PROFILE=1 it also records `perf` profiles of the
 # target at 4 KiB QD32 on each veth path and prints their top functions.
@@ -32,6 +34,7 @@ cleanup() {
 trap cleanup EXIT
 
 build_release
+[ "${DPDK:-1}" = 0 ] || build_dpdk
 # The earlier build, in a scratch work tree of its own (its target directory is kept between
 # runs in BASE_CACHE).
 BASE_CACHE=${BASE_CACHE:-/var/tmp/iscsi-tgt-bench-base}
@@ -81,7 +84,7 @@ run() {
     printf '| %s | %s | %s | %s | %s |\n' "$name" "$*" "$iops" "$mbps" "$us"
 }
 
-WORKLOADS=("--bs 4096 --qd 1 --random" "--bs 4096 --qd 32 --random" "--bs 131072 --qd 16")
+WORKLOADS=("--bs 4096 --qd 1 --random" "--bs 4096 --qd 32 --random" "--bs 4096 --qd 128 --random" "--bs 131072 --qd 16")
 
 echo "| path | workload | IOPS | MB/s | target busy µs per I/O |"
 echo "|---|---|---:|---:|---:|"
@@ -153,6 +156,19 @@ for w in "${WORKLOADS[@]}"; do
 done
 profile af_packet 10.79.0.2:3260 >"$WORK/profile-af_packet.txt"
 stop_target
+
+if [ "${DPDK:-1}" != 0 ]; then
+    for drv in af_packet af_xdp; do
+        start "$DPDK_BIN" ip netns exec "$NS_T" -- --listen 10.79.0.2:3260 \
+            --net "dpdk:net_${drv}0,iface=vt" --ip 10.79.0.2/24 --mem-size 256
+        for w in "${WORKLOADS[@]}"; do
+            # shellcheck disable=SC2086
+            run "veth, userspace TCP on DPDK net_$drv" 10.79.0.2:3260 ip netns exec "$NS_I" -- $w
+        done
+        profile "dpdk_$drv" 10.79.0.2:3260 >"$WORK/profile-dpdk_$drv.txt"
+        stop_target
+    done
+fi
 
 ip netns exec "$NS_T" sysctl -qw net.ipv4.ip_forward=1
 ip -n "$NS_T" addr add 10.79.1.2/24 dev vt
