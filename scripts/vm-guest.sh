@@ -82,11 +82,14 @@ if [ "$MODE" = kernel ]; then
     else
         fail "setup.sh config on the addressed $NIC_ADDR: rc $rc, driver $(drv_of "$NIC_ADDR")"
     fi
-    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED= "$SETUP" config 2>&1)
+    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED='' "$SETUP" config 2>&1)
     rc=$?
     echo "$out"
-    [ $rc -eq 0 ] && pass "setup.sh config with PCI_ALLOWED empty: hugepages only ($(cat /proc/sys/vm/nr_hugepages) reserved)" ||
+    if [ $rc -eq 0 ]; then
+        pass "setup.sh config with PCI_ALLOWED empty: hugepages only ($(cat /proc/sys/vm/nr_hugepages) reserved)"
+    else
         fail "setup.sh config with PCI_ALLOWED empty (rc $rc)"
+    fi
 else
     out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
     rc=$?
@@ -117,10 +120,11 @@ testpmd)
     if [ $up = 1 ] && grep -q "Probe PCI driver: $NIC_PMD.*$NIC_ADDR" /tmp/testpmd.log &&
         grep -qi "IOMMU type 1" /tmp/testpmd.log; then
         pass "dpdk-testpmd: $NIC_PMD drives $NIC_ADDR through VFIO (IOMMU type 1) and forwards"
+        echo "VMTEST READY ok"
     else
         fail "dpdk-testpmd did not come up on $NIC_ADDR with $NIC_PMD and VFIO type 1"
+        echo "VMTEST READY failed"
     fi
-    echo "VMTEST READY"
     wait_host
     kill -INT $tp 2>/dev/null
     for _ in $(seq 1 200); do kill -0 $tp 2>/dev/null || break; sleep 0.1; done
@@ -132,7 +136,7 @@ testpmd)
     rx=$(echo "$stats" | awk '/RX-packets:/ {print $2; exit}')
     tx=$(echo "$stats" | awk '/TX-packets:/ {print $2; exit}')
     if [ "${rx:-0}" -gt 0 ] && [ "${tx:-0}" -gt 0 ]; then
-        pass "dpdk-testpmd received $rx and sent $tx frames (ARP from the user network and its replies)"
+        pass "dpdk-testpmd received $rx and sent $tx frames (the user network's ARP requests and SYNs, its ARP replies)"
     else
         fail "dpdk-testpmd counted RX ${rx:-?} and TX ${tx:-?} frames: no traffic both ways"
     fi
@@ -140,7 +144,7 @@ testpmd)
 target | kernel)
     if [ ! -x "$BIN" ]; then
         fail "no target binary in the guest ($BIN)"
-        echo "VMTEST READY"
+        echo "VMTEST READY failed"
         wait_host
     else
         if [ "$MODE" = kernel ]; then
@@ -152,23 +156,28 @@ target | kernel)
         rm -f "$SOCK"
         "$BIN" --rpc-socket "$SOCK" "${args[@]}" >/tmp/target.log 2>&1 &
         TARGET_PID=$!
+        # wait_rpc shows the target's log if it exits during start.
         if (wait_rpc "$SOCK" /tmp/target.log && configure_default "$SOCK" "$IQN" "$RAM_MB"); then
             pass "the target runs ($MODE: ${args[*]}) with $IQN: a ${RAM_MB} MiB RAM LUN 0 and a null LUN 1"
+            echo "VMTEST READY ok"
+            wait_host
+            if kill -0 "$TARGET_PID" 2>/dev/null; then
+                if (stop_target); then
+                    pass "the target exits on SIGTERM"
+                else
+                    fail "the target did not exit within 10 s of SIGTERM"
+                fi
+            else
+                fail "the target died while the host used it"
+            fi
+            grep -q panicked /tmp/target.log && fail "the target log shows a panic"
+            tail -20 /tmp/target.log
         else
             fail "the target did not start or take its configuration"
-            tail -20 /tmp/target.log
+            (stop_target) >/dev/null 2>&1
+            echo "VMTEST READY failed"
+            wait_host
         fi
-        echo "VMTEST READY"
-        wait_host
-        if kill -0 "$TARGET_PID" 2>/dev/null; then
-            (stop_target) && pass "the target exits on SIGTERM" || fail "the target did not exit within 10 s of SIGTERM"
-        else
-            fail "the target died while the host used it"
-        fi
-        if grep -q panicked /tmp/target.log; then
-            fail "the target log shows a panic"
-        fi
-        tail -20 /tmp/target.log
     fi
     ;;
 esac
@@ -178,9 +187,11 @@ out=$("$SETUP" reset 2>&1)
 rc=$?
 echo "$out"
 if [ "$MODE" = kernel ]; then
-    [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ] &&
-        pass "setup.sh reset: hugepages given back ($hp_before left), $NIC_ADDR untouched on $NIC_KDRV" ||
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ]; then
+        pass "setup.sh reset: hugepages given back ($hp_before left), $NIC_ADDR untouched on $NIC_KDRV"
+    else
         fail "setup.sh reset (rc $rc), $NIC_ADDR on $(drv_of "$NIC_ADDR")"
+    fi
 else
     for _ in $(seq 1 50); do
         [ -n "$(iface_of "$NIC_ADDR")" ] && break
