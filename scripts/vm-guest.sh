@@ -100,6 +100,16 @@ else
     else
         fail "setup.sh config (rc $rc): $NIC_ADDR on $(drv_of "$NIC_ADDR"), /dev/vfio: $(ls /dev/vfio 2>&1 | tr '\n' ' ')"
     fi
+    # Again: nothing changes, and what reset gives back stays what it was before the first.
+    state=$(cat /run/iscsi-tgt-setup/* 2>/dev/null)
+    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = vfio-pci ] && [ "$(cat /run/iscsi-tgt-setup/* 2>/dev/null)" = "$state" ]; then
+        pass "setup.sh config a second time: no change"
+    else
+        fail "setup.sh config a second time (rc $rc) changed something: $(cat /run/iscsi-tgt-setup/* 2>/dev/null | tr '\n' ' ')"
+    fi
 fi
 
 # --- run on the NIC until the host is done ------------------------------------------------------

@@ -113,7 +113,11 @@ fetch_deb() {
     ver=$(apt-cache policy "$pkg" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
     if [ -n "$ver" ] && [ "$ver" != "(none)" ]; then
         f=$CACHE/debs/${pkg}_${ver//:/%3a}_amd64.deb
-        [ -s "$f" ] || (cd "$CACHE/debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null 2>&1) || true
+        if [ ! -s "$f" ] && (cd "$CACHE/debs" && apt-get download -qq -o APT::Sandbox::User=root "$pkg=$ver" >/dev/null 2>&1) && [ -s "$f" ]; then
+            # A new version replaces the ones before it, and what was unpacked from them.
+            find "$CACHE/debs" -name "${pkg}_*.deb" ! -name "$(basename "$f")" -delete
+            find "$CACHE/x" -mindepth 1 -maxdepth 1 -name "${pkg}_*" ! -name "$(basename "$f" .deb)" -exec rm -rf {} + 2>/dev/null
+        fi
         [ -s "$f" ] && { echo "$f"; return 0; }
     fi
     f=$(find "$CACHE/debs" -name "${pkg}_*.deb" -size +0 | sort -V | tail -1)
