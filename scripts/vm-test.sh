@@ -127,7 +127,12 @@ fetch_deb() {
 # The kernel: what linux-image-amd64 points to now, or the newest cached.
 kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 kdeb=
-[ -z "$kpkg" ] || kdeb=$(fetch_deb "$kpkg")
+if [ -n "$kpkg" ]; then
+    kdeb=$(fetch_deb "$kpkg")
+    # A kernel of a new ABI has a new package name: the ones before it go.
+    [ -z "$kdeb" ] || find "$CACHE/debs" -name 'linux-image-[0-9]*-amd64_*.deb' ! -name "$(basename "$kdeb")" -delete
+    [ -z "$kdeb" ] || find "$CACHE/x" -mindepth 1 -maxdepth 1 -name 'linux-image-[0-9]*' ! -name "$(basename "$kdeb" .deb)" -exec rm -rf {} +
+fi
 [ -n "$kdeb" ] || kdeb=$(find "$CACHE/debs" -name 'linux-image-[0-9]*-amd64_*.deb' -size +0 | sort -V | tail -1)
 [ -n "$kdeb" ] || skip "no Debian kernel package cached in $CACHE/debs and none could be downloaded"
 bdeb=$(fetch_deb busybox-static)
@@ -190,7 +195,6 @@ cp "$BUSYBOX" "$R/usr/bin/busybox"
 for a in $("$BUSYBOX" --list); do
     [ -e "$R/usr/bin/$a" ] || ln -s busybox "$R/usr/bin/$a"
 done
-rm -f "$R/usr/bin/bash"
 add /usr/bin/bash /usr/bin/dpdk-testpmd
 # Only the PMDs the NICs need: EAL loads every library in its plugin directory.
 for p in bus_pci bus_vdev mempool_ring mempool_stack net_virtio net_e1000; do
