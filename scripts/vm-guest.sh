@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# The guest's half of scripts/vm-test.sh: runs as the VM's init (after /init mounts the kernel's
+# file systems), reads /etc/vm-test.conf, and reports each step on the console as
+# "VMTEST PASS: ..." or "VMTEST FAIL: ...", which the host collects. Steps: load the NIC's kernel
+# driver, setup.sh status, setup.sh config (the NIC to vfio-pci; in MODE=kernel it must refuse
+# the NIC, which carries an address), then run on the NIC (dpdk-testpmd, or the target on
+# DPDK or on the kernel's TCP) until the host writes a line to the second serial port, stop,
+# setup.sh reset (the NIC back to its kernel driver), "VMTEST END". Not meant to run on a host.
+set -uo pipefail
+
+# shellcheck source=/dev/null
+source /etc/vm-test.conf
+source "$(dirname "$0")/lib.sh"
+
+SOCK=/run/iscsi-tgt.sock
+SETUP=$ROOT/scripts/setup.sh
+npass=0
+nfail=0
+
+pass() { npass=$((npass + 1)); echo "VMTEST PASS: $*"; }
+fail() { nfail=$((nfail + 1)); echo "VMTEST FAIL: $*"; }
+drv_of() { local l; l=$(readlink "/sys/bus/pci/devices/$1/driver") && echo "${l##*/}" || echo none; }
+iface_of() {
+    local n
+    for n in /sys/bus/pci/devices/"$1"/net/* /sys/bus/pci/devices/"$1"/virtio*/net/*; do
+        [ -e "$n" ] && { echo "${n##*/}"; return; }
+    done
+}
+# Waits for the host's line on the second serial port (the host's initiator is done).
+wait_host() {
+    stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    local line
+    if read -r -t "$HOST_TIMEOUT" line </dev/ttyS1; then
+        echo "VMTEST host says: $line"
+    else
+        fail "no word from the host within $HOST_TIMEOUT s"
+    fi
+}
+finish() {
+    echo "VMTEST END pass=$npass fail=$nfail"
+}
+
+echo "VMTEST START mode=$MODE nic=$NIC_ADDR ($NIC_KDRV) kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print $2 / 1024 " MB"}' /proc/meminfo)"
+
+# --- the NIC on its kernel driver -------------------------------------------------------------
+for m in virtio_pci virtio_net e1000 nvme; do
+    modprobe "$m" || fail "modprobe $m"
+done
+for _ in $(seq 1 50); do
+    [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ -n "$(iface_of "$NIC_ADDR")" ] && break
+    sleep 0.1
+done
+IFACE=$(iface_of "$NIC_ADDR")
+if [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ -n "$IFACE" ]; then
+    pass "NIC $NIC_ADDR on its kernel driver $NIC_KDRV, interface $IFACE, IOMMU group $(basename "$(readlink "/sys/bus/pci/devices/$NIC_ADDR/iommu_group")")"
+else
+    fail "NIC $NIC_ADDR is on $(drv_of "$NIC_ADDR") with interface '${IFACE}', not on $NIC_KDRV"
+fi
+
+# --- setup.sh status and config ----------------------------------------------------------------
+hp_before=$(cat /proc/sys/vm/nr_hugepages)
+out=$("$SETUP" status 2>&1)
+rc=$?
+echo "$out"
+if [ $rc -eq 0 ] && echo "$out" | grep -q "^  $NIC_ADDR .* $NIC_KDRV .*iommu [0-9]"; then
+    pass "setup.sh status lists $NIC_ADDR on $NIC_KDRV with its IOMMU group"
+else
+    fail "setup.sh status (rc $rc) does not list $NIC_ADDR on $NIC_KDRV with an IOMMU group"
+fi
+
+if [ "$MODE" = kernel ]; then
+    ip link set lo up
+    ip link set "$IFACE" up
+    ip addr add "$GUEST_IP/24" dev "$IFACE"
+    ip route add default via "$GATEWAY"
+    out=$(PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
+    rc=$?
+    echo "$out"
+    if [ $rc -ne 0 ] && echo "$out" | grep -q "interface $IFACE has address $GUEST_IP/24" &&
+        [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ]; then
+        pass "setup.sh config refuses $NIC_ADDR while $IFACE carries $GUEST_IP, and leaves it on $NIC_KDRV"
+    else
+        fail "setup.sh config on the addressed $NIC_ADDR: rc $rc, driver $(drv_of "$NIC_ADDR")"
+    fi
+    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED='' "$SETUP" config 2>&1)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ]; then
+        pass "setup.sh config with PCI_ALLOWED empty: hugepages only ($(cat /proc/sys/vm/nr_hugepages) reserved)"
+    else
+        fail "setup.sh config with PCI_ALLOWED empty (rc $rc)"
+    fi
+else
+    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
+    rc=$?
+    echo "$out"
+    grp=$(basename "$(readlink "/sys/bus/pci/devices/$NIC_ADDR/iommu_group")")
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = vfio-pci ] && [ -c "/dev/vfio/$grp" ] && [ -c /dev/vfio/vfio ]; then
+        pass "setup.sh config: $NIC_ADDR on vfio-pci, /dev/vfio/$grp there, $(cat /proc/sys/vm/nr_hugepages) hugepages"
+    else
+        fail "setup.sh config (rc $rc): $NIC_ADDR on $(drv_of "$NIC_ADDR"), /dev/vfio: $(ls /dev/vfio 2>&1 | tr '\n' ' ')"
+    fi
+    # Again: nothing changes, and what reset gives back stays what it was before the first.
+    state=$(cat /run/iscsi-tgt-setup/* 2>/dev/null)
+    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = vfio-pci ] && [ "$(cat /run/iscsi-tgt-setup/* 2>/dev/null)" = "$state" ]; then
+        pass "setup.sh config a second time: no change"
+    else
+        fail "setup.sh config a second time (rc $rc) changed something: $(cat /run/iscsi-tgt-setup/* 2>/dev/null | tr '\n' ' ')"
+    fi
+fi
+
+# --- run on the NIC until the host is done ------------------------------------------------------
+case $MODE in
+testpmd)
+    # icmpecho answers ARP requests: the host's connections to the forwarded port make the user
+    # network ask for the guest's address, so frames go both ways through the vIOMMU.
+    dpdk-testpmd -l 0-1 -n 1 --in-memory -a "$NIC_ADDR" -- --forward-mode=icmpecho \
+        --stats-period 1 --total-num-mbufs=2048 --nb-cores=1 >/tmp/testpmd.log 2>&1 &
+    tp=$!
+    up=0
+    for _ in $(seq 1 600); do
+        grep -q "Press Ctrl+C to quit\|Port statistics" /tmp/testpmd.log && { up=1; break; }
+        kill -0 $tp 2>/dev/null || break
+        sleep 0.1
+    done
+    sed 's/\x1b\[[0-9;]*[A-Za-z]//g' /tmp/testpmd.log | grep -v "^ *$" | head -40
+    if [ $up = 1 ] && grep -q "Probe PCI driver: $NIC_PMD.*$NIC_ADDR" /tmp/testpmd.log &&
+        grep -qi "IOMMU type 1" /tmp/testpmd.log; then
+        pass "dpdk-testpmd: $NIC_PMD drives $NIC_ADDR through VFIO (IOMMU type 1) and forwards"
+        echo "VMTEST READY ok"
+    else
+        fail "dpdk-testpmd did not come up on $NIC_ADDR with $NIC_PMD and VFIO type 1"
+        echo "VMTEST READY failed"
+    fi
+    wait_host
+    kill -INT $tp 2>/dev/null
+    for _ in $(seq 1 200); do kill -0 $tp 2>/dev/null || break; sleep 0.1; done
+    kill -0 $tp 2>/dev/null && { kill -KILL $tp; fail "dpdk-testpmd did not exit on SIGINT"; }
+    wait $tp 2>/dev/null
+    clean=$(sed 's/\x1b\[[0-9;]*[A-Za-z]//g' /tmp/testpmd.log)
+    echo "$clean" | sed -n '/Forward statistics for port 0/,/^ *-\+ *$/p' | head -12
+    stats=$(echo "$clean" | sed -n '/Forward statistics for port 0/,$p')
+    rx=$(echo "$stats" | awk '/RX-packets:/ {print $2; exit}')
+    tx=$(echo "$stats" | awk '/TX-packets:/ {print $2; exit}')
+    if [ "${rx:-0}" -gt 0 ] && [ "${tx:-0}" -gt 0 ]; then
+        pass "dpdk-testpmd received $rx and sent $tx frames (the user network's ARP requests and SYNs, its ARP replies)"
+    else
+        fail "dpdk-testpmd counted RX ${rx:-?} and TX ${tx:-?} frames: no traffic both ways"
+    fi
+    ;;
+target | kernel)
+    if [ ! -x "$BIN" ]; then
+        fail "no target binary in the guest ($BIN)"
+        echo "VMTEST READY failed"
+        wait_host
+    else
+        if [ "$MODE" = kernel ]; then
+            args=(--listen 0.0.0.0:3260 --mem-size 64)
+        else
+            eval "args=($TARGET_ARGS)"
+        fi
+        echo "VMTEST target: $BIN ${args[*]}"
+        rm -f "$SOCK"
+        "$BIN" --rpc-socket "$SOCK" "${args[@]}" >/tmp/target.log 2>&1 &
+        TARGET_PID=$!
+        # wait_rpc shows the target's log if it exits during start.
+        if (wait_rpc "$SOCK" /tmp/target.log && configure_default "$SOCK" "$IQN" "$RAM_MB"); then
+            pass "the target runs ($MODE: ${args[*]}) with $IQN: a ${RAM_MB} MiB RAM LUN 0 and a null LUN 1"
+            echo "VMTEST READY ok"
+            wait_host
+            if kill -0 "$TARGET_PID" 2>/dev/null; then
+                if (stop_target); then
+                    pass "the target exits on SIGTERM"
+                else
+                    fail "the target did not exit within 10 s of SIGTERM"
+                fi
+            else
+                fail "the target died while the host used it"
+            fi
+            grep -q panicked /tmp/target.log && fail "the target log shows a panic"
+            tail -20 /tmp/target.log
+        else
+            fail "the target did not start or take its configuration"
+            (stop_target) >/dev/null 2>&1
+            echo "VMTEST READY failed"
+            wait_host
+        fi
+    fi
+    ;;
+esac
+
+# --- setup.sh reset -----------------------------------------------------------------------------
+out=$("$SETUP" reset 2>&1)
+rc=$?
+echo "$out"
+if [ "$MODE" = kernel ]; then
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ]; then
+        pass "setup.sh reset: hugepages given back ($hp_before left), $NIC_ADDR untouched on $NIC_KDRV"
+    else
+        fail "setup.sh reset (rc $rc), $NIC_ADDR on $(drv_of "$NIC_ADDR")"
+    fi
+else
+    for _ in $(seq 1 50); do
+        [ -n "$(iface_of "$NIC_ADDR")" ] && break
+        sleep 0.1
+    done
+    if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ -n "$(iface_of "$NIC_ADDR")" ] &&
+        [ "$(cat "/sys/bus/pci/devices/$NIC_ADDR/driver_override")" = "(null)" ] &&
+        [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ]; then
+        pass "setup.sh reset: $NIC_ADDR back on $NIC_KDRV (interface $(iface_of "$NIC_ADDR")), driver_override cleared, hugepages given back ($hp_before left)"
+    else
+        fail "setup.sh reset (rc $rc): $NIC_ADDR on $(drv_of "$NIC_ADDR"), override $(cat "/sys/bus/pci/devices/$NIC_ADDR/driver_override"), $(cat /proc/sys/vm/nr_hugepages) hugepages"
+    fi
+fi
+finish
