@@ -169,14 +169,34 @@ ln -s ../run "$R/var/run"
 guest_path() {
     case $1 in /lib/* | /lib64/* | /bin/* | /sbin/*) echo "/usr$1" ;; *) echo "$1" ;; esac
 }
+# The PMDs the guest's EAL loads as plugins (it loads every library in its plugin directory):
+# what the NICs need, no more.
+PLUGINS="bus_pci bus_vdev mempool_ring mempool_stack net_virtio net_e1000"
+is_plugin() {
+    local p
+    for p in $PLUGINS; do
+        case ${1##*/} in librte_"$p".so*) return 0 ;; esac
+    done
+    return 1
+}
 # add_libs FILE: every library ldd names for FILE (the whole closure), under the name ldd gives.
 add_libs() {
-    local l dst
+    local l dst real
     for l in $(ldd "$1" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
         dst=$(guest_path "$l")
-        [ -e "$R$dst" ] && continue
+        [ -e "$R$dst" ] || [ -L "$R$dst" ] && continue
         mkdir -p "$(dirname "$R$dst")"
-        cp -L "$l" "$R$dst"
+        real=$(readlink -f "$l")
+        if [ "${real#"$PMD_DIR"/}" != "$real" ] && is_plugin "$real"; then
+            # A plugin that is also linked by name (librte_bus_pci, by net_virtio): one file,
+            # in the plugin directory, with the name a link to it as on the host. A second copy
+            # would be loaded twice (once linked, once as a plugin) and EAL panics on that.
+            mkdir -p "$R$PMD_DIR"
+            [ -e "$R$real" ] || cp "$real" "$R$real"
+            ln -s "$real" "$R$dst"
+        else
+            cp -L "$l" "$R$dst"
+        fi
     done
 }
 # add FILE...: each file at its path in the guest, with its libraries.
@@ -197,7 +217,7 @@ for a in $("$BUSYBOX" --list); do
 done
 add /usr/bin/bash /usr/bin/dpdk-testpmd
 # Only the PMDs the NICs need: EAL loads every library in its plugin directory.
-for p in bus_pci bus_vdev mempool_ring mempool_stack net_virtio net_e1000; do
+for p in $PLUGINS; do
     for l in "$PMD_DIR"/librte_"$p".so.23*; do
         mkdir -p "$R$PMD_DIR"
         cp -a "$l" "$R$PMD_DIR/"
