@@ -46,6 +46,13 @@ install_deps() {
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
     command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
     command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+    # The build with --features dpdk: DPDK's headers and libraries (found by pkg-config),
+    # libclang for bindgen, and the PMDs the tests use (af_xdp is a package of its own).
+    dpkg -s libdpdk-dev >/dev/null 2>&1 || need_apt+=(libdpdk-dev)
+    dpkg -s dpdk >/dev/null 2>&1 || need_apt+=(dpdk)
+    dpkg -s librte-net-af-xdp23 >/dev/null 2>&1 || need_apt+=(librte-net-af-xdp23)
+    dpkg -s libclang-dev >/dev/null 2>&1 || need_apt+=(libclang-dev)
+    command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
     # qemu-img must come from the same build as qemu-block-extra (which adds iscsi://):
     # installing the block module pins qemu-utils to Debian's matching version.
     qemu_iscsi_ok() { [ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ] && command -v qemu-img >/dev/null 2>&1; }
@@ -66,9 +73,10 @@ install_deps() {
     command -v iscsi-test-cu >/dev/null || fail "libiscsi-bin did not install"
     command -v genisoimage >/dev/null || fail "genisoimage did not install"
     local c
-    for c in ip ethtool iptables; do
+    for c in ip ethtool iptables pkg-config; do
         command -v "$c" >/dev/null || fail "$c did not install"
     done
+    pkg-config --exists libdpdk || fail "libdpdk-dev did not install (pkg-config finds no libdpdk)"
 
     # tgtd is only a benchmark peer: keep Debian's service from holding port 3260.
     if command -v systemctl >/dev/null 2>&1; then
