@@ -399,10 +399,13 @@ dpdk_stage() {
             round_trip "iscsi://10.77.0.2:3260/$IQN/0" 64 "$what"
             verify_sessions 10.77.0.2:3260 2 "$what"
         fi
+        local lc
+        lc=$(get net/reactors/0/lcore)
+        [ "$lc" -ge 0 ] || die "reactor 0 is not a DPDK lcore (net/reactors/0/lcore is $lc): its mempool has no cache ($what)"
         local tx
         tx=$(get net/port_tx_packets)
         [ "$tx" -gt 1000 ] || die "net/port_tx_packets (rte_eth_stats) is $tx ($what)"
-        check "the port's own counters move: $tx packets sent, $(get net/port_rx_packets) received; $(net_sum misrouted) segments that reached the wrong queue dropped ($what)"
+        check "the port's own counters move: $tx packets sent, $(get net/port_rx_packets) received; $(net_sum misrouted) segments that reached the wrong queue dropped; reactor 0 is lcore $lc ($what)"
         finish_target "$what" "$log"
         drop_namespaces
     done

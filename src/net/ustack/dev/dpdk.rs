@@ -16,6 +16,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use crate::env::dpdk::{self, Mbuf, Mempool, Port, PortConf, PortInfo, RxBurst, TxBurst};
@@ -120,6 +121,9 @@ struct PortState {
     pool: Arc<Mempool>,
     queues: usize,
     csum_offload: bool,
+    /// The lcore id of the thread polling each queue (-1 until it polls, or when it could not
+    /// be registered).
+    lcores: Vec<AtomicI64>,
 }
 
 impl PortView for PortState {
@@ -161,7 +165,9 @@ impl PortView for PortState {
         }
         let s = self.port.stats();
         let get = |v: &Vec<u64>| v.get(q).copied().unwrap_or(0).to_string();
+        let lcore = self.lcores.get(q).map_or(-1, |l| l.load(Ordering::Relaxed));
         vec![
+            ("lcore".into(), lcore.to_string()),
             ("port_queue_rx_packets".into(), get(&s.q_ipackets)),
             ("port_queue_tx_packets".into(), get(&s.q_opackets)),
             ("port_queue_errors".into(), get(&s.q_errors)),
@@ -172,6 +178,9 @@ impl PortView for PortState {
 pub struct DpdkRx {
     port: Port,
     queue: u16,
+    /// The polling thread's lcore is recorded in the port's view.
+    view: Arc<PortState>,
+    lcore_noted: bool,
     burst: RxBurst<RX_BURST>,
     /// A packet that arrived in several segments, gathered.
     scratch: Vec<u8>,
@@ -286,6 +295,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         pool: pool.clone(),
         queues,
         csum_offload,
+        lcores: (0..queues).map(|_| AtomicI64::new(-1)).collect(),
     });
     Ok((0..nq)
         .map(|q| {
@@ -294,6 +304,8 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
                 rx: DpdkRx {
                     port: port.clone(),
                     queue: q,
+                    view: view.clone(),
+                    lcore_noted: false,
                     burst: RxBurst::default(),
                     scratch: Vec::new(),
                     stats: stats.clone(),
@@ -317,15 +329,31 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         .collect())
 }
 
+impl DpdkRx {
+    /// Registers the polling thread as an lcore (once) and shows which in the tree.
+    fn register(&mut self) {
+        dpdk::register_thread();
+        if !self.lcore_noted {
+            self.lcore_noted = true;
+            if let (Some(id), Some(slot)) = (
+                dpdk::lcore_id(),
+                self.view.lcores.get(usize::from(self.queue)),
+            ) {
+                slot.store(i64::from(id), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl RxQueue for DpdkRx {
     fn ready(&mut self) -> bool {
-        dpdk::register_thread();
+        self.register();
         self.burst.fill(&self.port, self.queue) > 0
     }
 
     fn recv<R>(&mut self, f: impl FnOnce(&mut [u8], RxInfo) -> R) -> Option<R> {
         if self.burst.is_empty() {
-            dpdk::register_thread();
+            self.register();
             self.burst.fill(&self.port, self.queue);
         }
         let mut m = self.burst.take()?;
