@@ -1,8 +1,11 @@
 //! The stack over an in-memory wire, against a second smoltcp interface as the client.
 
 use super::dev::mem::{pair, MemDev};
+use super::link::Link;
 use super::*;
-use smoltcp::wire::Ipv4Address;
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, Ipv4Address};
 
 const TGT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const INI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
