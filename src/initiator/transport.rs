@@ -1,5 +1,5 @@
 //! What the initiator runs over: a blocking byte stream with a timeout, which the kernel's TCP
-//! ([`TcpStream`]) provides.
+//! ([`TcpStream`]) and the userspace stack's client ([`ClientStream`]) both provide.
 //!
 //! The initiator reads through a buffer of its own and writes one PDU per call, so a boxed
 //! transport (`Box<dyn Transport + Send>`, for a program that picks its network at run time)
@@ -8,6 +8,9 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
+
+use crate::net::ustack::client::ClientStream;
+use crate::net::ustack::dev::NetDev;
 
 /// A connected, blocking byte stream.
 ///
@@ -59,6 +62,30 @@ impl Transport for TcpStream {
 
     fn peer_addr(&self) -> io::Result<SocketAddr> {
         TcpStream::peer_addr(self)
+    }
+}
+
+impl<D: NetDev> Transport for ClientStream<D> {
+    fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        ClientStream::set_timeout(self, t);
+        Ok(())
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        ClientStream::shutdown(self)
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        ClientStream::reset(self);
+        Ok(())
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(ClientStream::local_addr(self))
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        Ok(ClientStream::peer_addr(self))
     }
 }
 

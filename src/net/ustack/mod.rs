@@ -7,7 +7,12 @@
 //! nothing crosses reactors but ARP ([`link::ArpBus`]). smoltcp has no listen backlog: each
 //! portal keeps [`StackConfig::backlog`] listening sockets per reactor and a new one replaces
 //! each that is accepted.
+//!
+//! The same [`stack::Stack`] (an interface, its sockets and its device queue) also makes the
+//! initiator's side, [`client`]: active opens and blocking streams for a load generator that
+//! runs on the userspace stack as the target does.
 
+pub mod client;
 pub mod dev;
 pub mod link;
 pub mod stack;
@@ -342,8 +347,6 @@ pub struct UstackGroup<D: NetDev> {
     free: Vec<usize>,
     portals: Vec<Portal>,
     watched: bool,
-    /// Closed connections finishing their FIN handshake, and when they are reset instead.
-    lingering: Vec<(SocketHandle, Instant)>,
     epoll: Epoll,
     waker: Arc<EventWaker>,
     publish: Arc<Mutex<Vec<SockInfo>>>,
@@ -383,7 +386,6 @@ impl<D: NetDev> UstackGroup<D> {
             free: Vec::new(),
             portals: Vec::new(),
             watched: true,
-            lingering: Vec::new(),
             epoll,
             waker: Arc::new(waker),
             publish,
@@ -493,25 +495,6 @@ impl<D: NetDev> UstackGroup<D> {
             .filter(|slot| !slot.closed)
             .map(|slot| (Self::flow_key(slot), slot.handle))
     }
-
-    /// Ends lingering connections that are done or out of time.
-    fn housekeeping(&mut self, now: Instant) {
-        let sockets = &mut self.stack.sockets;
-        self.lingering.retain(|&(h, until)| {
-            let s = sockets.get_mut::<tcp::Socket>(h);
-            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
-            if done || now >= until {
-                s.abort();
-                // The RST of an abort goes out with the next egress; the socket is removed
-                // then, by the retain below on a later pass.
-                if done {
-                    sockets.remove(h);
-                    return false;
-                }
-            }
-            true
-        });
-    }
 }
 
 impl<D: NetDev> SockGroup for UstackGroup<D> {
@@ -610,7 +593,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         self.free.push(s.0);
         self.stack.forget(&Self::flow_key(&slot));
         let until = Instant::now() + self.stack.cfg.linger;
-        self.lingering.push((slot.handle, until));
+        self.stack.linger(slot.handle, until);
     }
 
     fn info(&self, s: SockId) -> Option<SockInfo> {
@@ -636,7 +619,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         s.set_timeout(None);
         let (Some(remote), Some(local)) = (s.remote_endpoint(), s.local_endpoint()) else {
             s.abort();
-            self.lingering.push((handle, Instant::now()));
+            self.stack.linger(handle, Instant::now());
             return Ok(None);
         };
         let slot = Slot {
@@ -721,7 +704,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             .stats()
             .rx_packets
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.housekeeping(now);
+        self.stack.housekeeping(now);
         if self.watched {
             for (i, p) in self.portals.iter().enumerate() {
                 let ready = p.listening.iter().any(|&h| {
@@ -766,18 +749,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     }
 
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
-        let ts = self.stack.ts(now);
-        let d = self.stack.iface.poll_delay(ts, &self.stack.sockets);
-        let probe = self.stack.probe_due(ts, Self::flows(&self.conns));
-        let d = match (d, probe) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
-        let mut at = now + Duration::from_micros(d.total_micros());
-        if let Some(&(_, until)) = self.lingering.iter().min_by_key(|(_, u)| *u) {
-            at = at.min(until);
-        }
-        Some(at)
+        self.stack.next_due(now, Self::flows(&self.conns))
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {

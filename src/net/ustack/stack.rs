@@ -6,7 +6,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smoltcp::iface::{
     Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
@@ -27,6 +27,8 @@ pub struct Stack<D: NetDev> {
     pub cfg: StackConfig,
     /// The stack's time zero.
     base: Instant,
+    /// Closed connections finishing their FIN handshake, and when they are reset instead.
+    lingering: Vec<(SocketHandle, Instant)>,
 }
 
 /// Ingress polls after a tail-loss probe starts: the probe's three duplicate ACKs and one
@@ -76,6 +78,7 @@ impl<D: NetDev> Stack<D> {
             link,
             cfg: cfg.clone(),
             base,
+            lingering: Vec::new(),
         })
     }
 
@@ -196,6 +199,57 @@ impl<D: NetDev> Stack<D> {
             }
         }
         true
+    }
+
+    /// When the stack next needs a pass even if nothing arrives: smoltcp's timers, the next
+    /// tail-loss probe on one of `flows`, the end of a lingering connection's time.
+    pub fn next_due(
+        &mut self,
+        now: Instant,
+        flows: impl Iterator<Item = (FlowKey, SocketHandle)>,
+    ) -> Option<Instant> {
+        let ts = self.ts(now);
+        let d = self.iface.poll_delay(ts, &self.sockets);
+        let d = match (d, self.probe_due(ts, flows)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let at = d.map(|d| now + Duration::from_micros(d.total_micros()));
+        let linger = self.lingering.iter().map(|&(_, until)| until).min();
+        match (at, linger) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Hands over a closed connection (its FIN on its way) to finish its handshake, and
+    /// to be reset if it has not by `until`.
+    pub fn linger(&mut self, h: SocketHandle, until: Instant) {
+        self.lingering.push((h, until));
+    }
+
+    /// Connections still finishing their close.
+    pub fn lingering(&self) -> usize {
+        self.lingering.len()
+    }
+
+    /// Ends lingering connections that are done or out of time.
+    pub fn housekeeping(&mut self, now: Instant) {
+        let sockets = &mut self.sockets;
+        self.lingering.retain(|&(h, until)| {
+            let s = sockets.get_mut::<tcp::Socket>(h);
+            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if done || now >= until {
+                s.abort();
+                // The RST of an abort goes out with the next egress; the socket is removed
+                // then, by the retain below on a later pass.
+                if done {
+                    sockets.remove(h);
+                    return false;
+                }
+            }
+            true
+        });
     }
 
     /// Forgets what the link keeps of a flow that has ended.
