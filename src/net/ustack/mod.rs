@@ -141,8 +141,12 @@ impl StackConfig {
         Ok(())
     }
 
-    /// Checks the ranges.
+    /// Checks the address and the ranges.
     pub fn validate(&self) -> Result<(), String> {
+        // smoltcp's interface takes unicast addresses only (and panics on others).
+        if !self.ip.address().is_unicast() {
+            return Err(format!("{} is not a unicast address", self.ip.address()));
+        }
         for (name, v) in [("rx_buf", self.rx_buf), ("tx_buf", self.tx_buf)] {
             if !(BUF_MIN..=BUF_MAX).contains(&v) {
                 return Err(format!(

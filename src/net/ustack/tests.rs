@@ -294,6 +294,25 @@ fn configuration_is_checked() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("not on the stack's address"));
+    // smoltcp takes only a unicast address for its interface (and panics otherwise).
+    for ip in ["255.255.255.255/32", "224.0.0.1/24", "0.0.0.0/0"] {
+        let (t, _) = pair([TGT_MAC, INI_MAC], 1500, 0);
+        let e = UstackNet::new(
+            "mem",
+            "mem0",
+            StackConfig::new(cidr(ip), None),
+            &[],
+            vec![t],
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("not a unicast address"), "{ip}: {e}");
+        let (_, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+        let e = ClientStack::new(i, StackConfig::new(cidr(ip), None))
+            .err()
+            .expect("an error, not a stack");
+        assert!(e.to_string().contains("not a unicast address"), "{ip}: {e}");
+    }
 }
 
 #[test]
