@@ -85,9 +85,11 @@ fn lock<D: NetDev>(m: &Mutex<Inner<D>>) -> MutexGuard<'_, Inner<D>> {
 }
 
 impl<D: NetDev> Inner<D> {
-    /// One pass: what arrived into the stack, a tail-loss probe if one is due, what the
-    /// sockets have to send out, closed sockets retired. Returns whether frames arrived.
-    fn pass(&mut self, now: Instant) -> bool {
+    /// The first half of a pass: what arrived into the stack, and a tail-loss probe if one is
+    /// due. Returns whether frames arrived. A caller reads or writes its socket between this
+    /// and [`Inner::pass_out`], so that what it queued leaves with the ACKs of what came in,
+    /// in one flush of the device.
+    fn pass_in(&mut self, now: Instant) -> bool {
         let ts = self.stack.ts(now);
         self.stack.iface.poll_maintenance(ts);
         let mut received = false;
@@ -98,8 +100,19 @@ impl<D: NetDev> Inner<D> {
             received = true;
         }
         self.stack.probe_tails(ts, self.streams.iter().copied());
-        self.stack.egress(ts);
+        received
+    }
+
+    /// The second half: what the sockets have to send goes out; closed sockets are retired.
+    fn pass_out(&mut self, now: Instant) {
+        self.stack.egress(self.stack.ts(now));
         self.stack.housekeeping(now);
+    }
+
+    /// A whole pass. Returns whether frames arrived.
+    fn pass(&mut self, now: Instant) -> bool {
+        let received = self.pass_in(now);
+        self.pass_out(now);
         received
     }
 
@@ -301,7 +314,8 @@ impl<D: NetDev> ClientStack<D> {
 
 /// Drives the stack until `step` has an answer or `deadline` passes (`TimedOut`): polling
 /// without pause, then, after [`IDLE_BEFORE_SLEEP`] without frames, sleeping on the device
-/// until a frame arrives, a timer of the stack is due or the deadline comes.
+/// until a frame arrives, a timer of the stack is due or the deadline comes. `step` runs
+/// between the halves of each pass: what it sends leaves in that pass.
 fn block<D: NetDev, R>(
     shared: &Shared<D>,
     deadline: Instant,
@@ -311,8 +325,10 @@ fn block<D: NetDev, R>(
     loop {
         let now = Instant::now();
         let mut g = lock(&shared.inner);
-        let received = g.pass(now);
-        if let Some(r) = step(&mut g) {
+        let received = g.pass_in(now);
+        let r = step(&mut g);
+        g.pass_out(now);
+        if let Some(r) = r {
             return r;
         }
         if now >= deadline {
@@ -428,12 +444,8 @@ impl<D: NetDev> Read for ClientStream<D> {
             let t = g.stack.sockets.get_mut::<tcp::Socket>(h);
             match t.recv_slice(buf) {
                 Ok(0) => None,
-                Ok(n) => {
-                    // A window opened by the read goes out now.
-                    let ts = g.stack.ts(Instant::now());
-                    g.stack.egress(ts);
-                    Some(Ok(n))
-                }
+                // A window the read opened goes out with the pass.
+                Ok(n) => Some(Ok(n)),
                 Err(tcp::RecvError::Finished) => Some(Ok(0)),
                 Err(tcp::RecvError::InvalidState) => {
                     Some(Err(io::ErrorKind::ConnectionReset.into()))
@@ -475,11 +487,7 @@ impl<D: NetDev> Write for ClientStream<D> {
             }
             match t.send_slice(buf) {
                 Ok(0) => None,
-                Ok(n) => {
-                    let ts = g.stack.ts(Instant::now());
-                    g.stack.egress(ts);
-                    Some(Ok(n))
-                }
+                Ok(n) => Some(Ok(n)),
                 Err(_) => Some(Err(io::ErrorKind::ConnectionReset.into())),
             }
         });
