@@ -239,7 +239,7 @@ impl<D: NetDev> ClientStack<D> {
             key,
             peer,
             local: SocketAddr::new(IpAddr::from(me), port),
-            timeout: Some(cfg.syn_timeout),
+            timeout: None,
             shut: false,
         };
         let r = block(&self.shared, started + cfg.syn_timeout, |g| {
@@ -372,7 +372,7 @@ pub struct ClientStream<D: NetDev> {
     key: FlowKey,
     peer: SocketAddr,
     local: SocketAddr,
-    /// How long a read or write may wait.
+    /// How long a read or write may wait (`None`, as a new stream has it: without end).
     timeout: Option<Duration>,
     /// Shut down: reads see the end of the stream, writes fail.
     shut: bool,
