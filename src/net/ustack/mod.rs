@@ -154,6 +154,15 @@ impl StackConfig {
                 ));
             }
         }
+        // What `set` takes, checked again for a configuration built in code: both are added
+        // to instants.
+        let ms = |d: Duration| d.as_millis();
+        if !(100..=120_000).contains(&ms(self.syn_timeout)) {
+            return Err("syn_timeout_ms is 100..=120000".into());
+        }
+        if ms(self.linger) > 600_000 {
+            return Err("linger_ms is 0..=600000".into());
+        }
         if self.backlog == 0 || self.backlog > 1024 {
             return Err(format!(
                 "backlog {} is out of range (1..=1024)",

@@ -281,6 +281,12 @@ fn configuration_is_checked() {
     c.tx_buf = BUF_MIN;
     c.rx_buf = 1024;
     assert!(c.validate().unwrap_err().contains("rx_buf"));
+    c.rx_buf = BUF_MIN;
+    c.syn_timeout = Duration::MAX;
+    assert!(c.validate().unwrap_err().contains("syn_timeout_ms"));
+    c.syn_timeout = Duration::from_secs(1);
+    c.linger = Duration::MAX;
+    assert!(c.validate().unwrap_err().contains("linger_ms"));
     let c = StackConfig::new(cidr("10.0.0.1/24"), Some("fe80::1".parse().unwrap()));
     assert!(c.validate().unwrap_err().contains("gateway"));
     let (t, _) = pair([TGT_MAC, INI_MAC], 1500, 0);
