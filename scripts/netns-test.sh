@@ -6,15 +6,20 @@
 # cmp, iscsi-bench --verify at QD32 over 4 sessions spread over both reactors, and
 # iscsi-test-cu's required suites. Then, over AF_PACKET: the same data checks with 1% of
 # packets dropped each way (retransmits must show in the tree), the hostile-input tests, and
-# floods of SYNs and of connections while a logged-in session keeps serving. Then the stack on
-# DPDK's poll-mode drivers (the build with --features dpdk): net_af_packet (two queue pairs, two
-# reactors) and net_af_xdp (one queue, one reactor) on the same veth, each with hugepages and
-# with --no-huge: the full data checks once per driver, a shorter round (iscsi-ls, a 64 MiB
-# round trip, iscsi-bench --verify) for the other memory mode. Also runs the device tests that
-# need root. Removes its namespaces and links on every exit path; DPDK runs --in-memory (or
-# --no-shconf), so its hugepages go back when the target exits.
-#   NETNS_STAGES="af_packet tap loss hostile flood dpdk_af_packet dpdk_af_xdp" selects stages
-#   (all by default).
+# floods of SYNs and of connections while a logged-in session keeps serving. Then iscsi-bench
+# on the userspace stack's client (--net af_packet) against the target on AF_PACKET: no
+# kernel TCP on either side. Then the stack on DPDK's poll-mode drivers (the build with
+# --features dpdk): net_af_packet (two queue pairs, two reactors) and net_af_xdp (one queue,
+# one reactor) on the same veth, each with hugepages and with --no-huge: the full data checks
+# once per driver, a shorter round (iscsi-ls, a 64 MiB round trip, iscsi-bench --verify) for
+# the other memory mode. Also runs the device tests that need root. Removes its namespaces and
+# links on every exit path; DPDK runs --in-memory (or --no-shconf), so its hugepages go back
+# when the target exits.
+#   NETNS_STAGES="af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp"
+#   selects stages (all by default).
+#   NETNS_PREFIX (itgt), NETNS_NET (10.77: NET.0.0/24 for AF_PACKET, NET.10.0/24 and
+#   NET.11.0/24 for TAP) and PORT (3260) name the namespaces and links, the addresses and the
+#   portal's port, so that several runs can share a machine.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -23,10 +28,13 @@ for c in ip iptables ethtool iscsi-ls iscsi-inq iscsi-test-cu qemu-img python3; 
     command -v "$c" >/dev/null || die "$c is missing: run scripts/setup.sh"
 done
 
-STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood dpdk_af_packet dpdk_af_xdp"}
+STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp"}
+PREFIX=${NETNS_PREFIX:-itgt}
+NET=${NETNS_NET:-10.77}
+PORT=${PORT:-3260}
 TAG=$$
-NS_T=itgt-t-$TAG
-NS_I=itgt-i-$TAG
+NS_T=$PREFIX-t-$TAG
+NS_I=$PREFIX-i-$TAG
 WORK=$(mktemp -d /tmp/iscsi-tgt-netns.XXXXXX)
 SOCK=$WORK/rpc.sock
 IQN=iqn.2026-11.org.iscsi-tgt:netns
@@ -59,11 +67,11 @@ make_namespaces() {
     ip netns add "$NS_I"
     ip -n "$NS_T" link set lo up
     ip -n "$NS_I" link set lo up
-    ip link add "vt$TAG" type veth peer name "vi$TAG"
-    ip link set "vt$TAG" netns "$NS_T"
-    ip link set "vi$TAG" netns "$NS_I"
-    ip -n "$NS_T" link set "vt$TAG" name vt up
-    ip -n "$NS_I" link set "vi$TAG" name vi up
+    ip link add "$PREFIX-t$TAG" type veth peer name "$PREFIX-i$TAG"
+    ip link set "$PREFIX-t$TAG" netns "$NS_T"
+    ip link set "$PREFIX-i$TAG" netns "$NS_I"
+    ip -n "$NS_T" link set "$PREFIX-t$TAG" name vt up
+    ip -n "$NS_I" link set "$PREFIX-i$TAG" name vi up
     ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
     ip netns exec "$NS_I" sysctl -qw net.ipv6.conf.vi.disable_ipv6=1
     in_i ethtool -K vi tx off >/dev/null 2>&1 || die "ethtool -K vi tx off failed"
@@ -199,7 +207,7 @@ conformance() {
 
 # The data checks every device gets.
 data_checks() {
-    local addr=$1 what=$2 url=iscsi://$1:3260
+    local addr=$1 what=$2 url=iscsi://$1:$PORT
     local out
     out=$(in_i iscsi-ls -s "$url") || die "iscsi-ls failed ($what): $out"
     echo "$out" | grep -q "Target:$IQN" || die "iscsi-ls does not list $IQN ($what): $out"
@@ -207,7 +215,7 @@ data_checks() {
     out=$(in_i iscsi-inq "$url/$IQN/0") || die "iscsi-inq failed ($what): $out"
     check "iscsi-inq answers over $what"
     round_trip "$url/$IQN/0" 256 "$what"
-    verify_sessions "$addr:3260" 4 "$what"
+    verify_sessions "$addr:$PORT" 4 "$what"
     conformance "$url/$CU_IQN/0" "$what"
     local rx
     rx=$(net_sum rx_packets)
@@ -227,54 +235,55 @@ finish_target() {
 stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 if stage devices; then
-    (cd "$ROOT" && cargo test --release --quiet --lib -- --ignored netdev_ 2>&1) | tee "$WORK/devices.log" | tail -3
+    (cd "$ROOT" && ISCSI_TGT_NETNS_PREFIX=$PREFIX cargo test --release --quiet --lib -- --ignored netdev_ 2>&1) |
+        tee "$WORK/devices.log" | tail -3
     grep -q "test result: ok" "$WORK/devices.log" || die "device tests failed"
     check "AF_PACKET and TAP device tests (root)"
 fi
 
 if stage af_packet; then
     make_namespaces
-    in_i ip addr add 10.77.0.1/24 dev vi
-    start_in_t "$WORK/target-afp.log" --net af_packet:vt --ip 10.77.0.2/24 --listen 10.77.0.2:3260
+    in_i ip addr add "$NET.0.1/24" dev vi
+    start_in_t "$WORK/target-afp.log" --net af_packet:vt --ip "$NET.0.2/24" --listen "$NET.0.2:$PORT"
     configure
-    data_checks 10.77.0.2 "af_packet"
+    data_checks "$NET.0.2" "af_packet"
     finish_target af_packet "$WORK/target-afp.log"
     drop_namespaces
 fi
 
 if stage tap; then
-    # The TAP's kernel side is in the target namespace, which routes between it (10.78.0.1)
-    # and the veth to the initiator (10.78.1.2 / 10.78.1.1): the stack reaches the initiator
+    # The TAP's kernel side is in the target namespace, which routes between it ($NET.10.1)
+    # and the veth to the initiator ($NET.11.2 / $NET.11.1): the stack reaches the initiator
     # through its gateway.
     make_namespaces
     ip netns exec "$NS_T" sysctl -qw net.ipv4.ip_forward=1
-    ip -n "$NS_T" addr add 10.78.1.2/24 dev vt
-    in_i ip addr add 10.78.1.1/24 dev vi
-    in_i ip route add 10.78.0.0/24 via 10.78.1.2
-    start_in_t "$WORK/target-tap.log" --net tap:itgt0 --ip 10.78.0.2/24 --gateway 10.78.0.1 --listen 10.78.0.2:3260
-    ip -n "$NS_T" addr add 10.78.0.1/24 dev itgt0
+    ip -n "$NS_T" addr add "$NET.11.2/24" dev vt
+    in_i ip addr add "$NET.11.1/24" dev vi
+    in_i ip route add "$NET.10.0/24" via "$NET.11.2"
+    start_in_t "$WORK/target-tap.log" --net tap:itgt0 --ip "$NET.10.2/24" --gateway "$NET.10.1" --listen "$NET.10.2:$PORT"
+    ip -n "$NS_T" addr add "$NET.10.1/24" dev itgt0
     ip -n "$NS_T" link set itgt0 up
     ip netns exec "$NS_T" ethtool -K itgt0 tx off >/dev/null 2>&1 || true
     configure
-    data_checks 10.78.0.2 "tap"
+    data_checks "$NET.10.2" "tap"
     finish_target tap "$WORK/target-tap.log"
     drop_namespaces
 fi
 
 if stage loss; then
     make_namespaces
-    in_i ip addr add 10.77.0.1/24 dev vi
+    in_i ip addr add "$NET.0.1/24" dev vi
     # Per packet: with GRO on, the initiator's kernel merges a burst before the filter sees
     # it, and one drop loses the whole burst.
     in_i ethtool -K vi gro off >/dev/null 2>&1 || die "ethtool -K vi gro off failed"
     in_i iptables -A INPUT -i vi -m statistic --mode random --probability 0.01 -j DROP
     in_i iptables -A OUTPUT -o vi -m statistic --mode random --probability 0.01 -j DROP
-    start_in_t "$WORK/target-loss.log" --net af_packet:vt --ip 10.77.0.2/24 --listen 10.77.0.2:3260
+    start_in_t "$WORK/target-loss.log" --net af_packet:vt --ip "$NET.0.2/24" --listen "$NET.0.2:$PORT"
     configure
     start=$(date +%s)
-    round_trip "iscsi://10.77.0.2:3260/$IQN/0" 64 "1% loss each way"
+    round_trip "iscsi://$NET.0.2:$PORT/$IQN/0" 64 "1% loss each way"
     secs=$(($(date +%s) - start))
-    in_i "$BENCH" --portal 10.77.0.2:3260 --target "$IQN" --lun 1 --qd 32 --bs 65536 --verify \
+    in_i "$BENCH" --portal "$NET.0.2:$PORT" --target "$IQN" --lun 1 --qd 32 --bs 65536 --verify \
         >"$WORK/verify-loss.log" 2>&1 || { cat "$WORK/verify-loss.log" >&2; die "iscsi-bench --verify failed under loss"; }
     check "iscsi-bench --verify at QD32 intact under 1% loss each way"
     dropped=$(in_i iptables -L -v -x -n | awk '/statistic/ {s += $1} END {print s + 0}')
@@ -292,7 +301,7 @@ if stage hostile; then
     # The integration tests of hostile input start each target in the target namespace on the
     # userspace stack (tests/common reads ISCSI_TGT_TEST_NET) and talk to it from the other.
     make_namespaces
-    in_i ip addr add 10.77.0.1/24 dev vi
+    in_i ip addr add "$NET.0.1/24" dev vi
     (cd "$ROOT" && cargo test --release --quiet --test hostile --no-run 2>&1) | tail -2
     tbin=$(cd "$ROOT" && cargo test --release --test hostile --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
@@ -301,11 +310,11 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "hostile":
         print(m["executable"])')
     [ -x "$tbin" ] || die "cannot find the hostile test binary"
-    ISCSI_TGT_TEST_NET="ip netns exec $NS_T;10.77.0.2;--net af_packet:vt --ip 10.77.0.2/24" \
+    ISCSI_TGT_TEST_NET="ip netns exec $NS_T;$NET.0.2;--net af_packet:vt --ip $NET.0.2/24" \
         ip netns exec "$NS_I" "$tbin" --test-threads=1 --nocapture >"$WORK/hostile.log" 2>&1 ||
         { cat "$WORK/hostile.log" >&2; die "hostile-input tests failed over the userspace stack"; }
     grep -q "test result: ok" "$WORK/hostile.log" || die "hostile-input tests did not run"
-    started=$(grep -c "test target: ip netns exec $NS_T on 10.77.0.2:.* with --net af_packet:vt" "$WORK/hostile.log" || true)
+    started=$(grep -c "test target: ip netns exec $NS_T on $NET.0.2:.* with --net af_packet:vt" "$WORK/hostile.log" || true)
     [ "$started" -ge 5 ] || die "the hostile-input tests did not start their targets on the userspace stack ($started did)"
     check "hostile-input tests over the userspace stack: $(grep 'test result' "$WORK/hostile.log")"
     drop_namespaces
@@ -313,17 +322,17 @@ fi
 
 if stage flood; then
     make_namespaces
-    in_i ip addr add 10.77.0.1/24 dev vi
-    start_in_t "$WORK/target-flood.log" --net af_packet:vt --ip 10.77.0.2/24 --listen 10.77.0.2:3260
+    in_i ip addr add "$NET.0.1/24" dev vi
+    start_in_t "$WORK/target-flood.log" --net af_packet:vt --ip "$NET.0.2/24" --listen "$NET.0.2:$PORT"
     configure
     # A session logged in before the floods reads throughout them.
-    in_i "$BENCH" --portal 10.77.0.2:3260 --target "$IQN" --lun 0 --qd 8 --bs 4096 --secs 25 \
+    in_i "$BENCH" --portal "$NET.0.2:$PORT" --target "$IQN" --lun 0 --qd 8 --bs 4096 --secs 25 \
         >"$WORK/during.log" 2>&1 &
     during=$!
     sleep 2
     # 30000 SYNs from random ports that never complete the handshake (raw socket).
-    in_i python3 - <<'EOF' || die "SYN flood failed to run"
-import random, socket, struct
+    in_i env SRC="$NET.0.1" DST="$NET.0.2" PORT="$PORT" python3 - <<'EOF' || die "SYN flood failed to run"
+import os, random, socket, struct
 
 def csum(b):
     if len(b) % 2:
@@ -333,23 +342,24 @@ def csum(b):
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
 
-src, dst = socket.inet_aton("10.77.0.1"), socket.inet_aton("10.77.0.2")
+src, dst = socket.inet_aton(os.environ["SRC"]), socket.inet_aton(os.environ["DST"])
+port = int(os.environ["PORT"])
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 for i in range(30000):
     sport = random.randint(1024, 65535)
-    tcp = struct.pack("!HHIIBBHHH", sport, 3260, random.getrandbits(32), 0, 5 << 4, 0x02, 65535, 0, 0)
+    tcp = struct.pack("!HHIIBBHHH", sport, port, random.getrandbits(32), 0, 5 << 4, 0x02, 65535, 0, 0)
     pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
-    s.sendto(tcp, ("10.77.0.2", 0))
+    s.sendto(tcp, (os.environ["DST"], 0))
 EOF
     check "30000 SYNs sent to the portal"
     # 300 connections that connect and never log in (the kernel's TCP on the initiator side).
-    in_i python3 - <<'EOF' || die "connection flood failed to run"
-import socket, time
+    in_i env DST="$NET.0.2" PORT="$PORT" python3 - <<'EOF' || die "connection flood failed to run"
+import os, socket, time
 socks = []
 for i in range(300):
     try:
-        c = socket.create_connection(("10.77.0.2", 3260), timeout=5)
+        c = socket.create_connection((os.environ["DST"], int(os.environ["PORT"])), timeout=5)
         socks.append(c)
     except OSError:
         pass
@@ -362,9 +372,45 @@ EOF
     wait "$during" || { cat "$WORK/during.log" >&2; die "the logged-in session failed during the floods"; }
     grep -q "iops" "$WORK/during.log" || die "the session's run printed no result"
     check "the session logged in before the floods served throughout: $(tail -1 "$WORK/during.log")"
-    out=$(in_i iscsi-inq "iscsi://10.77.0.2:3260/$IQN/0") || die "no new login after the floods: $out"
+    out=$(in_i iscsi-inq "iscsi://$NET.0.2:$PORT/$IQN/0") || die "no new login after the floods: $out"
     check "a new login works after the floods"
     finish_target flood "$WORK/target-flood.log"
+    drop_namespaces
+fi
+
+if stage initiator; then
+    # iscsi-bench on the userspace stack's client in the initiator namespace, whose kernel has
+    # no address on vi: the address the client uses is its own, answered by nobody else.
+    # Both stacks' rings take frames of at most the MTU, so both veth ends have their
+    # transmit offloads off (the target's before it starts: its device then leaves
+    # segmentation to the stack, see af_packet.rs).
+    make_namespaces
+    ip netns exec "$NS_T" ethtool -K vt tx off >/dev/null 2>&1 || die "ethtool -K vt tx off failed"
+    start_in_t "$WORK/target-ini.log" --net af_packet:vt --ip "$NET.0.2/24" --listen "$NET.0.2:$PORT"
+    configure
+    user=(--net af_packet:vi --ip "$NET.0.3/24")
+    in_i "$BENCH" --portal "$NET.0.2:$PORT" --target "$IQN" --lun 1 --qd 32 --bs 65536 --verify "${user[@]}" \
+        >"$WORK/verify-ini.log" 2>&1 || { cat "$WORK/verify-ini.log" >&2; die "iscsi-bench --verify failed on the userspace client"; }
+    grep -q "^verified 67108864 bytes" "$WORK/verify-ini.log" || die "iscsi-bench --verify: $(cat "$WORK/verify-ini.log")"
+    grep -q "$NET.0.3:[0-9]*: session .* logged in" "$WORK/target-ini.log" ||
+        die "the target logged no session from the userspace client's address $NET.0.3"
+    check "iscsi-bench --verify at QD32 over the userspace client (from $NET.0.3, no kernel TCP on either side)"
+    out=$(in_i "$BENCH" --portal "$NET.0.2:$PORT" --target "$IQN" --lun 0 --qd 1 --bs 4096 --random --secs 3 "${user[@]}" 2>&1) ||
+        die "iscsi-bench 4 KiB QD1 on the userspace client failed: $out"
+    iops=$(awk '/^iops/ {print $2}' <<<"$out")
+    [ "${iops:-0}" -gt 0 ] || die "iscsi-bench printed no IOPS: $out"
+    check "iscsi-bench 4 KiB random read QD1 over the userspace client: $iops IOPS"
+    in_i "$BENCH" --portal "$NET.0.2:$PORT" --target "$IQN" --lun 2 --soak --secs 5 --sessions 2 --qd 8 --max-io 65536 \
+        --abort-every 1 --drop-every 2 --progress 0 "${user[@]}" >"$WORK/soak-ini.log" 2>&1 ||
+        { tail -20 "$WORK/soak-ini.log" >&2; die "iscsi-bench --soak failed on the userspace client"; }
+    check "iscsi-bench --soak (aborts, drops by reset and FIN, relogins) over the userspace client: $(grep -o 'drops [0-9]* drops_reset [0-9]* relogins [0-9]*' "$WORK/soak-ini.log")"
+    out=$(in_i "$BENCH" --portal "$NET.0.2:$((PORT + 1))" --target "$IQN" "${user[@]}" 2>&1) && die "a connect to a closed port succeeded"
+    grep -q "refused (reset)" <<<"$out" || die "a closed port: $out"
+    out=$(in_i "$BENCH" --portal "$NET.0.9:$PORT" --target "$IQN" "${user[@]}" --stack syn_timeout_ms=500 2>&1) &&
+        die "a connect to an address nobody holds succeeded"
+    grep -q "no ARP answer from $NET.0.9" <<<"$out" || die "an address nobody holds: $out"
+    check "the userspace client reports a closed port and an unanswered ARP: ${out#iscsi-bench: }"
+    finish_target initiator "$WORK/target-ini.log"
     drop_namespaces
 fi
 
@@ -376,9 +422,9 @@ dpdk_stage() {
         local what="dpdk $driver, $mem" eal=() log=$WORK/target-dpdk-$driver-$mem.log
         [ "$mem" = nohuge ] && eal=(--eal --no-huge)
         make_namespaces
-        in_i ip addr add 10.77.0.1/24 dev vi
-        TBIN=$DPDK_BIN CORES=$cores start_in_t "$log" --net "dpdk:$devargs" --ip 10.77.0.2/24 \
-            --listen 10.77.0.2:3260 --mem-size 256 "${eal[@]}"
+        in_i ip addr add "$NET.0.1/24" dev vi
+        TBIN=$DPDK_BIN CORES=$cores start_in_t "$log" --net "dpdk:$devargs" --ip "$NET.0.2/24" \
+            --listen "$NET.0.2:$PORT" --mem-size 256 "${eal[@]}"
         configure
         [ "$(get net/dpdk_driver)" = "$driver" ] || die "net/dpdk_driver is $(get net/dpdk_driver), not $driver"
         [ "$(get net/link)" = up ] || die "net/link is $(get net/link) ($what)"
@@ -390,14 +436,14 @@ dpdk_stage() {
             die "the buffer pool is not in DPDK's heap: sgv/dpdk_heap_allocated_bytes is $(get sgv/dpdk_heap_allocated_bytes)"
         check "target on DPDK $driver ($mem): the tree shows the driver, the link up, the buffer pool and $(get sgv/dpdk_mbufs) mbufs in DPDK's heap"
         if [ "$mem" = "$full" ]; then
-            data_checks 10.77.0.2 "$what"
+            data_checks "$NET.0.2" "$what"
         else
             local out
-            out=$(in_i iscsi-ls -s "iscsi://10.77.0.2:3260") || die "iscsi-ls failed ($what): $out"
+            out=$(in_i iscsi-ls -s "iscsi://$NET.0.2:$PORT") || die "iscsi-ls failed ($what): $out"
             echo "$out" | grep -q "Target:$IQN" || die "iscsi-ls does not list $IQN ($what): $out"
             check "iscsi-ls lists the targets over $what"
-            round_trip "iscsi://10.77.0.2:3260/$IQN/0" 64 "$what"
-            verify_sessions 10.77.0.2:3260 2 "$what"
+            round_trip "iscsi://$NET.0.2:$PORT/$IQN/0" 64 "$what"
+            verify_sessions "$NET.0.2:$PORT" 2 "$what"
         fi
         local lc
         lc=$(get net/reactors/0/lcore)

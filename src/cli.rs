@@ -1,4 +1,4 @@
-//! The daemon's command line.
+//! The daemon's command line, and the network options iscsi-bench shares with it ([`NetOptions`]).
 //!
 //! `iscsi-tgt [--listen ADDR:PORT]... [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS
 //! [--ip ADDR/PREFIX] [--gateway ADDR] [--stack KEY=VALUE]... [--eal "ARGS"]]
@@ -9,6 +9,9 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
+use smoltcp::wire::IpCidr;
+
+use crate::net::ustack::StackConfig;
 use crate::reactor::Mode;
 
 /// Where the RPC socket lives unless `--rpc-socket` says otherwise.
@@ -48,13 +51,7 @@ usage: iscsi-tgt [OPTIONS]
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     pub listen: Vec<SocketAddr>,
-    pub net: NetSpec,
-    /// The userspace stack's address and prefix length, gateway and settings.
-    pub ip: Option<(IpAddr, u8)>,
-    pub gateway: Option<IpAddr>,
-    pub stack: Vec<(String, String)>,
-    /// Further EAL arguments (`--net dpdk:` only).
-    pub eal: Vec<String>,
+    pub net: NetOptions,
     pub rpc_socket: PathBuf,
     /// The group (name or gid) that may use the RPC socket besides the daemon's user.
     pub rpc_group: Option<String>,
@@ -65,10 +62,11 @@ pub struct Options {
     pub log_level: String,
 }
 
-/// Which network the portals listen on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which network the portals listen on (the initiator's: which it connects over).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum NetSpec {
     /// The kernel's TCP.
+    #[default]
     Kernel,
     /// The userspace stack over AF_PACKET on an interface.
     AfPacket(String),
@@ -111,6 +109,93 @@ fn parse_net(s: &str) -> Result<NetSpec, String> {
         _ => Err(format!(
             "--net must be kernel, af_packet:IFNAME, tap:NAME or dpdk:DEVARGS, not {s:?}"
         )),
+    }
+}
+
+/// The network options the daemon and iscsi-bench share: `--net`, and for the userspace
+/// stack `--ip`, `--gateway`, `--stack` and (DPDK) `--eal`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetOptions {
+    pub spec: NetSpec,
+    /// The userspace stack's address and prefix length, gateway and settings.
+    pub ip: Option<(IpAddr, u8)>,
+    pub gateway: Option<IpAddr>,
+    pub stack: Vec<(String, String)>,
+    /// Further EAL arguments (`--net dpdk:` only).
+    pub eal: Vec<String>,
+}
+
+impl NetOptions {
+    /// Takes `flag` if it is one of the network options, with its value from `value` (given
+    /// the flag, for its message when the value is missing): `None` when it is not one.
+    pub fn parse_flag(
+        &mut self,
+        flag: &str,
+        value: impl FnOnce(&str) -> Result<String, String>,
+    ) -> Option<Result<(), String>> {
+        if !matches!(flag, "--net" | "--ip" | "--gateway" | "--stack" | "--eal") {
+            return None;
+        }
+        let take = || -> Result<(), String> {
+            let v = value(flag)?;
+            match flag {
+                "--net" => self.spec = parse_net(&v)?,
+                "--ip" => self.ip = Some(parse_cidr(&v)?),
+                "--gateway" => {
+                    self.gateway = Some(
+                        v.parse()
+                            .map_err(|_| format!("--gateway must be an IP address, not {v:?}"))?,
+                    )
+                }
+                "--eal" => {
+                    if v.trim().is_empty() {
+                        return Err(
+                            "--eal needs the EAL arguments, as one word: --eal \"--no-huge -m 512\""
+                                .into(),
+                        );
+                    }
+                    self.eal.extend(v.split_whitespace().map(str::to_string));
+                }
+                _ => {
+                    let (k, val) = v
+                        .split_once('=')
+                        .ok_or_else(|| format!("--stack must be KEY=VALUE, not {v:?}"))?;
+                    self.stack.push((k.to_string(), val.to_string()));
+                }
+            }
+            Ok(())
+        };
+        Some(take())
+    }
+
+    /// Checks that the options go together once all are parsed.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.eal.is_empty() && !matches!(self.spec, NetSpec::Dpdk(_)) {
+            return Err("--eal passes arguments to DPDK: add --net dpdk:DEVARGS".into());
+        }
+        if self.spec.is_userspace() {
+            if self.ip.is_none() {
+                return Err(
+                    "--net af_packet, tap and dpdk need the stack's address: --ip ADDR/PREFIX"
+                        .into(),
+                );
+            }
+        } else if self.ip.is_some() || self.gateway.is_some() || !self.stack.is_empty() {
+            return Err("--ip, --gateway and --stack set the userspace stack: add --net af_packet:IF, tap:NAME or dpdk:DEVARGS".into());
+        }
+        Ok(())
+    }
+
+    /// The userspace stack's configuration: `--ip`, `--gateway` and every `--stack` setting.
+    pub fn stack_config(&self) -> Result<StackConfig, String> {
+        let Some((ip, prefix)) = self.ip else {
+            return Err("the userspace stack needs --ip ADDR/PREFIX".into());
+        };
+        let mut cfg = StackConfig::new(IpCidr::new(ip.into(), prefix), self.gateway);
+        for (k, v) in &self.stack {
+            cfg.set(k, v)?;
+        }
+        Ok(cfg)
     }
 }
 
@@ -187,11 +272,7 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> {
     let mut o = Options {
         listen: Vec::new(),
-        net: NetSpec::Kernel,
-        ip: None,
-        gateway: None,
-        stack: Vec::new(),
-        eal: Vec::new(),
+        net: NetOptions::default(),
         rpc_socket: PathBuf::from(DEFAULT_RPC_SOCKET),
         rpc_group: None,
         cores: None,
@@ -212,36 +293,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                 .or_else(|| it.next())
                 .ok_or_else(|| format!("{name} needs a value"))
         };
+        if let Some(r) = o.net.parse_flag(&flag, &mut value) {
+            r?;
+            continue;
+        }
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "--listen" | "-l" => o.listen.push(parse_listen(&value("--listen")?)?),
-            "--net" => o.net = parse_net(&value("--net")?)?,
-            "--ip" => o.ip = Some(parse_cidr(&value("--ip")?)?),
-            "--gateway" => {
-                let v = value("--gateway")?;
-                o.gateway = Some(
-                    v.parse()
-                        .map_err(|_| format!("--gateway must be an IP address, not {v:?}"))?,
-                );
-            }
-            "--stack" => {
-                let v = value("--stack")?;
-                let (k, val) = v
-                    .split_once('=')
-                    .ok_or_else(|| format!("--stack must be KEY=VALUE, not {v:?}"))?;
-                o.stack.push((k.to_string(), val.to_string()));
-            }
-            "--eal" => {
-                let v = value("--eal")?;
-                if v.trim().is_empty() {
-                    return Err(
-                        "--eal needs the EAL arguments, as one word: --eal \"--no-huge -m 512\""
-                            .into(),
-                    );
-                }
-                o.eal.extend(v.split_whitespace().map(str::to_string));
-            }
             "--rpc-socket" | "-r" => o.rpc_socket = PathBuf::from(value("--rpc-socket")?),
             "--rpc-group" => {
                 let v = value("--rpc-group")?;
@@ -293,18 +352,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
     if o.listen.is_empty() {
         o.listen.push(parse_listen(DEFAULT_LISTEN)?);
     }
-    if !o.eal.is_empty() && !matches!(o.net, NetSpec::Dpdk(_)) {
-        return Err("--eal passes arguments to DPDK: add --net dpdk:DEVARGS".into());
-    }
-    if o.net.is_userspace() {
-        if o.ip.is_none() {
-            return Err(
-                "--net af_packet, tap and dpdk need the stack's address: --ip ADDR/PREFIX".into(),
-            );
-        }
-    } else if o.ip.is_some() || o.gateway.is_some() || !o.stack.is_empty() {
-        return Err("--ip, --gateway and --stack set the userspace stack: add --net af_packet:IF, tap:NAME or dpdk:DEVARGS".into());
-    }
+    o.net.check()?;
     Ok(Command::Run(Box::new(o)))
 }
 
@@ -331,13 +379,16 @@ mod tests {
             "rx_buf=524288",
         ])
         .unwrap();
-        assert_eq!(o.net, NetSpec::AfPacket("veth1".into()));
-        assert_eq!(o.ip, Some(("10.1.0.2".parse().unwrap(), 24)));
-        assert_eq!(o.gateway, Some("10.1.0.1".parse().unwrap()));
-        assert_eq!(o.stack, vec![("rx_buf".into(), "524288".into())]);
+        assert_eq!(o.net.spec, NetSpec::AfPacket("veth1".into()));
+        assert_eq!(o.net.ip, Some(("10.1.0.2".parse().unwrap(), 24)));
+        assert_eq!(o.net.gateway, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(o.net.stack, vec![("rx_buf".into(), "524288".into())]);
+        let cfg = o.net.stack_config().unwrap();
+        assert_eq!(cfg.rx_buf, 524288);
+        assert_eq!(cfg.ip.to_string(), "10.1.0.2/24");
         let o = run(&["--net=tap:tgt0", "--ip", "fd00::2/64"]).unwrap();
-        assert_eq!(o.net, NetSpec::Tap("tgt0".into()));
-        assert_eq!(run(&["--net", "kernel"]).unwrap().net, NetSpec::Kernel);
+        assert_eq!(o.net.spec, NetSpec::Tap("tgt0".into()));
+        assert_eq!(run(&["--net", "kernel"]).unwrap().net.spec, NetSpec::Kernel);
         let o = run(&[
             "--net",
             "dpdk:net_af_packet0,iface=v,qpairs=2",
@@ -350,10 +401,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            o.net,
+            o.net.spec,
             NetSpec::Dpdk("net_af_packet0,iface=v,qpairs=2".into())
         );
-        assert_eq!(o.eal, ["--no-huge", "-m", "256", "--lcores=0@1"]);
+        assert_eq!(o.net.eal, ["--no-huge", "-m", "256", "--lcores=0@1"]);
         for (args, why) in [
             (&["--net", "vpp:0"][..], "--net must be"),
             (&["--net", "dpdk:"], "PCI address or a vdev"),

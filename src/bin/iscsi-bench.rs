@@ -16,9 +16,22 @@
 //! `soak secs S sessions N ops N ... mismatches N ...`; any mismatch or unexpected error makes
 //! the exit code non-zero.
 //!
+//! With `--net af_packet:IF --ip ADDR/PREFIX` (or `tap:NAME`; `--gateway`, `--stack` as the
+//! daemon takes them) every session connects over the userspace TCP stack's client on that
+//! interface instead of the kernel's TCP: one stack on one queue of the interface, owned by
+//! this process and shared by its sessions, polled by whichever session waits. The address
+//! must be one the kernel does not hold on that interface: the kernel sees the same frames
+//! and would answer them with resets. `--stack syn_timeout_ms` bounds a connect; `backlog`
+//! and `max_half_open` are the target's and do nothing here. In a build with the `dpdk`
+//! feature, `--net dpdk:DEVARGS [--eal "ARGS"]` puts that stack on one queue of a DPDK port
+//! (`net_memif0,role=client,socket=PATH` against a target on the server end: neither side
+//! has kernel TCP); the EAL's main lcore is the first core the process may run on.
+//!
 //! ```text
 //! iscsi-bench --portal 127.0.0.1:3260 --target IQN [--lun 0] [--bs 131072] [--qd 16]
 //!             [--secs 10] [--write] [--random] [--digests] [--blocksize 512]
+//!             [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS --ip ADDR/PREFIX
+//!                   [--gateway ADDR] [--stack KEY=VALUE]... [--eal "ARGS"]]
 //!             [--verify [--expect FILE]]
 //!             [--soak [--sessions 4] [--max-io 262144] [--read-pct 50] [--abort-every 1]
 //!                     [--drop-every 8] [--relogin-delay 0] [--progress 60] [--seed N]]
@@ -29,8 +42,116 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use iscsi_tgt::initiator::{cdb, Initiator, InitiatorError, LoginOptions, ScsiResult};
+use iscsi_tgt::cli::{NetOptions, NetSpec};
+use iscsi_tgt::initiator::transport::tcp_connect;
+use iscsi_tgt::initiator::{cdb, Initiator, InitiatorError, LoginOptions, ScsiResult, Transport};
 use iscsi_tgt::iscsi::pdu;
+use iscsi_tgt::net::ustack::client::ClientStack;
+use iscsi_tgt::net::ustack::dev::af_packet::AfPacketDev;
+use iscsi_tgt::net::ustack::dev::tap::TapDev;
+use iscsi_tgt::net::ustack::dev::NetDev;
+
+/// A session's connection, over whichever network `--net` names.
+type Conn = Box<dyn Transport + Send>;
+type Ini = Initiator<Conn>;
+
+/// What the sessions connect over.
+enum Network {
+    Kernel,
+    AfPacket(ClientStack<AfPacketDev>),
+    Tap(ClientStack<TapDev>),
+    #[cfg(feature = "dpdk")]
+    Dpdk(ClientStack<iscsi_tgt::net::ustack::dev::dpdk::DpdkDev>),
+}
+
+/// How long the program waits at its end for its connections' FIN handshakes.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+impl Network {
+    /// Opens the network `--net` names: for the userspace stack, one queue of the interface.
+    fn open(n: &NetOptions) -> Result<Network, String> {
+        fn stack<D: NetDev>(
+            n: &NetOptions,
+            what: &str,
+            dev: std::io::Result<D>,
+        ) -> Result<ClientStack<D>, String> {
+            let cfg = n.stack_config()?;
+            let dev = dev.map_err(|e| format!("cannot open {what}: {e}"))?;
+            ClientStack::new(dev, cfg)
+                .map_err(|e| format!("cannot start the userspace stack on {what}: {e}"))
+        }
+        Ok(match &n.spec {
+            NetSpec::Kernel => Network::Kernel,
+            NetSpec::AfPacket(ifname) => {
+                // The fanout group's id only has to differ from other programs' on the
+                // interface.
+                let fanout = (std::process::id() & 0xffff) as u16;
+                let dev = AfPacketDev::open(ifname, 0, 1, fanout);
+                Network::AfPacket(stack(n, &format!("af_packet:{ifname}"), dev)?)
+            }
+            NetSpec::Tap(name) => {
+                let dev = TapDev::open(name, 0, 1);
+                Network::Tap(stack(n, &format!("tap:{name}"), dev)?)
+            }
+            #[cfg(feature = "dpdk")]
+            NetSpec::Dpdk(devargs) => {
+                use iscsi_tgt::net::ustack::dev::dpdk;
+                // The EAL's main lcore on the core this process may run on first (taskset).
+                let core = iscsi_tgt::reactor::first_allowed_core()
+                    .map_err(|e| format!("cannot read the CPU affinity: {e}"))?;
+                let mut args = dpdk::eal_args(devargs, core, 0, &n.eal);
+                if let Some(a) = args.first_mut() {
+                    *a = "iscsi-bench".into();
+                }
+                iscsi_tgt::env::dpdk::init(&args)?;
+                let dev = dpdk::open(devargs, 1)?
+                    .pop()
+                    .ok_or_else(|| format!("{devargs}: no queue"))?;
+                Network::Dpdk(stack(n, &format!("dpdk:{devargs}"), Ok(dev))?)
+            }
+            #[cfg(not(feature = "dpdk"))]
+            NetSpec::Dpdk(_) => {
+                return Err(
+                    "--net dpdk: this build has no DPDK; build with `cargo build --release --features dpdk`"
+                        .into(),
+                )
+            }
+        })
+    }
+
+    fn connect(&self, portal: &str) -> Result<Conn, String> {
+        let addr = || {
+            portal.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("--portal must be ADDRESS:PORT on the userspace stack, not {portal:?}")
+            })
+        };
+        let c: Conn = match self {
+            Network::Kernel => Box::new(tcp_connect(portal).map_err(|e| e.to_string())?),
+            Network::AfPacket(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
+            Network::Tap(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
+            #[cfg(feature = "dpdk")]
+            Network::Dpdk(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
+        };
+        Ok(c)
+    }
+
+    /// Lets the userspace stack finish closing what the sessions closed.
+    fn finish(&self) {
+        match self {
+            Network::Kernel => {}
+            Network::AfPacket(s) => {
+                s.finish(CLOSE_WAIT);
+            }
+            Network::Tap(s) => {
+                s.finish(CLOSE_WAIT);
+            }
+            #[cfg(feature = "dpdk")]
+            Network::Dpdk(s) => {
+                s.finish(CLOSE_WAIT);
+            }
+        }
+    }
+}
 
 struct Opts {
     portal: String,
@@ -57,9 +178,12 @@ struct Opts {
     relogin_delay: f64,
     progress: f64,
     seed: Option<u64>,
+    net: NetOptions,
+    /// What `net` names, opened once the arguments are parsed.
+    network: Network,
 }
 
-const USAGE: &str = "usage: iscsi-bench --portal ADDR:PORT --target IQN [--lun N] [--bs BYTES] [--qd N] [--secs S] [--write] [--random] [--digests] [--blocksize 512] [--verify [--expect FILE]] [--soak [--sessions N] [--max-io BYTES] [--read-pct P] [--abort-every S] [--drop-every S] [--relogin-delay S] [--progress S] [--seed N]]";
+const USAGE: &str = "usage: iscsi-bench --portal ADDR:PORT --target IQN [--lun N] [--bs BYTES] [--qd N] [--secs S] [--write] [--random] [--digests] [--blocksize 512] [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS --ip ADDR/PREFIX [--gateway ADDR] [--stack KEY=VALUE]... [--eal ARGS]] [--verify [--expect FILE]] [--soak [--sessions N] [--max-io BYTES] [--read-pct P] [--abort-every S] [--drop-every S] [--relogin-delay S] [--progress S] [--seed N]]";
 
 fn parse() -> Result<Opts, String> {
     let mut o = Opts {
@@ -84,9 +208,17 @@ fn parse() -> Result<Opts, String> {
         relogin_delay: 0.0,
         progress: 60.0,
         seed: None,
+        net: NetOptions::default(),
+        network: Network::Kernel,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if let Some(r) = o.net.parse_flag(&a, |name| {
+            args.next().ok_or_else(|| format!("{name} needs a value"))
+        }) {
+            r?;
+            continue;
+        }
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
         let num = |v: String| {
             v.parse::<u64>()
@@ -128,21 +260,23 @@ fn parse() -> Result<Opts, String> {
     if o.bs == 0 || o.block_size == 0 || !o.bs.is_multiple_of(o.block_size) {
         return Err("--bs must be a non-zero multiple of --blocksize".into());
     }
+    o.net.check()?;
     Ok(o)
 }
 
 /// One session per process: the ISID carries the process id (a random-qualifier ISID, RFC
 /// 7143 §10.12.5), so that several runs at once are several sessions, not reinstatements of
 /// one.
-fn login(o: &Opts) -> Result<Initiator, String> {
+fn login(o: &Opts) -> Result<Ini, String> {
     let pid = std::process::id().to_be_bytes();
     let mut isid = LoginOptions::default().isid;
     isid[2..].copy_from_slice(&pid);
     login_as(o, "iqn.2026-11.org.iscsi-tgt:bench", isid)
 }
 
-fn login_as(o: &Opts, initiator_name: &str, isid: [u8; 6]) -> Result<Initiator, String> {
-    let mut ini = Initiator::connect(o.portal.as_str()).map_err(|e| e.to_string())?;
+fn login_as(o: &Opts, initiator_name: &str, isid: [u8; 6]) -> Result<Ini, String> {
+    let conn = o.network.connect(&o.portal)?;
+    let mut ini = Initiator::with_transport(conn).map_err(|e| e.to_string())?;
     let mut keys = vec![("MaxRecvDataSegmentLength".to_string(), "262144".to_string())];
     let d = if o.digests { "CRC32C" } else { "None" };
     keys.push(("HeaderDigest".into(), d.into()));
@@ -159,7 +293,7 @@ fn login_as(o: &Opts, initiator_name: &str, isid: [u8; 6]) -> Result<Initiator, 
 }
 
 /// READ CAPACITY (10), clearing the new nexus's unit attentions: (blocks, block size).
-fn capacity(ini: &mut Initiator, lun: u64) -> Result<(u64, u32), String> {
+fn capacity(ini: &mut Ini, lun: u64) -> Result<(u64, u32), String> {
     for _ in 0..8 {
         let r = ini
             .scsi(lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], None, 8, true)
@@ -195,7 +329,7 @@ fn run(o: &Opts) -> Result<(u64, f64), String> {
             l
         }
     };
-    let submit = |ini: &mut Initiator, l: u64| -> Result<(), String> {
+    let submit = |ini: &mut Ini, l: u64| -> Result<(), String> {
         let c = if o.write {
             cdb::write16(l, blocks)
         } else {
@@ -245,7 +379,7 @@ type Check<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
 /// Moves the whole LUN in `bs` commands with `qd` of them in flight: writes `fill`'s data, or
 /// reads and hands each extent to `check`.
 fn sweep(
-    ini: &mut Initiator,
+    ini: &mut Ini,
     o: &Opts,
     size: u64,
     block_size: u32,
@@ -687,7 +821,7 @@ struct SoakSession<'a> {
     o: &'a Opts,
     id: usize,
     c: &'a Counters,
-    ini: Option<Initiator>,
+    ini: Option<Ini>,
     block_size: u32,
     seed: u64,
     rng: u64,
@@ -762,7 +896,7 @@ impl SoakSession<'_> {
         ))
     }
 
-    fn clear_unit_attentions(&self, ini: &mut Initiator) -> Result<(), String> {
+    fn clear_unit_attentions(&self, ini: &mut Ini) -> Result<(), String> {
         for _ in 0..16 {
             let r = ini
                 .test_unit_ready(self.o.lun)
@@ -829,7 +963,7 @@ impl SoakSession<'_> {
         Ok(())
     }
 
-    fn ini(&mut self) -> Result<&mut Initiator, InitiatorError> {
+    fn ini(&mut self) -> Result<&mut Ini, InitiatorError> {
         self.ini
             .as_mut()
             .ok_or_else(|| InitiatorError::InvalidArgument("not connected".into()))
@@ -1299,15 +1433,31 @@ fn soak(o: &Opts) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let o = match parse() {
+    let mut o = match parse() {
         Ok(o) => o,
         Err(e) => {
             eprintln!("iscsi-bench: {e}");
             return ExitCode::from(2);
         }
     };
+    // Warnings of the network devices (a peer's oversized frames, ...) on stderr.
+    iscsi_tgt::util::init_logging("warn");
+    o.network = match Network::open(&o.net) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("iscsi-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = bench(&o);
+    o.network.finish();
+    code
+}
+
+/// The run the options ask for: the soak, the verification or the benchmark.
+fn bench(o: &Opts) -> ExitCode {
     if o.soak {
-        return match soak(&o) {
+        return match soak(o) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {
@@ -1317,7 +1467,7 @@ fn main() -> ExitCode {
         };
     }
     if o.verify {
-        return match verify(&o) {
+        return match verify(o) {
             Ok(size) => {
                 println!(
                     "verified {size} bytes{} and a written pattern at queue depth {}",
@@ -1336,7 +1486,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match run(&o) {
+    match run(o) {
         Ok((n, secs)) => {
             let iops = n as f64 / secs;
             println!("iops {:.0} mbps {:.0}", iops, iops * f64::from(o.bs) / 1e6);

@@ -16,9 +16,8 @@ use iscsi_tgt::mgmt::{Hooks, Mgmt, NetView};
 use iscsi_tgt::net::ustack::dev::af_packet::AfPacketDev;
 use iscsi_tgt::net::ustack::dev::tap::TapDev;
 use iscsi_tgt::net::ustack::dev::NetDev;
-use iscsi_tgt::net::ustack::{StackConfig, UstackNet};
+use iscsi_tgt::net::ustack::UstackNet;
 use iscsi_tgt::{env, net, reactor, rpc, util};
-use smoltcp::wire::IpCidr;
 
 fn main() -> ExitCode {
     let cmd = match cli::parse(std::env::args().skip(1)) {
@@ -207,7 +206,7 @@ fn open_network(
     opts: &Options,
     reactors: usize,
 ) -> Result<(Arc<dyn net::Net>, Vec<std::net::SocketAddr>), String> {
-    match &opts.net {
+    match &opts.net.spec {
         NetSpec::Kernel => {
             let k = net::posix::KernelNet::new(&opts.listen, reactors)
                 .map_err(|e| format!("cannot listen on {e}"))?;
@@ -248,14 +247,14 @@ fn no_dpdk() -> String {
 /// from; otherwise nothing.
 #[cfg(feature = "dpdk")]
 fn start_dpdk(opts: &Options, main_core: usize) -> Result<Option<env::MemorySource>, String> {
-    let NetSpec::Dpdk(devargs) = &opts.net else {
+    let NetSpec::Dpdk(devargs) = &opts.net.spec else {
         return Ok(None);
     };
     let args = iscsi_tgt::net::ustack::dev::dpdk::eal_args(
         devargs,
         main_core,
         opts.mem_size_mb,
-        &opts.eal,
+        &opts.net.eal,
     );
     env::dpdk::init(&args)?;
     Ok(Some(env::dpdk::region))
@@ -263,7 +262,7 @@ fn start_dpdk(opts: &Options, main_core: usize) -> Result<Option<env::MemorySour
 
 #[cfg(not(feature = "dpdk"))]
 fn start_dpdk(opts: &Options, _main_core: usize) -> Result<Option<env::MemorySource>, String> {
-    match opts.net {
+    match opts.net.spec {
         NetSpec::Dpdk(_) => Err(no_dpdk()),
         _ => Ok(None),
     }
@@ -277,21 +276,13 @@ fn userspace<D: NetDev + 'static>(
     reactors: usize,
     mut open: impl FnMut(usize) -> std::io::Result<D>,
 ) -> Result<(Arc<dyn net::Net>, Vec<std::net::SocketAddr>), String> {
-    let Some((ip, prefix)) = opts.ip else {
-        return Err("the userspace stack needs --ip ADDR/PREFIX".into());
-    };
-    let mut cfg = StackConfig::new(IpCidr::new(ip.into(), prefix), opts.gateway);
-    for (k, v) in &opts.stack {
-        cfg.set(k, v)?;
-    }
+    let cfg = opts.net.stack_config()?;
+    let addr = cfg.ip;
     let devices = (0..reactors)
         .map(|q| open(q).map_err(|e| format!("cannot open {kind} queue {q} of {ifname}: {e}")))
         .collect::<Result<Vec<D>, String>>()?;
     let u = UstackNet::new(kind, ifname, cfg, &opts.listen, devices)
         .map_err(|e| format!("cannot start the userspace stack on {ifname}: {e}"))?;
-    info!(
-        "userspace TCP on {kind}:{ifname}, {}/{prefix}, {reactors} queue(s)",
-        ip
-    );
+    info!("userspace TCP on {kind}:{ifname}, {addr}, {reactors} queue(s)");
     Ok((Arc::new(u), opts.listen.clone()))
 }

@@ -1,5 +1,7 @@
-//! A small blocking iSCSI initiator (RFC 7143) over `std::net::TcpStream`, used by the tests
-//! and the benchmark tool.
+//! A small blocking iSCSI initiator (RFC 7143), used by the tests and the benchmark tool. It
+//! runs over any [`Transport`]: the kernel's TCP (`std::net::TcpStream`, what
+//! [`Initiator::connect`] opens) or the userspace stack's client
+//! ([`crate::net::ustack::client`], through [`Initiator::with_transport`]).
 //!
 //! One connection per session, no digests, ErrorRecoveryLevel 0, no authentication. Login
 //! goes through the security stage (AuthMethod=None) and the operational stage to full feature
@@ -11,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -20,6 +22,9 @@ use crate::iscsi::seq;
 use crate::iscsi::text;
 
 pub mod cdb;
+pub mod transport;
+
+pub use transport::Transport;
 
 /// RFC 7143 §13.12: MaxRecvDataSegmentLength in force until declared (and during login).
 const DEFAULT_MRDSL: u32 = 8192;
@@ -298,10 +303,10 @@ fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// The socket, split so that reading and writing can borrow separately from the task table.
-struct Wire {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+/// The connection, apart from the task table so that both can be borrowed at once. Reads go
+/// through the buffer; writes go straight to the transport under it.
+struct Wire<T> {
+    reader: BufReader<T>,
     /// CRC32C digests in force (after login).
     header_digest: bool,
     data_digest: bool,
@@ -310,7 +315,7 @@ struct Wire {
     corrupt_data: bool,
 }
 
-impl Wire {
+impl<T: Transport> Wire<T> {
     fn send(&mut self, bhs: &[u8; BHS_LEN], ahs: &[u8], data: &[u8]) -> Result<()> {
         let mut buf = Vec::with_capacity(BHS_LEN + ahs.len() + pdu::padded(data.len()) + 8);
         buf.extend_from_slice(bhs);
@@ -332,7 +337,7 @@ impl Wire {
             }
             buf.extend_from_slice(&crc.to_le_bytes());
         }
-        self.writer.write_all(&buf).map_err(io_err)
+        self.reader.get_mut().write_all(&buf).map_err(io_err)
     }
 
     fn recv(&mut self) -> Result<RawPdu> {
@@ -372,11 +377,16 @@ fn io_err(e: io::Error) -> InitiatorError {
     }
 }
 
-/// One connection (and session) to a target.
-pub struct Initiator {
+/// Read buffer of the connection: a Data-In PDU of the MaxRecvDataSegmentLength this
+/// initiator declares fits whole.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// One connection (and session) to a target, over the kernel's TCP unless built over another
+/// transport.
+pub struct Initiator<T = TcpStream> {
     /// The CHAP algorithm of a mutual exchange under way.
     chap_alg: Option<crate::iscsi::chap::Algorithm>,
-    wire: Wire,
+    wire: Wire<T>,
     neg: Negotiated,
     logged_in: bool,
     isid: [u8; 6],
@@ -400,29 +410,22 @@ pub struct Initiator {
     pub stats: Stats,
 }
 
-impl Initiator {
-    /// Test hook: the next PDU sent carries a wrong header digest.
-    pub fn corrupt_next_header_digest(&mut self) {
-        self.wire.corrupt_header = true;
-    }
-
-    /// Test hook: the next PDU sent with data carries a wrong data digest.
-    pub fn corrupt_next_data_digest(&mut self) {
-        self.wire.corrupt_data = true;
-    }
-
+impl Initiator<TcpStream> {
     /// Opens a TCP connection (not yet logged in).
     pub fn connect(addr: impl ToSocketAddrs) -> Result<Initiator> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(DEFAULT_TIMEOUT))?;
-        stream.set_write_timeout(Some(DEFAULT_TIMEOUT))?;
-        let writer = stream.try_clone()?;
+        Initiator::with_transport(transport::tcp_connect(addr)?)
+    }
+}
+
+impl<T: Transport> Initiator<T> {
+    /// An initiator over a connected transport (not yet logged in). Reads and writes block for
+    /// at most 30 s until [`Initiator::set_timeout`] says otherwise.
+    pub fn with_transport(mut stream: T) -> Result<Initiator<T>> {
+        stream.set_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(Initiator {
             chap_alg: None,
             wire: Wire {
-                reader: BufReader::with_capacity(256 * 1024, stream),
-                writer,
+                reader: BufReader::with_capacity(READ_BUFFER, stream),
                 header_digest: false,
                 data_digest: false,
                 corrupt_header: false,
@@ -448,16 +451,25 @@ impl Initiator {
         })
     }
 
+    /// Test hook: the next PDU sent carries a wrong header digest.
+    pub fn corrupt_next_header_digest(&mut self) {
+        self.wire.corrupt_header = true;
+    }
+
+    /// Test hook: the next PDU sent with data carries a wrong data digest.
+    pub fn corrupt_next_data_digest(&mut self) {
+        self.wire.corrupt_data = true;
+    }
+
     /// Sets the timeout of blocking reads and writes (`None`: wait forever).
     pub fn set_timeout(&mut self, t: Option<Duration>) -> Result<()> {
-        self.wire.writer.set_read_timeout(t)?;
-        self.wire.writer.set_write_timeout(t)?;
+        self.wire.reader.get_mut().set_timeout(t)?;
         Ok(())
     }
 
     /// The underlying socket (for shutting it down, peeking at its state, ...).
-    pub fn stream(&self) -> &TcpStream {
-        &self.wire.writer
+    pub fn stream(&self) -> &T {
+        self.wire.reader.get_ref()
     }
 
     pub fn negotiated(&self) -> &Negotiated {
@@ -516,7 +528,7 @@ impl Initiator {
 
     /// Writes bytes to the socket as they are.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
-        self.wire.writer.write_all(bytes).map_err(io_err)
+        self.wire.reader.get_mut().write_all(bytes).map_err(io_err)
     }
 
     /// Sends one PDU: BHS, AHS, data and padding.
@@ -1155,24 +1167,19 @@ impl Initiator {
         self.tasks.contains_key(&itt)
     }
 
-    /// Closes the connection abruptly with whatever is in flight: a TCP reset (`SO_LINGER`
-    /// 0: unsent data discarded) when `reset`, else a shutdown of both directions (FIN, what
-    /// was sent still reaches the target). Nothing is answered or logged out; a new
-    /// connection with the same ISID and TSIH 0 reinstates the session (RFC 7143 §6.3.5).
+    /// Closes the connection abruptly with whatever is in flight: a TCP reset (unsent data
+    /// discarded) when `reset`, else a shutdown of both directions (FIN, what was sent still
+    /// reaches the target). Nothing is answered or logged out; a new connection with the same
+    /// ISID and TSIH 0 reinstates the session (RFC 7143 §6.3.5).
     pub fn drop_connection(self, reset: bool) -> Result<()> {
-        let s = &self.wire.writer;
+        let mut s = self.wire.reader.into_inner();
         if reset {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger)
-                .map_err(io::Error::from)?;
+            s.reset()?;
         } else {
-            s.shutdown(std::net::Shutdown::Both)?;
+            s.shutdown()?;
         }
-        // Both descriptors of the socket close here.
-        drop(self);
+        // The socket closes here.
+        drop(s);
         Ok(())
     }
 
@@ -1505,8 +1512,8 @@ impl Initiator {
 }
 
 /// Sends Data-Out PDUs for `segs` of `data`, DataSN from 0, F on the last.
-fn send_data_out(
-    wire: &mut Wire,
+fn send_data_out<T: Transport>(
+    wire: &mut Wire<T>,
     exp_stat_sn: u32,
     itt: u32,
     lun: u64,

@@ -1,4 +1,5 @@
 use super::*;
+use std::io::Write;
 use std::net::TcpListener;
 use std::thread;
 

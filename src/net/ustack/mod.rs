@@ -7,9 +7,15 @@
 //! nothing crosses reactors but ARP ([`link::ArpBus`]). smoltcp has no listen backlog: each
 //! portal keeps [`StackConfig::backlog`] listening sockets per reactor and a new one replaces
 //! each that is accepted.
+//!
+//! The same [`stack::Stack`] (an interface, its sockets and its device queue) also makes the
+//! initiator's side, [`client`]: active opens and blocking streams for a load generator that
+//! runs on the userspace stack as the target does.
 
+pub mod client;
 pub mod dev;
 pub mod link;
+pub mod stack;
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -18,13 +24,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::iface::{PollIngressSingleResult, SocketHandle};
 use smoltcp::socket::tcp;
-use smoltcp::time::{Duration as SDuration, Instant as SInstant};
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
+use smoltcp::time::Duration as SDuration;
+use smoltcp::wire::{IpAddress, IpCidr, IpListenEndpoint};
 
-use self::dev::{DevStats, NetDev, PortView, TxQueue};
-use self::link::{ArpBus, FlowKey, Link, StackStats};
+use self::dev::{DevStats, NetDev, PortView};
+use self::link::{ArpBus, FlowKey, StackStats};
+use self::stack::Stack;
 use super::wake::{epoll_timeout, EventWaker};
 use super::{Detached, Event, Net, Readiness, SockGroup, SockId, SockInfo, Wake};
 
@@ -134,14 +141,27 @@ impl StackConfig {
         Ok(())
     }
 
-    /// Checks the ranges.
+    /// Checks the address and the ranges.
     pub fn validate(&self) -> Result<(), String> {
+        // smoltcp's interface takes unicast addresses only (and panics on others).
+        if !self.ip.address().is_unicast() {
+            return Err(format!("{} is not a unicast address", self.ip.address()));
+        }
         for (name, v) in [("rx_buf", self.rx_buf), ("tx_buf", self.tx_buf)] {
             if !(BUF_MIN..=BUF_MAX).contains(&v) {
                 return Err(format!(
                     "{name} {v} is out of range ({BUF_MIN}..={BUF_MAX} bytes)"
                 ));
             }
+        }
+        // What `set` takes, checked again for a configuration built in code: both are added
+        // to instants.
+        let ms = |d: Duration| d.as_millis();
+        if !(100..=120_000).contains(&ms(self.syn_timeout)) {
+            return Err("syn_timeout_ms is 100..=120000".into());
+        }
+        if ms(self.linger) > 600_000 {
+            return Err("linger_ms is 0..=600000".into());
         }
         if self.backlog == 0 || self.backlog > 1024 {
             return Err(format!(
@@ -345,17 +365,11 @@ struct Portal {
 
 /// One reactor's stack.
 pub struct UstackGroup<D: NetDev> {
-    iface: Interface,
-    sockets: SocketSet<'static>,
-    link: Link<D>,
-    cfg: StackConfig,
-    base: Instant,
+    stack: Stack<D>,
     conns: Vec<Option<Slot>>,
     free: Vec<usize>,
     portals: Vec<Portal>,
     watched: bool,
-    /// Closed connections finishing their FIN handshake, and when they are reset instead.
-    lingering: Vec<(SocketHandle, Instant)>,
     epoll: Epoll,
     waker: Arc<EventWaker>,
     publish: Arc<Mutex<Vec<SockInfo>>>,
@@ -376,7 +390,7 @@ fn sock_addr(e: smoltcp::wire::IpEndpoint) -> SocketAddr {
 
 impl<D: NetDev> UstackGroup<D> {
     fn new(
-        mut dev: D,
+        dev: D,
         cfg: &StackConfig,
         portals: &[SocketAddr],
         bus: Arc<ArpBus>,
@@ -384,57 +398,27 @@ impl<D: NetDev> UstackGroup<D> {
         stats: Arc<StackStats>,
         publish: Arc<Mutex<Vec<SockInfo>>>,
     ) -> io::Result<UstackGroup<D>> {
-        let base = Instant::now();
-        let mut seed = [0u8; 8];
-        getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
-        let mac = dev.mac();
-        let _ = dev.queues();
         let queues = bus.reactors();
-        let mut link = Link::new(dev, bus, me, stats);
-        link.flows.on = queues > 1;
-        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
-        config.random_seed = u64::from_le_bytes(seed);
-        let mut iface = Interface::new(config, &mut link, SInstant::from_micros(0));
-        iface.update_ip_addrs(|a| {
-            let _ = a.push(cfg.ip);
-        });
-        match cfg.gateway {
-            Some(IpAddr::V4(g)) => {
-                iface
-                    .routes_mut()
-                    .add_default_ipv4_route(g)
-                    .map_err(|_| io::Error::other("route table full"))?;
-            }
-            Some(IpAddr::V6(g)) => {
-                iface
-                    .routes_mut()
-                    .add_default_ipv6_route(g)
-                    .map_err(|_| io::Error::other("route table full"))?;
-            }
-            None => {}
-        }
+        let mut stack = Stack::new(dev, cfg, bus, me, stats)?;
+        // Several queues: a segment may reach the wrong one (see link::FlowFilter).
+        stack.link.flows.on = queues > 1;
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let waker = EventWaker::new()?;
         epoll.add(waker.fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
-        let nap = link.dev.wait_fd().is_none();
-        if let Some(raw) = link.dev.wait_fd() {
+        let nap = stack.link.dev.wait_fd().is_none();
+        if let Some(raw) = stack.link.dev.wait_fd() {
             // SAFETY: the device owns `raw` and lives as long as the group (it is a field of
-            // `link`), so the descriptor stays open while the epoll set refers to it.
+            // `stack`), so the descriptor stays open while the epoll set refers to it.
             let b = unsafe { BorrowedFd::borrow_raw(raw) };
             epoll.add(b, EpollEvent::new(EpollFlags::EPOLLIN, DEV_TOKEN))?;
         }
         let mut g = UstackGroup {
             nap,
-            iface,
-            sockets: SocketSet::new(Vec::new()),
-            link,
-            cfg: cfg.clone(),
-            base,
+            stack,
             conns: Vec::new(),
             free: Vec::new(),
             portals: Vec::new(),
             watched: true,
-            lingering: Vec::new(),
             epoll,
             waker: Arc::new(waker),
             publish,
@@ -458,27 +442,14 @@ impl<D: NetDev> UstackGroup<D> {
         Ok(g)
     }
 
-    fn ts(&self, now: Instant) -> SInstant {
-        SInstant::from_micros(now.saturating_duration_since(self.base).as_micros() as i64)
-    }
-
     fn new_listener(&mut self, ep: IpListenEndpoint) -> io::Result<SocketHandle> {
-        let rx = tcp::SocketBuffer::new(vec![0u8; self.cfg.rx_buf]);
-        let tx = tcp::SocketBuffer::new(vec![0u8; self.cfg.tx_buf]);
-        let mut s = tcp::Socket::new(rx, tx);
-        s.set_nagle_enabled(self.cfg.nagle);
-        s.set_ack_delay(
-            self.cfg
-                .ack_delay
-                .map(|d| SDuration::from_micros(d.as_micros() as u64)),
-        );
-        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        let mut s = self.stack.new_socket();
         s.set_timeout(Some(SDuration::from_micros(
-            self.cfg.syn_timeout.as_micros() as u64,
+            self.stack.cfg.syn_timeout.as_micros() as u64,
         )));
         s.listen(ep)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("listen: {e}")))?;
-        Ok(self.sockets.add(s))
+        Ok(self.stack.sockets.add(s))
     }
 
     fn tcp(&mut self, s: SockId) -> io::Result<&mut tcp::Socket<'static>> {
@@ -486,7 +457,7 @@ impl<D: NetDev> UstackGroup<D> {
             Some(slot) if !slot.closed => slot.handle,
             _ => return Err(io::Error::new(io::ErrorKind::NotConnected, "socket closed")),
         };
-        Ok(self.sockets.get_mut::<tcp::Socket>(h))
+        Ok(self.stack.sockets.get_mut::<tcp::Socket>(h))
     }
 
     fn flow_key(slot: &Slot) -> FlowKey {
@@ -494,7 +465,7 @@ impl<D: NetDev> UstackGroup<D> {
     }
 
     fn slot_info(&self, slot: &Slot) -> SockInfo {
-        let t = self.sockets.get::<tcp::Socket>(slot.handle);
+        let t = self.stack.sockets.get::<tcp::Socket>(slot.handle);
         SockInfo {
             peer: slot.peer.to_string(),
             local: slot.local.to_string(),
@@ -503,19 +474,20 @@ impl<D: NetDev> UstackGroup<D> {
             recv_queue: t.recv_queue(),
             recv_window: t.recv_capacity() - t.recv_queue(),
             send_window: t.send_capacity() - t.send_queue(),
-            retransmits: self.link.retransmits.of(&Self::flow_key(slot)),
+            retransmits: self.stack.link.retransmits.of(&Self::flow_key(slot)),
         }
     }
 
     /// Rebuilds the set of flows this reactor holds (for [`link::FlowFilter`]): every socket
     /// with a peer. Runs when a socket changed state, not per packet.
     fn refresh_flows(&mut self) {
-        if !self.link.flows.on {
+        let Stack { link, sockets, .. } = &mut self.stack;
+        if !link.flows.on {
             return;
         }
-        let known = &mut self.link.flows.known;
+        let known = &mut link.flows.known;
         known.clear();
-        for (_, s) in self.sockets.iter() {
+        for (_, s) in sockets.iter() {
             if let Some(t) = <tcp::Socket as smoltcp::socket::AnySocket>::downcast(s) {
                 if let (Some(r), Some(l)) = (t.remote_endpoint(), t.local_endpoint()) {
                     known.insert((r.addr, r.port, l.port));
@@ -533,24 +505,24 @@ impl<D: NetDev> UstackGroup<D> {
             let mut idle = 0;
             let mut list = std::mem::take(&mut self.portals[pi].listening);
             list.retain(|&h| {
-                let s = self.sockets.get_mut::<tcp::Socket>(h);
+                let s = self.stack.sockets.get_mut::<tcp::Socket>(h);
                 match s.state() {
                     tcp::State::Listen => {
                         idle += 1;
                         true
                     }
-                    tcp::State::Closed if idle < self.cfg.backlog => {
+                    tcp::State::Closed if idle < self.stack.cfg.backlog => {
                         idle += usize::from(s.listen(ep).is_ok());
                         true
                     }
                     tcp::State::Closed => {
-                        self.sockets.remove(h);
+                        self.stack.sockets.remove(h);
                         false
                     }
                     _ => true,
                 }
             });
-            while idle < self.cfg.backlog && list.len() < self.cfg.max_half_open {
+            while idle < self.stack.cfg.backlog && list.len() < self.stack.cfg.max_half_open {
                 match self.new_listener(ep) {
                     Ok(h) => {
                         list.push(h);
@@ -566,89 +538,13 @@ impl<D: NetDev> UstackGroup<D> {
         }
     }
 
-    /// The connections a tail-loss probe may be due on (established, data outstanding, a
-    /// segment heard from the peer), with when it is due.
-    fn probe_times(&self, pto: SDuration) -> impl Iterator<Item = (FlowKey, SInstant)> + '_ {
-        self.conns.iter().flatten().filter_map(move |slot| {
-            if slot.closed {
-                return None;
-            }
-            let t = self.sockets.get::<tcp::Socket>(slot.handle);
-            if t.send_queue() == 0 || t.state() != tcp::State::Established {
-                return None;
-            }
-            let key = Self::flow_key(slot);
-            let f = self.link.probes.flows.get(&key)?;
-            let since = self
-                .link
-                .retransmits
-                .last_sent(&key)
-                .map_or(f.at, |sent| sent.max(f.at));
-            Some((key, since + pto * (1u32 << f.probes.min(5))))
-        })
-    }
-
-    fn probe_timeout(&self) -> Option<SDuration> {
-        Some(SDuration::from_micros(
-            self.cfg.tail_probe?.as_micros() as u64
-        ))
-    }
-
-    /// How long until the next tail-loss probe is due, if one may be.
-    fn probe_due(&self, ts: SInstant) -> Option<SDuration> {
-        let due = self
-            .probe_times(self.probe_timeout()?)
-            .map(|(_, at)| at)
-            .min()?;
-        Some(if due > ts { due - ts } else { SDuration::ZERO })
-    }
-
-    /// Starts a tail-loss probe on a connection with data outstanding whose peer has been
-    /// silent for the probe timeout (one probe per pass); returns whether it did.
-    fn probe_tails(&mut self, ts: SInstant) -> bool {
-        let Some(pto) = self.probe_timeout() else {
-            return false;
-        };
-        let Some((key, _)) = self.probe_times(pto).find(|&(_, at)| ts >= at) else {
-            return false;
-        };
-        let Link {
-            probes,
-            replay,
-            stats,
-            ..
-        } = &mut self.link;
-        let Some(f) = probes.flows.get_mut(&key) else {
-            return false;
-        };
-        if !replay.start(f.frame(), 3) {
-            return false;
-        }
-        f.probes += 1;
-        f.at = ts;
-        stats
-            .tail_probes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        true
-    }
-
-    /// Ends lingering connections that are done or out of time.
-    fn housekeeping(&mut self, now: Instant) {
-        let sockets = &mut self.sockets;
-        self.lingering.retain(|&(h, until)| {
-            let s = sockets.get_mut::<tcp::Socket>(h);
-            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
-            if done || now >= until {
-                s.abort();
-                // The RST of an abort goes out with the next egress; the socket is removed
-                // then, by the retain below on a later pass.
-                if done {
-                    sockets.remove(h);
-                    return false;
-                }
-            }
-            true
-        });
+    /// The open connections, for the tail-loss probes.
+    fn flows(conns: &[Option<Slot>]) -> impl Iterator<Item = (FlowKey, SocketHandle)> + '_ {
+        conns
+            .iter()
+            .flatten()
+            .filter(|slot| !slot.closed)
+            .map(|slot| (Self::flow_key(slot), slot.handle))
     }
 }
 
@@ -732,7 +628,10 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             if !slot.closed {
                 slot.closed = true;
                 // FIN once what was queued is sent.
-                self.sockets.get_mut::<tcp::Socket>(slot.handle).close();
+                self.stack
+                    .sockets
+                    .get_mut::<tcp::Socket>(slot.handle)
+                    .close();
             }
         }
     }
@@ -743,11 +642,9 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             return;
         };
         self.free.push(s.0);
-        let key = Self::flow_key(&slot);
-        self.link.retransmits.forget(&key);
-        self.link.probes.forget(&key);
-        let until = Instant::now() + self.cfg.linger;
-        self.lingering.push((slot.handle, until));
+        self.stack.forget(&Self::flow_key(&slot));
+        let until = Instant::now() + self.stack.cfg.linger;
+        self.stack.linger(slot.handle, until);
     }
 
     fn info(&self, s: SockId) -> Option<SockInfo> {
@@ -760,7 +657,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             return Ok(None);
         };
         let found = p.listening.iter().position(|&h| {
-            let s = self.sockets.get::<tcp::Socket>(h);
+            let s = self.stack.sockets.get::<tcp::Socket>(h);
             // Only a completed handshake is a connection: a flood of SYNs fills no slot.
             matches!(s.state(), tcp::State::Established | tcp::State::CloseWait)
         });
@@ -769,11 +666,11 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         };
         let handle = self.portals[portal].listening.swap_remove(i);
         self.refill();
-        let s = self.sockets.get_mut::<tcp::Socket>(handle);
+        let s = self.stack.sockets.get_mut::<tcp::Socket>(handle);
         s.set_timeout(None);
         let (Some(remote), Some(local)) = (s.remote_endpoint(), s.local_endpoint()) else {
             s.abort();
-            self.lingering.push((handle, Instant::now()));
+            self.stack.linger(handle, Instant::now());
             return Ok(None);
         };
         let slot = Slot {
@@ -792,7 +689,8 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             }
         };
         self.conns[idx] = Some(slot);
-        self.link
+        self.stack
+            .link
             .stats
             .accepted
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -807,7 +705,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     fn close_portals(&mut self) {
         for p in std::mem::take(&mut self.portals) {
             for h in p.listening {
-                self.sockets.remove(h);
+                self.stack.sockets.remove(h);
             }
         }
     }
@@ -825,20 +723,18 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     }
 
     fn poll(&mut self, now: Instant, out: &mut Vec<Event>) -> io::Result<bool> {
-        let ts = self.ts(now);
+        let ts = self.stack.ts(now);
         let before = self
+            .stack
             .link
             .dev
             .stats()
             .rx_packets
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.iface.poll_maintenance(ts);
+        self.stack.iface.poll_maintenance(ts);
         let mut changed = false;
         for _ in 0..RX_BUDGET {
-            match self
-                .iface
-                .poll_ingress_single(ts, &mut self.link, &mut self.sockets)
-            {
+            match self.stack.ingress_one(ts) {
                 PollIngressSingleResult::None => break,
                 PollIngressSingleResult::PacketProcessed => {}
                 // A SYN may have taken a listening socket: open another before the next.
@@ -851,31 +747,21 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
         }
         // No egress here: ACKs for what arrived leave with the pass's flush, after the
         // engine has answered, so that they ride on the responses.
-        if self.cfg.tail_probe.is_some() && self.probe_tails(ts) {
-            // The probe's duplicate ACKs, taken now so the retransmission leaves with this
-            // pass's flush.
-            for _ in 0..4 {
-                if self
-                    .iface
-                    .poll_ingress_single(ts, &mut self.link, &mut self.sockets)
-                    == PollIngressSingleResult::None
-                {
-                    break;
-                }
-            }
-        }
+        // A probe's retransmission leaves with this pass's flush.
+        self.stack.probe_tails(ts, Self::flows(&self.conns));
         let after = self
+            .stack
             .link
             .dev
             .stats()
             .rx_packets
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.housekeeping(now);
+        self.stack.housekeeping(now);
         if self.watched {
             for (i, p) in self.portals.iter().enumerate() {
                 let ready = p.listening.iter().any(|&h| {
                     matches!(
-                        self.sockets.get::<tcp::Socket>(h).state(),
+                        self.stack.sockets.get::<tcp::Socket>(h).state(),
                         tcp::State::Established | tcp::State::CloseWait
                     )
                 });
@@ -889,7 +775,7 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
             if slot.closed {
                 continue;
             }
-            let t = self.sockets.get::<tcp::Socket>(slot.handle);
+            let t = self.stack.sockets.get::<tcp::Socket>(slot.handle);
             let readable = (slot.read && t.can_recv()) || !t.may_recv();
             let writable = slot.write && t.can_send();
             if readable || writable {
@@ -910,33 +796,12 @@ impl<D: NetDev> SockGroup for UstackGroup<D> {
     }
 
     fn flush(&mut self, now: Instant) {
-        let ts = self.ts(now);
-        while self
-            .iface
-            .poll_egress(ts, &mut self.link, &mut self.sockets)
-            == smoltcp::iface::PollResult::SocketStateChanged
-        {}
-        if let Err(e) = self.link.dev.queues().1.flush() {
-            log::debug!("device flush: {e}");
-        }
+        let ts = self.stack.ts(now);
+        self.stack.egress(ts);
     }
 
     fn next_deadline(&mut self, now: Instant) -> Option<Instant> {
-        let ts = self.ts(now);
-        let d = self.iface.poll_delay(ts, &self.sockets);
-        let probe = self.probe_due(ts);
-        let d = match (d, probe) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b)?,
-        };
-        let mut at = now + Duration::from_micros(d.total_micros());
-        if let Some(&(_, until)) = self.lingering.iter().min_by_key(|(_, u)| *u) {
-            at = at.min(until);
-        }
-        if let Some(p) = self.probe_due(ts) {
-            at = at.min(now + Duration::from_micros(p.total_micros()));
-        }
-        Some(at)
+        self.stack.next_due(now, Self::flows(&self.conns))
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<bool> {

@@ -1,8 +1,11 @@
 //! The stack over an in-memory wire, against a second smoltcp interface as the client.
 
 use super::dev::mem::{pair, MemDev};
+use super::link::Link;
 use super::*;
-use smoltcp::wire::Ipv4Address;
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::time::Instant as SInstant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, Ipv4Address};
 
 const TGT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 1];
 const INI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 2];
@@ -169,7 +172,7 @@ fn round_trip(drop_every: u64, len: usize) -> (UstackNet<MemDev>, UstackGroup<Me
         if cs.state() == tcp::State::CloseWait {
             cs.close();
         }
-        g.lingering.is_empty()
+        g.stack.lingering() == 0
     });
     (net, g)
 }
@@ -278,6 +281,12 @@ fn configuration_is_checked() {
     c.tx_buf = BUF_MIN;
     c.rx_buf = 1024;
     assert!(c.validate().unwrap_err().contains("rx_buf"));
+    c.rx_buf = BUF_MIN;
+    c.syn_timeout = Duration::MAX;
+    assert!(c.validate().unwrap_err().contains("syn_timeout_ms"));
+    c.syn_timeout = Duration::from_secs(1);
+    c.linger = Duration::MAX;
+    assert!(c.validate().unwrap_err().contains("linger_ms"));
     let c = StackConfig::new(cidr("10.0.0.1/24"), Some("fe80::1".parse().unwrap()));
     assert!(c.validate().unwrap_err().contains("gateway"));
     let (t, _) = pair([TGT_MAC, INI_MAC], 1500, 0);
@@ -291,6 +300,25 @@ fn configuration_is_checked() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("not on the stack's address"));
+    // smoltcp takes only a unicast address for its interface (and panics otherwise).
+    for ip in ["255.255.255.255/32", "224.0.0.1/24", "0.0.0.0/0"] {
+        let (t, _) = pair([TGT_MAC, INI_MAC], 1500, 0);
+        let e = UstackNet::new(
+            "mem",
+            "mem0",
+            StackConfig::new(cidr(ip), None),
+            &[],
+            vec![t],
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("not a unicast address"), "{ip}: {e}");
+        let (_, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+        let e = ClientStack::new(i, StackConfig::new(cidr(ip), None))
+            .err()
+            .expect("an error, not a stack");
+        assert!(e.to_string().contains("not a unicast address"), "{ip}: {e}");
+    }
 }
 
 #[test]
@@ -494,4 +522,222 @@ fn a_segment_of_a_flow_held_by_another_queue_is_dropped_not_answered() {
     let mut arp = data.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert!(!f.foreign(&arp), "not TCP");
+}
+
+// ------------------------------------------------------------------ the client side
+
+use super::client::{ClientStack, ClientStream};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The client's stack at 10.9.0.1 over `dev`, connects giving up after `syn_ms`.
+fn client_stack(dev: MemDev, gateway: Option<IpAddr>, syn_ms: u64) -> ClientStack<MemDev> {
+    let mut cfg = StackConfig::new(cidr("10.9.0.1/24"), gateway);
+    cfg.set("syn_timeout_ms", &syn_ms.to_string()).unwrap();
+    // A close that never finishes is reset after this, long after any test gives up.
+    cfg.set("linger_ms", "600000").unwrap();
+    ClientStack::new(dev, cfg).unwrap()
+}
+
+/// A target group on its own thread, serving its first connection: it checks that `len`
+/// bytes of the pattern arrive, sends `len` bytes of the pattern, and runs until told to
+/// stop. Returns (bytes received intact, whether the client's FIN was seen).
+fn serve(
+    mut g: UstackGroup<MemDev>,
+    len: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, bool)> {
+    std::thread::spawn(move || {
+        let mut ev = Vec::new();
+        let mut conn = None;
+        let (mut got, mut sent, mut eof) = (0, 0, false);
+        let mut buf = vec![0u8; 64 * 1024];
+        let out: Vec<u8> = (0..len).map(pattern).collect();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            ev.clear();
+            g.poll(now, &mut ev).unwrap();
+            if conn.is_none() {
+                conn = g.accept(0).unwrap();
+            }
+            if let Some(s) = conn {
+                loop {
+                    match g.recv(s, &mut buf) {
+                        Ok(0) => {
+                            eof = true;
+                            g.close(s);
+                            break;
+                        }
+                        Ok(n) => {
+                            for (k, b) in buf[..n].iter().enumerate() {
+                                assert_eq!(*b, pattern(got + k), "byte {} to the target", got + k);
+                            }
+                            got += n;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if sent < len {
+                    if let Ok(n) = g.send_vectored(s, &[IoSlice::new(&out[sent..])]) {
+                        sent += n;
+                    }
+                }
+            }
+            g.flush(now);
+        }
+        (got, eof)
+    })
+}
+
+#[test]
+fn the_client_moves_mebibytes_both_ways_intact() {
+    let len = 4 << 20;
+    let (t, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+    let net = target(vec![t], 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(net.group_of(0).unwrap(), len, stop.clone());
+    let stack = client_stack(i, None, 5000);
+    let mut s: ClientStream<MemDev> = stack.connect("10.9.0.2:3260".parse().unwrap()).unwrap();
+    assert_eq!(s.peer_addr(), "10.9.0.2:3260".parse().unwrap());
+    let local = s.local_addr();
+    assert_eq!(local.ip(), "10.9.0.1".parse::<IpAddr>().unwrap());
+    assert!(local.port() >= 49152, "{local}");
+    assert_eq!(s.state(), "ESTABLISHED");
+    let out: Vec<u8> = (0..len).map(pattern).collect();
+    // Uneven writes, each taken in part or whole.
+    for chunk in out.chunks(70_001) {
+        s.write_all(chunk).unwrap();
+    }
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).unwrap();
+    if let Some(k) = back.iter().enumerate().position(|(k, b)| *b != pattern(k)) {
+        panic!("byte {k} to the client differs");
+    }
+    drop(s);
+    // The FIN reaches the target, which closes its side; the client's socket is retired.
+    assert!(
+        stack.finish(Duration::from_secs(30)),
+        "the close did not finish"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (got, eof) = server.join().unwrap();
+    assert_eq!(got, len);
+    assert!(eof, "the target saw no end of stream");
+    let (dev, st) = stack.stats();
+    assert!(dev.rx_packets.load(Ordering::Relaxed) > 2000);
+    assert_eq!(st.retransmits.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn the_client_reads_a_fin_as_end_of_stream_and_a_reset_as_an_error() {
+    let (t, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+    let net = target(vec![t], 4);
+    let mut g = net.group_of(0).unwrap();
+    let stack = client_stack(i, None, 5000);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = std::thread::spawn(move || {
+        let mut a = stack.connect("10.9.0.2:3260".parse().unwrap()).unwrap();
+        let mut b = stack.connect("10.9.0.2:3260".parse().unwrap()).unwrap();
+        tx.send((a.local_addr().port(), b.local_addr().port()))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        // The target closes `a` in order and resets `b`.
+        let eof = a.read(&mut buf).map_err(|e| e.to_string());
+        let reset = b.read(&mut buf).map_err(|e| (e.kind(), e.to_string()));
+        let write = b.write(b"more").map_err(|e| e.kind());
+        (eof, reset, write)
+    });
+    let mut acc = Vec::new();
+    let mut ports = None;
+    let mut done = false;
+    let mut ev = Vec::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while !client.is_finished() && Instant::now() < end {
+        let now = Instant::now();
+        ev.clear();
+        g.poll(now, &mut ev).unwrap();
+        while let Some(s) = g.accept(0).unwrap() {
+            acc.push(s);
+        }
+        if ports.is_none() {
+            ports = rx.try_recv().ok();
+        }
+        if let (false, Some((pa, pb))) = (done, ports) {
+            let by_port = |p: u16| acc.iter().copied().find(|s| g.addrs(*s).0.port() == p);
+            if let (Some(sa), Some(sb)) = (by_port(pa), by_port(pb)) {
+                g.close(sa);
+                let h = g.conns[sb.0].as_ref().unwrap().handle;
+                g.stack.sockets.get_mut::<tcp::Socket>(h).abort();
+                done = true;
+            }
+        }
+        g.flush(now);
+    }
+    let (eof, reset, write) = client.join().unwrap();
+    assert_eq!(eof, Ok(0));
+    let (kind, msg) = reset.unwrap_err();
+    assert_eq!(kind, io::ErrorKind::ConnectionReset);
+    assert!(msg.contains("reset by 10.9.0.2:3260"), "{msg}");
+    assert_eq!(write.unwrap_err(), io::ErrorKind::ConnectionReset);
+}
+
+#[test]
+fn a_closed_port_refuses_the_client() {
+    let (t, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+    let net = target(vec![t], 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(net.group_of(0).unwrap(), 0, stop.clone());
+    let stack = client_stack(i, None, 5000);
+    let started = Instant::now();
+    let e = stack
+        .connect("10.9.0.2:3261".parse().unwrap())
+        .err()
+        .expect("nothing listens on 3261");
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    assert_eq!(e.to_string(), "connection to 10.9.0.2:3261 refused (reset)");
+    // A reset, not the timeout, ended it.
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn a_next_hop_that_never_answers_arp_times_the_connect_out() {
+    // Nothing on the other end of the wire.
+    let (_, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+    let stack = client_stack(i, Some("10.9.0.254".parse().unwrap()), 300);
+    let e = stack
+        .connect("10.9.0.2:3260".parse().unwrap())
+        .err()
+        .expect("no one answers");
+    assert_eq!(e.kind(), io::ErrorKind::HostUnreachable);
+    assert!(
+        e.to_string()
+            .contains("no ARP answer from 10.9.0.2 within 300ms"),
+        "{e}"
+    );
+    // Off the subnet, the gateway is the one asked.
+    let e = stack
+        .connect("10.8.0.2:3260".parse().unwrap())
+        .err()
+        .expect("no one answers");
+    assert!(
+        e.to_string().contains("no ARP answer from 10.9.0.254"),
+        "{e}"
+    );
+    // Off the subnet without a gateway there is no route at all.
+    let (_, i) = pair([TGT_MAC, INI_MAC], 1500, 0);
+    let e = client_stack(i, None, 300)
+        .connect("10.8.0.2:3260".parse().unwrap())
+        .err()
+        .expect("no route");
+    assert_eq!(e.kind(), io::ErrorKind::NetworkUnreachable);
+    assert_eq!(
+        e.to_string(),
+        "no route to 10.8.0.2:3260: not on 10.9.0.1/24 and no gateway"
+    );
+    for bad in ["10.9.0.1:3260", "10.9.0.2:0", "[fd00::1]:3260"] {
+        let e = stack.connect(bad.parse().unwrap()).err().expect(bad);
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad}: {e}");
+    }
 }

@@ -312,6 +312,9 @@ pub struct AfPacketTx {
     /// Each slot starts with a `virtio_net_hdr`: the kernel completes TCP checksums and
     /// segments frames larger than the MTU (the socket of [`VnetTx`]).
     vnet: bool,
+    /// The interface segments TCP (TSO on when the queue was opened): only then may a frame
+    /// be larger than the MTU.
+    tso: bool,
     /// The largest frame sent whole (the MTU with a link header).
     mtu_len: usize,
 }
@@ -553,6 +556,7 @@ impl AfPacketDev {
             fd: sfd,
             stats: stats.clone(),
             vnet: false,
+            tso: false,
             mtu_len: mtu + ETH_HLEN + VLAN_HLEN,
         };
         // Sends go through the offloading socket where the kernel allows it; otherwise
@@ -568,6 +572,15 @@ impl AfPacketDev {
                 tx.fd = v.fd.as_raw_fd();
                 tx.max_len = VNET_FRAME - TX_DATA_OFF - VNET_LEN;
                 tx.vnet = true;
+                // Without TSO on the interface the kernel drops a larger frame sent past the
+                // qdisc instead of segmenting it: the stack segments, the kernel checksums.
+                tx.tso = netif::tso(sfd, ifname).unwrap_or(false);
+                if !tx.tso {
+                    log::info!(
+                        "{ifname}: TCP segmentation offload is off on the interface; the \
+                         stack segments"
+                    );
+                }
                 Some(v)
             }
             Err(e) => {
@@ -906,7 +919,7 @@ impl NetDev for AfPacketDev {
             TxOffload {
                 csum: true,
                 // An IPv4 packet is at most 65535 bytes.
-                tso_max: Some(self.tx.max_len.min(65535 + ETH_HLEN)),
+                tso_max: self.tx.tso.then_some(self.tx.max_len.min(65535 + ETH_HLEN)),
             }
         } else {
             TxOffload::default()
@@ -1074,6 +1087,29 @@ mod tests {
                 "only the pseudo-header sum is in the checksum field"
             );
             assert_eq!(dev.stats().rx_dropped.load(Ordering::Relaxed), 0);
+        });
+    }
+
+    #[test]
+    #[ignore = "needs root and network namespaces: run by scripts/netns-test.sh"]
+    fn netdev_af_packet_offers_no_segmentation_on_an_interface_without_tso() {
+        let (ns, link) = veth("afpnotso");
+        ns.run(|| {
+            // `ethtool -K v0 tx off`, which takes TSO with it: the kernel would drop a frame
+            // larger than the MTU sent past the qdisc, so the device must not ask for one.
+            ethtool_tx_off("v0");
+            let fd = packet_socket().unwrap();
+            assert!(!netif::tso(fd.as_raw_fd(), "v0").unwrap());
+            assert!(
+                netif::tso(fd.as_raw_fd(), "v1").unwrap(),
+                "veth has TSO by default"
+            );
+            let mut dev = AfPacketDev::open("v0", 0, 1, 0x4a06).expect("open v0");
+            let o = dev.offload();
+            assert!(o.csum, "checksums are still the kernel's: {o:?}");
+            assert_eq!(o.tso_max, None, "{o:?}");
+            testns::arp_both_ways(std::slice::from_mut(&mut dev), &link);
+            testns::udp_to_kernel(&mut dev, &link);
         });
     }
 

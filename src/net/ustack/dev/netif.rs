@@ -128,6 +128,36 @@ pub(crate) fn set_up(fd: RawFd, name: &str) -> io::Result<()> {
     ioctl(fd, libc::SIOCSIFFLAGS, &mut ifr)
 }
 
+/// `struct ethtool_value` (linux/ethtool.h), what the legacy get and set requests exchange.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+/// linux/ethtool.h: get whether TCP segmentation offload is on (any of TSO, TSO6, ...).
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// Whether the interface segments TCP itself (`ethtool -k`: tcp-segmentation-offload). A frame
+/// larger than the MTU sent to an interface without it is dropped by the kernel when the
+/// sender bypasses the qdisc (`__dev_direct_xmit` drops what software segmentation would
+/// replace).
+pub(crate) fn tso(fd: RawFd, name: &str) -> io::Result<bool> {
+    let mut v = EthtoolValue {
+        cmd: ETHTOOL_GTSO,
+        data: 0,
+    };
+    let mut ifr = ifreq(name)?;
+    ifr.ifr_ifru.ifru_data = (&mut v as *mut EthtoolValue).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GTSO reads the `ifreq` and writes the one
+    // `ethtool_value` its data pointer names; both live, exclusively borrowed, for the call.
+    let r = unsafe { libc::ioctl(fd, libc::SIOCETHTOOL, &mut ifr as *mut libc::ifreq) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v.data != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,9 @@
 //! For the device tests that need root: fresh network namespaces, frames built and parsed by
 //! hand, and the exchanges every kernel device must pass.
 //!
-//! A [`Netns`] is made with `ip netns add` under a name unique to the process, and deleted when
-//! it is dropped, also when the test fails. [`Netns::run`] runs a closure on a thread that has
+//! A [`Netns`] is made with `ip netns add` under a name unique to the process (prefixed
+//! `itgt-`, or `$ISCSI_TGT_NETNS_PREFIX-`), and deleted when it is dropped, also when the test
+//! fails. [`Netns::run`] runs a closure on a thread that has
 //! entered the namespace: sockets, devices and interface lookups made there belong to it,
 //! while the test's own thread stays where it was. Every setup step panics with the command's
 //! error output when it fails.
@@ -50,7 +51,9 @@ impl Netns {
     pub fn new(tag: &str) -> Netns {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let name = format!("itgt-{tag}-{}-{n}", std::process::id());
+        // The prefix keeps concurrent users of one machine apart (as netns-test.sh does).
+        let prefix = std::env::var("ISCSI_TGT_NETNS_PREFIX").unwrap_or_else(|_| "itgt".into());
+        let name = format!("{prefix}-{tag}-{}-{n}", std::process::id());
         ip(&["netns", "add", &name]);
         let ns = Netns { name };
         ns.ip("link set lo up");

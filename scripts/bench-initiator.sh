@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The userspace target on AF_PACKET measured with both of iscsi-bench's networks, in one run:
+# the kernel's TCP and the userspace stack's client (--net af_packet), over one veth pair
+# between two namespaces; iscsi-bench pinned to core 0, the target's one reactor on core 1 in
+# poll mode, a 1 GiB RAM LUN, RPS sending each end's receive work to its own side's core (as
+# scripts/bench-net.sh does). Prints a Markdown table: IOPS, MB/s and the target's busy time
+# per I/O (reactors/0/busy_ns over the row divided by the I/Os done).
+#
+# Both stacks on AF_PACKET take frames of at most the MTU, so each veth end has its transmit
+# offloads off: a kernel sending through it then segments what a stack gives it (and a stack
+# does not ask it to, see af_packet.rs), and no super-frame reaches the other side's ring. The
+# first rows are the reference: the kernel's TCP initiator with the target's end offloading,
+# as in bench-net.sh.
+#   SECS=8 scripts/bench-initiator.sh
+#   NETNS_PREFIX=ibi NET=10.81 PORT=3260 set the namespaces' prefix, the first two octets of
+#   the addresses and the portal's port (for several runs on one machine).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+[ "$(id -u)" -eq 0 ] || die "needs root (namespaces, AF_PACKET)"
+SECS=${SECS:-8}
+PREFIX=${NETNS_PREFIX:-ibi}
+NET=${NET:-10.81}
+PORT=${PORT:-3260}
+TAG=$$
+NS_T=$PREFIX-t-$TAG
+NS_I=$PREFIX-i-$TAG
+WORK=$(mktemp -d /tmp/iscsi-tgt-bench-initiator.XXXXXX)
+SOCK=$WORK/rpc.sock
+IQN=iqn.2026-11.org.iscsi-tgt:bench
+BENCH=$ROOT/target/release/iscsi-bench
+T_IP=$NET.0.2
+K_IP=$NET.0.1
+U_IP=$NET.0.3
+cleanup() {
+    stop_target || true
+    ip netns del "$NS_T" 2>/dev/null || true
+    ip netns del "$NS_I" 2>/dev/null || true
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+build_release
+
+ip netns add "$NS_T"
+ip netns add "$NS_I"
+ip link add "$PREFIX-t$TAG" type veth peer name "$PREFIX-i$TAG"
+ip link set "$PREFIX-t$TAG" netns "$NS_T"
+ip link set "$PREFIX-i$TAG" netns "$NS_I"
+ip -n "$NS_T" link set "$PREFIX-t$TAG" name vt up
+ip -n "$NS_I" link set "$PREFIX-i$TAG" name vi up
+ip -n "$NS_T" link set lo up
+ip -n "$NS_I" link set lo up
+ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
+ip netns exec "$NS_I" sysctl -qw net.ipv6.conf.vi.disable_ipv6=1
+# The kernel initiator's address; the userspace one's ($U_IP) is not the kernel's.
+ip -n "$NS_I" addr add "$K_IP/24" dev vi
+ip netns exec "$NS_I" ethtool -K vi tx off >/dev/null
+ip netns exec "$NS_I" sh -c 'echo 1 > /sys/class/net/vi/queues/rx-0/rps_cpus' ||
+    die "cannot set RPS on the initiator's veth end"
+ip netns exec "$NS_T" sh -c 'echo 2 > /sys/class/net/vt/queues/rx-0/rps_cpus' ||
+    die "cannot set RPS on the target's veth end"
+
+# start: the target on AF_PACKET in its namespace, with its LUN.
+start() {
+    rm -f "$SOCK"
+    ip netns exec "$NS_T" "$BIN" --rpc-socket "$SOCK" --cores 1 --mode poll \
+        --net af_packet:vt --ip "$T_IP/24" --listen "$T_IP:$PORT" >"$WORK/target.log" 2>&1 &
+    TARGET_PID=$!
+    wait_rpc "$SOCK" "$WORK/target.log"
+    rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device r0 size_mb=1024"
+    rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
+    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add r0 0"
+    rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
+    rpc "$SOCK" set targets/iscsi/enabled 1
+}
+
+# run NAME BENCH-ARGS...: one measurement, printed as a table row.
+run() {
+    local name=$1
+    shift
+    local b0 b1 out iops mbps us
+    b0=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    out=$(ip netns exec "$NS_I" taskset -c 0 "$BENCH" --portal "$T_IP:$PORT" --target "$IQN" \
+        --secs "$SECS" "$@" 2>&1) || die "iscsi-bench $* failed: $out"
+    b1=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    iops=$(awk '/^iops/ {print $2}' <<<"$out")
+    mbps=$(awk '/^iops/ {print $4}' <<<"$out")
+    us=$(python3 -c "print(f'{($b1 - $b0) / 1000 / max(1, $iops * $SECS):.2f}')")
+    local w=$*
+    printf '| %s | %s | %s | %s | %s |\n' "$name" "${w%% --net*}" "$iops" "$mbps" "$us"
+}
+
+WORKLOADS=("--bs 4096 --qd 1 --random" "--bs 4096 --qd 32 --random" "--bs 131072 --qd 16")
+USER=(--net af_packet:vi --ip "$U_IP/24")
+
+echo "| initiator | workload | IOPS | MB/s | target busy µs per I/O |"
+echo "|---|---|---:|---:|---:|"
+start
+for w in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2086 # a workload is several arguments
+    run "kernel TCP (target's end offloading)" $w
+done
+stop_target
+# From here on the target's end offloads nothing either (the userspace initiator's ring
+# takes no super-frames); the target is started again so that its device sees that.
+ip netns exec "$NS_T" ethtool -K vt tx off >/dev/null
+start
+for w in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2086
+    run "kernel TCP" $w
+    # shellcheck disable=SC2086
+    run "userspace TCP on AF_PACKET" $w "${USER[@]}"
+done
+stop_target
