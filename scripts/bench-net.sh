@@ -6,7 +6,9 @@
 #   2. over one veth pair between two namespaces: the kernel's TCP, the userspace stack on
 #      AF_PACKET, the userspace stack on TAP (routed through the target namespace), and the
 #      userspace stack on DPDK's net_af_packet and net_af_xdp (the build with --features dpdk;
-#      DPDK=0 leaves them out).
+#      DPDK=0 leaves them out);
+#   3. (DPDK) the target and iscsi-bench both on DPDK, joined by memif: no kernel network on
+#      either side.
 # Prints a Markdown table: IOPS, MB/s and the target's busy time per I/O (reactors/0/busy_ns
 # over the run divided by the I/Os). With PROFILE=1 it also records `perf` profiles of the
 # target at 4 KiB QD32 on each veth path and prints their top functions.
@@ -77,11 +79,12 @@ run() {
     b0=$($RPC -s "$SOCK" get reactors/0/busy_ns)
     out=$("${wrap[@]}" taskset -c 0 "$BENCH" --portal "$portal" --target "$IQN" --secs "$SECS" "$@")
     b1=$($RPC -s "$SOCK" get reactors/0/busy_ns)
-    iops=$(awk '{print $2}' <<<"$out")
-    mbps=$(awk '{print $4}' <<<"$out")
+    iops=$(awk '/^iops/ {print $2}' <<<"$out")
+    mbps=$(awk '/^iops/ {print $4}' <<<"$out")
     local us
     us=$(python3 -c "print(f'{($b1 - $b0) / 1000 / max(1, $iops * $SECS):.2f}')")
-    printf '| %s | %s | %s | %s | %s |\n' "$name" "$*" "$iops" "$mbps" "$us"
+    local args="$*"
+    printf '| %s | %s | %s | %s | %s |\n' "$name" "${args%% --net*}" "$iops" "$mbps" "$us"
 }
 
 WORKLOADS=("--bs 4096 --qd 1 --random" "--bs 4096 --qd 32 --random" "--bs 4096 --qd 128 --random" "--bs 131072 --qd 16")
@@ -182,5 +185,34 @@ for w in "${WORKLOADS[@]}"; do
     run "veth + routed TAP, userspace TCP" 10.80.0.2:3260 ip netns exec "$NS_I" -- $w
 done
 stop_target
+
+if [ "${DPDK:-1}" != 0 ]; then
+    msock=$WORK/memif.sock
+    start "$DPDK_BIN" env -- --listen 10.96.0.2:3260 --mem-size 256 \
+        --net "dpdk:net_memif0,role=server,socket=$msock,socket-abstract=no" --ip 10.96.0.2/24
+    BENCH_SAVE=$BENCH
+    BENCH=$DPDK_TARGET/release/iscsi-bench
+    for w in "${WORKLOADS[@]}"; do
+        # shellcheck disable=SC2086
+        run "memif, userspace TCP on DPDK at both ends" 10.96.0.2:3260 env -- $w \
+            --net "dpdk:net_memif0,role=client,socket=$msock,socket-abstract=no" --ip 10.96.0.1/24
+    done
+    if [ -n "${PROFILE:-}" ]; then
+        taskset -c 0 "$BENCH" --portal 10.96.0.2:3260 --target "$IQN" --secs 6 --bs 4096 --qd 32 --random \
+            --net "dpdk:net_memif0,role=client,socket=$msock,socket-abstract=no" --ip 10.96.0.1/24 >/dev/null 2>&1 &
+        b=$!
+        sleep 2
+        perf record -q -e cpu-clock -g -p "$TARGET_PID" -o "$WORK/perf-memif.data" -- sleep 3 >/dev/null 2>&1 || true
+        wait "$b"
+        {
+            echo
+            echo "profile memif (4 KiB random read QD32), top functions of the target:"
+            perf report -i "$WORK/perf-memif.data" --no-children --percent-limit 2 --stdio 2>/dev/null |
+                grep -E '^ +[0-9.]+%' | head -15
+        } >"$WORK/profile-memif.txt"
+    fi
+    BENCH=$BENCH_SAVE
+    stop_target
+fi
 
 cat "$WORK"/profile-*.txt 2>/dev/null || true

@@ -12,11 +12,12 @@
 # --features dpdk): net_af_packet (two queue pairs, two reactors) and net_af_xdp (one queue,
 # one reactor) on the same veth, each with hugepages and with --no-huge: the full data checks
 # once per driver, a shorter round (iscsi-ls, a 64 MiB round trip, iscsi-bench --verify) for
-# the other memory mode. Also runs the device tests that need root. Removes its namespaces and
+# the other memory mode; and the target and iscsi-bench both on DPDK, joined by memif, the
+# client leaving and coming back. Also runs the device tests that need root. Removes its namespaces and
 # links on every exit path; DPDK runs --in-memory (or --no-shconf), so its hugepages go back
 # when the target exits.
-#   NETNS_STAGES="af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp"
-#   selects stages (all by default).
+#   NETNS_STAGES="af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp
+#   dpdk_memif" selects stages (all by default).
 #   NETNS_PREFIX (itgt), NETNS_NET (10.77: NET.0.0/24 for AF_PACKET, NET.10.0/24 and
 #   NET.11.0/24 for TAP) and PORT (3260) name the namespaces and links, the addresses and the
 #   portal's port, so that several runs can share a machine.
@@ -28,7 +29,7 @@ for c in ip iptables ethtool iscsi-ls iscsi-inq iscsi-test-cu qemu-img python3; 
     command -v "$c" >/dev/null || die "$c is missing: run scripts/setup.sh"
 done
 
-STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp"}
+STAGES=${NETNS_STAGES:-"devices af_packet tap loss hostile flood initiator dpdk_af_packet dpdk_af_xdp dpdk_memif"}
 PREFIX=${NETNS_PREFIX:-itgt}
 NET=${NETNS_NET:-10.77}
 PORT=${PORT:-3260}
@@ -457,7 +458,7 @@ dpdk_stage() {
     done
 }
 
-if stage dpdk_af_packet || stage dpdk_af_xdp; then
+if stage dpdk_af_packet || stage dpdk_af_xdp || stage dpdk_memif; then
     build_dpdk
 fi
 if stage dpdk_af_packet; then
@@ -466,6 +467,39 @@ fi
 if stage dpdk_af_xdp; then
     # A veth has one receive queue: one XDP socket, one reactor.
     dpdk_stage net_af_xdp "net_af_xdp0,iface=vt" 1 nohuge
+fi
+
+if stage dpdk_memif; then
+    # Two DPDK processes joined by memif (shared memory over a Unix socket): the target on the
+    # server end, iscsi-bench on the client end, each on its own core; no kernel TCP and no
+    # kernel network device on either side. The client leaves and comes back: the target must
+    # survive its peer's going (DPDK's memif must not be polled while disconnected).
+    DPDK_BENCH=$DPDK_TARGET/release/iscsi-bench
+    msock=$WORK/memif.sock
+    log=$WORK/target-memif.log
+    rm -f "$SOCK"
+    "$DPDK_BIN" --rpc-socket "$SOCK" --cores 1 --mode poll --mem-size 256 \
+        --net "dpdk:net_memif0,role=server,socket=$msock,socket-abstract=no" --ip 10.96.0.2/24 \
+        --listen "10.96.0.2:$PORT" >"$log" 2>&1 &
+    TARGET_PID=$!
+    wait_rpc "$SOCK" "$log"
+    configure
+    [ "$(get net/dpdk_driver)" = net_memif ] || die "net/dpdk_driver is $(get net/dpdk_driver), not net_memif"
+    mclient=(--net "dpdk:net_memif0,role=client,socket=$msock,socket-abstract=no" --ip 10.96.0.1/24 --portal "10.96.0.2:$PORT" --target "$IQN")
+    taskset -c 0 "$DPDK_BENCH" "${mclient[@]}" --lun 1 --qd 32 --bs 65536 --verify >"$WORK/verify-memif.log" 2>&1 ||
+        { cat "$WORK/verify-memif.log" >&2; die "iscsi-bench --verify over memif failed"; }
+    grep -q "^verified 67108864 bytes" "$WORK/verify-memif.log" || die "iscsi-bench --verify over memif: $(tail -3 "$WORK/verify-memif.log")"
+    check "iscsi-bench --verify at QD32 over memif, iscsi-bench on DPDK too (no kernel TCP on either side)"
+    sleep 1
+    kill -0 "$TARGET_PID" 2>/dev/null || { tail -20 "$log" >&2; die "the target died when its memif peer left"; }
+    out=$(taskset -c 0 "$DPDK_BENCH" "${mclient[@]}" --lun 0 --qd 1 --bs 4096 --random --secs 3 2>&1) ||
+        die "iscsi-bench over memif, second connection: $out"
+    iops=$(awk '/^iops/ {print $2}' <<<"$out")
+    [ "${iops:-0}" -gt 0 ] || die "iscsi-bench over memif printed no IOPS: $out"
+    sleep 1
+    kill -0 "$TARGET_PID" 2>/dev/null || { tail -20 "$log" >&2; die "the target died when its memif peer left a second time"; }
+    check "the memif peer left twice and came back; the target serves on: 4 KiB random read QD1 at $iops IOPS"
+    finish_target memif "$log"
 fi
 
 echo "$pass passed, 0 failed"

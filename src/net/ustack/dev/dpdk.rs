@@ -178,6 +178,8 @@ impl PortView for PortState {
 pub struct DpdkRx {
     port: Port,
     queue: u16,
+    /// Poll only while the link is up (see [`needs_link_gate`]).
+    link_gate: bool,
     /// The polling thread's lcore is recorded in the port's view.
     view: Arc<PortState>,
     lcore_noted: bool,
@@ -190,6 +192,7 @@ pub struct DpdkRx {
 pub struct DpdkTx {
     port: Port,
     queue: u16,
+    link_gate: bool,
     pool: Arc<Mempool>,
     spare: Vec<Mbuf>,
     pending: TxBurst<TX_BURST>,
@@ -208,6 +211,14 @@ pub struct DpdkDev {
     mtu: usize,
     stats: Arc<DevStats>,
     view: Arc<PortState>,
+}
+
+/// Whether a driver's burst functions must not be called while its link is down. DPDK 22.11's
+/// memif computes its ring's address from the shared-memory regions before it checks that it is
+/// connected, and the regions are gone once the peer has left: a burst then reads unmapped
+/// memory. The link goes down before the regions go.
+fn needs_link_gate(driver: &str) -> bool {
+    driver == "net_memif"
 }
 
 /// Opens the port the EAL made of `devargs` (the EAL must be initialised, see
@@ -289,6 +300,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         if csum_offload { "on" } else { "off" },
         rss_hf
     );
+    let link_gate = needs_link_gate(&info.driver);
     let view = Arc::new(PortState {
         port: port.clone(),
         info,
@@ -306,6 +318,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
                     queue: q,
                     view: view.clone(),
                     lcore_noted: false,
+                    link_gate,
                     burst: RxBurst::default(),
                     scratch: Vec::new(),
                     stats: stats.clone(),
@@ -313,6 +326,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
                 tx: DpdkTx {
                     port: port.clone(),
                     queue: q,
+                    link_gate,
                     pool: pool.clone(),
                     spare: Vec::with_capacity(ALLOC_BATCH),
                     pending: TxBurst::default(),
@@ -348,12 +362,18 @@ impl DpdkRx {
 impl RxQueue for DpdkRx {
     fn ready(&mut self) -> bool {
         self.register();
+        if self.burst.is_empty() && self.link_gate && !self.port.link().up {
+            return false;
+        }
         self.burst.fill(&self.port, self.queue) > 0
     }
 
     fn recv<R>(&mut self, f: impl FnOnce(&mut [u8], RxInfo) -> R) -> Option<R> {
         if self.burst.is_empty() {
             self.register();
+            if self.link_gate && !self.port.link().up {
+                return None;
+            }
             self.burst.fill(&self.port, self.queue);
         }
         let mut m = self.burst.take()?;
@@ -421,6 +441,13 @@ impl TxQueue for DpdkTx {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.link_gate && !self.pending.is_empty() && !self.port.link().up {
+            // Nobody to send to: what was queued is lost, as on a wire with no peer.
+            let n = self.pending.len();
+            self.pending = TxBurst::default();
+            DevStats::add(&self.stats.tx_dropped, n as u64);
+            return Ok(());
+        }
         let (sent, bytes, refused) = self.pending.flush(&self.port, self.queue);
         DevStats::add(&self.stats.tx_packets, sent as u64);
         DevStats::add(&self.stats.tx_bytes, bytes as u64);
