@@ -355,6 +355,11 @@ fn block<D: NetDev, R>(
             .min(now + MAX_SLEEP);
         // The stack is unlocked while this thread sleeps, for the others that use it.
         drop(g);
+        if wake <= now {
+            // A timer is due (or the device could not take a frame): no sleep, another pass.
+            std::thread::yield_now();
+            continue;
+        }
         let timeout = epoll_timeout(Some(wake.saturating_duration_since(now)));
         let mut evs = [EpollEvent::empty(); 1];
         match epoll.wait(&mut evs, timeout) {
