@@ -18,8 +18,8 @@
 //! gives up after the stack's `syn_timeout`. A refused port, a reset, a silent peer and a next
 //! hop that never answers ARP are `io::Error`s that say which.
 //!
-//! The interface must not also be the kernel's at the stack's address: frames to the stack's
-//! address reach the kernel too, and a kernel holding that address answers them with resets.
+//! The stack's address must not also be the kernel's on that interface: frames to it reach
+//! the kernel too, and a kernel holding the address answers them with resets.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
