@@ -545,6 +545,19 @@ impl<const N: usize> TxBurst<N> {
         Ok(())
     }
 
+    /// Drops the first queued mbuf (one a driver keeps refusing); how many were dropped.
+    pub fn drop_first(&mut self) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
+        // SAFETY: the first mbuf is owned by this value; it is removed from the array
+        // before it is freed.
+        unsafe { sys::itgt_free(self.raw[0]) };
+        self.raw.copy_within(1..self.len, 0);
+        self.len -= 1;
+        1
+    }
+
     /// Hands what is queued to `queue` of `port` (after the port's preparation step, which
     /// fixes up offload headers where the driver needs it); what the queue did not take stays
     /// queued, in order. Returns (frames sent, bytes sent, frames the driver refused as

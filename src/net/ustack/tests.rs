@@ -623,9 +623,11 @@ fn the_client_moves_mebibytes_both_ways_intact() {
     let (got, eof) = server.join().unwrap();
     assert_eq!(got, len);
     assert!(eof, "the target saw no end of stream");
-    let (dev, st) = stack.stats();
+    let (dev, _) = stack.stats();
     assert!(dev.rx_packets.load(Ordering::Relaxed) > 2000);
-    assert_eq!(st.retransmits.load(Ordering::Relaxed), 0);
+    // Retransmits are not asserted: on a loaded machine a thread descheduled for longer than
+    // the tail-loss probe's 50 ms makes its peer probe, which is correct and counted as one.
+    assert_eq!(dev.tx_dropped.load(Ordering::Relaxed), 0);
 }
 
 #[test]
@@ -688,7 +690,6 @@ fn a_closed_port_refuses_the_client() {
     let stop = Arc::new(AtomicBool::new(false));
     let server = serve(net.group_of(0).unwrap(), 0, stop.clone());
     let stack = client_stack(i, None, 5000);
-    let started = Instant::now();
     let e = stack
         .connect("10.9.0.2:3261".parse().unwrap())
         .err()
@@ -696,9 +697,8 @@ fn a_closed_port_refuses_the_client() {
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+    // A reset, not the timeout (TimedOut), ended it.
     assert_eq!(e.to_string(), "connection to 10.9.0.2:3261 refused (reset)");
-    // A reset, not the timeout, ended it.
-    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[test]

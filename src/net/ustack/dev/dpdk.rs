@@ -33,6 +33,10 @@ const ALLOC_BATCH: usize = 32;
 const RING_DESC: u16 = 1024;
 /// The mempool's per-lcore cache.
 const POOL_CACHE: u32 = 256;
+/// Flushes in a row that may send nothing before the first waiting frame is dropped: a
+/// driver that refuses a frame (and counts an error) without taking it would otherwise hold
+/// every frame behind it for good. A ring that is merely full drains long before.
+const STALL_LIMIT: u32 = 10_000;
 
 /// Whether `devargs` names a PCI device (`0000:01:00.0` or `01:00.0`, options after a comma).
 pub fn is_pci(devargs: &str) -> bool {
@@ -193,6 +197,8 @@ pub struct DpdkTx {
     port: Port,
     queue: u16,
     link_gate: bool,
+    /// Flushes in a row that sent nothing while frames waited.
+    stalled: u32,
     pool: Arc<Mempool>,
     spare: Vec<Mbuf>,
     pending: TxBurst<TX_BURST>,
@@ -327,6 +333,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
                     port: port.clone(),
                     queue: q,
                     link_gate,
+                    stalled: 0,
                     pool: pool.clone(),
                     spare: Vec::with_capacity(ALLOC_BATCH),
                     pending: TxBurst::default(),
@@ -448,7 +455,16 @@ impl TxQueue for DpdkTx {
             DevStats::add(&self.stats.tx_dropped, n as u64);
             return Ok(());
         }
-        let (sent, bytes, refused) = self.pending.flush(&self.port, self.queue);
+        let (sent, bytes, mut refused) = self.pending.flush(&self.port, self.queue);
+        if sent == 0 && !self.pending.is_empty() {
+            self.stalled += 1;
+            if self.stalled >= STALL_LIMIT {
+                self.stalled = 0;
+                refused += self.pending.drop_first();
+            }
+        } else {
+            self.stalled = 0;
+        }
         DevStats::add(&self.stats.tx_packets, sent as u64);
         DevStats::add(&self.stats.tx_bytes, bytes as u64);
         DevStats::add(&self.stats.tx_dropped, refused as u64);
