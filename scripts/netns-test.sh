@@ -463,7 +463,8 @@ fi
 if stage dpdk_tap; then
     # DPDK's TAP driver makes the tap interface itself, in the target's namespace, whose
     # kernel routes between it and the veth (as in the tap stage). The driver offers TCP
-    # checksum offload (done in software), which the stack uses.
+    # checksum and segmentation offload (both done in software), which the stack uses: it
+    # hands the driver frames of up to 64 KiB.
     make_namespaces
     ip netns exec "$NS_T" sysctl -qw net.ipv4.ip_forward=1
     ip -n "$NS_T" addr add "$NET.11.2/24" dev vt
@@ -477,7 +478,13 @@ if stage dpdk_tap; then
     configure
     [ "$(get net/dpdk_driver)" = net_tap ] || die "net/dpdk_driver is $(get net/dpdk_driver), not net_tap"
     [ "$(get net/tx_checksum_offload)" = 1 ] || die "DPDK's TAP driver offers checksum offload, but net/tx_checksum_offload is $(get net/tx_checksum_offload)"
+    [ "$(get net/tx_segmentation_offload)" = 1 ] || die "DPDK's TAP driver offers TSO, but net/tx_segmentation_offload is $(get net/tx_segmentation_offload)"
     data_checks "$NET.10.2" "dpdk net_tap"
+    # Frames of up to 64 KiB went to the port whole: fewer frames than segments left.
+    sent=$(get net/reactors/0/tx_packets)
+    segs=$(get net/port_tx_packets)
+    [ "$(get net/port_tx_errors)" = 0 ] || die "the TAP driver refused $(get net/port_tx_errors) frames"
+    check "segmentation offload: $sent frames handed to the TAP driver, $segs packets it sent"
     finish_target "dpdk net_tap" "$log"
     drop_namespaces
 fi

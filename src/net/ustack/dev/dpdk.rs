@@ -11,8 +11,8 @@
 //! Frames are not copied on the way in or out: a received mbuf's data is handed to smoltcp in
 //! place and freed after, and smoltcp builds an outgoing frame straight into a fresh mbuf that
 //! is queued and sent in a burst at the reactor's flush. TCP checksums are left to the port
-//! when it offers that (`DeviceCapabilities` says so to smoltcp); segmentation offload is not
-//! used (a 64 KiB frame would need chained mbufs and a copy).
+//! when it offers that (`DeviceCapabilities` says so to smoltcp), and so is segmentation: a
+//! port with TSO takes TCP frames of up to 64 KiB, built in large mbufs of a pool of their own.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -37,6 +37,13 @@ const POOL_CACHE: u32 = 256;
 /// driver that refuses a frame (and counts an error) without taking it would otherwise hold
 /// every frame behind it for good. A ring that is merely full drains long before.
 const STALL_LIMIT: u32 = 10_000;
+/// Data room of the mbufs that carry a frame for segmentation offload (the largest an mbuf
+/// has), and how many a queue may have in flight.
+const TSO_ROOM: u16 = u16::MAX;
+const TSO_PER_QUEUE: u32 = 256;
+/// The largest frame handed to the port for segmentation: an IP packet of at most 64 KiB in
+/// one mbuf after its headroom.
+const TSO_MAX: usize = 65_280;
 
 /// Whether `devargs` names a PCI device (`0000:01:00.0` or `01:00.0`, options after a comma).
 pub fn is_pci(devargs: &str) -> bool {
@@ -125,6 +132,7 @@ struct PortState {
     pool: Arc<Mempool>,
     queues: usize,
     csum_offload: bool,
+    tso: bool,
     /// The lcore id of the thread polling each queue (-1 until it polls, or when it could not
     /// be registered).
     lcores: Vec<AtomicI64>,
@@ -143,6 +151,10 @@ impl PortView for PortState {
             (
                 "tx_checksum_offload".into(),
                 u8::from(self.csum_offload).to_string(),
+            ),
+            (
+                "tx_segmentation_offload".into(),
+                u8::from(self.tso).to_string(),
             ),
             ("mbufs".into(), self.pool.count().to_string()),
             ("mbufs_in_use".into(), self.pool.in_use().to_string()),
@@ -200,6 +212,11 @@ pub struct DpdkTx {
     /// Flushes in a row that sent nothing while frames waited.
     stalled: u32,
     pool: Arc<Mempool>,
+    /// Large mbufs for frames the port segments (segmentation offload), if it does.
+    big: Option<Arc<Mempool>>,
+    mtu: u16,
+    /// The port counts the Ethernet header into a segment's size (see `open`).
+    tso_l2_in_mtu: bool,
     spare: Vec<Mbuf>,
     pending: TxBurst<TX_BURST>,
     /// Where a frame that cannot be sent is built and dropped (smoltcp must still be given a
@@ -278,6 +295,21 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         -1,
     )?;
     let csum_offload = info.tx_offload_capa & c.offload_tx_tcp_cksum != 0;
+    // Segmentation offload where the port has it, with the checksums it implies (each
+    // segment's IP header changes): frames of up to 64 KiB, in large mbufs of their own pool.
+    let tso_need = c.offload_tx_tso | c.offload_tx_tcp_cksum | c.offload_tx_ipv4_cksum;
+    let tso = info.tx_offload_capa & tso_need == tso_need;
+    let big = if tso {
+        Some(Mempool::create(
+            &format!("itgt_tso_{}", port.id()),
+            (TSO_PER_QUEUE * u32::from(nq)).next_power_of_two() - 1,
+            32,
+            TSO_ROOM,
+            -1,
+        )?)
+    } else {
+        None
+    };
     let rss_hf = if nq > 1 {
         info.rss_offloads & (c.rss_ip | c.rss_tcp)
     } else {
@@ -287,7 +319,9 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         queues: nq,
         rss_hf,
         rx_offloads: 0,
-        tx_offloads: if csum_offload {
+        tx_offloads: if tso {
+            tso_need
+        } else if csum_offload {
             c.offload_tx_tcp_cksum
         } else {
             0
@@ -298,14 +332,18 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
     port.start(&conf, &pool)?;
     let mac = port.mac()?;
     log::info!(
-        "DPDK port {} ({name}, {}): {queues} queue pair(s), MTU {mtu}, MAC {}, {} mbufs of {data_room} bytes, TCP checksum offload {}, RSS {:#x}",
+        "DPDK port {} ({name}, {}): {queues} queue pair(s), MTU {mtu}, MAC {}, {} mbufs of {data_room} bytes, TCP checksum offload {}, segmentation offload {}, RSS {:#x}",
         port.id(),
         info.driver,
         mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
         count,
         if csum_offload { "on" } else { "off" },
+        if tso { "on" } else { "off" },
         rss_hf
     );
+    // DPDK's TAP driver checks a segment's headers and payload, Ethernet header included,
+    // against the MTU: its segments carry 14 bytes less than the MSS.
+    let tso_l2_in_mtu = info.driver == "net_tap";
     let link_gate = needs_link_gate(&info.driver);
     let view = Arc::new(PortState {
         port: port.clone(),
@@ -313,6 +351,7 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
         pool: pool.clone(),
         queues,
         csum_offload,
+        tso,
         lcores: (0..queues).map(|_| AtomicI64::new(-1)).collect(),
     });
     Ok((0..nq)
@@ -335,6 +374,9 @@ pub fn open(devargs: &str, queues: usize) -> Result<Vec<DpdkDev>, String> {
                     link_gate,
                     stalled: 0,
                     pool: pool.clone(),
+                    big: big.clone(),
+                    mtu,
+                    tso_l2_in_mtu,
                     spare: Vec::with_capacity(ALLOC_BATCH),
                     pending: TxBurst::default(),
                     scratch: Vec::new(),
@@ -399,6 +441,15 @@ impl RxQueue for DpdkRx {
 impl DpdkTx {
     /// A fresh mbuf for a frame of `len` bytes, if the pool has one and it is big enough.
     fn fresh(&mut self, len: usize) -> Option<Mbuf> {
+        if len > usize::from(self.pool.data_room()) - dpdk::consts().headroom as usize {
+            // A frame for segmentation offload.
+            let mut one = Vec::with_capacity(1);
+            if !self.big.as_ref()?.alloc_bulk(&mut one, 1) {
+                return None;
+            }
+            let mut m = one.pop()?;
+            return m.set_len(len).then_some(m);
+        }
         if self.spare.is_empty() && !self.pool.alloc_bulk(&mut self.spare, ALLOC_BATCH) {
             // The pool is low: one at a time, what is left.
             self.pool.alloc_bulk(&mut self.spare, 1);
@@ -437,8 +488,20 @@ impl TxQueue for DpdkTx {
             let data = m.data_mut();
             let ipv6 = data.get(12..14) == Some(&[0x86, 0xdd][..]);
             let l3 = start.saturating_sub(14);
-            let flags = c.tx_tcp_cksum | if ipv6 { c.tx_ipv6 } else { c.tx_ipv4 };
-            m.set_tx_offload(flags, 14, l3, 0, 0);
+            let mut flags = c.tx_tcp_cksum | if ipv6 { c.tx_ipv6 } else { c.tx_ipv4 };
+            let (mut l4, mut segsz) = (0, 0);
+            if let Some(g) = meta.gso {
+                // The port cuts the payload into segments of `mss` bytes, each with the
+                // headers, and fixes each segment's IP header and checksums.
+                l4 = g.hdr_len.saturating_sub(start);
+                flags |= c.tx_tcp_seg | if ipv6 { 0 } else { c.tx_ip_cksum };
+                segsz = if self.tso_l2_in_mtu {
+                    g.mss.min(self.mtu.saturating_sub(g.hdr_len))
+                } else {
+                    g.mss
+                };
+            }
+            m.set_tx_offload(flags, 14, l3, l4, segsz);
         }
         if let Err(m) = self.pending.push(m) {
             drop(m);
@@ -501,7 +564,7 @@ impl NetDev for DpdkDev {
     fn offload(&self) -> TxOffload {
         TxOffload {
             csum: self.tx.csum_offload,
-            tso_max: None,
+            tso_max: self.tx.big.as_ref().map(|_| TSO_MAX),
         }
     }
 
