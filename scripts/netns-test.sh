@@ -11,7 +11,7 @@
 # kernel TCP on either side. Then the stack on DPDK's poll-mode drivers (the build with
 # --features dpdk): net_af_packet (two queue pairs, two reactors) and net_af_xdp (one queue,
 # one reactor) on the same veth, each with hugepages and with --no-huge, the full data checks
-# in each; DPDK's TAP driver (with its checksum offload); and the target
+# in each; DPDK's TAP driver (with its checksum and segmentation offload); and the target
 # and iscsi-bench both on DPDK, joined by memif, the
 # client leaving and coming back. Also runs the device tests that need root. Removes its namespaces and
 # links on every exit path; DPDK runs --in-memory (or --no-shconf), so its hugepages go back
