@@ -194,7 +194,8 @@ verify_sessions() {
 # conformance URL WHAT: iscsi-test-cu's required suites, scored; only the test that warns by
 # construction (iSCSIDataSnInvalid, see scripts/conformance.sh) may warn.
 conformance() {
-    local url=$1 what=$2 log=$WORK/cu-$what.log
+    local url=$1 what=$2
+    local log=$WORK/cu-$what.log
     local tests=iSCSI,SCSI.Inquiry,SCSI.Read6,SCSI.Read10,SCSI.Read12,SCSI.Read16,SCSI.Write10,SCSI.Write12,SCSI.Write16,SCSI.ReadCapacity10,SCSI.ReadCapacity16,SCSI.TestUnitReady,SCSI.ReportLuns,SCSI.ModeSense6,SCSI.CompareAndWrite
     timeout 1200 ip netns exec "$NS_I" iscsi-test-cu -d -S -t "$tests" "$url" "$url" >"$log" 2>&1 || true
     local summary
