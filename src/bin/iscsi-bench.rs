@@ -99,10 +99,7 @@ impl Network {
                 // The EAL's main lcore on the core this process may run on first (taskset).
                 let core = iscsi_tgt::reactor::first_allowed_core()
                     .map_err(|e| format!("cannot read the CPU affinity: {e}"))?;
-                let mut args = dpdk::eal_args(devargs, core, 0, &n.eal);
-                if let Some(a) = args.first_mut() {
-                    *a = "iscsi-bench".into();
-                }
+                let args = dpdk::eal_args("iscsi-bench", devargs, core, 0, &n.eal);
                 iscsi_tgt::env::dpdk::init(&args)?;
                 let dev = dpdk::open(devargs, 1)?
                     .pop()

@@ -251,6 +251,7 @@ fn start_dpdk(opts: &Options, main_core: usize) -> Result<Option<env::MemorySour
         return Ok(None);
     };
     let args = iscsi_tgt::net::ustack::dev::dpdk::eal_args(
+        "iscsi-tgt",
         devargs,
         main_core,
         opts.mem_size_mb,

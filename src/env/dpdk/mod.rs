@@ -355,6 +355,18 @@ impl Mempool {
         true
     }
 
+    /// One fresh mbuf, if the pool has one.
+    pub fn alloc_one(&self) -> Option<Mbuf> {
+        let mut raw: [*mut sys::rte_mbuf; 1] = [std::ptr::null_mut()];
+        // SAFETY: `raw` has room for one pointer; on success DPDK fills it with a fresh,
+        // exclusively owned mbuf, on failure it stays null.
+        let ret = unsafe { sys::itgt_alloc_bulk(self.ptr.as_ptr(), raw.as_mut_ptr(), 1) };
+        if ret != 0 {
+            return None;
+        }
+        NonNull::new(raw[0]).map(Mbuf)
+    }
+
     fn as_ptr(&self) -> *mut sys::rte_mempool {
         self.ptr.as_ptr()
     }

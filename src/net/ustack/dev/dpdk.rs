@@ -77,7 +77,7 @@ fn has_opt(args: &[String], names: &[&str]) -> bool {
     })
 }
 
-/// The EAL's arguments for a port `devargs` used from reactors whose first core is
+/// The EAL's arguments (`program`'s) for a port `devargs` used from reactors whose first core is
 /// `main_core`, with a buffer pool of `pool_mb` MiB, and the user's `extra` arguments
 /// (`--eal "..."`) last, so that they win where the EAL takes the last of an option.
 ///
@@ -87,8 +87,14 @@ fn has_opt(args: &[String], names: &[&str]) -> bool {
 /// telemetry socket; the device allowed alone (`-a` for PCI) or created (`--vdev`, with PCI
 /// scanning off). With `--no-huge` the EAL gets `-m` for the buffer pool, the mbufs and its
 /// own needs, since it cannot grow ordinary memory later.
-pub fn eal_args(devargs: &str, main_core: usize, pool_mb: usize, extra: &[String]) -> Vec<String> {
-    let mut a = vec!["iscsi-tgt".to_string()];
+pub fn eal_args(
+    program: &str,
+    devargs: &str,
+    main_core: usize,
+    pool_mb: usize,
+    extra: &[String],
+) -> Vec<String> {
+    let mut a = vec![program.to_string()];
     if !has_opt(extra, &["-l", "-c", "--lcores"]) {
         a.extend(["-l".into(), main_core.to_string()]);
     }
@@ -443,11 +449,7 @@ impl DpdkTx {
     fn fresh(&mut self, len: usize) -> Option<Mbuf> {
         if len > usize::from(self.pool.data_room()) - dpdk::consts().headroom as usize {
             // A frame for segmentation offload.
-            let mut one = Vec::with_capacity(1);
-            if !self.big.as_ref()?.alloc_bulk(&mut one, 1) {
-                return None;
-            }
-            let mut m = one.pop()?;
+            let mut m = self.big.as_ref()?.alloc_one()?;
             return m.set_len(len).then_some(m);
         }
         if self.spare.is_empty() && !self.pool.alloc_bulk(&mut self.spare, ALLOC_BATCH) {
@@ -591,7 +593,7 @@ mod tests {
 
     #[test]
     fn eal_defaults_give_way_to_the_users_arguments() {
-        let a = eal_args("net_af_packet0,iface=v,qpairs=2", 3, 64, &[]);
+        let a = eal_args("iscsi-tgt", "net_af_packet0,iface=v,qpairs=2", 3, 64, &[]);
         assert_eq!(
             a,
             [
@@ -608,7 +610,7 @@ mod tests {
         let extra: Vec<String> = ["--no-huge", "--lcores=0@1", "--file-prefix=x"]
             .map(String::from)
             .to_vec();
-        let a = eal_args("0000:00:03.0", 1, 64, &extra);
+        let a = eal_args("iscsi-tgt", "0000:00:03.0", 1, 64, &extra);
         assert!(!a.contains(&"-l".to_string()), "{a:?}");
         assert!(!a.contains(&"--in-memory".to_string()), "{a:?}");
         assert!(!a.contains(&"--no-shconf".to_string()), "{a:?}");
@@ -616,8 +618,15 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["-m", "320"]), "{a:?}");
         assert!(!a.contains(&"--no-pci".to_string()));
         assert!(a.ends_with(&extra));
-        let a = eal_args("net_memif0", 0, 64, &["--no-huge".to_string()]);
+        let a = eal_args(
+            "iscsi-bench",
+            "net_memif0",
+            0,
+            64,
+            &["--no-huge".to_string()],
+        );
         assert!(a.contains(&"--no-shconf".to_string()), "{a:?}");
         assert!(!a.contains(&"--in-memory".to_string()), "{a:?}");
+        assert_eq!(a[0], "iscsi-bench");
     }
 }
