@@ -68,11 +68,7 @@ start() {
         --net af_packet:vt --ip "$T_IP/24" --listen "$T_IP:$PORT" >"$WORK/target.log" 2>&1 &
     TARGET_PID=$!
     wait_rpc "$SOCK" "$WORK/target.log"
-    rpc "$SOCK" mgmt handlers/vdisk_ramio/mgmt "add_device r0 size_mb=1024"
-    rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
-    rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add r0 0"
-    rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
-    rpc "$SOCK" set targets/iscsi/enabled 1
+    ram_target "$SOCK" "$IQN" 1024
 }
 
 # run NAME BENCH-ARGS...: one measurement, printed as a table row.

@@ -20,6 +20,15 @@ build_dpdk() {
         die "release build with --features dpdk failed (DPDK: apt-get install libdpdk-dev libclang-dev pkg-config)"
 }
 
+# ram_target SOCK IQN MB: target IQN with one RAM LUN 0 of MB MiB, enabled (the benchmarks').
+ram_target() {
+    rpc "$1" mgmt handlers/vdisk_ramio/mgmt "add_device r0 size_mb=$3"
+    rpc "$1" mgmt targets/iscsi/mgmt "add_target $2"
+    rpc "$1" mgmt "targets/iscsi/$2/luns/mgmt" "add r0 0"
+    rpc "$1" set "targets/iscsi/$2/enabled" 1
+    rpc "$1" set targets/iscsi/enabled 1
+}
+
 # wait_rpc SOCK LOG: waits for the daemon started as $TARGET_PID to answer on SOCK; dies with
 # its log if it exits first or takes over 10 s.
 wait_rpc() {
