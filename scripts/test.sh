@@ -25,8 +25,9 @@ step "the build with DPDK (feature dpdk): lints and unit tests"
 # Its own target directory, shared with netns-test.sh's DPDK stages, so that the two builds do
 # not overwrite each other's binaries.
 CARGO_TARGET_DIR=target/dpdk cargo clippy --all-targets --features dpdk --quiet -- -D warnings
-CARGO_TARGET_DIR=target/dpdk cargo test --features dpdk --lib --quiet 2>&1 | tee /tmp/iscsi-tgt-cargo-test-dpdk.log
+CARGO_TARGET_DIR=target/dpdk cargo test --features dpdk --lib --test dpdk_device --quiet 2>&1 | tee /tmp/iscsi-tgt-cargo-test-dpdk.log
 grep -q "test result: ok" /tmp/iscsi-tgt-cargo-test-dpdk.log || exit 1
+grep -q "test result: FAILED" /tmp/iscsi-tgt-cargo-test-dpdk.log && exit 1
 
 step "real initiators: libiscsi tools and qemu-img"
 scripts/peers.sh
