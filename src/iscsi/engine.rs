@@ -157,6 +157,10 @@ impl Shared {
 const TIMER_PERIOD: Duration = Duration::from_millis(100);
 /// How long the listeners stay unwatched after accept ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How often running out of descriptors at accept is logged: a starved portal alternates
+/// between failures and the odd success (a refused connection frees its descriptor), and each
+/// turn would otherwise be a new warning.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// At most one log line per this interval about refused connections.
 const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -189,8 +193,8 @@ pub struct Engine {
     next_timer: Instant,
     /// Accept stopped for want of file descriptors: the listeners are watched again then.
     accept_backoff: Option<Instant>,
-    /// Accept has failed for want of descriptors since it last succeeded (logged once).
-    accept_starved: bool,
+    /// When running out of descriptors at accept was last logged.
+    accept_warned: Option<Instant>,
     /// The portals could not be watched: accept on every pass instead.
     accept_every_pass: bool,
     /// Refusals not yet logged, and when the last log line about them went out.
@@ -245,7 +249,7 @@ impl Engine {
             rx_pending: Vec::new(),
             next_timer: now + TIMER_PERIOD,
             accept_backoff: None,
-            accept_starved: false,
+            accept_warned: None,
             accept_every_pass,
             refused_unlogged: 0,
             refused_logged_at: None,
@@ -292,18 +296,16 @@ impl Engine {
         let mut did = false;
         while self.accept_backoff.is_none() {
             let sock = match self.group.accept(li) {
-                Ok(Some(s)) => {
-                    self.accept_starved = false;
-                    s
-                }
-                Ok(None) => {
-                    self.accept_starved = false;
-                    break;
-                }
+                Ok(Some(s)) => s,
+                Ok(None) => break,
                 Err(e) if out_of_descriptors(&e) => {
                     // The pending connection stays queued and the listener readable: stop
                     // watching it for a moment rather than spin on a full descriptor table.
-                    if !self.accept_starved {
+                    if self
+                        .accept_warned
+                        .is_none_or(|t| now >= t + ACCEPT_WARN_EVERY)
+                    {
+                        self.accept_warned = Some(now);
                         warn!(
                             "reactor {}: cannot accept on {}: {e}; retrying every {} ms",
                             self.id,
@@ -314,7 +316,6 @@ impl Engine {
                             ACCEPT_BACKOFF.as_millis()
                         );
                     }
-                    self.accept_starved = true;
                     self.accept_backoff = Some(now + ACCEPT_BACKOFF);
                     let _ = self.group.watch_portals(false);
                     break;
