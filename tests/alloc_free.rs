@@ -1,6 +1,7 @@
 //! Nothing on the I/O fast path allocates heap memory once warm: data buffers come from the
 //! DMA pool through the thread's cache, and a RAM-device READ/WRITE through the SCSI core
-//! moves buffers without touching the allocator.
+//! moves buffers without touching the allocator, and neither does an iSCSI connection
+//! receiving commands and Data-Out and sending Data-In, R2Ts and responses.
 //!
 //! A counting global allocator wraps the system one; every test warms up, takes the count,
 //! runs many cycles and checks the count did not move. The counter is per thread so the test
@@ -12,7 +13,11 @@ use std::sync::Arc;
 
 use iscsi_tgt::env::buf::{CHUNK_SIZE, MAX_TRANSFER};
 use iscsi_tgt::env::DataBuf;
+use iscsi_tgt::iscsi::pdu::Pdu;
 use iscsi_tgt::scsi::{self, Device, Exec, ScsiPort, ScsiTask};
+
+#[path = "support/mem_rig.rs"]
+mod mem_rig;
 
 struct Counting;
 
@@ -144,4 +149,136 @@ fn ram_device_io_does_not_allocate() {
         rw(&mut port, &dev, &mut out, false);
     }
     assert_eq!(allocs() - before, 0, "the SCSI READ/WRITE path allocated");
+}
+
+/// One queue's worth of commands through a logged-in connection over the in-memory socket:
+/// 4 KiB READs, 4 KiB WRITEs with immediate data, and 64 KiB WRITEs whose data is solicited
+/// with an R2T and sent as Data-Out. Returns the heap allocations the connection made
+/// (receiving, executing, completing, answering); building the input and parsing the output
+/// are the test's own and are not counted.
+fn connection_round(r: &mut mem_rig::Rig, cmd_sn: &mut u32, itt: &mut u32) -> u64 {
+    const QD: u32 = 8;
+    let block = [0xa5u8; 4096];
+    let big = vec![0x3cu8; 64 * 1024];
+    let mut input = Vec::with_capacity(QD as usize * 3 * (48 + 4096));
+    let mut writes = Vec::new();
+    for i in 0..QD {
+        let lba = (i * 8) as u8;
+        input.extend(mem_rig::scsi_command(
+            *itt,
+            *cmd_sn,
+            &[0x28, 0, 0, 0, 0, lba, 0, 0, 8, 0],
+            (true, false),
+            4096,
+            &[],
+        ));
+        *itt += 1;
+        *cmd_sn += 1;
+        input.extend(mem_rig::scsi_command(
+            *itt,
+            *cmd_sn,
+            &[0x2a, 0, 0, 0, 1, lba, 0, 0, 8, 0],
+            (false, true),
+            4096,
+            &block,
+        ));
+        *itt += 1;
+        *cmd_sn += 1;
+        input.extend(mem_rig::scsi_command(
+            *itt,
+            *cmd_sn,
+            &[0x2a, 0, 0, 0, 2, 0, 0, 0, 128, 0],
+            (false, true),
+            64 * 1024,
+            &[],
+        ));
+        writes.push(*itt);
+        *itt += 1;
+        *cmd_sn += 1;
+    }
+    let sock = r.sock;
+    let s = r.net.sock_mut(sock).unwrap();
+    s.input.clear();
+    s.pos = 0;
+    s.input.extend_from_slice(&input);
+    s.output.clear();
+    r.seen = 0;
+    let mut n = 0;
+    ALLOCS.with(|c| n = c.get());
+    r.pass();
+    let mut allocated = allocs() - n;
+    // The R2Ts, answered with Data-Out.
+    let mut data_outs = Vec::with_capacity(writes.len() * (48 + big.len()));
+    let mut reads = 0;
+    for (p, data) in r.received() {
+        match p {
+            Pdu::R2t(t) => {
+                assert!(writes.contains(&t.itt), "an R2T for a write");
+                assert_eq!(t.desired_data_transfer_length, 64 * 1024);
+                data_outs.extend(mem_rig::data_out(t.itt, t.ttt, 0, 0, &big, true));
+            }
+            Pdu::DataIn(d) => {
+                assert!(d.status_flag && d.status == 0, "{d:?}");
+                assert_eq!(data.len(), 4096);
+                reads += 1;
+            }
+            Pdu::ScsiResponse(rsp) => assert_eq!(rsp.status, 0, "{rsp:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(reads, QD, "every READ answered");
+    let s = r.net.sock_mut(sock).unwrap();
+    s.input.clear();
+    s.pos = 0;
+    s.input.extend_from_slice(&data_outs);
+    s.output.clear();
+    r.seen = 0;
+    let n = allocs();
+    r.pass();
+    allocated += allocs() - n;
+    let done = r.received();
+    assert_eq!(done.len(), writes.len(), "every solicited WRITE answered");
+    for (p, _) in done {
+        assert!(
+            matches!(p, Pdu::ScsiResponse(ref rsp) if rsp.status == 0),
+            "{p:?}"
+        );
+    }
+    allocated
+}
+
+#[test]
+fn a_connection_serving_reads_and_writes_does_not_allocate() {
+    let mut r = mem_rig::Rig::new();
+    r.login();
+    let s = r.net.sock_mut(r.sock).unwrap();
+    s.output.reserve(4 << 20);
+    // The unit attention of a new nexus (power on) goes to a TEST UNIT READY.
+    r.send(&mem_rig::scsi_command(
+        0x10,
+        1,
+        &[0; 6],
+        (false, false),
+        0,
+        &[],
+    ));
+    let tur = r.received();
+    assert!(
+        matches!(tur.as_slice(), [(Pdu::ScsiResponse(_), _)]),
+        "{tur:?}"
+    );
+    let (mut cmd_sn, mut itt) = (2u32, 0x100u32);
+    // Warm up: the port's channel, the pool cache, the task table and its ITT map, the
+    // transmit queue (each grows to its working size in the first rounds).
+    for _ in 0..16 {
+        connection_round(&mut r, &mut cmd_sn, &mut itt);
+    }
+    let mut total = 0;
+    for _ in 0..50 {
+        total += connection_round(&mut r, &mut cmd_sn, &mut itt);
+    }
+    assert_eq!(
+        total, 0,
+        "the connection allocated heap memory on its fast path (50 rounds of 24 commands)"
+    );
 }

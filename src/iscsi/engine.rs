@@ -24,10 +24,10 @@ use crate::scsi::{Completion, ScsiPort};
 /// The context a connection's handlers get: the engine's shared state and SCSI port, borrowed
 /// beside `self.conns` (a method could not borrow both).
 macro_rules! conn_cx {
-    ($engine:ident, $now:expr, $snap:expr, $idx:expr) => {
+    ($engine:ident, $now:expr, $idx:expr) => {
         ConnCtx {
             now: $now,
-            snapshot: $snap,
+            snapshot: &$engine.snapshot,
             shared: &$engine.shared,
             port: &mut $engine.port,
             net: &mut *$engine.group,
@@ -439,7 +439,7 @@ impl Engine {
 
     /// Hands this pass's backend completions to their connections (whose responses go out
     /// with the pass's flush); returns whether there were any.
-    fn complete_backend_io(&mut self, now: Instant, snap: &Arc<Snapshot>) -> bool {
+    fn complete_backend_io(&mut self, now: Instant) -> bool {
         self.completions.clear();
         if self.port.poll(&mut self.completions) == 0 {
             return false;
@@ -447,7 +447,7 @@ impl Engine {
         for c in self.completions.drain(..) {
             let (idx, slot) = split_task_tag(c.tag());
             if let Some(conn) = self.conns.get_mut(idx).and_then(Option::as_mut) {
-                let mut cx = conn_cx!(self, now, snap, idx);
+                let mut cx = conn_cx!(self, now, idx);
                 conn.on_completion(slot, c, &mut cx);
                 mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
             }
@@ -467,11 +467,11 @@ impl Poller for Engine {
         if g != self.generation {
             self.snapshot = self.shared.publisher.current();
             self.generation = self.snapshot.generation;
-            let snap = self.snapshot.clone();
             for idx in 0..self.conns.len() {
                 if let Some(c) = self.conns[idx].as_mut() {
-                    let mut cx = conn_cx!(self, now, &snap, idx);
-                    c.on_snapshot(&snap, &mut cx);
+                    let mut cx = conn_cx!(self, now, idx);
+                    let snap = cx.snapshot;
+                    c.on_snapshot(snap, &mut cx);
                     mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
                 }
             }
@@ -500,7 +500,6 @@ impl Poller for Engine {
                 },
             ));
         }
-        let snap = self.snapshot.clone();
         for ei in 0..self.events.len() {
             let (idx, readiness) = match self.events[ei] {
                 Event::Accept(li) => {
@@ -510,7 +509,7 @@ impl Poller for Engine {
                 Event::Sock(s, r) => (s.0, r),
             };
             if let Some(c) = self.conns.get_mut(idx).and_then(Option::as_mut) {
-                let mut cx = conn_cx!(self, now, &snap, idx);
+                let mut cx = conn_cx!(self, now, idx);
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
                     if let Some((scope, itt)) = c.take_tmf() {
@@ -543,7 +542,7 @@ impl Poller for Engine {
                 }
             }
         }
-        did |= self.complete_backend_io(now, &snap);
+        did |= self.complete_backend_io(now);
         if !self.acks_pending.is_empty() {
             self.send_acks();
         }
@@ -551,7 +550,7 @@ impl Poller for Engine {
         // freed buffers).
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut().filter(|c| c.has_buf_waiters()) {
-                let mut cx = conn_cx!(self, now, &snap, idx);
+                let mut cx = conn_cx!(self, now, idx);
                 if conn.retry_buffers(&mut cx) {
                     did = true;
                     mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
@@ -563,7 +562,7 @@ impl Poller for Engine {
             let idx = self.to_flush[i];
             self.flush_marks[idx] = false;
             if let Some(c) = self.conns[idx].as_mut() {
-                let mut cx = conn_cx!(self, now, &snap, idx);
+                let mut cx = conn_cx!(self, now, idx);
                 c.flush(&mut cx);
                 let (read, write) = (c.wants_read(), c.wants_write());
                 self.group.set_interest(c.sock(), read, write);
@@ -578,7 +577,7 @@ impl Poller for Engine {
             self.next_timer = now + TIMER_PERIOD;
             for idx in 0..self.conns.len() {
                 if let Some(conn) = self.conns[idx].as_mut() {
-                    let mut cx = conn_cx!(self, now, &snap, idx);
+                    let mut cx = conn_cx!(self, now, idx);
                     conn.on_timer(&mut cx);
                     let (read, write) = (conn.wants_read(), conn.wants_write());
                     self.group.set_interest(conn.sock(), read, write);
@@ -602,10 +601,9 @@ impl Poller for Engine {
                 reply_to,
             } => {
                 let now = ctx.now();
-                let snap = self.snapshot.clone();
                 for idx in 0..self.conns.len() {
                     if let Some(c) = self.conns[idx].as_mut() {
-                        let mut cx = conn_cx!(self, now, &snap, idx);
+                        let mut cx = conn_cx!(self, now, idx);
                         c.apply_abort(&scope, &mut cx);
                         c.flush(&mut cx);
                         let (read, write) = (c.wants_read(), c.wants_write());
@@ -627,7 +625,6 @@ impl Poller for Engine {
                 let (idx, nexus, itt, _) = e.to_owned();
                 self.tmf_pending.remove(&id);
                 let now = ctx.now();
-                let snap = self.snapshot.clone();
                 // The connection may have gone (and its slot been reused) meanwhile.
                 let same = |c: &&mut Conn| c.nexus() == Some(nexus);
                 if let Some(c) = self
@@ -636,7 +633,7 @@ impl Poller for Engine {
                     .and_then(Option::as_mut)
                     .filter(same)
                 {
-                    let mut cx = conn_cx!(self, now, &snap, idx);
+                    let mut cx = conn_cx!(self, now, idx);
                     c.tmf_done(itt);
                     c.flush(&mut cx);
                     let (read, write) = (c.wants_read(), c.wants_write());
@@ -676,7 +673,6 @@ impl Poller for Engine {
 
     fn shutdown(&mut self, ctx: &mut Ctx) -> bool {
         let now = ctx.now();
-        let snap = self.snapshot.clone();
         self.group.close_portals();
         // First ask every logged-in initiator to log out (AsyncEvent 1) and give them
         // LOGOUT_GRACE to do so while the reactor keeps polling; then close what is left.
@@ -686,7 +682,7 @@ impl Poller for Engine {
                 if let Some(c) = self.conns[idx].as_mut() {
                     if c.request_logout(LOGOUT_GRACE.as_secs() as u16) {
                         asked += 1;
-                        let mut cx = conn_cx!(self, now, &snap, idx);
+                        let mut cx = conn_cx!(self, now, idx);
                         c.flush(&mut cx);
                     }
                 }
@@ -709,13 +705,13 @@ impl Poller for Engine {
         for idx in 0..self.conns.len() {
             if let Some(conn) = self.conns[idx].as_mut() {
                 if conn.phase() != Phase::Closed {
-                    let mut cx = conn_cx!(self, now, &snap, idx);
+                    let mut cx = conn_cx!(self, now, idx);
                     conn.close(&mut cx, "target shutting down");
                 }
             }
         }
         // Let backend I/O drain so buffers return.
-        self.complete_backend_io(now, &snap);
+        self.complete_backend_io(now);
         for idx in 0..self.conns.len() {
             self.reap(idx);
         }

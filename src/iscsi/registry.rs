@@ -1,7 +1,8 @@
 //! Sessions as the management tree shows them (`targets/iscsi/IQN/sessions/INITIATOR/…`).
 //!
 //! Reactors register a session when its login completes and remove it when it ends; the
-//! counters are atomics the owning reactor bumps without locks.
+//! counters are atomics that only the owning reactor writes, with a plain load and store (no
+//! locked read-modify-write per command), and the management tree reads.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -45,6 +46,28 @@ impl SessionInfo {
     pub fn active_commands(&self) -> u64 {
         self.active_commands.load(Ordering::Relaxed)
     }
+
+    /// A command arrived. Only the session's reactor calls this (and `command_done`): with
+    /// one writer, a load and a store keep the counts exact without a locked instruction.
+    pub fn command_received(&self) {
+        bump(&self.commands, 1);
+        bump(&self.active_commands, 1);
+    }
+
+    /// A command was answered or aborted.
+    pub fn command_done(&self) {
+        let n = self.active_commands.load(Ordering::Relaxed);
+        self.active_commands
+            .store(n.saturating_sub(1), Ordering::Relaxed);
+    }
+}
+
+/// Adds `by` to a counter that has one writer.
+fn bump(c: &AtomicU64, by: u64) {
+    c.store(
+        c.load(Ordering::Relaxed).wrapping_add(by),
+        Ordering::Relaxed,
+    );
 }
 
 /// All sessions, by target and then by the session's directory name.

@@ -94,6 +94,9 @@ pub struct Tasks {
     free: Vec<usize>,
     by_itt: HashMap<u32, usize>,
     generations: Vec<u8>,
+    /// The R2T lists of removed tasks, emptied, for new tasks to reuse (no allocation per
+    /// write once warm).
+    spare_r2ts: Vec<Vec<R2t>>,
     /// Tasks not yet completed back to the initiator (counted for MaxCmdSN).
     pub active: usize,
 }
@@ -105,6 +108,7 @@ impl Tasks {
             free: Vec::with_capacity(n),
             by_itt: HashMap::with_capacity(n * 2),
             generations: Vec::with_capacity(n),
+            spare_r2ts: Vec::new(),
             active: 0,
         }
     }
@@ -126,6 +130,11 @@ impl Tasks {
         let g = &mut self.generations[slot];
         *g = if *g >= 0xfe { 0 } else { *g + 1 };
         task.generation = *g;
+        if task.r2ts.capacity() == 0 {
+            if let Some(v) = self.spare_r2ts.pop() {
+                task.r2ts = v;
+            }
+        }
         self.by_itt.insert(task.itt, slot);
         self.slots[slot] = Some(task);
         self.active += 1;
@@ -169,8 +178,13 @@ impl Tasks {
     /// Frees the slot (after `retire`, once no PDU and no backend I/O references it).
     pub fn remove(&mut self, slot: usize) -> Option<Task> {
         self.retire(slot);
-        let t = self.slots.get_mut(slot)?.take()?;
+        let mut t = self.slots.get_mut(slot)?.take()?;
         self.free.push(slot);
+        if t.r2ts.capacity() > 0 && self.spare_r2ts.len() < MAX_SLOTS {
+            let mut v = std::mem::take(&mut t.r2ts);
+            v.clear();
+            self.spare_r2ts.push(v);
+        }
         Some(t)
     }
 

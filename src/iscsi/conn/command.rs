@@ -2,7 +2,6 @@
 //! buffer, Data-Out and R2T, execution, backend completions, and the Data-In and SCSI Response
 //! that answer each command.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use log::{debug, warn};
@@ -44,13 +43,8 @@ impl Conn {
             return None;
         }
         let sess = self.sess.as_mut()?;
-        if let Some(info) = &sess.info {
-            info.commands.fetch_add(1, Ordering::Relaxed);
-            info.active_commands.fetch_add(1, Ordering::Relaxed);
-        }
         let immediate_data = data_len as u32;
         let params = &sess.params;
-        let target = sess.target.clone();
         let nexus = sess.nexus;
         let lun_id = pdu::decode_lun(cmd.lun);
         let mut scsi_task = ScsiTask::new(&cmd.cdb[..], lun_id, nexus);
@@ -107,19 +101,24 @@ impl Conn {
             self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
             return None;
         };
+        // Counted once it holds a slot: every task is answered (or aborted) exactly once.
+        if let Some(info) = self.sess.as_ref().and_then(|s| s.info.as_deref()) {
+            info.command_received();
+        }
         if immediate_data > first_burst {
             self.fail_task(slot, scsi::sense::ABORTED_COMMAND, 0x0c, 0x0c); // unexpected unsolicited data
             return None;
         }
-        let lun_entry = target.as_ref().and_then(|t| t.lun(lun_id).cloned());
+        // The session's target and LUN are borrowed from the session for the whole admission
+        // (no reference count taken per command): the paths that end the task early give
+        // the borrow up before they touch the connection.
+        let target = self.sess.as_ref().and_then(|s| s.target.as_deref());
+        // REPORT LUNS answers for the whole I_T nexus, whatever LUN it addresses (SPC-4 §6.33).
+        let has_lun = cmd.cdb[0] != 0xa0 && target.and_then(|t| t.lun(lun_id)).is_some();
         let t = self.tasks.get_mut(slot)?;
         t.scsi.tag = task_tag(cx.index, slot);
-        // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first.
-        // REPORT LUNS answers for the whole I_T nexus, whatever LUN it addresses (SPC-4 §6.33).
-        let lun_entry = if cmd.cdb[0] == 0xa0 { None } else { lun_entry };
-        let Some(entry) = lun_entry else {
+        if !has_lun {
             let luns: Vec<u64> = target
-                .as_ref()
                 .map(|t| t.luns.iter().map(|l| l.lun).collect())
                 .unwrap_or_default();
             if t.read && t.edtl > 0 {
@@ -130,9 +129,8 @@ impl Conn {
             scsi::execute_no_lun(&mut t.scsi, &luns);
             self.finish_task(slot, cx);
             return None;
-        };
-        t.scsi.read_only = entry.read_only;
-        t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
+        }
+        // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first.
         if let Some(sess) = self.sess.as_mut() {
             if !sess.pending_ua.is_empty() && scsi::ua_applies(&t.scsi) {
                 let (asc, ascq) = sess.pending_ua.remove(0);
@@ -142,6 +140,13 @@ impl Conn {
                 return None;
             }
         }
+        let entry = self
+            .sess
+            .as_ref()
+            .and_then(|s| s.target.as_deref())
+            .and_then(|tg| tg.lun(lun_id))?;
+        t.scsi.read_only = entry.read_only;
+        t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
         let plan = match scsi::plan(&entry.device, &mut t.scsi) {
             Ok(p) => p,
             Err(()) => {
@@ -443,7 +448,8 @@ impl Conn {
     }
 
     fn execute(&mut self, slot: usize, cx: &mut ConnCtx<'_>) {
-        let target = self.sess.as_ref().and_then(|s| s.target.clone());
+        // Borrowed, not cloned: no reference count per command.
+        let target = self.sess.as_ref().and_then(|s| s.target.as_deref());
         let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
@@ -455,9 +461,8 @@ impl Conn {
             self.finish_task(slot, cx);
             return;
         }
-        let Some(entry) = target.as_ref().and_then(|tg| tg.lun(t.lun)) else {
+        let Some(entry) = target.and_then(|tg| tg.lun(t.lun)) else {
             let luns: Vec<u64> = target
-                .as_ref()
                 .map(|t| t.luns.iter().map(|l| l.lun).collect())
                 .unwrap_or_default();
             scsi::execute_no_lun(&mut t.scsi, &luns);
@@ -517,10 +522,13 @@ impl Conn {
             return;
         };
         let max_burst = sess.params.max_burst_length.max(512) as usize;
-        let info = sess.info.clone();
         let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
+        // The task no longer counts as active once its status is decided.
+        if let Some(info) = &sess.info {
+            info.command_done();
+        }
         let status = t.scsi.status;
         let sense_len = t.scsi.sense_len();
         // Residuals (RFC 7143 §11.4.5) against the amount the command transfers.
@@ -586,9 +594,6 @@ impl Conn {
         }
         // The task no longer counts against the window once its status is decided.
         self.tasks.retire(slot);
-        if let Some(info) = &info {
-            info.active_commands.fetch_sub(1, Ordering::Relaxed);
-        }
         let sess = self.sess.as_mut().unwrap_or_else(|| unreachable!());
         update_max_cmd_sn(sess, self.tasks.active);
         if !collapse {

@@ -77,9 +77,8 @@ enum Dest {
 enum RxState {
     /// Waiting for a whole BHS (+ AHS) in the staging buffer.
     Header,
-    /// Receiving the data segment (and padding) of `hdr`.
+    /// Receiving the data segment (and padding) of the header in `Conn::rx_hdr`.
     Payload {
-        hdr: Box<PduHeader>,
         dest: Dest,
         remaining: usize,
         pad: usize,
@@ -140,6 +139,9 @@ pub struct Conn {
     local: SocketAddr,
     phase: Phase,
     rx_state: RxState,
+    /// The header whose payload is being received (kept here, not boxed in `rx_state`: no
+    /// allocation per PDU).
+    rx_hdr: Option<PduHeader>,
     staging: Staging,
     tx: TxQueue,
     login: Option<Login>,
@@ -223,6 +225,7 @@ impl Conn {
             local,
             phase: Phase::Login,
             rx_state: RxState::Header,
+            rx_hdr: None,
             staging: Staging::new(),
             tx: TxQueue::default(),
             login: Some(Login::new(local.to_string())),

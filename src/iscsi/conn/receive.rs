@@ -107,8 +107,8 @@ impl Conn {
                             // RFC 7143 §11.17: answer an unknown opcode with Reject and go on.
                             debug!("{}: {e}; rejecting", self.peer);
                             self.queue_reject(pdu::REJECT_COMMAND_NOT_SUPPORTED, &raw);
+                            self.rx_hdr = Some(PduHeader { pdu: None, raw });
                             self.rx_state = RxState::Payload {
-                                hdr: Box::new(PduHeader { pdu: None, raw }),
                                 dest: Dest::Discard,
                                 remaining: data_len,
                                 pad: pdu::padded(data_len) - data_len,
@@ -123,11 +123,11 @@ impl Conn {
                     }
                 };
                 let dest = self.begin_pdu(&pdu, &raw, data_len, cx);
+                self.rx_hdr = Some(PduHeader {
+                    pdu: Some(pdu),
+                    raw,
+                });
                 self.rx_state = RxState::Payload {
-                    hdr: Box::new(PduHeader {
-                        pdu: Some(pdu),
-                        raw,
-                    }),
                     dest,
                     remaining: data_len,
                     pad: pdu::padded(data_len) - data_len,
@@ -237,7 +237,6 @@ impl Conn {
                     return Ok(true);
                 }
                 let RxState::Payload {
-                    hdr,
                     dest,
                     pos,
                     crc,
@@ -247,8 +246,11 @@ impl Conn {
                 else {
                     return Ok(true);
                 };
+                let Some(hdr) = self.rx_hdr.take() else {
+                    return Ok(true);
+                };
                 let digest_ok = !self.rx_data_digest || pos == 0 || crc.to_le_bytes() == digest;
-                self.end_pdu(*hdr, dest, pos, digest_ok, cx);
+                self.end_pdu(hdr, dest, pos, digest_ok, cx);
                 Ok(true)
             }
         }

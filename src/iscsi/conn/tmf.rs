@@ -1,8 +1,6 @@
 //! Task management (RFC 7143 §11.5, SAM-5 §7): the functions a session asks for, the ones other
 //! sessions' functions apply here, aborting tasks, and responses held until aborted I/O is back.
 
-use std::sync::atomic::Ordering;
-
 use crate::iscsi::pdu::{self, BHS_LEN};
 use crate::iscsi::seq;
 use crate::iscsi::task::TaskState;
@@ -263,7 +261,7 @@ impl Conn {
         t.state = TaskState::Aborted;
         self.tasks.retire(slot);
         if let Some(info) = &info {
-            info.active_commands.fetch_sub(1, Ordering::Relaxed);
+            info.command_done();
         }
         if !in_backend {
             self.remove_task(slot);
