@@ -71,3 +71,45 @@ fn a_peer_that_closes_ends_the_connection() {
     assert_eq!(r.conn.phase(), Phase::Closed);
     assert!(r.conn.is_finished());
 }
+
+#[test]
+fn a_burst_of_commands_costs_one_receive_and_one_send() {
+    let mut r = Rig::new();
+    r.login();
+    // The unit attention of a new nexus goes to a TEST UNIT READY first.
+    r.send(&mem_rig::scsi_command(
+        1,
+        1,
+        &[0; 6],
+        (false, false),
+        0,
+        &[],
+    ));
+    r.received();
+    let mut burst = Vec::new();
+    for i in 0..8u32 {
+        let lba = (i * 8) as u8;
+        burst.extend(mem_rig::scsi_command(
+            0x100 + i,
+            2 + i,
+            &[0x28, 0, 0, 0, 0, lba, 0, 0, 8, 0],
+            (true, false),
+            4096,
+            &[],
+        ));
+    }
+    let s = r.net.sock_mut(r.sock).unwrap();
+    let (recvs, sends) = (s.recv_calls, s.send_calls);
+    r.send(&burst);
+    let got = r.received();
+    assert_eq!(got.len(), 8, "eight Data-In with status: {got:?}");
+    let s = r.net.sock_mut(r.sock).unwrap();
+    // The one receive returned less than the staging buffer had room for: the socket had
+    // nothing more, and asking again would be a system call that only says EAGAIN.
+    assert_eq!(s.recv_calls - recvs, 1, "receive calls for one burst");
+    assert_eq!(
+        s.send_calls - sends,
+        1,
+        "the answers leave in one vectored send"
+    );
+}

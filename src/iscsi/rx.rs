@@ -22,8 +22,10 @@ pub struct Staging {
 /// What a fill of the staging buffer found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fill {
-    /// This many new bytes.
+    /// This many new bytes, as many as there was room for: more may be waiting.
     Data(usize),
+    /// This many new bytes, fewer than there was room for: the socket had no more.
+    Short(usize),
     /// Nothing available now.
     WouldBlock,
     /// The peer closed the connection.
@@ -71,11 +73,16 @@ impl Staging {
         if self.end == self.buf.len() {
             return Ok(Fill::Data(0));
         }
+        let room = self.buf.len() - self.end;
         match net.recv(sock, &mut self.buf[self.end..]) {
             Ok(0) => Ok(Fill::Closed),
             Ok(n) => {
                 self.end += n;
-                Ok(Fill::Data(n))
+                Ok(if n < room {
+                    Fill::Short(n)
+                } else {
+                    Fill::Data(n)
+                })
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Fill::WouldBlock),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Fill::Data(0)),

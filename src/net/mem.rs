@@ -21,6 +21,9 @@ pub struct MemSock {
     pub send_chunk: usize,
     /// The peer closed once its input is read: receives then return 0.
     pub eof: bool,
+    /// Receive and send calls made on it (system calls, on a real socket).
+    pub recv_calls: usize,
+    pub send_calls: usize,
     /// Bytes sent, and the bytes themselves when `keep_output`.
     pub sent: usize,
     pub keep_output: bool,
@@ -39,6 +42,8 @@ impl MemSock {
             chunk: usize::MAX,
             send_chunk: usize::MAX,
             eof: false,
+            recv_calls: 0,
+            send_calls: 0,
             sent: 0,
             keep_output: false,
             output: Vec::new(),
@@ -49,6 +54,7 @@ impl MemSock {
     }
 
     fn take(&mut self, want: usize) -> io::Result<&[u8]> {
+        self.recv_calls += 1;
         if self.closed {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "closed"));
         }
@@ -122,6 +128,7 @@ impl SockGroup for MemGroup {
 
     fn send_vectored(&mut self, s: SockId, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let m = self.get(s)?;
+        m.send_calls += 1;
         if m.closed {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"));
         }

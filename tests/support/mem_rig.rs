@@ -105,6 +105,13 @@ impl Rig {
     /// One reactor pass: read, complete backend I/O, flush, timers.
     pub fn pass(&mut self) {
         for _ in 0..100 {
+            // As the reactor does: the connection reads when its socket is readable
+            // (level-triggered) or when it stopped at its receive budget.
+            let readable = self
+                .net
+                .sock_mut(self.sock)
+                .is_some_and(|m| m.pos < m.input.len() || m.eof)
+                || self.conn.rx_more();
             let mut cx = ConnCtx {
                 now: self.now,
                 snapshot: &self.snap,
@@ -113,7 +120,7 @@ impl Rig {
                 net: &mut self.net,
                 index: 0,
             };
-            let did = self.conn.on_readable(&mut cx);
+            let did = readable && self.conn.on_readable(&mut cx);
             cx.port.poll(&mut self.done);
             let any = !self.done.is_empty();
             for c in self.done.drain(..) {

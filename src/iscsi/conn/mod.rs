@@ -173,6 +173,10 @@ pub struct Conn {
     /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
     /// which the socket will not report again, so the reactor must call back.
     rx_more: bool,
+    /// A receive this turn returned less than it asked for: the socket had nothing more, so
+    /// asking again before the next readiness event would only cost a system call that
+    /// returns EAGAIN.
+    rx_drained: bool,
     /// Digests negotiated for this connection (RFC 7143 §13.1), checked on receive.
     rx_header_digest: bool,
     rx_data_digest: bool,
@@ -246,6 +250,7 @@ impl Conn {
             want_write: false,
             tx_stalled_since: None,
             rx_more: false,
+            rx_drained: false,
             rx_header_digest: false,
             rx_data_digest: false,
             tmf_out: None,

@@ -29,6 +29,7 @@ impl Conn {
         }
         let mut did = false;
         self.rx_more = false;
+        self.rx_drained = false;
         if !self.wants_read() {
             // Its answers are not being read: read on once they drain (the reactor stops
             // polling the socket for input meanwhile).
@@ -172,8 +173,12 @@ impl Conn {
                                             k += 1;
                                         }
                                         let segs = &mut segs[..k];
+                                        if self.rx_drained {
+                                            return Ok(false);
+                                        }
                                         return match rx::recv_direct(cx.net, self.sock, segs) {
                                             Ok(Some(n)) => {
+                                                self.rx_drained = n < n_in_buf;
                                                 if want_crc {
                                                     for seg in buf.segments(start, n) {
                                                         *crc = crc32c::crc32c_append(*crc, seg);
@@ -257,8 +262,15 @@ impl Conn {
     }
 
     fn fill(&mut self, cx: &mut ConnCtx<'_>) -> Result<bool, String> {
+        if self.rx_drained {
+            return Ok(false);
+        }
         match self.staging.fill(cx.net, self.sock) {
             Ok(Fill::Data(n)) => Ok(n > 0),
+            Ok(Fill::Short(n)) => {
+                self.rx_drained = true;
+                Ok(n > 0)
+            }
             Ok(Fill::WouldBlock) => Ok(false),
             Ok(Fill::Closed) => Err("peer closed the connection".into()),
             Err(e) => Err(format!("receive failed: {e}")),
