@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::buf::MAX_TRANSFER;
@@ -933,6 +934,15 @@ impl ScsiPort {
     /// sleep in epoll: their completions arrive on the ring, not on a socket.
     pub fn inflight(&self) -> usize {
         self.io.inflight() + self.rmw.len()
+    }
+
+    /// The earliest time a channel has held I/O coming due by itself (an injected delay):
+    /// a reactor that sleeps must wake by then, since no socket or ring event will.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .filter_map(|pc| pc.ch.next_deadline())
+            .min()
     }
 
     /// Runs a planned task.
