@@ -393,7 +393,7 @@ impl SoakSession<'_> {
                 std::thread::sleep(RELOGIN_PAUSE);
             }
             let isid = soak_isid(self.id as u8);
-            match login_as(self.o, SOAK_INITIATOR, isid).and_then(|mut ini| {
+            match login_as(self.o, self.o.single(), SOAK_INITIATOR, isid).and_then(|mut ini| {
                 self.clear_unit_attentions(&mut ini)?;
                 Ok(ini)
             }) {
@@ -412,7 +412,7 @@ impl SoakSession<'_> {
     fn clear_unit_attentions(&self, ini: &mut Ini) -> Result<(), String> {
         for _ in 0..16 {
             let r = ini
-                .test_unit_ready(self.o.lun)
+                .test_unit_ready(self.o.single().lun)
                 .map_err(|e| format!("TEST UNIT READY: {e}"))?;
             if r.is_good() {
                 return Ok(());
@@ -493,7 +493,7 @@ impl SoakSession<'_> {
     ) -> Result<(), InitiatorError> {
         let bs = self.block_size as usize;
         let len = blocks * self.block_size;
-        let lun = self.o.lun;
+        let lun = self.o.single().lun;
         let itt = if write {
             let mut data = vec![0u8; len as usize];
             for (k, b) in data.chunks_exact_mut(bs).enumerate() {
@@ -698,7 +698,7 @@ impl SoakSession<'_> {
         live.sort_unstable();
         let itt = live[self.below(live.len() as u64) as usize];
         self.c.add(K::Aborts, 1);
-        let lun = self.o.lun;
+        let lun = self.o.single().lun;
         let (response, ended) = self.ini()?.abort_task(lun, itt)?;
         match response {
             pdu::TMF_RSP_COMPLETE => self.c.add(K::TmfComplete, 1),
@@ -876,8 +876,8 @@ pub fn soak(o: &Opts) -> Result<bool, String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let mut ini = login_as(o, SOAK_INITIATOR, soak_isid(0xff))?;
-    let (blocks, block_size) = capacity(&mut ini, o.lun)?;
+    let mut ini = login_as(o, o.single(), SOAK_INITIATOR, soak_isid(0xff))?;
+    let (blocks, block_size) = capacity(&mut ini, o.single().lun)?;
     let _ = ini.logout();
     if block_size < 16 || !block_size.is_multiple_of(8) || o.max_io < block_size {
         return Err(format!(

@@ -47,14 +47,20 @@ fn sweep(
             let itt = if let Some(f) = fill.as_mut() {
                 f(next, &mut buf[..len])?;
                 ini.submit(
-                    o.lun,
+                    o.single().lun,
                     &cdb::write16(lba, blocks),
                     Some(&buf[..len]),
                     len as u32,
                     false,
                 )
             } else {
-                ini.submit(o.lun, &cdb::read16(lba, blocks), None, len as u32, true)
+                ini.submit(
+                    o.single().lun,
+                    &cdb::read16(lba, blocks),
+                    None,
+                    len as u32,
+                    true,
+                )
             }
             .map_err(|e| e.to_string())?;
             inflight.insert(itt, next);
@@ -100,8 +106,8 @@ fn compare(at: u64, got: &[u8], want: &[u8], block_size: u32, what: &str) -> Res
 }
 
 pub fn verify(o: &Opts) -> Result<u64, String> {
-    let mut ini = login(o)?;
-    let (blocks, block_size) = capacity(&mut ini, o.lun)?;
+    let mut ini = login(o, o.single(), 0)?;
+    let (blocks, block_size) = capacity(&mut ini, o.single().lun)?;
     if !o.bs.is_multiple_of(block_size) {
         return Err(format!(
             "--bs {} is not a multiple of the LUN's {block_size}-byte blocks",
