@@ -3002,6 +3002,41 @@ mod tests {
     }
 
     #[test]
+    fn a_delayed_read_tells_the_reactor_when_to_wake() {
+        let d = dev();
+        let delay = std::time::Duration::from_millis(40);
+        d.set_attr("fault_delay_us", &delay.as_micros().to_string())
+            .unwrap();
+        let mut t = ScsiTask::new(&[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], 0, 7);
+        plan(&d, &mut t).unwrap();
+        t.buf = Some(DataBuf::alloc(512).unwrap());
+        let mut port = ScsiPort::new();
+        assert_eq!(port.next_deadline(), None);
+        let t0 = Instant::now();
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        // No ring I/O and no socket will wake a sleeping reactor: the deadline must.
+        assert_eq!(port.inflight(), 0);
+        let due = port.next_deadline().expect("the held READ's deadline");
+        assert!(
+            due >= t0 + delay && due <= Instant::now() + delay,
+            "{due:?}"
+        );
+        let mut out = Vec::new();
+        while port.poll(&mut out) == 0 {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "never came"
+            );
+            std::thread::yield_now();
+        }
+        assert!(t0.elapsed() >= delay, "completed before its deadline");
+        complete(&mut t, out.pop().unwrap());
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(port.next_deadline(), None);
+        d.set_attr("fault_delay_us", "0").unwrap();
+    }
+
+    #[test]
     fn read_modify_writes_wait_for_an_overlapping_one() {
         let d = dev();
         run(
