@@ -33,7 +33,7 @@ one() {
     local args=(--portal "127.0.0.1:$PORT" --target "$IQN" --bs 131072 --qd 16 --secs "$SECS")
     [ "$1" = write ] && args+=(--write)
     [ "$2" = on ] && args+=(--digests)
-    taskset -c "$INIT_CORE" "$BENCH" "${args[@]}" | awk '{print $4}'
+    taskset -c "$INIT_CORE" "$BENCH" "${args[@]}" | awk '/^iops/ {print $4}'
 }
 
 echo "| workload | digests off MB/s | digests on MB/s | on / off |"

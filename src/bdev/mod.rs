@@ -11,15 +11,18 @@
 //! Each reactor has one [`IoContext`] (owned by its SCSI port): the ring that all of that
 //! reactor's file and block channels share, created on first use.
 //!
-//! Fault injection for reliability tests ([`Fault`]) sits in one place for every backend: a
-//! wrapper around each backend's own channel, set through the device's [`FaultInject`].
+//! Fault injection for reliability tests ([`Fault`], and a delay held on chosen I/O) sits in
+//! one place for every backend: a wrapper around each backend's own channel, set through the
+//! device's [`FaultInject`].
 
 use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{error, warn};
 
@@ -185,19 +188,88 @@ impl Fault {
     }
 }
 
-/// A device's fault injection switch, shared by all of its channels.
-#[derive(Debug, Default)]
-pub struct FaultInject(AtomicU8);
+/// The longest delay [`FaultInject::set_delay_us`] takes: a minute (beyond it the initiator's
+/// own timeouts decide, which `hang` shows better).
+pub const MAX_FAULT_DELAY_US: u64 = 60_000_000;
+
+/// A device's fault injection switch, shared by all of its channels: the [`Fault`], and a
+/// delay held on one I/O in every `delay_every` (the `fault_delay_us` and
+/// `fault_delay_every` device attributes), which adds latency without failing anything.
+#[derive(Debug)]
+pub struct FaultInject {
+    /// The fault in the low bits, [`FaultInject::DELAYING`] while a delay is set: zero when
+    /// nothing at all is injected, so a submission checks one relaxed load.
+    state: AtomicU8,
+    delay_us: AtomicU64,
+    delay_every: AtomicU32,
+}
+
+impl Default for FaultInject {
+    fn default() -> FaultInject {
+        FaultInject {
+            state: AtomicU8::new(Fault::None as u8),
+            delay_us: AtomicU64::new(0),
+            delay_every: AtomicU32::new(1),
+        }
+    }
+}
 
 impl FaultInject {
+    /// The bit of `state` that says a delay is set.
+    const DELAYING: u8 = 0x80;
+
     pub fn get(&self) -> Fault {
-        Fault::from_u8(self.0.load(Ordering::Relaxed))
+        Fault::from_u8(self.state.load(Ordering::Relaxed) & !Self::DELAYING)
     }
 
     /// Takes effect at each channel's next submission; held I/O is released at its next
     /// poll.
     pub fn set(&self, f: Fault) {
-        self.0.store(f as u8, Ordering::Relaxed);
+        // The closure always returns Some: the update cannot fail.
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                Some((s & Self::DELAYING) | f as u8)
+            });
+    }
+
+    /// The delay held on each chosen I/O, in microseconds (0: none).
+    pub fn delay_us(&self) -> u64 {
+        self.delay_us.load(Ordering::Relaxed)
+    }
+
+    /// How many I/Os of a channel make one that is delayed: 1 delays every I/O, 10 the 10th,
+    /// 20th, ... of each channel (a channel per reactor and device).
+    pub fn delay_every(&self) -> u32 {
+        self.delay_every.load(Ordering::Relaxed)
+    }
+
+    /// Sets the delay (at most [`MAX_FAULT_DELAY_US`]); 0 ends it, and what a delay holds is
+    /// then handed on at each channel's next poll instead of at its deadline.
+    pub fn set_delay_us(&self, us: u64) {
+        let us = us.min(MAX_FAULT_DELAY_US);
+        self.delay_us.store(us, Ordering::Relaxed);
+        if us > 0 {
+            self.state.fetch_or(Self::DELAYING, Ordering::Relaxed);
+        } else {
+            self.state.fetch_and(!Self::DELAYING, Ordering::Relaxed);
+        }
+    }
+
+    /// Sets which I/Os are delayed (0 counts as 1: every one).
+    pub fn set_delay_every(&self, n: u32) {
+        self.delay_every.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// The delay for I/O chosen now, if one is set.
+    fn delay(&self) -> Option<Duration> {
+        if self.state.load(Ordering::Relaxed) & Self::DELAYING == 0 {
+            return None;
+        }
+        match self.delay_us() {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 }
 
@@ -205,12 +277,21 @@ impl FaultInject {
 /// its own channel in one, so faults are injected in one place for all of them, beneath the
 /// SCSI layer, which then treats an injected error exactly as a real one. Without a fault a
 /// submission costs one relaxed load more, with no extra dynamic call.
+///
+/// A delay holds each chosen I/O here until its deadline, then hands it on as the fault then
+/// says (to the backend when there is none). While anything is held the channel is busy and
+/// reports its next deadline, so that a reactor about to sleep wakes for it.
 struct Faulty<C> {
     inner: C,
     fault: Arc<FaultInject>,
     /// I/O held by [`Fault::Stall`] or [`Fault::Hang`] (`true`: it can be cancelled), in
     /// submission order.
     held: VecDeque<(BdevIo, bool)>,
+    /// I/O held by the delay, with its deadline, in submission order (deadlines only
+    /// decrease when the delay is shortened: the later I/O then waits for the earlier).
+    delayed: VecDeque<(Instant, BdevIo)>,
+    /// I/Os submitted while a delay was set since the last one delayed.
+    since_delayed: u32,
     /// Completions of injected errors, for the next `poll`.
     failed: VecDeque<BdevCompletion>,
 }
@@ -221,6 +302,8 @@ impl<C: IoChannel> Faulty<C> {
             inner,
             fault,
             held: VecDeque::new(),
+            delayed: VecDeque::new(),
+            since_delayed: 0,
             failed: VecDeque::new(),
         }
     }
@@ -230,6 +313,14 @@ impl<C: IoChannel> Faulty<C> {
         if !self.held.is_empty() {
             // What was held goes first.
             self.release();
+        }
+        if let Some(d) = self.fault.delay() {
+            self.since_delayed += 1;
+            if self.since_delayed >= self.fault.delay_every() {
+                self.since_delayed = 0;
+                self.delayed.push_back((Instant::now() + d, io));
+                return;
+            }
         }
         let f = self.fault.get();
         self.route(f, io);
@@ -266,11 +357,25 @@ impl<C: IoChannel> Faulty<C> {
             self.route(f, io);
         }
     }
+
+    /// Hands on, in order, the delayed I/O whose deadline has passed (all of it once the
+    /// delay is off), each as the fault now says.
+    #[cold]
+    fn release_delayed(&mut self) {
+        let on = self.fault.delay().is_some();
+        let now = Instant::now();
+        while self.delayed.front().is_some_and(|(t, _)| !on || *t <= now) {
+            if let Some((_, io)) = self.delayed.pop_front() {
+                let f = self.fault.get();
+                self.route(f, io);
+            }
+        }
+    }
 }
 
 impl<C: IoChannel> IoChannel for Faulty<C> {
     fn submit(&mut self, io: BdevIo) {
-        if self.fault.0.load(Ordering::Relaxed) == Fault::None as u8 && self.held.is_empty() {
+        if self.fault.state.load(Ordering::Relaxed) == 0 && self.held.is_empty() {
             return self.inner.submit(io);
         }
         self.inject(io);
@@ -279,6 +384,9 @@ impl<C: IoChannel> IoChannel for Faulty<C> {
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
         if !self.held.is_empty() {
             self.release();
+        }
+        if !self.delayed.is_empty() {
+            self.release_delayed();
         }
         let mut n = self.inner.poll(out);
         if !self.failed.is_empty() {
@@ -289,12 +397,33 @@ impl<C: IoChannel> IoChannel for Faulty<C> {
     }
 
     fn busy(&self) -> bool {
-        self.inner.busy() || !self.held.is_empty() || !self.failed.is_empty()
+        self.inner.busy()
+            || !self.held.is_empty()
+            || !self.delayed.is_empty()
+            || !self.failed.is_empty()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let own = self.delayed.front().map(|(t, _)| *t);
+        match (own, self.inner.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn cancel(&mut self, tag: u64) {
         // Held I/O has not gone anywhere: it ends here, so an aborted command held by a stall
-        // is answered at once and can never reach the medium later.
+        // or a delay is answered at once and can never reach the medium later.
+        if let Some(i) = self.delayed.iter().position(|(_, io)| io.tag == tag) {
+            if let Some((_, io)) = self.delayed.remove(i) {
+                self.failed.push_back(BdevCompletion {
+                    tag,
+                    result: Err(BdevError::Cancelled),
+                    buf: io.buf,
+                });
+            }
+            return;
+        }
         if let Some(i) = self
             .held
             .iter()
@@ -372,6 +501,11 @@ pub trait IoChannel {
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize;
     /// Whether I/O submitted here has not been reported by `poll` yet.
     fn busy(&self) -> bool;
+    /// When the channel next has something to hand on by itself (held I/O coming due), with
+    /// no event to wake a sleeping reactor: it must be polled again by then.
+    fn next_deadline(&self) -> Option<Instant> {
+        None
+    }
     /// Cancels I/O `tag` if it has not reached the medium yet: its completion then reports
     /// [`BdevError::Cancelled`]. I/O already under way completes as it would have; either way
     /// it completes through `poll`, so the caller learns when it can no longer act.
@@ -945,6 +1079,105 @@ mod tests {
         assert!(poll_all(&mut ch).is_empty());
         fault.set(Fault::EioRead);
         assert_eq!(poll_all(&mut ch)[0].result, Err(BdevError::Io(0)));
+        fault.set(Fault::None);
+    }
+
+    /// Polls until `n` completions have come, at most `limit` (a test bound, generous).
+    fn poll_until(ch: &mut Box<dyn IoChannel>, n: usize, limit: Duration) -> Vec<BdevCompletion> {
+        let give_up = Instant::now() + limit;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < give_up {
+            ch.poll(&mut out);
+            std::thread::yield_now();
+        }
+        out
+    }
+
+    #[test]
+    fn a_delay_holds_io_until_its_deadline_then_hands_it_to_the_backend() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let fault = dev.fault().unwrap();
+        submit_one(&mut ch, IoOp::Write { fua: false }, 0, 0x66);
+        assert_eq!(poll_all(&mut ch).len(), 1);
+        assert_eq!(ch.next_deadline(), None);
+
+        let delay = Duration::from_millis(30);
+        fault.set_delay_us(delay.as_micros() as u64);
+        assert_eq!(fault.get(), Fault::None, "a delay is no fault");
+        let t0 = Instant::now();
+        submit_one(&mut ch, IoOp::Read, 0, 0);
+        let due = ch.next_deadline().expect("a deadline while I/O is delayed");
+        assert!(due >= t0 + delay, "the deadline is the delay away");
+        assert!(ch.busy(), "delayed I/O keeps the channel busy");
+        let c = poll_until(&mut ch, 1, Duration::from_secs(30));
+        // Whatever the machine's load, it never completes before its deadline.
+        assert!(t0.elapsed() >= delay);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].result, Ok(()));
+        let mut back = vec![0u8; 4096];
+        c[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert!(back.iter().all(|&x| x == 0x66), "the backend read it");
+        assert!(!ch.busy());
+        assert_eq!(ch.next_deadline(), None);
+
+        // A delay over a fault: the I/O meets the fault when it comes due.
+        fault.set(Fault::EioRead);
+        let t0 = Instant::now();
+        submit_one(&mut ch, IoOp::Read, 4096, 0);
+        let c = poll_until(&mut ch, 1, Duration::from_secs(30));
+        assert!(t0.elapsed() >= delay);
+        assert_eq!(c[0].result, Err(BdevError::Io(4096)));
+        fault.set(Fault::None);
+        fault.set_delay_us(0);
+        // Off: straight through again.
+        submit_one(&mut ch, IoOp::Read, 0, 0);
+        assert_eq!(poll_all(&mut ch).len(), 1);
+    }
+
+    #[test]
+    fn a_delay_every_n_holds_one_io_in_n_and_cancel_or_clearing_ends_it() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let fault = dev.fault().unwrap();
+        assert_eq!((fault.delay_us(), fault.delay_every()), (0, 1));
+        // Long enough that nothing held comes due during the test.
+        fault.set_delay_us(MAX_FAULT_DELAY_US);
+        fault.set_delay_every(3);
+        for tag in 1..=7 {
+            ch.submit(BdevIo {
+                tag,
+                ..io(IoOp::Read, 0, 4096, DataBuf::alloc(4096).unwrap())
+            });
+        }
+        let mut tags: Vec<u64> = poll_all(&mut ch).iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, [1, 2, 4, 5, 7], "the 3rd and the 6th are held");
+        assert!(ch.busy());
+        // ABORT TASK of a delayed I/O: it ends at once, cancelled, as under a stall.
+        ch.cancel(3);
+        let c = poll_all(&mut ch);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].tag, c[0].result), (3, Err(BdevError::Cancelled)));
+        assert!(c[0].buf.is_some(), "the buffer comes back");
+        assert!(ch.busy(), "the 6th is still held");
+        // Clearing the delay hands the rest on at the next poll.
+        fault.set_delay_us(0);
+        let c = poll_all(&mut ch);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].tag, c[0].result), (6, Ok(())));
+        assert!(!ch.busy());
+        assert_eq!(ch.next_deadline(), None);
+        // Every: 0 counts as 1, and the limit holds.
+        fault.set_delay_every(0);
+        assert_eq!(fault.delay_every(), 1);
+        fault.set_delay_us(u64::MAX);
+        assert_eq!(fault.delay_us(), MAX_FAULT_DELAY_US);
+        // The fault and the delay are set independently.
+        fault.set(Fault::Stall);
+        assert_eq!(fault.delay_us(), MAX_FAULT_DELAY_US);
+        fault.set_delay_us(0);
+        assert_eq!(fault.get(), Fault::Stall);
         fault.set(Fault::None);
     }
 

@@ -8,7 +8,10 @@ pub const READ_10: u8 = 0x28;
 pub const WRITE_10: u8 = 0x2a;
 pub const READ_16: u8 = 0x88;
 pub const WRITE_16: u8 = 0x8a;
+pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
 pub const REPORT_LUNS: u8 = 0xa0;
+/// SBC-3 §5.16: the service action of READ CAPACITY (16).
+pub const SA_READ_CAPACITY_16: u8 = 0x10;
 
 pub fn test_unit_ready() -> [u8; 6] {
     [TEST_UNIT_READY, 0, 0, 0, 0, 0]
@@ -21,6 +24,15 @@ pub fn inquiry(allocation_length: u16) -> [u8; 6] {
 
 pub fn read_capacity10() -> [u8; 10] {
     [READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// READ CAPACITY (16): the capacity of a LUN too large for READ CAPACITY (10).
+pub fn read_capacity16(allocation_length: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = SERVICE_ACTION_IN_16;
+    c[1] = SA_READ_CAPACITY_16;
+    c[10..14].copy_from_slice(&allocation_length.to_be_bytes());
+    c
 }
 
 fn rw10(opcode: u8, lba: u32, blocks: u16) -> [u8; 10] {

@@ -935,9 +935,17 @@ impl<T: Transport> Initiator<T> {
 
     /// Waits for any command to finish.
     pub fn wait_any(&mut self) -> Result<(u32, ScsiResult)> {
+        let (itt, r) = self.wait_next()?;
+        r.map(|r| (itt, r))
+    }
+
+    /// Waits for any command to finish, and tells a failure of that one command (the target
+    /// rejected it, or its Data-In broke the protocol: the inner error, the connection goes
+    /// on) from a failure of the connection (the outer error).
+    pub fn wait_next(&mut self) -> Result<(u32, Result<ScsiResult>)> {
         loop {
-            if let Some((itt, r)) = self.done.pop_front() {
-                return r.map(|r| (itt, r));
+            if let Some(done) = self.done.pop_front() {
+                return Ok(done);
             }
             if self.tasks.is_empty() {
                 return Err(InitiatorError::InvalidArgument(

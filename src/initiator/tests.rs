@@ -427,3 +427,66 @@ fn submit_waits_for_the_cmd_sn_window() {
     ));
     h.join().unwrap();
 }
+
+#[test]
+fn wait_next_tells_a_rejected_command_from_a_lost_connection() {
+    let (addr, h) = fake_target(|f| {
+        f.login(&[]);
+        let first = f.recv();
+        let second = f.recv();
+        // The first command is rejected (its header comes back as the Reject's data)...
+        let r = pdu::Reject {
+            reason: pdu::REJECT_INVALID_PDU_FIELD,
+            stat_sn: f.stat_sn,
+            exp_cmd_sn: 3,
+            max_cmd_sn: 10,
+            data_segment_length: BHS_LEN as u32,
+            ..Default::default()
+        };
+        f.stat_sn += 1;
+        let mut bhs = [0u8; BHS_LEN];
+        r.emit(&mut bhs);
+        f.send(&bhs, &first.bhs);
+        // ...the second answered GOOD, and then the connection goes.
+        let c = pdu::ScsiCommand::parse(&second.bhs, &second.ahs).unwrap();
+        let r = pdu::ScsiResponse {
+            itt: c.itt,
+            stat_sn: f.stat_sn,
+            exp_cmd_sn: 3,
+            max_cmd_sn: 10,
+            ..Default::default()
+        };
+        r.emit(&mut bhs);
+        f.send(&bhs, &[]);
+    });
+    let mut ini = Initiator::connect(&addr).unwrap();
+    ini.login(&LoginOptions {
+        target_name: Some("iqn.x:t".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let a = ini
+        .submit(0, &cdb::test_unit_ready(), None, 0, false)
+        .unwrap();
+    let b = ini
+        .submit(0, &cdb::test_unit_ready(), None, 0, false)
+        .unwrap();
+    // The rejected command ends alone: the connection goes on.
+    match ini.wait_next().unwrap() {
+        (itt, Err(InitiatorError::Rejected { itt: r, reason })) => {
+            assert_eq!((itt, r, reason), (a, a, pdu::REJECT_INVALID_PDU_FIELD));
+        }
+        other => panic!("{other:?}"),
+    }
+    let (itt, r) = ini.wait_next().unwrap();
+    assert_eq!(itt, b);
+    assert!(r.unwrap().is_good());
+    h.join().unwrap();
+    // A command sent after the target left: the connection's failure is the outer error.
+    if ini
+        .submit(0, &cdb::test_unit_ready(), None, 0, false)
+        .is_ok()
+    {
+        assert!(ini.wait_next().is_err());
+    }
+}

@@ -155,6 +155,9 @@ impl Shared {
 
 /// The timer granularity of connections (NOP-In, RspTimeout, login timeout).
 const TIMER_PERIOD: Duration = Duration::from_millis(100);
+/// Epoll sleeps in whole milliseconds: backend I/O coming due sooner than this is waited for
+/// by spinning, so that an injected delay is not stretched by the sleep's rounding.
+const SLEEP_RESOLUTION: Duration = Duration::from_millis(1);
 /// How long the listeners stay unwatched after accept ran out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often running out of descriptors at accept is logged: a starved portal alternates
@@ -650,16 +653,29 @@ impl Poller for Engine {
             .iter()
             .any(Option::is_some)
             .then_some(self.next_timer);
-        // The network's own timers (the userspace stack's retransmissions, delayed ACKs).
-        [timer, self.accept_backoff, self.group.next_deadline(now)]
-            .into_iter()
-            .flatten()
-            .min()
+        // The network's own timers (the userspace stack's retransmissions, delayed ACKs), and
+        // backend I/O held by an injected delay.
+        [
+            timer,
+            self.accept_backoff,
+            self.group.next_deadline(now),
+            self.port.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn sleep(&mut self, timeout: Duration) -> bool {
         // Ring completions do not wake epoll: never sleep while backend I/O is in flight.
         if self.port.inflight() > 0 {
+            return false;
+        }
+        if self
+            .port
+            .next_deadline()
+            .is_some_and(|d| d.saturating_duration_since(Instant::now()) < SLEEP_RESOLUTION)
+        {
             return false;
         }
         match self.group.wait(Some(timeout)) {

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::bdev::{BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev};
+use crate::bdev::{
+    BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
+};
 use crate::util::quote;
 
 /// Why a device could not be created or changed.
@@ -528,7 +530,11 @@ impl Device {
         }
         v.push(rw("eui64_id"));
         if self.fault_injectable() {
-            v.push(rw("fault_inject"));
+            v.extend([
+                rw("fault_delay_every"),
+                rw("fault_delay_us"),
+                rw("fault_inject"),
+            ]);
         }
         if disk_file || cdrom {
             v.push(rw("filename"));
@@ -606,6 +612,8 @@ impl Device {
                 .map_or(Fault::None, |f| f.get())
                 .name()
                 .into(),
+            "fault_delay_us" => self.bdev.fault().map_or(0, |f| f.delay_us()).to_string(),
+            "fault_delay_every" => self.bdev.fault().map_or(1, |f| f.delay_every()).to_string(),
             "filename" => self.file.as_ref().map(|f| f.filename()).unwrap_or_default(),
             "lb_per_pb_exp" => b(self.lb_per_pb_exp.load(Ordering::Relaxed)),
             "naa_id" => hex(&id.naa_id),
@@ -645,6 +653,8 @@ impl Device {
             "filename" => given("filename") || !self.get_attr(name).unwrap_or_default().is_empty(),
             "active" => given("active") || !self.is_active(),
             "fault_inject" => self.bdev.fault().is_some_and(|f| f.get() != Fault::None),
+            "fault_delay_us" => self.bdev.fault().is_some_and(|f| f.delay_us() != 0),
+            "fault_delay_every" => self.bdev.fault().is_some_and(|f| f.delay_every() != 1),
             "lb_per_pb_exp" => given(name) || !self.lb_per_pb_exp.load(Ordering::Relaxed),
             "naa_id" | "eui64_id" | "opt_trans_len" | "prod_id" | "prod_rev_lvl"
             | "t10_vend_id" | "usn" => self.get_attr(name) != self.default_attr(name),
@@ -692,6 +702,34 @@ impl Device {
             })?;
             if let Some(fi) = self.bdev.fault() {
                 fi.set(f);
+            }
+            return Ok(());
+        }
+        if name == "fault_delay_us" {
+            let us = parse_u64(name, v)?;
+            if us > MAX_FAULT_DELAY_US {
+                return Err(invalid(format!(
+                    "fault_delay_us must be at most {MAX_FAULT_DELAY_US} (a minute), not {us}"
+                )));
+            }
+            if let Some(fi) = self.bdev.fault() {
+                fi.set_delay_us(us);
+            }
+            return Ok(());
+        }
+        if name == "fault_delay_every" {
+            let n = u32::try_from(parse_u64(name, v)?)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "fault_delay_every must be 1 (every I/O) to {} (one I/O in that many), not {}",
+                        u32::MAX,
+                        quote(v)
+                    ))
+                })?;
+            if let Some(fi) = self.bdev.fault() {
+                fi.set_delay_every(n);
             }
             return Ok(());
         }
@@ -910,9 +948,11 @@ pub fn handler_type(handler: &str) -> &'static str {
 
 impl Drop for Device {
     fn drop(&mut self) {
-        // I/O held by a stall would otherwise wait for a device nobody can reach any more.
+        // I/O held by a stall would otherwise wait for a device nobody can reach any more
+        // (and delayed I/O for its deadline).
         if let Some(f) = self.bdev.fault() {
             f.set(Fault::None);
+            f.set_delay_us(0);
         }
     }
 }
@@ -1070,9 +1110,39 @@ mod tests {
             assert_eq!(d.get_attr("fault_inject").unwrap(), "eio");
             d.set_attr("fault_inject", "none").unwrap();
         }
+        for d in [&file, &ram] {
+            assert_eq!(d.get_attr("fault_delay_us").unwrap(), "0");
+            assert_eq!(d.get_attr("fault_delay_every").unwrap(), "1");
+            assert!(!d.is_key_attr("fault_delay_us") && !d.is_key_attr("fault_delay_every"));
+            d.set_attr("fault_delay_us", "20000\n").unwrap();
+            d.set_attr("fault_delay_every", "4").unwrap();
+            assert_eq!(d.get_attr("fault_delay_us").unwrap(), "20000");
+            assert_eq!(d.get_attr("fault_delay_every").unwrap(), "4");
+            assert!(d.is_key_attr("fault_delay_us") && d.is_key_attr("fault_delay_every"));
+            let fi = d.bdev.fault().unwrap();
+            assert_eq!(
+                (fi.delay_us(), fi.delay_every(), fi.get()),
+                (20000, 4, Fault::None)
+            );
+            for (attr, bad, says) in [
+                ("fault_delay_us", "60000001", "a minute"),
+                ("fault_delay_us", "-1", "number"),
+                ("fault_delay_us", "soon", "number"),
+                ("fault_delay_every", "0", "every I/O"),
+                ("fault_delay_every", "4294967296", "every I/O"),
+            ] {
+                let e = d.set_attr(attr, bad).unwrap_err().to_string();
+                assert!(e.contains(says) && e.contains(attr), "{attr} {bad}: {e}");
+            }
+            assert_eq!(d.get_attr("fault_delay_us").unwrap(), "20000", "unchanged");
+            d.set_attr("fault_delay_us", "0").unwrap();
+            d.set_attr("fault_delay_every", "1").unwrap();
+            assert!(!d.is_key_attr("fault_delay_us") && !d.is_key_attr("fault_delay_every"));
+        }
         // Not on devices that are neither a file, a block device nor RAM.
         let n = Device::create("vdisk_nullio", "n", &[]).unwrap();
         assert!(n.get_attr("fault_inject").is_none());
+        assert!(n.get_attr("fault_delay_us").is_none());
         let cd = Device::create("vcdrom", "cd", &[]).unwrap();
         assert!(cd.get_attr("fault_inject").is_none());
         // A device that goes away releases what a stall holds.

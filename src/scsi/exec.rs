@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::buf::MAX_TRANSFER;
@@ -933,6 +934,15 @@ impl ScsiPort {
     /// sleep in epoll: their completions arrive on the ring, not on a socket.
     pub fn inflight(&self) -> usize {
         self.io.inflight() + self.rmw.len()
+    }
+
+    /// The earliest time a channel has held I/O coming due by itself (an injected delay):
+    /// a reactor that sleeps must wake by then, since no socket or ring event will.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .filter_map(|pc| pc.ch.next_deadline())
+            .min()
     }
 
     /// Runs a planned task.
@@ -2989,6 +2999,41 @@ mod tests {
         let t = run(&d, &cdb, Some(&[0x30; 512]));
         assert_eq!(t.status, STATUS_GOOD);
         assert_eq!(read_block(&d, 5), vec![0x3f; 512]);
+    }
+
+    #[test]
+    fn a_delayed_read_tells_the_reactor_when_to_wake() {
+        let d = dev();
+        let delay = std::time::Duration::from_millis(40);
+        d.set_attr("fault_delay_us", &delay.as_micros().to_string())
+            .unwrap();
+        let mut t = ScsiTask::new(&[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], 0, 7);
+        plan(&d, &mut t).unwrap();
+        t.buf = Some(DataBuf::alloc(512).unwrap());
+        let mut port = ScsiPort::new();
+        assert_eq!(port.next_deadline(), None);
+        let t0 = Instant::now();
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        // No ring I/O and no socket will wake a sleeping reactor: the deadline must.
+        assert_eq!(port.inflight(), 0);
+        let due = port.next_deadline().expect("the held READ's deadline");
+        assert!(
+            due >= t0 + delay && due <= Instant::now() + delay,
+            "{due:?}"
+        );
+        let mut out = Vec::new();
+        while port.poll(&mut out) == 0 {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "never came"
+            );
+            std::thread::yield_now();
+        }
+        assert!(t0.elapsed() >= delay, "completed before its deadline");
+        complete(&mut t, out.pop().unwrap());
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(port.next_deadline(), None);
+        d.set_attr("fault_delay_us", "0").unwrap();
     }
 
     #[test]

@@ -1,499 +1,15 @@
-//! A small load generator over the crate's own initiator, for what the libiscsi tools cannot
-//! do (data digests, CHAP with SHA-2): reads or writes of one size at a fixed queue depth for a
-//! fixed time, printing `iops N mbps M` at the end.
-//!
-//! With `--verify` it checks data integrity instead: it reads the whole LUN and compares it
-//! with `--expect FILE` (what another initiator wrote), if given, then writes the whole LUN
-//! with a pattern unique to each byte offset and this run, reads it back and compares, all
-//! at the queue depth given. It exits non-zero at the first difference, naming its LBA.
-//!
-//! With `--soak` it checks data integrity under disruption: `--sessions` sessions on as many
-//! threads, each owning a disjoint slice of the LUN, run a random mix of READs and WRITEs of
-//! one block to `--max-io` bytes at the queue depth given for `--secs` seconds, while ABORT
-//! TASKs and abrupt connection drops (followed by session reinstatement) are injected at
-//! random. Every READ is checked against a model of what each block holds; at the end every
-//! session reads and checks its whole slice. The last line of output sums it up:
-//! `soak secs S sessions N ops N ... mismatches N ...`; any mismatch or unexpected error makes
-//! the exit code non-zero.
-//!
-//! With `--net af_packet:IF --ip ADDR/PREFIX` (or `tap:NAME`; `--gateway`, `--stack` as the
-//! daemon takes them) every session connects over the userspace TCP stack's client on that
-//! interface instead of the kernel's TCP: one stack on one queue of the interface, owned by
-//! this process and shared by its sessions, polled by whichever session waits. The address
-//! must be one the kernel does not hold on that interface: the kernel sees the same frames
-//! and would answer them with resets. `--stack syn_timeout_ms` bounds a connect; `backlog`
-//! and `max_half_open` are the target's and do nothing here. In a build with the `dpdk`
-//! feature, `--net dpdk:DEVARGS [--eal "ARGS"]` puts that stack on one queue of a DPDK port
-//! (`net_memif0,role=client,socket=PATH` against a target on the server end: neither side
-//! has kernel TCP); the EAL's main lcore is the first core the process may run on.
-//!
-//! ```text
-//! iscsi-bench --portal 127.0.0.1:3260 --target IQN [--lun 0] [--bs 131072] [--qd 16]
-//!             [--secs 10] [--write] [--random] [--digests] [--blocksize 512]
-//!             [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS --ip ADDR/PREFIX
-//!                   [--gateway ADDR] [--stack KEY=VALUE]... [--eal "ARGS"]]
-//!             [--verify [--expect FILE]]
-//!             [--soak [--sessions 4] [--max-io 262144] [--read-pct 50] [--abort-every 1]
-//!                     [--drop-every 8] [--relogin-delay 0] [--progress 60] [--seed N]]
-//! ```
+//! `--soak`: data integrity under ABORT TASKs and dropped connections.
+
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
-use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use iscsi_tgt::cli::{NetOptions, NetSpec};
-use iscsi_tgt::initiator::transport::tcp_connect;
-use iscsi_tgt::initiator::{cdb, Initiator, InitiatorError, LoginOptions, ScsiResult, Transport};
+use iscsi_tgt::initiator::{cdb, InitiatorError, ScsiResult};
 use iscsi_tgt::iscsi::pdu;
-use iscsi_tgt::net::ustack::client::ClientStack;
-use iscsi_tgt::net::ustack::dev::af_packet::AfPacketDev;
-use iscsi_tgt::net::ustack::dev::tap::TapDev;
-use iscsi_tgt::net::ustack::dev::NetDev;
 
-/// A session's connection, over whichever network `--net` names.
-type Conn = Box<dyn Transport + Send>;
-type Ini = Initiator<Conn>;
-
-/// What the sessions connect over.
-enum Network {
-    Kernel,
-    AfPacket(ClientStack<AfPacketDev>),
-    Tap(ClientStack<TapDev>),
-    #[cfg(feature = "dpdk")]
-    Dpdk(ClientStack<iscsi_tgt::net::ustack::dev::dpdk::DpdkDev>),
-}
-
-/// How long the program waits at its end for its connections' FIN handshakes.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-impl Network {
-    /// Opens the network `--net` names: for the userspace stack, one queue of the interface.
-    fn open(n: &NetOptions) -> Result<Network, String> {
-        fn stack<D: NetDev>(
-            n: &NetOptions,
-            what: &str,
-            dev: std::io::Result<D>,
-        ) -> Result<ClientStack<D>, String> {
-            let cfg = n.stack_config()?;
-            let dev = dev.map_err(|e| format!("cannot open {what}: {e}"))?;
-            ClientStack::new(dev, cfg)
-                .map_err(|e| format!("cannot start the userspace stack on {what}: {e}"))
-        }
-        Ok(match &n.spec {
-            NetSpec::Kernel => Network::Kernel,
-            NetSpec::AfPacket(ifname) => {
-                // The fanout group's id only has to differ from other programs' on the
-                // interface.
-                let fanout = (std::process::id() & 0xffff) as u16;
-                let dev = AfPacketDev::open(ifname, 0, 1, fanout);
-                Network::AfPacket(stack(n, &format!("af_packet:{ifname}"), dev)?)
-            }
-            NetSpec::Tap(name) => {
-                let dev = TapDev::open(name, 0, 1);
-                Network::Tap(stack(n, &format!("tap:{name}"), dev)?)
-            }
-            #[cfg(feature = "dpdk")]
-            NetSpec::Dpdk(devargs) => {
-                use iscsi_tgt::net::ustack::dev::dpdk;
-                // The EAL's main lcore on the core this process may run on first (taskset).
-                let core = iscsi_tgt::reactor::first_allowed_core()
-                    .map_err(|e| format!("cannot read the CPU affinity: {e}"))?;
-                let args = dpdk::eal_args("iscsi-bench", devargs, core, 0, &n.eal);
-                iscsi_tgt::env::dpdk::init(&args)?;
-                let dev = dpdk::open(devargs, 1)?
-                    .pop()
-                    .ok_or_else(|| format!("{devargs}: no queue"))?;
-                Network::Dpdk(stack(n, &format!("dpdk:{devargs}"), Ok(dev))?)
-            }
-            #[cfg(not(feature = "dpdk"))]
-            NetSpec::Dpdk(_) => {
-                return Err(
-                    "--net dpdk: this build has no DPDK; build with `cargo build --release --features dpdk`"
-                        .into(),
-                )
-            }
-        })
-    }
-
-    fn connect(&self, portal: &str) -> Result<Conn, String> {
-        let addr = || {
-            portal.parse::<std::net::SocketAddr>().map_err(|_| {
-                format!("--portal must be ADDRESS:PORT on the userspace stack, not {portal:?}")
-            })
-        };
-        let c: Conn = match self {
-            Network::Kernel => Box::new(tcp_connect(portal).map_err(|e| e.to_string())?),
-            Network::AfPacket(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
-            Network::Tap(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
-            #[cfg(feature = "dpdk")]
-            Network::Dpdk(s) => Box::new(s.connect(addr()?).map_err(|e| e.to_string())?),
-        };
-        Ok(c)
-    }
-
-    /// Lets the userspace stack finish closing what the sessions closed.
-    fn finish(&self) {
-        match self {
-            Network::Kernel => {}
-            Network::AfPacket(s) => {
-                s.finish(CLOSE_WAIT);
-            }
-            Network::Tap(s) => {
-                s.finish(CLOSE_WAIT);
-            }
-            #[cfg(feature = "dpdk")]
-            Network::Dpdk(s) => {
-                s.finish(CLOSE_WAIT);
-            }
-        }
-    }
-}
-
-struct Opts {
-    portal: String,
-    target: String,
-    lun: u64,
-    bs: u32,
-    qd: usize,
-    secs: f64,
-    write: bool,
-    random: bool,
-    digests: bool,
-    block_size: u32,
-    verify: bool,
-    expect: Option<String>,
-    soak: bool,
-    sessions: usize,
-    max_io: u32,
-    read_pct: u64,
-    /// Mean seconds between ABORT TASKs, per session (0: none).
-    abort_every: f64,
-    /// Mean seconds between connection drops, per session (0: none).
-    drop_every: f64,
-    /// Seconds between a drop and the new login.
-    relogin_delay: f64,
-    progress: f64,
-    seed: Option<u64>,
-    net: NetOptions,
-    /// What `net` names, opened once the arguments are parsed.
-    network: Network,
-}
-
-const USAGE: &str = "usage: iscsi-bench --portal ADDR:PORT --target IQN [--lun N] [--bs BYTES] [--qd N] [--secs S] [--write] [--random] [--digests] [--blocksize 512] [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS --ip ADDR/PREFIX [--gateway ADDR] [--stack KEY=VALUE]... [--eal ARGS]] [--verify [--expect FILE]] [--soak [--sessions N] [--max-io BYTES] [--read-pct P] [--abort-every S] [--drop-every S] [--relogin-delay S] [--progress S] [--seed N]]";
-
-fn parse() -> Result<Opts, String> {
-    let mut o = Opts {
-        portal: "127.0.0.1:3260".into(),
-        target: String::new(),
-        lun: 0,
-        bs: 131_072,
-        qd: 16,
-        secs: 10.0,
-        write: false,
-        random: false,
-        digests: false,
-        block_size: 512,
-        verify: false,
-        expect: None,
-        soak: false,
-        sessions: 4,
-        max_io: 262_144,
-        read_pct: 50,
-        abort_every: 1.0,
-        drop_every: 8.0,
-        relogin_delay: 0.0,
-        progress: 60.0,
-        seed: None,
-        net: NetOptions::default(),
-        network: Network::Kernel,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        if let Some(r) = o.net.parse_flag(&a, |name| {
-            args.next().ok_or_else(|| format!("{name} needs a value"))
-        }) {
-            r?;
-            continue;
-        }
-        let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
-        let num = |v: String| {
-            v.parse::<u64>()
-                .map_err(|_| format!("{a}: {v:?} is not a number"))
-        };
-        let secs = |v: String| match v.parse::<f64>() {
-            Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-            _ => Err(format!("{a}: {v:?} is not a number of seconds")),
-        };
-        match a.as_str() {
-            "--portal" => o.portal = val()?,
-            "--target" => o.target = val()?,
-            "--lun" => o.lun = num(val()?)?,
-            "--bs" => o.bs = num(val()?)? as u32,
-            "--qd" => o.qd = num(val()?)?.max(1) as usize,
-            "--secs" => o.secs = secs(val()?)?,
-            "--blocksize" => o.block_size = num(val()?)? as u32,
-            "--write" => o.write = true,
-            "--random" => o.random = true,
-            "--digests" => o.digests = true,
-            "--verify" => o.verify = true,
-            "--expect" => o.expect = Some(val()?),
-            "--soak" => o.soak = true,
-            "--sessions" => o.sessions = num(val()?)?.clamp(1, 255) as usize,
-            "--max-io" => o.max_io = num(val()?)?.min(1 << 24) as u32,
-            "--read-pct" => o.read_pct = num(val()?)?.min(100),
-            "--abort-every" => o.abort_every = secs(val()?)?,
-            "--drop-every" => o.drop_every = secs(val()?)?,
-            "--relogin-delay" => o.relogin_delay = secs(val()?)?,
-            "--progress" => o.progress = secs(val()?)?,
-            "--seed" => o.seed = Some(num(val()?)?),
-            "-h" | "--help" => return Err(USAGE.into()),
-            _ => return Err(format!("unknown argument {a}")),
-        }
-    }
-    if o.target.is_empty() {
-        return Err("--target is required".into());
-    }
-    if o.bs == 0 || o.block_size == 0 || !o.bs.is_multiple_of(o.block_size) {
-        return Err("--bs must be a non-zero multiple of --blocksize".into());
-    }
-    o.net.check()?;
-    Ok(o)
-}
-
-/// One session per process: the ISID carries the process id (a random-qualifier ISID, RFC
-/// 7143 §10.12.5), so that several runs at once are several sessions, not reinstatements of
-/// one.
-fn login(o: &Opts) -> Result<Ini, String> {
-    let pid = std::process::id().to_be_bytes();
-    let mut isid = LoginOptions::default().isid;
-    isid[2..].copy_from_slice(&pid);
-    login_as(o, "iqn.2026-11.org.iscsi-tgt:bench", isid)
-}
-
-fn login_as(o: &Opts, initiator_name: &str, isid: [u8; 6]) -> Result<Ini, String> {
-    let conn = o.network.connect(&o.portal)?;
-    let mut ini = Initiator::with_transport(conn).map_err(|e| e.to_string())?;
-    let mut keys = vec![("MaxRecvDataSegmentLength".to_string(), "262144".to_string())];
-    let d = if o.digests { "CRC32C" } else { "None" };
-    keys.push(("HeaderDigest".into(), d.into()));
-    keys.push(("DataDigest".into(), d.into()));
-    ini.login(&LoginOptions {
-        initiator_name: initiator_name.into(),
-        target_name: Some(o.target.clone()),
-        isid,
-        keys,
-        ..Default::default()
-    })
-    .map_err(|e| format!("login: {e}"))?;
-    Ok(ini)
-}
-
-/// READ CAPACITY (10), clearing the new nexus's unit attentions: (blocks, block size).
-fn capacity(ini: &mut Ini, lun: u64) -> Result<(u64, u32), String> {
-    for _ in 0..8 {
-        let r = ini
-            .scsi(lun, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], None, 8, true)
-            .map_err(|e| e.to_string())?;
-        if r.is_good() && r.data.len() >= 8 {
-            let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-            return Ok((u64::from(be(&r.data[0..4])) + 1, be(&r.data[4..8])));
-        }
-        if r.sense_key() != Some(6) {
-            return Err(format!("READ CAPACITY failed: {r:?}"));
-        }
-    }
-    Err("READ CAPACITY kept reporting unit attentions".into())
-}
-
-fn run(o: &Opts) -> Result<(u64, f64), String> {
-    let mut ini = login(o)?;
-    let (cap, _) = capacity(&mut ini, o.lun)?;
-    let blocks = o.bs / o.block_size;
-    let span = cap.saturating_sub(u64::from(blocks)).max(1);
-    let data = vec![0xa5u8; o.bs as usize];
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next_lba = 0u64;
-    let mut lba = || {
-        if o.random {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % span) / u64::from(blocks) * u64::from(blocks)
-        } else {
-            let l = next_lba;
-            next_lba = (next_lba + u64::from(blocks)) % span;
-            l
-        }
-    };
-    let submit = |ini: &mut Ini, l: u64| -> Result<(), String> {
-        let c = if o.write {
-            cdb::write16(l, blocks)
-        } else {
-            cdb::read16(l, blocks)
-        };
-        ini.submit(o.lun, &c, o.write.then_some(&data[..]), o.bs, !o.write)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
-    for _ in 0..o.qd {
-        submit(&mut ini, lba())?;
-    }
-    let start = Instant::now();
-    let end = start + Duration::from_secs_f64(o.secs);
-    let mut done = 0u64;
-    while ini.outstanding() > 0 {
-        let (_, r) = ini.wait_any().map_err(|e| e.to_string())?;
-        if !r.is_good() {
-            return Err(format!("I/O failed: {r:?}"));
-        }
-        done += 1;
-        if Instant::now() < end {
-            submit(&mut ini, lba())?;
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let _ = ini.logout();
-    Ok((done, secs))
-}
-
-/// The verify pattern: one word per 8 bytes, a mix of the run's seed and the byte offset, so
-/// that a block written to the wrong place, a stale block and a torn one all differ.
-fn pattern(seed: u64, offset: u64, out: &mut [u8]) {
-    for (i, w) in out.chunks_exact_mut(8).enumerate() {
-        let mut z = seed ^ (offset + 8 * i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        w.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-}
-
-/// Fills a write's buffer with the data for a byte offset.
-type Fill<'a> = &'a mut dyn FnMut(u64, &mut [u8]) -> Result<(), String>;
-/// Checks a read's data at a byte offset.
-type Check<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
-
-/// Moves the whole LUN in `bs` commands with `qd` of them in flight: writes `fill`'s data, or
-/// reads and hands each extent to `check`.
-fn sweep(
-    ini: &mut Ini,
-    o: &Opts,
-    size: u64,
-    block_size: u32,
-    mut fill: Option<Fill<'_>>,
-    check: Check<'_>,
-) -> Result<(), String> {
-    let write = fill.is_some();
-    let mut next = 0u64;
-    let mut inflight: HashMap<u32, u64> = HashMap::new();
-    let mut buf = vec![0u8; o.bs as usize];
-    loop {
-        while inflight.len() < o.qd && next < size {
-            let len = (size - next).min(u64::from(o.bs)) as usize;
-            let lba = next / u64::from(block_size);
-            let blocks = (len / block_size as usize) as u32;
-            let itt = if let Some(f) = fill.as_mut() {
-                f(next, &mut buf[..len])?;
-                ini.submit(
-                    o.lun,
-                    &cdb::write16(lba, blocks),
-                    Some(&buf[..len]),
-                    len as u32,
-                    false,
-                )
-            } else {
-                ini.submit(o.lun, &cdb::read16(lba, blocks), None, len as u32, true)
-            }
-            .map_err(|e| e.to_string())?;
-            inflight.insert(itt, next);
-            next += len as u64;
-        }
-        if inflight.is_empty() {
-            return Ok(());
-        }
-        let (itt, r) = ini.wait_any().map_err(|e| e.to_string())?;
-        let at = inflight.remove(&itt).ok_or("a completion for no command")?;
-        if !r.is_good() {
-            let what = if write { "WRITE" } else { "READ" };
-            return Err(format!(
-                "{what} at LBA {} failed: {r:?}",
-                at / u64::from(block_size)
-            ));
-        }
-        if !write {
-            check(at, &r.data)?;
-        }
-    }
-}
-
-/// The first differing byte of `got` against `want` as an error naming its LBA.
-fn compare(at: u64, got: &[u8], want: &[u8], block_size: u32, what: &str) -> Result<(), String> {
-    if got.len() != want.len() {
-        return Err(format!(
-            "{what}: short read at byte {at}: {} of {} bytes",
-            got.len(),
-            want.len()
-        ));
-    }
-    match got.iter().zip(want).position(|(a, b)| a != b) {
-        None => Ok(()),
-        Some(i) => {
-            let off = at + i as u64;
-            Err(format!(
-                "{what}: data differs at LBA {} (byte {off})",
-                off / u64::from(block_size)
-            ))
-        }
-    }
-}
-
-fn verify(o: &Opts) -> Result<u64, String> {
-    let mut ini = login(o)?;
-    let (blocks, block_size) = capacity(&mut ini, o.lun)?;
-    if !o.bs.is_multiple_of(block_size) {
-        return Err(format!(
-            "--bs {} is not a multiple of the LUN's {block_size}-byte blocks",
-            o.bs
-        ));
-    }
-    let size = blocks * u64::from(block_size);
-    if let Some(path) = &o.expect {
-        let mut f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-        let mut want = vec![0u8; o.bs as usize];
-        sweep(&mut ini, o, size, block_size, None, &mut |at, got| {
-            // Completions arrive in any order: read the file at the extent's offset.
-            use std::io::{Seek, SeekFrom};
-            f.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
-            f.read_exact(&mut want[..got.len()])
-                .map_err(|e| format!("{path}: {e}"))?;
-            compare(at, got, &want[..got.len()], block_size, path)
-        })?;
-    }
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    let mut gen = |at: u64, out: &mut [u8]| {
-        pattern(seed, at, out);
-        Ok(())
-    };
-    sweep(
-        &mut ini,
-        o,
-        size,
-        block_size,
-        Some(&mut gen),
-        &mut |_, _| Ok(()),
-    )?;
-    let mut want = vec![0u8; o.bs as usize];
-    sweep(&mut ini, o, size, block_size, None, &mut |at, got| {
-        pattern(seed, at, &mut want[..got.len()]);
-        compare(at, got, &want[..got.len()], block_size, "pattern")
-    })?;
-    let _ = ini.logout();
-    Ok(size)
-}
-
-// ------------------------------------------------------------------ soak
+use crate::net::Ini;
+use crate::opts::Opts;
+use crate::target::{capacity, login_as};
 
 /// The initiator name of the soak's sessions (each its own ISID).
 const SOAK_INITIATOR: &str = "iqn.2026-11.org.iscsi-tgt:soak";
@@ -877,7 +393,7 @@ impl SoakSession<'_> {
                 std::thread::sleep(RELOGIN_PAUSE);
             }
             let isid = soak_isid(self.id as u8);
-            match login_as(self.o, SOAK_INITIATOR, isid).and_then(|mut ini| {
+            match login_as(self.o, self.o.single(), SOAK_INITIATOR, isid).and_then(|mut ini| {
                 self.clear_unit_attentions(&mut ini)?;
                 Ok(ini)
             }) {
@@ -896,7 +412,7 @@ impl SoakSession<'_> {
     fn clear_unit_attentions(&self, ini: &mut Ini) -> Result<(), String> {
         for _ in 0..16 {
             let r = ini
-                .test_unit_ready(self.o.lun)
+                .test_unit_ready(self.o.single().lun)
                 .map_err(|e| format!("TEST UNIT READY: {e}"))?;
             if r.is_good() {
                 return Ok(());
@@ -977,7 +493,7 @@ impl SoakSession<'_> {
     ) -> Result<(), InitiatorError> {
         let bs = self.block_size as usize;
         let len = blocks * self.block_size;
-        let lun = self.o.lun;
+        let lun = self.o.single().lun;
         let itt = if write {
             let mut data = vec![0u8; len as usize];
             for (k, b) in data.chunks_exact_mut(bs).enumerate() {
@@ -1182,7 +698,7 @@ impl SoakSession<'_> {
         live.sort_unstable();
         let itt = live[self.below(live.len() as u64) as usize];
         self.c.add(K::Aborts, 1);
-        let lun = self.o.lun;
+        let lun = self.o.single().lun;
         let (response, ended) = self.ini()?.abort_task(lun, itt)?;
         match response {
             pdu::TMF_RSP_COMPLETE => self.c.add(K::TmfComplete, 1),
@@ -1354,14 +870,14 @@ fn soak_session(
 }
 
 /// The soak: returns whether it was clean (no mismatch, no error).
-fn soak(o: &Opts) -> Result<bool, String> {
+pub fn soak(o: &Opts) -> Result<bool, String> {
     let seed = o.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let mut ini = login_as(o, SOAK_INITIATOR, soak_isid(0xff))?;
-    let (blocks, block_size) = capacity(&mut ini, o.lun)?;
+    let mut ini = login_as(o, o.single(), SOAK_INITIATOR, soak_isid(0xff))?;
+    let (blocks, block_size) = capacity(&mut ini, o.single().lun)?;
     let _ = ini.logout();
     if block_size < 16 || !block_size.is_multiple_of(8) || o.max_io < block_size {
         return Err(format!(
@@ -1427,73 +943,6 @@ fn soak(o: &Opts) -> Result<bool, String> {
         o.sessions
     );
     Ok(clean && errors == 0 && mismatches == 0)
-}
-
-fn main() -> ExitCode {
-    let mut o = match parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("iscsi-bench: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    // Warnings of the network devices (a peer's oversized frames, ...) on stderr.
-    iscsi_tgt::util::init_logging("warn");
-    o.network = match Network::open(&o.net) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("iscsi-bench: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = bench(&o);
-    o.network.finish();
-    code
-}
-
-/// The run the options ask for: the soak, the verification or the benchmark.
-fn bench(o: &Opts) -> ExitCode {
-    if o.soak {
-        return match soak(o) {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::FAILURE,
-            Err(e) => {
-                eprintln!("iscsi-bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if o.verify {
-        return match verify(o) {
-            Ok(size) => {
-                println!(
-                    "verified {size} bytes{} and a written pattern at queue depth {}",
-                    if o.expect.is_some() {
-                        " against the file"
-                    } else {
-                        ""
-                    },
-                    o.qd
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("iscsi-bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    match run(o) {
-        Ok((n, secs)) => {
-            let iops = n as f64 / secs;
-            println!("iops {:.0} mbps {:.0}", iops, iops * f64::from(o.bs) / 1e6);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("iscsi-bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 #[cfg(test)]
