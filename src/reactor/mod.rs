@@ -318,8 +318,8 @@ fn run<P: Poller>(
     let mut idle_since: Option<Instant> = None;
     let mut last = Instant::now();
     loop {
-        let now = Instant::now();
-        ctx.now = now;
+        // The clock is read once per iteration: the end of one is the start of the next.
+        ctx.now = last;
         let mut did = false;
         while let Ok(m) = rx.try_recv() {
             poller.handle(m, &mut ctx);

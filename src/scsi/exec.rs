@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -880,11 +881,38 @@ struct PortChannel {
     info: DevInfo,
 }
 
+/// Hashes the channel map's keys, device addresses: they are not chosen by any peer, so a
+/// multiply spreads them well enough, for less than SipHash costs on every I/O.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 ^ (n as u64 >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// How many passes with no backend I/O outstanding go by between looks for the channels of
+/// deleted devices.
+const SWEEP_EVERY: u32 = 1024;
+
 /// The SCSI core's state on one reactor: one channel per device, opened on first use, and
 /// the reactor's backend I/O context (its io_uring, shared by every file and block device).
 pub struct ScsiPort {
     // Declared before `io`: channels go first, then the ring waits out what is in flight.
-    channels: HashMap<usize, PortChannel>,
+    channels: HashMap<usize, PortChannel, BuildHasherDefault<AddrHasher>>,
+    /// I/O submitted to the channels and not yet collected from them: with none, a poll
+    /// has nothing to ask them (but a periodic sweep for deleted devices' channels).
+    outstanding: usize,
+    idle_polls: u32,
     io: IoContext,
     scratch: Vec<BdevCompletion>,
     /// Read-modify-write commands in progress, by tag.
@@ -904,13 +932,21 @@ impl Default for ScsiPort {
 impl ScsiPort {
     pub fn new() -> ScsiPort {
         ScsiPort {
-            channels: HashMap::new(),
+            channels: HashMap::default(),
+            outstanding: 0,
+            idle_polls: 0,
             io: IoContext::new(),
             scratch: Vec::with_capacity(256),
             rmw: HashMap::new(),
             rmw_waiting: VecDeque::new(),
             rmw_done: Vec::new(),
         }
+    }
+
+    /// Hands `io` to the device's channel on this reactor.
+    fn submit(&mut self, dev: &Arc<Device>, io: BdevIo) {
+        self.outstanding += 1;
+        self.channel(dev).submit(io);
     }
 
     fn channel(&mut self, dev: &Arc<Device>) -> &mut Box<dyn IoChannel> {
@@ -976,14 +1012,17 @@ impl ScsiPort {
                     task.buf.take()
                 };
                 let tag = task.tag;
-                self.channel(dev).submit(BdevIo {
-                    tag,
-                    op,
-                    offset,
-                    len,
-                    buf,
-                    ranges: Vec::new(),
-                });
+                self.submit(
+                    dev,
+                    BdevIo {
+                        tag,
+                        op,
+                        offset,
+                        len,
+                        buf,
+                        ranges: Vec::new(),
+                    },
+                );
                 Exec::Pending
             }
             UNMAP | WRITE_SAME_10 | WRITE_SAME_16 => Exec::Done,
@@ -1063,14 +1102,17 @@ impl ScsiPort {
         };
         let tag = task.tag;
         let ranges = std::mem::take(&mut task.ranges);
-        self.channel(dev).submit(BdevIo {
-            tag,
-            op,
-            offset,
-            len,
-            buf,
-            ranges,
-        });
+        self.submit(
+            dev,
+            BdevIo {
+                tag,
+                op,
+                offset,
+                len,
+                buf,
+                ranges,
+            },
+        );
         Exec::Pending
     }
 
@@ -1104,10 +1146,20 @@ impl ScsiPort {
         }
         self.io.poll();
         let start = out.len();
+        if self.outstanding == 0 {
+            self.idle_polls += 1;
+            if self.idle_polls < SWEEP_EVERY {
+                out.append(&mut self.rmw_done);
+                return out.len() - start;
+            }
+        }
+        self.idle_polls = 0;
         let scratch = &mut self.scratch;
+        let outstanding = &mut self.outstanding;
         self.channels.retain(|_, pc| {
             scratch.clear();
             pc.ch.poll(scratch);
+            *outstanding = outstanding.saturating_sub(scratch.len());
             let info = pc.info;
             out.extend(scratch.drain(..).map(|c| Completion(c, info, Outcome::Io)));
             // A deleted device's channel goes once its last I/O is back, releasing the
@@ -1150,14 +1202,17 @@ impl ScsiPort {
             };
             op.stage = RmwStage::Reading;
             let (dev, offset, len) = (op.dev.clone(), op.offset, op.len);
-            self.channel(&dev).submit(BdevIo {
-                tag,
-                op: IoOp::Read,
-                offset,
-                len,
-                buf: Some(buf),
-                ranges: Vec::new(),
-            });
+            self.submit(
+                &dev,
+                BdevIo {
+                    tag,
+                    op: IoOp::Read,
+                    offset,
+                    len,
+                    buf: Some(buf),
+                    ranges: Vec::new(),
+                },
+            );
         }
     }
 
@@ -1191,14 +1246,17 @@ impl ScsiPort {
                 }
                 op.stage = RmwStage::Writing;
                 let (dev, offset, fua) = (op.dev.clone(), op.offset, op.fua);
-                self.channel(&dev).submit(BdevIo {
-                    tag,
-                    op: IoOp::Write { fua },
-                    offset,
-                    len: len as u32,
-                    buf: Some(medium),
-                    ranges: Vec::new(),
-                });
+                self.submit(
+                    &dev,
+                    BdevIo {
+                        tag,
+                        op: IoOp::Write { fua },
+                        offset,
+                        len: len as u32,
+                        buf: Some(medium),
+                        ranges: Vec::new(),
+                    },
+                );
             }
             (RmwStage::Reading, Err(e)) => self.rmw_finish(tag, Err(e), Outcome::ReadFailed),
             (_, result) => self.rmw_finish(tag, result, Outcome::Io),
