@@ -43,6 +43,8 @@ usage: iscsi-tgt [OPTIONS]
   --mode poll|adaptive  poll spins; adaptive sleeps in epoll when idle [adaptive]
   --config FILE         configuration to load at start (the save_config format)
   --mem-size MB         size of the DMA buffer pool [512]
+  --coalesce-us US      how long a connection's responses may wait for more to join them
+                        while its commands arrive less than US apart (0: never) [20]
   --log LEVEL           error, warn, info, debug or trace [info]
   -h, --help            this text
   -V, --version         print the version
@@ -59,6 +61,8 @@ pub struct Options {
     pub mode: Mode,
     pub config: Option<PathBuf>,
     pub mem_size_mb: usize,
+    /// Response coalescing (see [`crate::iscsi::engine::DEFAULT_COALESCE_US`]).
+    pub coalesce_us: u64,
     pub log_level: String,
 }
 
@@ -279,6 +283,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
         mode: Mode::Adaptive,
         config: None,
         mem_size_mb: 512,
+        coalesce_us: crate::iscsi::engine::DEFAULT_COALESCE_US,
         log_level: "info".into(),
     };
     let mut it = args.into_iter();
@@ -336,6 +341,14 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, String> 
                     .ok_or_else(|| {
                         format!("--mem-size must be a number of MiB from 16 to 1048576, not {v:?}")
                     })?;
+            }
+            "--coalesce-us" => {
+                let v = value("--coalesce-us")?;
+                o.coalesce_us = v.parse().ok().filter(|n| *n <= 1000).ok_or_else(|| {
+                    format!(
+                        "--coalesce-us must be a number of microseconds from 0 to 1000, not {v:?}"
+                    )
+                })?;
             }
             "--log" => {
                 let v = value("--log")?;

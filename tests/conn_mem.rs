@@ -113,3 +113,73 @@ fn a_burst_of_commands_costs_one_receive_and_one_send() {
         "the answers leave in one vectored send"
     );
 }
+
+#[test]
+fn responses_are_held_for_coalescing_only_while_commands_stream_in() {
+    let hold = Duration::from_micros(20);
+    let mut r = Rig::new();
+    r.login();
+    r.send(&mem_rig::scsi_command(
+        1,
+        1,
+        &[0; 6],
+        (false, false),
+        0,
+        &[],
+    ));
+    r.received();
+    let read = |itt: u32, cmd_sn: u32| {
+        mem_rig::scsi_command(
+            itt,
+            cmd_sn,
+            &[0x28, 0, 0, 0, 0, 8, 0, 0, 8, 0],
+            (true, false),
+            4096,
+            &[],
+        )
+    };
+    // Queue depth 1: each command comes a round trip (here 100 µs) after the last.
+    for i in 0..4u32 {
+        r.now += Duration::from_micros(100);
+        let input = read(0x100 + i, 2 + i);
+        r.net
+            .sock_mut(r.sock)
+            .unwrap()
+            .input
+            .extend_from_slice(&input);
+        r.pass_without_flush();
+        assert!(
+            !r.conn.hold_output(r.now, hold, 16),
+            "a response at queue depth 1 goes at once"
+        );
+        r.pass();
+        assert_eq!(r.received().len(), 1);
+    }
+    // A deep queue: commands a few microseconds apart.
+    for i in 0..8u32 {
+        r.now += Duration::from_micros(2);
+        let input = read(0x200 + i, 6 + i);
+        r.net
+            .sock_mut(r.sock)
+            .unwrap()
+            .input
+            .extend_from_slice(&input);
+        r.pass_without_flush();
+    }
+    assert!(
+        r.conn.hold_output(r.now, hold, 16),
+        "responses to a stream of commands wait for more to join them"
+    );
+    assert!(
+        !r.conn.hold_output(r.now, hold, 8),
+        "but no more than the most PDUs held"
+    );
+    assert!(r.conn.hold_output(r.now, hold, 16));
+    r.now += hold;
+    assert!(
+        !r.conn.hold_output(r.now, hold, 16),
+        "and no longer than the hold time"
+    );
+    r.pass();
+    assert_eq!(r.received().len(), 8, "all eight answered in one go");
+}

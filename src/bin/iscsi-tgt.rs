@@ -109,6 +109,9 @@ fn run(opts: Options) -> Result<(), String> {
         cores.len(),
         budget.connections,
     );
+    shared
+        .coalesce_us
+        .store(opts.coalesce_us, std::sync::atomic::Ordering::Relaxed);
 
     let reactors = reactor::spawn_group(&cores, opts.mode, &*network, {
         let shared = shared.clone();

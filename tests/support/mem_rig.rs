@@ -135,6 +135,25 @@ impl Rig {
         }
     }
 
+    /// Reads and executes what arrived, and completes backend I/O, without sending anything:
+    /// the responses stay queued (for the coalescing decision).
+    pub fn pass_without_flush(&mut self) {
+        let mut cx = ConnCtx {
+            now: self.now,
+            snapshot: &self.snap,
+            shared: &self.shared,
+            port: &mut self.port,
+            net: &mut self.net,
+            index: 0,
+        };
+        self.conn.on_readable(&mut cx);
+        cx.port.poll(&mut self.done);
+        for c in self.done.drain(..) {
+            let (_, slot) = iscsi_tgt::iscsi::conn::split_task_tag(c.tag());
+            self.conn.on_completion(slot, c, &mut cx);
+        }
+    }
+
     /// Lets `d` of virtual time pass.
     pub fn wait(&mut self, d: Duration) {
         self.now += d;

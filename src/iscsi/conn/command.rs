@@ -101,6 +101,7 @@ impl Conn {
             self.queue_reject(pdu::REJECT_PROTOCOL_ERROR, &raw);
             return None;
         };
+        self.note_command(cx.now);
         // Counted once it holds a slot: every task is answered (or aborted) exactly once.
         if let Some(info) = self.sess.as_ref().and_then(|s| s.info.as_deref()) {
             info.command_received();

@@ -168,6 +168,11 @@ pub struct Conn {
     buf_share: usize,
     /// Whether the socket wants to be polled for writability.
     want_write: bool,
+    /// Response coalescing: when the first PDU now queued was held back, when the last
+    /// command arrived, and the smoothed gap between command arrivals (ns).
+    tx_held_since: Option<Instant>,
+    last_cmd_at: Option<Instant>,
+    cmd_gap_ns: u64,
     /// Since when queued output has made no progress (the initiator reads nothing).
     tx_stalled_since: Option<Instant>,
     /// The last `on_readable` stopped at its budget: input may be left in the staging buffer,
@@ -248,6 +253,9 @@ impl Conn {
             buf_held: 0,
             buf_share: crate::env::session_share(),
             want_write: false,
+            tx_held_since: None,
+            last_cmd_at: None,
+            cmd_gap_ns: u64::MAX,
             tx_stalled_since: None,
             rx_more: false,
             rx_drained: false,
@@ -306,6 +314,46 @@ impl Conn {
     /// ([`OWNED_BACKLOG_LIMIT`]).
     pub fn wants_read(&self) -> bool {
         self.tx.owned_bytes() < OWNED_BACKLOG_LIMIT
+    }
+
+    /// Notes a command's arrival for response coalescing.
+    pub(super) fn note_command(&mut self, now: Instant) {
+        if let Some(last) = self.last_cmd_at {
+            let gap = now.saturating_duration_since(last).as_nanos() as u64;
+            self.cmd_gap_ns = if self.cmd_gap_ns == u64::MAX {
+                gap
+            } else {
+                (self.cmd_gap_ns * 3 + gap) / 4
+            };
+        }
+        self.last_cmd_at = Some(now);
+    }
+
+    /// Whether this pass's output should wait (at most `hold`) for more responses to join
+    /// it: only while commands stream in faster than `hold` apart, so a lone command at
+    /// queue depth 1 is answered at once, and never beyond `max_pdus` queued PDUs.
+    pub fn hold_output(&mut self, now: Instant, hold: Duration, max_pdus: usize) -> bool {
+        if hold.is_zero()
+            || self.phase != Phase::FullFeature
+            || self.want_write
+            || self.tx.is_empty()
+            || self.tx.len() >= max_pdus
+            || self.cmd_gap_ns >= hold.as_nanos() as u64
+        {
+            self.tx_held_since = None;
+            return false;
+        }
+        let since = *self.tx_held_since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= hold {
+            self.tx_held_since = None;
+            return false;
+        }
+        true
+    }
+
+    /// When held output must go at the latest.
+    pub fn held_until(&self, hold: Duration) -> Option<Instant> {
+        self.tx_held_since.map(|t| t + hold)
     }
 
     /// Frees a task slot, returning its buffer's charge to the session's share.
