@@ -55,6 +55,8 @@ enum PlotError {
     FontInvalid(PathBuf),
     /// cannot draw {0}: {1}
     Draw(PathBuf, String),
+    /// cannot write {0}: {1}
+    Encode(PathBuf, png::EncodingError),
     /// {0}
     Usage(String),
 }
@@ -524,6 +526,18 @@ fn percentile_label(n: f64) -> String {
 struct Line {
     name: String,
     points: Vec<(f64, f64)>,
+    /// The target's place among all the run's targets: its colour, the same on every plot.
+    color: usize,
+    /// iscsi-perf's lines are thin with hollow markers beside iscsi-bench's.
+    thin: bool,
+}
+
+/// A target's colour index: its place among the targets of the whole matrix.
+fn color_of(r: &Results, label: &str) -> usize {
+    ordered(r.matrix().map(|x| x.label.as_str()))
+        .iter()
+        .position(|l| *l == label)
+        .unwrap_or(0)
 }
 
 /// The IOPS-against-queue-depth lines for 4 KiB random I/O of one direction.
@@ -557,6 +571,8 @@ fn iops_lines(r: &Results, rw: &str) -> Vec<Line> {
             (!points.is_empty()).then(|| Line {
                 name: format!("{label}, {ini}"),
                 points,
+                color: color_of(r, label),
+                thin: ini == "iscsi-perf",
             })
         })
         .collect()
@@ -579,6 +595,8 @@ fn cdf_lines(r: &Results, qd: u64) -> Vec<Line> {
             (points.len() >= 2).then(|| Line {
                 name: x.label.clone(),
                 points,
+                color: color_of(r, &x.label),
+                thin: false,
             })
         })
         .collect()
@@ -616,19 +634,27 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    for (i, line) in lines.iter().enumerate() {
-        let c = color(i);
+    for line in lines {
+        let c = color(line.color);
+        let width = if line.thin { 1 } else { 2 };
         chart
             .draw_series(LineSeries::new(
                 line.points.iter().copied(),
-                c.stroke_width(2),
+                c.stroke_width(width),
             ))
             .map_err(draw_err(path))?
             .label(line.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+            });
         if markers {
+            let style = if line.thin {
+                c.stroke_width(2)
+            } else {
+                c.filled()
+            };
             chart
-                .draw_series(line.points.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .draw_series(line.points.iter().map(|&p| Circle::new(p, 4, style)))
                 .map_err(draw_err(path))?;
         }
     }
@@ -642,15 +668,46 @@ where
         .map_err(draw_err(path))
 }
 
-fn canvas(path: &Path) -> Result<DrawingArea<BitMapBackend<'_>, Shift>> {
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
-    root.fill(&WHITE).map_err(draw_err(path))?;
-    Ok(root)
+/// Draws a plot into an RGB buffer of `SIZE` and writes it to `path` as a PNG. (plotters'
+/// own PNG encoder would bring in the `image` crate, which doubles the plots' build time.)
+fn render<F>(path: &Path, draw: F) -> Result<()>
+where
+    F: FnOnce(&DrawingArea<BitMapBackend<'_>, Shift>) -> Result<()>,
+{
+    let mut rgb = vec![0u8; SIZE.0 as usize * SIZE.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err(path))?;
+        draw(&root)?;
+        root.present().map_err(draw_err(path))?;
+    }
+    write_png(path, &rgb).map_err(|e| PlotError::Encode(path.to_path_buf(), e))
+}
+
+fn write_png(path: &Path, rgb: &[u8]) -> std::result::Result<(), png::EncodingError> {
+    let file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut enc = png::Encoder::new(file, SIZE.0, SIZE.1);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    // The plots are committed: a few hundred KiB less each is worth the milliseconds.
+    enc.set_compression(png::Compression::Best);
+    enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
+    let mut w = enc.write_header()?;
+    w.write_image_data(rgb)?;
+    w.finish()
 }
 
 /// IOPS against queue depth (a log2 axis labelled with the depths).
 fn plot_iops(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
-    let root = canvas(path)?;
+    render(path, |root| draw_iops(root, path, title, lines))
+}
+
+fn draw_iops(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    path: &Path,
+    title: &str,
+    lines: &[Line],
+) -> Result<()> {
     let max_x = lines
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.0))
@@ -659,7 +716,7 @@ fn plot_iops(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
         .iter()
         .flat_map(|l| l.points.iter().map(|p| p.1))
         .fold(1.0f64, f64::max);
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(50)
@@ -683,17 +740,24 @@ fn plot_iops(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
         .axis_desc_style(("sans-serif", 17))
         .draw()
         .map_err(draw_err(path))?;
-    draw_lines(&mut chart, lines, path, true)?;
-    root.present().map_err(draw_err(path))
+    draw_lines(&mut chart, lines, path, true)
 }
 
 /// Latency CDFs: latency on a log axis, the percentile on the nines axis.
 fn plot_cdf(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
-    let root = canvas(path)?;
+    render(path, |root| draw_cdf(root, path, title, lines))
+}
+
+fn draw_cdf(
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    path: &Path,
+    title: &str,
+    lines: &[Line],
+) -> Result<()> {
     let lats = || lines.iter().flat_map(|l| l.points.iter().map(|p| p.0));
     let lo = lats().fold(f64::INFINITY, f64::min).max(0.1);
     let hi = lats().fold(0.0f64, f64::max).max(lo * 2.0);
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 24))
         .margin(15)
         .x_label_area_size(50)
@@ -732,8 +796,7 @@ fn plot_cdf(path: &Path, title: &str, lines: &[Line]) -> Result<()> {
             ("sans-serif", 14).into_font().color(&BLACK.mix(0.6)),
         )])
         .map_err(draw_err(path))?;
-    draw_lines(&mut chart, lines, path, false)?;
-    root.present().map_err(draw_err(path))
+    draw_lines(&mut chart, lines, path, false)
 }
 
 /// Writes the PNGs the results allow (a plot without data is left out, and said so); returns
