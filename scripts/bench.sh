@@ -37,7 +37,7 @@
 #   SPDK_DIR=/var/tmp/spdk TARGETS="iscsi-tgt-kernel spdk" INITIATORS=iscsi-bench scripts/bench.sh
 #   PEERS="lio=iscsi://127.0.0.1:3260/iqn.2003-01.org.linux-iscsi.x:sn/0" scripts/bench.sh
 # PORT (default 14300) is the first of five ports it takes; NET (10.83) the first two octets of
-# the namespaces' addresses.
+# the namespaces' addresses; NOTE a sentence for results.md about the run (the machine's state).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -457,12 +457,13 @@ stop_spdk() {
 # The same random data for every target.
 dd if=/dev/urandom of="$DATA" bs=1M count="$SIZE_MB" status=none || die "cannot write $DATA"
 python3 - "$SECS" "$RAMP" "$MODE" "$TARGET_CORE" "$INIT_CORE" "$(git -C "$ROOT" rev-parse --short HEAD)" \
-    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$QUICK" >>"$JSONL" <<'EOF'
+    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" "$QUICK" "${NOTE:-}" >>"$JSONL" <<'EOF'
 import json, sys, time
-secs, ramp, mode, tc, ic, commit, cpu, quick = sys.argv[1:]
+secs, ramp, mode, tc, ic, commit, cpu, quick, note = sys.argv[1:]
 print(json.dumps({"kind": "meta", "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": commit,
                   "cpu": cpu, "secs": float(secs), "ramp": float(ramp), "mode": mode,
-                  "target_core": int(tc), "init_core": int(ic), "quick": quick == "1"}))
+                  "target_core": int(tc), "init_core": int(ic), "quick": quick == "1",
+                  "note": note}))
 EOF
 [ "$BENCH_JSON" = 1 ] || echo "bench.sh: this iscsi-bench has no --json: its older flags are used (no latencies, the ramp-up counted)" >&2
 MODE_NOW=$MODE

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! A line of `results.jsonl` has a `kind`:
-//! - `meta`: the run's settings (`date`, `commit`, `cpu`, `secs`, `ramp`, `mode`, cores);
+//! - `meta`: the run's settings (`date`, `commit`, `cpu`, `secs`, `ramp`, `mode`, cores, `note`);
 //! - `run`: one measurement: `part` (`matrix` for the table and plots, `modes` for the
 //!   adaptive-mode comparison), `target` (`iscsi-tgt`, `tgtd`, `spdk` or a peer's name), `net`,
 //!   `label` (what the tables and plots call the target), `mode`, `initiator`, `workload` (its
@@ -85,6 +85,8 @@ struct Meta {
     mode: String,
     target_core: u32,
     init_core: u32,
+    /// What the person who ran it wants said about the run (bench.sh's NOTE).
+    note: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -260,13 +262,16 @@ fn render_markdown(r: &Results) -> String {
         md,
         "{} (commit {}), {}. Target on core {}, initiator on core {}; iscsi-tgt in {} mode. \
          {} s per run after {} s of ramp-up; 1 GiB RAM LUNs filled with the same random data. \
-         Busy µs per I/O is the target's busy time over the run divided by the I/Os done \
-         (iscsi-tgt: its reactor's busy_ns; SPDK and peers with rpc=: framework_get_reactors' \
+         Busy µs per I/O is the target's busy time over the measured interval divided by the \
+         I/Os done in it (iscsi-tgt: its reactors' busy_ns; SPDK and peers with rpc=: framework_get_reactors' \
          busy ticks; tgtd: its process's CPU time). Latency percentiles are iscsi-bench's, from \
          submission of a command to its response. A throughput of `error` means the run \
          failed (its message is in results.jsonl).\n",
         m.date, m.commit, m.cpu, m.target_core, m.init_core, m.mode, m.secs, m.ramp
     );
+    if !m.note.is_empty() {
+        let _ = writeln!(md, "Note: {}\n", m.note);
+    }
     let matrix: Vec<&Run> = r.matrix().collect();
     // Every table has every workload, so that what an initiator cannot do shows as n/a.
     let workloads = ordered(matrix.iter().map(|x| x.workload.as_str()));
@@ -938,7 +943,7 @@ mod tests {
 
     fn sample() -> Results {
         let mut lines = vec![
-            r#"{"kind":"meta","date":"2026-01-01","commit":"abc","cpu":"cpu","secs":5,"ramp":1,"mode":"poll","target_core":1,"init_core":0}"#.to_string(),
+            r#"{"kind":"meta","date":"2026-01-01","commit":"abc","cpu":"cpu","secs":5,"ramp":1,"mode":"poll","target_core":1,"init_core":0,"note":"a test"}"#.to_string(),
         ];
         for qd in [1, 8, 32, 128] {
             let q = qd as f64;
@@ -1015,6 +1020,7 @@ mod tests {
         assert!(row.contains("| error |"), "{row}");
         assert!(row.ends_with("| n/a |"), "{row}");
         assert!(md.contains("- SPDK, iscsi-bench, read 131072 QD16: connection refused\n"));
+        assert!(md.contains("\nNote: a test\n"));
     }
 
     #[test]
