@@ -37,7 +37,8 @@
 #   SPDK_DIR=/var/tmp/spdk TARGETS="iscsi-tgt-kernel spdk" INITIATORS=iscsi-bench scripts/bench.sh
 #   PEERS="lio=iscsi://127.0.0.1:3260/iqn.2003-01.org.linux-iscsi.x:sn/0" scripts/bench.sh
 # PORT (default 14300) is the first of five ports it takes; NET (10.83) the first two octets of
-# the namespaces' addresses; NOTE a sentence for results.md about the run (the machine's state).
+# the namespaces' addresses; NOTE a sentence for results.md about the run (the machine's state);
+# ISCSI_TGT_BIN and ISCSI_BENCH_BIN other builds of the target and of iscsi-bench.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -95,7 +96,7 @@ SOCK=$WORK/rpc.sock
 DATA=/dev/shm/iscsi-tgt-bench-$TAG.img
 TGTD_IMG=/dev/shm/iscsi-tgt-bench-tgtd-$TAG.img
 SPDK_SOCK=$WORK/spdk.sock
-BENCH=$ROOT/target/release/iscsi-bench
+BENCH=${ISCSI_BENCH_BIN:-$ROOT/target/release/iscsi-bench}
 PLOT=$ROOT/target/release/iscsi-bench-plot
 BUSY="python3 $ROOT/scripts/busy.py"
 JSONL=$OUT/results.jsonl
@@ -172,7 +173,10 @@ mkdir -p "$OUT"
 : >"$JSONL"
 
 # The iscsi-bench this build has: with --json (and --url, --rw, --ramp) or the older flags.
-if "$BENCH" --help 2>&1 | grep -q -- --json; then BENCH_JSON=1; else BENCH_JSON=0; fi
+# (Its --help exits non-zero: the usage is read before it is searched.)
+[ -x "$BENCH" ] || die "no iscsi-bench at $BENCH"
+bench_usage=$("$BENCH" --help 2>&1 || true)
+if grep -q -- --json <<<"$bench_usage"; then BENCH_JSON=1; else BENCH_JSON=0; fi
 
 # --- the initiators --------------------------------------------------------------------------
 

@@ -527,6 +527,27 @@ fn percentile_label(n: f64) -> String {
     format!("{p:.decimals$} %")
 }
 
+/// A label of the log latency axis: only at 1, 2 and 5 times a power of ten (every tick
+/// labelled runs into its neighbours at the top of a decade).
+fn latency_label(v: f64) -> String {
+    if !(v.is_finite() && v > 0.0) {
+        return String::new();
+    }
+    let lead = v / 10f64.powf(v.log10().floor());
+    if [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .any(|d| (lead - d).abs() < 1e-6)
+    {
+        if v >= 1.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v}")
+        }
+    } else {
+        String::new()
+    }
+}
+
 /// One line of an IOPS plot: a target and initiator, its points sorted by queue depth.
 struct Line {
     name: String,
@@ -775,13 +796,7 @@ fn draw_cdf(
         .y_desc("percentile")
         .y_labels(MAX_NINES as usize + 1)
         .y_label_formatter(&|v| percentile_label(*v))
-        .x_label_formatter(&|v| {
-            if *v >= 10.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v}")
-            }
-        })
+        .x_label_formatter(&|v| latency_label(*v))
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .draw()
@@ -1070,6 +1085,15 @@ mod tests {
         assert_eq!(percentile_label(0.0), "0 %");
         assert_eq!(percentile_label(2.0), "99 %");
         assert_eq!(percentile_label(4.0), "99.99 %");
+    }
+
+    #[test]
+    fn latency_axis_labels_ones_twos_and_fives() {
+        let labels: Vec<String> = [100.0, 200.0, 300.0, 500.0, 900.0, 1000.0, 7000.0, 0.5]
+            .iter()
+            .map(|v| latency_label(*v))
+            .collect();
+        assert_eq!(labels, ["100", "200", "", "500", "", "1000", "", "0.5"]);
     }
 
     #[test]
