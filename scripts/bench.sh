@@ -91,18 +91,17 @@ NS_T=ibm-t-$TAG
 NS_I=ibm-i-$TAG
 T_IP=$NET.0.2
 I_IP=$NET.0.1
-WORK=$(mktemp -d /tmp/iscsi-tgt-bench.XXXXXX)
-SOCK=$WORK/rpc.sock
 DATA=/dev/shm/iscsi-tgt-bench-$TAG.img
 TGTD_IMG=/dev/shm/iscsi-tgt-bench-tgtd-$TAG.img
-SPDK_SOCK=$WORK/spdk.sock
 BENCH=${ISCSI_BENCH_BIN:-$ROOT/target/release/iscsi-bench}
 PLOT=$ROOT/target/release/iscsi-bench-plot
 BUSY="python3 $ROOT/scripts/busy.py"
 JSONL=$OUT/results.jsonl
 TGTD_PID=
 SPDK_PID=
-BG_PIDS=()
+# The hugepage count before start_spdk raised it, and what it set.
+HP_BEFORE=
+HP_SET=
 NETNS=0
 
 # Peers: NAME=URL[;rpc=SOCK].
@@ -133,16 +132,21 @@ wants() { case " $TARGETS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 cleanup() {
     local pid
-    for pid in "${BG_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     stop_target || true
     stop_tgtd
     stop_spdk
+    # What else this shell started and has not waited for yet (busy.py, qemu-io, iperf3, the
+    # mixed run): only its own children, never a PID that may have been reused since.
+    for pid in $(jobs -p); do kill "$pid" 2>/dev/null || true; done
     [ "$NETNS" = 0 ] || netns_del "$NS_T" "$NS_I"
     rm -f "$DATA" "$TGTD_IMG"
-    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || [ -z "${WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+WORK=$(mktemp -d /tmp/iscsi-tgt-bench.XXXXXX)
+SOCK=$WORK/rpc.sock
+SPDK_SOCK=$WORK/spdk.sock
 
 # Workloads: NAME|RW|BYTES|QD, reads first: the LUNs hold the random data while they are read.
 WORKLOADS=()
@@ -258,7 +262,6 @@ run_one() {
             --to "$(calc "$t0 + $RAMP + ($SECS * 0.8 > $SECS - 1 ? $SECS * 0.8 : $SECS - 1)")" "$bkind" "$barg" \
             >"$WORK/busy" 2>"$WORK/busy.err" &
         sampler=$!
-        BG_PIDS+=("$sampler")
     fi
     case $ini in
         iscsi-bench) iscsi_bench "$url" "$rw" "$bs" "$qd" >"$WORK/result" 2>"$WORK/err" || rc=$? ;;
@@ -327,7 +330,6 @@ idle_cpu() {
     "${INI_WRAP[@]}" taskset -c "$INIT_CORE" qemu-io -f raw -c "sleep $(awk -v s="$IDLE_SECS" 'BEGIN {printf "%d", (s + 2) * 1000}')" "$url" \
         >"$WORK/qemu-io.log" 2>&1 &
     q=$!
-    BG_PIDS+=("$q")
     frac=$($BUSY --delay 1 --window "$IDLE_SECS" proc "$TARGET_PID") || die "cannot read the target's CPU time"
     kill -0 "$q" 2>/dev/null || die "qemu-io did not stay logged in to $url: $(cat "$WORK/qemu-io.log")"
     wait "$q" || die "qemu-io failed: $(cat "$WORK/qemu-io.log")"
@@ -402,8 +404,6 @@ stop_tgtd() {
 # filled with the data; sets URL. The bdev lives in 2 MiB hugepages: about 1100 must be free
 # (less those other processes have reserved); the count is raised if need be and put back at
 # exit (unless someone changed it since).
-HP_BEFORE=
-HP_SET=
 start_spdk() {
     local free
     mountpoint -q /dev/hugepages || mount -t hugetlbfs -o pagesize=2M nodev /dev/hugepages ||
@@ -476,7 +476,6 @@ MODE_NOW=$MODE
 # initiator's, as a target does for a read.
 taskset -c "$TARGET_CORE" iperf3 -s -1 -p "$IPERF_PORT" >"$WORK/iperf3-server.log" 2>&1 &
 IPERF_PID=$!
-BG_PIDS+=("$IPERF_PID")
 ok=0
 for _ in $(seq 1 50); do
     if ss -Hltn "sport = :$IPERF_PORT" | grep -q .; then ok=1; break; fi
@@ -507,8 +506,8 @@ if wants iscsi-tgt-kernel; then
 fi
 
 if wants iscsi-tgt-af_packet; then
-    netns_pair "$NS_T" "$NS_I" "$TARGET_CORE" "$INIT_CORE"
     NETNS=1
+    netns_pair "$NS_T" "$NS_I" "$TARGET_CORE" "$INIT_CORE"
     ip -n "$NS_I" addr add "$I_IP/24" dev vi
     start_ours af_packet "$MODE"
     measure iscsi-tgt af_packet "iscsi-tgt userspace TCP" "$URL" reactors "$SOCK"
@@ -557,7 +556,6 @@ if [ "$RSS" = 1 ]; then
     SECS=$((RSS_SECS + RSS_WARMUP)) RAMP=0
     iscsi_bench "$URL" randrw 4096 32 --read-pct 70 >"$WORK/rss-run.json" 2>"$WORK/rss-run.err" &
     RSS_RUN=$!
-    BG_PIDS+=("$RSS_RUN")
     SECS=$SECS_SAVE RAMP=$RAMP_SAVE
     sleep "$RSS_WARMUP"
     samples=()

@@ -132,10 +132,12 @@ netns_pair() {
         die "cannot set RPS on the target's veth end"
 }
 
-# netns_del NS...: deletes the namespaces that exist (for traps: never fails).
+# netns_del NS...: deletes the namespaces that exist, with netns_pair's veth if it never left
+# the root namespace (for traps: never fails).
 netns_del() {
     local ns
     for ns in "$@"; do
+        ip link del "$ns" 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
 }
