@@ -32,7 +32,7 @@
 # per run, as it happens), results.md (the tables, also printed) and PNG plots (IOPS against
 # queue depth, latency CDFs) drawn by iscsi-bench-plot. The run's length is printed at the end.
 #
-#   scripts/bench.sh                          SECS=5 RAMP=1: 61 runs, about 8 minutes with SPDK
+#   scripts/bench.sh                          SECS=5 RAMP=1: 61 runs, 8 to 9 minutes with SPDK
 #   QUICK=1 scripts/bench.sh                  a smoke test: one workload of each kind, 1 s each
 #   SPDK_DIR=/var/tmp/spdk TARGETS="iscsi-tgt-kernel spdk" INITIATORS=iscsi-bench scripts/bench.sh
 #   PEERS="lio=iscsi://127.0.0.1:3260/iqn.2003-01.org.linux-iscsi.x:sn/0" scripts/bench.sh
