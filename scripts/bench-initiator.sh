@@ -34,40 +34,21 @@ K_IP=$NET.0.1
 U_IP=$NET.0.3
 cleanup() {
     stop_target || true
-    ip netns del "$NS_T" 2>/dev/null || true
-    ip netns del "$NS_I" 2>/dev/null || true
+    netns_del "$NS_T" "$NS_I"
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 build_release
 
-ip netns add "$NS_T"
-ip netns add "$NS_I"
-ip link add "$PREFIX-t$TAG" type veth peer name "$PREFIX-i$TAG"
-ip link set "$PREFIX-t$TAG" netns "$NS_T"
-ip link set "$PREFIX-i$TAG" netns "$NS_I"
-ip -n "$NS_T" link set "$PREFIX-t$TAG" name vt up
-ip -n "$NS_I" link set "$PREFIX-i$TAG" name vi up
-ip -n "$NS_T" link set lo up
-ip -n "$NS_I" link set lo up
-ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
-ip netns exec "$NS_I" sysctl -qw net.ipv6.conf.vi.disable_ipv6=1
+netns_pair "$NS_T" "$NS_I" 1 0
 # The kernel initiator's address; the userspace one's ($U_IP) is not the kernel's.
 ip -n "$NS_I" addr add "$K_IP/24" dev vi
-ip netns exec "$NS_I" ethtool -K vi tx off >/dev/null
-ip netns exec "$NS_I" sh -c 'echo 1 > /sys/class/net/vi/queues/rx-0/rps_cpus' ||
-    die "cannot set RPS on the initiator's veth end"
-ip netns exec "$NS_T" sh -c 'echo 2 > /sys/class/net/vt/queues/rx-0/rps_cpus' ||
-    die "cannot set RPS on the target's veth end"
 
 # start: the target on AF_PACKET in its namespace, with its LUN.
 start() {
-    rm -f "$SOCK"
-    ip netns exec "$NS_T" "$BIN" --rpc-socket "$SOCK" --cores 1 --mode poll \
-        --net af_packet:vt --ip "$T_IP/24" --listen "$T_IP:$PORT" >"$WORK/target.log" 2>&1 &
-    TARGET_PID=$!
-    wait_rpc "$SOCK" "$WORK/target.log"
+    spawn_target "$SOCK" "$WORK/target.log" ip netns exec "$NS_T" "$BIN" --cores 1 --mode poll \
+        --net af_packet:vt --ip "$T_IP/24" --listen "$T_IP:$PORT"
     ram_target "$SOCK" "$IQN" 1024
 }
 
@@ -76,10 +57,10 @@ run() {
     local name=$1
     shift
     local b0 b1 out iops mbps us
-    b0=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    b0=$(reactors_busy_ns "$SOCK")
     out=$(ip netns exec "$NS_I" taskset -c 0 "$BENCH" --portal "$T_IP:$PORT" --target "$IQN" \
         --secs "$SECS" "$@" 2>&1) || die "iscsi-bench $* failed: $out"
-    b1=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    b1=$(reactors_busy_ns "$SOCK")
     iops=$(awk '/^iops/ {print $2}' <<<"$out")
     mbps=$(awk '/^iops/ {print $4}' <<<"$out")
     us=$(python3 -c "print(f'{($b1 - $b0) / 1000 / max(1, $iops * $SECS):.2f}')")

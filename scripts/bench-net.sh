@@ -29,8 +29,7 @@ BENCH=$ROOT/target/release/iscsi-bench
 PORT=${PORT:-13270}
 cleanup() {
     stop_target || true
-    ip netns del "$NS_T" 2>/dev/null || true
-    ip netns del "$NS_I" 2>/dev/null || true
+    netns_del "$NS_T" "$NS_I"
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -57,10 +56,7 @@ start() {
     local wrap=()
     while [ "$1" != "--" ]; do wrap+=("$1"); shift; done
     shift
-    rm -f "$SOCK"
-    "${wrap[@]}" "$bin" --rpc-socket "$SOCK" --cores 1 --mode poll "$@" >"$WORK/target.log" 2>&1 &
-    TARGET_PID=$!
-    wait_rpc "$SOCK" "$WORK/target.log"
+    spawn_target "$SOCK" "$WORK/target.log" "${wrap[@]}" "$bin" --cores 1 --mode poll "$@"
     ram_target "$SOCK" "$IQN" 1024
 }
 
@@ -72,9 +68,9 @@ run() {
     while [ "$1" != "--" ]; do wrap+=("$1"); shift; done
     shift
     local b0 b1 out iops mbps
-    b0=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    b0=$(reactors_busy_ns "$SOCK")
     out=$("${wrap[@]}" taskset -c 0 "$BENCH" --portal "$portal" --target "$IQN" --secs "$SECS" "$@")
-    b1=$($RPC -s "$SOCK" get reactors/0/busy_ns)
+    b1=$(reactors_busy_ns "$SOCK")
     iops=$(awk '/^iops/ {print $2}' <<<"$out")
     mbps=$(awk '/^iops/ {print $4}' <<<"$out")
     local us
@@ -98,31 +94,9 @@ for which in base new; do
     stop_target
 done
 
-ip netns add "$NS_T"
-ip netns add "$NS_I"
-ip link add "bt$TAG" type veth peer name "bi$TAG"
 # MTU=9000 measures with jumbo frames on the veth (every path alike).
-ip link set "bt$TAG" mtu "${MTU:-1500}"
-ip link set "bi$TAG" mtu "${MTU:-1500}"
-ip link set "bt$TAG" netns "$NS_T"
-ip link set "bi$TAG" netns "$NS_I"
-ip -n "$NS_T" link set "bt$TAG" name vt up
-ip -n "$NS_I" link set "bi$TAG" name vi up
-ip -n "$NS_T" link set lo up
-ip -n "$NS_I" link set lo up
+netns_pair "$NS_T" "$NS_I" 1 0
 ip -n "$NS_I" addr add 10.79.0.1/24 dev vi
-ip netns exec "$NS_T" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
-# Offloads off on the initiator's end, for every path alike (the userspace stack needs
-# complete checksums and no GSO super-frames).
-ip netns exec "$NS_I" ethtool -K vi tx off >/dev/null
-# A veth delivers what one end sends on the sender's core, inside its send call: without RPS
-# the initiator's whole TCP receive path would run on the target's core and count as the
-# target's busy time (and the target's on the initiator's). RPS hands each end's receive work
-# to its own side's core, as two hosts would have it.
-ip netns exec "$NS_I" sh -c 'echo 1 > /sys/class/net/vi/queues/rx-0/rps_cpus' ||
-    die "cannot set RPS on the initiator's veth end"
-ip netns exec "$NS_T" sh -c 'echo 2 > /sys/class/net/vt/queues/rx-0/rps_cpus' ||
-    die "cannot set RPS on the target's veth end"
 
 profile() {
     [ -n "${PROFILE:-}" ] || return 0

@@ -14,6 +14,7 @@ build_release() {
 # The build with DPDK (feature dpdk), in a target directory of its own so that it and the
 # default build do not overwrite each other's binaries.
 DPDK_TARGET=$ROOT/target/dpdk
+# shellcheck disable=SC2034 # for the scripts that source this one
 DPDK_BIN=${ISCSI_TGT_DPDK_BIN:-$DPDK_TARGET/release/iscsi-tgt}
 build_dpdk() {
     (cd "$ROOT" && CARGO_TARGET_DIR=$DPDK_TARGET cargo build --release --quiet --features dpdk) ||
@@ -49,8 +50,17 @@ wait_rpc() {
 start_target() {
     local port=$1 sock=$2 log=$3
     shift 3
+    spawn_target "$sock" "$log" "$BIN" --listen "127.0.0.1:$port" "$@"
+}
+
+# spawn_target SOCK LOG COMMAND...: runs COMMAND (a daemon binary and its arguments, perhaps
+# behind `ip netns exec NS` or `taskset -c N`, which exec it: TARGET_PID is the daemon's) with
+# --rpc-socket SOCK in the background and waits for the socket.
+spawn_target() {
+    local sock=$1 log=$2
+    shift 2
     rm -f "$sock"
-    "$BIN" --listen "127.0.0.1:$port" --rpc-socket "$sock" "$@" >"$log" 2>&1 &
+    "$@" --rpc-socket "$sock" >"$log" 2>&1 &
     TARGET_PID=$!
     wait_rpc "$sock" "$log"
 }
@@ -88,4 +98,55 @@ configure_default() {
     rpc "$sock" mgmt "targets/iscsi/$iqn/luns/mgmt" "add null0 1"
     rpc "$sock" set "targets/iscsi/$iqn/enabled" 1
     rpc "$sock" set targets/iscsi/enabled 1
+}
+
+# netns_pair NS_T NS_I TARGET_CORE INIT_CORE: two network namespaces joined by a veth pair,
+# `vt` in NS_T (the target's side) and `vi` in NS_I (the initiator's), up, with no addresses
+# (the caller adds them) and IPv6 off. MTU (default 1500) applies to both ends.
+# Transmit offloads are off on vi, for every path alike (the userspace stack needs complete
+# checksums and no GSO super-frames from the kernel's side). A veth delivers what one end sends
+# on the sender's core, inside its send call: without RPS the initiator's whole TCP receive
+# path would run on the target's core and count as the target's busy time (and the target's
+# on the initiator's). RPS hands each end's receive work to its own side's core, as two hosts
+# would have it. The caller deletes the namespaces (netns_del), which takes the pair with them.
+netns_pair() {
+    local nt=$1 ni=$2 tcore=$3 icore=$4
+    ip netns add "$nt" || die "cannot create network namespace $nt"
+    ip netns add "$ni" || die "cannot create network namespace $ni"
+    # Named after the namespaces for the moment (unique, and short enough for an interface).
+    ip link add "$nt" type veth peer name "$ni" || die "cannot create a veth pair"
+    ip link set "$nt" mtu "${MTU:-1500}"
+    ip link set "$ni" mtu "${MTU:-1500}"
+    ip link set "$nt" netns "$nt"
+    ip link set "$ni" netns "$ni"
+    ip -n "$nt" link set "$nt" name vt up
+    ip -n "$ni" link set "$ni" name vi up
+    ip -n "$nt" link set lo up
+    ip -n "$ni" link set lo up
+    ip netns exec "$nt" sysctl -qw net.ipv6.conf.vt.disable_ipv6=1
+    ip netns exec "$ni" sysctl -qw net.ipv6.conf.vi.disable_ipv6=1
+    ip netns exec "$ni" ethtool -K vi tx off >/dev/null || die "cannot turn off vi's transmit offloads"
+    ip netns exec "$ni" sh -c "echo $(printf %x $((1 << icore))) > /sys/class/net/vi/queues/rx-0/rps_cpus" ||
+        die "cannot set RPS on the initiator's veth end"
+    ip netns exec "$nt" sh -c "echo $(printf %x $((1 << tcore))) > /sys/class/net/vt/queues/rx-0/rps_cpus" ||
+        die "cannot set RPS on the target's veth end"
+}
+
+# netns_del NS...: deletes the namespaces that exist, with netns_pair's veth if it never left
+# the root namespace (for traps: never fails).
+netns_del() {
+    local ns
+    for ns in "$@"; do
+        ip link del "$ns" 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
+}
+
+# reactors_busy_ns SOCK: the busy time iscsi-tgt's reactors have counted, summed, in ns.
+reactors_busy_ns() {
+    local sock=$1 n total=0
+    for n in $($RPC -s "$sock" ls reactors); do
+        total=$((total + $($RPC -s "$sock" get "reactors/${n%/}/busy_ns")))
+    done
+    echo "$total"
 }

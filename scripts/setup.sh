@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh            installs what the target, its tests and its benchmarks need on a
 #                               fresh Debian 12 machine (the peers: libiscsi-bin, tgt, qemu-img
-#                               with iscsi:// support; a Rust toolchain check) and reserves
+#                               with iscsi:// support, iperf3; a Rust toolchain check) and reserves
 #                               hugepages for the DMA buffer pool (ISCSI_TGT_HUGEPAGES pages of
 #                               2 MiB, 512 by default). Safe to run again.
 #   scripts/setup.sh config     reserves HUGEMEM MB of hugepages (1024 by default; mounts
@@ -46,6 +46,9 @@ install_deps() {
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
     command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
     command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+    # bench.sh: the loopback TCP ceiling, and the font iscsi-bench-plot draws its PNGs with.
+    command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
+    [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
     # The build with --features dpdk: DPDK's headers and libraries (found by pkg-config),
     # libclang for bindgen, and the PMDs the tests use (af_xdp is a package of its own).
     dpkg -s libdpdk-dev >/dev/null 2>&1 || need_apt+=(libdpdk-dev)
@@ -73,9 +76,10 @@ install_deps() {
     command -v iscsi-test-cu >/dev/null || fail "libiscsi-bin did not install"
     command -v genisoimage >/dev/null || fail "genisoimage did not install"
     local c
-    for c in ip ethtool iptables pkg-config; do
+    for c in ip ethtool iptables pkg-config iperf3; do
         command -v "$c" >/dev/null || fail "$c did not install"
     done
+    [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || fail "fonts-dejavu-core did not install"
     pkg-config --exists libdpdk || fail "libdpdk-dev did not install (pkg-config finds no libdpdk)"
 
     # tgtd is only a benchmark peer: keep Debian's service from holding port 3260.
