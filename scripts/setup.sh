@@ -46,6 +46,10 @@ install_deps() {
     command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
     command -v ethtool >/dev/null 2>&1 || need_apt+=(ethtool)
     command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+    # profile.sh: CPU profiles and system call counts of a running target, segment sizes.
+    command -v perf >/dev/null 2>&1 || need_apt+=(linux-perf)
+    command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+    command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)
     # The build with --features dpdk: DPDK's headers and libraries (found by pkg-config),
     # libclang for bindgen, and the PMDs the tests use (af_xdp is a package of its own).
     dpkg -s libdpdk-dev >/dev/null 2>&1 || need_apt+=(libdpdk-dev)
@@ -73,7 +77,7 @@ install_deps() {
     command -v iscsi-test-cu >/dev/null || fail "libiscsi-bin did not install"
     command -v genisoimage >/dev/null || fail "genisoimage did not install"
     local c
-    for c in ip ethtool iptables pkg-config; do
+    for c in ip ethtool iptables pkg-config perf strace tcpdump; do
         command -v "$c" >/dev/null || fail "$c did not install"
     done
     pkg-config --exists libdpdk || fail "libdpdk-dev did not install (pkg-config finds no libdpdk)"
