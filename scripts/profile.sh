@@ -336,6 +336,8 @@ def window(a, b):
     d = {k: b["ss"][k] - a["ss"][k] for k in a["ss"]}
     w["ss"] = d
     w["conns"] = b["ss"]["conns"]
+    # Share of the window the target was runnable but not running (others on its core).
+    w["waited"] = (b["sched"][1] - a["sched"][1]) / 1e9 / w["dt"]
     return w
 
 
@@ -466,7 +468,8 @@ p()
 if counts and CW:
     cios = max(CW["ios"], 1)
     cs = CW["ss"]
-    p(f"System calls per I/O (perf stat on their tracepoints, a {CW['dt']:.1f} s window at {CW['iops']:.0f} IOPS)")
+    p(f"System calls per I/O (perf stat on their tracepoints, a {CW['dt']:.1f} s window at {CW['iops']:.0f} IOPS; "
+      f"the target waited for its CPU {100 * CW['waited']:.0f}% of it)")
     for n, (k, e) in sorted(counts.items(), key=lambda kv: -kv[1][0]):
         if k / cios < 0.005:
             continue
