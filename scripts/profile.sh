@@ -234,6 +234,7 @@ LOAD_PID=
 perf report -i "$OUT/perf.data" --no-children --sort sym --stdio -g none --percent-limit 0.3 \
     >"$OUT/perf-top.txt" 2>/dev/null || die "perf report failed"
 perf report -i "$OUT/perf.data" --no-children --sort dso --stdio -g none >"$OUT/perf-dso.txt" 2>/dev/null || true
+perf report -i "$OUT/perf.data" --children --sort sym --stdio -g none >"$OUT/perf-children.txt" 2>/dev/null || true
 perf report -i "$OUT/perf.data" --no-children --sort sym --stdio >"$OUT/perf-report.txt" 2>/dev/null || true
 
 SECS=$SECS QD=$QD BS=$BS RW=$RW LOAD=$LOAD INIT_CORE=$INIT_CORE TARGET_PID=$PID TCPDUMP=$TCPDUMP \
@@ -525,6 +526,22 @@ for line in rd(out + "/perf-top.txt").splitlines():
         rows.append((float(m.group(1)), m.group(2), m.group(3)))
 for pct, where, sym in rows[:25]:
     p(f"  {pct:6.2f}%  {pct * us_io / 100:6.2f} µs  {'kernel' if where == 'k' else 'user  '}  {sym[:90]}")
+# Time inside each system call: the kernel function under which its work runs (call chains
+# of kernel code are complete), as a share of the samples with children counted.
+ENTRY = {"sendmsg": "__sys_sendmsg", "sendto": "__sys_sendto", "writev": "do_writev",
+         "write": "ksys_write", "recvfrom": "__sys_recvfrom", "recvmsg": "__sys_recvmsg",
+         "readv": "do_readv", "read": "ksys_read", "epoll_wait": "do_epoll_wait",
+         "accept": "do_accept", "io_uring_enter": "__do_sys_io_uring_enter",
+         "futex": "do_futex"}
+children = {}
+for line in rd(out + "/perf-children.txt").splitlines():
+    m = re.match(r"^\s+([\d.]+)%\s+[\d.]+%\s+\[k\]\s+(\S+)", line)
+    if m:
+        children[m.group(2)] = float(m.group(1))
+inside = [(n, children[f]) for n, f in ENTRY.items() if children.get(f, 0) >= 0.5]
+if inside:
+    p("  inside system calls (with what the kernel does on their behalf, e.g. loopback delivery): "
+      + ", ".join(f"{n} {pct:.1f}% = {pct * us_io / 100:.2f} µs" for n, pct in sorted(inside, key=lambda x: -x[1])))
 dso = []
 for line in rd(out + "/perf-dso.txt").splitlines():
     m = re.match(r"^\s+([\d.]+)%\s+(\S.*)$", line)
