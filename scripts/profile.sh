@@ -12,6 +12,8 @@
 #                   iscsi-perf (which only reads); writes by the crate's iscsi-bench
 #                   (--write; built when missing). LOAD=iscsi-bench drives reads with it too.
 #   INIT_CORE=0     the core the load generator is pinned to
+#   TOOLS_CORE=INIT_CORE   the core this script and its tools (perf, rpc.py, ss) run on: not
+#                   the target's, whose time they would otherwise take
 #   OUT=DIR         where the raw data and reports go (default: a new /tmp/profile.* folder)
 #   WARMUP=2        seconds of load before the window
 #   SYSCALL_SECS=3  two later windows of this length for system calls, each with its own I/O
@@ -58,6 +60,8 @@ TCPDUMP=${TCPDUMP:-0}
 SPDK_RPC=${SPDK_RPC:-}
 SPDK_DIR=${SPDK_DIR:-}
 [[ $INIT_CORE =~ ^[0-9]+$ ]] || die "INIT_CORE must be a core number"
+TOOLS_CORE=${TOOLS_CORE:-$INIT_CORE}
+taskset -cp "$TOOLS_CORE" $$ >/dev/null || die "cannot pin this script to core $TOOLS_CORE (TOOLS_CORE)"
 for v in SECS QD BS WARMUP SYSCALL_SECS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer, not '${!v}'"
 done
