@@ -49,6 +49,10 @@ install_deps() {
     # bench.sh: the loopback TCP ceiling, and the font iscsi-bench-plot draws its PNGs with.
     command -v iperf3 >/dev/null 2>&1 || need_apt+=(iperf3)
     [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
+    # profile.sh: CPU profiles and system call counts of a running target, segment sizes.
+    command -v perf >/dev/null 2>&1 || need_apt+=(linux-perf)
+    command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+    command -v tcpdump >/dev/null 2>&1 || need_apt+=(tcpdump)
     # The build with --features dpdk: DPDK's headers and libraries (found by pkg-config),
     # libclang for bindgen, and the PMDs the tests use (af_xdp is a package of its own).
     dpkg -s libdpdk-dev >/dev/null 2>&1 || need_apt+=(libdpdk-dev)
@@ -76,7 +80,7 @@ install_deps() {
     command -v iscsi-test-cu >/dev/null || fail "libiscsi-bin did not install"
     command -v genisoimage >/dev/null || fail "genisoimage did not install"
     local c
-    for c in ip ethtool iptables pkg-config iperf3; do
+    for c in ip ethtool iptables pkg-config iperf3 perf strace tcpdump; do
         command -v "$c" >/dev/null || fail "$c did not install"
     done
     [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || fail "fonts-dejavu-core did not install"
