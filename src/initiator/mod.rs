@@ -577,6 +577,13 @@ impl<T: Transport> Initiator<T> {
             ("HeaderDigest".into(), "None".into()),
             ("DataDigest".into(), "None".into()),
             ("MaxRecvDataSegmentLength".into(), OWN_MRDSL.to_string()),
+            // Proposed, not left to the RFC defaults, as other initiators do: a target that
+            // limits them (SPDK's FirstBurstLength is 8 KiB) then says so in its answer
+            // instead of refusing immediate data it never declared it would not take.
+            ("InitialR2T".into(), "Yes".into()),
+            ("ImmediateData".into(), "Yes".into()),
+            ("FirstBurstLength".into(), "65536".into()),
+            ("MaxBurstLength".into(), "262144".into()),
         ];
         for (k, v) in &o.keys {
             match operational.iter_mut().find(|(kk, _)| kk == k) {

@@ -112,10 +112,14 @@ impl Fake {
         self.s.write_all(&v).unwrap();
     }
 
-    fn login(&mut self, target_keys: &[(&str, &str)]) {
+    /// Logs the initiator in, answering `target_keys` at the end; returns every key the
+    /// initiator sent.
+    fn login(&mut self, target_keys: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut sent = Vec::new();
         loop {
             let p = self.recv();
             let req = pdu::LoginRequest::parse(&p.bhs, &[]).unwrap();
+            sent.extend(text::parse(&p.data).unwrap());
             let last = req.transit && req.nsg == 3;
             let data = if last {
                 text::encode(target_keys.iter().copied())
@@ -140,7 +144,7 @@ impl Fake {
             r.emit(&mut bhs);
             self.send(&bhs, &data);
             if last {
-                return;
+                return sent;
             }
         }
     }
@@ -312,6 +316,42 @@ fn login_read_reassembly_nop_in_and_r2t() {
     assert_eq!(ini.nop_in_answered, 1);
     assert_eq!(ini.exp_stat_sn(), 104);
     h.join().unwrap();
+}
+
+#[test]
+fn burst_lengths_are_proposed_and_a_smaller_answer_is_kept() {
+    let (addr, h) = fake_target(|f| {
+        let sent = f.login(&[
+            ("MaxRecvDataSegmentLength", "65536"),
+            ("FirstBurstLength", "8192"),
+            ("MaxBurstLength", "262144"),
+            ("ImmediateData", "Yes"),
+            ("InitialR2T", "Yes"),
+        ]);
+        // Proposed, so that a target with smaller limits answers with them (SPDK refuses
+        // more than its FirstBurstLength of immediate data when the key was never proposed).
+        for k in [
+            "FirstBurstLength",
+            "MaxBurstLength",
+            "ImmediateData",
+            "InitialR2T",
+        ] {
+            assert!(
+                sent.iter().any(|(kk, _)| kk == k),
+                "{k} not proposed: {sent:?}"
+            );
+        }
+    });
+    let mut ini = Initiator::connect(&addr).unwrap();
+    ini.login(&LoginOptions {
+        target_name: Some("iqn.x:t".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    h.join().unwrap();
+    assert_eq!(ini.neg.first_burst_length, 8192);
+    // A 16 KiB write carries 8 KiB of immediate data, the rest on R2T.
+    assert_eq!(unsolicited_split(16384, &ini.neg), (8192, 0));
 }
 
 #[test]
