@@ -17,12 +17,12 @@
 #   OUT=DIR         where the raw data and reports go (default: a new /tmp/profile.* folder)
 #   WARMUP=2        seconds of load before the window
 #   SYSCALL_SECS=3  two later windows of this length for system calls, each with its own I/O
-#                   count: one traces every call (which names, time per call), which slows the
-#                   target a lot; then one only counts the calls of those names and their
-#                   failures (perf stat on their syscalls:sys_enter_* and sys_exit_* tracepoints,
-#                   ret < 0), which barely does: the calls per I/O come from that one
-#   SYSCALLS=perf   the tracer: perf (perf trace -s) | strace (strace -c -f) | none (count a
-#                   fixed list of network, polling and clock calls instead)
+#                   count: first one counts the calls and their failures (perf stat on the
+#                   syscalls:sys_enter_* and sys_exit_* tracepoints, ret < 0, of the network,
+#                   polling and clock calls), which slows a polling target somewhat (it says
+#                   how much): the calls per I/O come from that one; then one traces every call
+#                   (all names, time per call), which slows the target a lot
+#   SYSCALLS=perf   the tracer: perf (perf trace -s) | strace (strace -c -f) | none
 #   TCPDUMP=1       also capture the port for 1 s and report segment sizes per direction
 #   RPC=SOCK        this target's RPC socket: reactors' busy_ns/idle_ns (rpc/rpc.py tree reactors)
 #   SPDK_RPC=SOCK SPDK_DIR=DIR   SPDK's: framework_get_reactors busy/idle ticks over tick_rate
@@ -178,35 +178,12 @@ perf record -q -e cpu-clock -g -p "$PID" -o "$OUT/perf.data" -- sleep "$SECS" >"
 snap b
 alive
 
-# System calls, traced: their names, failures and times.
-NAMES="read readv recvfrom recvmsg write writev sendmsg sendto epoll_wait epoll_pwait poll ppoll
-    io_uring_enter futex accept accept4 clock_gettime nanosleep sched_yield"
-if [ "$SYSCALLS" != none ]; then
-    snap c
-    if [ "$SYSCALLS" = perf ]; then
-        perf trace -s -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
-    else
-        strace -c -f -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
-    fi
-    TRACER_PID=$!
-    sleep "$SYSCALL_SECS"
-    kill -INT "$TRACER_PID" 2>/dev/null || true
-    wait "$TRACER_PID" 2>/dev/null || true
-    TRACER_PID=
-    snap d
-    grep -q calls "$OUT/syscalls.txt" 2>/dev/null ||
-        die "$SYSCALLS found no system calls ($(cat "$OUT/syscalls.log")); SYSCALLS=strace or none"
-    echo "$SYSCALLS" >"$OUT/syscalls.kind"
-    if [ "$SYSCALLS" = perf ]; then
-        # "   sendmsg   5783   0   362.035 ..." per thread
-        NAMES=$(awk '$1 ~ /^[a-z0-9_]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ {print $1}' "$OUT/syscalls.txt" | sort -u)
-    else
-        NAMES=$(awk '$1 ~ /^[0-9.]+$/ && $NF != "total" {print $NF}' "$OUT/syscalls.txt" | sort -u)
-    fi
-    alive
-fi
-
-# System calls, counted (those names that have tracepoints): entries, and exits with an error.
+# System calls, counted: entries, and exits with an error, of the calls an iSCSI target's
+# data path may make (those the kernel has tracepoints for). Right after the main window, when
+# the machine is as it was then; the tracer, which disturbs more, comes after.
+NAMES="read readv recvfrom recvmsg recvmmsg write writev sendmsg sendto sendmmsg epoll_wait
+    epoll_pwait epoll_pwait2 epoll_ctl poll ppoll select pselect6 io_uring_enter futex accept
+    accept4 clock_gettime clock_nanosleep nanosleep sched_yield getrusage ioctl fcntl"
 events=()
 for n in $NAMES; do
     [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$n" ] || continue
@@ -224,6 +201,26 @@ if [ ${#events[@]} -gt 0 ]; then
     alive
 else
     echo "profile.sh: no syscall tracepoints under /sys/kernel/tracing: system calls are not counted" >&2
+fi
+
+# System calls, traced: every name (the list above may miss one) and the time per call.
+if [ "$SYSCALLS" != none ]; then
+    snap c
+    if [ "$SYSCALLS" = perf ]; then
+        perf trace -s -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
+    else
+        strace -c -f -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
+    fi
+    TRACER_PID=$!
+    sleep "$SYSCALL_SECS"
+    kill -INT "$TRACER_PID" 2>/dev/null || true
+    wait "$TRACER_PID" 2>/dev/null || true
+    TRACER_PID=
+    snap d
+    grep -q calls "$OUT/syscalls.txt" 2>/dev/null ||
+        die "$SYSCALLS found no system calls ($(cat "$OUT/syscalls.log")); SYSCALLS=strace or none"
+    echo "$SYSCALLS" >"$OUT/syscalls.kind"
+    alive
 fi
 
 if [ "$TCPDUMP" = 1 ]; then
