@@ -119,13 +119,16 @@ in_target_ns() {
     fi
 }
 
-# snap NAME: the counters at this moment into $OUT/snap-NAME/ (parsed by the summary).
+# snap NAME [quick]: the counters at this moment into $OUT/snap-NAME/ (parsed by the summary);
+# quick leaves out the reactors' RPC, which takes a while.
 snap() {
     local d=$OUT/snap-$1 t
     mkdir -p "$d"
     # The reactors first: an RPC takes longest, and each part carries its own time (taken when
     # the answer is in: the client's start-up, not the query, is what takes the time).
-    if [ -n "$TGT_RPC" ]; then
+    if [ -n "${2:-}" ]; then
+        :
+    elif [ -n "$TGT_RPC" ]; then
         $RPC -s "$TGT_RPC" tree reactors >"$d/reactors.json" || die "rpc.py -s $TGT_RPC tree reactors failed"
         date +%s.%N >"$d/reactors.t"
     elif [ -n "$SPDK_RPC" ]; then
@@ -190,11 +193,13 @@ for n in $NAMES; do
     events+=(-e "syscalls:sys_enter_$n" -e "syscalls:sys_exit_$n" --filter 'ret < 0')
 done
 if [ ${#events[@]} -gt 0 ]; then
-    snap e
-    if perf stat -x, "${events[@]}" -p "$PID" -o "$OUT/syscall-counts.csv" -- sleep "$SYSCALL_SECS" \
-        >"$OUT/perf-stat.log" 2>&1; then
-        snap f
-    else
+    # Setting up that many counters takes perf a few seconds, and they count from when its
+    # command starts to when it ends: the command takes the window's snapshots itself.
+    export -f snap in_target_ns die
+    export OUT PID PORT LOAD_PID
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    if ! perf stat -x, "${events[@]}" -p "$PID" -o "$OUT/syscall-counts.csv" -- \
+        bash -c 'snap e quick && sleep "$1" && snap f quick' count "$SYSCALL_SECS" >"$OUT/perf-stat.log" 2>&1; then
         echo "profile.sh: perf stat could not count system calls: $(cat "$OUT/perf-stat.log")" >&2
         rm -f "$OUT/syscall-counts.csv"
     fi
@@ -205,7 +210,7 @@ fi
 
 # System calls, traced: every name (the list above may miss one) and the time per call.
 if [ "$SYSCALLS" != none ]; then
-    snap c
+    snap c quick
     if [ "$SYSCALLS" = perf ]; then
         perf trace -s -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
     else
@@ -216,7 +221,7 @@ if [ "$SYSCALLS" != none ]; then
     kill -INT "$TRACER_PID" 2>/dev/null || true
     wait "$TRACER_PID" 2>/dev/null || true
     TRACER_PID=
-    snap d
+    snap d quick
     grep -q calls "$OUT/syscalls.txt" 2>/dev/null ||
         die "$SYSCALLS found no system calls ($(cat "$OUT/syscalls.log")); SYSCALLS=strace or none"
     echo "$SYSCALLS" >"$OUT/syscalls.kind"
@@ -440,16 +445,16 @@ if rd(out + "/syscall-counts.csv"):
     CW = window(snap("e"), snap("f"))
 for line in rd(out + "/syscall-counts.csv").splitlines():
     f = line.split(",")
-    m = re.match(r"syscalls:sys_(enter|exit)_(\w+)$", f[2]) if len(f) > 2 else None
-    if m and f[0].isdigit():
-        counts.setdefault(m.group(2), [0, 0])[m.group(1) == "exit"] = int(f[0])
+    m = re.match(r"syscalls:sys_(enter|exit)_(\w+)$", f[2]) if len(f) > 3 else None
+    if m and f[0].isdigit() and f[3].isdigit() and int(f[3]) > 0:
+        # perf counts from a little after its command starts: scale to the snapshots' window.
+        counts.setdefault(m.group(2), [0, 0])[m.group(1) == "exit"] = int(f[0]) * CW["dt"] / (int(f[3]) / 1e9)
 counts = {n: c for n, c in counts.items() if c[0] > 0}
 kind = rd(out + "/syscalls.kind").strip()
 traced = {}
 if kind:
     c, d = snap("c"), snap("d")
     SW = window(c, d)
-    sios = max(SW["ios"], 1)
     text = rd(out + "/syscalls.txt")
     if kind == "perf":
         # name, calls, errors, total ms, min, avg ms (one block per thread)
@@ -494,10 +499,12 @@ if counts and CW:
         p(f"  recv calls {nr / cios:.3f}/IO ({nrok / cios:.3f} moved data): {cs['bytes_received'] / nrok:8.0f} bytes "
           f"and {cs['data_segs_in'] / nrok:.2f} data segments per call that moved data")
 if traced:
-    p(f"Traced window ({'perf trace -s' if kind == 'perf' else 'strace -c -f'}, {SW['dt']:.1f} s; tracing slowed "
-      f"the target to {SW['iops']:.0f} IOPS, which changes its batching): calls per I/O there")
-    p("  " + ", ".join(f"{n} {t[0] / sios:.3f}" + (f" ({t[1] / sios:.3f} failed)" if t[1] else "")
-                       for n, t in sorted(traced.items(), key=lambda kv: -kv[1][0]) if t[0] / sios >= 0.005))
+    tot = max(sum(t[0] for t in traced.values()), 1)
+    p(f"Traced ({'perf trace -s' if kind == 'perf' else 'strace -c -f'}; it slowed the target to about "
+      f"{SW['iops']:.0f} IOPS): share of the calls, failed, µs per call")
+    p("  " + ", ".join(f"{n} {100 * t[0] / tot:.1f}%" + (f" ({100 * t[1] / t[0]:.0f}% failed)" if t[1] else "")
+                       + f" {t[2] / t[0]:.1f} µs"
+                       for n, t in sorted(traced.items(), key=lambda kv: -kv[1][0]) if t[0] / tot >= 0.001))
 
 # Segment sizes on the wire.
 td = rd(out + "/tcpdump.txt")
