@@ -17,12 +17,12 @@
 #   OUT=DIR         where the raw data and reports go (default: a new /tmp/profile.* folder)
 #   WARMUP=2        seconds of load before the window
 #   SYSCALL_SECS=3  two later windows of this length for system calls, each with its own I/O
-#                   count: one traces every call (which names, time per call), which slows the
-#                   target a lot; then one only counts the calls of those names and their
-#                   failures (perf stat on their syscalls:sys_enter_* and sys_exit_* tracepoints,
-#                   ret < 0), which barely does: the calls per I/O come from that one
-#   SYSCALLS=perf   the tracer: perf (perf trace -s) | strace (strace -c -f) | none (count a
-#                   fixed list of network, polling and clock calls instead)
+#                   count: first one counts the calls and their failures (perf stat on the
+#                   syscalls:sys_enter_* and sys_exit_* tracepoints, ret < 0, of the network,
+#                   polling and clock calls), which slows a polling target somewhat (it says
+#                   how much): the calls per I/O come from that one; then one traces every call
+#                   (all names, time per call), which slows the target a lot
+#   SYSCALLS=perf   the tracer: perf (perf trace -s) | strace (strace -c -f) | none
 #   TCPDUMP=1       also capture the port for 1 s and report segment sizes per direction
 #   RPC=SOCK        this target's RPC socket: reactors' busy_ns/idle_ns (rpc/rpc.py tree reactors)
 #   SPDK_RPC=SOCK SPDK_DIR=DIR   SPDK's: framework_get_reactors busy/idle ticks over tick_rate
@@ -119,13 +119,16 @@ in_target_ns() {
     fi
 }
 
-# snap NAME: the counters at this moment into $OUT/snap-NAME/ (parsed by the summary).
+# snap NAME [quick]: the counters at this moment into $OUT/snap-NAME/ (parsed by the summary);
+# quick leaves out the reactors' RPC, which takes a while.
 snap() {
     local d=$OUT/snap-$1 t
     mkdir -p "$d"
     # The reactors first: an RPC takes longest, and each part carries its own time (taken when
     # the answer is in: the client's start-up, not the query, is what takes the time).
-    if [ -n "$TGT_RPC" ]; then
+    if [ -n "${2:-}" ]; then
+        :
+    elif [ -n "$TGT_RPC" ]; then
         $RPC -s "$TGT_RPC" tree reactors >"$d/reactors.json" || die "rpc.py -s $TGT_RPC tree reactors failed"
         date +%s.%N >"$d/reactors.t"
     elif [ -n "$SPDK_RPC" ]; then
@@ -178,11 +181,36 @@ perf record -q -e cpu-clock -g -p "$PID" -o "$OUT/perf.data" -- sleep "$SECS" >"
 snap b
 alive
 
-# System calls, traced: their names, failures and times.
-NAMES="read readv recvfrom recvmsg write writev sendmsg sendto epoll_wait epoll_pwait poll ppoll
-    io_uring_enter futex accept accept4 clock_gettime nanosleep sched_yield"
+# System calls, counted: entries, and exits with an error, of the calls an iSCSI target's
+# data path may make (those the kernel has tracepoints for). Right after the main window, when
+# the machine is as it was then; the tracer, which disturbs more, comes after.
+NAMES="read readv recvfrom recvmsg recvmmsg write writev sendmsg sendto sendmmsg epoll_wait
+    epoll_pwait epoll_pwait2 epoll_ctl poll ppoll select pselect6 io_uring_enter futex accept
+    accept4 clock_gettime clock_nanosleep nanosleep sched_yield getrusage ioctl fcntl"
+events=()
+for n in $NAMES; do
+    [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$n" ] || continue
+    events+=(-e "syscalls:sys_enter_$n" -e "syscalls:sys_exit_$n" --filter 'ret < 0')
+done
+if [ ${#events[@]} -gt 0 ]; then
+    # Setting up that many counters takes perf a few seconds, and they count from when its
+    # command starts to when it ends: the command takes the window's snapshots itself.
+    export -f snap in_target_ns die
+    export OUT PID PORT LOAD_PID
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    if ! perf stat -x, "${events[@]}" -p "$PID" -o "$OUT/syscall-counts.csv" -- \
+        bash -c 'snap e quick && sleep "$1" && snap f quick' count "$SYSCALL_SECS" >"$OUT/perf-stat.log" 2>&1; then
+        echo "profile.sh: perf stat could not count system calls: $(cat "$OUT/perf-stat.log")" >&2
+        rm -f "$OUT/syscall-counts.csv"
+    fi
+    alive
+else
+    echo "profile.sh: no syscall tracepoints under /sys/kernel/tracing: system calls are not counted" >&2
+fi
+
+# System calls, traced: every name (the list above may miss one) and the time per call.
 if [ "$SYSCALLS" != none ]; then
-    snap c
+    snap c quick
     if [ "$SYSCALLS" = perf ]; then
         perf trace -s -p "$PID" -o "$OUT/syscalls.txt" >"$OUT/syscalls.log" 2>&1 &
     else
@@ -193,37 +221,11 @@ if [ "$SYSCALLS" != none ]; then
     kill -INT "$TRACER_PID" 2>/dev/null || true
     wait "$TRACER_PID" 2>/dev/null || true
     TRACER_PID=
-    snap d
+    snap d quick
     grep -q calls "$OUT/syscalls.txt" 2>/dev/null ||
         die "$SYSCALLS found no system calls ($(cat "$OUT/syscalls.log")); SYSCALLS=strace or none"
     echo "$SYSCALLS" >"$OUT/syscalls.kind"
-    if [ "$SYSCALLS" = perf ]; then
-        # "   sendmsg   5783   0   362.035 ..." per thread
-        NAMES=$(awk '$1 ~ /^[a-z0-9_]+$/ && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ {print $1}' "$OUT/syscalls.txt" | sort -u)
-    else
-        NAMES=$(awk '$1 ~ /^[0-9.]+$/ && $NF != "total" {print $NF}' "$OUT/syscalls.txt" | sort -u)
-    fi
     alive
-fi
-
-# System calls, counted (those names that have tracepoints): entries, and exits with an error.
-events=()
-for n in $NAMES; do
-    [ -d "/sys/kernel/tracing/events/syscalls/sys_enter_$n" ] || continue
-    events+=(-e "syscalls:sys_enter_$n" -e "syscalls:sys_exit_$n" --filter 'ret < 0')
-done
-if [ ${#events[@]} -gt 0 ]; then
-    snap e
-    if perf stat -x, "${events[@]}" -p "$PID" -o "$OUT/syscall-counts.csv" -- sleep "$SYSCALL_SECS" \
-        >"$OUT/perf-stat.log" 2>&1; then
-        snap f
-    else
-        echo "profile.sh: perf stat could not count system calls: $(cat "$OUT/perf-stat.log")" >&2
-        rm -f "$OUT/syscall-counts.csv"
-    fi
-    alive
-else
-    echo "profile.sh: no syscall tracepoints under /sys/kernel/tracing: system calls are not counted" >&2
 fi
 
 if [ "$TCPDUMP" = 1 ]; then
@@ -443,16 +445,16 @@ if rd(out + "/syscall-counts.csv"):
     CW = window(snap("e"), snap("f"))
 for line in rd(out + "/syscall-counts.csv").splitlines():
     f = line.split(",")
-    m = re.match(r"syscalls:sys_(enter|exit)_(\w+)$", f[2]) if len(f) > 2 else None
-    if m and f[0].isdigit():
-        counts.setdefault(m.group(2), [0, 0])[m.group(1) == "exit"] = int(f[0])
+    m = re.match(r"syscalls:sys_(enter|exit)_(\w+)$", f[2]) if len(f) > 3 else None
+    if m and f[0].isdigit() and f[3].isdigit() and int(f[3]) > 0:
+        # perf counts from a little after its command starts: scale to the snapshots' window.
+        counts.setdefault(m.group(2), [0, 0])[m.group(1) == "exit"] = int(f[0]) * CW["dt"] / (int(f[3]) / 1e9)
 counts = {n: c for n, c in counts.items() if c[0] > 0}
 kind = rd(out + "/syscalls.kind").strip()
 traced = {}
 if kind:
     c, d = snap("c"), snap("d")
     SW = window(c, d)
-    sios = max(SW["ios"], 1)
     text = rd(out + "/syscalls.txt")
     if kind == "perf":
         # name, calls, errors, total ms, min, avg ms (one block per thread)
@@ -497,10 +499,12 @@ if counts and CW:
         p(f"  recv calls {nr / cios:.3f}/IO ({nrok / cios:.3f} moved data): {cs['bytes_received'] / nrok:8.0f} bytes "
           f"and {cs['data_segs_in'] / nrok:.2f} data segments per call that moved data")
 if traced:
-    p(f"Traced window ({'perf trace -s' if kind == 'perf' else 'strace -c -f'}, {SW['dt']:.1f} s; tracing slowed "
-      f"the target to {SW['iops']:.0f} IOPS, which changes its batching): calls per I/O there")
-    p("  " + ", ".join(f"{n} {t[0] / sios:.3f}" + (f" ({t[1] / sios:.3f} failed)" if t[1] else "")
-                       for n, t in sorted(traced.items(), key=lambda kv: -kv[1][0]) if t[0] / sios >= 0.005))
+    tot = max(sum(t[0] for t in traced.values()), 1)
+    p(f"Traced ({'perf trace -s' if kind == 'perf' else 'strace -c -f'}; it slowed the target to about "
+      f"{SW['iops']:.0f} IOPS): share of the calls, failed, µs per call")
+    p("  " + ", ".join(f"{n} {100 * t[0] / tot:.1f}%" + (f" ({100 * t[1] / t[0]:.0f}% failed)" if t[1] else "")
+                       + f" {t[2] / t[0]:.1f} µs"
+                       for n, t in sorted(traced.items(), key=lambda kv: -kv[1][0]) if t[0] / tot >= 0.001))
 
 # Segment sizes on the wire.
 td = rd(out + "/tcpdump.txt")
