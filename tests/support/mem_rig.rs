@@ -102,6 +102,27 @@ impl Rig {
         self.pass();
     }
 
+    /// Reads (when `read`) and completes backend I/O; returns whether the connection read
+    /// anything and whether there were completions.
+    fn receive_and_complete(&mut self, read: bool) -> (bool, bool) {
+        let mut cx = ConnCtx {
+            now: self.now,
+            snapshot: &self.snap,
+            shared: &self.shared,
+            port: &mut self.port,
+            net: &mut self.net,
+            index: 0,
+        };
+        let did = read && self.conn.on_readable(&mut cx);
+        cx.port.poll(&mut self.done);
+        let any = !self.done.is_empty();
+        for c in self.done.drain(..) {
+            let (_, slot) = iscsi_tgt::iscsi::conn::split_task_tag(c.tag());
+            self.conn.on_completion(slot, c, &mut cx);
+        }
+        (did, any)
+    }
+
     /// One reactor pass: read, complete backend I/O, flush, timers.
     pub fn pass(&mut self) {
         for _ in 0..100 {
@@ -112,6 +133,7 @@ impl Rig {
                 .sock_mut(self.sock)
                 .is_some_and(|m| m.pos < m.input.len() || m.eof)
                 || self.conn.rx_more();
+            let (did, any) = self.receive_and_complete(readable);
             let mut cx = ConnCtx {
                 now: self.now,
                 snapshot: &self.snap,
@@ -120,13 +142,6 @@ impl Rig {
                 net: &mut self.net,
                 index: 0,
             };
-            let did = readable && self.conn.on_readable(&mut cx);
-            cx.port.poll(&mut self.done);
-            let any = !self.done.is_empty();
-            for c in self.done.drain(..) {
-                let (_, slot) = iscsi_tgt::iscsi::conn::split_task_tag(c.tag());
-                self.conn.on_completion(slot, c, &mut cx);
-            }
             self.conn.flush(&mut cx);
             self.conn.on_timer(&mut cx);
             if !did && !any && cx.port.inflight() == 0 && !self.conn.rx_more() {
@@ -138,20 +153,7 @@ impl Rig {
     /// Reads and executes what arrived, and completes backend I/O, without sending anything:
     /// the responses stay queued (for the coalescing decision).
     pub fn pass_without_flush(&mut self) {
-        let mut cx = ConnCtx {
-            now: self.now,
-            snapshot: &self.snap,
-            shared: &self.shared,
-            port: &mut self.port,
-            net: &mut self.net,
-            index: 0,
-        };
-        self.conn.on_readable(&mut cx);
-        cx.port.poll(&mut self.done);
-        for c in self.done.drain(..) {
-            let (_, slot) = iscsi_tgt::iscsi::conn::split_task_tag(c.tag());
-            self.conn.on_completion(slot, c, &mut cx);
-        }
+        self.receive_and_complete(true);
     }
 
     /// Lets `d` of virtual time pass.
