@@ -801,9 +801,12 @@ impl FileChannel {
     }
 
     fn misaligned(&self, b: &Backing, io: &mut BdevIo) -> bool {
-        let Some(buf) = io.buf.as_ref() else {
+        let Some(buf) = io.buf.as_mut() else {
             return false;
         };
+        // Memory another LUN lent (a RAM disk's) is aligned only to that disk's blocks: the
+        // buffer's own chunks are page-aligned.
+        buf.own();
         let bad = !io.offset.is_multiple_of(b.off_align)
             || u64::from(io.len) % b.off_align != 0
             || buf.segments(0, io.len as usize).any(|s| {

@@ -18,14 +18,16 @@
 use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{error, warn};
 
+use crate::env::region::Region;
 use crate::env::DataBuf;
 
 pub mod file;
@@ -513,18 +515,33 @@ pub trait IoChannel {
 }
 
 /// A channel for backends that complete in the submitting call.
-struct Immediate<D> {
+struct Immediate<D: SyncDev> {
     dev: Arc<D>,
+    /// What the backend keeps per channel.
+    local: D::Local,
     done: VecDeque<BdevCompletion>,
 }
 
-trait SyncDev: Send + Sync {
-    fn run(&self, io: &mut BdevIo) -> Result<(), BdevError>;
+impl<D: SyncDev> Immediate<D> {
+    fn new(dev: Arc<D>) -> Immediate<D> {
+        Immediate {
+            local: dev.local(),
+            dev,
+            done: VecDeque::with_capacity(64),
+        }
+    }
+}
+
+trait SyncDev: Send + Sync + Sized {
+    /// State of one channel (one reactor's), made when the channel opens.
+    type Local;
+    fn local(self: &Arc<Self>) -> Self::Local;
+    fn run(&self, local: &Self::Local, io: &mut BdevIo) -> Result<(), BdevError>;
 }
 
 impl<D: SyncDev + 'static> IoChannel for Immediate<D> {
     fn submit(&mut self, mut io: BdevIo) {
-        let result = self.dev.run(&mut io);
+        let result = self.dev.run(&self.local, &mut io);
         self.done.push_back(BdevCompletion {
             tag: io.tag,
             result,
@@ -559,7 +576,9 @@ impl NullDev {
 }
 
 impl SyncDev for NullDev {
-    fn run(&self, io: &mut BdevIo) -> Result<(), BdevError> {
+    type Local = ();
+    fn local(self: &Arc<Self>) {}
+    fn run(&self, _: &(), io: &mut BdevIo) -> Result<(), BdevError> {
         if let (IoOp::Read, Some(buf)) = (io.op, io.buf.as_mut()) {
             buf.fill(0, io.len as usize, 0);
         }
@@ -575,16 +594,9 @@ impl BlockDev for NullDev {
         self.num_blocks
     }
     fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
-        Box::new(Immediate {
-            dev: self,
-            done: VecDeque::with_capacity(64),
-        })
+        Box::new(Immediate::new(self))
     }
 }
-
-/// Bytes per RAM chunk: each chunk has its own lock, so reactors working on different parts
-/// of the disk never meet.
-const RAM_CHUNK: usize = 1 << 20;
 
 /// Bytes promised to this process's RAM disks: their whole sizes, as their memory is only
 /// taken when first written and MemAvailable does not show it yet.
@@ -707,16 +719,32 @@ impl Drop for RamReservation {
     }
 }
 
-/// A RAM disk whose data reads back (SPDK's malloc bdev). Memory is zero-filled on demand by
-/// the kernel (calloc'd chunks), so an untouched disk costs nothing; its whole size is
-/// reserved all the same, so that the disks together never promise more than the machine
-/// has.
+/// A RAM disk whose data reads back (SPDK's malloc bdev): one anonymous mapping, zero-filled
+/// on demand by the kernel, so an untouched disk costs nothing; its whole size is reserved all
+/// the same, so that the disks together never promise more than the machine has. The mapping
+/// asks for transparent hugepages: random reads over a large disk then miss the TLB far less.
+///
+/// Reads copy nothing: the command's buffer is lent the disk's own memory
+/// ([`DataBuf::lend`]), and the Data-In is sent from it. Each channel holds the mapping for
+/// the buffers it lends ([`RamLease`]), so lending costs one atomic increment on a counter
+/// only that channel's reactor touches, never a line shared between reactors.
+///
+/// There is no lock: commands in flight at the same time on the same blocks (which SCSI
+/// leaves undefined unless the initiator orders them) see each other's bytes as they land,
+/// as they would on any disk; commands that are not in flight together are ordered by the
+/// transport (a read's data has gone to the socket before its status does, and the status
+/// before any command that waited for it).
 pub struct RamDev {
     block_size: u32,
     size: u64,
-    chunks: Vec<RwLock<Box<[u8]>>>,
+    mem: Region,
     _reserved: Option<RamReservation>,
     fault: Arc<FaultInject>,
+}
+
+/// What one channel of a RAM disk lends its reads under: a hold on the disk's mapping.
+pub struct RamLease {
+    _dev: Arc<RamDev>,
 }
 
 impl RamDev {
@@ -730,74 +758,85 @@ impl RamDev {
                 None
             }
         };
-        let n = usize::try_from(size)
-            .map_err(|_| format!("a RAM disk of {size} bytes is too large"))?
-            .div_ceil(RAM_CHUNK);
-        let chunks = (0..n)
-            .map(|_| RwLock::new(vec![0u8; RAM_CHUNK].into_boxed_slice()))
-            .collect();
+        let bytes = usize::try_from(size)
+            .map_err(|_| format!("a RAM disk of {size} bytes is too large"))?;
+        let mem = Region::new(bytes, false)
+            .map_err(|e| format!("cannot map {size} bytes for a RAM disk: {e}"))?;
+        mem.advise_hugepages();
         Ok(Arc::new(RamDev {
             block_size,
             size,
-            chunks,
+            mem,
             _reserved: reserved,
             fault: Arc::default(),
         }))
     }
 
-    /// Calls `f(chunk_index, offset_in_chunk, buf_offset, len)` for each piece of a range.
-    fn pieces(offset: u64, len: usize, mut f: impl FnMut(usize, usize, usize, usize)) {
-        let mut done = 0;
-        while done < len {
-            let pos = offset as usize + done;
-            let (ci, co) = (pos / RAM_CHUNK, pos % RAM_CHUNK);
-            let n = (RAM_CHUNK - co).min(len - done);
-            f(ci, co, done, n);
-            done += n;
+    /// The disk's bytes `offset..offset + len`, which the caller has checked lie on the disk.
+    fn at(&self, offset: u64, len: usize) -> NonNull<u8> {
+        debug_assert!(offset + len as u64 <= self.size);
+        // SAFETY: `offset + len <= size <= mem.size()`, so the result stays inside the mapping.
+        unsafe { self.mem.addr().add(offset as usize) }
+    }
+
+    /// Checks that `offset..offset + len` lies on the disk.
+    fn range(&self, offset: u64, len: u64) -> Result<(), BdevError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(BdevError::Io(offset)),
         }
     }
 }
 
 impl SyncDev for RamDev {
-    fn run(&self, io: &mut BdevIo) -> Result<(), BdevError> {
+    type Local = Arc<RamLease>;
+
+    fn local(self: &Arc<Self>) -> Arc<RamLease> {
+        Arc::new(RamLease { _dev: self.clone() })
+    }
+
+    fn run(&self, lease: &Arc<RamLease>, io: &mut BdevIo) -> Result<(), BdevError> {
         let len = io.len as usize;
-        if matches!(io.op, IoOp::Flush | IoOp::Prefetch) {
-            return Ok(());
-        }
-        if io.op == IoOp::Unmap {
-            // Deallocated blocks of a RAM disk read as zeros.
-            for &(off, n) in &io.ranges {
-                if off.checked_add(n).is_none_or(|end| end > self.size) {
-                    return Err(BdevError::Io(off));
+        match io.op {
+            IoOp::Flush | IoOp::Prefetch => return Ok(()),
+            IoOp::Unmap => {
+                // Deallocated blocks of a RAM disk read as zeros.
+                for &(off, n) in &io.ranges {
+                    self.range(off, n)?;
                 }
-                Self::pieces(off, n as usize, |ci, co, _, n| {
-                    let mut chunk = self.chunks[ci].write().unwrap_or_else(|e| e.into_inner());
-                    chunk[co..co + n].fill(0);
-                });
+                for &(off, n) in &io.ranges {
+                    let p = self.at(off, n as usize);
+                    // SAFETY: the range lies inside the mapping (checked above); the disk's
+                    // memory is only ever reached through raw pointers or lent buffers, whose
+                    // contract allows overlapping commands to see the change.
+                    unsafe { std::ptr::write_bytes(p.as_ptr(), 0, n as usize) };
+                }
+                return Ok(());
             }
-            return Ok(());
+            IoOp::Read | IoOp::Write { .. } => {}
         }
-        if io
-            .offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > self.size)
-        {
-            return Err(BdevError::Io(io.offset));
-        }
+        self.range(io.offset, len as u64)?;
         let buf = io.buf.as_mut().ok_or(BdevError::BadBuffer)?;
         if buf.len() < len {
             return Err(BdevError::BadBuffer);
         }
-        match io.op {
-            IoOp::Read => Self::pieces(io.offset, len, |ci, co, bo, n| {
-                let chunk = self.chunks[ci].read().unwrap_or_else(|e| e.into_inner());
-                buf.write_at(bo, &chunk[co..co + n]);
-            }),
-            IoOp::Write { .. } => Self::pieces(io.offset, len, |ci, co, bo, n| {
-                let mut chunk = self.chunks[ci].write().unwrap_or_else(|e| e.into_inner());
-                buf.read_at(bo, &mut chunk[co..co + n]);
-            }),
-            IoOp::Flush | IoOp::Unmap | IoOp::Prefetch => {}
+        let p = self.at(io.offset, len);
+        if io.op == IoOp::Read {
+            buf.truncate(len);
+            // SAFETY: `len` bytes at `p` lie inside the mapping, which the lease keeps mapped
+            // while the buffer holds it; the kernel zero-fills untouched pages, so every byte
+            // is initialised; they change only under overlapping writes (see `RamDev`).
+            unsafe { buf.lend(p, lease.clone()) };
+            return Ok(());
+        }
+        let mut done = 0;
+        for seg in buf.segments(0, len) {
+            // SAFETY: `seg` is the command's own buffer, disjoint from the disk's mapping;
+            // `done + seg.len() <= len` keeps the destination inside the range checked above.
+            unsafe {
+                std::ptr::copy_nonoverlapping(seg.as_ptr(), p.as_ptr().add(done), seg.len());
+            }
+            done += seg.len();
         }
         Ok(())
     }
@@ -812,13 +851,7 @@ impl BlockDev for RamDev {
     }
     fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
         let fault = self.fault.clone();
-        Box::new(Faulty::new(
-            Immediate {
-                dev: self,
-                done: VecDeque::with_capacity(64),
-            },
-            fault,
-        ))
+        Box::new(Faulty::new(Immediate::new(self), fault))
     }
     fn fault(&self) -> Option<&FaultInject> {
         Some(&self.fault)
@@ -841,6 +874,56 @@ mod tests {
     }
 
     #[test]
+    fn ram_reads_lend_the_disk_memory() {
+        let dev = RamDev::new(512, 4 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let mut b = DataBuf::alloc(8192).unwrap();
+        b.fill(0, 8192, 0x3c);
+        ch.submit(io(IoOp::Write { fua: false }, 65536, 8192, b));
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        assert_eq!(out[0].result, Ok(()));
+        // A buffer larger than the read is cut to the read's length: nothing past the range
+        // is lent.
+        ch.submit(io(
+            IoOp::Read,
+            65536 + 512,
+            4096,
+            DataBuf::alloc(8192).unwrap(),
+        ));
+        out.clear();
+        ch.poll(&mut out);
+        let mut rb = out.pop().unwrap().buf.unwrap();
+        assert!(rb.is_lent());
+        assert_eq!(rb.len(), 4096);
+        assert!(rb.segments(0, 4096).all(|s| s.iter().all(|&x| x == 0x3c)));
+        // Writing into the buffer never reaches the disk.
+        rb.fill(0, 16, 0);
+        assert!(!rb.is_lent());
+        ch.submit(io(
+            IoOp::Read,
+            65536 + 512,
+            512,
+            DataBuf::alloc(512).unwrap(),
+        ));
+        out.clear();
+        ch.poll(&mut out);
+        let again = out.pop().unwrap().buf.unwrap();
+        assert!(again.segments(0, 512).all(|s| s.iter().all(|&x| x == 0x3c)));
+        // A lent buffer holds the mapping: the disk outlives its channel and its last handle
+        // for as long as the buffer does.
+        let weak = Arc::downgrade(&dev);
+        drop((ch, dev, rb));
+        assert!(weak.upgrade().is_some());
+        assert!(again.segments(0, 512).all(|s| s.iter().all(|&x| x == 0x3c)));
+        drop(again);
+        assert!(
+            weak.upgrade().is_none(),
+            "the last buffer let go of the disk"
+        );
+    }
+
+    #[test]
     fn ram_reads_back_across_chunks() {
         let dev = RamDev::new(512, 4 << 20).unwrap();
         let mut ch = dev.clone().open_channel(&IoContext::new());
@@ -849,7 +932,7 @@ mod tests {
         b.write_at(0, &data);
         ch.submit(io(
             IoOp::Write { fua: true },
-            RAM_CHUNK as u64 - 4096,
+            (2 << 20) - 4096,
             data.len() as u32,
             b,
         ));
@@ -859,7 +942,7 @@ mod tests {
         assert_eq!(out[0].tag, 9);
         ch.submit(io(
             IoOp::Read,
-            RAM_CHUNK as u64 - 4096,
+            (2 << 20) - 4096,
             data.len() as u32,
             DataBuf::alloc(data.len()).unwrap(),
         ));

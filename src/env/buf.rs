@@ -10,6 +10,16 @@
 //! [`MAX_TRANSFER`] / [`CHUNK_SIZE`] = 64 of them), so allocating, filling and dropping a
 //! `DataBuf` touch no heap memory. Dropping returns the chunks to the pool through the cache of
 //! the thread that drops it, which need not be the thread that allocated it.
+//!
+//! A backend whose data already sits in memory (a RAM disk) answers a read by lending that
+//! memory to the buffer ([`DataBuf::lend`]) instead of copying it into the chunks: the buffer
+//! then reads from the lent memory, and the Data-In goes from the disk's pages straight to the
+//! socket, as SPDK's malloc bdev does. The buffer keeps its own chunks meanwhile, so anything
+//! that writes into it first copies the lent bytes there ([`DataBuf::own`]) without having to
+//! allocate, and never writes through to the lender.
+
+use std::ptr::NonNull;
+use std::sync::Arc;
 
 use super::pool::{Class, Pool, MAX_CHUNKS};
 pub use super::pool::{CHUNK_SIZE, SMALL_SIZE};
@@ -25,7 +35,23 @@ pub struct DataBuf {
     n: u8,
     len: usize,
     chunks: [u32; MAX_CHUNKS],
+    /// Memory lent by a backend that holds the buffer's contents in place of the chunks.
+    lent: Option<Lent>,
 }
+
+/// Memory a backend lends to a [`DataBuf`]: `len` bytes at `ptr` (the buffer's length), kept
+/// mapped by `_keep`.
+struct Lent {
+    ptr: NonNull<u8>,
+    _keep: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: the lent bytes are only read through the pointer, from whichever thread holds the
+// buffer; the lender guarantees (see `DataBuf::lend`) they stay mapped while `_keep` lives,
+// and `_keep` is itself `Send + Sync`.
+unsafe impl Send for Lent {}
+// SAFETY: as above: shared access only reads.
+unsafe impl Sync for Lent {}
 
 impl Drop for DataBuf {
     fn drop(&mut self) {
@@ -64,7 +90,38 @@ impl DataBuf {
             n: n as u8,
             len,
             chunks,
+            lent: None,
         })
+    }
+
+    /// Makes the buffer read its `len()` bytes from `ptr` instead of from its chunks, until it
+    /// is written to ([`DataBuf::own`]) or dropped. `keep` holds the memory mapped; the chunks
+    /// stay with the buffer.
+    ///
+    /// # Safety
+    /// `ptr..ptr + self.len()` must be mapped, readable and initialised memory for as long as
+    /// `keep` lives. Its bytes may change under the buffer only by a write of the lender's
+    /// that overlaps it, which the lender allows only where the protocol leaves the outcome
+    /// undefined (SCSI commands in flight at the same time on the same blocks): a reader then
+    /// sees old bytes, new bytes or a mix, never memory outside the range.
+    pub unsafe fn lend(&mut self, ptr: NonNull<u8>, keep: Arc<dyn Send + Sync>) {
+        self.lent = Some(Lent { ptr, _keep: keep });
+    }
+
+    /// Whether the contents are lent memory rather than the buffer's own chunks.
+    pub fn is_lent(&self) -> bool {
+        self.lent.is_some()
+    }
+
+    /// Copies lent contents into the buffer's own chunks and gives the lent memory back (no
+    /// allocation: the chunks were kept). Nothing to do when the buffer owns its contents.
+    pub fn own(&mut self) {
+        if let Some(l) = self.lent.take() {
+            // SAFETY: `lend`'s contract: `len` bytes at `ptr` stay readable while `_keep`
+            // lives, and `l` holds it until the end of this block.
+            let src = unsafe { std::slice::from_raw_parts(l.ptr.as_ptr(), self.len) };
+            self.write_at(0, src);
+        }
     }
 
     fn chunk_size(&self) -> usize {
@@ -96,9 +153,20 @@ impl DataBuf {
         let end = (offset.saturating_add(len)).min(self.len);
         let cs = self.chunk_size();
         let mut pos = offset.min(end);
+        let lent = self.lent.as_ref().map(|l| {
+            // SAFETY: `lend`'s contract: `self.len` bytes at `ptr` stay readable while the
+            // buffer holds `_keep`, and the slice borrows the buffer.
+            unsafe { std::slice::from_raw_parts(l.ptr.as_ptr(), self.len) }
+        });
         std::iter::from_fn(move || {
             if pos >= end {
                 return None;
+            }
+            if let Some(all) = lent {
+                // Lent memory is contiguous: one piece.
+                let piece = &all[pos..end];
+                pos = end;
+                return Some(piece);
             }
             let (i, o) = (pos / cs, pos % cs);
             let n = (cs - o).min(end - pos);
@@ -113,6 +181,8 @@ impl DataBuf {
         offset: usize,
         len: usize,
     ) -> impl Iterator<Item = &mut [u8]> + '_ {
+        // Writing never reaches a lender's memory: take the contents over first.
+        self.own();
         let end = (offset.saturating_add(len)).min(self.len);
         let cs = self.chunk_size();
         let mut pos = offset.min(end);
@@ -173,6 +243,7 @@ impl std::fmt::Debug for DataBuf {
         f.debug_struct("DataBuf")
             .field("len", &self.len)
             .field("chunks", &self.n)
+            .field("lent", &self.is_lent())
             .finish()
     }
 }
@@ -199,6 +270,48 @@ mod tests {
             b.segments(0, usize::MAX).map(|s| s.len()).sum::<usize>(),
             b.len()
         );
+    }
+
+    #[test]
+    fn lent_memory_is_read_in_place_and_taken_over_on_write() {
+        let pool = Pool::with_counts(8, 2, false).unwrap();
+        let disk: Arc<Vec<u8>> = Arc::new((0..3 * CHUNK_SIZE).map(|i| (i % 251) as u8).collect());
+        let mut b = DataBuf::alloc_from(pool, 2 * CHUNK_SIZE).unwrap();
+        let at = NonNull::new(disk.as_ptr().cast_mut()).unwrap();
+        // SAFETY: `disk` holds 3 chunks' worth, more than the buffer's length, and the Arc
+        // handed over keeps it alive; nothing writes to it.
+        unsafe { b.lend(at.add(100), disk.clone()) };
+        assert!(b.is_lent());
+        assert_eq!(Arc::strong_count(&disk), 2);
+        // One piece, pointing into the lender's memory.
+        let segs: Vec<&[u8]> = b.segments(10, 5000).collect();
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0].as_ptr(), disk[110..].as_ptr());
+        assert_eq!(segs[0], &disk[110..5110]);
+        let mut back = vec![0u8; b.len()];
+        assert_eq!(b.read_at(0, &mut back), b.len());
+        assert_eq!(back, disk[100..100 + b.len()]);
+        // Writing takes the contents over (in the buffer's own, page-aligned chunks) and
+        // leaves the lender alone.
+        b.write_at(CHUNK_SIZE, &[0xee; 3]);
+        assert!(!b.is_lent());
+        assert_eq!(Arc::strong_count(&disk), 1);
+        assert_eq!(disk[100 + CHUNK_SIZE], ((100 + CHUNK_SIZE) % 251) as u8);
+        let mut back = vec![0u8; b.len()];
+        b.read_at(0, &mut back);
+        let mut want = disk[100..100 + b.len()].to_vec();
+        want[CHUNK_SIZE..CHUNK_SIZE + 3].fill(0xee);
+        assert_eq!(back, want);
+        assert!(b
+            .segments(0, usize::MAX)
+            .all(|s| (s.as_ptr() as usize).is_multiple_of(4096)));
+        // A lent buffer gives its chunks back when dropped, and lets go of the lender.
+        let mut c = DataBuf::alloc_from(pool, 3 * CHUNK_SIZE).unwrap();
+        // SAFETY: as above, `disk` is exactly 3 chunks long.
+        unsafe { c.lend(at, disk.clone()) };
+        drop((b, c));
+        assert_eq!(pool.counters().chunks_in_use, 0);
+        assert_eq!(Arc::strong_count(&disk), 1);
     }
 
     #[test]

@@ -105,6 +105,25 @@ impl Region {
         self.size
     }
 
+    /// Asks the kernel to back the mapping with transparent hugepages where it can
+    /// (`MADV_HUGEPAGE`; meaningful for ordinary pages, a no-op for hugetlb ones). Only a
+    /// hint: when THP is off, the mapping simply stays on small pages.
+    pub fn advise_hugepages(&self) {
+        if self.hugetlb {
+            return;
+        }
+        // SAFETY: `addr`/`size` are exactly this mapping; MADV_HUGEPAGE changes how its pages
+        // are backed, never their contents or permissions.
+        let r = unsafe { libc::madvise(self.addr.as_ptr().cast(), self.size, libc::MADV_HUGEPAGE) };
+        if r != 0 {
+            log::debug!(
+                "madvise(MADV_HUGEPAGE) on {} bytes: {}",
+                self.size,
+                io::Error::last_os_error()
+            );
+        }
+    }
+
     /// Whether the mapping is made of hugepages.
     pub fn is_hugetlb(&self) -> bool {
         self.hugetlb
