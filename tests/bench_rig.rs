@@ -1,14 +1,16 @@
 //! iscsi-bench measured against a target whose behaviour is known: a delay injected into the
 //! device (`fault_delay_us` on one I/O in `fault_delay_every`) must show in its latency
 //! percentiles and IOPS, an injected EIO in its error counts by sense key and its exit status,
-//! and every session asked for must be a session of the target.
+//! and every session asked for must be a session of the target. A target that stops
+//! answering (a stalled LUN, a stopped process) must stop the run at `--timeout` with the
+//! late command named, and one that goes away must end it at once.
 //!
 //! Only bounds that the delay makes certain are asserted tightly (a delayed command cannot
 //! complete sooner than its delay); the other side gets generous margins, since the machine
 //! is shared.
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Target, IQN};
@@ -250,4 +252,168 @@ fn every_session_asked_for_is_a_session_of_the_target() {
     // The measured time starts after the ramp.
     let elapsed = f(&j["elapsed_secs"]);
     assert!((3.0..3.0 + 30.0).contains(&elapsed), "{j}");
+}
+
+/// How long a run that must stop on its own may take before the test gives up on it.
+const STOP_WITHIN: Duration = Duration::from_secs(60);
+
+/// Starts iscsi-bench with `args`, its output piped.
+fn spawn_bench(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_iscsi-bench"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to exit on its own within [`STOP_WITHIN`] (killed and failed if not):
+/// its output and how long it ran from `started`.
+fn stops_by_itself(mut child: Child, started: Instant, t: &Target) -> (Output, Duration) {
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > STOP_WITHIN {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "iscsi-bench still running after {STOP_WITHIN:?}\nstdout: {}\nstderr: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                t.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ran = started.elapsed();
+    (child.wait_with_output().unwrap(), ran)
+}
+
+/// A 30 s random read run on `luns` with a 2 s `--timeout`, which must stop long before its
+/// end.
+fn timed_run(t: &Target, luns: &[u64]) -> Child {
+    let urls: Vec<String> = luns.iter().map(|&l| url(t, l)).collect();
+    let mut args: Vec<&str> = urls.iter().map(String::as_str).collect();
+    args.extend([
+        "--rw",
+        "randread",
+        "--bs",
+        "4k",
+        "--qd",
+        "4",
+        "--secs",
+        "30",
+        "--timeout",
+        "2",
+        "--json",
+    ]);
+    spawn_bench(&args)
+}
+
+/// The run stopped for a READ that waited past the 2 s timeout, and says so in its JSON,
+/// on stderr and in its exit status.
+fn assert_timed_out(t: &Target, out: &Output, ran: Duration) {
+    let j = json_of(out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{j}\n{stderr}");
+    assert_eq!(j["timed_out"], true, "{j}");
+    assert_eq!(j["workload"]["timeout_secs"].as_f64(), Some(2.0), "{j}");
+    let late = &j["timeouts"][0];
+    assert_eq!(late["url"], url(t, 0), "{j}");
+    assert_eq!(late["op"], "READ (16)", "{j}");
+    assert!(late["itt"].is_u64() && late["lba"].is_u64(), "{j}");
+    assert_eq!(late["blocks"], 8, "{j}");
+    // A command cannot be late before its timeout, nor the run stop before one is.
+    let waited = f(&late["waited_secs"]);
+    assert!(waited >= 2.0, "{j}");
+    assert!(ran >= Duration::from_secs(2), "{ran:?}");
+    // The session that gave up counts as a transport error, and its line says why.
+    assert!(j["errors"]["transport"].as_u64() >= Some(1), "{j}");
+    let ended = j["ended"][0].as_str().unwrap_or_default();
+    assert!(ended.contains("had no answer after"), "{j}");
+    let itt = late["itt"].as_u64().unwrap();
+    for says in [
+        url(t, 0),
+        format!("READ (16) ITT {itt:#x} LBA {}", late["lba"]),
+        "--timeout 2".into(),
+        "timed out".into(),
+    ] {
+        assert!(stderr.contains(&says), "{says}: {stderr}");
+    }
+}
+
+#[test]
+fn a_stalled_lun_stops_the_run_at_the_timeout_naming_the_late_command() {
+    let t = Target::with_default_luns(64);
+    // Every I/O the device gets from now on is held: the target stays up, sends its NOP-In
+    // pings, and answers none of the READs.
+    t.set("devices/ram0/fault_inject", "stall");
+    // A session to LUN 1 (not stalled) beside it.
+    let started = Instant::now();
+    let (out, ran) = stops_by_itself(timed_run(&t, &[0, 1]), started, &t);
+    assert_timed_out(&t, &out, ran);
+    // Only LUN 0's session gave up on a command; LUN 1's took its answers and ended with it.
+    let j = json_of(&out);
+    assert_eq!(j["timeouts"].as_array().map(Vec::len), Some(1), "{j}");
+    assert_eq!(j["ended"].as_array().map(Vec::len), Some(1), "{j}");
+    assert_eq!(j["errors"]["total"], 1, "{j}");
+    assert!(j["read"]["ios"].as_u64() > Some(0), "{j}");
+    t.set("devices/ram0/fault_inject", "none");
+}
+
+#[test]
+fn a_stopped_target_stops_the_run_at_the_timeout() {
+    let t = Target::with_default_luns(64);
+    let child = timed_run(&t, &[0]);
+    // Once the session is under way (past its login and READ CAPACITY), the target's process
+    // stops: nothing more comes from it, not even a TCP reset.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let commands = || -> u64 {
+        let sessions = t.call(
+            "ls",
+            serde_json::json!({"path": format!("targets/iscsi/{IQN}/sessions")}),
+        );
+        let Some(s) = sessions.as_array().and_then(|a| a.first()) else {
+            return 0;
+        };
+        let name = s["name"].as_str().unwrap_or_default();
+        t.get(&format!("targets/iscsi/{IQN}/sessions/{name}/commands"))
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    while commands() < 100 {
+        assert!(Instant::now() < deadline, "no I/O under way\n{}", t.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = t.child.id() as i32;
+    // SAFETY: kill(2) on our own child's pid has no memory-safety effect.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let (out, ran) = stops_by_itself(child, started, &t);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_timed_out(&t, &out, ran);
+}
+
+#[test]
+fn a_target_that_goes_away_ends_the_run_at_once() {
+    let mut t = Target::with_default_luns(64);
+    let child = timed_run(&t, &[0]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.get("targets/iscsi/connections").trim() != "1" {
+        assert!(Instant::now() < deadline, "no connection\n{}", t.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Killed: the kernel closes its sockets, the session sees its connection end.
+    t.child.kill().unwrap();
+    let _ = t.child.wait();
+    let started = Instant::now();
+    let (out, _) = stops_by_itself(child, started, &t);
+    let j = json_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{j}");
+    assert_eq!(j["timed_out"], false, "{j}");
+    assert_eq!(j["errors"]["transport"], 1, "{j}");
+    let ended = j["ended"][0].as_str().unwrap_or_default();
+    assert!(ended.contains("the connection failed"), "{j}");
+    assert!(ended.contains(&url(&t, 0)), "{j}");
 }

@@ -10,6 +10,12 @@
 //! answers to R2Ts as negotiated; Data-In is reassembled by buffer offset. Target NOP-In pings
 //! are answered while waiting. Raw access ([`Initiator::send_raw`], [`Initiator::recv_pdu`])
 //! lets tests send malformed PDUs.
+//!
+//! Waits block on the socket, for at most the timeout ([`Initiator::set_timeout`]) per read or
+//! write. A caller that must look at the clock while it waits (the benchmark's per-command
+//! timeout) sets an idle tick instead ([`Initiator::set_idle_tick`]): a wait that sees no PDU
+//! begin within a tick returns [`InitiatorError::Idle`] with nothing lost, and a PDU already
+//! begun is read to its end as long as bytes keep coming within the timeout.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
@@ -69,6 +75,10 @@ pub enum InitiatorError {
     /// A text key=value segment did not parse.
     #[error("bad text segment: {0}")]
     Text(#[from] text::TextError),
+    /// No PDU began to arrive within the idle tick ([`Initiator::set_idle_tick`]): nothing was
+    /// lost, the connection goes on and the wait may be called again.
+    #[error("no PDU arrived within the idle tick")]
+    Idle,
 }
 
 pub type Result<T, E = InitiatorError> = std::result::Result<T, E>;
@@ -303,10 +313,21 @@ fn be32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// The ITT of the header a Reject carries as its data (RFC 7143 §11.17.3), if it carries one.
+fn rejected_itt(p: &RawPdu) -> Option<u32> {
+    (p.data.len() >= BHS_LEN).then(|| be32(&p.data[16..20]))
+}
+
 /// The connection, apart from the task table so that both can be borrowed at once. Reads go
 /// through the buffer; writes go straight to the transport under it.
 struct Wire<T> {
     reader: BufReader<T>,
+    /// How long a read or write may wait for a byte (`None`: without end).
+    timeout: Option<Duration>,
+    /// The idle tick: the transport's own timeout while set, so that a wait for the next PDU
+    /// returns [`InitiatorError::Idle`] each tick; a transfer under way retries until
+    /// `timeout` has passed without a byte.
+    tick: Option<Duration>,
     /// CRC32C digests in force (after login).
     header_digest: bool,
     data_digest: bool,
@@ -337,29 +358,111 @@ impl<T: Transport> Wire<T> {
             }
             buf.extend_from_slice(&crc.to_le_bytes());
         }
-        self.reader.get_mut().write_all(&buf).map_err(io_err)
+        self.write_full(&buf)
+    }
+
+    /// The transport's timeout: the idle tick while one is set (never longer than the
+    /// timeout), else the timeout.
+    fn transport_timeout(&self) -> Option<Duration> {
+        match (self.tick, self.timeout) {
+            (Some(k), Some(t)) => Some(k.min(t)),
+            (Some(k), None) => Some(k),
+            (None, t) => t,
+        }
+    }
+
+    fn apply_timeout(&mut self) -> Result<()> {
+        let t = self.transport_timeout();
+        self.reader.get_mut().set_timeout(t)?;
+        Ok(())
+    }
+
+    /// Whether a transfer that has waited `stalled` without a byte, in timeouts of the
+    /// transport, has waited too long.
+    fn stalled_out(&self, stalled: Duration) -> bool {
+        self.timeout.is_some_and(|t| stalled >= t)
+    }
+
+    /// Writes all of `buf`. Without an idle tick a timeout of the transport fails the write;
+    /// with one, the write goes on from where it stopped until `timeout` has passed without
+    /// a byte taken (a PDU cut short would desynchronise the stream).
+    fn write_full(&mut self, buf: &[u8]) -> Result<()> {
+        let Some(step) = self.tick.and(self.transport_timeout()) else {
+            return self.reader.get_mut().write_all(buf).map_err(io_err);
+        };
+        let (mut sent, mut stalled) = (0, Duration::ZERO);
+        while sent < buf.len() {
+            match self.reader.get_mut().write(&buf[sent..]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => {
+                    sent += n;
+                    stalled = Duration::ZERO;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    stalled += step;
+                    if self.stalled_out(stalled) {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `buf`. Without an idle tick a timeout of the transport fails the read; with one,
+    /// a timeout before the first byte of a PDU (`pdu_start`) is [`InitiatorError::Idle`], and
+    /// one in the middle of a PDU is waited through, what was read kept, until `timeout` has
+    /// passed without a byte.
+    fn read_full(&mut self, buf: &mut [u8], pdu_start: bool) -> Result<()> {
+        let Some(step) = self.tick.and(self.transport_timeout()) else {
+            return self.reader.read_exact(buf).map_err(io_err);
+        };
+        let (mut got, mut stalled) = (0, Duration::ZERO);
+        while got < buf.len() {
+            match self.reader.read(&mut buf[got..]) {
+                Ok(0) => return Err(InitiatorError::Closed),
+                Ok(n) => {
+                    got += n;
+                    stalled = Duration::ZERO;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    if pdu_start && got == 0 {
+                        return Err(InitiatorError::Idle);
+                    }
+                    stalled += step;
+                    if self.stalled_out(stalled) {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(())
     }
 
     fn recv(&mut self) -> Result<RawPdu> {
         let mut bhs = [0u8; BHS_LEN];
-        self.reader.read_exact(&mut bhs).map_err(io_err)?;
+        self.read_full(&mut bhs, true)?;
         let ahs_len = usize::from(bhs[4]) * 4;
         let dsl = (usize::from(bhs[5]) << 16) | (usize::from(bhs[6]) << 8) | usize::from(bhs[7]);
         let mut ahs = vec![0u8; ahs_len];
-        self.reader.read_exact(&mut ahs).map_err(io_err)?;
+        self.read_full(&mut ahs, false)?;
         if self.header_digest {
             let mut d = [0u8; 4];
-            self.reader.read_exact(&mut d).map_err(io_err)?;
+            self.read_full(&mut d, false)?;
             let crc = crc32c::crc32c_append(crc32c::crc32c(&bhs), &ahs);
             if crc.to_le_bytes() != d {
                 return Err(InitiatorError::Protocol("header digest error".into()));
             }
         }
         let mut data = vec![0u8; pdu::padded(dsl)];
-        self.reader.read_exact(&mut data).map_err(io_err)?;
+        self.read_full(&mut data, false)?;
         if self.data_digest && dsl > 0 {
             let mut d = [0u8; 4];
-            self.reader.read_exact(&mut d).map_err(io_err)?;
+            self.read_full(&mut d, false)?;
             if crc32c::crc32c(&data).to_le_bytes() != d {
                 return Err(InitiatorError::Protocol("data digest error".into()));
             }
@@ -375,6 +478,14 @@ fn io_err(e: io::Error) -> InitiatorError {
     } else {
         InitiatorError::Io(e)
     }
+}
+
+/// Whether `e` is a transport's timeout (the kernel's sockets say `WouldBlock`).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Read buffer of the connection: a Data-In PDU of the MaxRecvDataSegmentLength this
@@ -426,6 +537,8 @@ impl<T: Transport> Initiator<T> {
             chap_alg: None,
             wire: Wire {
                 reader: BufReader::with_capacity(READ_BUFFER, stream),
+                timeout: Some(DEFAULT_TIMEOUT),
+                tick: None,
                 header_digest: false,
                 data_digest: false,
                 corrupt_header: false,
@@ -463,8 +576,34 @@ impl<T: Transport> Initiator<T> {
 
     /// Sets the timeout of blocking reads and writes (`None`: wait forever).
     pub fn set_timeout(&mut self, t: Option<Duration>) -> Result<()> {
-        self.wire.reader.get_mut().set_timeout(t)?;
-        Ok(())
+        self.wire.timeout = t;
+        self.wire.apply_timeout()
+    }
+
+    /// Sets the idle tick (`None`: none, the default). With a tick, every wait (for a
+    /// command, for the command window in [`Initiator::submit`], for an answer) that sees no
+    /// PDU begin to arrive within it returns [`InitiatorError::Idle`], leaving the connection
+    /// as it was; the timeout then bounds only a PDU under way (a stall between two of its
+    /// bytes), and how long to wait for the next PDU is the caller's decision. The tick costs
+    /// nothing while PDUs come: it is the transport's timeout, set here once.
+    pub fn set_idle_tick(&mut self, tick: Option<Duration>) -> Result<()> {
+        if tick.is_some_and(|t| t.is_zero()) {
+            return Err(InitiatorError::InvalidArgument(
+                "an idle tick of zero".into(),
+            ));
+        }
+        self.wire.tick = tick;
+        self.wire.apply_timeout()
+    }
+
+    /// A Reject the target sent that named no command in flight (nor an answer this
+    /// initiator waits for): its reason and the ITT of the header it rejected, if it carried
+    /// one. A Reject that names a command ends that command instead ([`Initiator::wait_next`]).
+    pub fn unclaimed_reject(&self) -> Option<(u8, Option<u32>)> {
+        self.others
+            .iter()
+            .find(|p| p.opcode() == op::REJECT)
+            .map(|p| (p.bhs[2], rejected_itt(p)))
     }
 
     /// The underlying socket (for shutting it down, peeking at its state, ...).
@@ -1372,7 +1511,7 @@ impl<T: Transport> Initiator<T> {
                 Ok(())
             }
             op::REJECT => {
-                let rejected = (p.data.len() >= BHS_LEN).then(|| be32(&p.data[16..20]));
+                let rejected = rejected_itt(&p);
                 let reason = p.bhs[2];
                 match rejected {
                     // RFC 7143 §7.8: a data digest error rejects the PDU, not the command,

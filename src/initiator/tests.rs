@@ -530,3 +530,93 @@ fn wait_next_tells_a_rejected_command_from_a_lost_connection() {
         assert!(ini.wait_next().is_err());
     }
 }
+
+#[test]
+fn an_idle_tick_ends_silent_waits_and_keeps_a_pdu_that_pauses_midway() {
+    const TICK: Duration = Duration::from_millis(50);
+    let (addr, h) = fake_target(|f| {
+        f.login(&[]);
+        let p = f.recv();
+        let c = pdu::ScsiCommand::parse(&p.bhs, &p.ahs).unwrap();
+        // A Reject of a PDU that is no command in flight, then silence for a few ticks.
+        let mut stray = p.bhs;
+        stray[16..20].copy_from_slice(&0x7777_u32.to_be_bytes());
+        let r = pdu::Reject {
+            reason: pdu::REJECT_PROTOCOL_ERROR,
+            stat_sn: f.stat_sn,
+            exp_cmd_sn: 2,
+            max_cmd_sn: 10,
+            data_segment_length: BHS_LEN as u32,
+            ..Default::default()
+        };
+        f.stat_sn += 1;
+        let mut bhs = [0u8; BHS_LEN];
+        r.emit(&mut bhs);
+        f.send(&bhs, &stray);
+        thread::sleep(TICK * 4);
+        // The answer, its header cut in two by a pause of several ticks.
+        let r = pdu::ScsiResponse {
+            itt: c.itt,
+            stat_sn: f.stat_sn,
+            exp_cmd_sn: 2,
+            max_cmd_sn: 10,
+            ..Default::default()
+        };
+        r.emit(&mut bhs);
+        f.s.write_all(&bhs[..20]).unwrap();
+        thread::sleep(TICK * 4);
+        f.s.write_all(&bhs[20..]).unwrap();
+        // Half a header, and then nothing for longer than the timeout.
+        let p = f.recv();
+        let c = pdu::ScsiCommand::parse(&p.bhs, &p.ahs).unwrap();
+        let r = pdu::ScsiResponse {
+            itt: c.itt,
+            stat_sn: f.stat_sn + 1,
+            exp_cmd_sn: 3,
+            max_cmd_sn: 10,
+            ..Default::default()
+        };
+        r.emit(&mut bhs);
+        f.s.write_all(&bhs[..24]).unwrap();
+        thread::sleep(Duration::from_secs(2));
+    });
+    let mut ini = Initiator::connect(&addr).unwrap();
+    ini.login(&LoginOptions {
+        target_name: Some("iqn.x:t".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    ini.set_idle_tick(Some(TICK)).unwrap();
+    let itt = ini
+        .submit(0, &cdb::test_unit_ready(), None, 0, false)
+        .unwrap();
+    let mut idle = 0;
+    let (done, r) = loop {
+        match ini.wait_next() {
+            Err(InitiatorError::Idle) => idle += 1,
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(done, itt);
+    assert!(r.unwrap().is_good(), "the answer arrived whole");
+    // The silence before the answer was idle ticks; the pause in its middle was waited
+    // through (a tick there would have lost the header's first bytes).
+    assert!(idle >= 2, "{idle} idle ticks");
+    assert_eq!(
+        ini.unclaimed_reject(),
+        Some((pdu::REJECT_PROTOCOL_ERROR, Some(0x7777)))
+    );
+    // A PDU that stops midway for longer than the timeout fails the connection.
+    ini.set_timeout(Some(Duration::from_millis(300))).unwrap();
+    ini.submit(0, &cdb::test_unit_ready(), None, 0, false)
+        .unwrap();
+    let e = loop {
+        match ini.wait_next() {
+            Err(InitiatorError::Idle) => {}
+            other => break other.unwrap_err(),
+        }
+    };
+    assert!(matches!(e, InitiatorError::Io(_)), "{e:?}");
+    assert!(ini.set_idle_tick(Some(Duration::ZERO)).is_err());
+    h.join().unwrap();
+}

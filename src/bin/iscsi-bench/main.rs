@@ -14,6 +14,8 @@
 //! `--json` prints one JSON object instead (its fields are listed in README.md, under
 //! iscsi-bench). A command that does not end GOOD is counted by its sense key (CHECK CONDITION)
 //! or its status and the run goes on; a failed connection ends its session and is reported;
+//! a command that waits longer than `--timeout` seconds (30; 0: no limit) for its answer stops
+//! the run, named by its URL, ITT, LBA and operation (`timed_out` and `timeouts` in the JSON);
 //! any error counted makes the exit status 1.
 //!
 //! With `--verify` it checks data integrity instead: it reads the whole LUN and compares it
@@ -45,7 +47,7 @@
 //! iscsi-bench [iscsi://HOST[:PORT]/IQN/LUN]... [--url URL]... | --portal ADDR:PORT --target IQN [--lun 0]
 //!             [--rw read|write|randread|randwrite|rw|randrw] [--read-pct 50] [--write] [--random]
 //!             [--bs 128k] [--qd 16] [--sessions 1] [--cores LIST] [--secs 10] [--ramp 0]
-//!             [--json] [--digests] [--blocksize N]
+//!             [--timeout 30] [--json] [--digests] [--blocksize N]
 //!             [--net kernel|af_packet:IF|tap:NAME|dpdk:DEVARGS --ip ADDR/PREFIX
 //!                   [--gateway ADDR] [--stack KEY=VALUE]... [--eal "ARGS"]]
 //!             [--verify [--expect FILE]]
@@ -139,6 +141,14 @@ fn bench(o: &Opts) -> ExitCode {
         }
     } else {
         print!("{}", report.text());
+    }
+    if !report.late.is_empty() {
+        eprintln!(
+            "iscsi-bench: timed out: {} command{} waited longer than --timeout {} s",
+            report.late.len(),
+            if report.late.len() == 1 { "" } else { "s" },
+            o.timeout
+        );
     }
     let errors = report.errors.total();
     if errors > 0 {

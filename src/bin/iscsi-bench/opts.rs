@@ -36,6 +36,10 @@ const MAX_QD: u64 = 4096;
 pub const MAX_SESSIONS: usize = 256;
 /// The default target when only `--target` is given.
 const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
+/// The default `--timeout`: as long as the initiator's own socket timeout.
+const DEFAULT_TIMEOUT_SECS: f64 = 30.0;
+/// The shortest `--timeout` but none: a millisecond (the transport timeouts cannot be zero).
+const MIN_TIMEOUT_SECS: f64 = 0.001;
 
 pub struct Opts {
     /// The LUNs the sessions go to: `--url`s and positional URLs, then `--portal/--target/
@@ -46,6 +50,8 @@ pub struct Opts {
     pub secs: f64,
     /// Seconds of I/O before the measurement starts (the benchmark only).
     pub ramp: f64,
+    /// Seconds a command may wait for its answer before the run stops (0: without end).
+    pub timeout: f64,
     pub rw: Rw,
     pub json: bool,
     /// Cores the benchmark's sessions are pinned to, round-robin (empty: not pinned).
@@ -80,6 +86,11 @@ impl Opts {
     pub fn single(&self) -> &TargetUrl {
         &self.targets[0]
     }
+
+    /// `--timeout` (`None`: 0, no timeout).
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        (self.timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.timeout))
+    }
 }
 
 pub const USAGE: &str = "\
@@ -103,6 +114,10 @@ Benchmark (the default mode):
   --cores LIST       pin the sessions' threads round-robin to these cores: 0,2-3 or 0x6
   --secs S           seconds measured [10]
   --ramp S           seconds of I/O first, not measured [0]
+  --timeout S        seconds a command may wait for its answer [30]; when one waits longer
+                     the run stops with an error that names it (exit status 1); 0: no limit.
+                     At login, in --verify and in --soak: how long a read or write of the
+                     connection may wait
   --json             one JSON object on stdout at the end instead of the summary
   --blocksize N      fail unless the LUN's block size is N
   --digests          CRC32C header and data digests
@@ -187,6 +202,7 @@ pub fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Parsed, Stri
         qd: 16,
         secs: 10.0,
         ramp: 0.0,
+        timeout: DEFAULT_TIMEOUT_SECS,
         rw: Rw {
             read_pct: 100,
             random: false,
@@ -253,6 +269,15 @@ pub fn parse_args(argv: impl IntoIterator<Item = String>) -> Result<Parsed, Stri
             "--qd" => o.qd = num(val()?)?.clamp(1, MAX_QD) as usize,
             "--secs" => o.secs = secs(val()?)?,
             "--ramp" => o.ramp = secs(val()?)?,
+            "--timeout" => {
+                o.timeout = secs(val()?)?;
+                if o.timeout > 0.0 && o.timeout < MIN_TIMEOUT_SECS {
+                    return Err(format!(
+                        "--timeout must be 0 (none) or at least {MIN_TIMEOUT_SECS} s, not {}",
+                        o.timeout
+                    ));
+                }
+            }
             "--rw" => rw = Some(parse_rw(&val()?)?),
             "--json" => o.json = true,
             "--cores" => o.cores = parse_cores(&val()?).map_err(|e| format!("--cores: {e}"))?,
@@ -450,6 +475,15 @@ mod tests {
             (o.bs, o.qd, o.secs, o.ramp, o.sessions),
             (131_072, 16, 10.0, 0.0, 1)
         );
+        assert_eq!(o.timeout(), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(
+            parse(&format!("{URL} --timeout 0")).unwrap().timeout(),
+            None
+        );
+        assert_eq!(
+            parse(&format!("{URL} --timeout 2.5")).unwrap().timeout(),
+            Some(std::time::Duration::from_millis(2500))
+        );
         assert!(o.cores.is_empty() && !o.json && o.block_size.is_none());
         let o = parse(&format!(
             "{URL} --bs 4k --qd 32 --secs 2.5 --ramp 1 --json --cores 0,2-3 --blocksize 512"
@@ -468,6 +502,8 @@ mod tests {
             ("--bs 1000 --blocksize 512", "multiple"),
             ("--secs -1", "seconds"),
             ("--ramp x", "seconds"),
+            ("--timeout -2", "seconds"),
+            ("--timeout 0.00001", "at least"),
             ("--cores 3-1", "--cores"),
             ("--frobnicate", "unknown"),
             ("--qd", "needs a value"),

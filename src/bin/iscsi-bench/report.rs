@@ -247,6 +247,41 @@ pub struct Workload {
     pub random: bool,
     pub secs: f64,
     pub ramp_secs: f64,
+    /// `--timeout` (0: none).
+    pub timeout_secs: f64,
+}
+
+/// A command that waited for its answer longer than `--timeout`: the run stopped for it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Late {
+    /// The target of its session, and the session's index (from 0, over every target).
+    pub url: String,
+    pub session: usize,
+    /// `"READ (16)"` or `"WRITE (16)"`.
+    pub op: &'static str,
+    pub itt: u32,
+    pub lba: u64,
+    pub blocks: u32,
+    /// From sending it to giving up on it.
+    pub waited_secs: f64,
+}
+
+impl Late {
+    /// What went wrong, in one line.
+    pub fn line(&self, timeout_secs: f64) -> String {
+        format!(
+            "session {} ({}): {} ITT {:#x} LBA {} ({} block{}) had no answer after {:.1} s \
+             (--timeout {timeout_secs}): the target stopped answering; the run stops",
+            self.session,
+            self.url,
+            self.op,
+            self.itt,
+            self.lba,
+            self.blocks,
+            if self.blocks == 1 { "" } else { "s" },
+            self.waited_secs
+        )
+    }
 }
 
 /// A whole run.
@@ -261,6 +296,8 @@ pub struct Report {
     pub errors: Errors,
     /// Why sessions ended early, one line each.
     pub ended: Vec<String>,
+    /// The commands that waited past `--timeout`, one per session that gave up on one.
+    pub late: Vec<Late>,
 }
 
 #[derive(Serialize, Debug, PartialEq)]
@@ -309,6 +346,12 @@ pub struct ReportJson<'a> {
     pub latency_us: LatencyJson,
     pub cdf: Vec<[f64; 2]>,
     pub errors: ErrorsJson,
+    /// Whether a command waited past `--timeout`, which stopped the run.
+    pub timed_out: bool,
+    /// Those commands, one per session that gave up on one.
+    pub timeouts: &'a [Late],
+    /// Why sessions ended before their time, one line each (a timeout, a failed connection).
+    pub ended: &'a [String],
 }
 
 /// Rounded to `digits` decimals, so that the JSON does not carry float noise.
@@ -374,6 +417,9 @@ impl Report {
                     .map(|(k, v)| (k.to_string(), *v))
                     .collect(),
             },
+            timed_out: !self.late.is_empty(),
+            timeouts: &self.late,
+            ended: &self.ended,
         }
     }
 
@@ -580,6 +626,7 @@ mod tests {
                 random: true,
                 secs: 2.0,
                 ramp_secs: 0.0,
+                timeout_secs: 30.0,
             },
             rw_name: "randrw",
             elapsed: Duration::from_secs(2),
@@ -587,6 +634,7 @@ mod tests {
             write,
             errors,
             ended: vec!["session 0: connection closed by the target".into()],
+            late: Vec::new(),
         }
     }
 
@@ -605,12 +653,15 @@ mod tests {
                 "bytes",
                 "cdf",
                 "elapsed_secs",
+                "ended",
                 "errors",
                 "iops",
                 "ios",
                 "latency_us",
                 "mbps",
                 "read",
+                "timed_out",
+                "timeouts",
                 "tool",
                 "workload",
                 "write"
@@ -630,6 +681,7 @@ mod tests {
                 "read_pct",
                 "secs",
                 "sessions_per_url",
+                "timeout_secs",
                 "urls"
             ]
         );
@@ -665,6 +717,46 @@ mod tests {
             j["errors"],
             serde_json::json!({"total": 2, "transport": 1, "by_sense_key": {"MEDIUM ERROR": 1}})
         );
+        assert_eq!(j["timed_out"], false);
+        assert_eq!(j["timeouts"], serde_json::json!([]));
+        assert_eq!(
+            j["ended"],
+            serde_json::json!(["session 0: connection closed by the target"])
+        );
+        assert_eq!(j["workload"]["timeout_secs"].as_f64(), Some(30.0));
+    }
+
+    #[test]
+    fn a_late_command_is_named_in_the_json_and_its_line() {
+        let late = Late {
+            url: "iscsi://127.0.0.1:3260/iqn.x:t/0".into(),
+            session: 1,
+            op: "READ (16)",
+            itt: 0x1f,
+            lba: 4096,
+            blocks: 8,
+            waited_secs: 2.31,
+        };
+        let mut r = report();
+        r.late.push(late.clone());
+        let j = serde_json::to_value(r.json()).unwrap();
+        assert_eq!(j["timed_out"], true);
+        assert_eq!(
+            j["timeouts"],
+            serde_json::json!([{
+                "url": "iscsi://127.0.0.1:3260/iqn.x:t/0", "session": 1, "op": "READ (16)",
+                "itt": 31, "lba": 4096, "blocks": 8, "waited_secs": 2.31
+            }])
+        );
+        let line = late.line(2.0);
+        for says in [
+            "iscsi://127.0.0.1:3260/iqn.x:t/0",
+            "READ (16) ITT 0x1f LBA 4096 (8 blocks)",
+            "after 2.3 s",
+            "--timeout 2",
+        ] {
+            assert!(line.contains(says), "{says}: {line}");
+        }
     }
 
     #[test]

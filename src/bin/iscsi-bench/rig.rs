@@ -9,6 +9,12 @@
 //! sessions end. The progress line reads counters that only their session writes. A command
 //! that does not end GOOD is counted by its sense key or status and the session goes on; a
 //! connection that fails ends its session, which is reported, and the others go on.
+//!
+//! A command that waits longer than `--timeout` for its answer stops the run: its session
+//! names it and gives up on its connection, the other sessions take the answers still due
+//! and end. The check costs nothing per command: a session looks through its commands in
+//! flight when `SCAN_EVERY` has passed by the clock it reads for each answer anyway, and
+//! when the target has sent nothing for that long (the initiator's idle tick ends the wait).
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -16,11 +22,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use iscsi_tgt::initiator::cdb;
+use iscsi_tgt::initiator::{cdb, InitiatorError};
 
 use crate::net::Ini;
 use crate::opts::Opts;
-use crate::report::{error_name, Errors, Report, Stats, Workload};
+use crate::report::{error_name, Errors, Late, Report, Stats, Workload};
 use crate::target::{capacity, login, TargetUrl};
 
 /// How often the progress line is rewritten.
@@ -29,6 +35,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 /// What WRITEs carry.
 const WRITE_BYTE: u8 = 0xa5;
+/// How often a session looks for commands waiting past `--timeout` (and for the others'
+/// stop): how late beyond the timeout a run may stop, and the initiator's idle tick.
+const SCAN_EVERY: Duration = Duration::from_millis(250);
 
 /// What a session counts for the progress line. Only its own thread writes them (a load and
 /// a store, no read-modify-write), the main thread reads them once a second; each on its own
@@ -107,6 +116,15 @@ struct Outcome {
     finished: Instant,
     /// Why it ended before its time, if it did.
     ended: Option<String>,
+    /// The command it gave up on, if one waited past `--timeout`.
+    late: Option<Late>,
+}
+
+/// A command in flight.
+struct InFlight {
+    sent: Instant,
+    lba: u64,
+    write: bool,
 }
 
 /// One session, from its login (before the common start) to its last answer.
@@ -116,6 +134,8 @@ struct Session<'a> {
     index: usize,
     core: Option<usize>,
     live: &'a Live,
+    /// Set by the first session that gives up on a command: the others stop too.
+    stop: &'a AtomicBool,
 }
 
 /// Pins the calling thread to `core`, one of those the process may run on.
@@ -172,79 +192,167 @@ impl Session<'_> {
     }
 
     /// Keeps the queue full until `end`, then takes the answers still due. Commands answered
-    /// GOOD from `measure_from` on are measured; errors are counted throughout.
+    /// GOOD from `measure_from` on are measured; errors are counted throughout. A command
+    /// that waits past `--timeout`, a Reject the initiator cannot match to a command, or a
+    /// failed connection ends the session early.
     fn run(&self, ini: &mut Ini, lbas: &mut Lbas, measure_from: Instant, end: Instant) -> Outcome {
         let o = self.o;
         let lun = self.url.lun;
         let blocks = lbas.blocks as u32;
         let data = vec![WRITE_BYTE; o.bs as usize];
+        let timeout = o.timeout();
         let mut out = Outcome {
             read: Stats::new(),
             write: Stats::new(),
             errors: Errors::default(),
             finished: Instant::now(),
             ended: None,
+            late: None,
         };
-        // ITT -> (sent at, is a WRITE).
-        let mut inflight: HashMap<u32, (Instant, bool)> = HashMap::with_capacity(o.qd * 2);
-        let mut submit =
-            |ini: &mut Ini, inflight: &mut HashMap<u32, (Instant, bool)>| -> Result<(), String> {
-                let lba = lbas.next();
-                let read = lbas.is_read(o.rw.read_pct);
-                let sent = Instant::now();
-                let itt = if read {
-                    ini.submit(lun, &cdb::read16(lba, blocks), None, o.bs, true)
-                } else {
-                    ini.submit(lun, &cdb::write16(lba, blocks), Some(&data), o.bs, false)
+        let mut inflight: HashMap<u32, InFlight> = HashMap::with_capacity(o.qd * 2);
+        let mut submit = |ini: &mut Ini, inflight: &mut HashMap<u32, InFlight>| {
+            let lba = lbas.next();
+            let read = lbas.is_read(o.rw.read_pct);
+            let sent = Instant::now();
+            let itt = if read {
+                ini.submit(lun, &cdb::read16(lba, blocks), None, o.bs, true)
+            } else {
+                ini.submit(lun, &cdb::write16(lba, blocks), Some(&data), o.bs, false)
+            }?;
+            inflight.insert(
+                itt,
+                InFlight {
+                    sent,
+                    lba,
+                    write: !read,
+                },
+            );
+            Ok::<(), InitiatorError>(())
+        };
+        // The session hears from its clock even when the target says nothing.
+        let mut failed = ini
+            .set_idle_tick(Some(SCAN_EVERY))
+            .err()
+            .map(|e| e.to_string());
+        // Commands to send as soon as the command window lets them.
+        let mut owed = o.qd;
+        // Since when the window has let none of them go (with none in flight to answer).
+        let mut shut_since: Option<Instant> = None;
+        let mut last_scan = Instant::now();
+        // When the queue stops being refilled: `end`, or sooner if another session stops.
+        let mut until = end;
+        while failed.is_none() && out.late.is_none() {
+            while owed > 0 {
+                match submit(ini, &mut inflight) {
+                    Ok(()) => {
+                        owed -= 1;
+                        shut_since = None;
+                    }
+                    // The window is shut and the target said nothing for a tick.
+                    Err(InitiatorError::Idle) => break,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
                 }
-                .map_err(|e| e.to_string())?;
-                inflight.insert(itt, (sent, !read));
-                Ok(())
-            };
-        let mut failed = None;
-        for _ in 0..o.qd {
-            if let Err(e) = submit(ini, &mut inflight) {
-                failed = Some(e);
+            }
+            if failed.is_some() || (inflight.is_empty() && owed == 0) {
                 break;
             }
-        }
-        while failed.is_none() && !inflight.is_empty() {
-            let (itt, r) = match ini.wait_next() {
-                Ok(x) => x,
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
+            let answer = if inflight.is_empty() {
+                // Nothing to wait for but the window, which the submit above waited on.
+                None
+            } else {
+                match ini.wait_next() {
+                    Ok(x) => Some(x),
+                    Err(InitiatorError::Idle) => None,
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
                 }
             };
             let now = Instant::now();
-            let Some((sent, write)) = inflight.remove(&itt) else {
+            if let Some((itt, r)) = answer {
+                let Some(c) = inflight.remove(&itt) else {
+                    failed = Some(format!(
+                        "an answer for ITT {itt:#x}, which is not in flight"
+                    ));
+                    break;
+                };
+                if matches!(&r, Ok(r) if r.is_good()) {
+                    Live::add(&self.live.ios, 1);
+                    Live::add(&self.live.bytes, u64::from(o.bs));
+                    if now >= measure_from {
+                        let st = if c.write {
+                            &mut out.write
+                        } else {
+                            &mut out.read
+                        };
+                        st.ios += 1;
+                        st.bytes += u64::from(o.bs);
+                        st.lat.record(now - c.sent);
+                    }
+                } else {
+                    // Errors count from the first command on, the ramp's too.
+                    out.errors.count(error_name(&r));
+                    Live::add(&self.live.errors, 1);
+                }
+                if now < until {
+                    owed += 1;
+                }
+                if now.duration_since(last_scan) < SCAN_EVERY {
+                    continue;
+                }
+            }
+            // Every SCAN_EVERY, or when the target has been silent for a tick.
+            last_scan = now;
+            if let Some(t) = timeout {
+                out.late = self.late(&inflight, now, t, blocks);
+                if out.late.is_some() {
+                    break;
+                }
+                if inflight.is_empty() && owed > 0 {
+                    let since = *shut_since.get_or_insert(now);
+                    if now.duration_since(since) >= t {
+                        failed = Some(format!(
+                            "the target kept its command window shut (MaxCmdSN {}, next CmdSN \
+                             {}) for {:.1} s with no command in flight (--timeout {})",
+                            ini.max_cmd_sn(),
+                            ini.next_cmd_sn(),
+                            now.duration_since(since).as_secs_f64(),
+                            o.timeout
+                        ));
+                        break;
+                    }
+                }
+            }
+            if let Some((reason, itt)) = ini.unclaimed_reject() {
                 failed = Some(format!(
-                    "an answer for ITT {itt:#x}, which is not in flight"
+                    "the target rejected a PDU that is no command in flight ({}, reason \
+                     {reason:#04x} {})",
+                    match itt {
+                        Some(itt) => format!("ITT {itt:#x}"),
+                        None => "no header returned".into(),
+                    },
+                    reject_reason_name(reason)
                 ));
                 break;
-            };
-            if matches!(&r, Ok(r) if r.is_good()) {
-                Live::add(&self.live.ios, 1);
-                Live::add(&self.live.bytes, u64::from(o.bs));
-                if now >= measure_from {
-                    let st = if write { &mut out.write } else { &mut out.read };
-                    st.ios += 1;
-                    st.bytes += u64::from(o.bs);
-                    st.lat.record(now - sent);
-                }
-            } else {
-                // Errors count from the first command on, the ramp's too.
-                out.errors.count(error_name(&r));
-                Live::add(&self.live.errors, 1);
             }
-            if now < end {
-                if let Err(e) = submit(ini, &mut inflight) {
-                    failed = Some(e);
-                }
+            if self.stop.load(Ordering::Relaxed) {
+                until = until.min(now);
+                owed = 0;
             }
         }
         out.finished = Instant::now();
-        if let Some(e) = failed {
+        if let Some(late) = &out.late {
+            self.stop.store(true, Ordering::Relaxed);
+            out.errors.transport += 1;
+            Live::add(&self.live.errors, 1);
+            let line = late.line(o.timeout);
+            eprintln!("iscsi-bench: {line}");
+            out.ended = Some(line);
+        } else if let Some(e) = failed {
             out.errors.transport += 1;
             Live::add(&self.live.errors, 1);
             let line = format!(
@@ -256,8 +364,50 @@ impl Session<'_> {
             );
             eprintln!("iscsi-bench: {line}");
             out.ended = Some(line);
+        } else {
+            // The logout waits as any other wait, without ticks.
+            let _ = ini.set_idle_tick(None);
         }
         out
+    }
+
+    /// The command in flight longest, if it has waited `timeout` or more by `now`.
+    fn late(
+        &self,
+        inflight: &HashMap<u32, InFlight>,
+        now: Instant,
+        timeout: Duration,
+        blocks: u32,
+    ) -> Option<Late> {
+        let (&itt, c) = inflight.iter().min_by_key(|(_, c)| c.sent)?;
+        let waited = now.saturating_duration_since(c.sent);
+        (waited >= timeout).then(|| Late {
+            url: self.url.to_string(),
+            session: self.index,
+            op: if c.write { "WRITE (16)" } else { "READ (16)" },
+            itt,
+            lba: c.lba,
+            blocks,
+            waited_secs: (waited.as_secs_f64() * 1e3).round() / 1e3,
+        })
+    }
+}
+
+/// RFC 7143 §11.17.1: a Reject's reason by name.
+fn reject_reason_name(reason: u8) -> &'static str {
+    use iscsi_tgt::iscsi::pdu;
+    match reason {
+        pdu::REJECT_DATA_DIGEST_ERROR => "data digest error",
+        pdu::REJECT_SNACK_REJECT => "SNACK reject",
+        pdu::REJECT_PROTOCOL_ERROR => "protocol error",
+        pdu::REJECT_COMMAND_NOT_SUPPORTED => "command not supported",
+        pdu::REJECT_IMMEDIATE_COMMAND_REJECT => "immediate command reject",
+        pdu::REJECT_TASK_IN_PROGRESS => "task in progress",
+        pdu::REJECT_INVALID_DATA_ACK => "invalid data ack",
+        pdu::REJECT_INVALID_PDU_FIELD => "invalid PDU field",
+        pdu::REJECT_OUT_OF_RESOURCES => "long operation reject (out of resources)",
+        pdu::REJECT_WAITING_FOR_LOGOUT => "waiting for logout",
+        _ => "reserved",
     }
 }
 
@@ -322,6 +472,7 @@ pub fn run(o: &Opts) -> Result<Report, String> {
     let live: Vec<Live> = (0..o.targets.len() * o.sessions)
         .map(|_| Live::default())
         .collect();
+    let stop = AtomicBool::new(false);
     let mut sessions = Vec::with_capacity(live.len());
     for (i, url) in o
         .targets
@@ -335,6 +486,7 @@ pub fn run(o: &Opts) -> Result<Report, String> {
             index: i,
             core: (!o.cores.is_empty()).then(|| o.cores[i % o.cores.len()]),
             live: &live[i],
+            stop: &stop,
         });
     }
     let ready = Barrier::new(sessions.len() + 1);
@@ -406,6 +558,7 @@ pub fn run(o: &Opts) -> Result<Report, String> {
             random: o.rw.random,
             secs: o.secs,
             ramp_secs: o.ramp,
+            timeout_secs: o.timeout,
         },
         rw_name: o.rw.name(),
         elapsed: Duration::ZERO,
@@ -413,6 +566,7 @@ pub fn run(o: &Opts) -> Result<Report, String> {
         write: Stats::new(),
         errors: Errors::default(),
         ended: Vec::new(),
+        late: Vec::new(),
     };
     let mut last = t0 + ramp;
     for r in results {
@@ -422,6 +576,7 @@ pub fn run(o: &Opts) -> Result<Report, String> {
                 report.write.merge(&out.write);
                 report.errors.merge(&out.errors);
                 report.ended.extend(out.ended);
+                report.late.extend(out.late);
                 last = last.max(out.finished);
             }
             Err(e) => {

@@ -123,6 +123,7 @@ pub fn login_as(
 ) -> Result<Ini, String> {
     let conn = o.network.connect(&t.portal)?;
     let mut ini = Initiator::with_transport(conn).map_err(|e| e.to_string())?;
+    ini.set_timeout(o.timeout()).map_err(|e| e.to_string())?;
     let mut keys = vec![("MaxRecvDataSegmentLength".to_string(), "262144".to_string())];
     let d = if o.digests { "CRC32C" } else { "None" };
     keys.push(("HeaderDigest".into(), d.into()));
