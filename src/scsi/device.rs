@@ -943,6 +943,18 @@ impl Device {
         self.add_ua_others(u64::MAX, asc, ascq);
     }
 
+    /// Queues a unit attention for one registered I_T nexus (the unit attentions a
+    /// PERSISTENT RESERVE OUT establishes for other nexuses, SPC-4 §5.13.11).
+    pub fn add_ua(&self, nexus: u64, asc: u8, ascq: u8) {
+        let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = ua.get_mut(&nexus) {
+            if !q.contains(&(asc, ascq)) {
+                q.push((asc, ascq));
+            }
+            self.ua_pending.store(true, Ordering::Release);
+        }
+    }
+
     /// Queues a unit attention for every I_T nexus except `except`.
     pub fn add_ua_others(&self, except: u64, asc: u8, ascq: u8) {
         let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
@@ -1202,6 +1214,14 @@ mod tests {
         d.add_ua_others(2, 0x29, 0x03);
         assert_eq!(d.take_ua(1), Some((0x29, 3)));
         assert_eq!(d.take_ua(2), Some((0x29, 0)));
+        assert_eq!(d.take_ua(2), None);
+        // One nexus only, once, and none for a nexus that is not registered.
+        d.add_ua(2, 0x2a, 0x05);
+        d.add_ua(2, 0x2a, 0x05);
+        d.add_ua(9, 0x2a, 0x05);
+        assert_eq!(d.take_ua(1), None);
+        assert_eq!(d.take_ua(9), None);
+        assert_eq!(d.take_ua(2), Some((0x2a, 0x05)));
         assert_eq!(d.take_ua(2), None);
     }
 
