@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
+use crate::scsi::pr::{Reservations, Snapshot};
 use crate::util::quote;
 
 /// Why a device could not be created or changed.
@@ -92,6 +93,8 @@ pub struct Device {
     /// Byte ranges held by read-modify-write commands (COMPARE AND WRITE, ORWRITE) between
     /// their read and their write, on any reactor.
     rmw_locked: Mutex<Vec<(u64, u64)>>,
+    /// Persistent reservations and RESERVE/RELEASE (SPC-4 §5.13).
+    pr: Reservations,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -323,6 +326,7 @@ impl Device {
             prevent: Mutex::new(Vec::new()),
             medium: AtomicBool::new(true),
             rmw_locked: Mutex::new(Vec::new()),
+            pr: Reservations::new(),
         }))
     }
 
@@ -498,6 +502,11 @@ impl Device {
             .is_empty()
     }
 
+    /// The reservations of the logical unit, which every LUN exporting the device shares.
+    pub fn reservations(&self) -> &Reservations {
+        &self.pr
+    }
+
     pub fn ident(&self) -> Ident {
         self.ident.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -552,6 +561,7 @@ impl Device {
         if !cdrom {
             v.push(rw("opt_trans_len"));
         }
+        v.extend([rw("pr_file_name"), rw("pr_state")]);
         v.extend([rw("prod_id"), rw("prod_rev_lvl")]);
         if !cdrom {
             v.extend([ro("read_only"), ro("removable")]);
@@ -620,6 +630,12 @@ impl Device {
             "nv_cache" => opt(|o| o.nv_cache),
             "o_direct" => opt(|o| o.o_direct),
             "opt_trans_len" => id.opt_trans_len.to_string(),
+            "pr_file_name" => self
+                .pr
+                .file()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            "pr_state" => self.pr.snapshot().to_text(),
             "prod_id" => id.prod_id,
             "prod_rev_lvl" => id.prod_rev_lvl,
             "read_only" => b(self.read_only),
@@ -656,6 +672,7 @@ impl Device {
             "fault_delay_us" => self.bdev.fault().is_some_and(|f| f.delay_us() != 0),
             "fault_delay_every" => self.bdev.fault().is_some_and(|f| f.delay_every() != 1),
             "lb_per_pb_exp" => given(name) || !self.lb_per_pb_exp.load(Ordering::Relaxed),
+            "pr_file_name" => self.pr.file().is_some(),
             "naa_id" | "eui64_id" | "opt_trans_len" | "prod_id" | "prod_rev_lvl"
             | "t10_vend_id" | "usn" => self.get_attr(name) != self.default_attr(name),
             _ => false,
@@ -702,6 +719,28 @@ impl Device {
             })?;
             if let Some(fi) = self.bdev.fault() {
                 fi.set(f);
+            }
+            return Ok(());
+        }
+        if name == "pr_file_name" {
+            // SCST's pr_file_name, without a default: empty, APTPL is refused (PTPL_C=0).
+            let path = v.trim();
+            let path = (!path.is_empty()).then(|| std::path::Path::new(path));
+            return self
+                .pr
+                .set_file(path)
+                .map_err(|e| invalid(format!("pr_file_name: {e}")));
+        }
+        if name == "pr_state" {
+            let s = Snapshot::from_text(value).map_err(|e| invalid(format!("pr_state: {e}")))?;
+            let persist = self
+                .pr
+                .restore(&s)
+                .map_err(|e| invalid(format!("pr_state: {e}")))?;
+            if let Some(p) = persist {
+                self.pr
+                    .persist(&p)
+                    .map_err(|e| invalid(format!("pr_state: {e}")))?;
             }
             return Ok(());
         }
@@ -902,6 +941,18 @@ impl Device {
     /// Queues a unit attention for every I_T nexus.
     pub fn add_ua_all(&self, asc: u8, ascq: u8) {
         self.add_ua_others(u64::MAX, asc, ascq);
+    }
+
+    /// Queues a unit attention for one registered I_T nexus (the unit attentions a
+    /// PERSISTENT RESERVE OUT establishes for other nexuses, SPC-4 §5.13.11).
+    pub fn add_ua(&self, nexus: u64, asc: u8, ascq: u8) {
+        let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = ua.get_mut(&nexus) {
+            if !q.contains(&(asc, ascq)) {
+                q.push((asc, ascq));
+            }
+            self.ua_pending.store(true, Ordering::Release);
+        }
     }
 
     /// Queues a unit attention for every I_T nexus except `except`.
@@ -1164,6 +1215,14 @@ mod tests {
         assert_eq!(d.take_ua(1), Some((0x29, 3)));
         assert_eq!(d.take_ua(2), Some((0x29, 0)));
         assert_eq!(d.take_ua(2), None);
+        // One nexus only, once, and none for a nexus that is not registered.
+        d.add_ua(2, 0x2a, 0x05);
+        d.add_ua(2, 0x2a, 0x05);
+        d.add_ua(9, 0x2a, 0x05);
+        assert_eq!(d.take_ua(1), None);
+        assert_eq!(d.take_ua(9), None);
+        assert_eq!(d.take_ua(2), Some((0x2a, 0x05)));
+        assert_eq!(d.take_ua(2), None);
     }
 
     fn tmp() -> tempfile::TempDir {
@@ -1257,6 +1316,75 @@ mod tests {
         d.set_attr("sync", "1").unwrap();
         d.set_attr("lb_per_pb_exp", "0").unwrap();
         assert_eq!(d.lb_per_pb_exponent(), 0);
+    }
+
+    #[test]
+    fn persistent_reservation_attributes() {
+        use crate::scsi::pr::{self, Nexus};
+        let dir = tmp();
+        let file = dir.path().join("pr").join("r0");
+        let d = Device::create("vdisk_ramio", "r0", &p(&[("size_mb", "1")])).unwrap();
+        assert_eq!(d.get_attr("pr_file_name").unwrap(), "");
+        assert!(!d.is_key_attr("pr_file_name"));
+        let e = d.set_attr("pr_file_name", "relative/path").unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
+        d.set_attr("pr_file_name", file.to_str().unwrap()).unwrap();
+        assert_eq!(d.get_attr("pr_file_name").unwrap(), file.to_str().unwrap());
+        assert!(d.is_key_attr("pr_file_name"));
+        // An APTPL registration is written to the file...
+        let a = Nexus::new("iqn.2024-01.test:a", [0x40, 0, 0, 0, 0, 1], 1);
+        let mut params = [0u8; 24];
+        params[8..16].copy_from_slice(&0xabcdu64.to_be_bytes());
+        params[20] = 0x01; // APTPL
+        let cdb = [
+            pr::opcode::PERSISTENT_RESERVE_OUT,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            24,
+            0,
+        ];
+        let o = d.reservations().persistent_reserve_out(&a, &cdb, &params);
+        assert_eq!(o.status, pr::Status::Good);
+        d.reservations()
+            .persist(o.persist.as_ref().unwrap())
+            .unwrap();
+        let state = d.get_attr("pr_state").unwrap();
+        assert!(state.contains("0x000000000000abcd"), "{state}");
+        // ...and a device given the file has it back; pr_state carries it to another.
+        let d2 = Device::create("vdisk_ramio", "r1", &p(&[("size_mb", "1")])).unwrap();
+        d2.set_attr("pr_file_name", file.to_str().unwrap()).unwrap();
+        assert_eq!(d2.get_attr("pr_state").unwrap(), state);
+        let e = d2.set_attr("pr_file_name", "").unwrap_err();
+        assert!(e.to_string().contains("registrations exist"), "{e}");
+        let d3 = Device::create("vdisk_nullio", "n3", &[]).unwrap();
+        let e = d3.set_attr("pr_state", &state).unwrap_err();
+        assert!(
+            e.to_string().contains("pr_file_name"),
+            "APTPL needs a file: {e}"
+        );
+        let file3 = dir.path().join("n3");
+        d3.set_attr("pr_file_name", file3.to_str().unwrap())
+            .unwrap();
+        d3.set_attr("pr_state", &state).unwrap();
+        assert_eq!(d3.get_attr("pr_state").unwrap(), state);
+        assert!(file3.exists(), "restored with APTPL: written");
+        let e = d3
+            .set_attr("pr_state", &state.replace("abcd", "abce"))
+            .unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+        // A damaged file is refused, and the device keeps what it had.
+        std::fs::write(&file, "not a state\n").unwrap();
+        let d4 = Device::create("vdisk_nullio", "n4", &[]).unwrap();
+        let e = d4
+            .set_attr("pr_file_name", file.to_str().unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains(file.to_str().unwrap()), "{e}");
+        assert_eq!(d4.get_attr("pr_file_name").unwrap(), "");
     }
 
     #[test]

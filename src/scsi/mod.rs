@@ -4,6 +4,7 @@ pub mod device;
 pub mod exec;
 pub mod mmc;
 pub mod opcodes;
+pub mod pr;
 pub mod sense;
 
 pub use device::{Device, DeviceError};

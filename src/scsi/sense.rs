@@ -27,6 +27,14 @@ pub const WRITE_ERROR: (u8, u8) = (0x0c, 0x00);
 pub const PARAMETER_LIST_LENGTH_ERROR: (u8, u8) = (0x1a, 0x00);
 pub const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
 pub const MEDIUM_REMOVAL_PREVENTED: (u8, u8) = (0x53, 0x02);
+/// PERSISTENT RESERVE OUT RELEASE by the holder with another type (SPC-4 §5.13.11.2).
+pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: (u8, u8) = (0x26, 0x04);
+/// A registration the device server has no room for (SPC-4 §5.13.7).
+pub const INSUFFICIENT_REGISTRATION_RESOURCES: (u8, u8) = (0x55, 0x04);
+/// Unit attentions of persistent reservations (SPC-4 §5.13.11).
+pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
+pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
+pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 
 /// Fixed-format sense data is 18 bytes (SPC-4 §4.5.3).
 pub const FIXED_LEN: usize = 18;
@@ -73,6 +81,15 @@ impl Sense {
             ascq: INVALID_FIELD_IN_PARAMETER_LIST.1,
             field_pointer: Some((false, byte, None)),
             ..Default::default()
+        }
+    }
+
+    /// INVALID FIELD IN PARAMETER LIST pointing at bit `bit` of byte `byte` of the parameter
+    /// data.
+    pub fn invalid_param_bit(byte: u16, bit: u8) -> Sense {
+        Sense {
+            field_pointer: Some((false, byte, Some(bit))),
+            ..Sense::invalid_param_field(byte)
         }
     }
 
