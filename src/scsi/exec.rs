@@ -342,42 +342,37 @@ fn write_protected(dev: &Device, task: &ScsiTask) -> bool {
     task.read_only || dev.is_read_only() || dev.scsi_type() == mmc::TYPE_CDROM
 }
 
-/// Decodes and checks a command before its data moves. On error the task holds the sense.
-#[allow(clippy::result_unit_err)]
-pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+/// Decodes and checks a command before its data moves. On error nothing has changed in the
+/// task: the caller ends it with the sense returned ([`ScsiTask::fail`]).
+pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let op = task.opcode();
     if task.cdb_len > 16 {
-        task.fail(Sense::new(
+        return Err(Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::INVALID_COMMAND_OPERATION_CODE,
         ));
-        return Err(());
     }
     if ua_applies(task) {
         if let Some((asc, ascq)) = dev.take_ua(task.nexus) {
-            task.fail(Sense::new(sense::UNIT_ATTENTION, (asc, ascq)));
-            return Err(());
+            return Err(Sense::new(sense::UNIT_ATTENTION, (asc, ascq)));
         }
     }
     // CONTROL byte: NACA (bit 2) is not supported (SAM-5 §5.9).
     let clen = cdb_len_of(op);
     if clen > 0 && task.cdb[clen - 1] & 0x04 != 0 {
-        task.fail(Sense::invalid_cdb_field(clen as u16 - 1, Some(2)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(clen as u16 - 1, Some(2)));
     }
     let c = task.cdb;
     if !supported(dev, op, &c) {
-        task.fail(Sense::new(
+        return Err(Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::INVALID_COMMAND_OPERATION_CODE,
         ));
-        return Err(());
     }
     if !works_without_medium(op) {
         // No medium (3A/00), or an inactive backing (04/03).
         if let Some(asc) = dev.not_ready() {
-            task.fail(Sense::new(sense::NOT_READY, asc));
-            return Err(());
+            return Err(Sense::new(sense::NOT_READY, asc));
         }
     }
     let none = Ok(Plan {
@@ -402,11 +397,10 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             let loej = c[4] & 0x02 != 0 && c[4] >> 4 == 0;
             let removable = dev.is_removable() || dev.scsi_type() == mmc::TYPE_CDROM;
             if loej && removable && dev.removal_prevented() {
-                task.fail(Sense::new(
+                return Err(Sense::new(
                     sense::ILLEGAL_REQUEST,
                     sense::MEDIUM_REMOVAL_PREVENTED,
                 ));
-                return Err(());
             }
             none
         }
@@ -414,19 +408,16 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             // PREVENT field (bits 1-0): MMC also has PERSISTENT (bit 1); SBC has 00b/01b only.
             let prevent = c[4] & 0x03;
             if prevent > 1 && dev.scsi_type() != mmc::TYPE_CDROM {
-                task.fail(Sense::invalid_cdb_field(4, Some(0)));
-                return Err(());
+                return Err(Sense::invalid_cdb_field(4, Some(0)));
             }
             none
         }
         INQUIRY => {
             if c[1] & 0x01 == 0 && c[2] != 0 {
-                task.fail(Sense::invalid_cdb_field(2, None));
-                return Err(());
+                return Err(Sense::invalid_cdb_field(2, None));
             }
             if c[1] & 0xfe != 0 {
-                task.fail(Sense::invalid_cdb_field(1, None));
-                return Err(());
+                return Err(Sense::invalid_cdb_field(1, None));
             }
             din(be16(&c[3..5]))
         }
@@ -439,8 +430,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             // GET LBA STATUS (SBC-3 §5.6).
             let lba = be64(&c[2..10]);
             if lba >= dev.num_blocks() {
-                task.fail(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
-                return Err(());
+                return Err(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
             }
             din(be32(&c[10..14]))
         }
@@ -452,7 +442,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         MECHANISM_STATUS => din(be16(&c[8..10])),
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => {
             let (lba, n) = lba_and_blocks(&c);
-            check_range(dev, task, lba, n)?;
+            check_range(dev, lba, n)?;
             task.io = Some((IoOp::Flush, 0, 0));
             none
         }
@@ -461,7 +451,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
             // makes no promise that the blocks stay cached. IMMED changes nothing, since
             // the read-ahead is only started either way.
             let (lba, n) = lba_and_blocks(&c);
-            check_range(dev, task, lba, n)?;
+            check_range(dev, lba, n)?;
             let bs = u64::from(dev.block_size());
             let bytes = (n * bs).min(u64::from(u32::MAX - (u32::MAX % dev.block_size())));
             task.io = Some((IoOp::Prefetch, lba * bs, bytes as u32));
@@ -475,16 +465,14 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
 }
 
 /// UNMAP (SBC-3 §5.28): the CDB; the parameter list is checked when it has arrived.
-fn plan_unmap(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+fn plan_unmap(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let c = task.cdb;
     if c[1] & 0x01 != 0 {
         // ANCHOR: anchored LBAs are not supported (ANC_SUP=0).
-        task.fail(Sense::invalid_cdb_field(1, Some(0)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(0)));
     }
     if write_protected(dev, task) {
-        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
-        return Err(());
+        return Err(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
     }
     let len = be16(&c[7..9]);
     if len == 0 {
@@ -495,11 +483,10 @@ fn plan_unmap(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
         });
     }
     if len < 8 {
-        task.fail(Sense::new(
+        return Err(Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::PARAMETER_LIST_LENGTH_ERROR,
         ));
-        return Err(());
     }
     task.io = Some((IoOp::Unmap, 0, 0));
     Ok(Plan {
@@ -553,7 +540,7 @@ fn unmap_ranges(dev: &Device, data: &[u8]) -> Result<Vec<(u64, u64)>, Sense> {
 }
 
 /// WRITE SAME (10) and (16) (SBC-3 §5.41, §5.42).
-fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let c = task.cdb;
     let sixteen = c[0] == WRITE_SAME_16;
     let (lba, blocks) = if sixteen {
@@ -565,51 +552,43 @@ fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     let ndob = sixteen && c[1] & 0x01 != 0;
     // WRPROTECT: no protection information.
     if c[1] & 0xe0 != 0 {
-        task.fail(Sense::invalid_cdb_field(1, Some(5)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(5)));
     }
     // ANCHOR: not supported (ANC_SUP=0).
     if c[1] & 0x10 != 0 {
-        task.fail(Sense::invalid_cdb_field(1, Some(4)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(4)));
     }
     // LBDATA/PBDATA (obsolete) and, in WRITE SAME (10), the reserved bits.
     if c[1] & 0x06 != 0 || (!sixteen && c[1] & 0x01 != 0) {
-        task.fail(Sense::invalid_cdb_field(1, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, None));
     }
     if unmap && !dev.thin_provisioned() {
-        task.fail(Sense::invalid_cdb_field(1, Some(3)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(3)));
     }
     // NUMBER OF LOGICAL BLOCKS 0: to the last LBA (WSNZ=0).
     let blocks = if blocks == 0 {
         match dev.num_blocks().checked_sub(lba) {
             Some(n) => n,
             None => {
-                task.fail(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
-                return Err(());
+                return Err(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
             }
         }
     } else {
         blocks
     };
-    check_range(dev, task, lba, blocks)?;
+    check_range(dev, lba, blocks)?;
     if blocks > u64::from(max_write_same_blocks(dev.block_size())) {
-        task.fail(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
     }
     if write_protected(dev, task) {
-        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
-        return Err(());
+        return Err(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
     }
     let bs = u64::from(dev.block_size());
     // Data-Out of another size than one block (none with NDOB) means the initiator has
     // another block in mind: repeating it over the range would write the wrong pattern.
     let want = if ndob { 0 } else { bs };
     if task.data_out_len.is_some_and(|n| u64::from(n) != want) {
-        task.fail(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(if sixteen { 10 } else { 7 }, None));
     }
     if unmap {
         // The range is deallocated whatever the data block holds: it then reads as zeros
@@ -631,13 +610,12 @@ fn plan_write_same(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
 }
 
 /// COMPARE AND WRITE (SBC-3 §5.2) and ORWRITE (16).
-fn plan_rmw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+fn plan_rmw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let c = task.cdb;
     let caw = c[0] == COMPARE_AND_WRITE;
     // WRPROTECT/ORPROTECT: no protection information.
     if c[1] & 0xe0 != 0 {
-        task.fail(Sense::invalid_cdb_field(1, Some(5)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(5)));
     }
     let lba = be64(&c[2..10]);
     let blocks = if caw {
@@ -647,25 +625,21 @@ fn plan_rmw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     };
     let bs = dev.block_size();
     if caw && blocks > u64::from(max_compare_and_write_blocks(bs)) {
-        task.fail(Sense::invalid_cdb_field(13, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(13, None));
     }
-    check_range(dev, task, lba, blocks)?;
+    check_range(dev, lba, blocks)?;
     if write_protected(dev, task) {
-        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
-        return Err(());
+        return Err(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
     }
     let bytes = blocks * u64::from(bs);
     if bytes > MAX_TRANSFER as u64 {
-        task.fail(Sense::invalid_cdb_field(10, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(10, None));
     }
     let want = if caw { 2 * bytes } else { bytes };
     // Part of an atomic operation cannot be done: Data-Out of another size than the CDB
     // needs (a miscounted NUMBER OF LOGICAL BLOCKS, say) is refused whole.
     if task.data_out_len.is_some_and(|n| u64::from(n) != want) {
-        task.fail(Sense::invalid_cdb_field(if caw { 13 } else { 10 }, None));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(if caw { 13 } else { 10 }, None));
     }
     if blocks == 0 {
         // No blocks: nothing is read, compared or written, and that is not an error.
@@ -683,19 +657,18 @@ fn plan_rmw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     })
 }
 
-fn check_range(dev: &Device, task: &mut ScsiTask, lba: u64, blocks: u64) -> Result<(), ()> {
+fn check_range(dev: &Device, lba: u64, blocks: u64) -> Result<(), Sense> {
     let end = lba.checked_add(blocks);
     if lba >= dev.num_blocks() && blocks > 0
         || end.is_none_or(|e| e > dev.num_blocks())
         || lba > dev.num_blocks()
     {
-        task.fail(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
-        return Err(());
+        return Err(Sense::new(sense::ILLEGAL_REQUEST, sense::LBA_OUT_OF_RANGE));
     }
     Ok(())
 }
 
-fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
+fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let c = task.cdb;
     let op = c[0];
     let (lba, blocks) = match op {
@@ -726,22 +699,19 @@ fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
     let verify = matches!(op, VERIFY_10 | VERIFY_12 | VERIFY_16);
     // RDPROTECT/WRPROTECT/VRPROTECT (bits 7-5 of byte 1): no protection information here.
     if !matches!(op, READ_6 | WRITE_6) && c[1] & 0xe0 != 0 {
-        task.fail(Sense::invalid_cdb_field(1, Some(5)));
-        return Err(());
+        return Err(Sense::invalid_cdb_field(1, Some(5)));
     }
-    check_range(dev, task, lba, blocks)?;
+    check_range(dev, lba, blocks)?;
     if write && write_protected(dev, task) {
-        task.fail(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
-        return Err(());
+        return Err(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
     }
     let bs = u64::from(dev.block_size());
     let bytes = blocks * bs;
     if bytes > MAX_TRANSFER as u64 {
-        task.fail(Sense::invalid_cdb_field(
+        return Err(Sense::invalid_cdb_field(
             if matches!(op, READ_6 | WRITE_6) { 4 } else { 7 },
             None,
         ));
-        return Err(());
     }
     let offset = lba * bs;
     if verify {
@@ -763,10 +733,7 @@ fn plan_rw(dev: &Device, task: &mut ScsiTask) -> Result<Plan, ()> {
                     len: bytes as u32,
                 })
             }
-            _ => {
-                task.fail(Sense::invalid_cdb_field(1, Some(1)));
-                Err(())
-            }
+            _ => Err(Sense::invalid_cdb_field(1, Some(1))),
         };
     }
     if write {
@@ -1411,7 +1378,13 @@ mod completion_tests {
     fn run_ring(port: &mut ScsiPort, d: &Arc<Device>, cdb: &[u8], data: Option<&[u8]>) -> ScsiTask {
         let mut t = ScsiTask::new(cdb, 0, 1);
         // A command refused before any I/O (e.g. NOT READY) comes back as it is.
-        let Ok(p) = plan(d, &mut t) else { return t };
+        let p = match plan(d, &mut t) {
+            Ok(p) => p,
+            Err(s) => {
+                t.fail(s);
+                return t;
+            }
+        };
         if p.len > 0 {
             let mut b = DataBuf::alloc(p.len as usize).unwrap();
             if let Some(x) = data {
@@ -2152,7 +2125,13 @@ mod tests {
     /// Runs a command to completion the way the transport does.
     fn run(d: &Arc<Device>, cdb: &[u8], data_out: Option<&[u8]>) -> ScsiTask {
         let mut t = ScsiTask::new(cdb, 0, 7);
-        let Ok(plan) = plan(d, &mut t) else { return t };
+        let plan = match plan(d, &mut t) {
+            Ok(p) => p,
+            Err(s) => {
+                t.fail(s);
+                return t;
+            }
+        };
         if plan.len > 0 {
             let mut b = DataBuf::alloc(plan.len as usize).unwrap();
             if let Some(x) = data_out {
@@ -2347,7 +2326,8 @@ mod tests {
         let d = dev();
         let mut t = ScsiTask::new(&[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
         t.read_only = true;
-        assert!(plan(&d, &mut t).is_err());
+        let s = plan(&d, &mut t).unwrap_err();
+        t.fail(s);
         assert_eq!(asc(&t), (7, 0x27, 0));
     }
 
@@ -2507,7 +2487,8 @@ mod tests {
         // Read-only LUN.
         let mut t = ScsiTask::new(&unmap_cdb(24), 0, 7);
         t.read_only = true;
-        assert!(plan(&d, &mut t).is_err());
+        let s = plan(&d, &mut t).unwrap_err();
+        t.fail(s);
         assert_eq!(asc(&t), (7, 0x27, 0));
         // Not thin provisioned: the command does not exist.
         let l = unmap_list(&[(0, 1)]);
@@ -2599,7 +2580,8 @@ mod tests {
         for cdb in [&ws10(0, 1, 0)[..], &ws16(0, 1, 0x08)[..]] {
             let mut t = ScsiTask::new(cdb, 0, 7);
             t.read_only = true;
-            assert!(plan(&thin(), &mut t).is_err());
+            let s = plan(&thin(), &mut t).unwrap_err();
+            t.fail(s);
             assert_eq!(asc(&t), (7, 0x27, 0));
         }
     }
@@ -2840,7 +2822,8 @@ mod tests {
         assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
         // Another nexus still sees it prevented.
         let mut t = ScsiTask::new(&eject, 0, 8);
-        assert!(plan(&d, &mut t).is_err());
+        let s = plan(&d, &mut t).unwrap_err();
+        t.fail(s);
         assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 0, 0], None).status, 0);
         assert!(!d.removal_prevented());
         assert_eq!(run(&d, &eject, None).status, 0);
@@ -3004,7 +2987,8 @@ mod tests {
         cdb[13] = 1;
         let mut t = ScsiTask::new(&cdb, 0, 7);
         t.data_out_len = Some(512);
-        assert!(plan(&d, &mut t).is_err());
+        let s = plan(&d, &mut t).unwrap_err();
+        t.fail(s);
         assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
         let mut t = ScsiTask::new(&cdb, 0, 7);
         t.data_out_len = Some(1024);
