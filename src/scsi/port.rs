@@ -13,9 +13,10 @@ use std::time::Instant;
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::DataBuf;
 use crate::scsi::cdb::be16;
+use crate::scsi::command::Run;
 use crate::scsi::device::Device;
-use crate::scsi::exec::opcode::*;
-use crate::scsi::exec::{emulate, unmap_ranges};
+use crate::scsi::sbc::opcode::UNMAP;
+use crate::scsi::sbc::provisioning::unmap_ranges;
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::*;
 
@@ -196,47 +197,23 @@ impl ScsiPort {
         if task.status != STATUS_GOOD {
             return Exec::Done;
         }
-        match task.opcode() {
-            UNMAP | WRITE_SAME_10 | WRITE_SAME_16 if task.io.is_some() => {
-                self.execute_provisioning(dev, task)
+        let Some(cmd) = task.cmd else {
+            // Not planned: nothing says what the command is.
+            task.fail(Sense::new(
+                sense::ILLEGAL_REQUEST,
+                sense::INVALID_COMMAND_OPERATION_CODE,
+            ));
+            return Exec::Done;
+        };
+        match cmd.run {
+            Run::Emulate(emulate) => {
+                emulate(dev, task);
+                Exec::Done
             }
-            READ_6 | READ_10 | READ_12 | READ_16 | WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16
-            | WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16 | VERIFY_10 | VERIFY_12
-            | VERIFY_16 | SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 | PRE_FETCH_10
-            | PRE_FETCH_16 => {
-                let Some((op, offset, len)) = task.io else {
-                    return Exec::Done;
-                };
-                if len == 0 && op != IoOp::Flush {
-                    return Exec::Done;
-                }
-                let buf = if task.verify_compare {
-                    match DataBuf::alloc(len as usize) {
-                        Some(b) => Some(b),
-                        None => {
-                            task.status = STATUS_TASK_SET_FULL;
-                            return Exec::Done;
-                        }
-                    }
-                } else {
-                    task.buf.take()
-                };
-                let tag = task.tag;
-                self.submit(
-                    dev,
-                    BdevIo {
-                        tag,
-                        op,
-                        offset,
-                        len,
-                        buf,
-                        ranges: Vec::new(),
-                    },
-                );
-                Exec::Pending
-            }
-            UNMAP | WRITE_SAME_10 | WRITE_SAME_16 => Exec::Done,
-            COMPARE_AND_WRITE | ORWRITE_16 => match (task.rmw, task.io) {
+            Run::Io => self.execute_io(dev, task),
+            Run::Provisioning if task.io.is_some() => self.execute_provisioning(dev, task),
+            Run::Provisioning => Exec::Done,
+            Run::ReadModifyWrite => match (task.rmw, task.io) {
                 (Some(kind), Some((IoOp::Write { fua }, offset, len))) => {
                     self.rmw.insert(
                         task.tag,
@@ -257,11 +234,41 @@ impl ScsiPort {
                 }
                 _ => Exec::Done,
             },
-            _ => {
-                emulate(dev, task);
-                Exec::Done
-            }
         }
+    }
+
+    /// The one backend I/O a read, write, verify, flush or read-ahead decoded to.
+    fn execute_io(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        let Some((op, offset, len)) = task.io else {
+            return Exec::Done;
+        };
+        if len == 0 && op != IoOp::Flush {
+            return Exec::Done;
+        }
+        let buf = if task.verify_compare {
+            match DataBuf::alloc(len as usize) {
+                Some(b) => Some(b),
+                None => {
+                    task.status = STATUS_TASK_SET_FULL;
+                    return Exec::Done;
+                }
+            }
+        } else {
+            task.buf.take()
+        };
+        let tag = task.tag;
+        self.submit(
+            dev,
+            BdevIo {
+                tag,
+                op,
+                offset,
+                len,
+                buf,
+                ranges: Vec::new(),
+            },
+        );
+        Exec::Pending
     }
 
     /// UNMAP and WRITE SAME: one deallocation of byte ranges, or one write of the data
@@ -637,7 +644,8 @@ pub(in crate::scsi) fn verify_compare(task: &mut ScsiTask, len: u32) {
 #[cfg(test)]
 mod completion_tests {
     use super::*;
-    use crate::scsi::exec::plan;
+    use crate::scsi::command::plan;
+    use crate::scsi::sbc::opcode::*;
 
     fn failed(e: BdevError, op: IoOp, block_size: u32, thin: bool) -> [u8; sense::FIXED_LEN] {
         let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);

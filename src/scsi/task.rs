@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use crate::bdev::IoOp;
+use crate::env::buf::MAX_TRANSFER;
 use crate::env::DataBuf;
+use crate::scsi::command::Command;
 use crate::scsi::sense::{self, Sense};
 
 /// SAM-5 status codes.
@@ -30,6 +32,25 @@ pub struct Plan {
     pub dir: DataDir,
     /// Bytes the CDB transfers (or, for Data-In emulated commands, the allocation length).
     pub len: u32,
+}
+
+impl Plan {
+    /// No data moves.
+    pub const NONE: Plan = Plan {
+        dir: DataDir::None,
+        len: 0,
+    };
+
+    /// An emulated command's Data-In. Its allocation length only bounds what it returns
+    /// (SPC-4 §4.2.5.6), and what it returns is far below the largest transfer: a buffer of
+    /// that size does. Planning more (up to 4 GiB in a 32-bit field) would ask the transport
+    /// for a buffer no pool can give, and the command would wait for it in vain.
+    pub fn emulated_in(alloc: u32) -> Plan {
+        Plan {
+            dir: DataDir::In,
+            len: alloc.min(MAX_TRANSFER as u32),
+        }
+    }
 }
 
 /// One SCSI command and its outcome.
@@ -57,6 +78,8 @@ pub struct ScsiTask {
     pub(in crate::scsi) sense_len: usize,
     /// Bytes of `buf` valid for Data-In.
     pub data_in_len: u32,
+    /// The table's entry for the command, once `plan` has accepted it.
+    pub(in crate::scsi) cmd: Option<&'static Command>,
     /// Decoded by `plan`: the I/O range in bytes.
     pub(in crate::scsi) io: Option<(IoOp, u64, u32)>,
     pub(in crate::scsi) verify_compare: bool,
@@ -100,6 +123,7 @@ impl ScsiTask {
             sense: [0; sense::FIXED_LEN],
             sense_len: 0,
             data_in_len: 0,
+            cmd: None,
             io: None,
             verify_compare: false,
             write_same: false,
