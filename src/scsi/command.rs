@@ -293,3 +293,142 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     task.cmd = Some(cmd);
     Ok(plan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::spc::rsoc;
+    use std::sync::Arc;
+
+    fn device(handler: &str, params: &[(&str, &str)]) -> Arc<Device> {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Device::create(handler, "d0", &params).unwrap()
+    }
+
+    #[test]
+    fn usage_data_matches_each_cdb() {
+        for c in &COMMANDS {
+            assert_eq!(c.usage.len(), cdb_len_of(c.op), "{}", c.name);
+            assert_eq!(c.usage[0], c.op, "{}", c.name);
+            if let Some(sa) = c.sa {
+                // The service action's bits are ones the device server reads.
+                assert_eq!(c.usage[1] & 0x1f, 0x1f, "{}", c.name);
+                assert!(sa <= 0x1f, "{}", c.name);
+            }
+            // The CONTROL byte: NACA is read (and refused).
+            assert_eq!(c.usage[c.usage.len() - 1] & 0x04, 0x04, "{}", c.name);
+            assert!(!c.name.is_empty());
+        }
+    }
+
+    #[test]
+    fn one_entry_per_opcode_and_service_action() {
+        for (i, a) in COMMANDS.iter().enumerate() {
+            for b in &COMMANDS[i + 1..] {
+                assert!((a.op, a.sa) != (b.op, b.sa), "{} and {}", a.name, b.name);
+                if a.op == b.op {
+                    assert!(a.sa.is_some() && b.sa.is_some(), "{}", a.name);
+                }
+            }
+        }
+        // The index finds each entry by its CDB, and nothing for other opcodes.
+        for c in &COMMANDS {
+            let mut cdb = [0u8; 16];
+            cdb[0] = c.op;
+            cdb[1] = c.sa.unwrap_or(0);
+            assert!(std::ptr::eq(lookup(&cdb).unwrap(), c), "{}", c.name);
+        }
+        let known = |op: u8| COMMANDS.iter().any(|c| c.op == op);
+        for op in (0..=255u8).filter(|&op| !known(op)) {
+            let mut cdb = [0u8; 16];
+            cdb[0] = op;
+            assert!(lookup(&cdb).is_none(), "{op:#x}");
+        }
+    }
+
+    /// The (opcode, service action) pairs the dispatcher accepts for `dev`: every opcode
+    /// with every service action it could carry.
+    fn accepted(dev: &Device) -> Vec<(u8, u16)> {
+        let mut v = Vec::new();
+        for op in 0..=255u8 {
+            for sa in 0..=0x1fu8 {
+                let mut cdb = [0u8; 16];
+                cdb[0] = op;
+                cdb[1] = sa;
+                let mut t = ScsiTask::new(&cdb[..cdb_len_of(op).max(6)], 0, 1);
+                let known = plan(dev, &mut t).map(|_| true).unwrap_or_else(|s| {
+                    (s.key, s.asc, s.ascq)
+                        != (
+                            sense::ILLEGAL_REQUEST,
+                            sense::INVALID_COMMAND_OPERATION_CODE.0,
+                            sense::INVALID_COMMAND_OPERATION_CODE.1,
+                        )
+                });
+                if known {
+                    let sa = if has_service_actions(op) {
+                        u16::from(sa)
+                    } else {
+                        0
+                    };
+                    if !v.contains(&(op, sa)) {
+                        v.push((op, sa));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn the_report_lists_exactly_what_the_dispatcher_accepts() {
+        let disk = device("vdisk_ramio", &[("size_mb", "1")]);
+        let thin = device(
+            "vdisk_ramio",
+            &[("size_mb", "1"), ("thin_provisioned", "1")],
+        );
+        let cd = device("vcdrom", &[]);
+        for (what, dev) in [("disk", &disk), ("thin disk", &thin), ("cdrom", &cd)] {
+            let listed = rsoc::listed(dev);
+            assert!(!listed.is_empty(), "{what}");
+            assert_eq!(listed, accepted(dev), "{what}");
+        }
+        // The three differ where the table says they do.
+        let unmap = (sbc::opcode::UNMAP, 0);
+        assert!(rsoc::listed(&thin).contains(&unmap));
+        assert!(!rsoc::listed(&disk).contains(&unmap));
+        assert!(rsoc::listed(&cd).contains(&(mmc::opcode::READ_TOC, 0)));
+        assert!(!rsoc::listed(&disk).contains(&(mmc::opcode::READ_TOC, 0)));
+    }
+
+    #[test]
+    fn unit_attentions_and_medium_follow_the_table() {
+        let exempt: Vec<&str> = COMMANDS
+            .iter()
+            .filter(|c| !c.reports_ua)
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(
+            exempt,
+            [
+                "REQUEST SENSE",
+                "INQUIRY",
+                "GET CONFIGURATION",
+                "GET EVENT STATUS NOTIFICATION",
+                "REPORT LUNS"
+            ]
+        );
+        // An empty CD drive: what works without a medium answers, the rest is NOT READY.
+        let cd = device("vcdrom", &[]);
+        for c in COMMANDS.iter().filter(|c| c.serves(&cd)) {
+            let mut cdb = [0u8; 16];
+            cdb[0] = c.op;
+            cdb[1] = c.sa.unwrap_or(0);
+            let mut t = ScsiTask::new(&cdb[..c.usage.len()], 0, 1);
+            let not_ready = plan(&cd, &mut t).is_err_and(|s| s.key == sense::NOT_READY);
+            assert_eq!(not_ready, !c.works_without_medium, "{}", c.name);
+        }
+    }
+}

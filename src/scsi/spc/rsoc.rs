@@ -88,3 +88,17 @@ pub fn report(dev: &Device, cdb: &[u8]) -> Result<Vec<u8>, Sense> {
         _ => Err(Sense::invalid_cdb_field(2, Some(2))),
     }
 }
+
+/// The (opcode, service action) pairs of the all-commands report for `dev`.
+#[cfg(test)]
+pub(in crate::scsi) fn listed(dev: &Device) -> Vec<(u8, u16)> {
+    let mut cdb = [0u8; 12];
+    cdb[0] = super::opcode::MAINTENANCE_IN;
+    cdb[1] = super::opcode::MI_REPORT_SUPPORTED_OPCODES;
+    let d = report(dev, &cdb).unwrap();
+    assert_eq!(be32(&d[0..4]) as usize + 4, d.len());
+    d[4..]
+        .chunks(8)
+        .map(|x| (x[0], u16::from_be_bytes([x[2], x[3]])))
+        .collect()
+}
