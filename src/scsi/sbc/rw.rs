@@ -1,12 +1,12 @@
 //! READ, WRITE, WRITE AND VERIFY and VERIFY (6), (10), (12) and (16) (SBC-3): one decode
-//! step for all, by the opcode's CDB layout; they run as one backend I/O each.
+//! step for the family, the CDB's layout given by its length; each runs as one backend I/O
+//! (VERIFY with BYTCHK=0 as none).
 #![forbid(unsafe_code)]
 
-use super::opcode::*;
 use super::write_protected;
 use crate::bdev::IoOp;
 use crate::env::buf::MAX_TRANSFER;
-use crate::scsi::cdb::{be16, be32, be64};
+use crate::scsi::cdb::{be16, be32, be64, cdb_len_of};
 use crate::scsi::device::Device;
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::{DataDir, Plan, ScsiTask};
@@ -23,38 +23,61 @@ pub(in crate::scsi) fn check_range(dev: &Device, lba: u64, blocks: u64) -> Resul
     Ok(())
 }
 
-/// READ, WRITE, WRITE AND VERIFY and VERIFY of every size (SBC-3 §5.11 ff.).
-pub(super) fn decode(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
-    let c = task.cdb;
-    let op = c[0];
-    let (lba, blocks) = match op {
-        READ_6 | WRITE_6 => {
+/// What a command of this family does with its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    /// WRITE AND VERIFY: a write made durable (FUA) before it completes.
+    WriteVerify,
+    Verify,
+}
+
+/// READ (6), (10), (12) and (16) (SBC-3 §5.11 ff.).
+pub(super) fn read(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    decode(dev, task, Kind::Read)
+}
+
+/// WRITE (6), (10), (12) and (16) (SBC-3 §5.32 ff.).
+pub(super) fn write(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    decode(dev, task, Kind::Write)
+}
+
+/// WRITE AND VERIFY (10), (12) and (16) (SBC-3 §5.37 ff.).
+pub(super) fn write_verify(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    decode(dev, task, Kind::WriteVerify)
+}
+
+/// VERIFY (10), (12) and (16) (SBC-3 §5.29 ff.).
+pub(super) fn verify(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    decode(dev, task, Kind::Verify)
+}
+
+/// The LOGICAL BLOCK ADDRESS and TRANSFER LENGTH of a CDB of this family, whose layout its
+/// length (the opcode's group) gives.
+fn lba_and_length(c: &[u8; 16]) -> (u64, u64) {
+    match cdb_len_of(c[0]) {
+        6 => {
             let lba = (u64::from(c[1] & 0x1f) << 16) | (u64::from(c[2]) << 8) | u64::from(c[3]);
             // SBC-3 §5.15: a transfer length of 0 means 256 blocks.
             let n = if c[4] == 0 { 256 } else { u64::from(c[4]) };
             (lba, n)
         }
-        READ_10 | WRITE_10 | WRITE_VERIFY_10 | VERIFY_10 => {
-            (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9])))
-        }
-        READ_12 | WRITE_12 | WRITE_VERIFY_12 | VERIFY_12 => {
-            (u64::from(be32(&c[2..6])), u64::from(be32(&c[6..10])))
-        }
+        10 => (u64::from(be32(&c[2..6])), u64::from(be16(&c[7..9]))),
+        12 => (u64::from(be32(&c[2..6])), u64::from(be32(&c[6..10]))),
         _ => (be64(&c[2..10]), u64::from(be32(&c[10..14]))),
-    };
-    let write = matches!(
-        op,
-        WRITE_6
-            | WRITE_10
-            | WRITE_12
-            | WRITE_16
-            | WRITE_VERIFY_10
-            | WRITE_VERIFY_12
-            | WRITE_VERIFY_16
-    );
-    let verify = matches!(op, VERIFY_10 | VERIFY_12 | VERIFY_16);
-    // RDPROTECT/WRPROTECT/VRPROTECT (bits 7-5 of byte 1): no protection information here.
-    if !matches!(op, READ_6 | WRITE_6) && c[1] & 0xe0 != 0 {
+    }
+}
+
+fn decode(dev: &Device, task: &mut ScsiTask, kind: Kind) -> Result<Plan, Sense> {
+    let c = task.cdb;
+    let six = cdb_len_of(c[0]) == 6;
+    let (lba, blocks) = lba_and_length(&c);
+    let write = matches!(kind, Kind::Write | Kind::WriteVerify);
+    let verify = kind == Kind::Verify;
+    // RDPROTECT/WRPROTECT/VRPROTECT (bits 7-5 of byte 1; the 6-byte CDBs have none): no
+    // protection information here.
+    if !six && c[1] & 0xe0 != 0 {
         return Err(Sense::invalid_cdb_field(1, Some(5)));
     }
     check_range(dev, lba, blocks)?;
@@ -64,10 +87,7 @@ pub(super) fn decode(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let bs = u64::from(dev.block_size());
     let bytes = blocks * bs;
     if bytes > MAX_TRANSFER as u64 {
-        return Err(Sense::invalid_cdb_field(
-            if matches!(op, READ_6 | WRITE_6) { 4 } else { 7 },
-            None,
-        ));
+        return Err(Sense::invalid_cdb_field(if six { 4 } else { 7 }, None));
     }
     let offset = lba * bs;
     if verify {
@@ -94,8 +114,7 @@ pub(super) fn decode(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     }
     if write {
         // FUA is bit 3 of byte 1 (not in WRITE(6)); WRITE AND VERIFY is durable anyway.
-        let fua = !matches!(op, WRITE_6) && c[1] & 0x08 != 0
-            || matches!(op, WRITE_VERIFY_10 | WRITE_VERIFY_12 | WRITE_VERIFY_16);
+        let fua = !six && c[1] & 0x08 != 0 || kind == Kind::WriteVerify;
         task.io = Some((IoOp::Write { fua }, offset, bytes as u32));
         Ok(Plan {
             dir: DataDir::Out,
