@@ -96,8 +96,10 @@ pub enum Run {
     /// The backend I/O the decode step recorded (a read, write, flush or read-ahead), or
     /// nothing when it recorded none.
     Io,
-    /// UNMAP and WRITE SAME: deallocation of byte ranges, or one block written over a range.
-    Provisioning,
+    /// UNMAP: the ranges of its parameter list deallocated (nothing without one).
+    Unmap,
+    /// WRITE SAME: its range deallocated (UNMAP=1), or its one block written over it.
+    WriteSame,
     /// COMPARE AND WRITE and ORWRITE: a read then a write, their range locked between.
     ReadModifyWrite,
 }

@@ -15,7 +15,7 @@
 //! whether it works without a medium, whether it reports a pending unit attention, its
 //! persistent reservation class ([`command::Reservation`]), its ALUA class
 //! ([`command::Alua`]), its decode step and how it runs ([`command::Run`]: emulated, one
-//! backend I/O, provisioning or read-modify-write).
+//! backend I/O, UNMAP, WRITE SAME or read-modify-write).
 //!
 //! [`command::COMMANDS`] merges the three lists at compile time, sorted by opcode and
 //! service action (the build fails on a duplicate), with a 256-slot index by opcode, so

@@ -15,7 +15,6 @@ use crate::env::DataBuf;
 use crate::scsi::cdb::be16;
 use crate::scsi::command::Run;
 use crate::scsi::device::Device;
-use crate::scsi::sbc::opcode::UNMAP;
 use crate::scsi::sbc::provisioning::unmap_ranges;
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::*;
@@ -211,8 +210,8 @@ impl ScsiPort {
                 Exec::Done
             }
             Run::Io => self.execute_io(dev, task),
-            Run::Provisioning if task.io.is_some() => self.execute_provisioning(dev, task),
-            Run::Provisioning => Exec::Done,
+            Run::Unmap => self.execute_provisioning(dev, task, true),
+            Run::WriteSame => self.execute_provisioning(dev, task, false),
             Run::ReadModifyWrite => match (task.rmw, task.io) {
                 (Some(kind), Some((IoOp::Write { fua }, offset, len))) => {
                     self.rmw.insert(
@@ -272,13 +271,19 @@ impl ScsiPort {
     }
 
     /// UNMAP and WRITE SAME: one deallocation of byte ranges, or one write of the data
-    /// block repeated over the range.
-    fn execute_provisioning(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+    /// block repeated over the range. With `parameter_list` (UNMAP) the ranges are in the
+    /// Data-Out; WRITE SAME with UNMAP has them from its CDB.
+    fn execute_provisioning(
+        &mut self,
+        dev: &Arc<Device>,
+        task: &mut ScsiTask,
+        parameter_list: bool,
+    ) -> Exec {
         let Some((op, offset, len)) = task.io else {
             return Exec::Done;
         };
         let buf = if op == IoOp::Unmap {
-            if task.opcode() == UNMAP {
+            if parameter_list {
                 let n = be16(&task.cdb[7..9]) as usize;
                 let mut data = vec![0u8; n];
                 let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));

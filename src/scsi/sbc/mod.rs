@@ -178,7 +178,7 @@ pub const COMMANDS: &[Command] = &[
     block("VERIFY(10)",           VERIFY_10,            usage::VERIFY_10,              ALL,  READ,                   rw::verify,                       Run::Io),
     block("PRE-FETCH(10)",        PRE_FETCH_10,         usage::PRE_FETCH_10,           DISK, READ,                   decode_pre_fetch,                 Run::Io),
     block("SYNCHRONIZE CACHE(10)", SYNCHRONIZE_CACHE_10, usage::SYNCHRONIZE_CACHE_10,  ALL,  WRITE,                  decode_synchronize_cache,         Run::Io),
-    block("WRITE SAME(10)",       WRITE_SAME_10,        usage::WRITE_SAME_10,          DISK, WRITE,                  provisioning::decode_write_same,  Run::Provisioning),
+    block("WRITE SAME(10)",       WRITE_SAME_10,        usage::WRITE_SAME_10,          DISK, WRITE,                  provisioning::decode_write_same,  Run::WriteSame),
     // SCST: UNMAP exists only on thin provisioned devices.
     Command {
         name: "UNMAP",
@@ -192,7 +192,7 @@ pub const COMMANDS: &[Command] = &[
         reservation: WRITE,
         alua: Alua::Active,
         decode: provisioning::decode_unmap,
-        run: Run::Provisioning,
+        run: Run::Unmap,
     },
     block("READ(16)",             READ_16,              usage::READ_16,                DISK, READ,                   rw::read,                         Run::Io),
     block("COMPARE AND WRITE",    COMPARE_AND_WRITE,    usage::COMPARE_AND_WRITE,      DISK, WRITE,                  rmw::decode,                      Run::ReadModifyWrite),
@@ -202,7 +202,7 @@ pub const COMMANDS: &[Command] = &[
     block("VERIFY(16)",           VERIFY_16,            usage::VERIFY_16,              DISK, READ,                   rw::verify,                       Run::Io),
     block("PRE-FETCH(16)",        PRE_FETCH_16,         usage::PRE_FETCH_16,           DISK, READ,                   decode_pre_fetch,                 Run::Io),
     block("SYNCHRONIZE CACHE(16)", SYNCHRONIZE_CACHE_16, usage::SYNCHRONIZE_CACHE_16,  DISK, WRITE,                  decode_synchronize_cache,         Run::Io),
-    block("WRITE SAME(16)",       WRITE_SAME_16,        usage::WRITE_SAME_16,          DISK, WRITE,                  provisioning::decode_write_same,  Run::Provisioning),
+    block("WRITE SAME(16)",       WRITE_SAME_16,        usage::WRITE_SAME_16,          DISK, WRITE,                  provisioning::decode_write_same,  Run::WriteSame),
     Command {
         sa: Some(SAI_READ_CAPACITY_16),
         ..block("READ CAPACITY(16)", SERVICE_ACTION_IN_16, usage::READ_CAPACITY_16, DISK, Reservation::Allowed, decode_read_capacity_16, Run::Emulate(read_capacity_16))
