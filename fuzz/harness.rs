@@ -850,9 +850,15 @@ pub fn cdb(data: &[u8]) {
         mmc_pages(&task.cdb, flags);
         let plan = match scsi::plan(&dev, &mut task) {
             Ok(plan) => plan,
-            Err(()) => {
-                assert_eq!(task.status, scsi::exec::STATUS_CHECK_CONDITION);
-                assert!(task.sense_len() > 0, "refused without sense data");
+            Err(sense) => {
+                // A refused command leaves the task as it was: the caller ends it.
+                assert_eq!(task.status, scsi::task::STATUS_GOOD);
+                assert_eq!(task.sense_len(), 0);
+                assert_ne!(
+                    sense.key,
+                    scsi::sense::NO_SENSE,
+                    "refused without a sense key"
+                );
                 continue;
             }
         };
@@ -891,7 +897,7 @@ pub fn cdb(data: &[u8]) {
             scsi::complete(&mut task, c);
         }
         match task.status {
-            scsi::exec::STATUS_GOOD => {
+            scsi::task::STATUS_GOOD => {
                 let have = task.buf.as_ref().map_or(0, |b| b.len());
                 assert!(
                     task.data_in_len as usize <= have,
@@ -900,7 +906,7 @@ pub fn cdb(data: &[u8]) {
                 );
                 check_data_in(&task);
             }
-            scsi::exec::STATUS_CHECK_CONDITION => assert!(task.sense_len() > 0),
+            scsi::task::STATUS_CHECK_CONDITION => assert!(task.sense_len() > 0),
             _ => {}
         }
     }

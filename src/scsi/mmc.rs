@@ -2,13 +2,17 @@
 //! the response builders of READ TOC/PMA/ATIP, GET CONFIGURATION, GET EVENT STATUS
 //! NOTIFICATION, READ DISC INFORMATION, MECHANISM STATUS and the CD capabilities mode page.
 //! They are pure functions of the CDB and a few facts about the drive, so that they can be
-//! tested without a device; `exec` feeds them and sends what they build.
+//! tested without a device; the entries of [`COMMANDS`] feed them and send what they build.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
+use crate::scsi::device::Device;
 use crate::scsi::sense::Sense;
+use crate::scsi::spc::{CTL, FF};
+use crate::scsi::task::{Plan, ScsiTask};
 
 /// Operation codes of MMC commands.
 pub mod opcode {
@@ -18,6 +22,7 @@ pub mod opcode {
     pub const READ_DISC_INFORMATION: u8 = 0x51;
     pub const MECHANISM_STATUS: u8 = 0xbd;
 }
+use opcode::*;
 
 /// The peripheral device type of a CD/DVD device.
 pub const TYPE_CDROM: u8 = 0x05;
@@ -39,6 +44,21 @@ pub struct Drive {
     pub prevented: bool,
     /// Logical blocks (of [`CD_BLOCK_SIZE`]) on the loaded medium.
     pub blocks: u64,
+}
+
+impl Drive {
+    /// What the builders need to know of a CD-ROM device.
+    pub fn of(dev: &Device) -> Drive {
+        Drive {
+            medium_present: dev.medium_present(),
+            prevented: dev.removal_prevented(),
+            blocks: if dev.medium_present() {
+                dev.num_blocks()
+            } else {
+                0
+            },
+        }
+    }
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -291,6 +311,107 @@ pub fn capabilities_page(drive: &Drive, changeable: bool) -> Vec<u8> {
     p[6] = 0x01 | if drive.prevented { 0x02 } else { 0 } | 0x08 | 0x20;
     // Obsolete speed fields, number of volume levels and buffer size: not reported.
     p
+}
+
+/// A CD-ROM command of MMC-5 that is not in SPC or SBC.
+const fn cd(
+    name: &'static str,
+    op: u8,
+    usage: &'static [u8],
+    works_without_medium: bool,
+    reports_ua: bool,
+    reservation: Reservation,
+    emulate: fn(&Device, &mut ScsiTask),
+) -> Command {
+    Command {
+        name,
+        op,
+        sa: None,
+        usage,
+        types: DeviceTypes::CDROM,
+        only_if: None,
+        works_without_medium,
+        reports_ua,
+        reservation,
+        alua: Alua::Active,
+        decode: decode_alloc_7,
+        run: Run::Emulate(emulate),
+    }
+}
+
+/// The MMC commands. GET CONFIGURATION and GET EVENT STATUS NOTIFICATION do not report
+/// unit attentions: a host polls them while a CD drive has one pending (MMC-5 §4.1.6.1).
+#[rustfmt::skip]
+pub const COMMANDS: &[Command] = &[
+    cd("READ TOC/PMA/ATIP", READ_TOC,
+        &[READ_TOC, 0x02, 0x0f, 0, 0, 0, FF, FF, FF, CTL],
+        false, true, Reservation::Read, emulate_read_toc),
+    cd("GET CONFIGURATION", GET_CONFIGURATION,
+        &[GET_CONFIGURATION, 0x03, FF, FF, 0, 0, 0, FF, FF, CTL],
+        true, false, Reservation::Allowed, emulate_get_configuration),
+    cd("GET EVENT STATUS NOTIFICATION", GET_EVENT_STATUS_NOTIFICATION,
+        &[GET_EVENT_STATUS_NOTIFICATION, 0x01, 0, 0, FF, 0, 0, FF, FF, CTL],
+        true, false, Reservation::Allowed, emulate_get_event_status),
+    cd("READ DISC INFORMATION", READ_DISC_INFORMATION,
+        &[READ_DISC_INFORMATION, 0x07, 0, 0, 0, 0, 0, FF, FF, CTL],
+        false, true, Reservation::Read, emulate_read_disc_information),
+    Command {
+        decode: decode_alloc_8,
+        ..cd("MECHANISM STATUS", MECHANISM_STATUS,
+            &[MECHANISM_STATUS, 0, 0, 0, 0, 0, 0, 0, FF, FF, 0, CTL],
+            true, true, Reservation::Allowed, emulate_mechanism_status)
+    },
+];
+
+/// The commands whose allocation length is in bytes 7-8.
+fn decode_alloc_7(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    Ok(Plan::emulated_in(u32::from(be16(&task.cdb[7..9]))))
+}
+
+/// MECHANISM STATUS: its allocation length is in bytes 8-9.
+fn decode_alloc_8(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    Ok(Plan::emulated_in(u32::from(be16(&task.cdb[8..10]))))
+}
+
+/// Sends what a builder built, or fails the task with its sense.
+fn send(task: &mut ScsiTask, r: Result<Vec<u8>, Sense>) {
+    match r {
+        Ok(d) => task.reply(&d),
+        Err(s) => task.fail(s),
+    }
+}
+
+fn emulate_read_toc(dev: &Device, task: &mut ScsiTask) {
+    let r = read_toc(&task.cdb, Drive::of(dev).blocks);
+    send(task, r);
+}
+
+fn emulate_get_configuration(dev: &Device, task: &mut ScsiTask) {
+    let r = get_configuration(&task.cdb, &Drive::of(dev));
+    send(task, r);
+}
+
+fn emulate_get_event_status(dev: &Device, task: &mut ScsiTask) {
+    let drive = Drive::of(dev);
+    let c = &task.cdb;
+    // Polled (IMMED) for the media class: the event since this I_T nexus last asked.
+    let event = if c[1] & 0x01 != 0 && c[4] & 0x10 != 0 {
+        media_events().poll(dev.name(), task.nexus, drive.medium_present)
+    } else {
+        MediaEvent::NoChange
+    };
+    let r = get_event_status(c, &drive, event);
+    send(task, r);
+}
+
+fn emulate_read_disc_information(_: &Device, task: &mut ScsiTask) {
+    let r = read_disc_information(&task.cdb);
+    send(task, r);
+}
+
+fn emulate_mechanism_status(dev: &Device, task: &mut ScsiTask) {
+    let r = mechanism_status(&task.cdb, &Drive::of(dev));
+    task.reply(&r);
 }
 
 #[cfg(test)]

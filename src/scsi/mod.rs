@@ -1,17 +1,64 @@
-//! The SCSI target core (SPC-4, SBC-3): devices, command emulation, sense data and unit
-//! attentions. It knows nothing of iSCSI: another transport could sit on it.
-pub mod device;
-pub mod exec;
-pub mod mmc;
-pub mod opcodes;
-pub mod pr;
-pub mod sense;
+//! The SCSI target core (SAM-5, SPC-4, SBC-3, MMC-5): devices, the commands they serve,
+//! sense data and unit attentions. It knows nothing of iSCSI: another transport could sit
+//! on it.
+//!
+//! # The command table
+//!
+//! Every command is one [`command::Command`] entry, in the list of the standard that
+//! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE, REQUEST SENSE, REPORT LUNS, REPORT
+//! SUPPORTED OPERATION CODES, TEST UNIT READY, PREVENT ALLOW MEDIUM REMOVAL),
+//! [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE,
+//! SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, READ CAPACITY, START STOP UNIT) and
+//! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
+//! command: its name, opcode and service action, its CDB usage data, the device types that
+//! serve it (and a further condition, such as UNMAP only on thin provisioned devices),
+//! whether it works without a medium, whether it reports a pending unit attention, its
+//! persistent reservation class ([`command::Reservation`]), its ALUA class
+//! ([`command::Alua`]), its decode step and how it runs ([`command::Run`]: emulated, one
+//! backend I/O, UNMAP, WRITE SAME or read-modify-write).
+//!
+//! [`command::COMMANDS`] merges the three lists at compile time, sorted by opcode and
+//! service action (the build fails on a duplicate), with a 256-slot index by opcode, so
+//! that finding a READ's entry costs an array load. Everything reads that one table:
+//! [`plan`] (unit attention, CONTROL byte, device type, medium, then the entry's decode
+//! step), [`ScsiPort::execute`] (the entry `plan` recorded in the task), [`ua_applies`] and
+//! REPORT SUPPORTED OPERATION CODES ([`spc::rsoc`]). Execution goes through the port
+//! ([`port`]): emulated commands complete at once, I/O goes to the device's channel on the
+//! reactor and comes back from [`ScsiPort::poll`].
+//!
+//! # Adding a command
+//!
+//! 1. Its opcode goes in the `opcode` module of its standard (`spc`, `sbc` or `mmc`).
+//! 2. Its decode step, `fn(&Device, &mut ScsiTask) -> Result<Plan, Sense>`, checks the CDB
+//!    before any data moves and returns what the transport must move ([`Plan`]) or the sense
+//!    data that ends the command; it may record in the task what execution needs (the I/O
+//!    range). Its emulate step, `fn(&Device, &mut ScsiTask)`, fills the Data-In buffer or
+//!    fails the task; commands that are backend I/O use [`command::Run::Io`] instead.
+//! 3. Its entry goes in its standard's `COMMANDS`, every field filled in: the reservation
+//!    and ALUA classes from the tables of SPC-4 §5.13.1 (and SBC-3's) and §5.15.2.4, even
+//!    before anything checks them. The unit tests of [`command`] check the usage data
+//!    against the CDB length and that REPORT SUPPORTED OPERATION CODES lists exactly what
+//!    the dispatcher accepts.
+#![forbid(unsafe_code)]
 
+mod cdb;
+pub mod command;
+pub mod device;
+pub mod mmc;
+pub mod port;
+pub mod pr;
+pub mod sbc;
+pub mod sense;
+pub mod spc;
+pub mod task;
+#[cfg(test)]
+mod tests;
+
+pub use command::{plan, ua_applies};
 pub use device::{Device, DeviceError};
-pub use exec::{
-    complete, execute_no_lun, plan, report_luns, ua_applies, Completion, DataDir, Exec, Plan,
-    ScsiPort, ScsiTask,
-};
+pub use port::{complete, Completion, Exec, ScsiPort};
+pub use spc::luns::{execute_no_lun, report_luns};
+pub use task::{DataDir, Plan, ScsiTask};
 
 /// The 8-byte LUN field of REPORT LUNS for `lun` (SAM-5 §4.6: peripheral device addressing
 /// below 256, flat space addressing above).

@@ -150,8 +150,9 @@ impl Conn {
         t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
         let plan = match scsi::plan(&entry.device, &mut t.scsi) {
             Ok(p) => p,
-            Err(()) => {
-                // The SCSI core filled in the sense (bad CDB, LBA out of range, UA, ...).
+            Err(sense) => {
+                // Refused before any data moved (bad CDB, LBA out of range, UA, ...).
+                t.scsi.fail(sense);
                 self.finish_task(slot, cx);
                 return None;
             }

@@ -53,7 +53,7 @@ const CLOSING_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// session's share bounds instead.
 const OWNED_BACKLOG_LIMIT: usize = 1 << 20;
 
-pub use crate::scsi::exec::{STATUS_CHECK_CONDITION, STATUS_GOOD, STATUS_TASK_SET_FULL};
+pub use crate::scsi::task::{STATUS_CHECK_CONDITION, STATUS_GOOD, STATUS_TASK_SET_FULL};
 
 /// A command parked because the buffer pool was exhausted when it was admitted.
 struct BufWait {

@@ -231,7 +231,7 @@ impl Conn {
         let rsp = pdu::ScsiResponse {
             itt,
             response: 0,
-            status: scsi::exec::STATUS_TASK_ABORTED,
+            status: scsi::task::STATUS_TASK_ABORTED,
             stat_sn: self.stat_sn,
             exp_cmd_sn: sess.exp_cmd_sn,
             max_cmd_sn: sess.max_cmd_sn,

@@ -1,0 +1,840 @@
+//! The SCSI core's side of a reactor ([`ScsiPort`]): each device's channel on it, the
+//! execution of planned commands (emulated at once, or I/O on the channel), the
+//! read-modify-write commands it runs as a read then a write under a range lock, and the
+//! completions that come back from [`ScsiPort::poll`] and [`complete`] applies to their
+//! tasks.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
+use crate::env::DataBuf;
+use crate::scsi::cdb::be16;
+use crate::scsi::command::Run;
+use crate::scsi::device::Device;
+use crate::scsi::sbc::provisioning::unmap_ranges;
+use crate::scsi::sense::{self, Sense};
+use crate::scsi::task::*;
+
+/// Whether an execution finished at once or went to the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    Done,
+    Pending,
+}
+
+/// A backend completion for a task, with what the sense data needs from its device.
+pub struct Completion(BdevCompletion, DevInfo, Outcome);
+
+/// How a completion ended beyond its I/O result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// As the result says.
+    Io,
+    /// The read of a read-modify-write failed (the result holds why).
+    ReadFailed,
+    /// COMPARE AND WRITE found the medium different at this byte of the Data-Out.
+    Miscompare(u32),
+    /// No buffer for the read of a read-modify-write.
+    NoBuffer,
+    /// The transport aborted a read-modify-write before its write: nothing was written.
+    Aborted,
+}
+
+/// Where a read-modify-write command is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RmwStage {
+    /// Waiting for its range, held by another read-modify-write on some reactor.
+    Locking,
+    Reading,
+    Writing,
+}
+
+/// A read-modify-write command the port runs: it holds its byte range on the device from
+/// before its read until its write is done, so that two of them on overlapping ranges (on
+/// any reactors) never interleave.
+struct RmwOp {
+    dev: Arc<Device>,
+    kind: Rmw,
+    offset: u64,
+    len: u32,
+    fua: bool,
+    /// The command's Data-Out, handed back at the end.
+    data: Option<DataBuf>,
+    stage: RmwStage,
+    /// Aborted during its read: it ends there, without writing.
+    aborted: bool,
+}
+
+/// What [`complete`] needs to know of the device an I/O went to.
+#[derive(Debug, Clone, Copy)]
+struct DevInfo {
+    block_size: u32,
+    thin: bool,
+}
+
+impl Completion {
+    pub fn tag(&self) -> u64 {
+        self.0.tag
+    }
+}
+
+/// One device's channel on this reactor.
+struct PortChannel {
+    /// The device, weakly: its allocation (and so the map key, its address) stays reserved
+    /// while the channel lives, and a deleted device's channel can be dropped.
+    dev: Weak<Device>,
+    ch: Box<dyn IoChannel>,
+    info: DevInfo,
+}
+
+/// Hashes the channel map's keys, device addresses: they are not chosen by any peer, so a
+/// multiply spreads them well enough, for less than SipHash costs on every I/O.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (n as u64 ^ (n as u64 >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// How many passes with no backend I/O outstanding go by between looks for the channels of
+/// deleted devices.
+const SWEEP_EVERY: u32 = 1024;
+
+/// The SCSI core's state on one reactor: one channel per device, opened on first use, and
+/// the reactor's backend I/O context (its io_uring, shared by every file and block device).
+pub struct ScsiPort {
+    // Declared before `io`: channels go first, then the ring waits out what is in flight.
+    channels: HashMap<usize, PortChannel, BuildHasherDefault<AddrHasher>>,
+    /// I/O submitted to the channels and not yet collected from them: with none, a poll
+    /// has nothing to ask them (but a periodic sweep for deleted devices' channels).
+    outstanding: usize,
+    idle_polls: u32,
+    io: IoContext,
+    scratch: Vec<BdevCompletion>,
+    /// Read-modify-write commands in progress, by tag.
+    rmw: HashMap<u64, RmwOp>,
+    /// Tags of those waiting for their range, oldest first.
+    rmw_waiting: VecDeque<u64>,
+    /// Completions the read-modify-write path has ready for the next `poll`.
+    rmw_done: Vec<Completion>,
+}
+
+impl Default for ScsiPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ScsiPort {
+    pub fn new() -> ScsiPort {
+        ScsiPort {
+            channels: HashMap::default(),
+            outstanding: 0,
+            idle_polls: 0,
+            io: IoContext::new(),
+            scratch: Vec::with_capacity(256),
+            rmw: HashMap::new(),
+            rmw_waiting: VecDeque::new(),
+            rmw_done: Vec::new(),
+        }
+    }
+
+    /// Hands `io` to the device's channel on this reactor.
+    fn submit(&mut self, dev: &Arc<Device>, io: BdevIo) {
+        self.outstanding += 1;
+        self.channel(dev).submit(io);
+    }
+
+    fn channel(&mut self, dev: &Arc<Device>) -> &mut Box<dyn IoChannel> {
+        let key = Arc::as_ptr(dev) as *const u8 as usize;
+        let io = &self.io;
+        &mut self
+            .channels
+            .entry(key)
+            .or_insert_with(|| PortChannel {
+                dev: Arc::downgrade(dev),
+                ch: dev.bdev.clone().open_channel(io),
+                info: DevInfo {
+                    block_size: dev.block_size(),
+                    thin: dev.thin_provisioned(),
+                },
+            })
+            .ch
+    }
+
+    /// Backend operations in flight in the kernel. While there are any the reactor must not
+    /// sleep in epoll: their completions arrive on the ring, not on a socket.
+    pub fn inflight(&self) -> usize {
+        self.io.inflight() + self.rmw.len()
+    }
+
+    /// The earliest time a channel has held I/O coming due by itself (an injected delay):
+    /// a reactor that sleeps must wake by then, since no socket or ring event will.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.channels
+            .values()
+            .filter_map(|pc| pc.ch.next_deadline())
+            .min()
+    }
+
+    /// Runs a planned task.
+    pub fn execute(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        if task.status != STATUS_GOOD {
+            return Exec::Done;
+        }
+        let Some(cmd) = task.cmd else {
+            // Not planned: nothing says what the command is.
+            task.fail(Sense::new(
+                sense::ILLEGAL_REQUEST,
+                sense::INVALID_COMMAND_OPERATION_CODE,
+            ));
+            return Exec::Done;
+        };
+        match cmd.run {
+            Run::Emulate(emulate) => {
+                emulate(dev, task);
+                Exec::Done
+            }
+            Run::Io => self.execute_io(dev, task),
+            Run::Unmap => self.execute_provisioning(dev, task, true),
+            Run::WriteSame => self.execute_provisioning(dev, task, false),
+            Run::ReadModifyWrite => match (task.rmw, task.io) {
+                (Some(kind), Some((IoOp::Write { fua }, offset, len))) => {
+                    self.rmw.insert(
+                        task.tag,
+                        RmwOp {
+                            dev: dev.clone(),
+                            kind,
+                            offset,
+                            len,
+                            fua,
+                            data: task.buf.take(),
+                            stage: RmwStage::Locking,
+                            aborted: false,
+                        },
+                    );
+                    self.rmw_waiting.push_back(task.tag);
+                    self.rmw_start();
+                    Exec::Pending
+                }
+                _ => Exec::Done,
+            },
+        }
+    }
+
+    /// The one backend I/O a read, write, verify, flush or read-ahead decoded to.
+    fn execute_io(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        let Some((op, offset, len)) = task.io else {
+            return Exec::Done;
+        };
+        if len == 0 && op != IoOp::Flush {
+            return Exec::Done;
+        }
+        let buf = if task.verify_compare {
+            match DataBuf::alloc(len as usize) {
+                Some(b) => Some(b),
+                None => {
+                    task.status = STATUS_TASK_SET_FULL;
+                    return Exec::Done;
+                }
+            }
+        } else {
+            task.buf.take()
+        };
+        let tag = task.tag;
+        self.submit(
+            dev,
+            BdevIo {
+                tag,
+                op,
+                offset,
+                len,
+                buf,
+                ranges: Vec::new(),
+            },
+        );
+        Exec::Pending
+    }
+
+    /// UNMAP and WRITE SAME: one deallocation of byte ranges, or one write of the data
+    /// block repeated over the range. With `parameter_list` (UNMAP) the ranges are in the
+    /// Data-Out; WRITE SAME with UNMAP has them from its CDB.
+    fn execute_provisioning(
+        &mut self,
+        dev: &Arc<Device>,
+        task: &mut ScsiTask,
+        parameter_list: bool,
+    ) -> Exec {
+        let Some((op, offset, len)) = task.io else {
+            return Exec::Done;
+        };
+        let buf = if op == IoOp::Unmap {
+            if parameter_list {
+                let n = be16(&task.cdb[7..9]) as usize;
+                let mut data = vec![0u8; n];
+                let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
+                data.truncate(got);
+                match unmap_ranges(dev, &data) {
+                    Ok(r) => task.ranges = r,
+                    Err(s) => {
+                        task.fail(s);
+                        return Exec::Done;
+                    }
+                }
+            }
+            if task.ranges.is_empty() {
+                return Exec::Done;
+            }
+            None
+        } else {
+            if len == 0 {
+                return Exec::Done;
+            }
+            let bs = dev.block_size() as usize;
+            let mut block = vec![0u8; bs];
+            if let Some(b) = task.buf.as_ref() {
+                b.read_at(0, &mut block);
+            }
+            let Some(mut out) = DataBuf::alloc(len as usize) else {
+                task.status = STATUS_TASK_SET_FULL;
+                return Exec::Done;
+            };
+            if block.iter().all(|&x| x == 0) {
+                out.fill(0, len as usize, 0);
+            } else {
+                for off in (0..len as usize).step_by(bs) {
+                    out.write_at(off, &block);
+                }
+            }
+            Some(out)
+        };
+        let tag = task.tag;
+        let ranges = std::mem::take(&mut task.ranges);
+        self.submit(
+            dev,
+            BdevIo {
+                tag,
+                op,
+                offset,
+                len,
+                buf,
+                ranges,
+            },
+        );
+        Exec::Pending
+    }
+
+    /// The transport has given up on task `tag` (aborted, or its connection closed). A
+    /// read-modify-write that has not written yet never will: one waiting for its range ends
+    /// now, one reading ends after its read. I/O that has not reached the medium is cancelled
+    /// (the backends that can: I/O held by a stall); I/O already in the kernel runs its
+    /// course. Either way the completion comes back from `poll`, and only then is the task
+    /// over: the transport waits for it before it reports the task aborted.
+    pub fn abort(&mut self, tag: u64) {
+        if let Some(op) = self.rmw.get_mut(&tag) {
+            match op.stage {
+                RmwStage::Locking => {
+                    self.rmw_waiting.retain(|&t| t != tag);
+                    self.rmw_finish(tag, Ok(()), Outcome::Aborted);
+                    return;
+                }
+                RmwStage::Reading => op.aborted = true,
+                RmwStage::Writing => {}
+            }
+        }
+        for pc in self.channels.values_mut() {
+            pc.ch.cancel(tag);
+        }
+    }
+
+    /// Submits this pass's ring I/O and collects completions of this reactor's backend I/O.
+    pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
+        if !self.rmw_waiting.is_empty() {
+            self.rmw_start();
+        }
+        self.io.poll();
+        let start = out.len();
+        if self.outstanding == 0 {
+            self.idle_polls += 1;
+            if self.idle_polls < SWEEP_EVERY {
+                out.append(&mut self.rmw_done);
+                return out.len() - start;
+            }
+        }
+        self.idle_polls = 0;
+        let scratch = &mut self.scratch;
+        let outstanding = &mut self.outstanding;
+        self.channels.retain(|_, pc| {
+            scratch.clear();
+            pc.ch.poll(scratch);
+            *outstanding = outstanding.saturating_sub(scratch.len());
+            let info = pc.info;
+            out.extend(scratch.drain(..).map(|c| Completion(c, info, Outcome::Io)));
+            // A deleted device's channel goes once its last I/O is back, releasing the
+            // backend (a RAM disk's memory, a file's descriptor).
+            pc.dev.strong_count() > 0 || pc.ch.busy()
+        });
+        if !self.rmw.is_empty() {
+            // The reads and writes of read-modify-write commands go on to their next step.
+            let mut i = start;
+            while i < out.len() {
+                if self.rmw.contains_key(&out[i].tag()) {
+                    let c = out.swap_remove(i);
+                    self.rmw_step(c.0);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        out.append(&mut self.rmw_done);
+        out.len() - start
+    }
+
+    /// Starts the read of every waiting read-modify-write whose range is free.
+    fn rmw_start(&mut self) {
+        let mut i = 0;
+        while i < self.rmw_waiting.len() {
+            let tag = self.rmw_waiting[i];
+            let Some(op) = self.rmw.get_mut(&tag) else {
+                self.rmw_waiting.remove(i);
+                continue;
+            };
+            if !op.dev.try_lock_range(op.offset, u64::from(op.len)) {
+                i += 1;
+                continue;
+            }
+            self.rmw_waiting.remove(i);
+            let Some(buf) = DataBuf::alloc(op.len as usize) else {
+                self.rmw_finish(tag, Ok(()), Outcome::NoBuffer);
+                continue;
+            };
+            op.stage = RmwStage::Reading;
+            let (dev, offset, len) = (op.dev.clone(), op.offset, op.len);
+            self.submit(
+                &dev,
+                BdevIo {
+                    tag,
+                    op: IoOp::Read,
+                    offset,
+                    len,
+                    buf: Some(buf),
+                    ranges: Vec::new(),
+                },
+            );
+        }
+    }
+
+    /// A read or write of a read-modify-write command has completed.
+    fn rmw_step(&mut self, c: BdevCompletion) {
+        let tag = c.tag;
+        let Some(op) = self.rmw.get_mut(&tag) else {
+            return;
+        };
+        match (op.stage, c.result) {
+            (RmwStage::Reading, _) if op.aborted => self.rmw_finish(tag, Ok(()), Outcome::Aborted),
+            (RmwStage::Reading, Ok(())) => {
+                let Some(mut medium) = c.buf else {
+                    self.rmw_finish(tag, Err(BdevError::BadBuffer), Outcome::ReadFailed);
+                    return;
+                };
+                let Some(data) = op.data.as_ref() else {
+                    self.rmw_finish(tag, Err(BdevError::BadBuffer), Outcome::Io);
+                    return;
+                };
+                let len = op.len as usize;
+                match op.kind {
+                    Rmw::Compare => {
+                        if let Some(at) = first_difference(data, 0, &medium, len) {
+                            self.rmw_finish(tag, Ok(()), Outcome::Miscompare(at as u32));
+                            return;
+                        }
+                        copy_range(data, len, &mut medium, len);
+                    }
+                    Rmw::Or => or_into(data, &mut medium, len),
+                }
+                op.stage = RmwStage::Writing;
+                let (dev, offset, fua) = (op.dev.clone(), op.offset, op.fua);
+                self.submit(
+                    &dev,
+                    BdevIo {
+                        tag,
+                        op: IoOp::Write { fua },
+                        offset,
+                        len: len as u32,
+                        buf: Some(medium),
+                        ranges: Vec::new(),
+                    },
+                );
+            }
+            (RmwStage::Reading, Err(e)) => self.rmw_finish(tag, Err(e), Outcome::ReadFailed),
+            (_, result) => self.rmw_finish(tag, result, Outcome::Io),
+        }
+    }
+
+    /// Ends a read-modify-write command: its range is released and its completion goes out
+    /// with the next `poll`.
+    fn rmw_finish(&mut self, tag: u64, result: Result<(), BdevError>, outcome: Outcome) {
+        let Some(op) = self.rmw.remove(&tag) else {
+            return;
+        };
+        if op.stage != RmwStage::Locking || outcome == Outcome::NoBuffer {
+            op.dev.unlock_range(op.offset, u64::from(op.len));
+        }
+        let info = DevInfo {
+            block_size: op.dev.block_size(),
+            thin: op.dev.thin_provisioned(),
+        };
+        self.rmw_done.push(Completion(
+            BdevCompletion {
+                tag,
+                result,
+                buf: op.data,
+            },
+            info,
+            outcome,
+        ));
+    }
+}
+
+/// Applies a backend completion to its task.
+pub fn complete(task: &mut ScsiTask, c: Completion) {
+    let Completion(c, info, outcome) = c;
+    if task.verify_compare {
+        task.aux = c.buf;
+    } else if c.buf.is_some() {
+        task.buf = c.buf;
+    }
+    match outcome {
+        Outcome::Io => {}
+        Outcome::ReadFailed => {
+            if let Err(e) = c.result {
+                task.fail(error_sense(e, Some(IoOp::Read), info));
+            }
+            return;
+        }
+        Outcome::Miscompare(at) => {
+            // SBC-3 §5.2: the INFORMATION field holds the offset in the Data-Out of the
+            // first byte that differs.
+            let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
+            s.information = Some(at);
+            task.fail(s);
+            return;
+        }
+        Outcome::NoBuffer => {
+            task.status = STATUS_TASK_SET_FULL;
+            return;
+        }
+        Outcome::Aborted => {
+            task.status = STATUS_TASK_ABORTED;
+            return;
+        }
+    }
+    match c.result {
+        Ok(()) => {
+            if let Some((IoOp::Read, _, len)) = task.io {
+                if task.verify_compare {
+                    verify_compare(task, len);
+                } else {
+                    task.data_in_len = len;
+                }
+            }
+        }
+        Err(e) => task.fail(error_sense(e, task.io.map(|x| x.0), info)),
+    }
+}
+
+/// The sense data for a failed backend I/O.
+fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
+    // SPC-4 Annex D.
+    const SPACE_ALLOCATION_FAILED_WRITE_PROTECT: (u8, u8) = (0x27, 0x07);
+    const INTERNAL_TARGET_FAILURE: (u8, u8) = (0x44, 0x00);
+    const NOT_READY_MANUAL_INTERVENTION: (u8, u8) = (0x04, 0x03);
+    const MEDIUM_NOT_PRESENT: (u8, u8) = (0x3a, 0x00);
+    let medium = || match op {
+        Some(IoOp::Read) => Sense::new(sense::MEDIUM_ERROR, sense::UNRECOVERED_READ_ERROR),
+        _ => Sense::new(sense::MEDIUM_ERROR, sense::WRITE_ERROR),
+    };
+    match e {
+        // SBC-3 §4.7.3.6: a thin provisioned device out of backing space.
+        BdevError::NoSpace if info.thin => {
+            Sense::new(sense::DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+        }
+        BdevError::NoSpace => medium(),
+        // SPC-4 §4.5.3: the INFORMATION field holds the first failing LBA; VALID only when
+        // it fits the fixed format's four bytes.
+        BdevError::Io(off) => Sense {
+            information: u32::try_from(off / u64::from(info.block_size.max(1))).ok(),
+            ..medium()
+        },
+        BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
+        BdevError::Offline => Sense::new(sense::NOT_READY, NOT_READY_MANUAL_INTERVENTION),
+        BdevError::NoMedium => Sense::new(sense::NOT_READY, MEDIUM_NOT_PRESENT),
+        // Only an aborted command's I/O is cancelled, and its status is never sent; a
+        // read-modify-write whose read was cancelled ends here.
+        BdevError::Cancelled => Sense::new(sense::ABORTED_COMMAND, (0, 0)),
+    }
+}
+
+/// The first byte at which `a` from `a_off` and `b` from 0 differ over `len` bytes.
+fn first_difference(a: &DataBuf, a_off: usize, b: &DataBuf, len: usize) -> Option<usize> {
+    let mut x = [0u8; 4096];
+    let mut y = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4096);
+        a.read_at(a_off + off, &mut x[..n]);
+        b.read_at(off, &mut y[..n]);
+        if let Some(i) = (0..n).find(|&i| x[i] != y[i]) {
+            return Some(off + i);
+        }
+        off += n;
+    }
+    None
+}
+
+/// Copies `len` bytes of `src` from `src_off` to the start of `dst`.
+fn copy_range(src: &DataBuf, src_off: usize, dst: &mut DataBuf, len: usize) {
+    let mut x = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4096);
+        src.read_at(src_off + off, &mut x[..n]);
+        dst.write_at(off, &x[..n]);
+        off += n;
+    }
+}
+
+/// `dst |= src` over the first `len` bytes.
+fn or_into(src: &DataBuf, dst: &mut DataBuf, len: usize) {
+    let mut x = [0u8; 4096];
+    let mut y = [0u8; 4096];
+    let mut off = 0usize;
+    while off < len {
+        let n = (len - off).min(4096);
+        src.read_at(off, &mut x[..n]);
+        dst.read_at(off, &mut y[..n]);
+        for (d, s) in y[..n].iter_mut().zip(&x[..n]) {
+            *d |= s;
+        }
+        dst.write_at(off, &y[..n]);
+        off += n;
+    }
+}
+
+pub(in crate::scsi) fn verify_compare(task: &mut ScsiTask, len: u32) {
+    let (Some(a), Some(b)) = (task.buf.as_ref(), task.aux.take()) else {
+        return;
+    };
+    if let Some(at) = first_difference(a, 0, &b, len as usize) {
+        let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
+        s.information = u32::try_from(at).ok();
+        task.fail(s);
+    }
+}
+
+#[cfg(test)]
+mod completion_tests {
+    use super::*;
+    use crate::scsi::command::plan;
+    use crate::scsi::sbc::opcode::*;
+
+    fn failed(e: BdevError, op: IoOp, block_size: u32, thin: bool) -> [u8; sense::FIXED_LEN] {
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        t.io = Some((op, 0, 512));
+        let c = BdevCompletion {
+            tag: 0,
+            result: Err(e),
+            buf: None,
+        };
+        complete(
+            &mut t,
+            Completion(c, DevInfo { block_size, thin }, Outcome::Io),
+        );
+        assert_eq!(t.status, STATUS_CHECK_CONDITION);
+        let mut s = [0u8; sense::FIXED_LEN];
+        s.copy_from_slice(t.sense());
+        s
+    }
+
+    #[test]
+    fn a_deleted_device_releases_its_channel() {
+        let d = Device::create("vdisk_ramio", "gone", &[("size_mb".into(), "1".into())]).unwrap();
+        let mut port = ScsiPort::new();
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        plan(&d, &mut t).unwrap();
+        t.buf = DataBuf::alloc(512);
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        let weak = Arc::downgrade(&d);
+        drop(d);
+        let mut out = Vec::new();
+        // The pending completion is still delivered, then the channel goes.
+        assert_eq!(port.poll(&mut out), 1);
+        assert!(port.channels.is_empty());
+        assert_eq!(weak.strong_count(), 0);
+        assert_eq!(port.inflight(), 0);
+    }
+
+    /// Runs a command through a port until its ring I/O completes.
+    fn run_ring(port: &mut ScsiPort, d: &Arc<Device>, cdb: &[u8], data: Option<&[u8]>) -> ScsiTask {
+        let mut t = ScsiTask::new(cdb, 0, 1);
+        // A command refused before any I/O (e.g. NOT READY) comes back as it is.
+        let p = match plan(d, &mut t) {
+            Ok(p) => p,
+            Err(s) => {
+                t.fail(s);
+                return t;
+            }
+        };
+        if p.len > 0 {
+            let mut b = DataBuf::alloc(p.len as usize).unwrap();
+            if let Some(x) = data {
+                b.write_at(0, x);
+            }
+            t.buf = Some(b);
+        }
+        if port.execute(d, &mut t) == Exec::Pending {
+            let mut out = Vec::new();
+            while port.poll(&mut out) == 0 {
+                assert!(port.inflight() > 0, "nothing in flight and no completion");
+                port.io.wait();
+            }
+            complete(&mut t, out.pop().unwrap());
+        }
+        t
+    }
+
+    #[test]
+    fn fileio_through_the_port() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let f = dir.path().join("p.img");
+        let params = vec![
+            ("filename".to_string(), f.to_str().unwrap().to_string()),
+            ("size_mb".to_string(), "1".to_string()),
+        ];
+        let d = Device::create("vdisk_fileio", "p", &params).unwrap();
+        let mut port = ScsiPort::new();
+        let w = run_ring(
+            &mut port,
+            &d,
+            &[WRITE_10, 0x08, 0, 0, 0, 3, 0, 0, 2, 0],
+            Some(&[0x3c; 1024]),
+        );
+        assert_eq!(w.status, STATUS_GOOD);
+        let s = run_ring(
+            &mut port,
+            &d,
+            &[SYNCHRONIZE_CACHE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            None,
+        );
+        assert_eq!(s.status, STATUS_GOOD);
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 2, 0], None);
+        assert_eq!(r.status, STATUS_GOOD);
+        let mut back = vec![0u8; 1024];
+        r.buf.as_ref().unwrap().read_at(0, &mut back);
+        assert_eq!(back, vec![0x3c; 1024]);
+        assert_eq!(std::fs::read(&f).unwrap()[1536..2560], [0x3c; 1024]);
+        // READ CAPACITY 16 reports the file system's block as the physical block
+        // (lb_per_pb_exp=1 by default), and nothing once lb_per_pb_exp is 0.
+        let rc16 = [
+            SERVICE_ACTION_IN_16,
+            0x10,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            32,
+            0,
+            0,
+        ];
+        let blksize = std::os::unix::fs::MetadataExt::blksize(&std::fs::metadata(&f).unwrap());
+        let exp = if blksize > 512 {
+            (blksize / 512).trailing_zeros()
+        } else {
+            0
+        };
+        let mut exponent = || {
+            let r = run_ring(&mut port, &d, &rc16, None);
+            let mut x = [0u8; 14];
+            r.buf.as_ref().unwrap().read_at(0, &mut x);
+            u32::from(x[13])
+        };
+        assert_eq!(exponent(), exp);
+        d.set_attr("lb_per_pb_exp", "0").unwrap();
+        assert_eq!(exponent(), 0);
+        // COMPARE AND WRITE through the ring: a read, a compare, then a write.
+        let mut caw = [0u8; 16];
+        caw[0] = COMPARE_AND_WRITE;
+        caw[9] = 3;
+        caw[13] = 1;
+        let mut out = vec![0x3c; 512];
+        out.extend_from_slice(&[0x11; 512]);
+        let c = run_ring(&mut port, &d, &caw, Some(&out));
+        assert_eq!(c.status, STATUS_GOOD);
+        assert_eq!(std::fs::read(&f).unwrap()[1536..2048], [0x11; 512]);
+        let c = run_ring(&mut port, &d, &caw, Some(&out));
+        assert_eq!(c.sense()[2] & 0x0f, sense::MISCOMPARE);
+        assert_eq!(port.inflight(), 0);
+        // PRE-FETCH starts a read-ahead on the ring and completes GOOD.
+        let p = run_ring(
+            &mut port,
+            &d,
+            &[PRE_FETCH_10, 0, 0, 0, 0, 0, 0, 0, 64, 0],
+            None,
+        );
+        assert_eq!(p.status, STATUS_GOOD);
+        assert_eq!(port.inflight(), 0);
+        // Inactive: NOT READY, LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+        d.set_attr("active", "0").unwrap();
+        let r = run_ring(&mut port, &d, &[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], None);
+        assert_eq!(
+            (r.sense()[2], r.sense()[12], r.sense()[13]),
+            (2, 0x04, 0x03)
+        );
+    }
+
+    #[test]
+    fn backend_errors_map_to_sense() {
+        let w = IoOp::Write { fua: false };
+        let s = failed(BdevError::NoSpace, w, 512, true);
+        assert_eq!((s[2], s[12], s[13]), (sense::DATA_PROTECT, 0x27, 0x07));
+        let s = failed(BdevError::NoSpace, w, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x0c, 0x00));
+        // The LBA of the failing byte, in blocks of the device, with VALID set.
+        let s = failed(BdevError::Io(4096 * 7 + 100), IoOp::Read, 4096, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::MEDIUM_ERROR, 0x11, 0x00));
+        assert_eq!(s[0], 0xf0);
+        assert_eq!(&s[3..7], &7u32.to_be_bytes());
+        let s = failed(BdevError::Io(1024), w, 512, false);
+        assert_eq!((s[12], s[13], s[6]), (0x0c, 0x00, 2));
+        // An LBA past the four bytes of the fixed format: VALID clear.
+        let s = failed(BdevError::Io(512 << 33), IoOp::Read, 512, false);
+        assert_eq!(s[0], 0x70);
+        let s = failed(BdevError::Offline, IoOp::Read, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x04, 0x03));
+        let s = failed(BdevError::NoMedium, IoOp::Read, 2048, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x3a, 0x00));
+        let s = failed(BdevError::BadBuffer, w, 512, false);
+        assert_eq!((s[2], s[12]), (sense::HARDWARE_ERROR, 0x44));
+    }
+}

@@ -1,0 +1,209 @@
+//! The primary commands (SPC-4) every device type serves: TEST UNIT READY, REQUEST SENSE,
+//! INQUIRY, MODE SENSE, PREVENT ALLOW MEDIUM REMOVAL, REPORT LUNS and REPORT SUPPORTED
+//! OPERATION CODES. Each entry of [`COMMANDS`] names its decode and emulate steps, here or
+//! in the submodule of the same name.
+#![forbid(unsafe_code)]
+
+pub mod inquiry;
+pub mod luns;
+pub mod mode;
+pub mod rsoc;
+
+use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
+use crate::scsi::device::Device;
+use crate::scsi::mmc;
+use crate::scsi::sense::{self, Sense};
+use crate::scsi::task::{Plan, ScsiTask};
+
+/// Operation codes (SPC-4).
+pub mod opcode {
+    pub const TEST_UNIT_READY: u8 = 0x00;
+    pub const REQUEST_SENSE: u8 = 0x03;
+    pub const INQUIRY: u8 = 0x12;
+    pub const MODE_SELECT_6: u8 = 0x15;
+    pub const MODE_SENSE_6: u8 = 0x1a;
+    pub const PREVENT_ALLOW: u8 = 0x1e;
+    pub const MODE_SENSE_10: u8 = 0x5a;
+    pub const REPORT_LUNS: u8 = 0xa0;
+    /// MAINTENANCE IN and its REPORT SUPPORTED OPERATION CODES service action.
+    pub const MAINTENANCE_IN: u8 = 0xa3;
+    pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
+}
+use opcode::*;
+
+/// The CONTROL byte of CDB usage data: NACA is read (and refused when set).
+pub(in crate::scsi) const CTL: u8 = 0x04;
+pub(in crate::scsi) const FF: u8 = 0xff;
+
+/// The SPC commands, one entry each (CDB usage data kept unformatted so that its bytes
+/// line up).
+#[rustfmt::skip]
+pub const COMMANDS: &[Command] = &[
+    Command {
+        name: "TEST UNIT READY",
+        op: TEST_UNIT_READY,
+        sa: None,
+        usage: &[TEST_UNIT_READY, 0, 0, 0, 0, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: false,
+        reports_ua: true,
+        reservation: Reservation::Allowed,
+        alua: Alua::Active,
+        decode: no_data,
+        run: Run::Emulate(nothing),
+    },
+    Command {
+        name: "REQUEST SENSE",
+        op: REQUEST_SENSE,
+        sa: None,
+        usage: &[REQUEST_SENSE, 0x01, 0, 0, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: false,
+        reservation: Reservation::Allowed,
+        alua: Alua::Transitioning,
+        decode: decode_request_sense,
+        run: Run::Emulate(request_sense),
+    },
+    Command {
+        name: "INQUIRY",
+        op: INQUIRY,
+        sa: None,
+        usage: &[INQUIRY, 0x01, FF, FF, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: false,
+        reservation: Reservation::Allowed,
+        alua: Alua::Transitioning,
+        decode: inquiry::decode,
+        run: Run::Emulate(inquiry::emulate),
+    },
+    Command {
+        name: "MODE SENSE(6)",
+        op: MODE_SENSE_6,
+        sa: None,
+        usage: &[MODE_SENSE_6, 0x08, FF, FF, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Read,
+        alua: Alua::Standby,
+        decode: mode::decode,
+        run: Run::Emulate(mode::emulate),
+    },
+    Command {
+        name: "PREVENT ALLOW MEDIUM REMOVAL",
+        op: PREVENT_ALLOW,
+        sa: None,
+        usage: &[PREVENT_ALLOW, 0, 0, 0, 0x03, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::PreventAllow,
+        alua: Alua::Active,
+        decode: decode_prevent_allow,
+        run: Run::Emulate(prevent_allow),
+    },
+    Command {
+        name: "MODE SENSE(10)",
+        op: MODE_SENSE_10,
+        sa: None,
+        usage: &[MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Read,
+        alua: Alua::Standby,
+        decode: mode::decode,
+        run: Run::Emulate(mode::emulate),
+    },
+    Command {
+        name: "REPORT LUNS",
+        op: REPORT_LUNS,
+        sa: None,
+        usage: &[REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: false,
+        reservation: Reservation::Allowed,
+        alua: Alua::Transitioning,
+        decode: luns::decode,
+        run: Run::Emulate(luns::emulate),
+    },
+    // MMC gives A3h to SEND KEY: disks only.
+    Command {
+        name: "REPORT SUPPORTED OPERATION CODES",
+        op: MAINTENANCE_IN,
+        sa: Some(MI_REPORT_SUPPORTED_OPCODES),
+        usage: &[MAINTENANCE_IN, 0x1f, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
+        types: DeviceTypes::DISK,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Allowed,
+        alua: Alua::Unavailable,
+        decode: rsoc::decode,
+        run: Run::Emulate(rsoc::emulate),
+    },
+];
+
+/// The decode step of commands without data that need no check of their CDB.
+pub(in crate::scsi) fn no_data(_: &Device, _: &mut ScsiTask) -> Result<Plan, Sense> {
+    Ok(Plan::NONE)
+}
+
+/// The emulation of commands that have nothing to do once decoded (TEST UNIT READY: the
+/// medium and unit attention checks are the command).
+pub(in crate::scsi) fn nothing(_: &Device, _: &mut ScsiTask) {}
+
+fn decode_request_sense(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    Ok(Plan::emulated_in(u32::from(task.cdb[4])))
+}
+
+/// REQUEST SENSE (SPC-4 §6.39): the pending unit attention (which it clears), or NOT READY
+/// while there is no medium, or NO SENSE.
+fn request_sense(dev: &Device, task: &mut ScsiTask) {
+    if task.cdb[1] & 0x01 != 0 {
+        // DESC=1: descriptor format is not supported.
+        task.fail(Sense::invalid_cdb_field(1, Some(0)));
+        return;
+    }
+    let s = match dev.take_ua(task.nexus) {
+        Some(code) => Sense::new(sense::UNIT_ATTENTION, code).to_fixed(),
+        None if !dev.medium_present() => {
+            Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT).to_fixed()
+        }
+        None => Sense::new(sense::NO_SENSE, (0, 0)).to_fixed(),
+    };
+    let alloc = usize::from(task.cdb[4]);
+    task.reply(&s[..alloc.min(s.len())]);
+}
+
+/// Whether `dev`'s medium can be removed: a removable disk, or a CD drive.
+pub(in crate::scsi) fn removable(dev: &Device) -> bool {
+    dev.is_removable() || dev.scsi_type() == mmc::TYPE_CDROM
+}
+
+fn decode_prevent_allow(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    // PREVENT field (bits 1-0): MMC also has PERSISTENT (bit 1); SBC has 00b/01b only.
+    let prevent = task.cdb[4] & 0x03;
+    if prevent > 1 && dev.scsi_type() != mmc::TYPE_CDROM {
+        return Err(Sense::invalid_cdb_field(4, Some(0)));
+    }
+    Ok(Plan::NONE)
+}
+
+/// PREVENT ALLOW MEDIUM REMOVAL (SPC-4 §6.13): per I_T nexus, on devices with a removable
+/// medium; elsewhere it has no effect.
+fn prevent_allow(dev: &Device, task: &mut ScsiTask) {
+    if removable(dev) {
+        dev.set_prevent_removal(task.nexus, task.cdb[4] & 0x01 != 0);
+    }
+}

@@ -1,0 +1,1248 @@
+//! The SCSI core driven as a transport drives it: plan, buffers, execute, poll, complete.
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::env::DataBuf;
+use crate::scsi::cdb::{be16, be32};
+use crate::scsi::command::{lookup, plan, ua_applies, COMMANDS};
+use crate::scsi::device::Device;
+use crate::scsi::mmc;
+use crate::scsi::port::*;
+use crate::scsi::sbc::max_compare_and_write_blocks;
+use crate::scsi::sbc::opcode::*;
+use crate::scsi::sense;
+use crate::scsi::spc::luns::execute_no_lun;
+use crate::scsi::spc::opcode::*;
+use crate::scsi::task::*;
+
+/// Whether the dispatcher accepts the command `c` names for `d`.
+fn supported(d: &Device, c: &[u8; 16]) -> bool {
+    lookup(c).is_some_and(|x| x.serves(d))
+}
+
+/// Whether the commands with opcode `op` (every service action) work without a medium.
+fn works_without_medium(op: u8) -> bool {
+    let mut cs = COMMANDS.iter().filter(|c| c.op == op).peekable();
+    assert!(cs.peek().is_some(), "{op:#x} is in the table");
+    cs.all(|c| c.works_without_medium)
+}
+
+fn dev() -> Arc<Device> {
+    Device::create("vdisk_ramio", "t0", &[("size_mb".into(), "1".into())]).unwrap()
+}
+
+fn thin() -> Arc<Device> {
+    Device::create(
+        "vdisk_ramio",
+        "t0",
+        &[
+            ("size_mb".into(), "1".into()),
+            ("thin_provisioned".into(), "1".into()),
+        ],
+    )
+    .unwrap()
+}
+
+fn removable() -> Arc<Device> {
+    Device::create(
+        "vdisk_ramio",
+        "r0",
+        &[
+            ("size_mb".into(), "1".into()),
+            ("removable".into(), "1".into()),
+        ],
+    )
+    .unwrap()
+}
+
+/// An UNMAP parameter list of (lba, blocks) descriptors.
+fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
+    let mut v = vec![0u8; 8];
+    v[0..2].copy_from_slice(&((6 + descs.len() * 16) as u16).to_be_bytes());
+    v[2..4].copy_from_slice(&((descs.len() * 16) as u16).to_be_bytes());
+    for &(lba, n) in descs {
+        v.extend_from_slice(&lba.to_be_bytes());
+        v.extend_from_slice(&n.to_be_bytes());
+        v.extend_from_slice(&[0; 4]);
+    }
+    v
+}
+
+fn unmap_cdb(len: usize) -> [u8; 10] {
+    let mut c = [UNMAP, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[7..9].copy_from_slice(&(len as u16).to_be_bytes());
+    c
+}
+
+fn ws10(lba: u32, n: u16, flags: u8) -> [u8; 10] {
+    let mut c = [WRITE_SAME_10, flags, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&n.to_be_bytes());
+    c
+}
+
+fn ws16(lba: u64, n: u32, flags: u8) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = WRITE_SAME_16;
+    c[1] = flags;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&n.to_be_bytes());
+    c
+}
+
+fn read(d: &Arc<Device>, lba: u32, n: u16) -> Vec<u8> {
+    let mut c = [READ_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&n.to_be_bytes());
+    let t = run(d, &c, None);
+    assert_eq!(t.status, 0);
+    data(&t)
+}
+
+fn fill(d: &Arc<Device>, lba: u32, n: u16, byte: u8) {
+    let mut c = [WRITE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&n.to_be_bytes());
+    let t = run(d, &c, Some(&vec![byte; n as usize * 512]));
+    assert_eq!(t.status, 0);
+}
+
+fn sai16(sa: u8, lba: u64, alloc: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = SERVICE_ACTION_IN_16;
+    c[1] = sa;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&alloc.to_be_bytes());
+    c
+}
+
+/// Runs a command to completion the way the transport does.
+fn run(d: &Arc<Device>, cdb: &[u8], data_out: Option<&[u8]>) -> ScsiTask {
+    let mut t = ScsiTask::new(cdb, 0, 7);
+    let plan = match plan(d, &mut t) {
+        Ok(p) => p,
+        Err(s) => {
+            t.fail(s);
+            return t;
+        }
+    };
+    if plan.len > 0 {
+        let mut b = DataBuf::alloc(plan.len as usize).unwrap();
+        if let Some(x) = data_out {
+            b.write_at(0, x);
+        }
+        t.buf = Some(b);
+    }
+    let mut port = ScsiPort::new();
+    if port.execute(d, &mut t) == Exec::Pending {
+        let mut out = Vec::new();
+        // A read-modify-write takes two passes (its read, then its write).
+        for _ in 0..4 {
+            if port.poll(&mut out) > 0 {
+                break;
+            }
+        }
+        complete(&mut t, out.pop().expect("no completion"));
+    }
+    t
+}
+
+fn data(t: &ScsiTask) -> Vec<u8> {
+    let mut v = vec![0u8; t.data_in_len as usize];
+    t.buf.as_ref().map(|b| b.read_at(0, &mut v));
+    v
+}
+
+fn asc(t: &ScsiTask) -> (u8, u8, u8) {
+    let s = t.sense();
+    (s[2] & 0xf, s[12], s[13])
+}
+
+#[test]
+fn write_then_read() {
+    let d = dev();
+    let w = run(
+        &d,
+        &[WRITE_10, 0x08, 0, 0, 0, 5, 0, 0, 2, 0],
+        Some(&[0xab; 1024]),
+    );
+    assert_eq!(w.status, 0);
+    let r = run(
+        &d,
+        &[READ_16, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 2, 0, 0],
+        None,
+    );
+    assert_eq!(data(&r), vec![0xab; 1024]);
+    // VERIFY with BYTCHK=1 compares.
+    let v = run(
+        &d,
+        &[VERIFY_10, 0x02, 0, 0, 0, 5, 0, 0, 2, 0],
+        Some(&[0xab; 1024]),
+    );
+    assert_eq!(v.status, 0);
+    let mut other = vec![0xab; 1024];
+    other[700] = 0;
+    let v = run(&d, &[VERIFY_10, 0x02, 0, 0, 0, 5, 0, 0, 2, 0], Some(&other));
+    assert_eq!(asc(&v), (sense::MISCOMPARE, 0x1d, 0));
+}
+
+#[test]
+fn range_checks() {
+    let d = dev();
+    let last = (d.num_blocks() - 1) as u32;
+    let mut cdb = [READ_10, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    cdb[2..6].copy_from_slice(&last.to_be_bytes());
+    assert_eq!(run(&d, &cdb, None).status, 0);
+    cdb[2..6].copy_from_slice(&(last + 1).to_be_bytes());
+    assert_eq!(asc(&run(&d, &cdb, None)), (5, 0x21, 0));
+    let mut c16 = [0u8; 16];
+    c16[0] = READ_16;
+    c16[2..10].copy_from_slice(&u64::MAX.to_be_bytes());
+    c16[13] = 2;
+    assert_eq!(
+        asc(&run(&d, &c16, None)),
+        (5, 0x21, 0),
+        "wrapping past 2^64"
+    );
+    assert_eq!(asc(&run(&d, &[0xd9, 0, 0, 0, 0, 0], None)), (5, 0x20, 0));
+}
+
+#[test]
+fn inquiry_and_capacity() {
+    let d = dev();
+    let t = run(&d, &[INQUIRY, 0, 0, 0, 96, 0], None);
+    let x = data(&t);
+    assert_eq!(x.len(), 96);
+    assert_eq!(&x[8..16], b"ISCSITGT");
+    let t = run(&d, &[INQUIRY, 0, 0, 0, 5, 0], None);
+    assert_eq!(t.data_in_len, 5, "allocation length truncates");
+    let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
+    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1]);
+    assert_eq!(
+        asc(&run(&d, &[INQUIRY, 1, 0xb2, 0, 255, 0], None)),
+        (5, 0x24, 0),
+        "no provisioning page on a fully provisioned device"
+    );
+    assert_eq!(
+        asc(&run(&d, &[INQUIRY, 0, 0x80, 0, 255, 0], None)),
+        (5, 0x24, 0)
+    );
+    assert_eq!(
+        asc(&run(&d, &[INQUIRY, 1, 0x99, 0, 255, 0], None)),
+        (5, 0x24, 0)
+    );
+    let t = run(
+        &d,
+        &[
+            SERVICE_ACTION_IN_16,
+            0x10,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            32,
+            0,
+            0,
+        ],
+        None,
+    );
+    let x = data(&t);
+    assert_eq!(
+        u64::from_be_bytes(x[0..8].try_into().unwrap()),
+        d.num_blocks() - 1
+    );
+}
+
+#[test]
+fn unit_attention_then_clear() {
+    let d = dev();
+    d.register_nexus(7);
+    let t = run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None);
+    assert_eq!(asc(&t), (6, 0x29, 0));
+    assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
+    d.add_ua_all(0x3f, 0x03);
+    // INQUIRY and the MMC polling commands do not report it; TUR does.
+    assert!(!ua_applies(&ScsiTask::new(
+        &[
+            mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+            1,
+            0,
+            0,
+            0x10,
+            0,
+            0,
+            0,
+            8,
+            0
+        ],
+        0,
+        7
+    )));
+    assert_eq!(run(&d, &[INQUIRY, 0, 0, 0, 36, 0], None).status, 0);
+    assert_eq!(
+        asc(&run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None)),
+        (6, 0x3f, 3)
+    );
+}
+
+#[test]
+fn mode_sense() {
+    let d = dev();
+    let t = run(&d, &[MODE_SENSE_6, 0, 0x3f, 0, 255, 0], None);
+    let x = data(&t);
+    assert_eq!(x[0] as usize, x.len() - 1);
+    assert_eq!(x[3], 8, "block descriptor");
+    let t = run(&d, &[MODE_SENSE_6, 0, 0x0a, 0, 255, 0], None);
+    let x = data(&t);
+    assert_eq!(&x[12..14], &[0x0a, 10]);
+    assert_eq!(
+        asc(&run(&d, &[MODE_SENSE_6, 0, 0xca, 0, 255, 0], None)),
+        (5, 0x39, 0)
+    );
+    assert_eq!(
+        asc(&run(&d, &[MODE_SENSE_6, 0, 0x22, 0, 255, 0], None)),
+        (5, 0x24, 0)
+    );
+    let t = run(&d, &[MODE_SENSE_10, 0, 0x3f, 0, 0, 0, 0, 1, 0, 0], None);
+    let x = data(&t);
+    assert_eq!(u16::from_be_bytes([x[0], x[1]]) as usize, x.len() - 2);
+}
+
+#[test]
+fn read_only_lun_refuses_writes() {
+    let d = dev();
+    let mut t = ScsiTask::new(&[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+    t.read_only = true;
+    let s = plan(&d, &mut t).unwrap_err();
+    t.fail(s);
+    assert_eq!(asc(&t), (7, 0x27, 0));
+}
+
+#[test]
+fn report_luns_and_missing_lun() {
+    let mut t = ScsiTask::new(&[REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], 0, 1);
+    t.buf = DataBuf::alloc(256);
+    execute_no_lun(&mut t, &[0, 1]);
+    assert_eq!(t.data_in_len, 24);
+    let mut t = ScsiTask::new(&[TEST_UNIT_READY, 0, 0, 0, 0, 0], 3, 1);
+    execute_no_lun(&mut t, &[0]);
+    assert_eq!(asc(&t), (5, 0x25, 0));
+    let mut t = ScsiTask::new(&[REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], 0, 1);
+    execute_no_lun(&mut t, &[0]);
+    assert_eq!(asc(&t), (5, 0x24, 0));
+}
+
+#[test]
+fn a_shortened_write_touches_only_the_blocks_sent() {
+    let d = dev();
+    run(&d, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], Some(&[b'a'; 1024]));
+    // WRITE(10) of two blocks of which the transport delivers one.
+    let mut t = ScsiTask::new(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
+    let p = plan(&d, &mut t).unwrap();
+    assert_eq!(p.len, 1024);
+    assert!(
+        !t.limit_write(200, 512),
+        "a partial block cannot be written"
+    );
+    assert!(t.limit_write(512, 512));
+    let mut b = DataBuf::alloc(1024).unwrap();
+    b.write_at(0, &[b'b'; 1024]);
+    t.buf = Some(b);
+    let mut port = ScsiPort::new();
+    if port.execute(&d, &mut t) == Exec::Pending {
+        let mut out = Vec::new();
+        port.poll(&mut out);
+        complete(&mut t, out.pop().unwrap());
+    }
+    assert_eq!(t.status, STATUS_GOOD);
+    let r = run(&d, &[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], None);
+    let got = data(&r);
+    assert!(got[..512].iter().all(|&x| x == b'b'));
+    assert!(
+        got[512..].iter().all(|&x| x == b'a'),
+        "second block untouched"
+    );
+    // A read cannot be shortened this way.
+    let mut r = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
+    plan(&d, &mut r).unwrap();
+    assert!(!r.limit_write(512, 512));
+}
+
+#[test]
+fn thin_capacity_and_vpd() {
+    let d = thin();
+    let x = data(&run(&d, &sai16(0x10, 0, 32), None));
+    assert_eq!(x[14] & 0xc0, 0xc0, "LBPME and LBPRZ");
+    assert_eq!(x[13], 0, "LB per PB exponent");
+    let x = data(&run(&dev(), &sai16(0x10, 0, 32), None));
+    assert_eq!(x[14] & 0xc0, 0, "fully provisioned");
+    let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
+    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    let bl = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
+    assert_eq!(bl.len(), 64);
+    assert_eq!(bl[3], 0x3c);
+    let be32_at = |v: &[u8], i: usize| u32::from_be_bytes(v[i..i + 4].try_into().unwrap());
+    assert_eq!(be32_at(&bl, 20), 131_072, "MAXIMUM UNMAP LBA COUNT");
+    assert_eq!(
+        be32_at(&bl, 24),
+        256,
+        "MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT"
+    );
+    assert_eq!(be32_at(&bl, 28), 8, "OPTIMAL UNMAP GRANULARITY");
+    assert_eq!(
+        u64::from_be_bytes(bl[36..44].try_into().unwrap()),
+        16384,
+        "MAXIMUM WRITE SAME LENGTH"
+    );
+    let full = data(&run(&dev(), &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
+    assert!(full[20..32].iter().all(|&b| b == 0), "no unmap limits");
+    assert_ne!(u64::from_be_bytes(full[36..44].try_into().unwrap()), 0);
+    let lbp = data(&run(&d, &[INQUIRY, 1, 0xb2, 0, 255, 0], None));
+    assert_eq!(lbp, vec![0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
+}
+
+#[test]
+fn unmap_deallocates() {
+    let d = thin();
+    fill(&d, 0, 8, 0xaa);
+    let list = unmap_list(&[(1, 2), (5, 1), (7, 0)]);
+    let t = run(&d, &unmap_cdb(list.len()), Some(&list));
+    assert_eq!(t.status, 0);
+    let x = read(&d, 0, 8);
+    for (b, chunk) in x.chunks(512).enumerate() {
+        let zero = matches!(b, 1 | 2 | 5);
+        assert!(
+            chunk.iter().all(|&v| v == if zero { 0 } else { 0xaa }),
+            "{b}"
+        );
+    }
+    // Zero-length parameter list, and a list without descriptors: nothing happens.
+    assert_eq!(run(&d, &unmap_cdb(0), None).status, 0);
+    let empty = unmap_list(&[]);
+    assert_eq!(run(&d, &unmap_cdb(8), Some(&empty)).status, 0);
+    // 0 blocks at the end of the LUN is fine.
+    let end = unmap_list(&[(d.num_blocks(), 0)]);
+    assert_eq!(run(&d, &unmap_cdb(end.len()), Some(&end)).status, 0);
+}
+
+#[test]
+fn unmap_checks() {
+    let d = thin();
+    let n = d.num_blocks();
+    let oob = unmap_list(&[(0, 1), (n - 1, 2)]);
+    assert_eq!(
+        asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+        (5, 0x21, 0)
+    );
+    let oob = unmap_list(&[(n + 1, 0)]);
+    assert_eq!(
+        asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+        (5, 0x21, 0)
+    );
+    let oob = unmap_list(&[(u64::MAX, 2)]);
+    assert_eq!(
+        asc(&run(&d, &unmap_cdb(oob.len()), Some(&oob))),
+        (5, 0x21, 0)
+    );
+    // Nothing is deallocated when a later descriptor is bad.
+    fill(&d, 0, 1, 0x55);
+    let bad = unmap_list(&[(0, 1), (n, 1)]);
+    run(&d, &unmap_cdb(bad.len()), Some(&bad));
+    assert!(read(&d, 0, 1).iter().all(|&v| v == 0x55));
+    // Too many descriptors.
+    let many: Vec<(u64, u32)> = (0..257).map(|i| (i, 1)).collect();
+    let l = unmap_list(&many);
+    assert_eq!(asc(&run(&d, &unmap_cdb(l.len()), Some(&l))), (5, 0x26, 0));
+    // Parameter list shorter than the header, or than the header says.
+    assert_eq!(asc(&run(&d, &unmap_cdb(4), Some(&[0; 4]))), (5, 0x1a, 0));
+    let mut l = unmap_list(&[(0, 1)]);
+    l[2..4].copy_from_slice(&32u16.to_be_bytes());
+    assert_eq!(asc(&run(&d, &unmap_cdb(l.len()), Some(&l))), (5, 0x1a, 0));
+    // A trailing partial descriptor is ignored.
+    let mut l = unmap_list(&[(0, 1)]);
+    l.extend_from_slice(&[0xff; 8]);
+    l[2..4].copy_from_slice(&24u16.to_be_bytes());
+    l[0..2].copy_from_slice(&30u16.to_be_bytes());
+    assert_eq!(run(&d, &unmap_cdb(l.len()), Some(&l)).status, 0);
+    // ANCHOR.
+    let mut c = unmap_cdb(24);
+    c[1] = 0x01;
+    assert_eq!(
+        asc(&run(&d, &c, Some(&unmap_list(&[(0, 1)])))),
+        (5, 0x24, 0)
+    );
+    // Read-only LUN.
+    let mut t = ScsiTask::new(&unmap_cdb(24), 0, 7);
+    t.read_only = true;
+    let s = plan(&d, &mut t).unwrap_err();
+    t.fail(s);
+    assert_eq!(asc(&t), (7, 0x27, 0));
+    // Not thin provisioned: the command does not exist.
+    let l = unmap_list(&[(0, 1)]);
+    assert_eq!(asc(&run(&dev(), &unmap_cdb(24), Some(&l))), (5, 0x20, 0));
+}
+
+#[test]
+fn write_same_writes_the_block_over_the_range() {
+    let d = dev();
+    let mut block = vec![0u8; 512];
+    block[0] = 0x11;
+    block[511] = 0x22;
+    let t = run(&d, &ws10(3, 4, 0), Some(&block));
+    assert_eq!(t.status, 0);
+    let x = read(&d, 2, 6);
+    assert!(x[..512].iter().all(|&v| v == 0));
+    for b in 1..5 {
+        assert_eq!(&x[b * 512..(b + 1) * 512], &block[..]);
+    }
+    assert!(x[5 * 512..].iter().all(|&v| v == 0));
+    // WRITE SAME (16) with NDOB writes zeros without Data-Out.
+    let mut t = ScsiTask::new(&ws16(3, 2, 0x01), 0, 7);
+    assert_eq!(plan(&d, &mut t).unwrap().dir, DataDir::None);
+    let t = run(&d, &ws16(3, 2, 0x01), None);
+    assert_eq!(t.status, 0);
+    assert!(read(&d, 3, 2).iter().all(|&v| v == 0));
+    assert_eq!(read(&d, 5, 1), block);
+    // 0 blocks: to the end of the LUN (a 1 MiB LUN is within the maximum length).
+    let n = d.num_blocks();
+    let t = run(&d, &ws16(n - 3, 0, 0), Some(&[0x77; 512]));
+    assert_eq!(t.status, 0);
+    assert!(read(&d, (n - 3) as u32, 3).iter().all(|&v| v == 0x77));
+    // A WRITE SAME cannot be shortened to part of its one block.
+    let mut t = ScsiTask::new(&ws10(0, 4, 0), 0, 7);
+    assert_eq!(plan(&d, &mut t).unwrap().len, 512);
+    assert!(!t.limit_write(256, 512));
+}
+
+#[test]
+fn write_same_checks() {
+    let d = dev();
+    let n = d.num_blocks() as u32;
+    assert_eq!(asc(&run(&d, &ws10(n, 1, 0), Some(&[0; 512]))), (5, 0x21, 0));
+    assert_eq!(
+        asc(&run(&d, &ws10(n - 1, 2, 0), Some(&[0; 512]))),
+        (5, 0x21, 0)
+    );
+    assert_eq!(
+        asc(&run(&d, &ws10(n + 1, 0, 0), Some(&[0; 512]))),
+        (5, 0x21, 0)
+    );
+    assert_eq!(
+        asc(&run(&d, &ws10(u32::MAX, 0, 0), Some(&[0; 512]))),
+        (5, 0x21, 0)
+    );
+    assert_eq!(
+        asc(&run(&d, &ws16(1 << 63, 1, 0), Some(&[0; 512]))),
+        (5, 0x21, 0)
+    );
+    // WRPROTECT, ANCHOR, UNMAP on a fully provisioned device.
+    for flags in [0x20, 0x10, 0x18, 0x08] {
+        assert_eq!(
+            asc(&run(&d, &ws10(0, 1, flags), Some(&[0; 512]))),
+            (5, 0x24, 0),
+            "{flags:#x}"
+        );
+    }
+    // Longer than MAXIMUM WRITE SAME LENGTH (16384 blocks of 512).
+    let big = Device::create("vdisk_nullio", "n0", &[]).unwrap();
+    assert_eq!(
+        asc(&run(&big, &ws16(0, 16385, 0), Some(&[0; 512]))),
+        (5, 0x24, 0)
+    );
+    assert_eq!(
+        asc(&run(&big, &ws16(0, 0, 0), Some(&[0; 512]))),
+        (5, 0x24, 0)
+    );
+    assert_eq!(run(&big, &ws16(0, 16384, 0), Some(&[0; 512])).status, 0);
+    let nb = big.num_blocks();
+    assert_eq!(
+        run(&big, &ws16(nb - 16384, 0, 0), Some(&[0; 512])).status,
+        0
+    );
+    assert_eq!(
+        asc(&run(&big, &ws16(nb - 16385, 0, 0), Some(&[0; 512]))),
+        (5, 0x24, 0)
+    );
+    // Read-only.
+    for cdb in [&ws10(0, 1, 0)[..], &ws16(0, 1, 0x08)[..]] {
+        let mut t = ScsiTask::new(cdb, 0, 7);
+        t.read_only = true;
+        let s = plan(&thin(), &mut t).unwrap_err();
+        t.fail(s);
+        assert_eq!(asc(&t), (7, 0x27, 0));
+    }
+}
+
+#[test]
+fn write_same_unmap() {
+    let d = thin();
+    fill(&d, 0, 8, 0xff);
+    // The UNMAP bit deallocates whatever the data block holds (LBPRZ: zeros read back).
+    let t = run(&d, &ws10(2, 3, 0x08), Some(&[0xff; 512]));
+    assert_eq!(t.status, 0);
+    let x = read(&d, 0, 8);
+    for (b, chunk) in x.chunks(512).enumerate() {
+        let zero = (2..5).contains(&b);
+        assert!(
+            chunk.iter().all(|&v| v == if zero { 0 } else { 0xff }),
+            "{b}"
+        );
+    }
+    // Until the end, with WRITE SAME (16) and NDOB.
+    let n = d.num_blocks();
+    fill(&d, (n - 4) as u32, 4, 0xff);
+    assert_eq!(run(&d, &ws16(n - 2, 0, 0x09), None).status, 0);
+    let x = read(&d, (n - 4) as u32, 4);
+    assert!(x[..1024].iter().all(|&v| v == 0xff));
+    assert!(x[1024..].iter().all(|&v| v == 0));
+}
+
+#[test]
+fn get_lba_status() {
+    let d = thin();
+    let n = d.num_blocks();
+    let t = run(&d, &sai16(0x12, 5, 24), None);
+    assert_eq!(t.status, 0);
+    let x = data(&t);
+    assert_eq!(x.len(), 24);
+    assert_eq!(u32::from_be_bytes(x[0..4].try_into().unwrap()), 20);
+    assert_eq!(u64::from_be_bytes(x[8..16].try_into().unwrap()), 5);
+    // RAM disks cannot tell: everything counts as mapped, to the end.
+    assert_eq!(
+        u64::from(u32::from_be_bytes(x[16..20].try_into().unwrap())),
+        n - 5
+    );
+    assert_eq!(x[20] & 0x0f, 0);
+    assert_eq!(run(&d, &sai16(0x12, n - 1, 24), None).status, 0);
+    assert_eq!(asc(&run(&d, &sai16(0x12, n, 24), None)), (5, 0x21, 0));
+    assert_eq!(asc(&run(&d, &sai16(0x12, n + 1, 24), None)), (5, 0x21, 0));
+    assert_eq!(
+        asc(&run(&d, &sai16(0x12, u64::MAX, 24), None)),
+        (5, 0x21, 0)
+    );
+    // The allocation length truncates; an unknown service action is refused.
+    assert_eq!(run(&d, &sai16(0x12, 0, 16), None).data_in_len, 16);
+    assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x20, 0));
+}
+
+/// The LBA status descriptors (LBA, blocks, provisioning status) of one GET LBA STATUS,
+/// after checking the header's length against them.
+fn lba_status(d: &Arc<Device>, start: u64, alloc: u32) -> Vec<(u64, u32, u8)> {
+    let t = run(d, &sai16(0x12, start, alloc), None);
+    assert_eq!(t.status, 0, "GET LBA STATUS at {start}");
+    let x = data(&t);
+    let len = u32::from_be_bytes(x[0..4].try_into().unwrap()) as usize;
+    assert_eq!(len + 4, x.len(), "parameter data length at {start}");
+    x[8..]
+        .chunks_exact(16)
+        .map(|c| {
+            (
+                u64::from_be_bytes(c[0..8].try_into().unwrap()),
+                u32::from_be_bytes(c[8..12].try_into().unwrap()),
+                c[12] & 0x0f,
+            )
+        })
+        .collect()
+}
+
+/// GET LBA STATUS on a real sparse file, whose file system maps whole blocks of P
+/// logical blocks: the first descriptor starts at the requested LBA wherever it falls in
+/// a file-system (physical) block, and a block the file system holds counts as mapped
+/// even where only some of its logical blocks were written. The answer is the same
+/// whether the LUN reports one logical block per physical block or P of them.
+#[test]
+fn get_lba_status_from_any_lba_of_a_sparse_file() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const MAPPED: u8 = 0;
+    const DEALLOCATED: u8 = 1;
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("sparse.img");
+    let f = std::fs::File::create(&path).unwrap();
+    let fs_block = f.metadata().unwrap().blksize();
+    assert!(
+        fs_block >= 1024 && fs_block.is_power_of_two(),
+        "/var/tmp has {fs_block}-byte blocks: this test needs more than one logical block per file-system block"
+    );
+    // Logical blocks per file-system block.
+    let p = fs_block / 512;
+    let blocks = 64 * p;
+    f.set_len(blocks * 512).unwrap();
+    let write = |lba: u64, n: u64| {
+        f.write_all_at(&vec![0x5a; n as usize * 512], lba * 512)
+            .unwrap()
+    };
+    // File-system blocks 1, 3, 4, 5 and 63 hold data; of 3 and 63 only one logical block
+    // was written (the last of 3, the first of 63).
+    write(p, p);
+    write(4 * p - 1, 1);
+    write(4 * p, 2 * p);
+    write(63 * p, 1);
+    f.sync_all().unwrap();
+    let lbppb = |d: &Arc<Device>| {
+        let t = run(d, &sai16(0x10, 0, 32), None);
+        1u64 << (data(&t)[13] & 0x0f)
+    };
+    let u = |n: u64| u32::try_from(n).unwrap();
+    for exp in ["0", "1"] {
+        let d = Device::create(
+            "vdisk_fileio",
+            "sparse",
+            &[
+                ("filename".into(), path.to_str().unwrap().into()),
+                ("thin_provisioned".into(), "1".into()),
+                ("lb_per_pb_exp".into(), exp.into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(d.num_blocks(), blocks);
+        assert_eq!(lbppb(&d), if exp == "1" { p } else { 1 });
+        let tail = [(6 * p, u(57 * p), DEALLOCATED), (63 * p, u(p), MAPPED)];
+        // From LBA 0: every stretch, in order, to the end of the LUN.
+        let mut all = vec![
+            (0, u(p), DEALLOCATED),
+            (p, u(p), MAPPED),
+            (2 * p, u(p), DEALLOCATED),
+            (3 * p, u(3 * p), MAPPED),
+        ];
+        all.extend(tail);
+        assert_eq!(lba_status(&d, 0, 1024), all, "lb_per_pb_exp={exp}");
+        // Inside a hole, one block past its start.
+        assert_eq!(
+            lba_status(&d, 1, 1024)[..2],
+            [(1, u(p - 1), DEALLOCATED), (p, u(p), MAPPED)],
+            "lb_per_pb_exp={exp}"
+        );
+        // Inside a written file-system block: the rest of it, then the hole after it.
+        assert_eq!(
+            lba_status(&d, p + 3, 1024)[..2],
+            [(p + 3, u(p - 3), MAPPED), (2 * p, u(p), DEALLOCATED)],
+            "lb_per_pb_exp={exp}"
+        );
+        // Inside a partly written file-system block, on a block that was not written:
+        // mapped, with the written blocks after it, then the tail.
+        let mut v = vec![(3 * p + 1, u(3 * p - 1), MAPPED)];
+        v.extend(tail);
+        assert_eq!(lba_status(&d, 3 * p + 1, 1024), v, "lb_per_pb_exp={exp}");
+        // Inside the long hole.
+        assert_eq!(
+            lba_status(&d, 6 * p + 5, 1024),
+            [(6 * p + 5, u(57 * p - 5), DEALLOCATED), tail[1]],
+            "lb_per_pb_exp={exp}"
+        );
+        // The last LBA, unwritten in the last file-system block, which holds data.
+        assert_eq!(
+            lba_status(&d, blocks - 1, 1024),
+            [(blocks - 1, 1, MAPPED)],
+            "lb_per_pb_exp={exp}"
+        );
+        // Room for one descriptor: the one that starts at the requested LBA.
+        assert_eq!(
+            lba_status(&d, 2 * p + 1, 24),
+            [(2 * p + 1, u(p - 1), DEALLOCATED)],
+            "lb_per_pb_exp={exp}"
+        );
+        // Every request from LBA 0 to the end starts where it was asked to, and its
+        // first stretch matches the status of that LBA in the full answer.
+        for start in 0..blocks {
+            let first = lba_status(&d, start, 24)[0];
+            let (lba, n, status) = *all
+                .iter()
+                .find(|&&(lba, n, _)| start < lba + u64::from(n))
+                .unwrap();
+            assert_eq!(
+                first,
+                (start, u(lba + u64::from(n) - start), status),
+                "lb_per_pb_exp={exp}"
+            );
+        }
+    }
+}
+
+#[test]
+fn read_only_mode_sense_and_writes() {
+    let d = Device::create(
+        "vdisk_ramio",
+        "ro",
+        &[
+            ("size_mb".into(), "1".into()),
+            ("read_only".into(), "1".into()),
+            ("thin_provisioned".into(), "1".into()),
+        ],
+    )
+    .unwrap();
+    let x = data(&run(&d, &[MODE_SENSE_6, 0, 0x3f, 0, 255, 0], None));
+    assert_eq!(x[2] & 0x80, 0x80, "WP");
+    let x = data(&run(&dev(), &[MODE_SENSE_6, 0, 0x3f, 0, 255, 0], None));
+    assert_eq!(x[2] & 0x80, 0);
+    for cdb in [
+        &[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0][..],
+        &[WRITE_VERIFY_16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0][..],
+        &ws10(0, 1, 0)[..],
+        &ws16(0, 1, 0x08)[..],
+        &unmap_cdb(24)[..],
+    ] {
+        assert_eq!(
+            asc(&run(&d, cdb, Some(&[0; 512]))),
+            (7, 0x27, 0),
+            "{cdb:x?}"
+        );
+    }
+}
+
+#[test]
+fn prevent_allow_and_eject() {
+    let d = removable();
+    let eject = [START_STOP_UNIT, 0, 0, 0, 0x02, 0];
+    assert_eq!(data(&run(&d, &[INQUIRY, 0, 0, 0, 36, 0], None))[1], 0x80);
+    assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 1, 0], None).status, 0);
+    assert!(d.removal_prevented());
+    assert_eq!(asc(&run(&d, &eject, None)), (5, 0x53, 2));
+    // Loading is refused as well; power conditions and START alone are fine.
+    assert_eq!(
+        asc(&run(&d, &[START_STOP_UNIT, 0, 0, 0, 0x03, 0], None)),
+        (5, 0x53, 2)
+    );
+    assert_eq!(
+        run(&d, &[START_STOP_UNIT, 0, 0, 0, 0x01, 0], None).status,
+        0
+    );
+    assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
+    // Another nexus still sees it prevented.
+    let mut t = ScsiTask::new(&eject, 0, 8);
+    let s = plan(&d, &mut t).unwrap_err();
+    t.fail(s);
+    assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 0, 0], None).status, 0);
+    assert!(!d.removal_prevented());
+    assert_eq!(run(&d, &eject, None).status, 0);
+    // SBC has no persistent prevent.
+    assert_eq!(
+        asc(&run(&d, &[PREVENT_ALLOW, 0, 0, 0, 2, 0], None)),
+        (5, 0x24, 0)
+    );
+    // A fixed disk accepts PREVENT but has nothing to lock.
+    let f = dev();
+    assert_eq!(run(&f, &[PREVENT_ALLOW, 0, 0, 0, 1, 0], None).status, 0);
+    assert!(!f.removal_prevented());
+}
+
+#[test]
+fn mmc_commands_are_not_disk_commands() {
+    let d = dev();
+    for cdb in [
+        &[mmc::opcode::READ_TOC, 0, 0, 0, 0, 0, 0, 0, 12, 0][..],
+        &[mmc::opcode::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 0, 8, 0][..],
+        &[
+            mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+            1,
+            0,
+            0,
+            0x10,
+            0,
+            0,
+            0,
+            8,
+            0,
+        ][..],
+        &[
+            mmc::opcode::READ_DISC_INFORMATION,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            34,
+            0,
+        ][..],
+        &[
+            mmc::opcode::MECHANISM_STATUS,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            8,
+            0,
+            0,
+        ][..],
+    ] {
+        assert_eq!(asc(&run(&d, cdb, None)), (5, 0x20, 0), "{cdb:x?}");
+    }
+    // And a disk's MODE SENSE has no CD capabilities page.
+    assert_eq!(
+        asc(&run(&d, &[MODE_SENSE_6, 0, 0x2a, 0, 255, 0], None)),
+        (5, 0x24, 0)
+    );
+}
+
+#[test]
+fn commands_without_a_medium() {
+    for op in [
+        INQUIRY,
+        REQUEST_SENSE,
+        REPORT_LUNS,
+        MODE_SENSE_6,
+        MODE_SENSE_10,
+        START_STOP_UNIT,
+        PREVENT_ALLOW,
+        mmc::opcode::GET_CONFIGURATION,
+        mmc::opcode::GET_EVENT_STATUS_NOTIFICATION,
+        mmc::opcode::MECHANISM_STATUS,
+    ] {
+        assert!(works_without_medium(op), "{op:#x}");
+    }
+    for op in [
+        TEST_UNIT_READY,
+        READ_10,
+        READ_16,
+        WRITE_10,
+        VERIFY_10,
+        READ_CAPACITY_10,
+        SERVICE_ACTION_IN_16,
+        SYNCHRONIZE_CACHE_10,
+        UNMAP,
+        WRITE_SAME_10,
+        mmc::opcode::READ_TOC,
+        mmc::opcode::READ_DISC_INFORMATION,
+    ] {
+        assert!(!works_without_medium(op), "{op:#x}");
+    }
+}
+
+/// COMPARE AND WRITE of `blocks` at `lba`: `verify` then `write` bytes, one per block.
+fn caw(d: &Arc<Device>, lba: u8, verify: &[u8], write: &[u8]) -> ScsiTask {
+    let bs = d.block_size() as usize;
+    let n = verify.len();
+    let mut out = Vec::new();
+    for &b in verify.iter().chain(write) {
+        out.extend(std::iter::repeat_n(b, bs));
+    }
+    let mut cdb = [0u8; 16];
+    cdb[0] = COMPARE_AND_WRITE;
+    cdb[9] = lba;
+    cdb[13] = n as u8;
+    run(d, &cdb, Some(&out))
+}
+
+fn read_block(d: &Arc<Device>, lba: u8) -> Vec<u8> {
+    data(&run(d, &[READ_10, 0, 0, 0, 0, lba, 0, 0, 1, 0], None))
+}
+
+#[test]
+fn compare_and_write_writes_only_on_a_match() {
+    let d = dev();
+    let w = run(
+        &d,
+        &[WRITE_10, 0, 0, 0, 0, 2, 0, 0, 2, 0],
+        Some(&[0xaa; 1024]),
+    );
+    assert_eq!(w.status, STATUS_GOOD);
+    let t = caw(&d, 2, &[0xaa, 0xaa], &[0x55, 0x66]);
+    assert_eq!(t.status, STATUS_GOOD, "{:?}", t.sense());
+    assert_eq!(read_block(&d, 2), vec![0x55; 512]);
+    assert_eq!(read_block(&d, 3), vec![0x66; 512]);
+    // The medium no longer matches: MISCOMPARE, with the offset in the Data-Out of the
+    // first differing byte in INFORMATION, and nothing written.
+    let t = caw(&d, 2, &[0x55, 0xaa], &[0x11, 0x11]);
+    assert_eq!(asc(&t), (sense::MISCOMPARE, 0x1d, 0x00));
+    assert_eq!(t.sense()[0] & 0x80, 0x80, "VALID");
+    assert_eq!(&t.sense()[3..7], &512u32.to_be_bytes());
+    assert_eq!(read_block(&d, 2), vec![0x55; 512]);
+    assert_eq!(read_block(&d, 3), vec![0x66; 512]);
+}
+
+#[test]
+fn compare_and_write_checks_its_cdb_and_data_length() {
+    let d = dev();
+    let limit = max_compare_and_write_blocks(512) as u8;
+    // Above MAXIMUM COMPARE AND WRITE LENGTH (VPD B0 byte 5 says what it is).
+    let b0 = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 64, 0], None));
+    assert_eq!(b0[5], limit);
+    let mut cdb = [0u8; 16];
+    cdb[0] = COMPARE_AND_WRITE;
+    cdb[13] = limit + 1;
+    let t = run(&d, &cdb, None);
+    assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
+    // Zero blocks: nothing happens, and that is not an error.
+    cdb[13] = 0;
+    assert_eq!(run(&d, &cdb, None).status, STATUS_GOOD);
+    // Data-Out of another size than twice the range is refused whole.
+    cdb[13] = 1;
+    let mut t = ScsiTask::new(&cdb, 0, 7);
+    t.data_out_len = Some(512);
+    let s = plan(&d, &mut t).unwrap_err();
+    t.fail(s);
+    assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
+    let mut t = ScsiTask::new(&cdb, 0, 7);
+    t.data_out_len = Some(1024);
+    assert_eq!(plan(&d, &mut t).map(|p| p.len), Ok(1024));
+    // Past the end, and with WRPROTECT set.
+    cdb[2..10].copy_from_slice(&(d.num_blocks()).to_be_bytes());
+    assert_eq!(
+        asc(&run(&d, &cdb, None)),
+        (sense::ILLEGAL_REQUEST, 0x21, 0x00)
+    );
+    let mut cdb = [0u8; 16];
+    cdb[0] = COMPARE_AND_WRITE;
+    cdb[1] = 0x20;
+    cdb[13] = 1;
+    assert_eq!(
+        asc(&run(&d, &cdb, None)),
+        (sense::ILLEGAL_REQUEST, 0x24, 0x00)
+    );
+}
+
+#[test]
+fn pre_fetch_checks_its_range_and_completes_good() {
+    let d = dev();
+    let t = run(&d, &[PRE_FETCH_10, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], None);
+    assert_eq!(t.status, STATUS_GOOD);
+    let mut c16 = [0u8; 16];
+    c16[0] = PRE_FETCH_16;
+    c16[2..10].copy_from_slice(&(d.num_blocks() - 1).to_be_bytes());
+    c16[13] = 2;
+    assert_eq!(
+        asc(&run(&d, &c16, None)),
+        (sense::ILLEGAL_REQUEST, 0x21, 0x00)
+    );
+    c16[13] = 1;
+    assert_eq!(run(&d, &c16, None).status, STATUS_GOOD);
+}
+
+#[test]
+fn orwrite_ors_the_data_into_the_medium() {
+    let d = dev();
+    run(
+        &d,
+        &[WRITE_10, 0, 0, 0, 0, 5, 0, 0, 1, 0],
+        Some(&[0x0f; 512]),
+    );
+    let mut cdb = [0u8; 16];
+    cdb[0] = ORWRITE_16;
+    cdb[9] = 5;
+    cdb[13] = 1;
+    let t = run(&d, &cdb, Some(&[0x30; 512]));
+    assert_eq!(t.status, STATUS_GOOD);
+    assert_eq!(read_block(&d, 5), vec![0x3f; 512]);
+}
+
+#[test]
+fn a_delayed_read_tells_the_reactor_when_to_wake() {
+    let d = dev();
+    let delay = std::time::Duration::from_millis(40);
+    d.set_attr("fault_delay_us", &delay.as_micros().to_string())
+        .unwrap();
+    let mut t = ScsiTask::new(&[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], 0, 7);
+    plan(&d, &mut t).unwrap();
+    t.buf = Some(DataBuf::alloc(512).unwrap());
+    let mut port = ScsiPort::new();
+    assert_eq!(port.next_deadline(), None);
+    let t0 = Instant::now();
+    assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+    // No ring I/O and no socket will wake a sleeping reactor: the deadline must.
+    assert_eq!(port.inflight(), 0);
+    let due = port.next_deadline().expect("the held READ's deadline");
+    assert!(
+        due >= t0 + delay && due <= Instant::now() + delay,
+        "{due:?}"
+    );
+    let mut out = Vec::new();
+    while port.poll(&mut out) == 0 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "never came"
+        );
+        std::thread::yield_now();
+    }
+    assert!(t0.elapsed() >= delay, "completed before its deadline");
+    complete(&mut t, out.pop().unwrap());
+    assert_eq!(t.status, STATUS_GOOD);
+    assert_eq!(port.next_deadline(), None);
+    d.set_attr("fault_delay_us", "0").unwrap();
+}
+
+#[test]
+fn read_modify_writes_wait_for_an_overlapping_one() {
+    let d = dev();
+    run(
+        &d,
+        &[WRITE_10, 0, 0, 0, 0, 8, 0, 0, 1, 0],
+        Some(&[0x01; 512]),
+    );
+    // Another reactor's read-modify-write holds block 8.
+    assert!(d.try_lock_range(8 * 512, 512));
+    let mut cdb = [0u8; 16];
+    cdb[0] = ORWRITE_16;
+    cdb[9] = 8;
+    cdb[13] = 1;
+    let mut t = ScsiTask::new(&cdb, 0, 7);
+    plan(&d, &mut t).unwrap();
+    let mut b = DataBuf::alloc(512).unwrap();
+    b.write_at(0, &[0x80; 512]);
+    t.buf = Some(b);
+    let mut port = ScsiPort::new();
+    assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+    let mut out = Vec::new();
+    for _ in 0..5 {
+        assert_eq!(port.poll(&mut out), 0, "ran while the range was held");
+    }
+    assert!(port.inflight() > 0, "a waiting command counts as in flight");
+    assert_eq!(read_block(&d, 8), vec![0x01; 512]);
+    d.unlock_range(8 * 512, 512);
+    let mut n = 0;
+    for _ in 0..4 {
+        n += port.poll(&mut out);
+    }
+    assert_eq!(n, 1);
+    complete(&mut t, out.pop().unwrap());
+    assert_eq!(t.status, STATUS_GOOD);
+    assert_eq!(port.inflight(), 0);
+    assert_eq!(read_block(&d, 8), vec![0x81; 512]);
+    // Its range is free again.
+    assert!(d.try_lock_range(8 * 512, 512));
+}
+
+#[test]
+fn an_aborted_read_modify_write_never_writes() {
+    let d = dev();
+    run(
+        &d,
+        &[WRITE_10, 0, 0, 0, 0, 9, 0, 0, 1, 0],
+        Some(&[0x01; 512]),
+    );
+    let orwrite = |tag: u64| {
+        let mut cdb = [0u8; 16];
+        cdb[0] = ORWRITE_16;
+        cdb[9] = 9;
+        cdb[13] = 1;
+        let mut t = ScsiTask::new(&cdb, 0, 7);
+        t.tag = tag;
+        plan(&d, &mut t).unwrap();
+        let mut b = DataBuf::alloc(512).unwrap();
+        b.write_at(0, &[0x80; 512]);
+        t.buf = Some(b);
+        t
+    };
+    let mut port = ScsiPort::new();
+    let mut out = Vec::new();
+    // Aborted while waiting for its range.
+    assert!(d.try_lock_range(9 * 512, 512));
+    let mut a = orwrite(1);
+    assert_eq!(port.execute(&d, &mut a), Exec::Pending);
+    port.abort(1);
+    d.unlock_range(9 * 512, 512);
+    // Aborted during its read (the RAM disk's read is done, its completion not polled).
+    let mut b = orwrite(2);
+    assert_eq!(port.execute(&d, &mut b), Exec::Pending);
+    port.abort(2);
+    for _ in 0..4 {
+        port.poll(&mut out);
+    }
+    assert_eq!(out.len(), 2, "both complete");
+    for c in out.drain(..) {
+        let t = if c.tag() == 1 { &mut a } else { &mut b };
+        complete(t, c);
+        assert_eq!(t.status, STATUS_TASK_ABORTED);
+    }
+    assert_eq!(port.inflight(), 0);
+    assert_eq!(read_block(&d, 9), vec![0x01; 512], "nothing was written");
+    assert!(d.try_lock_range(9 * 512, 512), "the range is free again");
+}
+
+fn rsoc(d: &Arc<Device>, options: u8, op: u8, sa: u16) -> ScsiTask {
+    let s = sa.to_be_bytes();
+    run(
+        d,
+        &[
+            MAINTENANCE_IN,
+            0x0c,
+            options,
+            op,
+            s[0],
+            s[1],
+            0,
+            0,
+            0x10,
+            0,
+            0,
+            0,
+        ],
+        None,
+    )
+}
+
+/// The (opcode, service action) pairs of an all-commands report.
+fn listed(t: &ScsiTask) -> Vec<(u8, u16)> {
+    let d = data(t);
+    let len = be32(&d[0..4]) as usize;
+    assert_eq!(len + 4, d.len());
+    let mut v = Vec::new();
+    let mut i = 4;
+    while i < d.len() {
+        v.push((d[i], be16(&d[i + 2..i + 4]) as u16));
+        i += if d[i + 5] & 0x02 != 0 { 20 } else { 8 };
+    }
+    v
+}
+
+#[test]
+fn report_supported_opcodes_lists_what_the_device_serves() {
+    let d = dev();
+    let all = listed(&rsoc(&d, 0, 0, 0));
+    for c in [
+        (READ_10, 0),
+        (COMPARE_AND_WRITE, 0),
+        (PRE_FETCH_16, 0),
+        (SERVICE_ACTION_IN_16, 0x10),
+    ] {
+        assert!(all.contains(&c), "{c:?}");
+    }
+    // UNMAP only on a thin provisioned device.
+    assert!(!all.iter().any(|c| c.0 == UNMAP));
+    assert!(listed(&rsoc(&thin(), 0, 0, 0)).contains(&(UNMAP, 0)));
+    // Every listed command is one the dispatcher accepts, and the other way round for
+    // a sample of opcodes.
+    for &(op, sa) in &all {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[1] = sa as u8;
+        assert!(supported(&d, &c), "{op:#x}/{sa:#x}");
+    }
+    // With RCTD, each descriptor carries a command timeouts descriptor.
+    let t = rsoc(&d, 0x80, 0, 0);
+    let x = data(&t);
+    assert_eq!(x[4 + 5] & 0x02, 0x02);
+    assert_eq!(&x[4 + 8..4 + 10], &[0, 0x0a]);
+    // One command: SUPPORT 011b and its CDB usage data, DPO and FUA included.
+    let one = data(&rsoc(&d, 1, READ_10, 0));
+    assert_eq!(one[1] & 0x07, 0x03);
+    assert_eq!(be16(&one[2..4]), 10);
+    assert_eq!(one[4], READ_10);
+    assert_eq!(one[5] & 0x18, 0x18);
+    // One not served: SUPPORT 001b.
+    assert_eq!(data(&rsoc(&d, 1, 0x04, 0))[1] & 0x07, 0x01);
+    // By service action; asking for an opcode with service actions without one (and
+    // the other way round) is an invalid field.
+    let rc16 = data(&rsoc(&d, 2, SERVICE_ACTION_IN_16, 0x10));
+    assert_eq!((rc16[1] & 0x07, be16(&rc16[2..4])), (0x03, 16));
+    assert_eq!(
+        asc(&rsoc(&d, 1, SERVICE_ACTION_IN_16, 0)),
+        (sense::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(
+        asc(&rsoc(&d, 2, READ_10, 0)),
+        (sense::ILLEGAL_REQUEST, 0x24, 0)
+    );
+    assert_eq!(asc(&rsoc(&d, 5, 0, 0)), (sense::ILLEGAL_REQUEST, 0x24, 0));
+}
