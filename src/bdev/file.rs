@@ -68,7 +68,8 @@ pub struct FileOptions {
     pub block_size: u32,
     pub read_only: bool,
     pub o_direct: bool,
-    /// Writes are durable at completion (opened O_DSYNC; WCE=0).
+    /// Writes are durable at completion (WCE=0) from the start; MODE SELECT may change it
+    /// later ([`FileDev::set_write_through`]).
     pub write_through: bool,
     /// The cache is non-volatile: SYNCHRONIZE CACHE has nothing to do (WCE=0).
     pub nv_cache: bool,
@@ -154,6 +155,10 @@ pub struct FileDev {
     eio_streak: AtomicU32,
     misaligned_logged: AtomicBool,
     fault: Arc<FaultInject>,
+    /// Every write is durable at completion (RWF_DSYNC): the write cache is off (WCE=0).
+    /// Per write rather than O_DSYNC on the file, so that MODE SELECT can turn it either
+    /// way without reopening the backing.
+    write_through: AtomicBool,
 }
 
 fn errno_of(e: &std::io::Error) -> i32 {
@@ -274,9 +279,6 @@ impl Backing {
         if direct {
             flags |= libc::O_DIRECT;
         }
-        if opts.write_through && !read_only {
-            flags |= libc::O_DSYNC;
-        }
         let mut oo = OpenOptions::new();
         oo.read(true).write(!read_only).custom_flags(flags);
         let open_existing = |oo: &OpenOptions| {
@@ -388,12 +390,7 @@ impl Backing {
             off_align: u64::from(off_align).max(1),
             phys_block: phys,
             inline_read: AtomicU8::new(inline as u8),
-            // A write-through file's writes wait for the device (O_DSYNC).
-            inline_write: AtomicU8::new(if opts.write_through && inline == Inline::NoWait {
-                Inline::Never
-            } else {
-                inline
-            } as u8),
+            inline_write: AtomicU8::new(inline as u8),
         })
     }
 
@@ -454,18 +451,31 @@ impl FileDev {
                 size_override: None,
             }),
             ops: Mutex::new(()),
-            opts,
             generation: AtomicU64::new(1),
             size: AtomicU64::new(size),
             phys_block: AtomicU32::new(phys),
             eio_streak: AtomicU32::new(0),
             misaligned_logged: AtomicBool::new(false),
             fault: Arc::default(),
+            write_through: AtomicBool::new(opts.write_through),
+            opts,
         }))
     }
 
     pub fn options(&self) -> &FileOptions {
         &self.opts
+    }
+
+    /// Whether writes are durable at completion (the write cache is off).
+    pub fn write_through(&self) -> bool {
+        self.write_through.load(Ordering::Relaxed)
+    }
+
+    /// Turns the write cache off (`true`: every later write is durable at completion) or
+    /// on. Writes already submitted keep the mode they were submitted with; SYNCHRONIZE
+    /// CACHE still flushes them.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through.store(on, Ordering::Relaxed);
     }
 
     fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -737,7 +747,7 @@ impl BlockDev for FileDev {
     }
 
     fn has_volatile_cache(&self) -> bool {
-        !self.opts.write_through && !self.opts.nv_cache && self.opts.kind != Kind::Cdrom
+        !self.write_through() && !self.opts.nv_cache && self.opts.kind != Kind::Cdrom
     }
 
     fn supports_unmap(&self) -> bool {
@@ -911,7 +921,7 @@ impl IoChannel for FileChannel {
             }
         }
         let rw_flags = match io.op {
-            IoOp::Write { fua: true } if !self.dev.opts.write_through => libc::RWF_DSYNC,
+            IoOp::Write { fua } if fua || self.dev.write_through() => libc::RWF_DSYNC,
             _ => 0,
         };
         let mut done = 0;

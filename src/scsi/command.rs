@@ -268,6 +268,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
             sense::INVALID_COMMAND_OPERATION_CODE,
         )
     };
+    task.sense_format = dev.sense_format();
     if task.cdb_len > 16 {
         return Err(invalid_opcode());
     }

@@ -10,6 +10,7 @@ use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
 use crate::scsi::pr::{Reservations, Snapshot};
+use crate::scsi::sense::Format;
 use crate::util::quote;
 
 /// Why a device could not be created or changed.
@@ -42,6 +43,22 @@ const UA_INQUIRY_DATA_CHANGED: (u8, u8) = (0x3f, 0x03);
 const UA_CAPACITY_DATA_CHANGED: (u8, u8) = (0x2a, 0x09);
 /// NOT READY TO READY CHANGE, MEDIUM MAY HAVE CHANGED.
 const UA_MEDIUM_CHANGED: (u8, u8) = (0x28, 0x00);
+/// MODE PARAMETERS CHANGED.
+pub const UA_MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2a, 0x01);
+
+/// The mode parameters MODE SELECT can change (SPC-4 §7.5, SBC-3 §6.4): WCE of the caching
+/// page, SWP and D_SENSE of the control page. A device has current and saved values; the
+/// saved ones are its attributes `write_through` (WCE's complement), `swp` and `d_sense`,
+/// which the saved configuration keeps, and the current ones start from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ModeParams {
+    /// Write cache enabled: writes may complete before they are durable.
+    pub wce: bool,
+    /// Software write protect: writes end with DATA PROTECT, WRITE PROTECTED.
+    pub swp: bool,
+    /// Descriptor-format sense data.
+    pub d_sense: bool,
+}
 
 /// The identity of a device: what INQUIRY reports. Writable attributes change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +112,12 @@ pub struct Device {
     rmw_locked: Mutex<Vec<(u64, u64)>>,
     /// Persistent reservations and RESERVE/RELEASE (SPC-4 §5.13).
     pr: Reservations,
+    /// Current SWP and D_SENSE (WCE's current value is the backend's write-through mode).
+    swp: AtomicBool,
+    d_sense: AtomicBool,
+    /// Saved mode parameters; taken by every change of mode parameters, so that MODE
+    /// SELECTs from several nexuses apply one after the other.
+    saved_mode: Mutex<ModeParams>,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -292,6 +315,11 @@ impl Device {
                 (bdev, None)
             }
         };
+        let saved_mode = ModeParams {
+            wce: bdev.has_volatile_cache(),
+            swp: false,
+            d_sense: false,
+        };
         let h = name_hash(name);
         let id = h & 0xffff_ffff;
         let default_ident = Ident {
@@ -327,6 +355,9 @@ impl Device {
             medium: AtomicBool::new(true),
             rmw_locked: Mutex::new(Vec::new()),
             pr: Reservations::new(),
+            swp: AtomicBool::new(false),
+            d_sense: AtomicBool::new(false),
+            saved_mode: Mutex::new(saved_mode),
         }))
     }
 
@@ -502,6 +533,86 @@ impl Device {
             .is_empty()
     }
 
+    /// Current software write protect (control mode page SWP): writes are refused.
+    pub fn swp(&self) -> bool {
+        self.swp.load(Ordering::Relaxed)
+    }
+
+    /// The format of the sense data commands on this device end with (control mode page
+    /// D_SENSE).
+    pub fn sense_format(&self) -> Format {
+        if self.d_sense.load(Ordering::Relaxed) {
+            Format::Descriptor
+        } else {
+            Format::Fixed
+        }
+    }
+
+    /// The current mode parameters.
+    pub fn mode_params(&self) -> ModeParams {
+        ModeParams {
+            wce: self.bdev.has_volatile_cache(),
+            swp: self.swp(),
+            d_sense: self.sense_format() == Format::Descriptor,
+        }
+    }
+
+    /// The saved mode parameters (MODE SENSE with PC 11b).
+    pub fn saved_mode_params(&self) -> ModeParams {
+        *self.saved_mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The default mode parameters (PC 10b): the write cache as the device was created,
+    /// no write protect, fixed-format sense.
+    pub fn default_mode_params(&self) -> ModeParams {
+        ModeParams {
+            wce: self.write_cache_changeable()
+                && !self
+                    .file
+                    .as_ref()
+                    .is_some_and(|f| f.options().write_through),
+            swp: false,
+            d_sense: false,
+        }
+    }
+
+    /// Which mode parameters MODE SELECT may change (PC 01b): WCE where the backend has a
+    /// volatile cache to turn on and off (file and block devices without `nv_cache`), SWP
+    /// on disks (a CD is read-only anyway), D_SENSE everywhere.
+    pub fn changeable_mode_params(&self) -> ModeParams {
+        ModeParams {
+            wce: self.write_cache_changeable(),
+            swp: !self.is_cdrom(),
+            d_sense: true,
+        }
+    }
+
+    fn write_cache_changeable(&self) -> bool {
+        !self.is_cdrom() && self.file.as_ref().is_some_and(|f| !f.options().nv_cache)
+    }
+
+    /// Sets the current mode parameters to `p` and, with `save`, the saved ones too.
+    /// Parameters that are not changeable must be passed as they are (the caller checks
+    /// them: this applies only what may change). Returns whether a current value changed.
+    pub fn set_mode_params(&self, p: ModeParams, save: bool) -> bool {
+        let mut saved = self.saved_mode.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.mode_params();
+        let ch = self.changeable_mode_params();
+        if ch.wce {
+            if let Some(f) = &self.file {
+                f.set_write_through(!p.wce);
+            }
+        }
+        if ch.swp {
+            self.swp.store(p.swp, Ordering::Relaxed);
+        }
+        self.d_sense.store(p.d_sense, Ordering::Relaxed);
+        if save {
+            *saved = self.mode_params();
+        }
+        before != self.mode_params()
+    }
+
     /// The reservations of the logical unit, which every LUN exporting the device shares.
     pub fn reservations(&self) -> &Reservations {
         &self.pr
@@ -537,6 +648,7 @@ impl Device {
         if !cdrom {
             v.push(ro("blocksize"));
         }
+        v.push(rw("d_sense"));
         v.push(rw("eui64_id"));
         if self.fault_injectable() {
             v.extend([
@@ -577,6 +689,9 @@ impl Device {
         } else {
             v.extend([ro("size"), ro("size_mb")]);
         }
+        if !cdrom {
+            v.push(rw("swp"));
+        }
         if disk_file {
             v.push(rw("sync"));
         }
@@ -586,7 +701,7 @@ impl Device {
         }
         v.extend([ro("tst"), ro("type"), rw("usn")]);
         if disk_file {
-            v.push(ro("write_through"));
+            v.push(rw("write_through"));
         }
         v
     }
@@ -615,6 +730,7 @@ impl Device {
         Some(match name {
             "active" => b(self.is_active()),
             "blocksize" => self.block_size.to_string(),
+            "d_sense" => b(self.saved_mode_params().d_sense),
             "eui64_id" => hex(&id.eui64_id),
             "fault_inject" => self
                 .bdev
@@ -645,13 +761,15 @@ impl Device {
             "rotational" => b(self.rotational),
             "size" => self.size().to_string(),
             "size_mb" => (self.size() >> 20).to_string(),
+            "swp" => b(self.saved_mode_params().swp),
             "t10_dev_id" => id.t10_dev_id,
             "t10_vend_id" => id.t10_vend_id,
             "thin_provisioned" => b(self.thin),
             "tst" => "1".into(),
             "type" => handler_type(&self.handler).into(),
             "usn" => id.usn,
-            "write_through" => opt(|o| o.write_through),
+            // The saved caching page: the write cache off where it can be on.
+            "write_through" => b(self.write_cache_changeable() && !self.saved_mode_params().wce),
             _ => return None,
         })
     }
@@ -661,7 +779,10 @@ impl Device {
         let given = |k: &str| self.params.iter().any(|(p, _)| p == k);
         match name {
             "blocksize" | "read_only" | "removable" | "rotational" | "thin_provisioned"
-            | "nv_cache" | "o_direct" | "write_through" => given(name),
+            | "nv_cache" | "o_direct" => given(name),
+            "write_through" | "swp" | "d_sense" => {
+                given(name) || self.get_attr(name).is_some_and(|v| v == "1")
+            }
             "size" | "size_mb" => given("size") || given("size_mb"),
             "t10_dev_id" => {
                 given("t10_dev_id") || self.ident().t10_dev_id != self.default_ident.t10_dev_id
@@ -743,6 +864,9 @@ impl Device {
                     .map_err(|e| invalid(format!("pr_state: {e}")))?;
             }
             return Ok(());
+        }
+        if matches!(name, "write_through" | "swp" | "d_sense") {
+            return self.set_mode_attr(name, parse_bool(name, v)?);
         }
         if name == "fault_delay_us" {
             let us = parse_u64(name, v)?;
@@ -888,6 +1012,31 @@ impl Device {
         drop(id);
         // SPC-4: INQUIRY DATA HAS CHANGED to every I_T nexus.
         self.add_ua_all(UA_INQUIRY_DATA_CHANGED.0, UA_INQUIRY_DATA_CHANGED.1);
+        Ok(())
+    }
+
+    /// Sets a saved mode parameter from its attribute, and the current one with it: the
+    /// administrator's MODE SELECT with SP=1. Every nexus hears MODE PARAMETERS CHANGED when
+    /// a current value changes.
+    fn set_mode_attr(&self, name: &str, on: bool) -> Result<(), DeviceError> {
+        let mut cur = self.mode_params();
+        let mut saved = self.saved_mode_params();
+        match name {
+            "write_through" => {
+                if on && !self.write_cache_changeable() {
+                    return Err(invalid("write_through and nv_cache exclude each other"));
+                }
+                cur.wce = !on && self.write_cache_changeable();
+                saved.wce = cur.wce;
+            }
+            "swp" => (cur.swp, saved.swp) = (on, on),
+            _ => (cur.d_sense, saved.d_sense) = (on, on),
+        }
+        let changed = self.set_mode_params(cur, false);
+        *self.saved_mode.lock().unwrap_or_else(|e| e.into_inner()) = saved;
+        if changed {
+            self.add_ua_all(UA_MODE_PARAMETERS_CHANGED.0, UA_MODE_PARAMETERS_CHANGED.1);
+        }
         Ok(())
     }
 

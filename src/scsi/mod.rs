@@ -5,10 +5,11 @@
 //! # The command table
 //!
 //! Every command is one [`command::Command`] entry, in the list of the standard that
-//! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE, REQUEST SENSE, REPORT LUNS, REPORT
-//! SUPPORTED OPERATION CODES, TEST UNIT READY, PREVENT ALLOW MEDIUM REMOVAL),
-//! [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE,
-//! SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, READ CAPACITY, START STOP UNIT) and
+//! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE and SELECT, LOG SENSE, REQUEST SENSE,
+//! REPORT LUNS, REPORT SUPPORTED OPERATION CODES and TASK MANAGEMENT FUNCTIONS, TEST UNIT
+//! READY, PREVENT ALLOW MEDIUM REMOVAL), [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE
+//! SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS,
+//! READ CAPACITY, READ DEFECT DATA, START STOP UNIT) and
 //! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
 //! command: its name, opcode and service action, its CDB usage data, the device types that
 //! serve it (and a further condition, such as UNMAP only on thin provisioned devices),

@@ -530,7 +530,7 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
             // SBC-3 §5.2: the INFORMATION field holds the offset in the Data-Out of the
             // first byte that differs.
             let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
-            s.information = Some(at);
+            s.information = Some(u64::from(at));
             task.fail(s);
             return;
         }
@@ -574,10 +574,10 @@ fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
             Sense::new(sense::DATA_PROTECT, SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
         }
         BdevError::NoSpace => medium(),
-        // SPC-4 §4.5.3: the INFORMATION field holds the first failing LBA; VALID only when
-        // it fits the fixed format's four bytes.
+        // SPC-4 §4.5.3: the INFORMATION field holds the first failing LBA (fixed format sets
+        // VALID only when it fits in four bytes).
         BdevError::Io(off) => Sense {
-            information: u32::try_from(off / u64::from(info.block_size.max(1))).ok(),
+            information: Some(off / u64::from(info.block_size.max(1))),
             ..medium()
         },
         BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
@@ -641,7 +641,7 @@ pub(in crate::scsi) fn verify_compare(task: &mut ScsiTask, len: u32) {
     };
     if let Some(at) = first_difference(a, 0, &b, len as usize) {
         let mut s = Sense::new(sense::MISCOMPARE, sense::MISCOMPARE_DURING_VERIFY);
-        s.information = u32::try_from(at).ok();
+        s.information = u64::try_from(at).ok();
         task.fail(s);
     }
 }

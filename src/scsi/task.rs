@@ -74,8 +74,11 @@ pub struct ScsiTask {
     /// A second buffer (VERIFY with BYTCHK=1 reads the medium into it to compare).
     pub(in crate::scsi) aux: Option<DataBuf>,
     pub status: u8,
-    pub(in crate::scsi) sense: [u8; sense::FIXED_LEN],
+    pub(in crate::scsi) sense: [u8; sense::MAX_LEN],
     pub(in crate::scsi) sense_len: usize,
+    /// The format of the sense data `fail` builds: the device's D_SENSE when `plan` saw the
+    /// command (SPC-4 §7.5.8), fixed before.
+    pub(in crate::scsi) sense_format: sense::Format,
     /// Bytes of `buf` valid for Data-In.
     pub data_in_len: u32,
     /// The table's entry for the command, once `plan` has accepted it.
@@ -120,8 +123,9 @@ impl ScsiTask {
             buf: None,
             aux: None,
             status: STATUS_GOOD,
-            sense: [0; sense::FIXED_LEN],
+            sense: [0; sense::MAX_LEN],
             sense_len: 0,
+            sense_format: sense::Format::Fixed,
             data_in_len: 0,
             cmd: None,
             io: None,
@@ -146,8 +150,7 @@ impl ScsiTask {
 
     pub fn fail(&mut self, s: Sense) {
         self.status = STATUS_CHECK_CONDITION;
-        self.sense = s.to_fixed();
-        self.sense_len = sense::FIXED_LEN;
+        (self.sense, self.sense_len) = s.encode(self.sense_format);
         self.data_in_len = 0;
     }
 

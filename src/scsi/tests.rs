@@ -301,11 +301,12 @@ fn mode_sense() {
     assert_eq!(x[3], 8, "block descriptor");
     let t = run(&d, &[MODE_SENSE_6, 0, 0x0a, 0, 255, 0], None);
     let x = data(&t);
-    assert_eq!(&x[12..14], &[0x0a, 10]);
-    assert_eq!(
-        asc(&run(&d, &[MODE_SENSE_6, 0, 0xca, 0, 255, 0], None)),
-        (5, 0x39, 0)
-    );
+    // PS: the control page can be saved.
+    assert_eq!(&x[12..14], &[0x8a, 10]);
+    // Saved values (PC 11b) are reported.
+    let t = run(&d, &[MODE_SENSE_6, 0, 0xca, 0, 255, 0], None);
+    assert_eq!(t.status, 0);
+    assert_eq!(&data(&t)[12..14], &[0x8a, 10]);
     assert_eq!(
         asc(&run(&d, &[MODE_SENSE_6, 0, 0x22, 0, 255, 0], None)),
         (5, 0x24, 0)
@@ -313,6 +314,195 @@ fn mode_sense() {
     let t = run(&d, &[MODE_SENSE_10, 0, 0x3f, 0, 0, 0, 0, 1, 0, 0], None);
     let x = data(&t);
     assert_eq!(u16::from_be_bytes([x[0], x[1]]) as usize, x.len() - 2);
+}
+
+/// The control page (current values) of `d`, as MODE SENSE(6) reports it, ready to be sent
+/// back in a MODE SELECT(6) parameter list (header without block descriptor, PS clear).
+fn control_page_list(d: &Arc<Device>) -> Vec<u8> {
+    let t = run(d, &[MODE_SENSE_6, 0x08, 0x0a, 0, 255, 0], None);
+    let x = data(&t);
+    let mut l = vec![0u8; 4];
+    l.extend_from_slice(&x[4..]);
+    l[4] &= 0x3f;
+    l
+}
+
+#[test]
+fn mode_select_swp_d_sense_and_the_unit_attention() {
+    let d = dev();
+    d.register_nexus(7);
+    d.register_nexus(8);
+    assert_eq!(d.take_ua(7), Some((0x29, 0)));
+    assert_eq!(d.take_ua(8), Some((0x29, 0)));
+    // SWP and D_SENSE on.
+    let mut l = control_page_list(&d);
+    l[4 + 2] |= 0x04;
+    l[4 + 4] |= 0x08;
+    let len = l.len() as u8;
+    let t = run(&d, &[MODE_SELECT_6, 0x10, 0, 0, len, 0], Some(&l));
+    assert_eq!(t.status, 0, "{:x?}", t.sense());
+    // The other nexus hears MODE PARAMETERS CHANGED, this one does not.
+    assert_eq!(d.take_ua(7), None);
+    assert_eq!(d.take_ua(8), Some((0x2a, 0x01)));
+    // Writes are refused, in descriptor format now.
+    let w = run(&d, &[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], Some(&[0; 512]));
+    assert_eq!(w.status, STATUS_CHECK_CONDITION);
+    assert_eq!(&w.sense()[..4], &[0x72, sense::DATA_PROTECT, 0x27, 0]);
+    assert_eq!(w.sense().len(), 8);
+    // A field pointer travels in a sense key specific descriptor.
+    let t = run(&d, &[MODE_SENSE_6, 0, 0x22, 0, 255, 0], None);
+    assert_eq!(
+        t.sense(),
+        &[
+            0x72,
+            5,
+            0x24,
+            0,
+            0,
+            0,
+            0,
+            8,
+            0x02,
+            0x06,
+            0,
+            0,
+            0xc0 | 0x08 | 5,
+            0,
+            2,
+            0
+        ]
+    );
+    // MODE SENSE shows WP and the page as changed; reads still work.
+    let t = run(&d, &[MODE_SENSE_6, 0x08, 0x0a, 0, 255, 0], None);
+    let x = data(&t);
+    assert_eq!(x[2] & 0x80, 0x80, "WP");
+    assert_eq!((x[4 + 2] & 0x04, x[4 + 4] & 0x08), (0x04, 0x08));
+    assert_eq!(
+        run(&d, &[READ_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], None).status,
+        0
+    );
+    // REQUEST SENSE: as DESC asks, whatever D_SENSE says.
+    d.add_ua_all(0x2a, 0x09);
+    let t = run(&d, &[REQUEST_SENSE, 0x01, 0, 0, 255, 0], None);
+    assert_eq!(data(&t), [0x72, 6, 0x2a, 0x09, 0, 0, 0, 0]);
+    let t = run(&d, &[REQUEST_SENSE, 0, 0, 0, 255, 0], None);
+    assert_eq!(data(&t)[0], 0x70);
+    // Back off: fixed format, writes work; a MODE SELECT that changes nothing raises no
+    // unit attention.
+    let mut l = control_page_list(&d);
+    l[4 + 2] &= !0x04;
+    l[4 + 4] &= !0x08;
+    let t = run(&d, &[MODE_SELECT_6, 0x10, 0, 0, len, 0], Some(&l));
+    assert_eq!(t.status, 0);
+    assert_eq!(d.take_ua(8), Some((0x2a, 0x09)));
+    assert_eq!(d.take_ua(8), Some((0x2a, 0x01)));
+    let t = run(&d, &[MODE_SELECT_6, 0x10, 0, 0, len, 0], Some(&l));
+    assert_eq!(t.status, 0);
+    assert_eq!(d.take_ua(8), None);
+    let w = run(&d, &[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], Some(&[0; 512]));
+    assert_eq!(w.status, 0);
+    // CDB errors: PF=0 with data; a list shorter than its header.
+    let t = run(&d, &[MODE_SELECT_6, 0, 0, 0, len, 0], Some(&l));
+    assert_eq!(t.sense()[15..18], [0xc0 | 0x08 | 4, 0, 1]);
+    let t = run(
+        &d,
+        &[MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, 4, 0],
+        Some(&l[..4]),
+    );
+    assert_eq!(asc(&t), (5, 0x1a, 0));
+    // MODE SELECT(10) with the same page, SP=1: saved.
+    let mut l10 = vec![0u8; 8];
+    l10.extend_from_slice(&l[4..]);
+    l10[8 + 4] |= 0x08;
+    let n = l10.len() as u8;
+    let t = run(
+        &d,
+        &[MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0, n, 0],
+        Some(&l10),
+    );
+    assert_eq!(t.status, 0);
+    assert_eq!(d.get_attr("swp").unwrap(), "1");
+    let t = run(&d, &[MODE_SENSE_6, 0x08, 0xca, 0, 255, 0], None);
+    assert_eq!(data(&t)[4 + 4] & 0x08, 0x08, "saved SWP");
+}
+
+#[test]
+fn defect_data_log_pages_and_task_management_report() {
+    let d = dev();
+    let t = run(
+        &d,
+        &[READ_DEFECT_DATA_10, 0, 0x18 | 0x05, 0, 0, 0, 0, 0, 32, 0],
+        None,
+    );
+    assert_eq!(data(&t), [0, 0x1d, 0, 0]);
+    let t = run(
+        &d,
+        &[
+            READ_DEFECT_DATA_12,
+            0x08 | 0x03,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            32,
+            0,
+            0,
+        ],
+        None,
+    );
+    assert_eq!(data(&t), [0, 0x0b, 0, 0, 0, 0, 0, 0]);
+    let t = run(
+        &d,
+        &[READ_DEFECT_DATA_10, 0, 0x07, 0, 0, 0, 0, 0, 32, 0],
+        None,
+    );
+    assert_eq!(asc(&t), (5, 0x24, 0));
+    let t = run(&d, &[LOG_SENSE, 0, 0x40, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(data(&t), [0, 0, 0, 2, 0x00, 0x2f]);
+    let t = run(&d, &[LOG_SENSE, 0x01, 0x40, 0, 0, 0, 0, 0, 64, 0], None);
+    assert_eq!(asc(&t), (5, 0x24, 0));
+    let t = run(
+        &d,
+        &[
+            MAINTENANCE_IN,
+            MI_REPORT_SUPPORTED_TMFS,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            16,
+            0,
+            0,
+        ],
+        None,
+    );
+    assert_eq!(data(&t), [0xfa, 0, 0, 0]);
+    let t = run(
+        &d,
+        &[
+            MAINTENANCE_IN,
+            MI_REPORT_SUPPORTED_TMFS,
+            0x80,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            16,
+            0,
+            0,
+        ],
+        None,
+    );
+    assert_eq!(data(&t).len(), 16);
+    assert_eq!(data(&t)[3], 0x0c);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! READ CAPACITY(10), ...).
 #![forbid(unsafe_code)]
 
+pub mod defect;
 pub mod provisioning;
 pub mod rmw;
 pub mod rw;
@@ -31,6 +32,7 @@ pub mod opcode {
     pub const VERIFY_10: u8 = 0x2f;
     pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const READ_16: u8 = 0x88;
@@ -50,6 +52,7 @@ pub mod opcode {
     pub const WRITE_12: u8 = 0xaa;
     pub const WRITE_VERIFY_12: u8 = 0xae;
     pub const VERIFY_12: u8 = 0xaf;
+    pub const READ_DEFECT_DATA_12: u8 = 0xb7;
 }
 use opcode::*;
 
@@ -99,6 +102,7 @@ mod usage {
     pub const VERIFY_10: &[u8] = &[op::VERIFY_10, 0xf6, FF, FF, FF, FF, 0, FF, FF, CTL];
     pub const PRE_FETCH_10: &[u8] = &[op::PRE_FETCH_10, 0x02, FF, FF, FF, FF, 0, FF, FF, CTL];
     pub const SYNCHRONIZE_CACHE_10: &[u8] = &[op::SYNCHRONIZE_CACHE_10, 0, FF, FF, FF, FF, 0, FF, FF, CTL];
+    pub const READ_DEFECT_DATA_10: &[u8] = &[op::READ_DEFECT_DATA_10, 0, 0x1f, 0, 0, 0, 0, FF, FF, CTL];
     pub const WRITE_SAME_10: &[u8] = &[op::WRITE_SAME_10, 0xfe, FF, FF, FF, FF, 0, FF, FF, CTL];
     pub const UNMAP: &[u8] = &[op::UNMAP, 0x01, 0, 0, 0, 0, 0, FF, FF, CTL];
     pub const READ_16: &[u8] = &[op::READ_16, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
@@ -116,6 +120,7 @@ mod usage {
     pub const WRITE_12: &[u8] = &[op::WRITE_12, 0xf8, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
     pub const WRITE_VERIFY_12: &[u8] = &[op::WRITE_VERIFY_12, 0xf0, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
     pub const VERIFY_12: &[u8] = &[op::VERIFY_12, 0xf6, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
+    pub const READ_DEFECT_DATA_12: &[u8] = &[op::READ_DEFECT_DATA_12, 0x1f, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL];
 }
 
 /// A block command of `types` that reaches the medium: it needs one, reports unit
@@ -178,6 +183,7 @@ pub const COMMANDS: &[Command] = &[
     block("VERIFY(10)",           VERIFY_10,            usage::VERIFY_10,              ALL,  READ,                   rw::verify,                       Run::Io),
     block("PRE-FETCH(10)",        PRE_FETCH_10,         usage::PRE_FETCH_10,           DISK, READ,                   decode_pre_fetch,                 Run::Io),
     block("SYNCHRONIZE CACHE(10)", SYNCHRONIZE_CACHE_10, usage::SYNCHRONIZE_CACHE_10,  ALL,  WRITE,                  decode_synchronize_cache,         Run::Io),
+    block("READ DEFECT DATA(10)", READ_DEFECT_DATA_10,  usage::READ_DEFECT_DATA_10,    DISK, READ,                   defect::decode,                   Run::Emulate(defect::emulate)),
     block("WRITE SAME(10)",       WRITE_SAME_10,        usage::WRITE_SAME_10,          DISK, WRITE,                  provisioning::decode_write_same,  Run::WriteSame),
     // SCST: UNMAP exists only on thin provisioned devices.
     Command {
@@ -215,6 +221,7 @@ pub const COMMANDS: &[Command] = &[
     block("WRITE(12)",            WRITE_12,             usage::WRITE_12,               ALL,  WRITE,                  rw::write,                        Run::Io),
     block("WRITE AND VERIFY(12)", WRITE_VERIFY_12,      usage::WRITE_VERIFY_12,        DISK, WRITE,                  rw::write_verify,                 Run::Io),
     block("VERIFY(12)",           VERIFY_12,            usage::VERIFY_12,              DISK, READ,                   rw::verify,                       Run::Io),
+    block("READ DEFECT DATA(12)", READ_DEFECT_DATA_12,  usage::READ_DEFECT_DATA_12,    DISK, READ,                   defect::decode,                   Run::Emulate(defect::emulate)),
 ];
 
 /// LOEJ=1 with POWER CONDITION 0: the command loads or ejects the medium.
@@ -304,7 +311,7 @@ fn decode_pre_fetch(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
 }
 
 /// Whether writes to `dev` through this task are refused: a LUN mapped read-only, a
-/// read-only device, or a CD.
+/// read-only device, a CD, or software write protect (control mode page SWP).
 pub(in crate::scsi) fn write_protected(dev: &Device, task: &ScsiTask) -> bool {
-    task.read_only || dev.is_read_only() || DeviceTypes::of(dev) == DeviceTypes::CDROM
+    task.read_only || dev.is_read_only() || dev.swp() || DeviceTypes::of(dev) == DeviceTypes::CDROM
 }

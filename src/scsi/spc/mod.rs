@@ -1,13 +1,15 @@
 //! The primary commands (SPC-4) every device type serves: TEST UNIT READY, REQUEST SENSE,
-//! INQUIRY, MODE SENSE, PREVENT ALLOW MEDIUM REMOVAL, REPORT LUNS and REPORT SUPPORTED
-//! OPERATION CODES. Each entry of [`COMMANDS`] names its decode and emulate steps, here or
+//! INQUIRY, MODE SELECT and MODE SENSE, LOG SENSE, PREVENT ALLOW MEDIUM REMOVAL, REPORT
+//! LUNS, REPORT SUPPORTED OPERATION CODES and REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS. Each entry of [`COMMANDS`] names its decode and emulate steps, here or
 //! in the submodule of the same name.
 #![forbid(unsafe_code)]
 
 pub mod inquiry;
+pub mod log;
 pub mod luns;
 pub mod mode;
 pub mod rsoc;
+pub mod tmf;
 
 use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
 use crate::scsi::device::Device;
@@ -23,11 +25,14 @@ pub mod opcode {
     pub const MODE_SELECT_6: u8 = 0x15;
     pub const MODE_SENSE_6: u8 = 0x1a;
     pub const PREVENT_ALLOW: u8 = 0x1e;
+    pub const LOG_SENSE: u8 = 0x4d;
+    pub const MODE_SELECT_10: u8 = 0x55;
     pub const MODE_SENSE_10: u8 = 0x5a;
     pub const REPORT_LUNS: u8 = 0xa0;
     /// MAINTENANCE IN and its REPORT SUPPORTED OPERATION CODES service action.
     pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
+    pub const MI_REPORT_SUPPORTED_TMFS: u8 = 0x0d;
 }
 use opcode::*;
 
@@ -82,6 +87,20 @@ pub const COMMANDS: &[Command] = &[
         run: Run::Emulate(inquiry::emulate),
     },
     Command {
+        name: "MODE SELECT(6)",
+        op: MODE_SELECT_6,
+        sa: None,
+        usage: &[MODE_SELECT_6, 0x11, 0, 0, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Write,
+        alua: Alua::Standby,
+        decode: mode::decode_select,
+        run: Run::Emulate(mode::select),
+    },
+    Command {
         name: "MODE SENSE(6)",
         op: MODE_SENSE_6,
         sa: None,
@@ -108,6 +127,34 @@ pub const COMMANDS: &[Command] = &[
         alua: Alua::Active,
         decode: decode_prevent_allow,
         run: Run::Emulate(prevent_allow),
+    },
+    Command {
+        name: "LOG SENSE",
+        op: LOG_SENSE,
+        sa: None,
+        usage: &[LOG_SENSE, 0x01, FF, FF, 0, FF, FF, FF, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Allowed,
+        alua: Alua::Standby,
+        decode: log::decode,
+        run: Run::Emulate(log::emulate),
+    },
+    Command {
+        name: "MODE SELECT(10)",
+        op: MODE_SELECT_10,
+        sa: None,
+        usage: &[MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, FF, FF, CTL],
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Write,
+        alua: Alua::Standby,
+        decode: mode::decode_select,
+        run: Run::Emulate(mode::select),
     },
     Command {
         name: "MODE SENSE(10)",
@@ -152,6 +199,20 @@ pub const COMMANDS: &[Command] = &[
         decode: rsoc::decode,
         run: Run::Emulate(rsoc::emulate),
     },
+    Command {
+        name: "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+        op: MAINTENANCE_IN,
+        sa: Some(MI_REPORT_SUPPORTED_TMFS),
+        usage: &[MAINTENANCE_IN, 0x1f, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
+        types: DeviceTypes::DISK,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Allowed,
+        alua: Alua::Unavailable,
+        decode: tmf::decode,
+        run: Run::Emulate(tmf::emulate),
+    },
 ];
 
 /// The decode step of commands without data that need no check of their CDB.
@@ -168,22 +229,21 @@ fn decode_request_sense(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> 
 }
 
 /// REQUEST SENSE (SPC-4 §6.39): the pending unit attention (which it clears), or NOT READY
-/// while there is no medium, or NO SENSE.
+/// while there is no medium, or NO SENSE; in descriptor format when DESC is set.
 fn request_sense(dev: &Device, task: &mut ScsiTask) {
-    if task.cdb[1] & 0x01 != 0 {
-        // DESC=1: descriptor format is not supported.
-        task.fail(Sense::invalid_cdb_field(1, Some(0)));
-        return;
-    }
-    let s = match dev.take_ua(task.nexus) {
-        Some(code) => Sense::new(sense::UNIT_ATTENTION, code).to_fixed(),
-        None if !dev.medium_present() => {
-            Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT).to_fixed()
-        }
-        None => Sense::new(sense::NO_SENSE, (0, 0)).to_fixed(),
+    let format = if task.cdb[1] & 0x01 != 0 {
+        sense::Format::Descriptor
+    } else {
+        sense::Format::Fixed
     };
+    let s = match dev.take_ua(task.nexus) {
+        Some(code) => Sense::new(sense::UNIT_ATTENTION, code),
+        None if !dev.medium_present() => Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT),
+        None => Sense::new(sense::NO_SENSE, (0, 0)),
+    };
+    let (s, n) = s.encode(format);
     let alloc = usize::from(task.cdb[4]);
-    task.reply(&s[..alloc.min(s.len())]);
+    task.reply(&s[..alloc.min(n)]);
 }
 
 /// Whether `dev`'s medium can be removed: a removable disk, or a CD drive.
