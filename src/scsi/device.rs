@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
+use crate::scsi::alua::LuAlua;
 use crate::scsi::pr::{Reservations, Snapshot};
 use crate::util::quote;
 
@@ -95,6 +96,8 @@ pub struct Device {
     rmw_locked: Mutex<Vec<(u64, u64)>>,
     /// Persistent reservations and RESERVE/RELEASE (SPC-4 §5.13).
     pr: Reservations,
+    /// Its device group's ALUA configuration (SPC-4 §5.15), set by the management tree.
+    alua: LuAlua,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -327,6 +330,7 @@ impl Device {
             medium: AtomicBool::new(true),
             rmw_locked: Mutex::new(Vec::new()),
             pr: Reservations::new(),
+            alua: LuAlua::default(),
         }))
     }
 
@@ -505,6 +509,11 @@ impl Device {
     /// The reservations of the logical unit, which every LUN exporting the device shares.
     pub fn reservations(&self) -> &Reservations {
         &self.pr
+    }
+
+    /// The ALUA configuration of the device group it is in.
+    pub fn alua(&self) -> &LuAlua {
+        &self.alua
     }
 
     pub fn ident(&self) -> Ident {

@@ -41,6 +41,7 @@
 //!    the dispatcher accepts.
 #![forbid(unsafe_code)]
 
+pub mod alua;
 mod cdb;
 pub mod command;
 pub mod device;
