@@ -270,8 +270,8 @@ pub(in crate::scsi) fn report(dev: &Device, task: &mut ScsiTask) {
     task.reply(&d[..d.len().min(alloc)]);
 }
 
-/// The longest SET TARGET PORT GROUPS parameter list: a descriptor for each of 65535 groups
-/// is more than any configuration has; this bounds the buffer asked of the transport.
+/// The longest SET TARGET PORT GROUPS parameter list taken: 1024 descriptors, far more
+/// than a device group has target port groups. It bounds the buffer asked of the transport.
 const MAX_SET_LEN: u32 = 4 + 4 * 1024;
 
 /// SET TARGET PORT GROUPS: the parameter list arrives as Data-Out; none is no change.
@@ -432,6 +432,39 @@ mod tests {
             g.parse_set(&[0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 1]),
             Err(Sense::invalid_param_field(10))
         );
+    }
+
+    #[test]
+    fn plan_refuses_by_the_task_state() {
+        let dev = Device::create("vdisk_ramio", "a0", &[("size_mb".into(), "1".into())]).unwrap();
+        let run = |cdb: &[u8], state| {
+            let mut t = ScsiTask::new(cdb, 0, 1);
+            t.access_state = state;
+            crate::scsi::plan(&dev, &mut t).err()
+        };
+        let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let inquiry = [0x12, 0, 0, 0, 36, 0];
+        assert_eq!(run(&read, AccessState::ActiveNonOptimized), None);
+        assert_eq!(
+            run(&read, AccessState::Standby),
+            Some(Sense::new(sense::NOT_READY, NOT_ACCESSIBLE_STANDBY))
+        );
+        assert_eq!(run(&inquiry, AccessState::Transitioning), None);
+        assert_eq!(
+            run(&inquiry, AccessState::Offline),
+            Some(Sense::new(sense::NOT_READY, NOT_READY_OFFLINE))
+        );
+        // Outside a device group there is no REPORT TARGET PORT GROUPS to let through.
+        let rtpg = [0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+        assert_eq!(
+            run(&rtpg, AccessState::ActiveOptimized),
+            Some(Sense::new(
+                sense::ILLEGAL_REQUEST,
+                sense::INVALID_COMMAND_OPERATION_CODE
+            ))
+        );
+        dev.alua().set(Some(Arc::new(two_groups())));
+        assert_eq!(run(&rtpg, AccessState::Transitioning), None);
     }
 
     #[test]

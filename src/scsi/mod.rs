@@ -6,7 +6,8 @@
 //!
 //! Every command is one [`command::Command`] entry, in the list of the standard that
 //! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE, REQUEST SENSE, REPORT LUNS, REPORT
-//! SUPPORTED OPERATION CODES, TEST UNIT READY, PREVENT ALLOW MEDIUM REMOVAL),
+//! SUPPORTED OPERATION CODES, TEST UNIT READY, PREVENT ALLOW MEDIUM REMOVAL, REPORT and SET
+//! TARGET PORT GROUPS, which [`alua`] runs),
 //! [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE,
 //! SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, READ CAPACITY, START STOP UNIT) and
 //! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
