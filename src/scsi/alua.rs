@@ -463,8 +463,27 @@ mod tests {
                 sense::INVALID_COMMAND_OPERATION_CODE
             ))
         );
+        let listed = || crate::scsi::spc::rsoc::listed(&dev);
+        let (report, set) = ((0xa3, 0x0a), (0xa4, 0x0a));
+        assert!(!listed().contains(&report) && !listed().contains(&set));
         dev.alua().set(Some(Arc::new(two_groups())));
         assert_eq!(run(&rtpg, AccessState::Transitioning), None);
+        assert!(listed().contains(&report) && listed().contains(&set));
+        // Implicit only: no SET TARGET PORT GROUPS, in the report or the dispatcher.
+        let implicit = AluaGroup {
+            explicit: false,
+            ..two_groups()
+        };
+        dev.alua().set(Some(Arc::new(implicit)));
+        assert!(listed().contains(&report) && !listed().contains(&set));
+        let stpg = [0xa4, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            run(&stpg, AccessState::ActiveOptimized),
+            Some(Sense::new(
+                sense::ILLEGAL_REQUEST,
+                sense::INVALID_COMMAND_OPERATION_CODE
+            ))
+        );
     }
 
     #[test]
