@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::iscsi::login::Auth;
 use crate::iscsi::param::TargetParams;
+use crate::scsi::alua::PortGroupState;
 use crate::scsi::Device;
 
 /// One LUN of a LUN set.
@@ -20,6 +21,9 @@ pub struct LunEntry {
     pub lun: u64,
     pub device: Arc<Device>,
     pub read_only: bool,
+    /// The state of the target port group the target is in for this device (SPC-4 §5.15),
+    /// or `None` outside ALUA (active/optimized).
+    pub alua: Option<Arc<PortGroupState>>,
 }
 
 /// One iSCSI target as the reactors see it.

@@ -8,6 +8,8 @@
 //! `add_target IQN`, `add DEVICE LUN read_only=1`, ...). Reading a `mgmt` entry gives its usage.
 #![forbid(unsafe_code)]
 
+mod alua;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -188,6 +190,8 @@ struct State {
     /// `max_connections` and `max_connections_per_portal` (0: no limit of their own).
     max_connections: usize,
     max_connections_per_portal: usize,
+    /// `device_groups/`: ALUA.
+    alua: alua::DeviceGroups,
 }
 
 pub struct Mgmt {
@@ -330,26 +334,28 @@ impl Mgmt {
             max_connections_per_portal: st.max_connections_per_portal,
             ..Default::default()
         };
-        let entries = |luns: &BTreeMap<u64, Lun>| -> Vec<LunEntry> {
+        alua::publish(st);
+        let entries = |target: &str, luns: &BTreeMap<u64, Lun>| -> Vec<LunEntry> {
             luns.iter()
                 .filter_map(|(&lun, l)| {
                     st.devices.get(&l.device).map(|d| LunEntry {
                         lun,
                         device: d.clone(),
                         read_only: l.read_only,
+                        alua: alua::lun_state(st, target, &l.device),
                     })
                 })
                 .collect()
         };
         for (name, t) in &st.targets {
-            let luns = entries(&t.luns);
+            let luns = entries(name, &t.luns);
             let groups = t
                 .groups
                 .iter()
                 .map(|(g, grp)| GroupConfig {
                     name: g.clone(),
                     initiators: grp.initiators.clone(),
-                    luns: entries(&grp.luns),
+                    luns: entries(name, &grp.luns),
                 })
                 .collect();
             snap.targets.insert(
@@ -382,8 +388,12 @@ impl Mgmt {
     fn list(&self, st: &State, path: &str) -> Result<Vec<Entry>, MgmtError> {
         let p = split(path);
         let nf = || MgmtError::NotFound(path.to_string());
+        if let Some(v) = alua::list(st, &p) {
+            return Ok(v);
+        }
         let entries = match p.as_slice() {
             [] => vec![
+                Entry::dir("device_groups"),
                 Entry::dir("devices"),
                 Entry::dir("handlers"),
                 Entry::dir("net"),
@@ -661,6 +671,9 @@ impl Mgmt {
             return v;
         }
         let nf = || MgmtError::NotFound(path.to_string());
+        if let Some(v) = alua::read(st, &p) {
+            return Ok(v);
+        }
         let v = match p.as_slice() {
             ["version"] => format!("{}\n", env!("CARGO_PKG_VERSION")),
             ["handlers", h, "mgmt"] if device::HANDLERS.contains(h) => {
@@ -872,6 +885,9 @@ impl Mgmt {
         let p = split(path);
         let value = value.trim_end_matches('\n');
         let nf = || MgmtError::NotFound(path.to_string());
+        if let Some(r) = alua::write(st, path, &p, value) {
+            return r;
+        }
         match p.as_slice() {
             ["targets", "iscsi", "enabled"] => st.iscsi_enabled = parse01(path, value)?,
             ["targets", "iscsi", a @ ("max_connections" | "max_connections_per_portal")] => {
@@ -987,6 +1003,11 @@ impl Mgmt {
         // may wait for I/O.
         let mut removed = None;
         let mut st = self.lock();
+        if let Some(r) = alua::mgmt(&mut st, &here, &p, verb, args) {
+            r?;
+            self.publish(&st);
+            return Ok(());
+        }
         match p.as_slice() {
             ["handlers", h] if device::HANDLERS.contains(h) => match verb {
                 "del_device" => {
@@ -1003,6 +1024,7 @@ impl Mgmt {
                         });
                     }
                     removed = st.devices.remove(*name);
+                    st.alua.forget_device(name);
                 }
                 _ => return Err(invalid(&here, format!("unknown command {}: use add_device or del_device", quote(verb)))),
             },
@@ -1309,10 +1331,15 @@ impl Mgmt {
         }
         save_auth(&st.auth, &mut iscsi);
         iscsi.insert("targets".into(), Value::Object(targets));
-        json!({
+        let mut cfg = json!({
             "handlers": handlers,
             "targets": { "iscsi": iscsi }
-        })
+        });
+        let groups = alua::save(&st);
+        if groups.as_object().is_some_and(|g| !g.is_empty()) {
+            cfg["device_groups"] = groups;
+        }
+        cfg
     }
 
     fn load_luns(&self, v: &Value, path: &str, mgmt: &str) -> Result<(), MgmtError> {
@@ -1356,11 +1383,11 @@ impl Mgmt {
             .as_object()
             .ok_or_else(|| invalid("config", "the configuration must be a JSON object"))?;
         for k in obj.keys() {
-            if k != "handlers" && k != "targets" {
+            if k != "handlers" && k != "targets" && k != "device_groups" {
                 return Err(invalid(
                     "config",
                     format!(
-                        "unknown section {}; sections are handlers and targets",
+                        "unknown section {}; sections are handlers, targets and device_groups",
                         quote(k)
                     ),
                 ));
@@ -1511,9 +1538,15 @@ impl Mgmt {
                     }
                 }
             }
+            // ALUA before any target opens: the first command sees its state.
+            if let Some(g) = obj.get("device_groups") {
+                alua::load(self, g)?;
+            }
             for (name, v) in enable {
                 self.set(&format!("targets/iscsi/{name}/enabled"), &v)?;
             }
+        } else if let Some(g) = obj.get("device_groups") {
+            alua::load(self, g)?;
         }
         if let Some(v) = enable_driver {
             self.set("targets/iscsi/enabled", &v)?;

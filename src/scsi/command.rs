@@ -286,6 +286,10 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let Some(cmd) = cmd.filter(|c| c.serves(dev)) else {
         return Err(invalid_opcode());
     };
+    // The target port's asymmetric access state for this logical unit (SPC-4 §5.15.2.4).
+    if let Some(asc) = task.access_state.refuses(cmd.alua) {
+        return Err(Sense::new(sense::NOT_READY, asc));
+    }
     if !cmd.works_without_medium {
         // No medium (3A/00), or an inactive backing (04/03).
         if let Some(asc) = dev.not_ready() {

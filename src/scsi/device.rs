@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
+use crate::scsi::alua::LuAlua;
 use crate::scsi::pr::{Reservations, Snapshot};
 use crate::scsi::sense::Format;
 use crate::util::quote;
@@ -118,6 +119,8 @@ pub struct Device {
     /// Saved mode parameters; taken by every change of mode parameters, so that MODE
     /// SELECTs from several nexuses apply one after the other.
     saved_mode: Mutex<ModeParams>,
+    /// Its device group's ALUA configuration (SPC-4 §5.15), set by the management tree.
+    alua: LuAlua,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -358,6 +361,7 @@ impl Device {
             swp: AtomicBool::new(false),
             d_sense: AtomicBool::new(false),
             saved_mode: Mutex::new(saved_mode),
+            alua: LuAlua::default(),
         }))
     }
 
@@ -616,6 +620,11 @@ impl Device {
     /// The reservations of the logical unit, which every LUN exporting the device shares.
     pub fn reservations(&self) -> &Reservations {
         &self.pr
+    }
+
+    /// The ALUA configuration of the device group it is in.
+    pub fn alua(&self) -> &LuAlua {
+        &self.alua
     }
 
     pub fn ident(&self) -> Ident {

@@ -7,9 +7,10 @@
 //! Every command is one [`command::Command`] entry, in the list of the standard that
 //! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE and SELECT, LOG SENSE, REQUEST SENSE,
 //! REPORT LUNS, REPORT SUPPORTED OPERATION CODES and TASK MANAGEMENT FUNCTIONS, TEST UNIT
-//! READY, PREVENT ALLOW MEDIUM REMOVAL), [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE
-//! SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS,
-//! READ CAPACITY, READ DEFECT DATA, START STOP UNIT) and
+//! READY, PREVENT ALLOW MEDIUM REMOVAL, REPORT and SET TARGET PORT GROUPS, which [`alua`]
+//! runs), [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE,
+//! ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, READ CAPACITY, READ DEFECT DATA,
+//! START STOP UNIT) and
 //! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
 //! command: its name, opcode and service action, its CDB usage data, the device types that
 //! serve it (and a further condition, such as UNMAP only on thin provisioned devices),
@@ -42,6 +43,7 @@
 //!    the dispatcher accepts.
 #![forbid(unsafe_code)]
 
+pub mod alua;
 mod cdb;
 pub mod command;
 pub mod device;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::bdev::IoOp;
 use crate::env::buf::MAX_TRANSFER;
 use crate::env::DataBuf;
+use crate::scsi::alua::AccessState;
 use crate::scsi::command::Command;
 use crate::scsi::sense::{self, Sense};
 
@@ -70,6 +71,9 @@ pub struct ScsiTask {
     /// For VPD page 0x83: the target's name and relative port.
     pub target_name: Option<Arc<str>>,
     pub rel_tgt_id: u16,
+    /// The asymmetric access state of the target port for this logical unit (SPC-4
+    /// §5.15), as the transport read it at admission: `plan` refuses what it excludes.
+    pub access_state: AccessState,
     pub buf: Option<DataBuf>,
     /// A second buffer (VERIFY with BYTCHK=1 reads the medium into it to compare).
     pub(in crate::scsi) aux: Option<DataBuf>,
@@ -120,6 +124,7 @@ impl ScsiTask {
             data_out_len: None,
             target_name: None,
             rel_tgt_id: 1,
+            access_state: AccessState::ActiveOptimized,
             buf: None,
             aux: None,
             status: STATUS_GOOD,

@@ -141,12 +141,14 @@ impl Conn {
                 return None;
             }
         }
-        let entry = self
-            .sess
-            .as_ref()
-            .and_then(|s| s.target.as_deref())
-            .and_then(|tg| tg.lun(lun_id))?;
+        let target = self.sess.as_ref().and_then(|s| s.target.as_deref())?;
+        let entry = target.lun(lun_id)?;
         t.scsi.read_only = entry.read_only;
+        // The target port and its asymmetric access state for this LU: one atomic load.
+        t.scsi.rel_tgt_id = target.rel_tgt_id;
+        if let Some(s) = &entry.alua {
+            t.scsi.access_state = s.state();
+        }
         t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
         let plan = match scsi::plan(&entry.device, &mut t.scsi) {
             Ok(p) => p,

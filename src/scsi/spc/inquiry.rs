@@ -41,6 +41,8 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
         d[1] = if dev.is_removable() || cd { 0x80 } else { 0 };
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
+                     // TPGS: implicit, or implicit and explicit, ALUA in a device group (SPC-4 §5.15).
+        d[5] |= dev.alua().group().map_or(0, |g| g.tpgs());
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(&pad(&id.t10_vend_id, 8));
         d[16..32].copy_from_slice(&pad(&id.prod_id, 16));
@@ -83,6 +85,12 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
                 // Relative target port (binary, target port, PIV, iSCSI).
                 d.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0]);
                 d.extend_from_slice(&task.rel_tgt_id.to_be_bytes());
+                // Target port group (binary, target port, PIV, iSCSI), in a device group.
+                let group = dev.alua().group();
+                if let Some(tg) = group.as_ref().and_then(|g| g.group_of(task.rel_tgt_id)) {
+                    d.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0]);
+                    d.extend_from_slice(&tg.id.to_be_bytes());
+                }
                 // SCSI name string of the target device (UTF-8, PIV, iSCSI).
                 if let Some(name) = task.target_name.as_deref() {
                     let mut s = name.as_bytes().to_vec();

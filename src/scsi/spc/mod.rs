@@ -11,6 +11,7 @@ pub mod mode;
 pub mod rsoc;
 pub mod tmf;
 
+use crate::scsi::alua;
 use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
 use crate::scsi::device::Device;
 use crate::scsi::mmc;
@@ -33,6 +34,10 @@ pub mod opcode {
     pub const MAINTENANCE_IN: u8 = 0xa3;
     pub const MI_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
     pub const MI_REPORT_SUPPORTED_TMFS: u8 = 0x0d;
+    pub const MI_REPORT_TARGET_PGS: u8 = 0x0a;
+    /// MAINTENANCE OUT and its SET TARGET PORT GROUPS service action.
+    pub const MAINTENANCE_OUT: u8 = 0xa4;
+    pub const MO_SET_TARGET_PGS: u8 = 0x0a;
 }
 use opcode::*;
 
@@ -212,6 +217,37 @@ pub const COMMANDS: &[Command] = &[
         alua: Alua::Unavailable,
         decode: tmf::decode,
         run: Run::Emulate(tmf::emulate),
+    },
+    // Devices in a device group (SPC-4 §6.36).
+    Command {
+        name: "REPORT TARGET PORT GROUPS",
+        op: MAINTENANCE_IN,
+        sa: Some(MI_REPORT_TARGET_PGS),
+        usage: &[MAINTENANCE_IN, 0xff, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
+        types: DeviceTypes::DISK,
+        only_if: Some(alua::implicit),
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Allowed,
+        alua: Alua::Transitioning,
+        decode: alua::decode_report,
+        run: Run::Emulate(alua::report),
+    },
+    // Devices in a device group with explicit ALUA on (SPC-4 §6.46); MMC gives A4h to
+    // REPORT KEY.
+    Command {
+        name: "SET TARGET PORT GROUPS",
+        op: MAINTENANCE_OUT,
+        sa: Some(MO_SET_TARGET_PGS),
+        usage: &[MAINTENANCE_OUT, 0x1f, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
+        types: DeviceTypes::DISK,
+        only_if: Some(alua::explicit),
+        works_without_medium: true,
+        reports_ua: true,
+        reservation: Reservation::Write,
+        alua: Alua::Unavailable,
+        decode: alua::decode_set,
+        run: Run::Emulate(alua::set),
     },
 ];
 
