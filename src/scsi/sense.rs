@@ -35,6 +35,10 @@ pub const INSUFFICIENT_REGISTRATION_RESOURCES: (u8, u8) = (0x55, 0x04);
 pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
 pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
 pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
+/// LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS (SBC-3 §4.11).
+pub const SANITIZE_IN_PROGRESS: (u8, u8) = (0x04, 0x1b);
+/// SANITIZE COMMAND FAILED: the medium is in sanitize failure mode.
+pub const SANITIZE_COMMAND_FAILED: (u8, u8) = (0x31, 0x03);
 
 /// Fixed-format sense data is 18 bytes (SPC-4 §4.5.3).
 pub const FIXED_LEN: usize = 18;
@@ -50,6 +54,9 @@ pub struct Sense {
     /// Sense-key specific field: (C/D bit: CDB, field pointer byte, bit pointer) for INVALID
     /// FIELD IN CDB / PARAMETER LIST.
     pub field_pointer: Option<(bool, u16, Option<u8>)>,
+    /// Sense-key specific field: the PROGRESS INDICATION of an operation under way (NOT
+    /// READY), out of 65536 (SPC-4 §4.5.2.4.4).
+    pub progress: Option<u16>,
 }
 
 impl Sense {
@@ -107,6 +114,9 @@ impl Sense {
         if let Some((cd, byte, bit)) = self.field_pointer {
             s[15] = 0x80 | if cd { 0x40 } else { 0 } | bit.map_or(0, |b| 0x08 | (b & 7));
             s[16..18].copy_from_slice(&byte.to_be_bytes());
+        } else if let Some(p) = self.progress {
+            s[15] = 0x80;
+            s[16..18].copy_from_slice(&p.to_be_bytes());
         }
         s
     }

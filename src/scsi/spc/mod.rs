@@ -177,6 +177,11 @@ fn request_sense(dev: &Device, task: &mut ScsiTask) {
     }
     let s = match dev.take_ua(task.nexus) {
         Some(code) => Sense::new(sense::UNIT_ATTENTION, code).to_fixed(),
+        None if dev.sanitize_state() == crate::scsi::device::Sanitize::InProgress => Sense {
+            progress: Some(dev.sanitize_progress()),
+            ..Sense::new(sense::NOT_READY, sense::SANITIZE_IN_PROGRESS)
+        }
+        .to_fixed(),
         None if !dev.medium_present() => {
             Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT).to_fixed()
         }
