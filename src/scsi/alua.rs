@@ -454,14 +454,12 @@ mod tests {
             run(&inquiry, AccessState::Offline),
             Some(Sense::new(sense::NOT_READY, NOT_READY_OFFLINE))
         );
-        // Outside a device group there is no REPORT TARGET PORT GROUPS to let through.
+        // Outside a device group there is no REPORT TARGET PORT GROUPS to let through: a
+        // service action MAINTENANCE IN does not have here (SPC-4: an invalid field).
         let rtpg = [0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
         assert_eq!(
             run(&rtpg, AccessState::ActiveOptimized),
-            Some(Sense::new(
-                sense::ILLEGAL_REQUEST,
-                sense::INVALID_COMMAND_OPERATION_CODE
-            ))
+            Some(Sense::invalid_cdb_field(1, Some(4)))
         );
         let listed = || crate::scsi::spc::rsoc::listed(&dev);
         let (report, set) = ((0xa3, 0x0a), (0xa4, 0x0a));

@@ -102,6 +102,9 @@ pub enum Run {
     WriteSame,
     /// COMPARE AND WRITE and ORWRITE: a read then a write, their range locked between.
     ReadModifyWrite,
+    /// SANITIZE OVERWRITE and BLOCK ERASE: the whole medium, in pieces, in the background
+    /// once IMMED has answered.
+    Sanitize,
 }
 
 /// One command: everything the target knows about it.
@@ -284,6 +287,12 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
         return Err(Sense::invalid_cdb_field(clen as u16 - 1, Some(2)));
     }
     let Some(cmd) = cmd.filter(|c| c.serves(dev)) else {
+        // A command the device serves, with a service action it does not: the field is
+        // wrong, not the opcode (SPC-4 §4.2.5.1).
+        let op = task.opcode();
+        if has_service_actions(op) && with_opcode(op).iter().any(|c| c.serves(dev)) {
+            return Err(Sense::invalid_cdb_field(1, Some(4)));
+        }
         return Err(invalid_opcode());
     };
     // The target port's asymmetric access state for this logical unit (SPC-4 §5.15.2.4).
@@ -295,6 +304,15 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
         if let Some(asc) = dev.not_ready() {
             return Err(Sense::new(sense::NOT_READY, asc));
         }
+    }
+    // A sanitize under way or failed (one relaxed load when neither).
+    if let Some(s) = sbc::sanitize::refusal(
+        dev,
+        !cmd.reports_ua,
+        matches!(cmd.reservation, Reservation::Read | Reservation::Write),
+        cmd.op == sbc::sanitize::SANITIZE,
+    ) {
+        return Err(s);
     }
     let plan = (cmd.decode)(dev, task)?;
     task.cmd = Some(cmd);
@@ -366,6 +384,8 @@ mod tests {
                 cdb[0] = op;
                 cdb[1] = sa;
                 let mut t = ScsiTask::new(&cdb[..cdb_len_of(op).max(6)], 0, 1);
+                // Refused as an unknown opcode, or as an unknown service action of a known
+                // one (INVALID FIELD IN CDB at the service action field): not accepted.
                 let known = plan(dev, &mut t).map(|_| true).unwrap_or_else(|s| {
                     (s.key, s.asc, s.ascq)
                         != (
@@ -373,6 +393,7 @@ mod tests {
                             sense::INVALID_COMMAND_OPERATION_CODE.0,
                             sense::INVALID_COMMAND_OPERATION_CODE.1,
                         )
+                        && s != Sense::invalid_cdb_field(1, Some(4))
                 });
                 if known {
                     let sa = if has_service_actions(op) {

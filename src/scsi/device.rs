@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bdev::{
@@ -121,6 +121,25 @@ pub struct Device {
     saved_mode: Mutex<ModeParams>,
     /// Its device group's ALUA configuration (SPC-4 §5.15), set by the management tree.
     alua: LuAlua,
+    /// SANITIZE (SBC-3 §4.11): [`Sanitize`] as a number, and the progress of the one under
+    /// way (0..=65535 of the whole).
+    sanitize: AtomicU8,
+    sanitize_progress: AtomicU16,
+}
+
+/// Where a device stands with SANITIZE (SBC-3 §4.11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sanitize {
+    /// No sanitize operation under way, and the last one (if any) succeeded.
+    Idle = 0,
+    /// A sanitize operation is under way: the medium answers nothing else.
+    InProgress = 1,
+    /// The last sanitize operation failed: the medium stays unusable until a SANITIZE
+    /// completes (or EXIT FAILURE MODE, after one that allowed it).
+    Failed = 2,
+    /// The last one failed, and it was started with AUSE set: EXIT FAILURE MODE may end
+    /// the failure mode.
+    FailedAuse = 3,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool, DeviceError> {
@@ -355,6 +374,8 @@ impl Device {
             ua: Mutex::new(HashMap::new()),
             ua_pending: AtomicBool::new(false),
             prevent: Mutex::new(Vec::new()),
+            sanitize: AtomicU8::new(Sanitize::Idle as u8),
+            sanitize_progress: AtomicU16::new(0),
             medium: AtomicBool::new(true),
             rmw_locked: Mutex::new(Vec::new()),
             pr: Reservations::new(),
@@ -462,6 +483,52 @@ impl Device {
         } else {
             None
         }
+    }
+
+    /// The SANITIZE state: one relaxed load on the I/O path.
+    pub fn sanitize_state(&self) -> Sanitize {
+        match self.sanitize.load(Ordering::Acquire) {
+            1 => Sanitize::InProgress,
+            2 => Sanitize::Failed,
+            3 => Sanitize::FailedAuse,
+            _ => Sanitize::Idle,
+        }
+    }
+
+    /// Starts a sanitize operation unless one is under way (on any reactor).
+    pub fn sanitize_begin(&self) -> bool {
+        let mut cur = self.sanitize.load(Ordering::Acquire);
+        loop {
+            if cur == Sanitize::InProgress as u8 {
+                return false;
+            }
+            match self.sanitize.compare_exchange(
+                cur,
+                Sanitize::InProgress as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.sanitize_progress.store(0, Ordering::Relaxed);
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// How far the sanitize operation under way is, out of 65536.
+    pub fn sanitize_progress(&self) -> u16 {
+        self.sanitize_progress.load(Ordering::Relaxed)
+    }
+
+    pub fn set_sanitize_progress(&self, p: u16) {
+        self.sanitize_progress.store(p, Ordering::Relaxed);
+    }
+
+    /// Ends the sanitize operation under way, or a failure mode (EXIT FAILURE MODE).
+    pub fn sanitize_end(&self, outcome: Sanitize) {
+        self.sanitize.store(outcome as u8, Ordering::Release);
     }
 
     /// The LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT of READ CAPACITY(16) (SBC-3 §5.16.2):

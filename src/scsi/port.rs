@@ -1,7 +1,7 @@
 //! The SCSI core's side of a reactor ([`ScsiPort`]): each device's channel on it, the
 //! execution of planned commands (emulated at once, or I/O on the channel), the
-//! read-modify-write commands it runs as a read then a write under a range lock, and the
-//! completions that come back from [`ScsiPort::poll`] and [`complete`] applies to their
+//! read-modify-write commands it runs as a read then a write under a range lock, the
+//! sanitize operations it runs over a whole medium in pieces, and the completions that come back from [`ScsiPort::poll`] and [`complete`] applies to their
 //! tasks.
 #![forbid(unsafe_code)]
 
@@ -14,8 +14,9 @@ use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp}
 use crate::env::DataBuf;
 use crate::scsi::cdb::be16;
 use crate::scsi::command::Run;
-use crate::scsi::device::Device;
+use crate::scsi::device::{Device, Sanitize};
 use crate::scsi::sbc::provisioning::unmap_ranges;
+use crate::scsi::sbc::sanitize::{self as sz, Overwrite};
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::*;
 
@@ -41,7 +42,36 @@ enum Outcome {
     /// No buffer for the read of a read-modify-write.
     NoBuffer,
     /// The transport aborted a read-modify-write before its write: nothing was written.
+    /// (Or the task of a sanitize operation, which goes on without it.)
     Aborted,
+    /// A sanitize operation ended; the result says how.
+    Sanitize,
+}
+
+/// The high bit of a backend tag marks the I/O of a sanitize operation: task tags never set
+/// it (the transport's connection index sits in bits 32 to 62).
+const JOB_TAG: u64 = 1 << 63;
+/// Bytes per write of a sanitize overwrite, and per deallocation of a block erase.
+const OVERWRITE_PIECE: u64 = 1 << 20;
+const ERASE_PIECE: u64 = 64 << 20;
+
+/// A sanitize operation the port runs: the whole medium written with the pattern (each pass
+/// in turn) or deallocated, a piece at a time, then flushed.
+struct SanitizeJob {
+    dev: Arc<Device>,
+    /// The task waiting for the end: none with IMMED, or once it was aborted.
+    task: Option<u64>,
+    /// OVERWRITE's parameters; `None` for BLOCK ERASE.
+    overwrite: Option<Overwrite>,
+    ause: bool,
+    size: u64,
+    pass: u8,
+    pos: u64,
+    /// Bytes of the piece in flight.
+    piece: u64,
+    flushing: bool,
+    /// Waiting for a buffer from the pool (retried on the next poll).
+    stalled: bool,
 }
 
 /// Where a read-modify-write command is.
@@ -131,6 +161,9 @@ pub struct ScsiPort {
     rmw_waiting: VecDeque<u64>,
     /// Completions the read-modify-write path has ready for the next `poll`.
     rmw_done: Vec<Completion>,
+    /// Sanitize operations under way, by the tag of their I/O.
+    jobs: HashMap<u64, SanitizeJob>,
+    next_job: u64,
 }
 
 impl Default for ScsiPort {
@@ -150,6 +183,8 @@ impl ScsiPort {
             rmw: HashMap::new(),
             rmw_waiting: VecDeque::new(),
             rmw_done: Vec::new(),
+            jobs: HashMap::new(),
+            next_job: 0,
         }
     }
 
@@ -179,7 +214,7 @@ impl ScsiPort {
     /// Backend operations in flight in the kernel. While there are any the reactor must not
     /// sleep in epoll: their completions arrive on the ring, not on a socket.
     pub fn inflight(&self) -> usize {
-        self.io.inflight() + self.rmw.len()
+        self.io.inflight() + self.rmw.len() + self.jobs.len()
     }
 
     /// The earliest time a channel has held I/O coming due by itself (an injected delay):
@@ -233,6 +268,177 @@ impl ScsiPort {
                 }
                 _ => Exec::Done,
             },
+            Run::Sanitize => self.execute_sanitize(dev, task),
+        }
+    }
+
+    /// SANITIZE OVERWRITE or BLOCK ERASE: its parameter list checked, the operation started
+    /// (unless one is under way on the device), and the task answered now (IMMED) or when
+    /// the operation ends.
+    fn execute_sanitize(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        let overwrite = if task.cdb[1] & 0x1f == sz::SA_OVERWRITE {
+            let n = usize::from(be16(&task.cdb[7..9]) as u16);
+            let mut data = vec![0u8; n];
+            let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
+            data.truncate(got);
+            match sz::parse_overwrite(&data, dev.block_size()) {
+                Ok(o) => Some(o),
+                Err(s) => {
+                    task.fail(s);
+                    return Exec::Done;
+                }
+            }
+        } else {
+            None
+        };
+        if !dev.sanitize_begin() {
+            task.fail(Sense {
+                progress: Some(dev.sanitize_progress()),
+                ..Sense::new(sense::NOT_READY, sense::SANITIZE_IN_PROGRESS)
+            });
+            return Exec::Done;
+        }
+        let id = JOB_TAG | self.next_job;
+        self.next_job = (self.next_job + 1) & !JOB_TAG;
+        let immed = sz::immed(&task.cdb);
+        self.jobs.insert(
+            id,
+            SanitizeJob {
+                dev: dev.clone(),
+                task: (!immed).then_some(task.tag),
+                overwrite,
+                ause: sz::ause(&task.cdb),
+                size: dev.num_blocks() * u64::from(dev.block_size()),
+                pass: 0,
+                pos: 0,
+                piece: 0,
+                flushing: false,
+                stalled: false,
+            },
+        );
+        self.job_next(id);
+        if immed {
+            Exec::Done
+        } else {
+            Exec::Pending
+        }
+    }
+
+    /// Starts the next piece of sanitize operation `id`, or its flush, or ends it.
+    fn job_next(&mut self, id: u64) {
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.stalled = false;
+        let passes = job.overwrite.as_ref().map_or(1, |o| o.passes);
+        if job.pos >= job.size && job.pass + 1 < passes {
+            job.pass += 1;
+            job.pos = 0;
+        }
+        if job.pos >= job.size {
+            if job.flushing {
+                self.job_finish(id, Ok(()));
+                return;
+            }
+            job.flushing = true;
+            let dev = job.dev.clone();
+            self.submit(
+                &dev,
+                BdevIo {
+                    tag: id,
+                    op: IoOp::Flush,
+                    offset: 0,
+                    len: 0,
+                    buf: None,
+                    ranges: Vec::new(),
+                },
+            );
+            return;
+        }
+        let done = u64::from(job.pass) * job.size + job.pos;
+        let whole = u64::from(passes) * job.size;
+        job.dev
+            .set_sanitize_progress((done * 65536 / whole.max(1)).min(65535) as u16);
+        let (io, piece) = match &job.overwrite {
+            None => {
+                let n = ERASE_PIECE.min(job.size - job.pos);
+                let io = BdevIo {
+                    tag: id,
+                    op: IoOp::Unmap,
+                    offset: 0,
+                    len: 0,
+                    buf: None,
+                    ranges: vec![(job.pos, n)],
+                };
+                (io, n)
+            }
+            Some(o) => {
+                let n = OVERWRITE_PIECE.min(job.size - job.pos);
+                let Some(mut buf) = DataBuf::alloc(n as usize) else {
+                    job.stalled = true;
+                    return;
+                };
+                let bs = job.dev.block_size() as usize;
+                let block = sz::pattern_block(&o.pattern, bs, o.invert && job.pass % 2 == 1);
+                for off in (0..n as usize).step_by(bs) {
+                    buf.write_at(off, &block);
+                }
+                let io = BdevIo {
+                    tag: id,
+                    op: IoOp::Write { fua: false },
+                    offset: job.pos,
+                    len: n as u32,
+                    buf: Some(buf),
+                    ranges: Vec::new(),
+                };
+                (io, n)
+            }
+        };
+        job.piece = piece;
+        let dev = job.dev.clone();
+        self.submit(&dev, io);
+    }
+
+    /// A piece (or the flush) of a sanitize operation has completed.
+    fn job_step(&mut self, c: BdevCompletion) {
+        let id = c.tag;
+        if let Err(e) = c.result {
+            self.job_finish(id, Err(e));
+            return;
+        }
+        if let Some(job) = self.jobs.get_mut(&id) {
+            if !job.flushing {
+                job.pos += job.piece;
+            }
+        }
+        self.job_next(id);
+    }
+
+    /// Ends sanitize operation `id`: the device leaves the sanitize state (into failure mode
+    /// if it failed), and a task still waiting gets its completion with the next `poll`.
+    fn job_finish(&mut self, id: u64, result: Result<(), BdevError>) {
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
+        job.dev.sanitize_end(match (result, job.ause) {
+            (Ok(()), _) => Sanitize::Idle,
+            (Err(_), false) => Sanitize::Failed,
+            (Err(_), true) => Sanitize::FailedAuse,
+        });
+        if let Some(tag) = job.task {
+            let info = DevInfo {
+                block_size: job.dev.block_size(),
+                thin: job.dev.thin_provisioned(),
+            };
+            self.rmw_done.push(Completion(
+                BdevCompletion {
+                    tag,
+                    result,
+                    buf: None,
+                },
+                info,
+                Outcome::Sanitize,
+            ));
         }
     }
 
@@ -345,6 +551,24 @@ impl ScsiPort {
     /// course. Either way the completion comes back from `poll`, and only then is the task
     /// over: the transport waits for it before it reports the task aborted.
     pub fn abort(&mut self, tag: u64) {
+        // A sanitize operation goes on without its task (SBC-3 §4.11.3), which ends now.
+        if let Some(job) = self.jobs.values_mut().find(|j| j.task == Some(tag)) {
+            job.task = None;
+            let info = DevInfo {
+                block_size: job.dev.block_size(),
+                thin: job.dev.thin_provisioned(),
+            };
+            self.rmw_done.push(Completion(
+                BdevCompletion {
+                    tag,
+                    result: Ok(()),
+                    buf: None,
+                },
+                info,
+                Outcome::Aborted,
+            ));
+            return;
+        }
         if let Some(op) = self.rmw.get_mut(&tag) {
             match op.stage {
                 RmwStage::Locking => {
@@ -365,6 +589,17 @@ impl ScsiPort {
     pub fn poll(&mut self, out: &mut Vec<Completion>) -> usize {
         if !self.rmw_waiting.is_empty() {
             self.rmw_start();
+        }
+        if !self.jobs.is_empty() {
+            let stalled: Vec<u64> = self
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.stalled)
+                .map(|(&id, _)| id)
+                .collect();
+            for id in stalled {
+                self.job_next(id);
+            }
         }
         self.io.poll();
         let start = out.len();
@@ -388,11 +623,16 @@ impl ScsiPort {
             // backend (a RAM disk's memory, a file's descriptor).
             pc.dev.strong_count() > 0 || pc.ch.busy()
         });
-        if !self.rmw.is_empty() {
-            // The reads and writes of read-modify-write commands go on to their next step.
+        if !self.rmw.is_empty() || !self.jobs.is_empty() {
+            // The reads and writes of read-modify-write commands and sanitize operations go
+            // on to their next step.
             let mut i = start;
             while i < out.len() {
-                if self.rmw.contains_key(&out[i].tag()) {
+                let tag = out[i].tag();
+                if tag & JOB_TAG != 0 {
+                    let c = out.swap_remove(i);
+                    self.job_step(c.0);
+                } else if self.rmw.contains_key(&tag) {
                     let c = out.swap_remove(i);
                     self.rmw_step(c.0);
                 } else {
@@ -540,6 +780,15 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
         }
         Outcome::Aborted => {
             task.status = STATUS_TASK_ABORTED;
+            return;
+        }
+        Outcome::Sanitize => {
+            if c.result.is_err() {
+                task.fail(Sense::new(
+                    sense::MEDIUM_ERROR,
+                    sense::SANITIZE_COMMAND_FAILED,
+                ));
+            }
             return;
         }
     }

@@ -36,6 +36,10 @@ pub const INSUFFICIENT_REGISTRATION_RESOURCES: (u8, u8) = (0x55, 0x04);
 pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
 pub const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
 pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
+/// LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS (SBC-3 §4.11).
+pub const SANITIZE_IN_PROGRESS: (u8, u8) = (0x04, 0x1b);
+/// SANITIZE COMMAND FAILED: the medium is in sanitize failure mode.
+pub const SANITIZE_COMMAND_FAILED: (u8, u8) = (0x31, 0x03);
 
 /// Fixed-format sense data is 18 bytes (SPC-4 §4.5.3).
 pub const FIXED_LEN: usize = 18;

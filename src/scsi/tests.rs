@@ -817,9 +817,10 @@ fn get_lba_status() {
         asc(&run(&d, &sai16(0x12, u64::MAX, 24), None)),
         (5, 0x21, 0)
     );
-    // The allocation length truncates; an unknown service action is refused.
+    // The allocation length truncates; an unknown service action of a known opcode is an
+    // invalid field (SPC-4), not an invalid opcode.
     assert_eq!(run(&d, &sai16(0x12, 0, 16), None).data_in_len, 16);
-    assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x20, 0));
+    assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x24, 0));
 }
 
 /// The LBA status descriptors (LBA, blocks, provisioning status) of one GET LBA STATUS,
@@ -1435,4 +1436,252 @@ fn report_supported_opcodes_lists_what_the_device_serves() {
         (sense::ILLEGAL_REQUEST, 0x24, 0)
     );
     assert_eq!(asc(&rsoc(&d, 5, 0, 0)), (sense::ILLEGAL_REQUEST, 0x24, 0));
+}
+
+/// A SANITIZE CDB: service action, IMMED, AUSE, parameter list length.
+fn sanitize_cdb(sa: u8, immed: bool, ause: bool, plen: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = 0x48;
+    c[1] = sa | if immed { 0x80 } else { 0 } | if ause { 0x20 } else { 0 };
+    c[7..9].copy_from_slice(&plen.to_be_bytes());
+    c
+}
+
+/// An OVERWRITE parameter list: one pass of `pattern`.
+fn overwrite_list(pattern: &[u8]) -> Vec<u8> {
+    let mut v = vec![0x01, 0];
+    v.extend_from_slice(&(pattern.len() as u16).to_be_bytes());
+    v.extend_from_slice(pattern);
+    v
+}
+
+/// Starts a command on `port` as the transport does; `None` when planning refused it.
+fn start(port: &mut ScsiPort, d: &Arc<Device>, t: &mut ScsiTask, data_out: &[u8]) -> Option<Exec> {
+    match plan(d, t) {
+        Ok(p) => {
+            if p.len > 0 {
+                let mut b = DataBuf::alloc(p.len as usize).unwrap();
+                b.write_at(0, data_out);
+                t.buf = Some(b);
+            }
+            Some(port.execute(d, t))
+        }
+        Err(s) => {
+            t.fail(s);
+            None
+        }
+    }
+}
+
+/// Polls `port` until nothing is left in it; returns the completions it handed out.
+fn drain(port: &mut ScsiPort) -> Vec<Completion> {
+    let mut out = Vec::new();
+    for _ in 0..10_000 {
+        port.poll(&mut out);
+        if port.inflight() == 0 {
+            port.poll(&mut out);
+            return out;
+        }
+    }
+    panic!("the port never went idle");
+}
+
+fn read_one(d: &Arc<Device>, lba: u32) -> ScsiTask {
+    let mut c = [0u8; 10];
+    c[0] = READ_10;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[8] = 1;
+    run(d, &c, None)
+}
+
+#[test]
+fn sanitize_overwrite_writes_the_pattern_everywhere() {
+    let d = dev();
+    let last = (d.num_blocks() - 1) as u32;
+    let mut w = [0u8; 10];
+    w[0] = WRITE_10;
+    w[2..6].copy_from_slice(&last.to_be_bytes());
+    w[8] = 1;
+    assert_eq!(run(&d, &w, Some(&[b'a'; 512])).status, 0);
+    // Waits for the end (no IMMED): a three-byte pattern repeated over every block.
+    let t = run(
+        &d,
+        &sanitize_cdb(0x01, false, false, 7),
+        Some(&overwrite_list(&[1, 2, 3])),
+    );
+    assert_eq!(t.status, 0, "{:?}", asc(&t));
+    for lba in [0, 1, last] {
+        let r = read_one(&d, lba);
+        let want: Vec<u8> = [1u8, 2, 3].iter().cycle().take(512).copied().collect();
+        assert_eq!(data(&r), want, "block {lba}");
+    }
+    // Parameter lengths outside 5..=block size + 4 are refused in the CDB; a bad list after.
+    for plen in [0u16, 4, 517] {
+        let t = run(&d, &sanitize_cdb(0x01, false, false, plen), Some(&[0; 517]));
+        assert_eq!(asc(&t), (5, 0x24, 0), "length {plen}");
+    }
+    let t = run(
+        &d,
+        &sanitize_cdb(0x01, false, false, 8),
+        Some(&[0, 0, 0, 4, 1, 1, 1, 1]),
+    );
+    assert_eq!(asc(&t), (5, 0x26, 0), "OVERWRITE COUNT 0");
+    // CRYPTOGRAPHIC ERASE and unknown service actions: invalid fields, not opcodes; BLOCK
+    // ERASE only where blocks can be deallocated.
+    for sa in [0x00, 0x02, 0x03, 0x04, 0x1e] {
+        assert_eq!(
+            asc(&run(&d, &sanitize_cdb(sa, false, false, 0), None)),
+            (5, 0x24, 0),
+            "{sa:#x}"
+        );
+    }
+    // Reserved bits and bytes.
+    let mut c = sanitize_cdb(0x01, false, false, 7);
+    c[3] = 1;
+    assert_eq!(
+        asc(&run(&d, &c, Some(&overwrite_list(&[1, 2, 3])))),
+        (5, 0x24, 0)
+    );
+}
+
+#[test]
+fn while_sanitizing_only_inquiry_report_luns_and_request_sense_are_served() {
+    let d = dev();
+    let mut port = ScsiPort::new();
+    let mut t = ScsiTask::new(&sanitize_cdb(0x01, true, false, 5), 0, 7);
+    // IMMED: answered at once, the operation under way.
+    assert_eq!(
+        start(&mut port, &d, &mut t, &overwrite_list(&[0x5a])),
+        Some(Exec::Done)
+    );
+    assert_eq!(t.status, 0);
+    let r = read_one(&d, 0);
+    assert_eq!(asc(&r), (2, 0x04, 0x1b));
+    // Sense-key specific: the progress indication.
+    assert_eq!(r.sense()[15], 0x80);
+    let tur = run(&d, &[0u8; 6], None);
+    assert_eq!(asc(&tur), (2, 0x04, 0x1b));
+    assert_eq!(run(&d, &[INQUIRY, 0, 0, 0, 96, 0], None).status, 0);
+    let rs = run(&d, &[REQUEST_SENSE, 0, 0, 0, 18, 0], None);
+    assert_eq!(rs.status, 0);
+    let s = data(&rs);
+    assert_eq!((s[2] & 0xf, s[12], s[13], s[15]), (2, 0x04, 0x1b, 0x80));
+    // A second SANITIZE waits its turn with the others.
+    assert_eq!(
+        asc(&run(
+            &d,
+            &sanitize_cdb(0x01, false, false, 5),
+            Some(&overwrite_list(&[1]))
+        )),
+        (2, 0x04, 0x1b)
+    );
+    assert!(
+        drain(&mut port).is_empty(),
+        "nothing waits for an IMMED sanitize"
+    );
+    let r = read_one(&d, 0);
+    assert_eq!(r.status, 0);
+    assert_eq!(data(&r), vec![0x5a; 512]);
+}
+
+#[test]
+fn block_erase_deallocates_a_thin_device() {
+    let d = thin();
+    let mut w = [0u8; 10];
+    w[0] = WRITE_10;
+    w[8] = 1;
+    assert_eq!(run(&d, &w, Some(&[0xee; 512])).status, 0);
+    assert_eq!(
+        run(&d, &sanitize_cdb(0x02, false, false, 0), None).status,
+        0
+    );
+    assert_eq!(data(&read_one(&d, 0)), vec![0; 512]);
+    assert_eq!(
+        asc(&run(
+            &d,
+            &sanitize_cdb(0x02, false, false, 8),
+            Some(&[0; 8])
+        )),
+        (5, 0x24, 0)
+    );
+}
+
+#[test]
+fn a_failed_sanitize_leaves_the_medium_in_failure_mode() {
+    let d = dev();
+    d.set_attr("fault_inject", "eio_write").unwrap();
+    let t = run(
+        &d,
+        &sanitize_cdb(0x01, false, false, 5),
+        Some(&overwrite_list(&[7])),
+    );
+    assert_eq!(asc(&t), (3, 0x31, 0x03));
+    d.set_attr("fault_inject", "none").unwrap();
+    // Media access fails; INQUIRY does not; neither EXIT FAILURE MODE nor a sanitize asking
+    // for the unrestricted mode may end a restricted failure.
+    assert_eq!(asc(&read_one(&d, 0)), (3, 0x31, 0x03));
+    assert_eq!(run(&d, &[INQUIRY, 0, 0, 0, 96, 0], None).status, 0);
+    assert_eq!(
+        asc(&run(&d, &sanitize_cdb(0x1f, false, false, 0), None)),
+        (5, 0x24, 0)
+    );
+    assert_eq!(
+        asc(&run(
+            &d,
+            &sanitize_cdb(0x01, false, true, 5),
+            Some(&overwrite_list(&[7]))
+        )),
+        (5, 0x24, 0)
+    );
+    // A sanitize that succeeds ends it.
+    assert_eq!(
+        run(
+            &d,
+            &sanitize_cdb(0x01, false, false, 5),
+            Some(&overwrite_list(&[7]))
+        )
+        .status,
+        0
+    );
+    assert_eq!(data(&read_one(&d, 0)), vec![7; 512]);
+    // With AUSE, EXIT FAILURE MODE ends a failure.
+    d.set_attr("fault_inject", "eio_write").unwrap();
+    let t = run(
+        &d,
+        &sanitize_cdb(0x01, false, true, 5),
+        Some(&overwrite_list(&[9])),
+    );
+    assert_eq!(asc(&t), (3, 0x31, 0x03));
+    d.set_attr("fault_inject", "none").unwrap();
+    assert_eq!(
+        run(&d, &sanitize_cdb(0x1f, false, false, 0), None).status,
+        0
+    );
+    assert_eq!(read_one(&d, 0).status, 0);
+    // With nothing failed, EXIT FAILURE MODE has nothing to do.
+    assert_eq!(
+        run(&d, &sanitize_cdb(0x1f, false, false, 0), None).status,
+        0
+    );
+}
+
+#[test]
+fn an_aborted_sanitize_goes_on_without_its_task() {
+    let d = dev();
+    let mut port = ScsiPort::new();
+    let mut t = ScsiTask::new(&sanitize_cdb(0x01, false, false, 5), 0, 7);
+    t.tag = 42;
+    assert_eq!(
+        start(&mut port, &d, &mut t, &overwrite_list(&[0x3c])),
+        Some(Exec::Pending)
+    );
+    port.abort(42);
+    let out = drain(&mut port);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].tag(), 42);
+    let mut t2 = ScsiTask::new(&sanitize_cdb(0x01, false, false, 5), 0, 7);
+    complete(&mut t2, out.into_iter().next().unwrap());
+    assert_eq!(t2.status, STATUS_TASK_ABORTED);
+    // The operation finished all the same.
+    assert_eq!(data(&read_one(&d, 0)), vec![0x3c; 512]);
 }

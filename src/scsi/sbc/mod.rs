@@ -9,6 +9,7 @@ pub mod defect;
 pub mod provisioning;
 pub mod rmw;
 pub mod rw;
+pub mod sanitize;
 
 use crate::bdev::IoOp;
 use crate::env::buf::MAX_TRANSFER;
@@ -121,6 +122,8 @@ mod usage {
     pub const WRITE_VERIFY_12: &[u8] = &[op::WRITE_VERIFY_12, 0xf0, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
     pub const VERIFY_12: &[u8] = &[op::VERIFY_12, 0xf6, FF, FF, FF, FF, FF, FF, FF, FF, 0, CTL];
     pub const READ_DEFECT_DATA_12: &[u8] = &[op::READ_DEFECT_DATA_12, 0x1f, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL];
+    /// IMMED, AUSE and the service action; the parameter list length.
+    pub const SANITIZE: &[u8] = &[super::sanitize::SANITIZE, 0xbf, 0, 0, 0, 0, 0, FF, FF, CTL];
 }
 
 /// A block command of `types` that reaches the medium: it needs one, reports unit
@@ -144,6 +147,31 @@ const fn block(
         works_without_medium: false,
         reports_ua: true,
         reservation,
+        alua: Alua::Active,
+        decode,
+        run,
+    }
+}
+
+/// SANITIZE, one entry per service action (SBC-3 §5.30): disks only, a write in the
+/// presence of reservations, served in the active ALUA states.
+const fn sanitize_entry(
+    name: &'static str,
+    sa: u8,
+    only_if: Option<fn(&Device) -> bool>,
+    decode: Decode,
+    run: Run,
+) -> Command {
+    Command {
+        name,
+        op: sanitize::SANITIZE,
+        sa: Some(sa),
+        usage: usage::SANITIZE,
+        types: DeviceTypes::DISK,
+        only_if,
+        works_without_medium: false,
+        reports_ua: true,
+        reservation: Reservation::Write,
         alua: Alua::Active,
         decode,
         run,
@@ -222,6 +250,9 @@ pub const COMMANDS: &[Command] = &[
     block("WRITE AND VERIFY(12)", WRITE_VERIFY_12,      usage::WRITE_VERIFY_12,        DISK, WRITE,                  rw::write_verify,                 Run::Io),
     block("VERIFY(12)",           VERIFY_12,            usage::VERIFY_12,              DISK, READ,                   rw::verify,                       Run::Io),
     block("READ DEFECT DATA(12)", READ_DEFECT_DATA_12,  usage::READ_DEFECT_DATA_12,    DISK, READ,                   defect::decode,                   Run::Emulate(defect::emulate)),
+    sanitize_entry("SANITIZE OVERWRITE", sanitize::SA_OVERWRITE, None, sanitize::decode_overwrite, Run::Sanitize),
+    sanitize_entry("SANITIZE BLOCK ERASE", sanitize::SA_BLOCK_ERASE, Some(Device::thin_provisioned), sanitize::decode_block_erase, Run::Sanitize),
+    sanitize_entry("SANITIZE EXIT FAILURE MODE", sanitize::SA_EXIT_FAILURE_MODE, None, sanitize::decode_exit_failure_mode, Run::Emulate(sanitize::exit_failure_mode)),
 ];
 
 /// LOEJ=1 with POWER CONDITION 0: the command loads or ejects the medium.

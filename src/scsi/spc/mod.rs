@@ -274,6 +274,11 @@ fn request_sense(dev: &Device, task: &mut ScsiTask) {
     };
     let s = match dev.take_ua(task.nexus) {
         Some(code) => Sense::new(sense::UNIT_ATTENTION, code),
+        // A sanitize under way: how far it is (SBC-3 §4.11.4).
+        None if dev.sanitize_state() == crate::scsi::device::Sanitize::InProgress => Sense {
+            progress: Some(dev.sanitize_progress()),
+            ..Sense::new(sense::NOT_READY, sense::SANITIZE_IN_PROGRESS)
+        },
         None if !dev.medium_present() => Sense::new(sense::NOT_READY, sense::MEDIUM_NOT_PRESENT),
         None => Sense::new(sense::NO_SENSE, (0, 0)),
     };
