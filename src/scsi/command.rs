@@ -348,6 +348,11 @@ pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Se
         return Err(Sense::invalid_cdb_field(clen as u16 - 1, Some(2)));
     }
     let Some(cmd) = cmd.filter(|c| c.serves(dev)) else {
+        // SPC-4 §4.2.5.1 (the SERVICE ACTION field): a service action the device server
+        // does not support, of an operation code it does, is an invalid field.
+        if with_opcode(task.cdb[0]).iter().any(|c| c.serves(dev)) {
+            return Err(Sense::invalid_cdb_field(1, Some(4)));
+        }
         return Err(invalid_opcode());
     };
     if !cmd.works_without_medium {
@@ -444,12 +449,12 @@ mod tests {
                 let known = plan(dev, &mut t, &test_nexus())
                     .map(|_| true)
                     .unwrap_or_else(|s| {
-                        (s.key, s.asc, s.ascq)
-                            != (
-                                sense::ILLEGAL_REQUEST,
-                                sense::INVALID_COMMAND_OPERATION_CODE.0,
-                                sense::INVALID_COMMAND_OPERATION_CODE.1,
-                            )
+                        let code = (s.asc, s.ascq);
+                        let unknown_sa = has_service_actions(op)
+                            && code == sense::INVALID_FIELD_IN_CDB
+                            && s.field_pointer == Some((true, 1, Some(4)));
+                        s.key != sense::ILLEGAL_REQUEST
+                            || !(code == sense::INVALID_COMMAND_OPERATION_CODE || unknown_sa)
                     });
                 if known {
                     let sa = if has_service_actions(op) {

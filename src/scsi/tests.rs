@@ -631,9 +631,10 @@ fn get_lba_status() {
         asc(&run(&d, &sai16(0x12, u64::MAX, 24), None)),
         (5, 0x21, 0)
     );
-    // The allocation length truncates; an unknown service action is refused.
+    // The allocation length truncates; an unknown service action of a known operation
+    // code is an invalid field (SPC-4 §4.2.5.1).
     assert_eq!(run(&d, &sai16(0x12, 0, 16), None).data_in_len, 16);
-    assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x20, 0));
+    assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x24, 0));
 }
 
 /// The LBA status descriptors (LBA, blocks, provisioning status) of one GET LBA STATUS,
