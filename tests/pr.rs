@@ -357,6 +357,30 @@ fn preempt_and_abort_ends_the_preempted_sessions_commands() {
 }
 
 #[test]
+fn preempt_and_abort_ends_a_command_held_in_the_backend() {
+    let t = target();
+    let mut a = login(&t, "a", 1);
+    let mut b = login(&t, "b", 2);
+    pr_out_good(&mut a, REGISTER, 0, 0, 0xa);
+    pr_out_good(&mut b, REGISTER, 0, 0, 0xb);
+    pr_out_good(&mut b, RESERVE, EXCLUSIVE_ACCESS, 0xb, 0);
+    // B's READ goes to the backend and stays there.
+    t.set("devices/ram0/fault_inject", "stall");
+    let itt = b.submit(0, &cdb::read10(0, 8), None, 4096, true).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    pr_out_good(&mut a, PREEMPT_AND_ABORT, EXCLUSIVE_ACCESS, 0xa, 0xb);
+    // Its TASK ABORTED comes once the I/O is back, never its data.
+    t.set("devices/ram0/fault_inject", "none");
+    let (done, r) = b.wait_any().unwrap();
+    assert_eq!(done, itt);
+    assert_eq!(r.status, TASK_ABORTED, "{r:?}");
+    assert!(r.data.is_empty());
+    assert_eq!(uas(&mut b), vec![REGISTRATIONS_PREEMPTED]);
+    assert_eq!(read_status(&mut b), RESERVATION_CONFLICT);
+    assert_eq!(read_status(&mut a), GOOD);
+}
+
+#[test]
 fn aptpl_state_survives_a_restart() {
     let files = tempfile::tempdir().unwrap();
     let file = files.path().join("ram0.pr");
