@@ -335,7 +335,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Se
     }
     // SAM-5 §5.14 and SPC-4 §5.13.1: a reservation conflict after the unit attention. One
     // atomic load while no reservation exists.
-    if let Some(c) = cmd {
+    if let Some(c) = cmd.filter(|_| dev.reservations().is_reserved()) {
         let class = c.reservation.for_cdb(&task.cdb);
         if dev.reservations().check(nexus, class) == Access::Conflict {
             task.reservation_conflict();

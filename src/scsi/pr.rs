@@ -1403,6 +1403,12 @@ impl Reservations {
         self.reserved.store(u8::from(reserved), Ordering::Release);
     }
 
+    /// Whether a reservation (persistent or SPC-2) exists, the only time a command can
+    /// conflict: one relaxed atomic load, for the dispatcher's fast path.
+    pub fn is_reserved(&self) -> bool {
+        self.reserved.load(Ordering::Relaxed) != 0
+    }
+
     /// Whether `nexus` may run a command of `class` now (SPC-4 §5.13.1, SPC-2 §5.5.1). Without
     /// a reservation it costs one atomic load: relaxed, since what it guards is read under
     /// the lock, and a reservation established concurrently with the command's arrival may
