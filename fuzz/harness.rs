@@ -809,8 +809,9 @@ pub fn cdb(data: &[u8]) {
         return;
     };
     let nexus = 0x0001_8000_0000_0001;
+    let pr_nexus = scsi::pr::Nexus::new("iqn.2026-01.fuzz:initiator", [0x40, 0, 0, 0, 0, 1], 1);
     if setup & 0x10 != 0 {
-        dev.register_nexus(nexus);
+        dev.register_nexus(nexus, &pr_nexus);
     }
     let target_name: Arc<str> = Arc::from(TARGET);
     let mut port = ScsiPort::new();
@@ -848,7 +849,7 @@ pub fn cdb(data: &[u8]) {
         };
         no_lun(&cdb);
         mmc_pages(&task.cdb, flags);
-        let plan = match scsi::plan(&dev, &mut task) {
+        let plan = match scsi::plan(&dev, &mut task, &pr_nexus) {
             Ok(plan) => plan,
             Err(sense) => {
                 // A refused command leaves the task as it was: the caller ends it.
@@ -883,7 +884,9 @@ pub fn cdb(data: &[u8]) {
             }
             task.buf = Some(buf);
         }
-        if port.execute(&dev, &mut task) == Exec::Pending {
+        if scsi::execute_reservation(&dev, &mut task, &pr_nexus).is_some() {
+            // Run for the nexus, at once.
+        } else if port.execute(&dev, &mut task) == Exec::Pending {
             let mut out = Vec::new();
             let mut polls = 0;
             while out.is_empty() {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use iscsi_tgt::env::buf::{CHUNK_SIZE, MAX_TRANSFER};
 use iscsi_tgt::env::DataBuf;
 use iscsi_tgt::iscsi::pdu::Pdu;
+use iscsi_tgt::scsi::pr::Nexus;
 use iscsi_tgt::scsi::{self, Device, Exec, ScsiPort, ScsiTask};
 
 #[path = "support/mem_rig.rs"]
@@ -102,13 +103,19 @@ fn databuf_cycles_do_not_allocate() {
     assert_eq!(allocs() - before, 0, "DataBuf allocated heap memory");
 }
 
-fn rw(port: &mut ScsiPort, dev: &Arc<Device>, out: &mut Vec<scsi::Completion>, write: bool) {
+fn rw(
+    port: &mut ScsiPort,
+    dev: &Arc<Device>,
+    nexus: &Nexus,
+    out: &mut Vec<scsi::Completion>,
+    write: bool,
+) {
     let blocks: u16 = 256; // 128 KiB of 512-byte blocks
     let op = if write { 0x2a } else { 0x28 };
     let [hi, lo] = blocks.to_be_bytes();
     let cdb = [op, 0, 0, 0, 0x10, 0, 0, hi, lo, 0];
     let mut t = ScsiTask::new(&cdb, 0, 7);
-    let plan = scsi::plan(dev, &mut t).expect("valid CDB");
+    let plan = scsi::plan(dev, &mut t, nexus).expect("valid CDB");
     let mut b = DataBuf::alloc(plan.len as usize).expect("pool has room");
     if write {
         b.fill(0, plan.len as usize, 0x5a);
@@ -138,15 +145,17 @@ fn ram_device_io_does_not_allocate() {
     .expect("RAM device");
     let mut port = ScsiPort::new();
     let mut out = Vec::with_capacity(16);
+    // The reservation check of every command reads one atomic while none is held.
+    let nexus = Nexus::new("iqn.2026-01.test:alloc-free", [0x40, 0, 0, 0, 0, 1], 1);
     // Warm up: the port opens its channel, the thread its pool cache.
     for _ in 0..4 {
-        rw(&mut port, &dev, &mut out, true);
-        rw(&mut port, &dev, &mut out, false);
+        rw(&mut port, &dev, &nexus, &mut out, true);
+        rw(&mut port, &dev, &nexus, &mut out, false);
     }
     let before = allocs();
     for _ in 0..500 {
-        rw(&mut port, &dev, &mut out, true);
-        rw(&mut port, &dev, &mut out, false);
+        rw(&mut port, &dev, &nexus, &mut out, true);
+        rw(&mut port, &dev, &nexus, &mut out, false);
     }
     assert_eq!(allocs() - before, 0, "the SCSI READ/WRITE path allocated");
 }

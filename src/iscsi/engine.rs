@@ -535,27 +535,14 @@ impl Poller for Engine {
                 let mut cx = conn_cx!(self, now, idx);
                 if readiness.readable {
                     did |= c.on_readable(&mut cx);
-                    if let Some((scope, itt)) = c.take_tmf() {
-                        // Every reactor (this one included) applies it, then answers.
-                        let id = ((self.id as u64) << 48) | self.next_tmf;
-                        self.next_tmf += 1;
-                        let nexus = c.nexus().unwrap_or(0);
-                        self.tmf_pending
-                            .insert(id, (idx, nexus, itt, self.peers.len()));
-                        for p in &self.peers {
-                            let m = Msg::Abort {
-                                id,
-                                scope: scope.clone(),
-                                reply_to: self.id,
-                            };
-                            if p.send(m).is_err() {
-                                // A reactor that is gone has nothing left to abort.
-                                if let Some(e) = self.tmf_pending.get_mut(&id) {
-                                    e.3 -= 1;
-                                }
-                            }
-                        }
-                    }
+                    spread_tmfs(
+                        c,
+                        idx,
+                        self.id,
+                        &mut self.next_tmf,
+                        &mut self.tmf_pending,
+                        &self.peers,
+                    );
                     if c.rx_more() && !self.rx_pending.contains(&idx) {
                         self.rx_pending.push(idx);
                     }
@@ -575,6 +562,14 @@ impl Poller for Engine {
             if let Some(conn) = self.conns[idx].as_mut().filter(|c| c.has_buf_waiters()) {
                 let mut cx = conn_cx!(self, now, idx);
                 if conn.retry_buffers(&mut cx) {
+                    spread_tmfs(
+                        conn,
+                        idx,
+                        self.id,
+                        &mut self.next_tmf,
+                        &mut self.tmf_pending,
+                        &self.peers,
+                    );
                     did = true;
                     mark_flush(&mut self.to_flush, &mut self.flush_marks, idx);
                 }
@@ -780,4 +775,36 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     )
+}
+
+/// Hands the task management functions (and PREEMPT AND ABORTs) of connection `c` (index
+/// `idx` on reactor `me`) that reach other sessions to every reactor, this one included;
+/// each answers, and the connection responds once all have.
+fn spread_tmfs(
+    c: &mut Conn,
+    idx: usize,
+    me: usize,
+    next_tmf: &mut u64,
+    tmf_pending: &mut std::collections::HashMap<u64, (usize, u64, u32, usize)>,
+    peers: &[ReactorHandle<Msg>],
+) {
+    while let Some((scope, itt)) = c.take_tmf() {
+        let id = ((me as u64) << 48) | *next_tmf;
+        *next_tmf += 1;
+        let nexus = c.nexus().unwrap_or(0);
+        tmf_pending.insert(id, (idx, nexus, itt, peers.len()));
+        for p in peers {
+            let m = Msg::Abort {
+                id,
+                scope: scope.clone(),
+                reply_to: me,
+            };
+            if p.send(m).is_err() {
+                // A reactor that is gone has nothing left to abort.
+                if let Some(e) = tmf_pending.get_mut(&id) {
+                    e.3 -= 1;
+                }
+            }
+        }
+    }
 }

@@ -440,7 +440,7 @@ mod tests {
         let run = |cdb: &[u8], state| {
             let mut t = ScsiTask::new(cdb, 0, 1);
             t.access_state = state;
-            crate::scsi::plan(&dev, &mut t).err()
+            crate::scsi::plan(&dev, &mut t, &crate::scsi::pr::test_nexus()).err()
         };
         let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
         let inquiry = [0x12, 0, 0, 0, 36, 0];

@@ -7,6 +7,7 @@
 
 use crate::scsi::cdb::cdb_len_of;
 use crate::scsi::device::Device;
+use crate::scsi::pr::{Access, Nexus};
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::{Plan, ScsiTask};
 use crate::scsi::{mmc, sbc, spc};
@@ -18,6 +19,11 @@ pub type Decode = fn(&Device, &mut ScsiTask) -> Result<Plan, Sense>;
 
 /// Runs a command that completes at once: fills the Data-In buffer, or fails the task.
 pub type Emulate = fn(&Device, &mut ScsiTask);
+
+/// Runs a reservation command for the I_T nexus that sent it, which it needs: completes at
+/// once, and returns the registered I_T nexuses whose tasks on the logical unit the
+/// transport must abort (PREEMPT AND ABORT), usually none.
+pub type RunReservation = fn(&Device, &mut ScsiTask, &Nexus) -> Vec<u64>;
 
 /// The peripheral device types that serve a command, as a set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,29 +50,73 @@ impl DeviceTypes {
     }
 }
 
-/// How a command is treated while another I_T nexus holds a persistent reservation: the
-/// rows of SPC-4 §5.13.1 ("SPC commands that are allowed in the presence of various
-/// reservations") and of SBC-3's table for the block commands. "Conflicts" means from an
-/// I_T nexus that neither holds the reservation nor, for the registrants-only and
-/// all-registrants types, is registered: the command ends with RESERVATION CONFLICT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a command fares in the presence of reservations: the rows of the tables of commands
+/// allowed in the presence of various reservations, SPC-4 §5.13.1 for SPC commands and
+/// SBC-3's for block commands, each with the column of an SPC-2 RESERVE held by another I_T
+/// nexus (SPC-2 §5.5.1). [`plan`] reads it from the entry and asks
+/// [`crate::scsi::pr::Reservations::check`]; the classes that depend on the CDB are resolved
+/// first ([`Reservation::for_cdb`]).
+///
+/// | class | SPC-2 RESERVE of another | WE/EA, not holder | RO/AR, registered | RO/AR, not registered |
+/// |---|---|---|---|---|
+/// | `Allowed` | allowed | allowed | allowed | allowed |
+/// | `TestUnitReady` | conflict | allowed | allowed | allowed |
+/// | `Read` | conflict | WE: allowed, EA: conflict | allowed | WE: allowed, EA: conflict |
+/// | `Write` | conflict | conflict | allowed | conflict |
+/// | `PersistentReserveIn` | conflict, even for the holder | allowed | allowed | allowed |
+/// | `PersistentReserveOut` | conflict, even for the holder | by service action | by service action | by service action |
+/// | `ReserveRelease` | by the command | same | same | same |
+///
+/// The persistent reservation holder and the SPC-2 reservation holder may run anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reservation {
-    /// Allowed under every reservation type (INQUIRY, REPORT LUNS, TEST UNIT READY, ...).
+    /// Allowed whatever the reservation: INQUIRY, REPORT LUNS, REQUEST SENSE, LOG SENSE,
+    /// READ CAPACITY(10)/(16), REPORT SUPPORTED OPERATION CODES, REPORT TARGET PORT GROUPS.
     Allowed,
-    /// Reads: allowed under the write exclusive types, conflicts under the exclusive
-    /// access types.
+    /// TEST UNIT READY: SPC-4 allows it through every persistent reservation; SPC-2 lets
+    /// only the holder of a RESERVE run it.
+    TestUnitReady,
+    /// Reads the medium or the device's state: READ, VERIFY, PRE-FETCH, GET LBA STATUS,
+    /// MODE SENSE, MMC's READ TOC and READ DISC INFORMATION. The write exclusive types let
+    /// every nexus through; the exclusive access types only the holder (and, for the
+    /// registrants only and all registrants types, the registrants).
     Read,
-    /// Writes the medium or changes the logical unit: conflicts under every type.
+    /// Changes the medium or the device's state: WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP,
+    /// COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, MODE SELECT. Only the holder, or a
+    /// registrant of a registrants only or all registrants type.
     Write,
-    /// PREVENT ALLOW MEDIUM REMOVAL (SPC-4): allowed with PREVENT 00b, as [`Self::Write`]
-    /// otherwise.
+    /// PREVENT ALLOW MEDIUM REMOVAL (SPC-4): [`Self::Allowed`] with PREVENT 00b,
+    /// [`Self::Write`] otherwise.
     PreventAllow,
-    /// START STOP UNIT (SBC-3): allowed with START 1 and POWER CONDITION 0h, as
+    /// START STOP UNIT (SBC-3): [`Self::Allowed`] with START 1 and POWER CONDITION 0h,
     /// [`Self::Write`] otherwise.
     StartStop,
-    /// PERSISTENT RESERVE IN and OUT: never in conflict; each service action has its own
-    /// rules (SPC-4 §5.13).
-    Persistent,
+    /// PERSISTENT RESERVE IN: allowed through persistent reservations; SPC-2 §5.5.1 has every
+    /// one conflict with a RESERVE, whoever holds it.
+    PersistentReserveIn,
+    /// PERSISTENT RESERVE OUT: the service action decides (SPC-4 §5.13.1's table of service
+    /// actions, applied by `persistent_reserve_out`). Conflicts with any RESERVE.
+    PersistentReserveOut,
+    /// RESERVE(6)/(10) and RELEASE(6)/(10): the command itself decides (SPC-2 §5.5.1,
+    /// SPC-4 §5.13.3).
+    ReserveRelease,
+}
+
+impl Reservation {
+    /// The class of this command with this CDB: the CDB-dependent classes resolved.
+    pub fn for_cdb(self, cdb: &[u8]) -> Reservation {
+        let b4 = cdb.get(4).copied();
+        match self {
+            // Allowing removal (PREVENT field 0) is never a conflict.
+            Reservation::PreventAllow if b4.is_some_and(|b| b & 0x03 == 0) => Reservation::Allowed,
+            // Starting the unit (START=1, POWER CONDITION 0h) is never a conflict.
+            Reservation::StartStop if b4.is_some_and(|b| b & 0xf0 == 0 && b & 0x01 != 0) => {
+                Reservation::Allowed
+            }
+            Reservation::PreventAllow | Reservation::StartStop => Reservation::Write,
+            c => c,
+        }
+    }
 }
 
 /// The least accessible target port asymmetric access state in which a command is still
@@ -105,6 +155,9 @@ pub enum Run {
     /// SANITIZE OVERWRITE and BLOCK ERASE: the whole medium, in pieces, in the background
     /// once IMMED has answered.
     Sanitize,
+    /// PERSISTENT RESERVE OUT, RESERVE and RELEASE: emulated for the sending I_T nexus
+    /// ([`execute_reservation`]).
+    Reservation(RunReservation),
 }
 
 /// One command: everything the target knows about it.
@@ -262,9 +315,12 @@ pub fn ua_applies(task: &ScsiTask) -> bool {
     lookup(&task.cdb).is_none_or(|c| c.reports_ua)
 }
 
-/// Decodes and checks a command before its data moves. On error nothing has changed in the
-/// task: the caller ends it with the sense returned ([`ScsiTask::fail`]).
-pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+/// Decodes and checks a command from the I_T nexus `nexus` before its data moves. On error
+/// nothing has changed in the task: the caller ends it with the sense returned
+/// ([`ScsiTask::fail`]). A command that conflicts with a reservation is planned as
+/// [`Plan::NONE`] with its status set to RESERVATION CONFLICT: the caller ends it at once,
+/// like an error, with no sense data.
+pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Sense> {
     let invalid_opcode = || {
         Sense::new(
             sense::ILLEGAL_REQUEST,
@@ -281,16 +337,24 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
             return Err(Sense::new(sense::UNIT_ATTENTION, code));
         }
     }
+    // SAM-5 §5.14 and SPC-4 §5.13.1: a reservation conflict after the unit attention. One
+    // atomic load while no reservation exists.
+    if let Some(c) = cmd.filter(|_| dev.reservations().is_reserved()) {
+        let class = c.reservation.for_cdb(&task.cdb);
+        if dev.reservations().check(nexus, class) == Access::Conflict {
+            task.reservation_conflict();
+            return Ok(Plan::NONE);
+        }
+    }
     // CONTROL byte: NACA (bit 2) is not supported (SAM-5 §5.9).
     let clen = cdb_len_of(task.opcode());
     if clen > 0 && task.cdb[clen - 1] & 0x04 != 0 {
         return Err(Sense::invalid_cdb_field(clen as u16 - 1, Some(2)));
     }
     let Some(cmd) = cmd.filter(|c| c.serves(dev)) else {
-        // A command the device serves, with a service action it does not: the field is
-        // wrong, not the opcode (SPC-4 §4.2.5.1).
-        let op = task.opcode();
-        if has_service_actions(op) && with_opcode(op).iter().any(|c| c.serves(dev)) {
+        // SPC-4 §4.2.5.1 (the SERVICE ACTION field): a service action the device server
+        // does not support, of an operation code it does, is an invalid field.
+        if with_opcode(task.cdb[0]).iter().any(|c| c.serves(dev)) {
             return Err(Sense::invalid_cdb_field(1, Some(4)));
         }
         return Err(invalid_opcode());
@@ -319,10 +383,25 @@ pub fn plan(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     Ok(plan)
 }
 
+/// Runs a planned reservation command ([`Run::Reservation`]) for `nexus`. Returns `None`,
+/// doing nothing, for any other task (the port runs those); otherwise the registered I_T
+/// nexuses whose tasks on the logical unit the transport must abort before it answers.
+pub fn execute_reservation(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Option<Vec<u64>> {
+    let Run::Reservation(run) = task.cmd?.run else {
+        return None;
+    };
+    if task.status != crate::scsi::task::STATUS_GOOD {
+        return Some(Vec::new());
+    }
+    Some(run(dev, task, nexus))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scsi::pr::test_nexus;
     use crate::scsi::spc::rsoc;
+    use crate::scsi::task::Plan;
     use std::sync::Arc;
 
     fn device(handler: &str, params: &[(&str, &str)]) -> Arc<Device> {
@@ -384,17 +463,16 @@ mod tests {
                 cdb[0] = op;
                 cdb[1] = sa;
                 let mut t = ScsiTask::new(&cdb[..cdb_len_of(op).max(6)], 0, 1);
-                // Refused as an unknown opcode, or as an unknown service action of a known
-                // one (INVALID FIELD IN CDB at the service action field): not accepted.
-                let known = plan(dev, &mut t).map(|_| true).unwrap_or_else(|s| {
-                    (s.key, s.asc, s.ascq)
-                        != (
-                            sense::ILLEGAL_REQUEST,
-                            sense::INVALID_COMMAND_OPERATION_CODE.0,
-                            sense::INVALID_COMMAND_OPERATION_CODE.1,
-                        )
-                        && s != Sense::invalid_cdb_field(1, Some(4))
-                });
+                let known = plan(dev, &mut t, &test_nexus())
+                    .map(|_| true)
+                    .unwrap_or_else(|s| {
+                        let code = (s.asc, s.ascq);
+                        let unknown_sa = has_service_actions(op)
+                            && code == sense::INVALID_FIELD_IN_CDB
+                            && s.field_pointer == Some((true, 1, Some(4)));
+                        s.key != sense::ILLEGAL_REQUEST
+                            || !(code == sense::INVALID_COMMAND_OPERATION_CODE || unknown_sa)
+                    });
                 if known {
                     let sa = if has_service_actions(op) {
                         u16::from(sa)
@@ -455,8 +533,90 @@ mod tests {
             cdb[0] = c.op;
             cdb[1] = c.sa.unwrap_or(0);
             let mut t = ScsiTask::new(&cdb[..c.usage.len()], 0, 1);
-            let not_ready = plan(&cd, &mut t).is_err_and(|s| s.key == sense::NOT_READY);
+            let not_ready =
+                plan(&cd, &mut t, &test_nexus()).is_err_and(|s| s.key == sense::NOT_READY);
             assert_eq!(not_ready, !c.works_without_medium, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn plan_reports_a_reservation_conflict_after_the_unit_attention() {
+        let d = device("vdisk_ramio", &[("size_mb", "1")]);
+        let a = Nexus::new("iqn.2026-01.test:a", [0x40, 0, 0, 0, 0, 1], 1);
+        let b = Nexus::new("iqn.2026-01.test:b", [0x40, 0, 0, 0, 0, 2], 1);
+        d.register_nexus(1, &a);
+        d.register_nexus(2, &b);
+        let run = |n: &Nexus, id: u64, cdb: &[u8]| {
+            let mut t = ScsiTask::new(cdb, 0, id);
+            let p = plan(&d, &mut t, n);
+            (p, t)
+        };
+        // A registers key 1 and reserves Exclusive Access; B and A have seen their UA.
+        let mut param = [0u8; 24];
+        param[15] = 1;
+        let o = d.reservations().persistent_reserve_out(
+            &a,
+            &[0x5f, 0, 0, 0, 0, 0, 0, 0, 24, 0],
+            &param,
+        );
+        assert_eq!(o.status, crate::scsi::pr::Status::Good);
+        param[7] = 1;
+        let mut t = ScsiTask::new(&[0x5f, 1, 0x03, 0, 0, 0, 0, 0, 24, 0], 0, 1);
+        plan(&d, &mut t, &a).unwrap_err(); // A's power on UA
+        plan(&d, &mut t, &a).unwrap();
+        let mut buf = crate::env::DataBuf::alloc(24).unwrap();
+        buf.write_at(0, &param);
+        t.buf = Some(buf);
+        assert_eq!(execute_reservation(&d, &mut t, &a), Some(Vec::new()));
+        assert_eq!(t.status, 0);
+        let read = [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        // B's pending unit attention comes before the conflict...
+        let (p, _) = run(&b, 2, &read);
+        assert_eq!(p.unwrap_err().key, sense::UNIT_ATTENTION);
+        // ...then its READ conflicts: no sense, nothing to move.
+        let (p, t) = run(&b, 2, &read);
+        assert_eq!(p, Ok(Plan::NONE));
+        assert_eq!(t.status, crate::scsi::task::STATUS_RESERVATION_CONFLICT);
+        assert_eq!(t.sense_len(), 0);
+        assert!(t.cmd.is_none());
+        // INQUIRY and TEST UNIT READY go through; the holder reads.
+        let (p, t) = run(&b, 2, &[0x12, 0, 0, 0, 36, 0]);
+        assert!(p.is_ok() && t.status == 0);
+        let (p, t) = run(&b, 2, &[0, 0, 0, 0, 0, 0]);
+        assert!(p.is_ok() && t.status == 0);
+        let (p, t) = run(&a, 1, &read);
+        assert_eq!(p.map(|p| p.len), Ok(512));
+        assert_eq!(t.status, 0);
+    }
+
+    #[test]
+    fn reserve_6_conflicts_for_other_nexuses_until_release() {
+        let d = device("vdisk_ramio", &[("size_mb", "1")]);
+        let a = Nexus::new("iqn.2026-01.test:a", [0x40, 0, 0, 0, 0, 1], 1);
+        let b = Nexus::new("iqn.2026-01.test:b", [0x40, 0, 0, 0, 0, 2], 1);
+        let exec = |n: &Nexus, cdb: &[u8]| {
+            let mut t = ScsiTask::new(cdb, 0, 9);
+            plan(&d, &mut t, n).unwrap();
+            if t.status == 0 && execute_reservation(&d, &mut t, n).is_none() {
+                crate::scsi::ScsiPort::new().execute(&d, &mut t);
+            }
+            t.status
+        };
+        assert_eq!(exec(&a, &[0x16, 0, 0, 0, 0, 0]), 0);
+        assert_eq!(exec(&b, &[0, 0, 0, 0, 0, 0]), 0x18);
+        assert_eq!(exec(&b, &[0x16, 0, 0, 0, 0, 0]), 0x18);
+        // PERSISTENT RESERVE IN conflicts with a RESERVE, even for its holder.
+        assert_eq!(exec(&a, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 8, 0]), 0x18);
+        // RELEASE from another nexus is GOOD and changes nothing.
+        assert_eq!(exec(&b, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0);
+        assert_eq!(exec(&b, &[0, 0, 0, 0, 0, 0]), 0x18);
+        assert_eq!(exec(&a, &[0x17, 0, 0, 0, 0, 0]), 0);
+        assert_eq!(exec(&b, &[0, 0, 0, 0, 0, 0]), 0);
+        // A session that ends takes its RESERVE with it (SPC-2 §5.5.1).
+        d.register_nexus(3, &b);
+        assert_eq!(exec(&b, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0]), 0);
+        assert_eq!(exec(&a, &[0, 0, 0, 0, 0, 0]), 0x18);
+        d.unregister_nexus(3);
+        assert_eq!(exec(&a, &[0, 0, 0, 0, 0, 0]), 0);
     }
 }

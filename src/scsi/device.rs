@@ -10,7 +10,7 @@ use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
 use crate::scsi::alua::LuAlua;
-use crate::scsi::pr::{Reservations, Snapshot};
+use crate::scsi::pr::{Nexus, OutOutcome, Reservations, Snapshot};
 use crate::scsi::sense::Format;
 use crate::util::quote;
 
@@ -104,6 +104,9 @@ pub struct Device {
     ua: Mutex<HashMap<u64, Vec<(u8, u8)>>>,
     /// Fast path: whether any unit attention is pending at all.
     ua_pending: AtomicBool,
+    /// The registered I_T nexuses as persistent reservations name them (initiator port and
+    /// target port), by the transport's id: whom a PERSISTENT RESERVE OUT reaches.
+    nexuses: Mutex<HashMap<u64, Nexus>>,
     /// The I_T nexuses that prevent medium removal.
     prevent: Mutex<Vec<u64>>,
     /// Whether the (removable) medium is loaded.
@@ -372,6 +375,7 @@ impl Device {
             ident: Mutex::new(default_ident.clone()),
             default_ident,
             ua: Mutex::new(HashMap::new()),
+            nexuses: Mutex::new(HashMap::new()),
             ua_pending: AtomicBool::new(false),
             prevent: Mutex::new(Vec::new()),
             sanitize: AtomicU8::new(Sanitize::Idle as u8),
@@ -1145,13 +1149,17 @@ impl Device {
         Ok(())
     }
 
-    /// A new I_T nexus sees POWER ON, RESET, OR BUS DEVICE RESET OCCURRED first (SAM-5).
-    pub fn register_nexus(&self, nexus: u64) {
+    /// A new I_T nexus, `nexus` to the transport and `pr` to persistent reservations, sees
+    /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED first (SAM-5).
+    pub fn register_nexus(&self, nexus: u64, pr: &Nexus) {
         let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
         ua.insert(nexus, vec![(0x29, 0x00)]);
         self.ua_pending.store(true, Ordering::Release);
+        drop(ua);
+        self.lock_nexuses().insert(nexus, pr.clone());
     }
 
+    /// The I_T nexus is gone (SAM-5 I_T nexus loss).
     pub fn unregister_nexus(&self, nexus: u64) {
         let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
         ua.remove(&nexus);
@@ -1159,8 +1167,38 @@ impl Device {
             self.ua_pending.store(false, Ordering::Release);
         }
         drop(ua);
-        // A nexus that goes away releases its PREVENT (SPC-4 §6.13).
+        // A nexus that goes away releases its PREVENT (SPC-4 §6.13) and its RESERVE (SPC-2
+        // §5.5.1), unless a newer session of the same I_T nexus (one that reinstated it) is
+        // registered still.
         self.set_prevent_removal(nexus, false);
+        let mut nexuses = self.lock_nexuses();
+        if let Some(pr) = nexuses.remove(&nexus) {
+            if !nexuses.values().any(|n| *n == pr) {
+                drop(nexuses);
+                self.pr.nexus_lost(&pr);
+            }
+        }
+    }
+
+    fn lock_nexuses(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Nexus>> {
+        self.nexuses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Establishes the unit attentions a PERSISTENT RESERVE OUT leaves for the registered
+    /// I_T nexuses (SPC-4 §5.13.11), and returns those whose tasks its PREEMPT AND ABORT
+    /// aborts (SPC-4 §5.13.11.2.4).
+    pub fn deliver_reservation_outcome(&self, o: &OutOutcome) -> Vec<u64> {
+        let nexuses = self.lock_nexuses();
+        let mut aborts = Vec::new();
+        for (&id, n) in nexuses.iter() {
+            for (asc, ascq) in o.unit_attentions_for(n) {
+                self.add_ua(id, asc, ascq);
+            }
+            if o.aborts(n) {
+                aborts.push(id);
+            }
+        }
+        aborts
     }
 
     /// Queues a unit attention for every I_T nexus.
@@ -1432,8 +1470,14 @@ mod tests {
     fn unit_attentions() {
         let d = Device::create("vdisk_nullio", "n0", &[]).unwrap();
         assert_eq!(d.take_ua(1), None);
-        d.register_nexus(1);
-        d.register_nexus(2);
+        d.register_nexus(
+            1,
+            &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 1], 1),
+        );
+        d.register_nexus(
+            2,
+            &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 2], 1),
+        );
         assert_eq!(d.take_ua(1), Some((0x29, 0)));
         assert_eq!(d.take_ua(1), None);
         d.add_ua_others(2, 0x29, 0x03);
@@ -1515,7 +1559,10 @@ mod tests {
             .to_string()
             .contains("read-only"));
         // resync_size picks up a grown file and raises CAPACITY DATA HAS CHANGED.
-        d.register_nexus(1);
+        d.register_nexus(
+            1,
+            &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 1], 1),
+        );
         d.take_ua(1);
         std::fs::OpenOptions::new()
             .write(true)
@@ -1626,7 +1673,10 @@ mod tests {
         assert_eq!(d.get_attr("filename").unwrap(), "");
         assert!(d.get_attr("blocksize").is_none());
         assert!(Device::create("vcdrom", "cd1", &p(&[("filename", "/x.iso")])).is_err());
-        d.register_nexus(4);
+        d.register_nexus(
+            4,
+            &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 4], 1),
+        );
         d.take_ua(4);
         d.set_attr("filename", iso.to_str().unwrap()).unwrap();
         assert!(d.medium_present());

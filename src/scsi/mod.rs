@@ -8,9 +8,9 @@
 //! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE and SELECT, LOG SENSE, REQUEST SENSE,
 //! REPORT LUNS, REPORT SUPPORTED OPERATION CODES and TASK MANAGEMENT FUNCTIONS, TEST UNIT
 //! READY, PREVENT ALLOW MEDIUM REMOVAL, REPORT and SET TARGET PORT GROUPS, which [`alua`]
-//! runs), [`sbc::COMMANDS`] (READ, WRITE, VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE,
-//! ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET LBA STATUS, READ CAPACITY, READ DEFECT DATA,
-//! START STOP UNIT) and
+//! runs, and the reservation commands of [`spc::reserve`]), [`sbc::COMMANDS`] (READ, WRITE,
+//! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET
+//! LBA STATUS, READ CAPACITY, READ DEFECT DATA, SANITIZE, START STOP UNIT) and
 //! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
 //! command: its name, opcode and service action, its CDB usage data, the device types that
 //! serve it (and a further condition, such as UNMAP only on thin provisioned devices),
@@ -22,9 +22,11 @@
 //! [`command::COMMANDS`] merges the three lists at compile time, sorted by opcode and
 //! service action (the build fails on a duplicate), with a 256-slot index by opcode, so
 //! that finding a READ's entry costs an array load. Everything reads that one table:
-//! [`plan`] (unit attention, CONTROL byte, device type, medium, then the entry's decode
-//! step), [`ScsiPort::execute`] (the entry `plan` recorded in the task), [`ua_applies`] and
-//! REPORT SUPPORTED OPERATION CODES ([`spc::rsoc`]). Execution goes through the port
+//! [`plan`] (unit attention, reservation conflict for the task's I_T nexus, CONTROL byte,
+//! device type, medium, then the entry's decode step), [`ScsiPort::execute`] (the entry
+//! `plan` recorded in the task; the reservation commands that act for an I_T nexus go
+//! through [`execute_reservation`] instead), [`ua_applies`] and REPORT SUPPORTED OPERATION
+//! CODES ([`spc::rsoc`]). Execution goes through the port
 //! ([`port`]): emulated commands complete at once, I/O goes to the device's channel on the
 //! reactor and comes back from [`ScsiPort::poll`].
 //!
@@ -37,8 +39,8 @@
 //!    range). Its emulate step, `fn(&Device, &mut ScsiTask)`, fills the Data-In buffer or
 //!    fails the task; commands that are backend I/O use [`command::Run::Io`] instead.
 //! 3. Its entry goes in its standard's `COMMANDS`, every field filled in: the reservation
-//!    and ALUA classes from the tables of SPC-4 §5.13.1 (and SBC-3's) and §5.15.2.4, even
-//!    before anything checks them. The unit tests of [`command`] check the usage data
+//!    class from the tables of SPC-4 §5.13.1 (and SBC-3's), which `plan` enforces, and the
+//!    ALUA class from §5.15.2.4. The unit tests of [`command`] check the usage data
 //!    against the CDB length and that REPORT SUPPORTED OPERATION CODES lists exactly what
 //!    the dispatcher accepts.
 #![forbid(unsafe_code)]
@@ -57,7 +59,7 @@ pub mod task;
 #[cfg(test)]
 mod tests;
 
-pub use command::{plan, ua_applies};
+pub use command::{execute_reservation, plan, ua_applies};
 pub use device::{Device, DeviceError};
 pub use port::{complete, Completion, Exec, ScsiPort};
 pub use spc::luns::{execute_no_lun, report_luns};

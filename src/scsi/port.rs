@@ -268,6 +268,15 @@ impl ScsiPort {
                 }
                 _ => Exec::Done,
             },
+            // The transport runs these, with the I_T nexus they need
+            // (`execute_reservation`); without one they cannot act.
+            Run::Reservation(_) => {
+                task.fail(Sense::new(
+                    sense::ILLEGAL_REQUEST,
+                    sense::INVALID_COMMAND_OPERATION_CODE,
+                ));
+                Exec::Done
+            }
             Run::Sanitize => self.execute_sanitize(dev, task),
         }
     }
@@ -899,6 +908,7 @@ pub(in crate::scsi) fn verify_compare(task: &mut ScsiTask, len: u32) {
 mod completion_tests {
     use super::*;
     use crate::scsi::command::plan;
+    use crate::scsi::pr::test_nexus;
     use crate::scsi::sbc::opcode::*;
 
     fn failed(e: BdevError, op: IoOp, block_size: u32, thin: bool) -> [u8; sense::FIXED_LEN] {
@@ -924,7 +934,7 @@ mod completion_tests {
         let d = Device::create("vdisk_ramio", "gone", &[("size_mb".into(), "1".into())]).unwrap();
         let mut port = ScsiPort::new();
         let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
-        plan(&d, &mut t).unwrap();
+        plan(&d, &mut t, &test_nexus()).unwrap();
         t.buf = DataBuf::alloc(512);
         assert_eq!(port.execute(&d, &mut t), Exec::Pending);
         let weak = Arc::downgrade(&d);
@@ -941,7 +951,7 @@ mod completion_tests {
     fn run_ring(port: &mut ScsiPort, d: &Arc<Device>, cdb: &[u8], data: Option<&[u8]>) -> ScsiTask {
         let mut t = ScsiTask::new(cdb, 0, 1);
         // A command refused before any I/O (e.g. NOT READY) comes back as it is.
-        let p = match plan(d, &mut t) {
+        let p = match plan(d, &mut t, &test_nexus()) {
             Ok(p) => p,
             Err(s) => {
                 t.fail(s);

@@ -28,7 +28,9 @@
 //! Nothing here reaches outside the state: a PERSISTENT RESERVE OUT returns an [`OutOutcome`]
 //! with the status, the unit attentions to establish for other I_T nexuses, the nexuses whose
 //! tasks PREEMPT AND ABORT aborts, and the file write that APTPL calls for. The caller carries
-//! them out.
+//! them out ([`crate::scsi::spc::reserve`], and the transport for the aborts). The conflict
+//! check reads each command's class from the command table
+//! ([`crate::scsi::command::Reservation`]).
 //!
 //! # Persist through power loss
 //!
@@ -47,10 +49,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::scsi::command::Reservation as CommandClass;
 use crate::scsi::sense::{self, Sense};
 
-/// SAM-5 §5.3: the status of a command that conflicts with a reservation.
-pub const STATUS_RESERVATION_CONFLICT: u8 = 0x18;
+pub use crate::scsi::task::STATUS_RESERVATION_CONFLICT;
 
 /// Operation codes of the reservation commands (SPC-4 §6.15, §6.16; SPC-2 for RESERVE and
 /// RELEASE).
@@ -254,6 +256,12 @@ impl Nexus {
             isid: Some(self.isid),
         }
     }
+}
+
+/// The I_T nexus unit tests send their commands from.
+#[cfg(test)]
+pub(crate) fn test_nexus() -> Nexus {
+    Nexus::new("iqn.2026-01.test:initiator", [0x40, 0, 0, 0, 0, 1], 1)
 }
 
 impl fmt::Display for Nexus {
@@ -498,79 +506,6 @@ impl Access {
             Access::Allowed
         } else {
             Access::Conflict
-        }
-    }
-}
-
-/// How a command fares in the presence of reservations. The classes are the rows of the
-/// tables of commands allowed in the presence of various reservations: SPC-4 §5.13.1 for
-/// SPC commands, SBC-3's (reservations) for block commands, each with the column of an
-/// SPC-2 RESERVE held by another I_T nexus (SPC-2 §5.5.1). The dispatcher names each
-/// command's class; commands whose class depends on the CDB have a constructor here.
-///
-/// | class | SPC-2 RESERVE of another | WE/EA, not holder | RO/AR, registered | RO/AR, not registered |
-/// |---|---|---|---|---|
-/// | `Unrestricted` | allowed | allowed | allowed | allowed |
-/// | `TestUnitReady` | conflict | allowed | allowed | allowed |
-/// | `Read` | conflict | WE: allowed, EA: conflict | allowed | WE: allowed, EA: conflict |
-/// | `Write` | conflict | conflict | allowed | conflict |
-/// | `PersistentReserveIn` | conflict, even for the holder | allowed | allowed | allowed |
-/// | `PersistentReserveOut` | conflict, even for the holder | by service action | by service action | by service action |
-/// | `ReserveRelease` | by [`Reservations::reserve`]/[`Reservations::release`] | same | same | same |
-///
-/// The persistent reservation holder and the SPC-2 reservation holder may run anything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum CommandClass {
-    /// Allowed whatever the reservation: INQUIRY, REPORT LUNS, REQUEST SENSE, LOG SENSE,
-    /// READ CAPACITY(10)/(16), REPORT TARGET PORT GROUPS, PREVENT ALLOW MEDIUM REMOVAL with
-    /// PREVENT=0, START STOP UNIT with START=1 and POWER CONDITION=0 (SPC-4, SBC-3 and
-    /// SPC-2 allow them all).
-    Unrestricted,
-    /// TEST UNIT READY: SPC-4 allows it through every persistent reservation; SPC-2 lets
-    /// only the holder of a RESERVE run it.
-    TestUnitReady,
-    /// Reads the medium or the device's state: READ(6/10/12/16), VERIFY(10/12/16),
-    /// PRE-FETCH(10/16), GET LBA STATUS, MODE SENSE(6/10), READ BUFFER, RECEIVE DIAGNOSTIC
-    /// RESULTS, REPORT SUPPORTED OPERATION CODES, REPORT SUPPORTED TASK MANAGEMENT
-    /// FUNCTIONS, SECURITY PROTOCOL IN, and MMC's READ TOC/PMA/ATIP, READ DISC INFORMATION,
-    /// GET CONFIGURATION, GET EVENT STATUS NOTIFICATION. Write Exclusive types let every
-    /// nexus through; Exclusive Access types only the holder (and, for registrants only and
-    /// all registrants types, the registrants).
-    Read,
-    /// Changes the medium or the device's state: WRITE(6/10/12/16), WRITE AND
-    /// VERIFY(10/12/16), WRITE SAME(10/16), UNMAP, COMPARE AND WRITE, ORWRITE(16),
-    /// SYNCHRONIZE CACHE(10/16), FORMAT UNIT, MODE SELECT(6/10), LOG SELECT, WRITE BUFFER,
-    /// SEND DIAGNOSTIC, EXTENDED COPY, PREVENT ALLOW MEDIUM REMOVAL with PREVENT≠0, START
-    /// STOP UNIT otherwise. Only the holder, or a registrant of a registrants only or all
-    /// registrants type.
-    Write,
-    /// PERSISTENT RESERVE IN: allowed through persistent reservations; SPC-2 §5.5.1 has every
-    /// one conflict with a RESERVE, whoever holds it.
-    PersistentReserveIn,
-    /// PERSISTENT RESERVE OUT: [`Reservations::persistent_reserve_out`] applies SPC-4's table
-    /// of service actions allowed in the presence of reservations (REGISTER from anyone;
-    /// RESERVE, RELEASE, CLEAR, PREEMPT from registrants...). Conflicts with any RESERVE.
-    PersistentReserveOut,
-    /// RESERVE(6)/(10) and RELEASE(6)/(10): [`Reservations::reserve`] and
-    /// [`Reservations::release`] decide (SPC-2 §5.5.1, SPC-4 §5.13.3).
-    ReserveRelease,
-}
-
-impl CommandClass {
-    /// PREVENT ALLOW MEDIUM REMOVAL: allowing removal (PREVENT field 0) is never a conflict.
-    pub fn prevent_allow(cdb: &[u8]) -> CommandClass {
-        if cdb.get(4).is_some_and(|b| b & 0x03 != 0) {
-            CommandClass::Write
-        } else {
-            CommandClass::Unrestricted
-        }
-    }
-
-    /// START STOP UNIT: starting the unit (START=1, POWER CONDITION 0h) is never a conflict.
-    pub fn start_stop_unit(cdb: &[u8]) -> CommandClass {
-        match cdb.get(4) {
-            Some(b) if b & 0xf0 == 0 && b & 0x01 != 0 => CommandClass::Unrestricted,
-            _ => CommandClass::Write,
         }
     }
 }
@@ -837,25 +772,31 @@ impl State {
 
     fn access(&self, n: &Nexus, class: CommandClass) -> Access {
         use CommandClass as C;
+        // Classes that depend on the CDB come resolved (`for_cdb`); unresolved, the stricter
+        // reading holds.
+        let class = match class {
+            C::PreventAllow | C::StartStop => C::Write,
+            c => c,
+        };
         let allowed = Access::from_allowed;
         if let Some(h) = &self.spc2 {
             // SPC-2 §5.5.1: persistent reservation commands conflict with any RESERVE.
             return allowed(match class {
                 C::PersistentReserveIn | C::PersistentReserveOut => false,
-                C::Unrestricted | C::ReserveRelease => true,
-                C::TestUnitReady | C::Read | C::Write => h == n,
+                C::Allowed | C::ReserveRelease => true,
+                C::TestUnitReady | C::Read | C::Write | C::PreventAllow | C::StartStop => h == n,
             });
         }
         let Some(res) = self.res else {
             return Access::Allowed;
         };
         match class {
-            C::Unrestricted
+            C::Allowed
             | C::TestUnitReady
             | C::PersistentReserveIn
             | C::PersistentReserveOut
             | C::ReserveRelease => return Access::Allowed,
-            C::Read | C::Write => {}
+            C::Read | C::Write | C::PreventAllow | C::StartStop => {}
         }
         if self.is_holder(n) {
             return Access::Allowed;
@@ -1460,6 +1401,12 @@ impl Reservations {
     fn publish(&self, st: &State) {
         let reserved = st.res.is_some() || st.spc2.is_some();
         self.reserved.store(u8::from(reserved), Ordering::Release);
+    }
+
+    /// Whether a reservation (persistent or SPC-2) exists, the only time a command can
+    /// conflict: one relaxed atomic load, for the dispatcher's fast path.
+    pub fn is_reserved(&self) -> bool {
+        self.reserved.load(Ordering::Relaxed) != 0
     }
 
     /// Whether `nexus` may run a command of `class` now (SPC-4 §5.13.1, SPC-2 §5.5.1). Without
@@ -2289,7 +2236,7 @@ mod tests {
             assert_eq!(rw(&r, &s), stranger, "{ty:?} non-registrant");
             for n in [&h, &g, &s] {
                 for class in [
-                    C::Unrestricted,
+                    C::Allowed,
                     C::TestUnitReady,
                     C::PersistentReserveIn,
                     C::PersistentReserveOut,
@@ -3372,7 +3319,7 @@ mod tests {
         assert_eq!(rw(&r, &b), (Conflict, Conflict));
         assert_eq!(r.check(&b, C::TestUnitReady), Conflict);
         assert_eq!(r.check(&a, C::TestUnitReady), Allowed);
-        assert_eq!(r.check(&b, C::Unrestricted), Allowed);
+        assert_eq!(r.check(&b, C::Allowed), Allowed);
         assert_eq!(r.check(&b, C::ReserveRelease), Allowed);
         // Persistent reservation commands conflict, even from the holder.
         for n in [&a, &b] {
@@ -3465,31 +3412,13 @@ mod tests {
 
     #[test]
     fn classes_that_depend_on_the_cdb() {
-        assert_eq!(
-            CommandClass::prevent_allow(&[0x1e, 0, 0, 0, 0, 0]),
-            C::Unrestricted
-        );
-        assert_eq!(
-            CommandClass::prevent_allow(&[0x1e, 0, 0, 0, 1, 0]),
-            C::Write
-        );
-        assert_eq!(
-            CommandClass::start_stop_unit(&[0x1b, 0, 0, 0, 0x01, 0]),
-            C::Unrestricted
-        );
-        assert_eq!(
-            CommandClass::start_stop_unit(&[0x1b, 0, 0, 0, 0x00, 0]),
-            C::Write
-        );
-        assert_eq!(
-            CommandClass::start_stop_unit(&[0x1b, 0, 0, 0, 0x03, 0]),
-            C::Unrestricted
-        );
-        assert_eq!(
-            CommandClass::start_stop_unit(&[0x1b, 0, 0, 0, 0x11, 0]),
-            C::Write
-        );
-        assert_eq!(CommandClass::start_stop_unit(&[0x1b]), C::Write);
+        assert_eq!(C::PreventAllow.for_cdb(&[0x1e, 0, 0, 0, 0, 0]), C::Allowed);
+        assert_eq!(C::PreventAllow.for_cdb(&[0x1e, 0, 0, 0, 1, 0]), C::Write);
+        assert_eq!(C::StartStop.for_cdb(&[0x1b, 0, 0, 0, 0x01, 0]), C::Allowed);
+        assert_eq!(C::StartStop.for_cdb(&[0x1b, 0, 0, 0, 0x00, 0]), C::Write);
+        assert_eq!(C::StartStop.for_cdb(&[0x1b, 0, 0, 0, 0x03, 0]), C::Allowed);
+        assert_eq!(C::StartStop.for_cdb(&[0x1b, 0, 0, 0, 0x11, 0]), C::Write);
+        assert_eq!(C::StartStop.for_cdb(&[0x1b]), C::Write);
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::scsi::sense::{self, Sense};
 /// SAM-5 status codes.
 pub const STATUS_GOOD: u8 = 0x00;
 pub const STATUS_CHECK_CONDITION: u8 = 0x02;
+/// The command conflicts with a reservation (SAM-5 §5.3.1): no sense data.
+pub const STATUS_RESERVATION_CONFLICT: u8 = 0x18;
 pub const STATUS_TASK_SET_FULL: u8 = 0x28;
 pub const STATUS_TASK_ABORTED: u8 = 0x40;
 
@@ -156,6 +158,13 @@ impl ScsiTask {
     pub fn fail(&mut self, s: Sense) {
         self.status = STATUS_CHECK_CONDITION;
         (self.sense, self.sense_len) = s.encode(self.sense_format);
+        self.data_in_len = 0;
+    }
+
+    /// Ends the task with RESERVATION CONFLICT, without sense data or Data-In.
+    pub fn reservation_conflict(&mut self) {
+        self.status = STATUS_RESERVATION_CONFLICT;
+        self.sense_len = 0;
         self.data_in_len = 0;
     }
 

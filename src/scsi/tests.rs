@@ -8,6 +8,7 @@ use crate::scsi::command::{lookup, plan, ua_applies, COMMANDS};
 use crate::scsi::device::Device;
 use crate::scsi::mmc;
 use crate::scsi::port::*;
+use crate::scsi::pr::test_nexus;
 use crate::scsi::sbc::max_compare_and_write_blocks;
 use crate::scsi::sbc::opcode::*;
 use crate::scsi::sense;
@@ -119,7 +120,7 @@ fn sai16(sa: u8, lba: u64, alloc: u32) -> [u8; 16] {
 /// Runs a command to completion the way the transport does.
 fn run(d: &Arc<Device>, cdb: &[u8], data_out: Option<&[u8]>) -> ScsiTask {
     let mut t = ScsiTask::new(cdb, 0, 7);
-    let plan = match plan(d, &mut t) {
+    let plan = match plan(d, &mut t, &test_nexus()) {
         Ok(p) => p,
         Err(s) => {
             t.fail(s);
@@ -263,7 +264,10 @@ fn inquiry_and_capacity() {
 #[test]
 fn unit_attention_then_clear() {
     let d = dev();
-    d.register_nexus(7);
+    d.register_nexus(
+        7,
+        &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 7], 1),
+    );
     let t = run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None);
     assert_eq!(asc(&t), (6, 0x29, 0));
     assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
@@ -330,8 +334,14 @@ fn control_page_list(d: &Arc<Device>) -> Vec<u8> {
 #[test]
 fn mode_select_swp_d_sense_and_the_unit_attention() {
     let d = dev();
-    d.register_nexus(7);
-    d.register_nexus(8);
+    d.register_nexus(
+        7,
+        &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 7], 1),
+    );
+    d.register_nexus(
+        8,
+        &crate::scsi::pr::Nexus::new("iqn.test", [0, 0, 0, 0, 0, 8], 1),
+    );
     assert_eq!(d.take_ua(7), Some((0x29, 0)));
     assert_eq!(d.take_ua(8), Some((0x29, 0)));
     // SWP and D_SENSE on.
@@ -510,7 +520,7 @@ fn read_only_lun_refuses_writes() {
     let d = dev();
     let mut t = ScsiTask::new(&[WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
     t.read_only = true;
-    let s = plan(&d, &mut t).unwrap_err();
+    let s = plan(&d, &mut t, &test_nexus()).unwrap_err();
     t.fail(s);
     assert_eq!(asc(&t), (7, 0x27, 0));
 }
@@ -535,7 +545,7 @@ fn a_shortened_write_touches_only_the_blocks_sent() {
     run(&d, &[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], Some(&[b'a'; 1024]));
     // WRITE(10) of two blocks of which the transport delivers one.
     let mut t = ScsiTask::new(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
-    let p = plan(&d, &mut t).unwrap();
+    let p = plan(&d, &mut t, &test_nexus()).unwrap();
     assert_eq!(p.len, 1024);
     assert!(
         !t.limit_write(200, 512),
@@ -561,7 +571,7 @@ fn a_shortened_write_touches_only_the_blocks_sent() {
     );
     // A read cannot be shortened this way.
     let mut r = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], 0, 7);
-    plan(&d, &mut r).unwrap();
+    plan(&d, &mut r, &test_nexus()).unwrap();
     assert!(!r.limit_write(512, 512));
 }
 
@@ -671,7 +681,7 @@ fn unmap_checks() {
     // Read-only LUN.
     let mut t = ScsiTask::new(&unmap_cdb(24), 0, 7);
     t.read_only = true;
-    let s = plan(&d, &mut t).unwrap_err();
+    let s = plan(&d, &mut t, &test_nexus()).unwrap_err();
     t.fail(s);
     assert_eq!(asc(&t), (7, 0x27, 0));
     // Not thin provisioned: the command does not exist.
@@ -695,7 +705,7 @@ fn write_same_writes_the_block_over_the_range() {
     assert!(x[5 * 512..].iter().all(|&v| v == 0));
     // WRITE SAME (16) with NDOB writes zeros without Data-Out.
     let mut t = ScsiTask::new(&ws16(3, 2, 0x01), 0, 7);
-    assert_eq!(plan(&d, &mut t).unwrap().dir, DataDir::None);
+    assert_eq!(plan(&d, &mut t, &test_nexus()).unwrap().dir, DataDir::None);
     let t = run(&d, &ws16(3, 2, 0x01), None);
     assert_eq!(t.status, 0);
     assert!(read(&d, 3, 2).iter().all(|&v| v == 0));
@@ -707,7 +717,7 @@ fn write_same_writes_the_block_over_the_range() {
     assert!(read(&d, (n - 3) as u32, 3).iter().all(|&v| v == 0x77));
     // A WRITE SAME cannot be shortened to part of its one block.
     let mut t = ScsiTask::new(&ws10(0, 4, 0), 0, 7);
-    assert_eq!(plan(&d, &mut t).unwrap().len, 512);
+    assert_eq!(plan(&d, &mut t, &test_nexus()).unwrap().len, 512);
     assert!(!t.limit_write(256, 512));
 }
 
@@ -764,7 +774,7 @@ fn write_same_checks() {
     for cdb in [&ws10(0, 1, 0)[..], &ws16(0, 1, 0x08)[..]] {
         let mut t = ScsiTask::new(cdb, 0, 7);
         t.read_only = true;
-        let s = plan(&thin(), &mut t).unwrap_err();
+        let s = plan(&thin(), &mut t, &test_nexus()).unwrap_err();
         t.fail(s);
         assert_eq!(asc(&t), (7, 0x27, 0));
     }
@@ -817,8 +827,8 @@ fn get_lba_status() {
         asc(&run(&d, &sai16(0x12, u64::MAX, 24), None)),
         (5, 0x21, 0)
     );
-    // The allocation length truncates; an unknown service action of a known opcode is an
-    // invalid field (SPC-4), not an invalid opcode.
+    // The allocation length truncates; an unknown service action of a known operation
+    // code is an invalid field (SPC-4 §4.2.5.1).
     assert_eq!(run(&d, &sai16(0x12, 0, 16), None).data_in_len, 16);
     assert_eq!(asc(&run(&d, &sai16(0x13, 0, 16), None)), (5, 0x24, 0));
 }
@@ -1007,7 +1017,7 @@ fn prevent_allow_and_eject() {
     assert_eq!(run(&d, &[TEST_UNIT_READY, 0, 0, 0, 0, 0], None).status, 0);
     // Another nexus still sees it prevented.
     let mut t = ScsiTask::new(&eject, 0, 8);
-    let s = plan(&d, &mut t).unwrap_err();
+    let s = plan(&d, &mut t, &test_nexus()).unwrap_err();
     t.fail(s);
     assert_eq!(run(&d, &[PREVENT_ALLOW, 0, 0, 0, 0, 0], None).status, 0);
     assert!(!d.removal_prevented());
@@ -1172,12 +1182,12 @@ fn compare_and_write_checks_its_cdb_and_data_length() {
     cdb[13] = 1;
     let mut t = ScsiTask::new(&cdb, 0, 7);
     t.data_out_len = Some(512);
-    let s = plan(&d, &mut t).unwrap_err();
+    let s = plan(&d, &mut t, &test_nexus()).unwrap_err();
     t.fail(s);
     assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x24, 0x00));
     let mut t = ScsiTask::new(&cdb, 0, 7);
     t.data_out_len = Some(1024);
-    assert_eq!(plan(&d, &mut t).map(|p| p.len), Ok(1024));
+    assert_eq!(plan(&d, &mut t, &test_nexus()).map(|p| p.len), Ok(1024));
     // Past the end, and with WRPROTECT set.
     cdb[2..10].copy_from_slice(&(d.num_blocks()).to_be_bytes());
     assert_eq!(
@@ -1235,7 +1245,7 @@ fn a_delayed_read_tells_the_reactor_when_to_wake() {
     d.set_attr("fault_delay_us", &delay.as_micros().to_string())
         .unwrap();
     let mut t = ScsiTask::new(&[READ_10, 0, 0, 0, 0, 3, 0, 0, 1, 0], 0, 7);
-    plan(&d, &mut t).unwrap();
+    plan(&d, &mut t, &test_nexus()).unwrap();
     t.buf = Some(DataBuf::alloc(512).unwrap());
     let mut port = ScsiPort::new();
     assert_eq!(port.next_deadline(), None);
@@ -1278,7 +1288,7 @@ fn read_modify_writes_wait_for_an_overlapping_one() {
     cdb[9] = 8;
     cdb[13] = 1;
     let mut t = ScsiTask::new(&cdb, 0, 7);
-    plan(&d, &mut t).unwrap();
+    plan(&d, &mut t, &test_nexus()).unwrap();
     let mut b = DataBuf::alloc(512).unwrap();
     b.write_at(0, &[0x80; 512]);
     t.buf = Some(b);
@@ -1319,7 +1329,7 @@ fn an_aborted_read_modify_write_never_writes() {
         cdb[13] = 1;
         let mut t = ScsiTask::new(&cdb, 0, 7);
         t.tag = tag;
-        plan(&d, &mut t).unwrap();
+        plan(&d, &mut t, &test_nexus()).unwrap();
         let mut b = DataBuf::alloc(512).unwrap();
         b.write_at(0, &[0x80; 512]);
         t.buf = Some(b);
@@ -1457,7 +1467,7 @@ fn overwrite_list(pattern: &[u8]) -> Vec<u8> {
 
 /// Starts a command on `port` as the transport does; `None` when planning refused it.
 fn start(port: &mut ScsiPort, d: &Arc<Device>, t: &mut ScsiTask, data_out: &[u8]) -> Option<Exec> {
-    match plan(d, t) {
+    match plan(d, t, &test_nexus()) {
         Ok(p) => {
             if p.len > 0 {
                 let mut b = DataBuf::alloc(p.len as usize).unwrap();

@@ -141,16 +141,21 @@ impl Conn {
                 return None;
             }
         }
-        let target = self.sess.as_ref().and_then(|s| s.target.as_deref())?;
-        let entry = target.lun(lun_id)?;
+        let sess = self.sess.as_ref()?;
+        let entry = sess.target.as_deref().and_then(|tg| tg.lun(lun_id))?;
         t.scsi.read_only = entry.read_only;
         // The target port and its asymmetric access state for this LU: one atomic load.
-        t.scsi.rel_tgt_id = target.rel_tgt_id;
+        t.scsi.rel_tgt_id = sess.target.as_deref().map_or(1, |tg| tg.rel_tgt_id);
         if let Some(s) = &entry.alua {
             t.scsi.access_state = s.state();
         }
         t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
-        let plan = match scsi::plan(&entry.device, &mut t.scsi) {
+        let plan = match scsi::plan(&entry.device, &mut t.scsi, &sess.pr_nexus) {
+            // A reservation conflict: ended at once, as a refusal.
+            Ok(_) if t.scsi.status != STATUS_GOOD => {
+                self.finish_task(slot, cx);
+                return None;
+            }
             Ok(p) => p,
             Err(sense) => {
                 // Refused before any data moved (bad CDB, LBA out of range, UA, ...).
@@ -474,10 +479,79 @@ impl Conn {
             return;
         };
         t.state = TaskState::Executing;
+        let sess = self.sess.as_ref();
+        if let Some(pr) = sess.map(|s| &s.pr_nexus) {
+            if let Some(aborts) = scsi::execute_reservation(&entry.device, &mut t.scsi, pr) {
+                let device = entry.device.clone();
+                self.preempt_and_abort(slot, device, aborts, cx);
+                return;
+            }
+        }
         match cx.port.execute(&entry.device, &mut t.scsi) {
             Exec::Done => self.finish_task(slot, cx),
             Exec::Pending => t.in_backend = true,
         }
+    }
+
+    /// Ends a reservation command that has run. PREEMPT AND ABORT (SPC-4 §5.13.11.2.4)
+    /// aborts the tasks of the preempted I_T nexuses on the logical unit first: this
+    /// nexus's own here, without a response (SAM-5: the nexus that caused it), those of other
+    /// nexuses on every reactor, with TASK ABORTED (TAS=1 in our control mode page); the
+    /// command's status goes once every reactor has done so.
+    fn preempt_and_abort(
+        &mut self,
+        slot: usize,
+        device: std::sync::Arc<scsi::Device>,
+        mut aborts: Vec<u64>,
+        cx: &mut ConnCtx<'_>,
+    ) {
+        let Some(sess) = self.sess.as_ref() else {
+            return;
+        };
+        let own = sess.nexus;
+        let Some(target) = sess.target.as_ref() else {
+            return;
+        };
+        let luns: Vec<u64> = target
+            .luns
+            .iter()
+            .filter(|l| std::sync::Arc::ptr_eq(&l.device, &device))
+            .map(|l| l.lun)
+            .collect();
+        let target = target.name.clone();
+        if aborts.contains(&own) {
+            let mine: Vec<usize> = self
+                .tasks
+                .slots()
+                .filter(|&(i, x)| i != slot && luns.contains(&x.lun))
+                .map(|(i, _)| i)
+                .collect();
+            for s in mine {
+                self.abort_slot(s, cx.port);
+            }
+            aborts.retain(|&n| n != own);
+        }
+        let Some(itt) = self.tasks.get(slot).map(|t| t.itt) else {
+            return;
+        };
+        if aborts.is_empty() {
+            self.finish_task(slot, cx);
+            return;
+        }
+        self.tmf_out.push((
+            super::AbortScope {
+                target,
+                lun: None,
+                requester: own,
+                close: false,
+                preempted: Some(super::Preempted {
+                    device,
+                    nexuses: aborts,
+                }),
+            },
+            itt,
+        ));
+        self.pr_waits.push((itt, slot));
     }
 
     /// A backend completion for one of this connection's tasks.
@@ -514,6 +588,12 @@ impl Conn {
 
     /// Builds the Data-In PDUs and/or the SCSI Response of a finished task.
     fn finish_task(&mut self, slot: usize, _cx: &mut ConnCtx<'_>) {
+        self.respond_now(slot);
+    }
+
+    /// Builds the response of a finished task (what [`Conn::finish_task`] does, for callers
+    /// without the reactor's context).
+    pub(super) fn respond_now(&mut self, slot: usize) {
         if let Some(t) = self.tasks.get_mut(slot) {
             t.state = TaskState::Responding;
         }

@@ -12,6 +12,7 @@ use crate::iscsi::negotiate::{SessionParams, SessionType};
 use crate::iscsi::pdu::{self, Pdu, BHS_LEN};
 use crate::iscsi::registry::{ConnInfo, SessionInfo};
 use crate::iscsi::tx::{TxData, TxPdu};
+use crate::scsi;
 
 use super::{opcode_name, Conn, ConnCtx, PduHeader, Phase, Session, LOGIN_MAX_DATA};
 
@@ -361,6 +362,11 @@ impl Conn {
             SessionType::Discovery => None,
         };
         let nexus = (u64::from(tsih) << 48) | isid_u48(&isid);
+        let pr_nexus = scsi::pr::Nexus::new(
+            &params.initiator_name,
+            isid,
+            target.as_ref().map_or(0, |t| t.rel_tgt_id),
+        );
         if let Some(t) = &target {
             // Session reinstatement (RFC 7143 §6.3.5): a login with TSIH 0 whose InitiatorName
             // and ISID match a running session replaces it. The old session leaves the
@@ -397,7 +403,7 @@ impl Conn {
             });
             cx.shared.registry.add(info.clone());
             for l in &t.luns {
-                l.device.register_nexus(nexus);
+                l.device.register_nexus(nexus, &pr_nexus);
             }
             info!(
                 "{}: session {:x} of {} logged in to {}",
@@ -415,6 +421,7 @@ impl Conn {
             max_cmd_sn: cmd_sn.wrapping_add(queued - 1),
             pending_ua: Vec::new(),
             nexus,
+            pr_nexus,
         });
     }
 }

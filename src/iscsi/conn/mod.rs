@@ -117,6 +117,9 @@ struct Session {
     /// Unit attentions of this I_T nexus raised by the transport (LUN map changes).
     pending_ua: Vec<(u8, u8)>,
     nexus: u64,
+    /// The I_T nexus as persistent reservations name it (InitiatorName, ISID, the target's
+    /// relative port), built once at login and lent to every command.
+    pr_nexus: scsi::pr::Nexus,
 }
 
 /// Everything a connection needs from its reactor while it handles events.
@@ -187,7 +190,10 @@ pub struct Conn {
     rx_data_digest: bool,
     /// A task management function that reaches other sessions, for the reactor to hand to
     /// every reactor; its response (ITT) waits until all have applied it.
-    tmf_out: Option<(AbortScope, u32)>,
+    /// A PERSISTENT RESERVE OUT's PREEMPT AND ABORT hands its aborts to every reactor the
+    /// same way; its response is then `pr_waits` (ITT, task slot).
+    tmf_out: Vec<(AbortScope, u32)>,
+    pr_waits: Vec<(u32, usize)>,
     /// A TARGET COLD RESET: close after its response.
     close_after_tmf: bool,
     /// Task management responses (ITT, response) held until every task they aborted is
@@ -217,6 +223,26 @@ pub struct AbortScope {
     pub requester: u64,
     /// TARGET COLD RESET: close every session of the target.
     pub close: bool,
+    /// PREEMPT AND ABORT: only the tasks of these I_T nexuses on the LUNs of this device,
+    /// through whichever target (the target and `lun` above do not apply).
+    pub preempted: Option<Preempted>,
+}
+
+/// The tasks a PREEMPT AND ABORT aborts beyond its own I_T nexus: those of `nexuses` on
+/// the LUNs that export `device`.
+#[derive(Clone)]
+pub struct Preempted {
+    pub device: Arc<crate::scsi::Device>,
+    pub nexuses: Vec<u64>,
+}
+
+impl std::fmt::Debug for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Preempted")
+            .field("device", &self.device.name())
+            .field("nexuses", &self.nexuses)
+            .finish()
+    }
 }
 
 impl Conn {
@@ -261,7 +287,8 @@ impl Conn {
             rx_drained: false,
             rx_header_digest: false,
             rx_data_digest: false,
-            tmf_out: None,
+            tmf_out: Vec::new(),
+            pr_waits: Vec::new(),
             close_after_tmf: false,
             tmf_deferred: Vec::new(),
             ended: None,
@@ -299,7 +326,11 @@ impl Conn {
     /// A task management function that reaches other sessions, for the reactor to hand to
     /// every reactor (its response waits for [`Conn::tmf_done`]).
     pub fn take_tmf(&mut self) -> Option<(AbortScope, u32)> {
-        self.tmf_out.take()
+        if self.tmf_out.is_empty() {
+            None
+        } else {
+            Some(self.tmf_out.remove(0))
+        }
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -621,7 +652,7 @@ impl Conn {
                 if old_luns != new_luns {
                     for l in &new.luns {
                         if old.lun(l.lun).is_none() {
-                            l.device.register_nexus(sess.nexus);
+                            l.device.register_nexus(sess.nexus, &sess.pr_nexus);
                         }
                     }
                     if !sess.pending_ua.contains(&(0x3f, 0x0e)) {

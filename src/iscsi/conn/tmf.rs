@@ -1,6 +1,8 @@
 //! Task management (RFC 7143 §11.5, SAM-5 §7): the functions a session asks for, the ones other
 //! sessions' functions apply here, aborting tasks, and responses held until aborted I/O is back.
 
+use std::sync::Arc;
+
 use crate::iscsi::pdu::{self, BHS_LEN};
 use crate::iscsi::seq;
 use crate::iscsi::task::TaskState;
@@ -79,12 +81,16 @@ impl Conn {
                             if let Some(e) = &entry {
                                 e.device.add_ua_all(0x29, 0x03);
                                 e.device.clear_prevent_removal();
+                                // SPC-2 §5.5.1: a reset releases a RESERVE; persistent
+                                // reservations stay (SPC-4 §5.13.1).
+                                e.device.reservations().reset();
                             }
                         }
                         pdu::TMF_TARGET_WARM_RESET | pdu::TMF_TARGET_COLD_RESET => {
                             for l in &tg.luns {
                                 l.device.add_ua_all(0x29, 0x00);
                                 l.device.clear_prevent_removal();
+                                l.device.reservations().reset();
                             }
                         }
                         _ => {}
@@ -93,12 +99,13 @@ impl Conn {
                     // (with TASK ABORTED, TAS=1), on whichever reactor they run; ABORT TASK SET
                     // is the requester's own business. The response waits for all reactors.
                     if t.function != pdu::TMF_ABORT_TASK_SET {
-                        self.tmf_out = Some((
+                        self.tmf_out.push((
                             AbortScope {
                                 target: tg.name.clone(),
                                 lun: (!target_wide).then_some(lun),
                                 requester: nexus,
                                 close: t.function == pdu::TMF_TARGET_COLD_RESET,
+                                preempted: None,
                             },
                             t.itt,
                         ));
@@ -182,6 +189,19 @@ impl Conn {
     /// Every reactor has applied this connection's task management function (`tmf_out`):
     /// answer it.
     pub fn tmf_done(&mut self, itt: u32) {
+        if let Some(i) = self.pr_waits.iter().position(|&(x, _)| x == itt) {
+            // A PERSISTENT RESERVE OUT whose PREEMPT AND ABORT has aborted every task it
+            // reaches: its status goes now (unless it was itself aborted meanwhile).
+            let (_, slot) = self.pr_waits.swap_remove(i);
+            let live = self
+                .tasks
+                .get(slot)
+                .is_some_and(|t| t.itt == itt && t.state == TaskState::Executing);
+            if live {
+                self.respond_now(slot);
+            }
+            return;
+        }
         self.respond_tmf(itt, pdu::TMF_RSP_COMPLETE);
     }
 
@@ -192,11 +212,28 @@ impl Conn {
         let Some(sess) = self.sess.as_ref() else {
             return;
         };
-        if sess.nexus == scope.requester
-            || sess.target.as_ref().is_none_or(|t| t.name != scope.target)
-        {
+        if sess.nexus == scope.requester {
             return;
         }
+        // PREEMPT AND ABORT: the LUNs of its device, for the preempted nexuses only.
+        let preempted_luns: Option<Vec<u64>> = match &scope.preempted {
+            Some(p) => {
+                let dev = &p.device;
+                if !p.nexuses.contains(&sess.nexus) {
+                    return;
+                }
+                let luns = sess.target.as_ref().map(|t| {
+                    t.luns
+                        .iter()
+                        .filter(|l| Arc::ptr_eq(&l.device, dev))
+                        .map(|l| l.lun)
+                        .collect()
+                });
+                Some(luns.unwrap_or_default())
+            }
+            None if sess.target.as_ref().is_none_or(|t| t.name != scope.target) => return,
+            None => None,
+        };
         if scope.close {
             self.close(cx, "target cold reset by another initiator");
             return;
@@ -206,7 +243,10 @@ impl Conn {
             .slots()
             .filter(|(_, x)| {
                 !matches!(x.state, TaskState::Responding | TaskState::Aborted)
-                    && scope.lun.is_none_or(|l| x.lun == l)
+                    && match &preempted_luns {
+                        Some(luns) => luns.contains(&x.lun),
+                        None => scope.lun.is_none_or(|l| x.lun == l),
+                    }
             })
             .map(|(i, x)| (i, x.itt, x.in_backend))
             .collect();
@@ -244,7 +284,7 @@ impl Conn {
     }
 
     /// Aborts one task: no response is sent for it (RFC 7143 §4.2.3.4 / SAM-5 ABORT TASK).
-    fn abort_slot(&mut self, slot: usize, port: &mut ScsiPort) {
+    pub(super) fn abort_slot(&mut self, slot: usize, port: &mut ScsiPort) {
         let info = self.sess.as_ref().and_then(|s| s.info.clone());
         let Some(t) = self.tasks.get_mut(slot) else {
             return;

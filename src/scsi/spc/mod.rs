@@ -1,6 +1,8 @@
 //! The primary commands (SPC-4) every device type serves: TEST UNIT READY, REQUEST SENSE,
 //! INQUIRY, MODE SELECT and MODE SENSE, LOG SENSE, PREVENT ALLOW MEDIUM REMOVAL, REPORT
-//! LUNS, REPORT SUPPORTED OPERATION CODES and REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS. Each entry of [`COMMANDS`] names its decode and emulate steps, here or
+//! LUNS, REPORT SUPPORTED OPERATION CODES and REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS,
+//! and the reservation commands ([`reserve`]). Each entry of [`COMMANDS`] names its decode
+//! and emulate steps, here or
 //! in the submodule of the same name.
 #![forbid(unsafe_code)]
 
@@ -8,6 +10,7 @@ pub mod inquiry;
 pub mod log;
 pub mod luns;
 pub mod mode;
+pub mod reserve;
 pub mod rsoc;
 pub mod tmf;
 
@@ -15,6 +18,8 @@ use crate::scsi::alua;
 use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
 use crate::scsi::device::Device;
 use crate::scsi::mmc;
+use crate::scsi::pr::opcode::{RELEASE_10, RELEASE_6, RESERVE_10, RESERVE_6};
+use crate::scsi::pr::{in_sa, out_sa};
 use crate::scsi::sense::{self, Sense};
 use crate::scsi::task::{Plan, ScsiTask};
 
@@ -58,7 +63,7 @@ pub const COMMANDS: &[Command] = &[
         only_if: None,
         works_without_medium: false,
         reports_ua: true,
-        reservation: Reservation::Allowed,
+        reservation: Reservation::TestUnitReady,
         alua: Alua::Active,
         decode: no_data,
         run: Run::Emulate(nothing),
@@ -249,6 +254,23 @@ pub const COMMANDS: &[Command] = &[
         decode: alua::decode_set,
         run: Run::Emulate(alua::set),
     },
+    // The reservation commands ([`reserve`]).
+    reserve::pr_in("PERSISTENT RESERVE IN (READ KEYS)", in_sa::READ_KEYS),
+    reserve::pr_in("PERSISTENT RESERVE IN (READ RESERVATION)", in_sa::READ_RESERVATION),
+    reserve::pr_in("PERSISTENT RESERVE IN (REPORT CAPABILITIES)", in_sa::REPORT_CAPABILITIES),
+    reserve::pr_in("PERSISTENT RESERVE IN (READ FULL STATUS)", in_sa::READ_FULL_STATUS),
+    reserve::pr_out("PERSISTENT RESERVE OUT (REGISTER)", out_sa::REGISTER),
+    reserve::pr_out("PERSISTENT RESERVE OUT (RESERVE)", out_sa::RESERVE),
+    reserve::pr_out("PERSISTENT RESERVE OUT (RELEASE)", out_sa::RELEASE),
+    reserve::pr_out("PERSISTENT RESERVE OUT (CLEAR)", out_sa::CLEAR),
+    reserve::pr_out("PERSISTENT RESERVE OUT (PREEMPT)", out_sa::PREEMPT),
+    reserve::pr_out("PERSISTENT RESERVE OUT (PREEMPT AND ABORT)", out_sa::PREEMPT_AND_ABORT),
+    reserve::pr_out("PERSISTENT RESERVE OUT (REGISTER AND IGNORE EXISTING KEY)", out_sa::REGISTER_AND_IGNORE_EXISTING_KEY),
+    reserve::pr_out("PERSISTENT RESERVE OUT (REGISTER AND MOVE)", out_sa::REGISTER_AND_MOVE),
+    reserve::spc2("RESERVE(6)", RESERVE_6, &[RESERVE_6, 0x11, 0, 0, 0, CTL]),
+    reserve::spc2("RELEASE(6)", RELEASE_6, &[RELEASE_6, 0x11, 0, 0, 0, CTL]),
+    reserve::spc2("RESERVE(10)", RESERVE_10, &[RESERVE_10, 0x13, 0, 0, 0, 0, 0, 0, 0, CTL]),
+    reserve::spc2("RELEASE(10)", RELEASE_10, &[RELEASE_10, 0x13, 0, 0, 0, 0, 0, 0, 0, CTL]),
 ];
 
 /// The decode step of commands without data that need no check of their CDB.
