@@ -273,12 +273,12 @@ fn a_device_outside_any_group_has_no_alua() {
     let t = Target::with_default_luns(4);
     let mut ini = login(&t, common::IQN);
     assert_eq!(inquiry(&mut ini).good().unwrap().data[5] & 0x30, 0);
+    // REPORT TARGET PORT GROUPS is a service action MAINTENANCE IN does not have here:
+    // an invalid field, pointing at the service action (SPC-4 §4.2.5.1).
     let c = [0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0];
-    check(
-        &ini.scsi(0, &c, None, 1024, true).unwrap(),
-        ILLEGAL_REQUEST,
-        (0x20, 0x00),
-    );
+    let r = ini.scsi(0, &c, None, 1024, true).unwrap();
+    check(&r, ILLEGAL_REQUEST, (0x24, 0x00));
+    assert_eq!(&r.sense[15..18], &[0xcc, 0, 1]);
     assert_eq!(port_designators(&mut ini), (None, Some(1)));
     // Bad management input is refused with the reason.
     let e = t
