@@ -40,6 +40,134 @@ finish() {
     echo "VMTEST END pass=$npass fail=$nfail"
 }
 
+# --- the guest kernel's initiator: persistent reservations with sg_persist ----------------------
+# sd_of NAME: the /dev/sdX of LUN 0 in the session whose initiator is NAME.
+sd_of() {
+    local s b
+    for s in /sys/class/iscsi_session/session*; do
+        [ "$(cat "$s/initiatorname" 2>/dev/null)" = "$1" ] || continue
+        for b in "$s"/device/target*/*:0:0:0/block/*; do
+            [ -e "$b" ] && { echo "/dev/${b##*/}"; return 0; }
+        done
+    done
+    return 1
+}
+# pr DEV ARGS...: sg_persist on DEV, its output on the console.
+pr() {
+    local dev=$1
+    shift
+    echo "VMTEST sg_persist $* $dev" >&2
+    sg_persist "$@" "$dev" 2>&1
+}
+# Writes (or reads) one 4 KiB block at block 8 through the page cache's back (O_DIRECT).
+dwrite() { dd if=/dev/urandom of="$1" bs=4096 count=1 seek=8 oflag=direct conv=notrunc 2>&1; }
+dread() { dd if="$1" of=/dev/null bs=4096 count=1 skip=8 iflag=direct 2>&1; }
+kernel_initiator_pr() {
+    local na=iqn.2026-11.org.iscsi-tgt:node-a nb=iqn.2026-11.org.iscsi-tgt:node-b da db out i rc
+    for m in crc32c_generic iscsi_tcp sd_mod sg; do modprobe "$m" || fail "modprobe $m"; done
+    mkdir -p /etc/iscsi/ifaces /etc/iscsi/nodes /etc/iscsi/send_targets /var/lib/iscsi /run/lock/iscsi
+    # iscsid checks who is asking (getpwuid) before it takes a request from iscsiadm.
+    [ -e /etc/passwd ] || echo "root:x:0:0:root:/root:/bin/sh" >/etc/passwd
+    [ -e /etc/group ] || echo "root:x:0:" >/etc/group
+    echo "InitiatorName=$na" >/etc/iscsi/initiatorname.iscsi
+    printf '%s\n' "node.startup = manual" "node.session.timeo.replacement_timeout = 20" \
+        "node.conn[0].timeo.noop_out_interval = 5" "node.conn[0].timeo.noop_out_timeout = 10" \
+        "node.session.cmds_max = 128" "node.session.queue_depth = 32" >/etc/iscsi/iscsid.conf
+    # In a session of its own: when it stops it signals its process group, not this script.
+    setsid iscsid -f >/tmp/iscsid.log 2>&1 &
+    local iscsid_pid=$!
+    sleep 1
+    for i in a b; do
+        iscsiadm -m iface -I "if$i" -o new >/dev/null 2>&1
+        iscsiadm -m iface -I "if$i" -o update -n iface.initiatorname -v "iqn.2026-11.org.iscsi-tgt:node-$i" >/dev/null 2>&1
+    done
+    if out=$(iscsiadm -m discovery -t sendtargets -p 127.0.0.1:3260 -I ifa -I ifb 2>&1) &&
+        out+=$(iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --login 2>&1); then
+        echo "$out"
+        for _ in $(seq 1 100); do
+            da=$(sd_of "$na") && db=$(sd_of "$nb") && [ -b "$da" ] && [ -b "$db" ] && break
+            sleep 0.2
+        done
+    else
+        echo "$out"
+        cat /tmp/iscsid.log
+    fi
+    if [ -b "${da:-}" ] && [ -b "${db:-}" ]; then
+        pass "the kernel initiator logged in as $na ($da) and as $nb ($db), LUN 0 on each"
+    else
+        fail "the kernel initiator's two sessions did not show their disks (${da:-none}, ${db:-none})"
+        kill "$iscsid_pid" 2>/dev/null
+        return
+    fi
+    # Each step's commands run in turn; their output goes to the console and is checked.
+    # Each node registers its key (fence_scsi's "on").
+    out=$(pr "$da" --out --register --param-sark=0xa1 && pr "$db" --out --register --param-sark=0xb1 &&
+        pr "$da" --in --read-keys)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && grep -q "0xa1" <<<"$out" && grep -q "0xb1" <<<"$out"; then
+        pass "sg_persist: both nodes registered, READ KEYS lists 0xa1 and 0xb1"
+    else
+        fail "sg_persist: registration or READ KEYS (rc $rc): $(tail -2 <<<"$out" | tr '\n' ' ')"
+    fi
+    # Node a reserves Write Exclusive - Registrants Only (type 5), as fence_scsi does.
+    out=$(pr "$da" --out --reserve --param-rk=0xa1 --prout-type=5 && pr "$db" --in --read-reservation)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && grep -q "Key=0xa1" <<<"$out" && grep -qi "Write Exclusive, registrants only" <<<"$out"; then
+        pass "sg_persist: node a holds a Write Exclusive - Registrants Only reservation, as node b reads it"
+    else
+        fail "sg_persist: RESERVE type 5 or READ RESERVATION (rc $rc): $(tail -2 <<<"$out" | tr '\n' ' ')"
+    fi
+    if out=$(dwrite "$db"); then
+        pass "node b, registered, writes under the registrants-only reservation"
+    else
+        fail "node b's write under the reservation it is registered for: $out"
+    fi
+    # Fencing node b: node a preempts its key and aborts its tasks.
+    out=$(pr "$da" --out --preempt-abort --param-rk=0xa1 --param-sark=0xb1 --prout-type=5 && pr "$da" --in --read-keys)
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && grep -q "0xa1" <<<"$out" && ! grep -q "0xb1" <<<"$out"; then
+        pass "sg_persist: PREEMPT AND ABORT removed node b's key; READ KEYS lists only 0xa1"
+    else
+        fail "sg_persist: PREEMPT AND ABORT (rc $rc): $(tail -2 <<<"$out" | tr '\n' ' ')"
+    fi
+    if out=$(dwrite "$db"); then
+        fail "node b, fenced, could still write: $out"
+    else
+        echo "$out"
+        pass "node b, fenced, cannot write (RESERVATION CONFLICT reaches dd as an I/O error)"
+    fi
+    if out=$(dread "$db"); then
+        pass "node b, fenced, still reads (Write Exclusive lets everyone read)"
+    else
+        fail "node b's read under Write Exclusive - Registrants Only: $out"
+    fi
+    if out=$(dwrite "$da"); then
+        pass "node a, the holder, writes"
+    else
+        fail "node a's write as the reservation holder: $out"
+    fi
+    # Unfencing: node a clears everything; node b writes again.
+    out=$(pr "$da" --out --clear --param-rk=0xa1 && pr "$db" --in --read-keys && pr "$db" --in --read-reservation && dwrite "$db")
+    rc=$?
+    echo "$out"
+    if [ $rc -eq 0 ] && grep -qi "there are NO registered reservation keys" <<<"$out" &&
+        grep -qi "there is NO reservation held" <<<"$out"; then
+        pass "sg_persist: CLEAR leaves no key and no reservation; node b writes again"
+    else
+        fail "sg_persist: CLEAR, or node b's write after it (rc $rc): $(tail -2 <<<"$out" | tr '\n' ' ')"
+    fi
+    if out=$(iscsiadm -m node -T "$IQN" -p 127.0.0.1:3260 --logout 2>&1); then
+        pass "the kernel initiator logged out of both sessions"
+    else
+        fail "iscsiadm logout: $out"
+    fi
+    kill "$iscsid_pid" 2>/dev/null
+    wait "$iscsid_pid" 2>/dev/null
+}
+
 echo "VMTEST START mode=$MODE nic=$NIC_ADDR ($NIC_KDRV) kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print $2 / 1024 " MB"}' /proc/meminfo)"
 
 # --- the NIC on its kernel driver -------------------------------------------------------------
@@ -68,7 +196,7 @@ else
     fail "setup.sh status (rc $rc) does not list $NIC_ADDR on $NIC_KDRV with an IOMMU group"
 fi
 
-if [ "$MODE" = kernel ]; then
+if [ "$MODE" = kernel ] || [ "$MODE" = initiator ]; then
     ip link set lo up
     ip link set "$IFACE" up
     ip addr add "$GUEST_IP/24" dev "$IFACE"
@@ -151,13 +279,13 @@ testpmd)
         fail "dpdk-testpmd counted RX ${rx:-?} and TX ${tx:-?} frames: no traffic both ways"
     fi
     ;;
-target | kernel)
+target | kernel | initiator)
     if [ ! -x "$BIN" ]; then
         fail "no target binary in the guest ($BIN)"
         echo "VMTEST READY failed"
         wait_host
     else
-        if [ "$MODE" = kernel ]; then
+        if [ "$MODE" != target ]; then
             args=(--listen 0.0.0.0:3260 --mem-size 64)
         else
             eval "args=($TARGET_ARGS)"
@@ -171,6 +299,7 @@ target | kernel)
             pass "the target runs ($MODE: ${args[*]}) with $IQN: a ${RAM_MB} MiB RAM LUN 0 and a null LUN 1"
             echo "VMTEST READY ok"
             wait_host
+            [ "$MODE" = initiator ] && kernel_initiator_pr
             if kill -0 "$TARGET_PID" 2>/dev/null; then
                 if (stop_target); then
                     pass "the target exits on SIGTERM"
@@ -196,7 +325,7 @@ esac
 out=$("$SETUP" reset 2>&1)
 rc=$?
 echo "$out"
-if [ "$MODE" = kernel ]; then
+if [ "$MODE" = kernel ] || [ "$MODE" = initiator ]; then
     if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ]; then
         pass "setup.sh reset: hugepages given back ($hp_before left), $NIC_ADDR untouched on $NIC_KDRV"
     else

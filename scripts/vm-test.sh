@@ -21,6 +21,13 @@
 #                 ROUNDTRIP_MB (16) MiB compared with cmp.
 #   MODE=kernel   the same host checks against the target on the guest kernel's TCP (the NIC
 #                 stays on its kernel driver with 10.0.2.15; setup.sh config must refuse it).
+#   MODE=initiator MODE=kernel, then the guest kernel's own iSCSI initiator (open-iscsi's
+#                 iscsid and iscsiadm, iscsi_tcp, sd) logs in to the target on the guest's
+#                 loopback twice, under two initiator names, and sg3-utils' sg_persist runs
+#                 persistent reservations through the two /dev/sdX: registration, READ KEYS,
+#                 a Write Exclusive - Registrants Only reservation, and a fence_scsi-style
+#                 PREEMPT AND ABORT that fences the second node (its writes then fail, its
+#                 reads do not), then CLEAR.
 # Each step prints PASS or FAIL, then "N passed, M failed"; the exit status is 1 if a step
 # failed, 77 (SKIP, with the reason) when it cannot run here: not root, or no QEMU and no way to
 # install it, or no guest kernel cached and no way to download it. Downloads (Debian's kernel
@@ -51,10 +58,12 @@ TARGET_ARGS=${TARGET_ARGS:-"--net dpdk:$NIC_ADDR --ip $GUEST_IP/24 --gateway $GA
 PMD_DIR=/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0
 # The guest kernel's modules (with what they depend on).
 MODULES="virtio_pci virtio_net e1000 nvme vfio vfio_iommu_type1 vfio-pci"
+# The kernel's iSCSI initiator and SCSI disks (MODE=initiator), with the CRCs they want.
+[ "$MODE" = initiator ] && MODULES+=" iscsi_tcp sd_mod sg crc32c_generic crct10dif_generic crc64_rocksoft_generic"
 SKIP=77
 START=$(date +%s)
 
-case $MODE in testpmd | target | kernel) ;; *) die "MODE is testpmd, target or kernel, not '$MODE'" ;; esac
+case $MODE in testpmd | target | kernel | initiator) ;; *) die "MODE is testpmd, target, kernel or initiator, not '$MODE'" ;; esac
 case $NIC in
     virtio) NIC_DEV="virtio-net-pci,disable-legacy=on,iommu_platform=on" NIC_KDRV=virtio-pci NIC_PMD=net_virtio ;;
     e1000) NIC_DEV=e1000 NIC_KDRV=e1000 NIC_PMD=net_e1000_em ;;
@@ -95,6 +104,10 @@ for p in bus_pci mempool_ring net_virtio net_e1000; do
     [ -e "$PMD_DIR/librte_$p.so.23" ] || need+=("librte-${p//_/-}23")
 done
 [ -x /usr/bin/python3.11 ] || need+=(python3.11)
+if [ "$MODE" = initiator ]; then
+    command -v iscsiadm >/dev/null || need+=(open-iscsi)
+    command -v sg_persist >/dev/null || need+=(sg3-utils)
+fi
 if [ "$MODE" != testpmd ]; then
     if ! command -v iscsi-ls >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ]; then
         "$ROOT/scripts/setup.sh"
@@ -216,6 +229,7 @@ for a in $("$BUSYBOX" --list); do
     [ -e "$R/usr/bin/$a" ] || ln -s busybox "$R/usr/bin/$a"
 done
 add /usr/bin/bash /usr/bin/dpdk-testpmd
+[ "$MODE" = initiator ] && add "$(command -v iscsid)" "$(command -v iscsiadm)" "$(command -v sg_persist)"
 # Only the PMDs the NICs need: EAL loads every library in its plugin directory.
 for p in $PLUGINS; do
     for l in "$PMD_DIR"/librte_"$p".so.23*; do
@@ -384,7 +398,7 @@ else
             bad "could not connect to the forwarded port 127.0.0.1:$PORT"
         fi
         ;;
-    target | kernel)
+    target | kernel | initiator)
         # iscsi-ls without -s: with -s it would log in to the portal the target advertises, the
         # guest's address, which only the forwarded port reaches.
         out=$(timeout 60 iscsi-ls "$URL" 2>&1)
