@@ -754,6 +754,10 @@ impl BlockDev for FileDev {
         self.opts.thin && !self.opts.read_only && self.opts.kind != Kind::Cdrom
     }
 
+    fn reports_provisioning(&self) -> bool {
+        self.opts.kind == Kind::File
+    }
+
     fn extent_at(&self, offset: u64) -> Option<Extent> {
         if self.opts.kind != Kind::File {
             return None;

@@ -112,6 +112,10 @@ pub trait BlockDev: Send + Sync {
     fn extent_at(&self, _offset: u64) -> Option<Extent> {
         None
     }
+    /// Whether [`BlockDev::extent_at`] can tell deallocated stretches from mapped ones.
+    fn reports_provisioning(&self) -> bool {
+        false
+    }
     /// The backend's fault injection switch, when its channels have one (they are wrapped
     /// in `Faulty`).
     fn fault(&self) -> Option<&FaultInject> {

@@ -489,6 +489,12 @@ impl Device {
         }
     }
 
+    /// Whether SANITIZE BLOCK ERASE is served: the device deallocates blocks (thin) and its
+    /// backend can show that they are (GET LBA STATUS after the erase: SBC-3 §4.11).
+    pub fn can_block_erase(&self) -> bool {
+        self.thin_provisioned() && self.bdev.reports_provisioning()
+    }
+
     /// The SANITIZE state: one relaxed load on the I/O path.
     pub fn sanitize_state(&self) -> Sanitize {
         match self.sanitize.load(Ordering::Acquire) {

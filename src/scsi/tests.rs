@@ -137,8 +137,9 @@ fn run(d: &Arc<Device>, cdb: &[u8], data_out: Option<&[u8]>) -> ScsiTask {
     let mut port = ScsiPort::new();
     if port.execute(d, &mut t) == Exec::Pending {
         let mut out = Vec::new();
-        // A read-modify-write takes two passes (its read, then its write).
-        for _ in 0..4 {
+        // A read-modify-write takes two passes (its read, then its write); a file's I/O as
+        // many as its ring needs.
+        for _ in 0..100_000 {
             if port.poll(&mut out) > 0 {
                 break;
             }
@@ -1595,17 +1596,41 @@ fn while_sanitizing_only_inquiry_report_luns_and_request_sense_are_served() {
 }
 
 #[test]
-fn block_erase_deallocates_a_thin_device() {
-    let d = thin();
+fn block_erase_deallocates_a_thin_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("erase.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let d = Device::create(
+        "vdisk_fileio",
+        "f0",
+        &[
+            ("filename".into(), path.to_str().unwrap().into()),
+            ("thin_provisioned".into(), "1".into()),
+        ],
+    )
+    .unwrap();
     let mut w = [0u8; 10];
     w[0] = WRITE_10;
     w[8] = 1;
     assert_eq!(run(&d, &w, Some(&[0xee; 512])).status, 0);
-    assert_eq!(
-        run(&d, &sanitize_cdb(0x02, false, false, 0), None).status,
-        0
-    );
+    assert_eq!(lba_status(&d, 0, 24)[0].2, 0, "block 0 is mapped");
+    let mut port = ScsiPort::new();
+    let mut t = ScsiTask::new(&sanitize_cdb(0x02, false, false, 0), 0, 7);
+    assert_eq!(start(&mut port, &d, &mut t, &[]), Some(Exec::Pending));
+    let out = drain(&mut port);
+    assert_eq!(out.len(), 1);
+    complete(&mut t, out.into_iter().next().unwrap());
+    assert_eq!(t.status, 0, "{:?}", asc(&t));
     assert_eq!(data(&read_one(&d, 0)), vec![0; 512]);
+    // Every block deallocated, as GET LBA STATUS shows.
+    let st = lba_status(&d, 0, 24);
+    assert_eq!(
+        (st[0].0, u64::from(st[0].1), st[0].2),
+        (0, d.num_blocks(), 1)
+    );
     assert_eq!(
         asc(&run(
             &d,
@@ -1613,6 +1638,24 @@ fn block_erase_deallocates_a_thin_device() {
             Some(&[0; 8])
         )),
         (5, 0x24, 0)
+    );
+    // Block Device Characteristics: WABEREQ 01b, reads after a block erase succeed; none
+    // where BLOCK ERASE is not served (a RAM disk cannot show what it deallocated).
+    let bdc = run(&d, &[INQUIRY, 1, 0xb1, 0, 64, 0], None);
+    assert_eq!(data(&bdc)[7] >> 6, 1);
+    assert_eq!(
+        data(&run(&thin(), &[INQUIRY, 1, 0xb1, 0, 64, 0], None))[7] >> 6,
+        0
+    );
+    assert_eq!(
+        asc(&run(&thin(), &sanitize_cdb(0x02, false, false, 0), None)),
+        (5, 0x24, 0)
+    );
+    // Not on a write-protected medium.
+    d.set_attr("swp", "1").unwrap();
+    assert_eq!(
+        asc(&run(&d, &sanitize_cdb(0x02, false, false, 0), None)),
+        (7, 0x27, 0)
     );
 }
 

@@ -251,7 +251,7 @@ pub const COMMANDS: &[Command] = &[
     block("VERIFY(12)",           VERIFY_12,            usage::VERIFY_12,              DISK, READ,                   rw::verify,                       Run::Io),
     block("READ DEFECT DATA(12)", READ_DEFECT_DATA_12,  usage::READ_DEFECT_DATA_12,    DISK, READ,                   defect::decode,                   Run::Emulate(defect::emulate)),
     sanitize_entry("SANITIZE OVERWRITE", sanitize::SA_OVERWRITE, None, sanitize::decode_overwrite, Run::Sanitize),
-    sanitize_entry("SANITIZE BLOCK ERASE", sanitize::SA_BLOCK_ERASE, Some(Device::thin_provisioned), sanitize::decode_block_erase, Run::Sanitize),
+    sanitize_entry("SANITIZE BLOCK ERASE", sanitize::SA_BLOCK_ERASE, Some(Device::can_block_erase), sanitize::decode_block_erase, Run::Sanitize),
     sanitize_entry("SANITIZE EXIT FAILURE MODE", sanitize::SA_EXIT_FAILURE_MODE, None, sanitize::decode_exit_failure_mode, Run::Emulate(sanitize::exit_failure_mode)),
 ];
 

@@ -93,8 +93,11 @@ pub(in crate::scsi) fn decode_exit_failure_mode(
 }
 
 /// A new sanitize operation after one failed in the restricted completion mode must not ask
-/// for the unrestricted one (AUSE set).
+/// for the unrestricted one (AUSE set); and none may touch a write-protected medium.
 fn check_restricted(dev: &Device, task: &ScsiTask) -> Result<(), Sense> {
+    if super::write_protected(dev, task) {
+        return Err(Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED));
+    }
     if dev.sanitize_state() == Sanitize::Failed && ause(&task.cdb) {
         return Err(Sense::invalid_cdb_field(1, Some(5)));
     }

@@ -126,6 +126,11 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
                 let mut p = [0u8; 0x3c];
                 let rate: u16 = if dev.is_rotational() { 0 } else { 1 };
                 p[0..2].copy_from_slice(&rate.to_be_bytes());
+                // WABEREQ (byte 7, bits 7-6): where SANITIZE BLOCK ERASE is served, blocks
+                // read after it succeed, as zeros (01b).
+                if dev.can_block_erase() {
+                    p[3] |= 0x40;
+                }
                 d.extend_from_slice(&p);
             }
             0xb2 => {
