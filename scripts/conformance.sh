@@ -145,7 +145,7 @@ SKIP_REASONS=(
     '*#^(PreventAllow|StartStopUnit)\.#removable#the LUN is not removable; these run on the removable LUN'
     '*#^ReadOnly\.#not write-protected#the LUN is writable; the ReadOnly suite runs on the read-only LUN'
     '*#^Sanitize\.CryptoErase$#CRYPTO_ERASE is not implemented#no backend here encrypts its medium, so there is no key to change: SANITIZE offers OVERWRITE everywhere and BLOCK ERASE on thin fileio LUNs'
-    'ram#^Sanitize\.BlockErase$#BLOCK_ERASE is not implemented#the RAM LUN is not thin provisioned, so it cannot deallocate its blocks; BLOCK ERASE runs on the thin fileio LUN'
+    'ram#^Sanitize\.(BlockErase|Readonly|Reservations)$#BLOCK_ERASE is not implemented#the RAM LUN is not thin provisioned, so it cannot deallocate its blocks: no BLOCK ERASE (it runs on the thin fileio LUN), and the BLOCK ERASE parts of these tests do not run here'
     'blockio#^Sanitize\.BlockErase$#BLOCK_ERASE is not implemented#a block device cannot report which of its blocks are deallocated (GET LBA STATUS), and BLOCK ERASE must leave every block so; it runs on the thin fileio LUN'
 )
 
