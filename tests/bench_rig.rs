@@ -31,6 +31,30 @@ fn bench(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Waits until the run's session is past its login and READ CAPACITY, with I/O under way
+/// (its session has counted 100 commands).
+fn wait_for_io(t: &Target) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let commands = || -> u64 {
+        let sessions = t.call(
+            "ls",
+            serde_json::json!({"path": format!("targets/iscsi/{IQN}/sessions")}),
+        );
+        let Some(s) = sessions.as_array().and_then(|a| a.first()) else {
+            return 0;
+        };
+        let name = s["name"].as_str().unwrap_or_default();
+        t.get(&format!("targets/iscsi/{IQN}/sessions/{name}/commands"))
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    while commands() < 100 {
+        assert!(Instant::now() < deadline, "no I/O under way\n{}", t.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The JSON object of a `--json` run, which must be all of its stdout.
 fn json_of(out: &Output) -> Value {
     let text = String::from_utf8_lossy(&out.stdout);
@@ -366,25 +390,7 @@ fn a_stopped_target_stops_the_run_at_the_timeout() {
     let child = timed_run(&t, &[0]);
     // Once the session is under way (past its login and READ CAPACITY), the target's process
     // stops: nothing more comes from it, not even a TCP reset.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let commands = || -> u64 {
-        let sessions = t.call(
-            "ls",
-            serde_json::json!({"path": format!("targets/iscsi/{IQN}/sessions")}),
-        );
-        let Some(s) = sessions.as_array().and_then(|a| a.first()) else {
-            return 0;
-        };
-        let name = s["name"].as_str().unwrap_or_default();
-        t.get(&format!("targets/iscsi/{IQN}/sessions/{name}/commands"))
-            .trim()
-            .parse()
-            .unwrap_or(0)
-    };
-    while commands() < 100 {
-        assert!(Instant::now() < deadline, "no I/O under way\n{}", t.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_io(&t);
     let pid = t.child.id() as i32;
     // SAFETY: kill(2) on our own child's pid has no memory-safety effect.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -399,11 +405,9 @@ fn a_stopped_target_stops_the_run_at_the_timeout() {
 fn a_target_that_goes_away_ends_the_run_at_once() {
     let mut t = Target::with_default_luns(64);
     let child = timed_run(&t, &[0]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while t.get("targets/iscsi/connections").trim() != "1" {
-        assert!(Instant::now() < deadline, "no connection\n{}", t.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Past its login (a connection alone may still be logging in, and a login cut short is
+    // another error): I/O under way.
+    wait_for_io(&t);
     // Killed: the kernel closes its sockets, the session sees its connection end.
     t.child.kill().unwrap();
     let _ = t.child.wait();
