@@ -835,10 +835,12 @@ impl SyncDev for RamDev {
         }
         let mut done = 0;
         for seg in buf.segments(0, len) {
-            // SAFETY: `seg` is the command's own buffer, disjoint from the disk's mapping;
-            // `done + seg.len() <= len` keeps the destination inside the range checked above.
+            // SAFETY: `done + seg.len() <= len` keeps the destination inside the range checked
+            // above, and `seg` is readable for its length. The source may itself be memory of
+            // this disk lent to the buffer (a copy between two ranges of one RAM LUN), so the
+            // copy is one that allows overlap.
             unsafe {
-                std::ptr::copy_nonoverlapping(seg.as_ptr(), p.as_ptr().add(done), seg.len());
+                std::ptr::copy(seg.as_ptr(), p.as_ptr().add(done), seg.len());
             }
             done += seg.len();
         }
@@ -925,6 +927,34 @@ mod tests {
             weak.upgrade().is_none(),
             "the last buffer let go of the disk"
         );
+    }
+
+    #[test]
+    fn a_ram_write_from_its_own_lent_memory_may_overlap() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let mut b = DataBuf::alloc(8192).unwrap();
+        let data: Vec<u8> = (0..8192).map(|i| (i / 7) as u8).collect();
+        b.write_at(0, &data);
+        let mut out = Vec::new();
+        ch.submit(io(IoOp::Write { fua: false }, 0, 8192, b));
+        ch.poll(&mut out);
+        ch.submit(io(IoOp::Read, 0, 8192, DataBuf::alloc(8192).unwrap()));
+        out.clear();
+        ch.poll(&mut out);
+        let lent = out.pop().unwrap().buf.unwrap();
+        assert!(lent.is_lent());
+        // Blocks 0-15 written again at blocks 8-23, from the disk's own memory.
+        ch.submit(io(IoOp::Write { fua: false }, 4096, 8192, lent));
+        out.clear();
+        ch.poll(&mut out);
+        assert_eq!(out[0].result, Ok(()));
+        ch.submit(io(IoOp::Read, 4096, 8192, DataBuf::alloc(8192).unwrap()));
+        out.clear();
+        ch.poll(&mut out);
+        let mut back = vec![0u8; 8192];
+        out[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert_eq!(back, data);
     }
 
     #[test]
