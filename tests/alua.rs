@@ -1,9 +1,11 @@
-//! ALUA against the real daemon: one device exported by two targets, each target the one
-//! port of its own target port group. INQUIRY's TPGS and VPD page 0x83, REPORT TARGET PORT
+//! ALUA against the real daemon: one device exported by two targets on two portals (as a
+//! multipath initiator sees two paths), each target the one port of its own target port group. INQUIRY's TPGS and VPD page 0x83, REPORT TARGET PORT
 //! GROUPS, a state change through the tree heard as ASYMMETRIC ACCESS STATE CHANGED on both
 //! sessions, a standby port refusing media access while still answering INQUIRY and REPORT
 //! TARGET PORT GROUPS, and SET TARGET PORT GROUPS once explicit ALUA is on.
 mod common;
+
+use std::net::{SocketAddr, TcpListener};
 
 use common::{tur_good, Target};
 use iscsi_tgt::initiator::{cdb, Initiator, LoginOptions, ScsiResult};
@@ -16,8 +18,16 @@ const NOT_READY: u8 = 0x02;
 const ILLEGAL_REQUEST: u8 = 0x05;
 const UNIT_ATTENTION: u8 = 0x06;
 
-fn setup() -> Target {
-    let t = Target::start(&["--cores", "0"]);
+/// The target on two portals (127.0.0.1, and a second address returned), target A served on
+/// the first only and target B on the second only.
+fn setup() -> (Target, SocketAddr) {
+    let port2 = TcpListener::bind("127.0.0.2:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let second: SocketAddr = format!("127.0.0.2:{port2}").parse().unwrap();
+    let t = Target::start(&["--cores", "0", "--listen", &second.to_string()]);
     t.mgmt("handlers/vdisk_ramio/mgmt", "add_device ram0 size_mb=4");
     for iqn in [IQN_A, IQN_B] {
         t.mgmt("targets/iscsi/mgmt", &format!("add_target {iqn}"));
@@ -32,15 +42,23 @@ fn setup() -> Target {
     t.set(&format!("{TGS}/b/group_id"), "20");
     t.mgmt(&format!("{TGS}/a/mgmt"), &format!("add {IQN_A}"));
     t.mgmt(&format!("{TGS}/b/mgmt"), &format!("add {IQN_B}"));
-    for iqn in [IQN_A, IQN_B] {
+    for (iqn, portal) in [(IQN_A, "127.0.0.1"), (IQN_B, "127.0.0.2")] {
+        t.mgmt(
+            "targets/iscsi/mgmt",
+            &format!("add_target_attribute {iqn} allowed_portal {portal}"),
+        );
         t.set(&format!("targets/iscsi/{iqn}/enabled"), "1");
     }
     t.set("targets/iscsi/enabled", "1");
-    t
+    (t, second)
 }
 
 fn login(t: &Target, iqn: &str) -> Initiator {
-    let mut ini = Initiator::connect(t.addr).unwrap();
+    login_at(t.addr, iqn)
+}
+
+fn login_at(addr: SocketAddr, iqn: &str) -> Initiator {
+    let mut ini = Initiator::connect(addr).unwrap();
     ini.login(&LoginOptions {
         initiator_name: "iqn.2026-11.org.x:host".into(),
         target_name: Some(iqn.into()),
@@ -150,9 +168,19 @@ fn read(ini: &mut Initiator) -> ScsiResult {
 
 #[test]
 fn two_target_port_groups_on_one_device() {
-    let t = setup();
+    let (t, second) = setup();
     let mut a = login(&t, IQN_A);
-    let mut b = login(&t, IQN_B);
+    let mut b = login_at(second, IQN_B);
+    // Each path is its own portal: target B is not served on A's.
+    let refused = Initiator::connect(t.addr).unwrap().login(&LoginOptions {
+        initiator_name: "iqn.2026-11.org.x:host".into(),
+        target_name: Some(IQN_B.into()),
+        ..Default::default()
+    });
+    assert!(
+        refused.is_err(),
+        "target B logged in through the first portal"
+    );
 
     // Implicit ALUA: TPGS 01b.
     assert_eq!(inquiry(&mut a).good().unwrap().data[5] & 0x30, 0x10);
