@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Target, IQN};
-use iscsi_tgt::initiator::{cdb, Initiator, LoginOptions, ScsiResult};
+use iscsi_tgt::initiator::{cdb, Initiator, ScsiResult};
 use serde_json::json;
 
 const GOOD: u8 = 0x00;
@@ -43,19 +43,12 @@ fn target() -> Target {
 /// A session of initiator `name`: writes wait for R2T-solicited data, so that a write can be
 /// caught before its data. Its first unit attentions are cleared.
 fn login(t: &Target, name: &str, isid_last: u8) -> Initiator {
-    let mut ini = Initiator::connect(t.addr).unwrap();
-    let mut o = LoginOptions {
-        initiator_name: format!("iqn.2026-12.org.iscsi-tgt:pr-{name}"),
-        target_name: Some(IQN.into()),
-        keys: vec![
-            ("ImmediateData".into(), "No".into()),
-            ("InitialR2T".into(), "Yes".into()),
-        ],
-        ..Default::default()
-    };
-    o.isid[5] = isid_last;
-    ini.login(&o).unwrap();
-    ini.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ini = common::login_solicited(
+        t,
+        &format!("iqn.2026-12.org.iscsi-tgt:pr-{name}"),
+        IQN,
+        isid_last,
+    );
     uas(&mut ini);
     // LUN 1 (another logical unit) has its own power on unit attention.
     for _ in 0..4 {

@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Target, IQN};
-use iscsi_tgt::initiator::{cdb, Initiator, LoginOptions};
+use iscsi_tgt::initiator::{cdb, Initiator};
 use iscsi_tgt::iscsi::pdu;
 
 const RESERVED: u32 = 0xffff_ffff;
@@ -20,20 +20,13 @@ fn target() -> Target {
 }
 
 fn login(t: &Target, isid_last: u8) -> Initiator {
-    let mut ini = Initiator::connect(t.addr).unwrap();
-    let mut o = LoginOptions {
-        initiator_name: format!("iqn.2026-11.org.iscsi-tgt:tmf-{isid_last}"),
-        target_name: Some(IQN.into()),
-        // Writes wait for R2T-solicited data: a task can be caught mid-transfer.
-        keys: vec![
-            ("ImmediateData".into(), "No".into()),
-            ("InitialR2T".into(), "Yes".into()),
-        ],
-        ..Default::default()
-    };
-    o.isid[5] = isid_last;
-    ini.login(&o).unwrap();
-    ini.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Writes wait for R2T-solicited data: a task can be caught mid-transfer.
+    let mut ini = common::login_solicited(
+        t,
+        &format!("iqn.2026-11.org.iscsi-tgt:tmf-{isid_last}"),
+        IQN,
+        isid_last,
+    );
     clear_uas(&mut ini);
     ini
 }

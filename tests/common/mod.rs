@@ -246,3 +246,28 @@ pub fn tur_good(ini: &mut iscsi_tgt::initiator::Initiator) {
     }
     panic!("TEST UNIT READY never became GOOD");
 }
+
+/// A session of initiator `name` to `target` whose writes wait for R2T-solicited data (no
+/// immediate data, InitialR2T=Yes), so that a write can be caught before its data arrives;
+/// ISID ends in `isid_last`, replies are waited for up to 10 s.
+pub fn login_solicited(
+    t: &Target,
+    name: &str,
+    target: &str,
+    isid_last: u8,
+) -> iscsi_tgt::initiator::Initiator {
+    let mut ini = iscsi_tgt::initiator::Initiator::connect(t.addr).unwrap();
+    let mut o = iscsi_tgt::initiator::LoginOptions {
+        initiator_name: name.into(),
+        target_name: Some(target.into()),
+        keys: vec![
+            ("ImmediateData".into(), "No".into()),
+            ("InitialR2T".into(), "Yes".into()),
+        ],
+        ..Default::default()
+    };
+    o.isid[5] = isid_last;
+    ini.login(&o).unwrap();
+    ini.set_timeout(Some(Duration::from_secs(10))).unwrap();
+    ini
+}
