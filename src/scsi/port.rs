@@ -106,9 +106,34 @@ struct DevInfo {
     thin: bool,
 }
 
+impl DevInfo {
+    fn of(dev: &Device) -> DevInfo {
+        DevInfo {
+            block_size: dev.block_size(),
+            thin: dev.thin_provisioned(),
+        }
+    }
+}
+
 impl Completion {
     pub fn tag(&self) -> u64 {
         self.0.tag
+    }
+
+    /// The completion of task `tag` on `dev` that the port makes itself, rather than one
+    /// that comes back from a channel.
+    fn of_port(
+        tag: u64,
+        dev: &Device,
+        result: Result<(), BdevError>,
+        buf: Option<DataBuf>,
+        outcome: Outcome,
+    ) -> Completion {
+        Completion(
+            BdevCompletion { tag, result, buf },
+            DevInfo::of(dev),
+            outcome,
+        )
     }
 }
 
@@ -203,10 +228,7 @@ impl ScsiPort {
             .or_insert_with(|| PortChannel {
                 dev: Arc::downgrade(dev),
                 ch: dev.bdev.clone().open_channel(io),
-                info: DevInfo {
-                    block_size: dev.block_size(),
-                    thin: dev.thin_provisioned(),
-                },
+                info: DevInfo::of(dev),
             })
             .ch
     }
@@ -435,17 +457,11 @@ impl ScsiPort {
             (Err(_), true) => Sanitize::FailedAuse,
         });
         if let Some(tag) = job.task {
-            let info = DevInfo {
-                block_size: job.dev.block_size(),
-                thin: job.dev.thin_provisioned(),
-            };
-            self.rmw_done.push(Completion(
-                BdevCompletion {
-                    tag,
-                    result,
-                    buf: None,
-                },
-                info,
+            self.rmw_done.push(Completion::of_port(
+                tag,
+                &job.dev,
+                result,
+                None,
                 Outcome::Sanitize,
             ));
         }
@@ -563,17 +579,11 @@ impl ScsiPort {
         // A sanitize operation goes on without its task (SBC-3 §4.11.3), which ends now.
         if let Some(job) = self.jobs.values_mut().find(|j| j.task == Some(tag)) {
             job.task = None;
-            let info = DevInfo {
-                block_size: job.dev.block_size(),
-                thin: job.dev.thin_provisioned(),
-            };
-            self.rmw_done.push(Completion(
-                BdevCompletion {
-                    tag,
-                    result: Ok(()),
-                    buf: None,
-                },
-                info,
+            self.rmw_done.push(Completion::of_port(
+                tag,
+                &job.dev,
+                Ok(()),
+                None,
                 Outcome::Aborted,
             ));
             return;
@@ -743,19 +753,8 @@ impl ScsiPort {
         if op.stage != RmwStage::Locking || outcome == Outcome::NoBuffer {
             op.dev.unlock_range(op.offset, u64::from(op.len));
         }
-        let info = DevInfo {
-            block_size: op.dev.block_size(),
-            thin: op.dev.thin_provisioned(),
-        };
-        self.rmw_done.push(Completion(
-            BdevCompletion {
-                tag,
-                result,
-                buf: op.data,
-            },
-            info,
-            outcome,
-        ));
+        self.rmw_done
+            .push(Completion::of_port(tag, &op.dev, result, op.data, outcome));
     }
 }
 
