@@ -74,6 +74,18 @@ struct SanitizeJob {
     stalled: bool,
 }
 
+/// A backend I/O of one buffer, with no ranges.
+fn plain_io(tag: u64, op: IoOp, offset: u64, len: u32, buf: Option<DataBuf>) -> BdevIo {
+    BdevIo {
+        tag,
+        op,
+        offset,
+        len,
+        buf,
+        ranges: Vec::new(),
+    }
+}
+
 /// Where a read-modify-write command is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RmwStage {
@@ -373,17 +385,7 @@ impl ScsiPort {
             }
             job.flushing = true;
             let dev = job.dev.clone();
-            self.submit(
-                &dev,
-                BdevIo {
-                    tag: id,
-                    op: IoOp::Flush,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
-                    ranges: Vec::new(),
-                },
-            );
+            self.submit(&dev, plain_io(id, IoOp::Flush, 0, 0, None));
             return;
         }
         let done = u64::from(job.pass) * job.size + job.pos;
@@ -394,12 +396,8 @@ impl ScsiPort {
             None => {
                 let n = ERASE_PIECE.min(job.size - job.pos);
                 let io = BdevIo {
-                    tag: id,
-                    op: IoOp::Unmap,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
                     ranges: vec![(job.pos, n)],
+                    ..plain_io(id, IoOp::Unmap, 0, 0, None)
                 };
                 (io, n)
             }
@@ -414,14 +412,8 @@ impl ScsiPort {
                 for off in (0..n as usize).step_by(bs) {
                     buf.write_at(off, &block);
                 }
-                let io = BdevIo {
-                    tag: id,
-                    op: IoOp::Write { fua: false },
-                    offset: job.pos,
-                    len: n as u32,
-                    buf: Some(buf),
-                    ranges: Vec::new(),
-                };
+                let write = IoOp::Write { fua: false };
+                let io = plain_io(id, write, job.pos, n as u32, Some(buf));
                 (io, n)
             }
         };
@@ -486,18 +478,7 @@ impl ScsiPort {
         } else {
             task.buf.take()
         };
-        let tag = task.tag;
-        self.submit(
-            dev,
-            BdevIo {
-                tag,
-                op,
-                offset,
-                len,
-                buf,
-                ranges: Vec::new(),
-            },
-        );
+        self.submit(dev, plain_io(task.tag, op, offset, len, buf));
         Exec::Pending
     }
 
@@ -683,17 +664,7 @@ impl ScsiPort {
             };
             op.stage = RmwStage::Reading;
             let (dev, offset, len) = (op.dev.clone(), op.offset, op.len);
-            self.submit(
-                &dev,
-                BdevIo {
-                    tag,
-                    op: IoOp::Read,
-                    offset,
-                    len,
-                    buf: Some(buf),
-                    ranges: Vec::new(),
-                },
-            );
+            self.submit(&dev, plain_io(tag, IoOp::Read, offset, len, Some(buf)));
         }
     }
 
@@ -727,17 +698,8 @@ impl ScsiPort {
                 }
                 op.stage = RmwStage::Writing;
                 let (dev, offset, fua) = (op.dev.clone(), op.offset, op.fua);
-                self.submit(
-                    &dev,
-                    BdevIo {
-                        tag,
-                        op: IoOp::Write { fua },
-                        offset,
-                        len: len as u32,
-                        buf: Some(medium),
-                        ranges: Vec::new(),
-                    },
-                );
+                let write = IoOp::Write { fua };
+                self.submit(&dev, plain_io(tag, write, offset, len as u32, Some(medium)));
             }
             (RmwStage::Reading, Err(e)) => self.rmw_finish(tag, Err(e), Outcome::ReadFailed),
             (_, result) => self.rmw_finish(tag, result, Outcome::Io),
