@@ -74,6 +74,17 @@ struct SanitizeJob {
     stalled: bool,
 }
 
+/// The PROGRESS INDICATION of a sanitize operation (SPC-4 §4.5.2.4.1, out of 65536) at byte
+/// `pos` of pass `pass` (from 0) of `passes` over `size` bytes. In 128 bits: times 65536,
+/// 31 passes over 8 TiB, or one over 256 TiB (a sparse file, a thin volume), pass 64.
+fn progress(pass: u8, passes: u8, size: u64, pos: u64) -> u16 {
+    let size = u128::from(size);
+    let done = u128::from(pass) * size + u128::from(pos);
+    let whole = (u128::from(passes) * size).max(1);
+    // At most 65535 once bounded: the cast keeps it.
+    (done * 65536 / whole).min(65535) as u16
+}
+
 /// A backend I/O of one buffer, with no ranges.
 fn plain_io(tag: u64, op: IoOp, offset: u64, len: u32, buf: Option<DataBuf>) -> BdevIo {
     BdevIo {
@@ -388,10 +399,8 @@ impl ScsiPort {
             self.submit(&dev, plain_io(id, IoOp::Flush, 0, 0, None));
             return;
         }
-        let done = u64::from(job.pass) * job.size + job.pos;
-        let whole = u64::from(passes) * job.size;
         job.dev
-            .set_sanitize_progress((done * 65536 / whole.max(1)).min(65535) as u16);
+            .set_sanitize_progress(progress(job.pass, passes, job.size, job.pos));
         let (io, piece) = match &job.overwrite {
             None => {
                 let n = ERASE_PIECE.min(job.size - job.pos);
@@ -1031,6 +1040,18 @@ mod completion_tests {
             (r.sense()[2], r.sense()[12], r.sense()[13]),
             (2, 0x04, 0x03)
         );
+    }
+
+    #[test]
+    fn sanitize_progress_of_a_large_medium() {
+        assert_eq!(progress(0, 1, 0, 0), 0);
+        assert_eq!(progress(0, 1, 1 << 20, 1 << 19), 32768);
+        assert_eq!(progress(1, 2, 1 << 20, 0), 32768);
+        // 31 passes over 16 TiB, and one over 1 PiB: past 64 bits once times 65536.
+        let tib16 = 16u64 << 40;
+        assert_eq!(progress(30, 31, tib16, tib16 / 2), 64478);
+        assert_eq!(progress(0, 1, 1 << 50, 3 << 48), 49152);
+        assert_eq!(progress(30, 31, tib16, tib16), 65535);
     }
 
     #[test]
