@@ -67,11 +67,22 @@ struct SanitizeJob {
     size: u64,
     pass: u8,
     pos: u64,
-    /// Bytes of the piece in flight.
-    piece: u64,
     flushing: bool,
     /// Waiting for a buffer from the pool (retried on the next poll).
     stalled: bool,
+}
+
+impl SanitizeJob {
+    /// The bytes of the piece at `pos`: a write of the pattern, or a deallocation. The same
+    /// when the piece is submitted and when it completes, since neither moves meanwhile.
+    fn piece(&self) -> u64 {
+        let most = if self.overwrite.is_some() {
+            OVERWRITE_PIECE
+        } else {
+            ERASE_PIECE
+        };
+        most.min(self.size.saturating_sub(self.pos))
+    }
 }
 
 /// The PROGRESS INDICATION of a sanitize operation (SPC-4 §4.5.2.4.1, out of 65536) at byte
@@ -365,7 +376,6 @@ impl ScsiPort {
                 size: dev.num_blocks() * u64::from(dev.block_size()),
                 pass: 0,
                 pos: 0,
-                piece: 0,
                 flushing: false,
                 stalled: false,
             },
@@ -401,17 +411,14 @@ impl ScsiPort {
         }
         job.dev
             .set_sanitize_progress(progress(job.pass, passes, job.size, job.pos));
-        let (io, piece) = match &job.overwrite {
-            None => {
-                let n = ERASE_PIECE.min(job.size - job.pos);
-                let io = BdevIo {
-                    ranges: vec![(job.pos, n)],
-                    ..plain_io(id, IoOp::Unmap, 0, 0, None)
-                };
-                (io, n)
-            }
+        let n = job.piece();
+        let io = match &job.overwrite {
+            None => BdevIo {
+                ranges: vec![(job.pos, n)],
+                ..plain_io(id, IoOp::Unmap, 0, 0, None)
+            },
             Some(o) => {
-                let n = OVERWRITE_PIECE.min(job.size - job.pos);
+                // At most OVERWRITE_PIECE (1 MiB): the casts keep it.
                 let Some(mut buf) = DataBuf::alloc(n as usize) else {
                     job.stalled = true;
                     return;
@@ -422,11 +429,9 @@ impl ScsiPort {
                     buf.write_at(off, &block);
                 }
                 let write = IoOp::Write { fua: false };
-                let io = plain_io(id, write, job.pos, n as u32, Some(buf));
-                (io, n)
+                plain_io(id, write, job.pos, n as u32, Some(buf))
             }
         };
-        job.piece = piece;
         let dev = job.dev.clone();
         self.submit(&dev, io);
     }
@@ -440,7 +445,7 @@ impl ScsiPort {
         }
         if let Some(job) = self.jobs.get_mut(&id) {
             if !job.flushing {
-                job.pos += job.piece;
+                job.pos += job.piece();
             }
         }
         self.job_next(id);
