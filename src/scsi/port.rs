@@ -436,6 +436,16 @@ impl ScsiPort {
         self.submit(&dev, io);
     }
 
+    /// The least id above `after` of a stalled sanitize operation. A scan of the few on this
+    /// reactor, rather than a list of them made on every poll.
+    fn next_stalled_job(&self, after: u64) -> Option<u64> {
+        self.jobs
+            .iter()
+            .filter(|(&id, j)| j.stalled && id > after)
+            .map(|(&id, _)| id)
+            .min()
+    }
+
     /// A piece (or the flush) of a sanitize operation has completed.
     fn job_step(&mut self, c: BdevCompletion) {
         let id = c.tag;
@@ -605,13 +615,11 @@ impl ScsiPort {
             self.rmw_start();
         }
         if !self.jobs.is_empty() {
-            let stalled: Vec<u64> = self
-                .jobs
-                .iter()
-                .filter(|(_, j)| j.stalled)
-                .map(|(&id, _)| id)
-                .collect();
-            for id in stalled {
+            // Each sanitize operation that found no buffer tries again, once a poll: in order
+            // of id, so that one that stalls again waits for the next poll.
+            let mut after = 0;
+            while let Some(id) = self.next_stalled_job(after) {
+                after = id;
                 self.job_next(id);
             }
         }
@@ -1045,6 +1053,54 @@ mod completion_tests {
             (r.sense()[2], r.sense()[12], r.sense()[13]),
             (2, 0x04, 0x03)
         );
+    }
+
+    #[test]
+    fn stalled_sanitize_jobs_go_on_at_the_next_poll() {
+        let mut port = ScsiPort::new();
+        let mut devs = Vec::new();
+        for (i, name) in ["s0", "s1", "s2"].into_iter().enumerate() {
+            let d = Device::create("vdisk_ramio", name, &[("size_mb".into(), "1".into())]).unwrap();
+            assert!(d.sanitize_begin());
+            let id = JOB_TAG | i as u64;
+            port.jobs.insert(
+                id,
+                SanitizeJob {
+                    dev: d.clone(),
+                    task: None,
+                    overwrite: Some(Overwrite {
+                        passes: 1,
+                        invert: false,
+                        pattern: vec![0xa5 + i as u8],
+                    }),
+                    ause: false,
+                    size: d.num_blocks() * u64::from(d.block_size()),
+                    pass: 0,
+                    pos: 0,
+                    flushing: false,
+                    // As if the pool had had no buffer for its first piece.
+                    stalled: true,
+                },
+            );
+            devs.push(d);
+        }
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            if port.jobs.is_empty() {
+                break;
+            }
+            port.poll(&mut out);
+            port.io.wait();
+        }
+        assert!(port.jobs.is_empty(), "every stalled job went on to its end");
+        assert!(out.is_empty(), "no task waited for them");
+        for (i, d) in devs.iter().enumerate() {
+            assert_eq!(d.sanitize_state(), Sanitize::Idle);
+            let r = run_ring(&mut port, d, &[0x28, 0, 0, 0, 0, 9, 0, 0, 1, 0], None);
+            let mut back = vec![0u8; 512];
+            r.buf.as_ref().unwrap().read_at(0, &mut back);
+            assert_eq!(back, vec![0xa5 + i as u8; 512]);
+        }
     }
 
     #[test]
