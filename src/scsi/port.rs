@@ -342,11 +342,7 @@ impl ScsiPort {
     /// the operation ends.
     fn execute_sanitize(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
         let overwrite = if task.cdb[1] & 0x1f == sz::SA_OVERWRITE {
-            let n = usize::from(be16(&task.cdb[7..9]) as u16);
-            let mut data = vec![0u8; n];
-            let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
-            data.truncate(got);
-            match sz::parse_overwrite(&data, dev.block_size()) {
+            match sz::parse_overwrite(&read_parameter_list(task), dev.block_size()) {
                 Ok(o) => Some(o),
                 Err(s) => {
                     task.fail(s);
@@ -520,11 +516,7 @@ impl ScsiPort {
         };
         let buf = if op == IoOp::Unmap {
             if parameter_list {
-                let n = be16(&task.cdb[7..9]) as usize;
-                let mut data = vec![0u8; n];
-                let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
-                data.truncate(got);
-                match unmap_ranges(dev, &data) {
+                match unmap_ranges(dev, &read_parameter_list(task)) {
                     Ok(r) => task.ranges = r,
                     Err(s) => {
                         task.fail(s);
@@ -740,6 +732,15 @@ impl ScsiPort {
         self.rmw_done
             .push(Completion::of_port(tag, &op.dev, result, op.data, outcome));
     }
+}
+
+/// The parameter list of a task whose CDB has its PARAMETER LIST LENGTH in bytes 7-8
+/// (UNMAP, SANITIZE): as much of it as the Data-Out holds.
+fn read_parameter_list(task: &ScsiTask) -> Vec<u8> {
+    let mut data = vec![0u8; usize::from(be16(&task.cdb[7..9]) as u16)];
+    let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
+    data.truncate(got);
+    data
 }
 
 /// Applies a backend completion to its task.
