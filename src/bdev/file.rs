@@ -149,6 +149,9 @@ pub struct FileDev {
     ops: Mutex<()>,
     /// Bumped whenever the backing changes; channels compare it on every submission.
     generation: AtomicU64,
+    /// Whether `state` holds a backing, set with it: the dispatcher asks on every media
+    /// access command, and `state`'s lock would be taken by every reactor for it.
+    open: AtomicBool,
     size: AtomicU64,
     active: AtomicBool,
     phys_block: AtomicU32,
@@ -445,6 +448,7 @@ impl FileDev {
         Ok(Arc::new(FileDev {
             name: name.to_string(),
             active: AtomicBool::new(backing.is_some() || path.is_none()),
+            open: AtomicBool::new(backing.is_some()),
             state: RwLock::new(State {
                 path: path.unwrap_or("").to_string(),
                 backing,
@@ -491,9 +495,9 @@ impl FileDev {
         self.state().path.clone()
     }
 
-    /// Whether the backing is open (`active`; for a CD: a disc is loaded).
+    /// Whether the backing is open (`active`; for a CD: a disc is loaded). One atomic load.
     pub fn is_open(&self) -> bool {
-        self.state().backing.is_some()
+        self.open.load(Ordering::Acquire)
     }
 
     /// The `active` attribute: the administrator's wish, cleared when the backing fails.
@@ -525,6 +529,7 @@ impl FileDev {
         if let Some(b) = &backing {
             self.phys_block.store(b.phys_block, Ordering::Relaxed);
         }
+        self.open.store(backing.is_some(), Ordering::Release);
         let old = std::mem::replace(&mut st.backing, backing);
         self.size.store(size, Ordering::Release);
         self.eio_streak.store(0, Ordering::Relaxed);

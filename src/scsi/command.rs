@@ -364,12 +364,12 @@ pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Se
         return Err(Sense::new(sense::NOT_READY, asc));
     }
     if !cmd.works_without_medium {
-        // No medium (3A/00), or an inactive backing (04/03).
+        // No medium (3A/00), or an inactive backing (04/03): atomic loads, no lock.
         if let Some(asc) = dev.not_ready() {
             return Err(Sense::new(sense::NOT_READY, asc));
         }
     }
-    // A sanitize under way or failed (one relaxed load when neither).
+    // A sanitize under way or failed (one atomic load when neither).
     if let Some(s) = sbc::sanitize::refusal(
         dev,
         !cmd.reports_ua,

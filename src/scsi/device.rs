@@ -495,7 +495,8 @@ impl Device {
         self.thin_provisioned() && self.bdev.reports_provisioning()
     }
 
-    /// The SANITIZE state: one relaxed load on the I/O path.
+    /// The SANITIZE state: one atomic load on the I/O path (acquire, pairing with the
+    /// release in `sanitize_end`).
     pub fn sanitize_state(&self) -> Sanitize {
         match self.sanitize.load(Ordering::Acquire) {
             1 => Sanitize::InProgress,

@@ -1,8 +1,8 @@
 //! The SCSI core's side of a reactor ([`ScsiPort`]): each device's channel on it, the
 //! execution of planned commands (emulated at once, or I/O on the channel), the
 //! read-modify-write commands it runs as a read then a write under a range lock, the
-//! sanitize operations it runs over a whole medium in pieces, and the completions that come back from [`ScsiPort::poll`] and [`complete`] applies to their
-//! tasks.
+//! sanitize operations it runs over a whole medium in pieces, and the completions that come
+//! back from [`ScsiPort::poll`] and [`complete`] applies to their tasks.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
@@ -67,11 +67,45 @@ struct SanitizeJob {
     size: u64,
     pass: u8,
     pos: u64,
-    /// Bytes of the piece in flight.
-    piece: u64,
     flushing: bool,
     /// Waiting for a buffer from the pool (retried on the next poll).
     stalled: bool,
+}
+
+impl SanitizeJob {
+    /// The bytes of the piece at `pos`: a write of the pattern, or a deallocation. The same
+    /// when the piece is submitted and when it completes, since neither moves meanwhile.
+    fn piece(&self) -> u64 {
+        let most = if self.overwrite.is_some() {
+            OVERWRITE_PIECE
+        } else {
+            ERASE_PIECE
+        };
+        most.min(self.size.saturating_sub(self.pos))
+    }
+}
+
+/// The PROGRESS INDICATION of a sanitize operation (SPC-4 §4.5.2.4.1, out of 65536) at byte
+/// `pos` of pass `pass` (from 0) of `passes` over `size` bytes. In 128 bits: times 65536,
+/// 31 passes over 8 TiB, or one over 256 TiB (a sparse file, a thin volume), pass 64.
+fn progress(pass: u8, passes: u8, size: u64, pos: u64) -> u16 {
+    let size = u128::from(size);
+    let done = u128::from(pass) * size + u128::from(pos);
+    let whole = (u128::from(passes) * size).max(1);
+    // At most 65535 once bounded: the cast keeps it.
+    (done * 65536 / whole).min(65535) as u16
+}
+
+/// A backend I/O of one buffer, with no ranges.
+fn plain_io(tag: u64, op: IoOp, offset: u64, len: u32, buf: Option<DataBuf>) -> BdevIo {
+    BdevIo {
+        tag,
+        op,
+        offset,
+        len,
+        buf,
+        ranges: Vec::new(),
+    }
 }
 
 /// Where a read-modify-write command is.
@@ -106,9 +140,34 @@ struct DevInfo {
     thin: bool,
 }
 
+impl DevInfo {
+    fn of(dev: &Device) -> DevInfo {
+        DevInfo {
+            block_size: dev.block_size(),
+            thin: dev.thin_provisioned(),
+        }
+    }
+}
+
 impl Completion {
     pub fn tag(&self) -> u64 {
         self.0.tag
+    }
+
+    /// The completion of task `tag` on `dev` that the port makes itself, rather than one
+    /// that comes back from a channel.
+    fn of_port(
+        tag: u64,
+        dev: &Device,
+        result: Result<(), BdevError>,
+        buf: Option<DataBuf>,
+        outcome: Outcome,
+    ) -> Completion {
+        Completion(
+            BdevCompletion { tag, result, buf },
+            DevInfo::of(dev),
+            outcome,
+        )
     }
 }
 
@@ -203,10 +262,7 @@ impl ScsiPort {
             .or_insert_with(|| PortChannel {
                 dev: Arc::downgrade(dev),
                 ch: dev.bdev.clone().open_channel(io),
-                info: DevInfo {
-                    block_size: dev.block_size(),
-                    thin: dev.thin_provisioned(),
-                },
+                info: DevInfo::of(dev),
             })
             .ch
     }
@@ -286,11 +342,7 @@ impl ScsiPort {
     /// the operation ends.
     fn execute_sanitize(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
         let overwrite = if task.cdb[1] & 0x1f == sz::SA_OVERWRITE {
-            let n = usize::from(be16(&task.cdb[7..9]) as u16);
-            let mut data = vec![0u8; n];
-            let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
-            data.truncate(got);
-            match sz::parse_overwrite(&data, dev.block_size()) {
+            match sz::parse_overwrite(&read_parameter_list(task), dev.block_size()) {
                 Ok(o) => Some(o),
                 Err(s) => {
                     task.fail(s);
@@ -320,7 +372,6 @@ impl ScsiPort {
                 size: dev.num_blocks() * u64::from(dev.block_size()),
                 pass: 0,
                 pos: 0,
-                piece: 0,
                 flushing: false,
                 stalled: false,
             },
@@ -351,38 +402,19 @@ impl ScsiPort {
             }
             job.flushing = true;
             let dev = job.dev.clone();
-            self.submit(
-                &dev,
-                BdevIo {
-                    tag: id,
-                    op: IoOp::Flush,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
-                    ranges: Vec::new(),
-                },
-            );
+            self.submit(&dev, plain_io(id, IoOp::Flush, 0, 0, None));
             return;
         }
-        let done = u64::from(job.pass) * job.size + job.pos;
-        let whole = u64::from(passes) * job.size;
         job.dev
-            .set_sanitize_progress((done * 65536 / whole.max(1)).min(65535) as u16);
-        let (io, piece) = match &job.overwrite {
-            None => {
-                let n = ERASE_PIECE.min(job.size - job.pos);
-                let io = BdevIo {
-                    tag: id,
-                    op: IoOp::Unmap,
-                    offset: 0,
-                    len: 0,
-                    buf: None,
-                    ranges: vec![(job.pos, n)],
-                };
-                (io, n)
-            }
+            .set_sanitize_progress(progress(job.pass, passes, job.size, job.pos));
+        let n = job.piece();
+        let io = match &job.overwrite {
+            None => BdevIo {
+                ranges: vec![(job.pos, n)],
+                ..plain_io(id, IoOp::Unmap, 0, 0, None)
+            },
             Some(o) => {
-                let n = OVERWRITE_PIECE.min(job.size - job.pos);
+                // At most OVERWRITE_PIECE (1 MiB): the casts keep it.
                 let Some(mut buf) = DataBuf::alloc(n as usize) else {
                     job.stalled = true;
                     return;
@@ -392,20 +424,22 @@ impl ScsiPort {
                 for off in (0..n as usize).step_by(bs) {
                     buf.write_at(off, &block);
                 }
-                let io = BdevIo {
-                    tag: id,
-                    op: IoOp::Write { fua: false },
-                    offset: job.pos,
-                    len: n as u32,
-                    buf: Some(buf),
-                    ranges: Vec::new(),
-                };
-                (io, n)
+                let write = IoOp::Write { fua: false };
+                plain_io(id, write, job.pos, n as u32, Some(buf))
             }
         };
-        job.piece = piece;
         let dev = job.dev.clone();
         self.submit(&dev, io);
+    }
+
+    /// The least id above `after` of a stalled sanitize operation. A scan of the few on this
+    /// reactor, rather than a list of them made on every poll.
+    fn next_stalled_job(&self, after: u64) -> Option<u64> {
+        self.jobs
+            .iter()
+            .filter(|(&id, j)| j.stalled && id > after)
+            .map(|(&id, _)| id)
+            .min()
     }
 
     /// A piece (or the flush) of a sanitize operation has completed.
@@ -417,7 +451,7 @@ impl ScsiPort {
         }
         if let Some(job) = self.jobs.get_mut(&id) {
             if !job.flushing {
-                job.pos += job.piece;
+                job.pos += job.piece();
             }
         }
         self.job_next(id);
@@ -435,17 +469,11 @@ impl ScsiPort {
             (Err(_), true) => Sanitize::FailedAuse,
         });
         if let Some(tag) = job.task {
-            let info = DevInfo {
-                block_size: job.dev.block_size(),
-                thin: job.dev.thin_provisioned(),
-            };
-            self.rmw_done.push(Completion(
-                BdevCompletion {
-                    tag,
-                    result,
-                    buf: None,
-                },
-                info,
+            self.rmw_done.push(Completion::of_port(
+                tag,
+                &job.dev,
+                result,
+                None,
                 Outcome::Sanitize,
             ));
         }
@@ -470,18 +498,7 @@ impl ScsiPort {
         } else {
             task.buf.take()
         };
-        let tag = task.tag;
-        self.submit(
-            dev,
-            BdevIo {
-                tag,
-                op,
-                offset,
-                len,
-                buf,
-                ranges: Vec::new(),
-            },
-        );
+        self.submit(dev, plain_io(task.tag, op, offset, len, buf));
         Exec::Pending
     }
 
@@ -499,11 +516,7 @@ impl ScsiPort {
         };
         let buf = if op == IoOp::Unmap {
             if parameter_list {
-                let n = be16(&task.cdb[7..9]) as usize;
-                let mut data = vec![0u8; n];
-                let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
-                data.truncate(got);
-                match unmap_ranges(dev, &data) {
+                match unmap_ranges(dev, &read_parameter_list(task)) {
                     Ok(r) => task.ranges = r,
                     Err(s) => {
                         task.fail(s);
@@ -563,17 +576,11 @@ impl ScsiPort {
         // A sanitize operation goes on without its task (SBC-3 §4.11.3), which ends now.
         if let Some(job) = self.jobs.values_mut().find(|j| j.task == Some(tag)) {
             job.task = None;
-            let info = DevInfo {
-                block_size: job.dev.block_size(),
-                thin: job.dev.thin_provisioned(),
-            };
-            self.rmw_done.push(Completion(
-                BdevCompletion {
-                    tag,
-                    result: Ok(()),
-                    buf: None,
-                },
-                info,
+            self.rmw_done.push(Completion::of_port(
+                tag,
+                &job.dev,
+                Ok(()),
+                None,
                 Outcome::Aborted,
             ));
             return;
@@ -600,13 +607,11 @@ impl ScsiPort {
             self.rmw_start();
         }
         if !self.jobs.is_empty() {
-            let stalled: Vec<u64> = self
-                .jobs
-                .iter()
-                .filter(|(_, j)| j.stalled)
-                .map(|(&id, _)| id)
-                .collect();
-            for id in stalled {
+            // Each sanitize operation that found no buffer tries again, once a poll: in order
+            // of id, so that one that stalls again waits for the next poll.
+            let mut after = 0;
+            while let Some(id) = self.next_stalled_job(after) {
+                after = id;
                 self.job_next(id);
             }
         }
@@ -673,17 +678,7 @@ impl ScsiPort {
             };
             op.stage = RmwStage::Reading;
             let (dev, offset, len) = (op.dev.clone(), op.offset, op.len);
-            self.submit(
-                &dev,
-                BdevIo {
-                    tag,
-                    op: IoOp::Read,
-                    offset,
-                    len,
-                    buf: Some(buf),
-                    ranges: Vec::new(),
-                },
-            );
+            self.submit(&dev, plain_io(tag, IoOp::Read, offset, len, Some(buf)));
         }
     }
 
@@ -717,17 +712,8 @@ impl ScsiPort {
                 }
                 op.stage = RmwStage::Writing;
                 let (dev, offset, fua) = (op.dev.clone(), op.offset, op.fua);
-                self.submit(
-                    &dev,
-                    BdevIo {
-                        tag,
-                        op: IoOp::Write { fua },
-                        offset,
-                        len: len as u32,
-                        buf: Some(medium),
-                        ranges: Vec::new(),
-                    },
-                );
+                let write = IoOp::Write { fua };
+                self.submit(&dev, plain_io(tag, write, offset, len as u32, Some(medium)));
             }
             (RmwStage::Reading, Err(e)) => self.rmw_finish(tag, Err(e), Outcome::ReadFailed),
             (_, result) => self.rmw_finish(tag, result, Outcome::Io),
@@ -743,20 +729,18 @@ impl ScsiPort {
         if op.stage != RmwStage::Locking || outcome == Outcome::NoBuffer {
             op.dev.unlock_range(op.offset, u64::from(op.len));
         }
-        let info = DevInfo {
-            block_size: op.dev.block_size(),
-            thin: op.dev.thin_provisioned(),
-        };
-        self.rmw_done.push(Completion(
-            BdevCompletion {
-                tag,
-                result,
-                buf: op.data,
-            },
-            info,
-            outcome,
-        ));
+        self.rmw_done
+            .push(Completion::of_port(tag, &op.dev, result, op.data, outcome));
     }
+}
+
+/// The parameter list of a task whose CDB has its PARAMETER LIST LENGTH in bytes 7-8
+/// (UNMAP, SANITIZE): as much of it as the Data-Out holds.
+fn read_parameter_list(task: &ScsiTask) -> Vec<u8> {
+    let mut data = vec![0u8; usize::from(be16(&task.cdb[7..9]) as u16)];
+    let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
+    data.truncate(got);
+    data
 }
 
 /// Applies a backend completion to its task.
@@ -1070,6 +1054,66 @@ mod completion_tests {
             (r.sense()[2], r.sense()[12], r.sense()[13]),
             (2, 0x04, 0x03)
         );
+    }
+
+    #[test]
+    fn stalled_sanitize_jobs_go_on_at_the_next_poll() {
+        let mut port = ScsiPort::new();
+        let mut devs = Vec::new();
+        for (i, name) in ["s0", "s1", "s2"].into_iter().enumerate() {
+            let d = Device::create("vdisk_ramio", name, &[("size_mb".into(), "1".into())]).unwrap();
+            assert!(d.sanitize_begin());
+            let id = JOB_TAG | i as u64;
+            port.jobs.insert(
+                id,
+                SanitizeJob {
+                    dev: d.clone(),
+                    task: None,
+                    overwrite: Some(Overwrite {
+                        passes: 1,
+                        invert: false,
+                        pattern: vec![0xa5 + i as u8],
+                    }),
+                    ause: false,
+                    size: d.num_blocks() * u64::from(d.block_size()),
+                    pass: 0,
+                    pos: 0,
+                    flushing: false,
+                    // As if the pool had had no buffer for its first piece.
+                    stalled: true,
+                },
+            );
+            devs.push(d);
+        }
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            if port.jobs.is_empty() {
+                break;
+            }
+            port.poll(&mut out);
+            port.io.wait();
+        }
+        assert!(port.jobs.is_empty(), "every stalled job went on to its end");
+        assert!(out.is_empty(), "no task waited for them");
+        for (i, d) in devs.iter().enumerate() {
+            assert_eq!(d.sanitize_state(), Sanitize::Idle);
+            let r = run_ring(&mut port, d, &[0x28, 0, 0, 0, 0, 9, 0, 0, 1, 0], None);
+            let mut back = vec![0u8; 512];
+            r.buf.as_ref().unwrap().read_at(0, &mut back);
+            assert_eq!(back, vec![0xa5 + i as u8; 512]);
+        }
+    }
+
+    #[test]
+    fn sanitize_progress_of_a_large_medium() {
+        assert_eq!(progress(0, 1, 0, 0), 0);
+        assert_eq!(progress(0, 1, 1 << 20, 1 << 19), 32768);
+        assert_eq!(progress(1, 2, 1 << 20, 0), 32768);
+        // 31 passes over 16 TiB, and one over 1 PiB: past 64 bits once times 65536.
+        let tib16 = 16u64 << 40;
+        assert_eq!(progress(30, 31, tib16, tib16 / 2), 64478);
+        assert_eq!(progress(0, 1, 1 << 50, 3 << 48), 49152);
+        assert_eq!(progress(30, 31, tib16, tib16), 65535);
     }
 
     #[test]

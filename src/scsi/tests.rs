@@ -1484,15 +1484,18 @@ fn start(port: &mut ScsiPort, d: &Arc<Device>, t: &mut ScsiTask, data_out: &[u8]
     }
 }
 
-/// Polls `port` until nothing is left in it; returns the completions it handed out.
+/// Polls `port` until nothing is left in it; returns the completions it handed out. A count
+/// of polls is no bound: on a loaded machine the ring's I/O can outlast thousands of them.
 fn drain(port: &mut ScsiPort) -> Vec<Completion> {
     let mut out = Vec::new();
-    for _ in 0..10_000 {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while Instant::now() < deadline {
         port.poll(&mut out);
         if port.inflight() == 0 {
             port.poll(&mut out);
             return out;
         }
+        std::thread::sleep(std::time::Duration::from_micros(50));
     }
     panic!("the port never went idle");
 }
