@@ -192,6 +192,23 @@ impl Command {
     pub fn serves(&self, dev: &Device) -> bool {
         self.types.contains(DeviceTypes::of(dev)) && self.only_if.is_none_or(|f| f(dev))
     }
+
+    /// This command, ending with NOT READY while there is no medium or the backing is
+    /// inactive.
+    pub const fn needs_medium(self) -> Command {
+        Command {
+            works_without_medium: false,
+            ..self
+        }
+    }
+
+    /// This command, exempt from reporting a pending unit attention (SAM-5 §5.14).
+    pub const fn ua_exempt(self) -> Command {
+        Command {
+            reports_ua: false,
+            ..self
+        }
+    }
 }
 
 /// Every command, sorted by opcode and service action.

@@ -21,7 +21,6 @@ pub const LOGICAL_UNIT_NOT_SUPPORTED: (u8, u8) = (0x25, 0x00);
 pub const INVALID_FIELD_IN_PARAMETER_LIST: (u8, u8) = (0x26, 0x00);
 pub const WRITE_PROTECTED: (u8, u8) = (0x27, 0x00);
 pub const POWER_ON_RESET: (u8, u8) = (0x29, 0x00);
-pub const SAVING_PARAMETERS_NOT_SUPPORTED: (u8, u8) = (0x39, 0x00);
 pub const MISCOMPARE_DURING_VERIFY: (u8, u8) = (0x1d, 0x00);
 pub const UNRECOVERED_READ_ERROR: (u8, u8) = (0x11, 0x00);
 pub const WRITE_ERROR: (u8, u8) = (0x0c, 0x00);

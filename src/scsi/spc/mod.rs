@@ -15,7 +15,7 @@ pub mod rsoc;
 pub mod tmf;
 
 use crate::scsi::alua;
-use crate::scsi::command::{Alua, Command, DeviceTypes, Reservation, Run};
+use crate::scsi::command::{Alua, Command, Decode, DeviceTypes, Emulate, Reservation, Run};
 use crate::scsi::device::Device;
 use crate::scsi::mmc;
 use crate::scsi::pr::opcode::{RELEASE_10, RELEASE_6, RESERVE_10, RESERVE_6};
@@ -50,210 +50,77 @@ use opcode::*;
 pub(in crate::scsi) const CTL: u8 = 0x04;
 pub(in crate::scsi) const FF: u8 = 0xff;
 
-/// The SPC commands, one entry each (CDB usage data kept unformatted so that its bytes
-/// line up).
+/// An emulated SPC command as most are: served by every device type, with or without a
+/// medium, and reporting unit attentions (the entries that differ say so:
+/// [`Command::needs_medium`], [`Command::ua_exempt`]).
+const fn emulated(
+    name: &'static str,
+    op: u8,
+    usage: &'static [u8],
+    reservation: Reservation,
+    alua: Alua,
+    decode: Decode,
+    emulate: Emulate,
+) -> Command {
+    Command {
+        name,
+        op,
+        sa: None,
+        usage,
+        types: DeviceTypes::ALL,
+        only_if: None,
+        works_without_medium: true,
+        reports_ua: true,
+        reservation,
+        alua,
+        decode,
+        run: Run::Emulate(emulate),
+    }
+}
+
+/// A service action of MAINTENANCE IN or OUT: disks only, MMC giving A3h to SEND KEY and A4h
+/// to REPORT KEY.
+#[allow(clippy::too_many_arguments)]
+const fn maintenance(
+    name: &'static str,
+    op: u8,
+    sa: u8,
+    usage: &'static [u8],
+    only_if: Option<fn(&Device) -> bool>,
+    reservation: Reservation,
+    alua: Alua,
+    decode: Decode,
+    emulate: Emulate,
+) -> Command {
+    Command {
+        sa: Some(sa),
+        types: DeviceTypes::DISK,
+        only_if,
+        ..emulated(name, op, usage, reservation, alua, decode, emulate)
+    }
+}
+
+/// The SPC commands, one per line (CDB usage data kept unformatted so that its bytes line
+/// up).
 #[rustfmt::skip]
 pub const COMMANDS: &[Command] = &[
-    Command {
-        name: "TEST UNIT READY",
-        op: TEST_UNIT_READY,
-        sa: None,
-        usage: &[TEST_UNIT_READY, 0, 0, 0, 0, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: false,
-        reports_ua: true,
-        reservation: Reservation::TestUnitReady,
-        alua: Alua::Active,
-        decode: no_data,
-        run: Run::Emulate(nothing),
-    },
-    Command {
-        name: "REQUEST SENSE",
-        op: REQUEST_SENSE,
-        sa: None,
-        usage: &[REQUEST_SENSE, 0x01, 0, 0, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: false,
-        reservation: Reservation::Allowed,
-        alua: Alua::Transitioning,
-        decode: decode_request_sense,
-        run: Run::Emulate(request_sense),
-    },
-    Command {
-        name: "INQUIRY",
-        op: INQUIRY,
-        sa: None,
-        usage: &[INQUIRY, 0x01, FF, FF, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: false,
-        reservation: Reservation::Allowed,
-        alua: Alua::Transitioning,
-        decode: inquiry::decode,
-        run: Run::Emulate(inquiry::emulate),
-    },
-    Command {
-        name: "MODE SELECT(6)",
-        op: MODE_SELECT_6,
-        sa: None,
-        usage: &[MODE_SELECT_6, 0x11, 0, 0, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Write,
-        alua: Alua::Standby,
-        decode: mode::decode_select,
-        run: Run::Emulate(mode::select),
-    },
-    Command {
-        name: "MODE SENSE(6)",
-        op: MODE_SENSE_6,
-        sa: None,
-        usage: &[MODE_SENSE_6, 0x08, FF, FF, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Read,
-        alua: Alua::Standby,
-        decode: mode::decode,
-        run: Run::Emulate(mode::emulate),
-    },
-    Command {
-        name: "PREVENT ALLOW MEDIUM REMOVAL",
-        op: PREVENT_ALLOW,
-        sa: None,
-        usage: &[PREVENT_ALLOW, 0, 0, 0, 0x03, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::PreventAllow,
-        alua: Alua::Active,
-        decode: decode_prevent_allow,
-        run: Run::Emulate(prevent_allow),
-    },
-    Command {
-        name: "LOG SENSE",
-        op: LOG_SENSE,
-        sa: None,
-        usage: &[LOG_SENSE, 0x01, FF, FF, 0, FF, FF, FF, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Allowed,
-        alua: Alua::Standby,
-        decode: log::decode,
-        run: Run::Emulate(log::emulate),
-    },
-    Command {
-        name: "MODE SELECT(10)",
-        op: MODE_SELECT_10,
-        sa: None,
-        usage: &[MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, FF, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Write,
-        alua: Alua::Standby,
-        decode: mode::decode_select,
-        run: Run::Emulate(mode::select),
-    },
-    Command {
-        name: "MODE SENSE(10)",
-        op: MODE_SENSE_10,
-        sa: None,
-        usage: &[MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Read,
-        alua: Alua::Standby,
-        decode: mode::decode,
-        run: Run::Emulate(mode::emulate),
-    },
-    Command {
-        name: "REPORT LUNS",
-        op: REPORT_LUNS,
-        sa: None,
-        usage: &[REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
-        types: DeviceTypes::ALL,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: false,
-        reservation: Reservation::Allowed,
-        alua: Alua::Transitioning,
-        decode: luns::decode,
-        run: Run::Emulate(luns::emulate),
-    },
-    // MMC gives A3h to SEND KEY: disks only.
-    Command {
-        name: "REPORT SUPPORTED OPERATION CODES",
-        op: MAINTENANCE_IN,
-        sa: Some(MI_REPORT_SUPPORTED_OPCODES),
-        usage: &[MAINTENANCE_IN, 0x1f, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, CTL],
-        types: DeviceTypes::DISK,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Allowed,
-        alua: Alua::Unavailable,
-        decode: rsoc::decode,
-        run: Run::Emulate(rsoc::emulate),
-    },
-    Command {
-        name: "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
-        op: MAINTENANCE_IN,
-        sa: Some(MI_REPORT_SUPPORTED_TMFS),
-        usage: &[MAINTENANCE_IN, 0x1f, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
-        types: DeviceTypes::DISK,
-        only_if: None,
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Allowed,
-        alua: Alua::Unavailable,
-        decode: tmf::decode,
-        run: Run::Emulate(tmf::emulate),
-    },
-    // Devices in a device group (SPC-4 §6.36).
-    Command {
-        name: "REPORT TARGET PORT GROUPS",
-        op: MAINTENANCE_IN,
-        sa: Some(MI_REPORT_TARGET_PGS),
-        usage: &[MAINTENANCE_IN, 0xff, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
-        types: DeviceTypes::DISK,
-        only_if: Some(alua::implicit),
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Allowed,
-        alua: Alua::Transitioning,
-        decode: alua::decode_report,
-        run: Run::Emulate(alua::report),
-    },
-    // Devices in a device group with explicit ALUA on (SPC-4 §6.46); MMC gives A4h to
-    // REPORT KEY.
-    Command {
-        name: "SET TARGET PORT GROUPS",
-        op: MAINTENANCE_OUT,
-        sa: Some(MO_SET_TARGET_PGS),
-        usage: &[MAINTENANCE_OUT, 0x1f, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],
-        types: DeviceTypes::DISK,
-        only_if: Some(alua::explicit),
-        works_without_medium: true,
-        reports_ua: true,
-        reservation: Reservation::Write,
-        alua: Alua::Unavailable,
-        decode: alua::decode_set,
-        run: Run::Emulate(alua::set),
-    },
+    //       name                            opcode           usage                                                   reservation                 alua                 decode                emulate
+    emulated("TEST UNIT READY",              TEST_UNIT_READY, &[TEST_UNIT_READY, 0, 0, 0, 0, CTL],                    Reservation::TestUnitReady, Alua::Active,        no_data,              nothing).needs_medium(),
+    emulated("REQUEST SENSE",                REQUEST_SENSE,   &[REQUEST_SENSE, 0x01, 0, 0, FF, CTL],                  Reservation::Allowed,       Alua::Transitioning, decode_request_sense, request_sense).ua_exempt(),
+    emulated("INQUIRY",                      INQUIRY,         &[INQUIRY, 0x01, FF, FF, FF, CTL],                      Reservation::Allowed,       Alua::Transitioning, inquiry::decode,      inquiry::emulate).ua_exempt(),
+    emulated("MODE SELECT(6)",               MODE_SELECT_6,   &[MODE_SELECT_6, 0x11, 0, 0, FF, CTL],                  Reservation::Write,         Alua::Standby,       mode::decode_select,  mode::select),
+    emulated("MODE SENSE(6)",                MODE_SENSE_6,    &[MODE_SENSE_6, 0x08, FF, FF, FF, CTL],                 Reservation::Read,          Alua::Standby,       mode::decode,         mode::emulate),
+    emulated("PREVENT ALLOW MEDIUM REMOVAL", PREVENT_ALLOW,   &[PREVENT_ALLOW, 0, 0, 0, 0x03, CTL],                   Reservation::PreventAllow,  Alua::Active,        decode_prevent_allow, prevent_allow),
+    emulated("LOG SENSE",                    LOG_SENSE,       &[LOG_SENSE, 0x01, FF, FF, 0, FF, FF, FF, FF, CTL],     Reservation::Allowed,       Alua::Standby,       log::decode,          log::emulate),
+    emulated("MODE SELECT(10)",              MODE_SELECT_10,  &[MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, FF, FF, CTL],    Reservation::Write,         Alua::Standby,       mode::decode_select,  mode::select),
+    emulated("MODE SENSE(10)",               MODE_SENSE_10,   &[MODE_SENSE_10, 0x18, FF, FF, 0, 0, 0, FF, FF, CTL],   Reservation::Read,          Alua::Standby,       mode::decode,         mode::emulate),
+    emulated("REPORT LUNS",                  REPORT_LUNS,     &[REPORT_LUNS, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, CTL], Reservation::Allowed,       Alua::Transitioning, luns::decode,         luns::emulate).ua_exempt(),
+    //          name                                          opcode           service action               usage                                                              only if               reservation           alua                 decode               emulate
+    maintenance("REPORT SUPPORTED OPERATION CODES",           MAINTENANCE_IN,  MI_REPORT_SUPPORTED_OPCODES, &[MAINTENANCE_IN, 0x1f, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, CTL], None,                 Reservation::Allowed, Alua::Unavailable,   rsoc::decode,        rsoc::emulate),
+    maintenance("REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", MAINTENANCE_IN,  MI_REPORT_SUPPORTED_TMFS,    &[MAINTENANCE_IN, 0x1f, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, CTL],    None,                 Reservation::Allowed, Alua::Unavailable,   tmf::decode,         tmf::emulate),
+    // Devices in a device group (SPC-4 §6.36); with explicit ALUA on (§6.46).
+    maintenance("REPORT TARGET PORT GROUPS",                  MAINTENANCE_IN,  MI_REPORT_TARGET_PGS,        &[MAINTENANCE_IN, 0xff, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],       Some(alua::implicit), Reservation::Allowed, Alua::Transitioning, alua::decode_report, alua::report),
+    maintenance("SET TARGET PORT GROUPS",                     MAINTENANCE_OUT, MO_SET_TARGET_PGS,           &[MAINTENANCE_OUT, 0x1f, 0, 0, 0, 0, FF, FF, FF, FF, 0, CTL],      Some(alua::explicit), Reservation::Write,   Alua::Unavailable,   alua::decode_set,    alua::set),
     // The reservation commands ([`reserve`]).
     reserve::pr_in("PERSISTENT RESERVE IN (READ KEYS)", in_sa::READ_KEYS),
     reserve::pr_in("PERSISTENT RESERVE IN (READ RESERVATION)", in_sa::READ_RESERVATION),

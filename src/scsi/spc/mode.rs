@@ -132,13 +132,18 @@ pub fn page(dev: &Device, code: u8, pc: Pc) -> Option<Vec<u8>> {
     Some(p)
 }
 
-pub(super) fn decode(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
-    let c = &task.cdb;
-    Ok(Plan::emulated_in(if c[0] == MODE_SENSE_10 {
+/// The length field of a MODE SENSE or MODE SELECT CDB: the allocation length, or the
+/// parameter list length; bytes 7-8 of the (10) variants, byte 4 of the (6).
+fn length_field(c: &[u8; 16]) -> u32 {
+    if c[0] == MODE_SENSE_10 || c[0] == MODE_SELECT_10 {
         be16(&c[7..9])
     } else {
         u32::from(c[4])
-    }))
+    }
+}
+
+pub(super) fn decode(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    Ok(Plan::emulated_in(length_field(&task.cdb)))
 }
 
 /// MODE SENSE (6) and (10): the read-write error recovery, caching and control pages, and
@@ -151,7 +156,7 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
     let pc = Pc::from_bits(c[2] >> 6);
     let code = c[2] & 0x3f;
     let subpage = c[3];
-    let alloc = if ten { be16(&c[7..9]) } else { u32::from(c[4]) } as usize;
+    let alloc = length_field(&c) as usize;
     if subpage != 0 && subpage != 0xff {
         task.fail(Sense::invalid_cdb_field(3, None));
         return;
@@ -211,18 +216,9 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
     task.reply(&d);
 }
 
-/// The PARAMETER LIST LENGTH field of MODE SELECT (6) or (10).
-fn param_list_len(c: &[u8; 16]) -> u32 {
-    if c[0] == MODE_SELECT_10 {
-        be16(&c[7..9])
-    } else {
-        u32::from(c[4])
-    }
-}
-
 pub(super) fn decode_select(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
     let c = &task.cdb;
-    let len = param_list_len(c);
+    let len = length_field(c);
     // PF 0: the pages would be vendor specific (SPC-4 §6.9); only the standard's are
     // understood.
     if c[1] & 0x10 == 0 && len > 0 {
@@ -238,7 +234,7 @@ pub(super) fn decode_select(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sen
 /// the pages too. A change of current values is reported to every other I_T nexus as
 /// MODE PARAMETERS CHANGED (SPC-4 §6.9).
 pub(super) fn select(dev: &Device, task: &mut ScsiTask) {
-    let len = param_list_len(&task.cdb) as usize;
+    let len = length_field(&task.cdb) as usize;
     if len == 0 {
         return;
     }
