@@ -302,6 +302,16 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= MAX_ISCSI_NAME && !name.chars().any(char::is_control)
 }
 
+/// RFC 7143 §6.1: a text value, and so the InitiatorName of a login, is at most 8192 bytes.
+const MAX_LOGIN_NAME: usize = 8192;
+
+/// A name the state may hold: any a login accepted, for the registrations an I_T nexus made
+/// itself ([`Registrant::of`]), even one that is not a valid iSCSI name. Refusing it here
+/// would lose the whole state on the next restart.
+fn valid_state_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_LOGIN_NAME && !name.contains('\0')
+}
+
 fn parse_isid(hex: &str) -> Option<[u8; 6]> {
     if hex.len() != 12 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
@@ -1313,7 +1323,7 @@ impl State {
         }
         let mut v = Vec::with_capacity(8 + d.len());
         v.extend_from_slice(&self.generation.to_be_bytes());
-        // At most MAX_REGISTRATIONS descriptors of under 300 bytes.
+        // At most MAX_REGISTRATIONS descriptors, each under 9 KiB (MAX_LOGIN_NAME).
         v.extend_from_slice(&(d.len() as u32).to_be_bytes());
         v.extend_from_slice(&d);
         v
@@ -1819,15 +1829,19 @@ impl Snapshot {
                         .filter(|&k| k != 0)
                         .ok_or_else(|| err(no, "the key is not a nonzero 0x hex number"))?;
                     let name = decode_name(name)
-                        .filter(|n| valid_name(n))
+                        .filter(|n| valid_state_name(n))
                         .ok_or_else(|| err(no, "bad iSCSI name"))?;
-                    let transport_id = match *isid {
-                        "*" => TransportId::initiator_device(&name),
-                        h => parse_isid(h)
-                            .ok_or(TransportIdError::Isid)
-                            .and_then(|isid| TransportId::initiator_port(&name, isid)),
-                    }
-                    .map_err(|e| err(no, &e.to_string()))?;
+                    let isid = match *isid {
+                        "*" => None,
+                        h => Some(
+                            parse_isid(h)
+                                .ok_or_else(|| err(no, &TransportIdError::Isid.to_string()))?,
+                        ),
+                    };
+                    let transport_id = TransportId {
+                        name: name.to_ascii_lowercase(),
+                        isid,
+                    };
                     let rel_tgt_id = match *port {
                         "*" => None,
                         p => Some(
@@ -3154,6 +3168,25 @@ mod tests {
             .is_none());
         assert_eq!(keys(&r), [u64::MAX, 1]);
         assert!(matches!(r.restore(&s), Err(PrFileError::InUse)));
+    }
+
+    #[test]
+    fn state_text_keeps_names_that_are_not_iscsi_names() {
+        // A login takes an InitiatorName longer than an iSCSI name may be, or with a
+        // control character: the registrations of such a nexus survive a restart too.
+        let long = format!("iqn.2024-01.test:{}", "n".repeat(300));
+        let r = Reservations::new();
+        for name in [long.as_str(), "iqn.x:tab\there"] {
+            register(&r, &nx(name, 1), 7);
+        }
+        let s = r.snapshot();
+        assert_eq!(Snapshot::from_text(&s.to_text()), Ok(s.clone()));
+        // Bounds remain: empty, NUL or longer than any login.
+        for name in ["", "%00", &"n".repeat(MAX_LOGIN_NAME + 1)] {
+            let t = resum(&s.to_text().replacen(&long, name, 1));
+            let e = Snapshot::from_text(&t).unwrap_err();
+            assert_eq!(e.reason, "bad iSCSI name", "{name:.20}");
+        }
     }
 
     #[test]
