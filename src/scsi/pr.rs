@@ -127,15 +127,22 @@ fn bit(buf: &[u8], byte: usize, bit: u8) -> bool {
     buf.get(byte).is_some_and(|b| b & (1 << bit) != 0)
 }
 
-/// A parameter list offset as a sense field pointer (none past 64 KiB).
-fn param_field(off: usize) -> Sense {
-    u16::try_from(off).map_or(
+/// INVALID FIELD IN PARAMETER LIST at a parameter list offset (no field pointer past
+/// 64 KiB).
+fn param_field(off: usize) -> Status {
+    Status::CheckCondition(u16::try_from(off).map_or(
         Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::INVALID_FIELD_IN_PARAMETER_LIST,
         ),
         Sense::invalid_param_field,
-    )
+    ))
+}
+
+/// INVALID FIELD IN PARAMETER LIST at a bit of one of the flags bytes of [`field`].
+fn param_bit(byte: usize, bit: u8) -> Status {
+    // The flags bytes are among the first 24.
+    Status::CheckCondition(Sense::invalid_param_bit(byte as u16, bit))
 }
 
 fn length_error() -> Status {
@@ -143,6 +150,31 @@ fn length_error() -> Status {
         sense::ILLEGAL_REQUEST,
         sense::PARAMETER_LIST_LENGTH_ERROR,
     ))
+}
+
+/// SPC-4 §5.13.7: more registrations than [`MAX_REGISTRATIONS`].
+fn no_registration_resources() -> Status {
+    check_condition(
+        sense::ILLEGAL_REQUEST,
+        sense::INSUFFICIENT_REGISTRATION_RESOURCES,
+    )
+}
+
+/// The end of the list of `data` that starts at `start` and whose length the field
+/// `len_field` holds: the end of `data`, exactly (SPC-4 §6.16.3, §6.16.4). A list that
+/// runs past the data is a PARAMETER LIST LENGTH ERROR; one that ends short of it leaves
+/// bytes the two lengths disagree on, an invalid length field.
+fn exact_end(data: &[u8], len_field: Range<usize>, start: usize) -> Result<usize, Status> {
+    let at = len_field.start;
+    let end = usize::try_from(be(data, len_field))
+        .ok()
+        .and_then(|l| l.checked_add(start))
+        .ok_or_else(length_error)?;
+    match end.cmp(&data.len()) {
+        std::cmp::Ordering::Greater => Err(length_error()),
+        std::cmp::Ordering::Less => Err(param_field(at)),
+        std::cmp::Ordering::Equal => Ok(end),
+    }
 }
 
 // ------------------------------------------------------------------------------ types
@@ -673,23 +705,11 @@ impl<'a> BasicParams<'a> {
 
     /// The TransportIDs of SPEC_I_PT, each with its offset in the list.
     fn transport_ids(&self) -> Result<Vec<(TransportId, usize)>, Status> {
-        if self.0.len() < field::TRANSPORTIDS {
-            return Err(length_error());
-        }
-        let tpdl = be(self.0, field::TRANSPORTID_PARAMETER_DATA_LENGTH);
-        let end = usize::try_from(tpdl)
-            .ok()
-            .and_then(|l| l.checked_add(field::TRANSPORTIDS))
-            .ok_or_else(length_error)?;
-        if end > self.0.len() {
-            return Err(length_error());
-        }
-        if end < self.0.len() {
-            // The two lengths disagree: the list holds bytes that are not TransportIDs.
-            return Err(Status::CheckCondition(param_field(
-                field::TRANSPORTID_PARAMETER_DATA_LENGTH.start,
-            )));
-        }
+        let end = exact_end(
+            self.0,
+            field::TRANSPORTID_PARAMETER_DATA_LENGTH,
+            field::TRANSPORTIDS,
+        )?;
         let mut v = Vec::new();
         let mut off = field::TRANSPORTIDS;
         while off < end {
@@ -697,14 +717,9 @@ impl<'a> BasicParams<'a> {
                 .0
                 .get(off..end)
                 .ok_or_else(length_error)
-                .and_then(|b| {
-                    TransportId::parse(b).map_err(|_| Status::CheckCondition(param_field(off)))
-                })?;
+                .and_then(|b| TransportId::parse(b).map_err(|_| param_field(off)))?;
             if v.len() == MAX_REGISTRATIONS {
-                return Err(check_condition(
-                    sense::ILLEGAL_REQUEST,
-                    sense::INSUFFICIENT_REGISTRATION_RESOURCES,
-                ));
+                return Err(no_registration_resources());
             }
             v.push((tid, off));
             off += len;
@@ -876,10 +891,7 @@ impl State {
         }
         // SPC-4 §6.16.3: SPEC_I_PT is for REGISTER only; without it the list is 24 bytes.
         if p.spec_i_pt() && sa != out_sa::REGISTER {
-            return Err(Status::CheckCondition(Sense::invalid_param_bit(
-                field::FLAGS as u16,
-                field::SPEC_I_PT_BIT,
-            )));
+            return Err(param_bit(field::FLAGS, field::SPEC_I_PT_BIT));
         }
         if !p.spec_i_pt() && data.len() != field::BASIC_LEN {
             return Err(length_error());
@@ -887,10 +899,7 @@ impl State {
         match (sa, ty) {
             (out_sa::REGISTER | out_sa::REGISTER_AND_IGNORE_EXISTING_KEY, _) => {
                 if p.aptpl() && !ptpl_capable {
-                    return Err(Status::CheckCondition(Sense::invalid_param_bit(
-                        field::FLAGS as u16,
-                        field::APTPL_BIT,
-                    )));
+                    return Err(param_bit(field::FLAGS, field::APTPL_BIT));
                 }
                 let tids = if p.spec_i_pt() {
                     p.transport_ids()?
@@ -940,10 +949,7 @@ impl State {
                     return Err(Status::ReservationConflict);
                 }
                 if p.spec_i_pt() {
-                    return Err(Status::CheckCondition(Sense::invalid_param_bit(
-                        field::FLAGS as u16,
-                        field::SPEC_I_PT_BIT,
-                    )));
+                    return Err(param_bit(field::FLAGS, field::SPEC_I_PT_BIT));
                 }
                 if sark == 0 {
                     self.unregister(i, o);
@@ -970,15 +976,12 @@ impl State {
                         }
                         // All or nothing: a TransportID of a registered nexus fails them all.
                         if self.regs.iter().any(|x| x.who == r) {
-                            return Err(Status::CheckCondition(param_field(*off)));
+                            return Err(param_field(*off));
                         }
                         new.push(r);
                     }
                     if self.regs.len() + new.len() > MAX_REGISTRATIONS {
-                        return Err(check_condition(
-                            sense::ILLEGAL_REQUEST,
-                            sense::INSUFFICIENT_REGISTRATION_RESOURCES,
-                        ));
+                        return Err(no_registration_resources());
                     }
                     for r in new {
                         self.add(r, sark);
@@ -1086,9 +1089,7 @@ impl State {
             // Removing registrations: the key must name one (SPC-4: a zero key names none,
             // and is refused outright while a reservation of another type exists).
             if sark == 0 && self.res.is_some_and(|r| !r.ty.is_all_registrants()) {
-                return Err(Status::CheckCondition(param_field(
-                    field::SERVICE_ACTION_RESERVATION_KEY.start,
-                )));
+                return Err(param_field(field::SERVICE_ACTION_RESERVATION_KEY.start));
             }
             if !self.regs.iter().any(|r| r.key == sark) {
                 return Err(Status::ReservationConflict);
@@ -1155,48 +1156,31 @@ impl State {
         }
         let sark = be(data, field::SERVICE_ACTION_RESERVATION_KEY);
         if sark == 0 {
-            return Err(Status::CheckCondition(param_field(
-                field::SERVICE_ACTION_RESERVATION_KEY.start,
-            )));
+            return Err(param_field(field::SERVICE_ACTION_RESERVATION_KEY.start));
         }
         let aptpl = bit(data, field::MOVE_FLAGS, field::APTPL_BIT);
         if aptpl && !ptpl_capable {
-            return Err(Status::CheckCondition(Sense::invalid_param_bit(
-                field::MOVE_FLAGS as u16,
-                field::APTPL_BIT,
-            )));
+            return Err(param_bit(field::MOVE_FLAGS, field::APTPL_BIT));
         }
         // Relative target port identifiers run from 1: 0 is reserved.
         let Ok(rtpi @ 1..) = u16::try_from(be(data, field::MOVE_RELATIVE_TARGET_PORT)) else {
-            return Err(Status::CheckCondition(param_field(
-                field::MOVE_RELATIVE_TARGET_PORT.start,
-            )));
+            return Err(param_field(field::MOVE_RELATIVE_TARGET_PORT.start));
         };
-        let tid_len = be(data, field::MOVE_TRANSPORTID_LENGTH);
-        let end = usize::try_from(tid_len)
-            .ok()
-            .and_then(|l| l.checked_add(field::MOVE_TRANSPORTID))
-            .ok_or_else(length_error)?;
-        if end > data.len() {
-            return Err(length_error());
-        }
-        if end < data.len() {
-            return Err(Status::CheckCondition(param_field(
-                field::MOVE_TRANSPORTID_LENGTH.start,
-            )));
-        }
+        let end = exact_end(
+            data,
+            field::MOVE_TRANSPORTID_LENGTH,
+            field::MOVE_TRANSPORTID,
+        )?;
         let (tid, len) = data
             .get(field::MOVE_TRANSPORTID..end)
             .and_then(|b| TransportId::parse(b).ok())
-            .ok_or(Status::CheckCondition(param_field(field::MOVE_TRANSPORTID)))?;
+            .ok_or(param_field(field::MOVE_TRANSPORTID))?;
         if len != end - field::MOVE_TRANSPORTID {
-            return Err(Status::CheckCondition(param_field(
-                field::MOVE_TRANSPORTID_LENGTH.start,
-            )));
+            return Err(param_field(field::MOVE_TRANSPORTID_LENGTH.start));
         }
         // SPC-4 §5.13.8: moving to the sender's own initiator port is refused.
         if tid.covers(n) {
-            return Err(Status::CheckCondition(param_field(field::MOVE_TRANSPORTID)));
+            return Err(param_field(field::MOVE_TRANSPORTID));
         }
         let dest = Registrant {
             transport_id: tid,
@@ -1210,10 +1194,7 @@ impl State {
             }
             None => {
                 if self.regs.len() >= MAX_REGISTRATIONS {
-                    return Err(check_condition(
-                        sense::ILLEGAL_REQUEST,
-                        sense::INSUFFICIENT_REGISTRATION_RESOURCES,
-                    ));
+                    return Err(no_registration_resources());
                 }
                 self.add(dest, sark)
             }
