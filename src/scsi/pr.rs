@@ -1312,6 +1312,16 @@ impl State {
 
     // ------------------------------------------------------------ snapshots
 
+    /// Counts a change and returns the APTPL file operation it calls for: the new state while
+    /// APTPL is set, the file's removal when the change cleared it, nothing otherwise.
+    fn changed(&mut self, aptpl_before: bool) -> Option<Persist> {
+        self.seq += 1;
+        (self.aptpl || aptpl_before).then(|| Persist {
+            seq: self.seq,
+            state: self.aptpl.then(|| self.snapshot().to_text()),
+        })
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             generation: self.generation,
@@ -1419,15 +1429,7 @@ impl Reservations {
         let mut st = self.lock();
         let aptpl_before = st.aptpl;
         match st.out(nexus, cdb, param, capable, &mut o) {
-            Ok(()) => {
-                st.seq += 1;
-                if st.aptpl || aptpl_before {
-                    o.persist = Some(Persist {
-                        seq: st.seq,
-                        state: st.aptpl.then(|| st.snapshot().to_text()),
-                    });
-                }
-            }
+            Ok(()) => o.persist = st.changed(aptpl_before),
             Err(status) => {
                 o.status = status;
                 o.unit_attentions.clear();
@@ -1532,11 +1534,7 @@ impl Reservations {
         }
         let aptpl_before = st.aptpl;
         st.restore(s);
-        st.seq += 1;
-        let persist = (st.aptpl || aptpl_before).then(|| Persist {
-            seq: st.seq,
-            state: st.aptpl.then(|| st.snapshot().to_text()),
-        });
+        let persist = st.changed(aptpl_before);
         self.publish(&st);
         Ok(persist)
     }
