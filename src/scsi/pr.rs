@@ -36,8 +36,8 @@
 //!
 //! The APTPL bit of the last successful REGISTER, REGISTER AND IGNORE EXISTING KEY or
 //! REGISTER AND MOVE decides whether the state survives a restart (SPC-4 §5.13.5). While it is
-//! set, every change writes the whole state to the device's file (see [`save`]); when it is
-//! cleared, the file goes. [`Reservations::set_file`] restores the state from that file.
+//! set, every change writes the whole state to the device's file (see
+//! [`Reservations::persist`]); when it is cleared, the file goes. [`Reservations::set_file`] restores the state from that file.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -46,13 +46,11 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::scsi::command::Reservation as CommandClass;
 use crate::scsi::sense::{self, Sense};
-
-pub use crate::scsi::task::STATUS_RESERVATION_CONFLICT;
 
 /// Operation codes of the reservation commands (SPC-4 §6.15, §6.16; SPC-2 for RESERVE and
 /// RELEASE).
@@ -267,18 +265,6 @@ impl Nexus {
             isid,
             rel_tgt_id,
         }
-    }
-
-    pub fn initiator_name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn isid(&self) -> [u8; 6] {
-        self.isid
-    }
-
-    pub fn rel_tgt_id(&self) -> u16 {
-        self.rel_tgt_id
     }
 
     /// The TransportID of the initiator port (format 01b).
@@ -509,15 +495,6 @@ pub enum Status {
 }
 
 impl Status {
-    /// The SAM-5 status byte.
-    pub fn code(self) -> u8 {
-        match self {
-            Status::Good => 0x00,
-            Status::ReservationConflict => STATUS_RESERVATION_CONFLICT,
-            Status::CheckCondition(_) => 0x02,
-        }
-    }
-
     pub fn sense(self) -> Option<Sense> {
         match self {
             Status::CheckCondition(s) => Some(s),
@@ -1379,9 +1356,9 @@ struct FileSlot {
 /// The reservations of one logical unit, shared by every reactor.
 #[derive(Debug, Default)]
 pub struct Reservations {
-    /// Nonzero while a reservation (persistent or SPC-2) exists: the only time a command
-    /// can conflict.
-    reserved: AtomicU8,
+    /// Set while a reservation (persistent or SPC-2) exists: the only time a command can
+    /// conflict.
+    reserved: AtomicBool,
     /// A file is configured: APTPL can be honoured (PTPL_C).
     ptpl_capable: AtomicBool,
     state: Mutex<State>,
@@ -1400,14 +1377,14 @@ impl Reservations {
 
     /// Called with the state locked, after every change.
     fn publish(&self, st: &State) {
-        let reserved = st.res.is_some() || st.spc2.is_some();
-        self.reserved.store(u8::from(reserved), Ordering::Release);
+        self.reserved
+            .store(st.res.is_some() || st.spc2.is_some(), Ordering::Release);
     }
 
     /// Whether a reservation (persistent or SPC-2) exists, the only time a command can
     /// conflict: one relaxed atomic load, for the dispatcher's fast path.
     pub fn is_reserved(&self) -> bool {
-        self.reserved.load(Ordering::Relaxed) != 0
+        self.reserved.load(Ordering::Relaxed)
     }
 
     /// Whether `nexus` may run a command of `class` now (SPC-4 §5.13.1, SPC-2 §5.5.1). Without
@@ -1415,7 +1392,7 @@ impl Reservations {
     /// the lock, and a reservation established concurrently with the command's arrival may
     /// be seen either way.
     pub fn check(&self, nexus: &Nexus, class: CommandClass) -> Access {
-        if self.reserved.load(Ordering::Relaxed) == 0 {
+        if !self.is_reserved() {
             return Access::Allowed;
         }
         self.lock().access(nexus, class)
@@ -1904,6 +1881,9 @@ fn sync_dir(path: &Path) -> Result<(), PrFileError> {
         .map_err(io_err("fsync", dir))
 }
 
+/// Writes `text` (a [`Snapshot::to_text`]) to `path` atomically: a temporary file in the
+/// same directory, written and fsynced, renamed over `path`, then the directory fsynced. A
+/// crash leaves the old state or the new one, never a mix.
 fn save_text(path: &Path, text: &str) -> Result<(), PrFileError> {
     let dir = parent(path);
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -1924,13 +1904,6 @@ fn save_text(path: &Path, text: &str) -> Result<(), PrFileError> {
     drop(f);
     fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
     sync_dir(path)
-}
-
-/// Writes `s` to `path` atomically: a temporary file in the same directory, written and
-/// fsynced, renamed over `path`, then the directory fsynced. A crash leaves the old state or
-/// the new one, never a mix.
-pub fn save(path: &Path, s: &Snapshot) -> Result<(), PrFileError> {
-    save_text(path, &s.to_text())
 }
 
 /// Removes the state file (APTPL cleared): nothing survives a restart.
@@ -2241,7 +2214,7 @@ mod tests {
             // Released: everyone is back.
             assert_eq!(go(&r, &h, out_sa::RELEASE, Some(ty), 1, 0), Status::Good);
             assert_eq!(rw(&r, &s), (Allowed, Allowed));
-            assert_eq!(r.reserved.load(Ordering::Relaxed), 0, "the fast path again");
+            assert!(!r.reserved.load(Ordering::Relaxed), "the fast path again");
         }
     }
 
@@ -3351,7 +3324,7 @@ mod tests {
         assert_eq!(rw(&r, &b), (Conflict, Conflict));
         assert_eq!(r.release(&a, &release6), Status::Good);
         assert_eq!(rw(&r, &b), (Allowed, Allowed));
-        assert_eq!(r.reserved.load(Ordering::Relaxed), 0);
+        assert!(!r.reserved.load(Ordering::Relaxed));
         // Lost nexus and reset release it.
         assert_eq!(r.reserve(&b, &reserve6), Status::Good);
         r.nexus_lost(&a);
