@@ -505,11 +505,15 @@ impl Conn {
         mut aborts: Vec<u64>,
         cx: &mut ConnCtx<'_>,
     ) {
+        // Without a session or target (not reachable from a logged-in PR OUT) there is
+        // nothing to abort: the command is still answered.
         let Some(sess) = self.sess.as_ref() else {
+            self.finish_task(slot, cx);
             return;
         };
         let own = sess.nexus;
         let Some(target) = sess.target.as_ref() else {
+            self.finish_task(slot, cx);
             return;
         };
         let luns: Vec<u64> = target
