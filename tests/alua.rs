@@ -104,6 +104,35 @@ fn port_designators(ini: &mut Initiator) -> (Option<u16>, Option<u16>) {
     (group, port)
 }
 
+/// The SCSI name string designators (type 8h) of VPD page 0x83: the target port's and the
+/// target device's.
+fn name_strings(ini: &mut Initiator) -> (Option<String>, Option<String>) {
+    let r = ini
+        .scsi(0, &[0x12, 0x01, 0x83, 0x01, 0x00, 0], None, 256, true)
+        .unwrap()
+        .good()
+        .unwrap();
+    let d = &r.data;
+    let end = 4 + usize::from(u16::from_be_bytes([d[2], d[3]]));
+    let (mut port, mut device) = (None, None);
+    let mut i = 4;
+    while i + 4 <= end {
+        let len = usize::from(d[i + 3]);
+        let s = &d[i + 4..i + 4 + len];
+        let name = || {
+            assert_eq!(len % 4, 0, "a name string's length is a multiple of four");
+            String::from_utf8(s.split(|&b| b == 0).next().unwrap().to_vec()).unwrap()
+        };
+        match (d[i + 1] & 0x30, d[i + 1] & 0x0f) {
+            (0x10, 0x8) => port = Some(name()),
+            (0x20, 0x8) => device = Some(name()),
+            _ => {}
+        }
+        i += 4 + len;
+    }
+    (port, device)
+}
+
 /// One target port group descriptor of REPORT TARGET PORT GROUPS.
 #[derive(Debug, PartialEq, Eq)]
 struct Group {
@@ -186,6 +215,13 @@ fn two_target_port_groups_on_one_device() {
     assert_eq!(inquiry(&mut a).good().unwrap().data[5] & 0x30, 0x10);
     assert_eq!(port_designators(&mut a), (Some(1), Some(1)));
     assert_eq!(port_designators(&mut b), (Some(20), Some(7)));
+    // The two paths are two target ports, named after their targets.
+    for (ini, iqn) in [(&mut a, IQN_A), (&mut b, IQN_B)] {
+        assert_eq!(
+            name_strings(ini),
+            (Some(format!("{iqn},t,0x0001")), Some(iqn.to_string()))
+        );
+    }
     assert_eq!(t.get(&format!("{TGS}/b/{IQN_B}/rel_tgt_id")), "7");
 
     let groups = report(&mut b, false);

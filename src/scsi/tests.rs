@@ -119,7 +119,11 @@ fn sai16(sa: u8, lba: u64, alloc: u32) -> [u8; 16] {
 
 /// Runs a command to completion the way the transport does.
 fn run(d: &Arc<Device>, cdb: &[u8], data_out: Option<&[u8]>) -> ScsiTask {
-    let mut t = ScsiTask::new(cdb, 0, 7);
+    run_task(d, ScsiTask::new(cdb, 0, 7), data_out)
+}
+
+/// [`run`] for a task the test has prepared.
+fn run_task(d: &Arc<Device>, mut t: ScsiTask, data_out: Option<&[u8]>) -> ScsiTask {
     let plan = match plan(d, &mut t, &test_nexus()) {
         Ok(p) => p,
         Err(s) => {
@@ -207,6 +211,47 @@ fn range_checks() {
         "wrapping past 2^64"
     );
     assert_eq!(asc(&run(&d, &[0xd9, 0, 0, 0, 0, 0], None)), (5, 0x20, 0));
+}
+
+/// The designators of VPD page 0x83: (byte 0, byte 1, value).
+fn designators(page: &[u8]) -> Vec<(u8, u8, Vec<u8>)> {
+    let end = 4 + usize::from(u16::from_be_bytes([page[2], page[3]]));
+    assert_eq!(page.len(), end, "the page length covers the page");
+    let mut v = Vec::new();
+    let mut i = 4;
+    while i < end {
+        let len = usize::from(page[i + 3]);
+        v.push((page[i], page[i + 1], page[i + 4..i + 4 + len].to_vec()));
+        i += 4 + len;
+    }
+    assert_eq!(i, end, "the designators end where the page does");
+    v
+}
+
+#[test]
+fn device_identification_names_the_target_port_and_device() {
+    let d = dev();
+    let cdb = [INQUIRY, 1, 0x83, 1, 0, 0];
+    let mut t = ScsiTask::new(&cdb, 0, 7);
+    t.target_name = Some("iqn.2026-12.org.example:disk1".into());
+    t.rel_tgt_id = 3;
+    let all = designators(&data(&run_task(&d, t, None)));
+    let names: Vec<_> = all.iter().filter(|(_, b1, _)| b1 & 0x0f == 8).collect();
+    assert_eq!(names.len(), 2, "{all:?}");
+    // Target port: PIV, association 01b; target device: PIV, association 10b. iSCSI, UTF-8,
+    // null terminated and padded to four bytes.
+    assert_eq!((names[0].0, names[0].1), (0x53, 0x98));
+    assert_eq!(
+        names[0].2,
+        b"iqn.2026-12.org.example:disk1,t,0x0001\0\0".to_vec()
+    );
+    assert_eq!((names[1].0, names[1].1), (0x53, 0xa8));
+    assert_eq!(names[1].2, b"iqn.2026-12.org.example:disk1\0\0\0".to_vec());
+    // The relative target port is still there.
+    assert!(all.iter().any(|x| x == &(0x51, 0x94, vec![0, 0, 0, 3])));
+    // Without a transport name (a unit test's task) there is no name string.
+    let all = designators(&data(&run(&d, &cdb, None)));
+    assert!(all.iter().all(|(_, b1, _)| b1 & 0x0f != 8), "{all:?}");
 }
 
 #[test]

@@ -146,6 +146,9 @@ impl Conn {
         t.scsi.read_only = entry.read_only;
         // The target port and its asymmetric access state for this LU: one atomic load.
         t.scsi.rel_tgt_id = sess.target.as_deref().map_or(1, |tg| tg.rel_tgt_id);
+        if t.scsi.cdb[0] == scsi::spc::opcode::INQUIRY {
+            t.scsi.target_name.clone_from(&sess.target_name);
+        }
         if let Some(s) = &entry.alua {
             t.scsi.access_state = s.state();
         }

@@ -413,9 +413,11 @@ impl Conn {
         });
         let queued = params.queued_commands.max(1);
         self.phase = Phase::FullFeature;
+        let target_name = target.as_ref().map(|t| t.name.as_str().into());
         self.sess = Some(Session {
             params,
             target,
+            target_name,
             info,
             exp_cmd_sn: cmd_sn,
             max_cmd_sn: cmd_sn.wrapping_add(queued - 1),

@@ -120,6 +120,8 @@ struct Session {
     /// The I_T nexus as persistent reservations name it (InitiatorName, ISID, the target's
     /// relative port), built once at login and lent to every command.
     pr_nexus: scsi::pr::Nexus,
+    /// The target's iSCSI name, for INQUIRY's device identification page.
+    target_name: Option<std::sync::Arc<str>>,
 }
 
 /// Everything a connection needs from its reactor while it handles events.

@@ -91,17 +91,12 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
                     d.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0]);
                     d.extend_from_slice(&tg.id.to_be_bytes());
                 }
-                // SCSI name string of the target device (UTF-8, PIV, iSCSI).
+                // SCSI name strings (UTF-8, PIV, iSCSI; RFC 7143 §10.1.3): the target port
+                // ("<name>,t,0x<TPGT>") and the target device (the iSCSI name).
                 if let Some(name) = task.target_name.as_deref() {
-                    let mut s = name.as_bytes().to_vec();
-                    s.push(0);
-                    while s.len() % 4 != 0 {
-                        s.push(0);
-                    }
-                    if s.len() <= 252 {
-                        d.extend_from_slice(&[0x53, 0xa8, 0x00, s.len() as u8]);
-                        d.extend_from_slice(&s);
-                    }
+                    let port = format!("{name},t,0x{TPGT:04x}");
+                    name_string(&mut d, 0x98, &port);
+                    name_string(&mut d, 0xa8, name);
                 }
             }
             0xb0 => {
@@ -148,6 +143,23 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
     }
     d.truncate(alloc);
     task.reply(&d);
+}
+
+/// The target portal group tag every portal of this target has (the TargetPortalGroupTag
+/// login key is always 1).
+const TPGT: u16 = 1;
+
+/// A SCSI name string designator (SPC-4 §7.8.6.11): `piv_assoc_type` is byte 1 (PIV,
+/// association and designator type 8h); the name is null terminated and padded to a multiple
+/// of four bytes. A name too long for the one-byte length is left out.
+fn name_string(d: &mut Vec<u8>, piv_assoc_type: u8, name: &str) {
+    let len = (name.len() + 1).next_multiple_of(4);
+    let Ok(len8) = u8::try_from(len) else {
+        return;
+    };
+    d.extend_from_slice(&[0x53, piv_assoc_type, 0x00, len8]);
+    d.extend_from_slice(name.as_bytes());
+    d.resize(d.len() + len - name.len(), 0);
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {
