@@ -294,8 +294,11 @@ fn two_target_port_groups_on_one_device() {
     assert_eq!(report(&mut a, false)[1].state, 0x0e);
 
     // Explicit ALUA: TPGS 11b, and SET TARGET PORT GROUPS through port A brings B back.
-    t.set("device_groups/dg/expl_alua", "1");
+    t.set("devices/ram0/expl_alua", "1");
     assert_eq!(inquiry(&mut a).good().unwrap().data[5] & 0x30, 0x30);
+    // Which every nexus hears of as INQUIRY DATA HAS CHANGED.
+    check(&a.test_unit_ready(0).unwrap(), UNIT_ATTENTION, (0x3f, 0x03));
+    check(&b.test_unit_ready(0).unwrap(), UNIT_ATTENTION, (0x3f, 0x03));
     // A group that does not exist, or a state that cannot be asked for, changes nothing.
     check(
         &stpg(&mut a, &[(0x00, 20), (0x00, 3)]),
@@ -324,7 +327,7 @@ fn two_target_port_groups_on_one_device() {
     let saved = t.call("save_config", serde_json::json!({}));
     let dg = &saved["device_groups"]["dg"];
     assert_eq!(dg["devices"], serde_json::json!(["ram0"]));
-    assert_eq!(dg["expl_alua"], "1");
+    assert_eq!(saved["handlers"]["vdisk_ramio"]["ram0"]["expl_alua"], "1");
     assert_eq!(dg["target_groups"]["a"]["state"], "nonoptimized");
     assert_eq!(dg["target_groups"]["b"]["group_id"], "20");
     assert!(dg["target_groups"]["b"]["targets"].get(IQN_B).is_some());

@@ -2,8 +2,8 @@
 //! that share their asymmetric access states, and target groups: each with a `group_id`
 //! (the target port group of REPORT TARGET PORT GROUPS), `preferred`, a `state`, and its
 //! targets, whose `rel_tgt_id` names their port. A target not on this system (another node's
-//! port) may be added too, with a `rel_tgt_id` of its own. `expl_alua` turns on SET TARGET
-//! PORT GROUPS for the group's devices.
+//! port) may be added too, with a `rel_tgt_id` of its own. A device's own `expl_alua`
+//! attribute (as in SCST) turns on SET TARGET PORT GROUPS for it.
 //!
 //! At each publication every device gets its group's [`AluaGroup`] and every LUN map entry
 //! the [`PortGroupState`] of its target's group; a state change is an atomic store in the
@@ -30,8 +30,6 @@ pub(super) struct DeviceGroups(BTreeMap<String, DeviceGroup>);
 struct DeviceGroup {
     devices: BTreeSet<String>,
     target_groups: BTreeMap<String, TargetGroup>,
-    /// SET TARGET PORT GROUPS is served (TPGS 11b).
-    expl_alua: bool,
 }
 
 struct TargetGroup {
@@ -98,7 +96,6 @@ pub(super) fn publish(st: &State) {
     let mut seen = BTreeSet::new();
     for dg in st.alua.0.values() {
         let view = Arc::new(AluaGroup {
-            explicit: dg.expl_alua,
             groups: dg
                 .target_groups
                 .values()
@@ -148,12 +145,8 @@ pub(super) fn list(st: &State, p: &[&str]) -> Option<Vec<Entry>> {
             v
         }
         ["device_groups", g] => {
-            let dg = groups.get(*g)?;
-            vec![
-                Entry::dir("devices"),
-                Entry::attr("expl_alua", true, dg.expl_alua),
-                Entry::dir("target_groups"),
-            ]
+            groups.get(*g)?;
+            vec![Entry::dir("devices"), Entry::dir("target_groups")]
         }
         ["device_groups", g, "devices"] => {
             let mut v = vec![Entry::mgmt()];
@@ -195,7 +188,6 @@ pub(super) fn read(st: &State, p: &[&str]) -> Option<String> {
     let groups = &st.alua.0;
     Some(match p {
         ["device_groups", "mgmt"] => DG_USAGE.into(),
-        ["device_groups", g, "expl_alua"] => b01(groups.get(*g)?.expl_alua),
         ["device_groups", g, "devices", "mgmt"] => {
             groups.get(*g)?;
             DEVICES_USAGE.into()
@@ -237,14 +229,6 @@ pub(super) fn write(
     let v = value.trim();
     let local = |st: &State, m: &str| st.targets.contains_key(m);
     let r = match p {
-        ["device_groups", g, "expl_alua"] => {
-            let on = match parse01(path, v) {
-                Ok(b) => b,
-                Err(e) => return Some(Err(e)),
-            };
-            st.alua.0.get_mut(*g)?.expl_alua = on;
-            Ok(())
-        }
         ["device_groups", g, "target_groups", t, a @ ("group_id" | "preferred" | "state")] => {
             let dg = st.alua.0.get_mut(*g)?;
             let others: Vec<u16> = dg
@@ -521,9 +505,6 @@ pub(super) fn save(st: &State) -> Value {
         }
         let mut o = Map::new();
         o.insert("devices".into(), json!(dg.devices));
-        if dg.expl_alua {
-            o.insert("expl_alua".into(), json!("1"));
-        }
         o.insert("target_groups".into(), Value::Object(tgs));
         out.insert(name.clone(), Value::Object(o));
     }
@@ -571,7 +552,6 @@ pub(super) fn load(m: &Mgmt, v: &Value) -> Result<(), MgmtError> {
                         )?;
                     }
                 }
-                "expl_alua" => m.set(&format!("device_groups/{g}/expl_alua"), &text(kv, &path)?)?,
                 "target_groups" => {
                     for (t, tv) in obj(kv, &path)? {
                         let tpath = format!("{path}/target_groups/{t}");
@@ -644,7 +624,7 @@ mod tests {
         assert!(set_err(format!("{tgs}/b/group_id"), "65536").contains("1 to 65535"));
         assert!(set_err(format!("{tgs}/b/state"), "optimized").contains("active, nonoptimized"));
         assert!(set_err(format!("{tgs}/b/preferred"), "yes").contains("0 or 1"));
-        assert!(set_err(format!("{DG}/expl_alua"), "2").contains("0 or 1"));
+        assert!(set_err("devices/r0/expl_alua".into(), "2").contains("0 or 1"));
         m.set(&format!("{tgs}/b/group_id"), "7").unwrap();
         m.set(&format!("{tgs}/b/state"), "standby").unwrap();
         assert_eq!(m.get(&format!("{tgs}/b/state")).unwrap(), "standby");
@@ -666,7 +646,7 @@ mod tests {
         // The device sees it all.
         let dev = m.lock().devices.get("r0").cloned().unwrap();
         let g = dev.alua().group().unwrap();
-        assert!(!g.explicit);
+        assert!(!dev.expl_alua());
         assert_eq!(g.groups.len(), 2);
         assert_eq!(
             (g.groups[0].id, g.groups[0].ports.as_slice()),
@@ -691,7 +671,7 @@ mod tests {
         let tgs = format!("{DG}/target_groups");
         m.mgmt("device_groups/mgmt", "create dg").unwrap();
         m.mgmt(&format!("{DG}/devices/mgmt"), "add r0").unwrap();
-        m.set(&format!("{DG}/expl_alua"), "1").unwrap();
+        m.set("devices/r0/expl_alua", "1").unwrap();
         m.mgmt(&format!("{tgs}/mgmt"), "create local").unwrap();
         m.mgmt(&format!("{tgs}/local/mgmt"), &format!("add {T}"))
             .unwrap();
@@ -718,7 +698,7 @@ mod tests {
             "unavailable"
         );
         assert_eq!(again.get(&format!("{tgs}/peer/group_id")).unwrap(), "300");
-        assert_eq!(again.get(&format!("{DG}/expl_alua")).unwrap(), "1");
+        assert_eq!(again.get("devices/r0/expl_alua").unwrap(), "1");
         assert_eq!(
             again
                 .get(&format!(

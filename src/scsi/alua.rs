@@ -139,8 +139,6 @@ pub struct TargetPortGroup {
 /// The ALUA configuration of the logical units of one device group.
 #[derive(Debug, Default)]
 pub struct AluaGroup {
-    /// SET TARGET PORT GROUPS is served (TPGS 11b instead of 01b).
-    pub explicit: bool,
     pub groups: Vec<TargetPortGroup>,
     /// The devices of the group, which hear of a state change.
     pub devices: Vec<Weak<Device>>,
@@ -150,16 +148,6 @@ impl AluaGroup {
     /// The group of the target port `rel_tgt_id`.
     pub fn group_of(&self, rel_tgt_id: u16) -> Option<&TargetPortGroup> {
         self.groups.iter().find(|g| g.ports.contains(&rel_tgt_id))
-    }
-
-    /// The TPGS field of standard INQUIRY data (byte 5, bits 5-4): implicit (01b), or
-    /// implicit and explicit (11b).
-    pub fn tpgs(&self) -> u8 {
-        if self.explicit {
-            0x30
-        } else {
-            0x10
-        }
     }
 
     /// The parameter data of REPORT TARGET PORT GROUPS (SPC-4 §6.36), whole: the length-only
@@ -243,9 +231,20 @@ pub(in crate::scsi) fn implicit(dev: &Device) -> bool {
     dev.alua().group().is_some()
 }
 
-/// SET TARGET PORT GROUPS is served by devices of a device group with explicit ALUA on.
+/// SET TARGET PORT GROUPS is served by devices of a device group with explicit ALUA on
+/// (their `expl_alua` attribute, as in SCST).
 pub(in crate::scsi) fn explicit(dev: &Device) -> bool {
-    dev.alua().group().is_some_and(|g| g.explicit)
+    dev.expl_alua() && implicit(dev)
+}
+
+/// The TPGS field of standard INQUIRY data (byte 5, bits 5-4): none outside a device group,
+/// implicit (01b), or implicit and explicit (11b).
+pub(in crate::scsi) fn tpgs(dev: &Device) -> u8 {
+    match (implicit(dev), dev.expl_alua()) {
+        (false, _) => 0,
+        (true, false) => 0x10,
+        (true, true) => 0x30,
+    }
 }
 
 /// REPORT TARGET PORT GROUPS: the PARAMETER DATA FORMAT (byte 1, bits 7-5) is 000b or 001b.
@@ -300,7 +299,7 @@ pub(in crate::scsi) fn set(dev: &Device, task: &mut ScsiTask) {
     if len == 0 {
         return;
     }
-    let Some(g) = dev.alua().group().filter(|g| g.explicit) else {
+    let Some(g) = dev.alua().group().filter(|_| dev.expl_alua()) else {
         task.fail(Sense::new(
             sense::ILLEGAL_REQUEST,
             sense::INVALID_COMMAND_OPERATION_CODE,
@@ -346,7 +345,6 @@ mod tests {
 
     fn two_groups() -> AluaGroup {
         AluaGroup {
-            explicit: true,
             groups: vec![
                 group(1, true, AccessState::ActiveOptimized, &[1, 3]),
                 group(2, false, AccessState::Standby, &[2]),
@@ -464,15 +462,12 @@ mod tests {
         let listed = || crate::scsi::spc::rsoc::listed(&dev);
         let (report, set) = ((0xa3, 0x0a), (0xa4, 0x0a));
         assert!(!listed().contains(&report) && !listed().contains(&set));
+        dev.set_attr("expl_alua", "1").unwrap();
         dev.alua().set(Some(Arc::new(two_groups())));
         assert_eq!(run(&rtpg, AccessState::Transitioning), None);
         assert!(listed().contains(&report) && listed().contains(&set));
         // Implicit only: no SET TARGET PORT GROUPS, in the report or the dispatcher.
-        let implicit = AluaGroup {
-            explicit: false,
-            ..two_groups()
-        };
-        dev.alua().set(Some(Arc::new(implicit)));
+        dev.set_attr("expl_alua", "0").unwrap();
         assert!(listed().contains(&report) && !listed().contains(&set));
         let stpg = [0xa4, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(

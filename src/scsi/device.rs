@@ -96,6 +96,8 @@ pub struct Device {
     thin: bool,
     /// Report the logical blocks per physical block exponent (READ CAPACITY 16).
     lb_per_pb_exp: AtomicBool,
+    /// `expl_alua`: in a device group, SET TARGET PORT GROUPS is served (INQUIRY TPGS 11b).
+    expl_alua: AtomicBool,
     /// Creation parameters as given (saved with the configuration).
     params: Vec<(String, String)>,
     ident: Mutex<Ident>,
@@ -371,6 +373,7 @@ impl Device {
             rotational,
             thin,
             lb_per_pb_exp: AtomicBool::new(lb_per_pb_exp),
+            expl_alua: AtomicBool::new(false),
             params: params.to_vec(),
             ident: Mutex::new(default_ident.clone()),
             default_ident,
@@ -701,6 +704,11 @@ impl Device {
     }
 
     /// The ALUA configuration of the device group it is in.
+    /// `expl_alua`: SET TARGET PORT GROUPS is served while the device is in a device group.
+    pub fn expl_alua(&self) -> bool {
+        self.expl_alua.load(Ordering::Relaxed)
+    }
+
     pub fn alua(&self) -> &LuAlua {
         &self.alua
     }
@@ -737,6 +745,9 @@ impl Device {
         }
         v.push(rw("d_sense"));
         v.push(rw("eui64_id"));
+        if !cdrom {
+            v.push(rw("expl_alua"));
+        }
         if self.fault_injectable() {
             v.extend([
                 rw("fault_delay_every"),
@@ -819,6 +830,7 @@ impl Device {
             "blocksize" => self.block_size.to_string(),
             "d_sense" => b(self.saved_mode_params().d_sense),
             "eui64_id" => hex(&id.eui64_id),
+            "expl_alua" => b(self.expl_alua()),
             "fault_inject" => self
                 .bdev
                 .fault()
@@ -876,6 +888,7 @@ impl Device {
             }
             "filename" => given("filename") || !self.get_attr(name).unwrap_or_default().is_empty(),
             "active" => given("active") || !self.is_active(),
+            "expl_alua" => self.expl_alua(),
             "fault_inject" => self.bdev.fault().is_some_and(|f| f.get() != Fault::None),
             "fault_delay_us" => self.bdev.fault().is_some_and(|f| f.delay_us() != 0),
             "fault_delay_every" => self.bdev.fault().is_some_and(|f| f.delay_every() != 1),
@@ -954,6 +967,14 @@ impl Device {
         }
         if matches!(name, "write_through" | "swp" | "d_sense") {
             return self.set_mode_attr(name, parse_bool(name, v)?);
+        }
+        if name == "expl_alua" {
+            let on = parse_bool(name, v)?;
+            // TPGS in the standard INQUIRY data changes with it, in a device group.
+            if self.expl_alua.swap(on, Ordering::Relaxed) != on && self.alua().group().is_some() {
+                self.add_ua_all(UA_INQUIRY_DATA_CHANGED.0, UA_INQUIRY_DATA_CHANGED.1);
+            }
+            return Ok(());
         }
         if name == "fault_delay_us" {
             let us = parse_u64(name, v)?;

@@ -1798,8 +1798,8 @@ mod any_cdb {
 
     fn grouped() -> Arc<Device> {
         let d = dev();
+        d.set_attr("expl_alua", "1").unwrap();
         d.alua().set(Some(Arc::new(AluaGroup {
-            explicit: true,
             groups: vec![TargetPortGroup {
                 id: 1,
                 preferred: false,

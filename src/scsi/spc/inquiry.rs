@@ -42,7 +42,7 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
         d[2] = 0x06; // SPC-4
         d[3] = 0x12; // HiSup, response data format 2
                      // TPGS: implicit, or implicit and explicit, ALUA in a device group (SPC-4 §5.15).
-        d[5] |= dev.alua().group().map_or(0, |g| g.tpgs());
+        d[5] |= crate::scsi::alua::tpgs(dev);
         d[7] = 0x02; // CmdQue
         d[8..16].copy_from_slice(&pad(&id.t10_vend_id, 8));
         d[16..32].copy_from_slice(&pad(&id.prod_id, 16));
