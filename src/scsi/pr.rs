@@ -46,7 +46,7 @@ use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::scsi::command::Reservation as CommandClass;
@@ -250,11 +250,36 @@ impl PrType {
 /// An I_T nexus as persistent reservations see it: the initiator port (iSCSI name and ISID)
 /// and the relative target port identifier. The transport builds it once per session, so
 /// that checking a command costs no allocation.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// It also remembers what it may do under the reservations it last met ([`AccessCache`]),
+/// so that while a reservation stands (a cluster's usual state) its commands are checked
+/// without taking the device's lock.
+#[derive(Debug)]
 pub struct Nexus {
     name: String,
     isid: [u8; 6],
     rel_tgt_id: u16,
+    cache: AccessCache,
+}
+
+impl Clone for Nexus {
+    fn clone(&self) -> Nexus {
+        Nexus::new(&self.name, self.isid, self.rel_tgt_id)
+    }
+}
+
+impl PartialEq for Nexus {
+    fn eq(&self, o: &Nexus) -> bool {
+        (&self.name, self.isid, self.rel_tgt_id) == (&o.name, o.isid, o.rel_tgt_id)
+    }
+}
+
+impl Eq for Nexus {}
+
+impl std::hash::Hash for Nexus {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (&self.name, self.isid, self.rel_tgt_id).hash(h);
+    }
 }
 
 impl Nexus {
@@ -264,6 +289,7 @@ impl Nexus {
             name: initiator_name.to_ascii_lowercase(),
             isid,
             rel_tgt_id,
+            cache: AccessCache::default(),
         }
     }
 
@@ -274,6 +300,59 @@ impl Nexus {
             isid: Some(self.isid),
         }
     }
+}
+
+/// What one I_T nexus may do under the reservations of a few devices, each as of one state
+/// of them: a direct-mapped table of `epoch << 16 | classes allowed`, one atomic word per
+/// entry so that a reader never sees an epoch with another state's classes.
+///
+/// Epochs come from one counter for the whole process ([`next_epoch`]): an epoch names one
+/// state of one device's reservations, never another device's, so a device deleted and
+/// another created at its address cannot be mistaken for it.
+#[derive(Debug, Default)]
+struct AccessCache([AtomicU64; AccessCache::SLOTS]);
+
+impl AccessCache {
+    const SLOTS: usize = 4;
+
+    fn slot(&self, epoch: u64) -> &AtomicU64 {
+        &self.0[epoch as usize % Self::SLOTS]
+    }
+
+    /// The classes allowed as of `epoch`, if known.
+    fn get(&self, epoch: u64) -> Option<u16> {
+        let v = self.slot(epoch).load(Ordering::Relaxed);
+        (v >> 16 == epoch).then_some(v as u16)
+    }
+
+    fn put(&self, epoch: u64, allowed: u16) {
+        self.slot(epoch)
+            .store(epoch << 16 | u64::from(allowed), Ordering::Relaxed);
+    }
+}
+
+/// A new epoch: never 0 (an empty [`AccessCache`] entry), below 2^48.
+fn next_epoch() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1)
+}
+
+/// Every class a command can have, and its bit in an [`AccessCache`] entry.
+const CLASSES: [CommandClass; 9] = [
+    CommandClass::Allowed,
+    CommandClass::TestUnitReady,
+    CommandClass::Read,
+    CommandClass::Write,
+    CommandClass::PreventAllow,
+    CommandClass::StartStop,
+    CommandClass::PersistentReserveIn,
+    CommandClass::PersistentReserveOut,
+    CommandClass::ReserveRelease,
+];
+
+fn class_bit(class: CommandClass) -> u16 {
+    let i = CLASSES.iter().position(|c| *c == class).unwrap_or(0);
+    1 << i
 }
 
 /// The I_T nexus unit tests send their commands from.
@@ -1359,6 +1438,9 @@ pub struct Reservations {
     /// Set while a reservation (persistent or SPC-2) exists: the only time a command can
     /// conflict.
     reserved: AtomicBool,
+    /// Names the current state ([`next_epoch`]): a new one at every change, stored under
+    /// the lock.
+    epoch: AtomicU64,
     /// A file is configured: APTPL can be honoured (PTPL_C).
     ptpl_capable: AtomicBool,
     state: Mutex<State>,
@@ -1377,6 +1459,7 @@ impl Reservations {
 
     /// Called with the state locked, after every change.
     fn publish(&self, st: &State) {
+        self.epoch.store(next_epoch(), Ordering::Release);
         self.reserved
             .store(st.res.is_some() || st.spc2.is_some(), Ordering::Release);
     }
@@ -1390,12 +1473,32 @@ impl Reservations {
     /// Whether `nexus` may run a command of `class` now (SPC-4 §5.13.1, SPC-2 §5.5.1). Without
     /// a reservation it costs one atomic load: relaxed, since what it guards is read under
     /// the lock, and a reservation established concurrently with the command's arrival may
-    /// be seen either way.
+    /// be seen either way. With one, two more: the state's epoch and the nexus's cached
+    /// answer for it; the lock is taken only by the first command of a nexus after a change.
+    ///
+    /// A change is published (under the lock) before the command that made it is answered,
+    /// so a command that follows that answer (PREEMPT's caller, or any nexus told of it)
+    /// loads the new epoch and misses the old answers.
     pub fn check(&self, nexus: &Nexus, class: CommandClass) -> Access {
         if !self.is_reserved() {
             return Access::Allowed;
         }
-        self.lock().access(nexus, class)
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let allowed = match nexus.cache.get(epoch) {
+            Some(a) => a,
+            None => {
+                let st = self.lock();
+                // Under the lock the epoch is the state's own.
+                let epoch = self.epoch.load(Ordering::Relaxed);
+                let a = CLASSES
+                    .iter()
+                    .filter(|c| st.access(nexus, **c) == Access::Allowed)
+                    .fold(0, |a, c| a | class_bit(*c));
+                nexus.cache.put(epoch, a);
+                a
+            }
+        };
+        Access::from_allowed(allowed & class_bit(class) != 0)
     }
 
     /// PERSISTENT RESERVE OUT (SPC-4 §6.16) from `nexus`: `cdb` is its CDB (10 bytes),
@@ -3288,6 +3391,61 @@ mod tests {
             Err(TransportIdError::Name)
         );
         assert!(TransportId::initiator_device("iqn.x\ty").is_err());
+    }
+
+    /// A nexus's cached answers follow every change, on every device, and a nexus checking
+    /// two devices keeps their answers apart.
+    #[test]
+    fn cached_access_follows_every_change() {
+        let (r1, r2) = (Reservations::new(), Reservations::new());
+        let (a, b) = (nx(A, 1), nx(B, 1));
+        for r in [&r1, &r2] {
+            register(r, &a, 1);
+        }
+        assert_eq!(reserve(&r1, &a, 1, PrType::ExclusiveAccess), Status::Good);
+        assert_eq!(reserve(&r2, &a, 1, PrType::WriteExclusive), Status::Good);
+        for _ in 0..3 {
+            assert_eq!(rw(&r1, &b), (Conflict, Conflict));
+            assert_eq!(rw(&r2, &b), (Allowed, Conflict));
+            assert_eq!(rw(&r1, &a), (Allowed, Allowed));
+        }
+        // B registers and preempts A on the first device: both see it at once.
+        register(&r1, &b, 2);
+        assert_eq!(
+            go(
+                &r1,
+                &b,
+                out_sa::PREEMPT,
+                Some(PrType::ExclusiveAccess),
+                2,
+                1
+            ),
+            Status::Good
+        );
+        assert_eq!(rw(&r1, &b), (Allowed, Allowed));
+        assert_eq!(rw(&r1, &a), (Conflict, Conflict));
+        assert_eq!(
+            rw(&r2, &b),
+            (Allowed, Conflict),
+            "the other device unchanged"
+        );
+        // A change that keeps the reservation (another registration) still takes effect:
+        // an all registrants reservation opens to the new registrant.
+        assert_eq!(
+            go(&r2, &a, out_sa::RELEASE, Some(PrType::WriteExclusive), 1, 0),
+            Status::Good
+        );
+        assert_eq!(
+            reserve(&r2, &a, 1, PrType::WriteExclusiveAllRegistrants),
+            Status::Good
+        );
+        assert_eq!(rw(&r2, &b), (Allowed, Conflict));
+        register(&r2, &b, 3);
+        assert_eq!(rw(&r2, &b), (Allowed, Allowed));
+        // A clone of a nexus (SPC-2's holder) starts with nothing cached.
+        let b2 = b.clone();
+        assert_eq!(b2, b);
+        assert_eq!(rw(&r1, &b2), (Allowed, Allowed));
     }
 
     #[test]
