@@ -350,7 +350,7 @@ pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Se
     }
     let cmd = lookup(&task.cdb);
     if cmd.is_none_or(|c| c.reports_ua) {
-        if let Some(code) = dev.take_ua(task.nexus) {
+        if let Some(code) = dev.take_ua_of(task.nexus, nexus) {
             return Err(Sense::new(sense::UNIT_ATTENTION, code));
         }
     }

@@ -3,14 +3,14 @@
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
 use crate::scsi::alua::LuAlua;
-use crate::scsi::pr::{Nexus, OutOutcome, Reservations, Snapshot};
+use crate::scsi::pr::{self, Nexus, OutOutcome, Reservations, Snapshot};
 use crate::scsi::sense::Format;
 use crate::util::quote;
 
@@ -106,6 +106,10 @@ pub struct Device {
     ua: Mutex<HashMap<u64, Vec<(u8, u8)>>>,
     /// Fast path: whether any unit attention is pending at all.
     ua_pending: AtomicBool,
+    /// Names the unit attentions queued so far ([`crate::scsi::pr::next_epoch`]): a new one,
+    /// stored under `ua`'s lock, whenever one is queued. A nexus that found its queue empty
+    /// at an epoch need not look again until the next.
+    ua_epoch: AtomicU64,
     /// The registered I_T nexuses as persistent reservations name them (initiator port and
     /// target port), by the transport's id: whom a PERSISTENT RESERVE OUT reaches.
     nexuses: Mutex<HashMap<u64, Nexus>>,
@@ -380,6 +384,7 @@ impl Device {
             ua: Mutex::new(HashMap::new()),
             nexuses: Mutex::new(HashMap::new()),
             ua_pending: AtomicBool::new(false),
+            ua_epoch: AtomicU64::new(0),
             prevent: Mutex::new(Vec::new()),
             sanitize: AtomicU8::new(Sanitize::Idle as u8),
             sanitize_progress: AtomicU16::new(0),
@@ -1182,7 +1187,7 @@ impl Device {
     pub fn register_nexus(&self, nexus: u64, pr: &Nexus) {
         let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
         ua.insert(nexus, vec![(0x29, 0x00)]);
-        self.ua_pending.store(true, Ordering::Release);
+        self.ua_queued();
         drop(ua);
         self.lock_nexuses().insert(nexus, pr.clone());
     }
@@ -1242,8 +1247,14 @@ impl Device {
             if !q.contains(&(asc, ascq)) {
                 q.push((asc, ascq));
             }
-            self.ua_pending.store(true, Ordering::Release);
+            self.ua_queued();
         }
+    }
+
+    /// Called with `ua` locked after a unit attention was queued.
+    fn ua_queued(&self) {
+        self.ua_epoch.store(pr::next_epoch(), Ordering::Release);
+        self.ua_pending.store(true, Ordering::Release);
     }
 
     /// Queues a unit attention for every I_T nexus except `except`.
@@ -1255,8 +1266,30 @@ impl Device {
             }
         }
         if ua.values().any(|q| !q.is_empty()) {
-            self.ua_pending.store(true, Ordering::Release);
+            self.ua_queued();
         }
+    }
+
+    /// [`Self::take_ua`] for the commands of a session, whose nexus `seen` remembers when
+    /// its queue was last found empty: while other nexuses have unit attentions pending
+    /// (one that never sends a command keeps its own forever), this one's commands cost two
+    /// atomic loads, not the lock.
+    pub fn take_ua_of(&self, nexus: u64, seen: &Nexus) -> Option<(u8, u8)> {
+        if !self.ua_pending.load(Ordering::Acquire)
+            || seen.ua_clear_at(self.ua_epoch.load(Ordering::Acquire))
+        {
+            return None;
+        }
+        let mut ua = self.ua.lock().unwrap_or_else(|e| e.into_inner());
+        let q = ua.get_mut(&nexus)?;
+        let first = (!q.is_empty()).then(|| q.remove(0));
+        if q.is_empty() {
+            seen.set_ua_clear_at(self.ua_epoch.load(Ordering::Relaxed));
+        }
+        if ua.values().all(Vec::is_empty) {
+            self.ua_pending.store(false, Ordering::Release);
+        }
+        first
     }
 
     /// Takes the oldest unit attention of `nexus`, if any.
@@ -1520,6 +1553,44 @@ mod tests {
         assert_eq!(d.take_ua(9), None);
         assert_eq!(d.take_ua(2), Some((0x2a, 0x05)));
         assert_eq!(d.take_ua(2), None);
+    }
+
+    /// A session's commands skip the lock once its own queue is empty, and still see every
+    /// unit attention queued after that.
+    #[test]
+    fn unit_attentions_of_a_session() {
+        let d = Device::create("vdisk_nullio", "n0", &[]).unwrap();
+        let (n1, n2) = (
+            Nexus::new("iqn.test", [0, 0, 0, 0, 0, 1], 1),
+            Nexus::new("iqn.test", [0, 0, 0, 0, 0, 2], 1),
+        );
+        d.register_nexus(1, &n1);
+        d.register_nexus(2, &n2);
+        let clear = |n: &Nexus| n.ua_clear_at(d.ua_epoch.load(Ordering::Relaxed));
+        assert!(!clear(&n1));
+        assert_eq!(d.take_ua_of(1, &n1), Some((0x29, 0)));
+        // Nexus 2 never asks: unit attentions stay pending, but nexus 1 knows it has none.
+        assert!(d.ua_pending.load(Ordering::Relaxed));
+        assert!(clear(&n1));
+        assert_eq!(d.take_ua_of(1, &n1), None);
+        d.add_ua(1, 0x2a, 0x05);
+        assert!(!clear(&n1), "a new unit attention is a new epoch");
+        assert_eq!(d.take_ua_of(1, &n1), Some((0x2a, 0x05)));
+        // One queued for another nexus changes the epoch too: a look, and nothing.
+        d.add_ua(2, 0x2a, 0x03);
+        assert_eq!(d.take_ua_of(1, &n1), None);
+        assert!(clear(&n1));
+        d.add_ua_all(0x3f, 0x03);
+        assert_eq!(d.take_ua_of(1, &n1), Some((0x3f, 0x03)));
+        assert_eq!(d.take_ua_of(2, &n2), Some((0x29, 0)));
+        assert_eq!(d.take_ua_of(2, &n2), Some((0x2a, 0x03)));
+        assert_eq!(d.take_ua_of(2, &n2), Some((0x3f, 0x03)));
+        assert_eq!(d.take_ua_of(2, &n2), None);
+        assert!(!d.ua_pending.load(Ordering::Relaxed));
+        // A nexus that comes back (a new session of the same I_T nexus) hears POWER ON again.
+        d.unregister_nexus(1);
+        d.register_nexus(1, &n1);
+        assert_eq!(d.take_ua_of(1, &n1), Some((0x29, 0)));
     }
 
     fn tmp() -> tempfile::TempDir {

@@ -260,6 +260,9 @@ pub struct Nexus {
     isid: [u8; 6],
     rel_tgt_id: u16,
     cache: AccessCache,
+    /// The devices whose unit attention queue for this nexus was found empty, each as of
+    /// its unit attentions' epoch ([`crate::scsi::Device::take_ua_of`]).
+    ua_clear: AccessCache,
 }
 
 impl Clone for Nexus {
@@ -290,7 +293,17 @@ impl Nexus {
             isid,
             rel_tgt_id,
             cache: AccessCache::default(),
+            ua_clear: AccessCache::default(),
         }
+    }
+
+    /// Whether this nexus had no unit attention left on a device as of `epoch`.
+    pub(crate) fn ua_clear_at(&self, epoch: u64) -> bool {
+        self.ua_clear.get(epoch).is_some()
+    }
+
+    pub(crate) fn set_ua_clear_at(&self, epoch: u64) {
+        self.ua_clear.put(epoch, 0);
     }
 
     /// The TransportID of the initiator port (format 01b).
@@ -332,7 +345,7 @@ impl AccessCache {
 }
 
 /// A new epoch: never 0 (an empty [`AccessCache`] entry), below 2^48.
-fn next_epoch() -> u64 {
+pub(crate) fn next_epoch() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed) & ((1 << 48) - 1)
 }
