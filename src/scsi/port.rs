@@ -1,8 +1,9 @@
 //! The SCSI core's side of a reactor ([`ScsiPort`]): each device's channel on it, the
 //! execution of planned commands (emulated at once, or I/O on the channel), the
-//! read-modify-write commands it runs as a read then a write under a range lock, the
-//! sanitize operations it runs over a whole medium in pieces, and the completions that come
-//! back from [`ScsiPort::poll`] and [`complete`] applies to their tasks.
+//! read-modify-write commands it runs as a read then a write under a range lock, the jobs it
+//! runs in the background a piece at a time (sanitize operations over a whole medium,
+//! EXTENDED COPY a chunk at a time), and the completions that come back from
+//! [`ScsiPort::poll`] and [`complete`] applies to their tasks.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
