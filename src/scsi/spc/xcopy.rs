@@ -405,10 +405,10 @@ fn field(off: usize, i: usize) -> u16 {
     u16::try_from(off + i).unwrap_or(u16::MAX)
 }
 
-/// An identification descriptor CSCD (SPC-4 §6.4.5.?): PERIPHERAL DEVICE TYPE 00h (a block
-/// device: the only kind served), its designation descriptor, and the block device
-/// parameters' DISK BLOCK LENGTH. LU ID TYPE and NUL are ignored (SPC-4 makes them
-/// reserved or obsolete for this descriptor), and so is RELATIVE INITIATOR PORT IDENTIFIER.
+/// An identification descriptor CSCD (SPC-4 §6.4.5, type E4h): PERIPHERAL DEVICE TYPE 00h
+/// (a block device: the only kind served), its designation descriptor, and the block device
+/// parameters' DISK BLOCK LENGTH. LU ID TYPE and NUL are ignored (SPC-4 makes them reserved
+/// or obsolete for this descriptor), and so is RELATIVE INITIATOR PORT IDENTIFIER.
 fn parse_cscd(d: &[u8], off: usize) -> Result<Cscd, Sense> {
     if d[1] & 0x1f != 0 {
         return Err(Sense::invalid_param_bit(field(off, 1), 4));
