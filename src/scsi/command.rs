@@ -155,6 +155,9 @@ pub enum Run {
     /// SANITIZE OVERWRITE and BLOCK ERASE: the whole medium, in pieces, in the background
     /// once IMMED has answered.
     Sanitize,
+    /// EXTENDED COPY: its parameter list checked, then the copy, in chunks, in the
+    /// background of the reactor until it ends ([`crate::scsi::spc::xcopy`]).
+    Copy,
     /// PERSISTENT RESERVE OUT, RESERVE and RELEASE: emulated for the sending I_T nexus
     /// ([`execute_reservation`]).
     Reservation(RunReservation),

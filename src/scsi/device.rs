@@ -12,6 +12,7 @@ use crate::bdev::{
 use crate::scsi::alua::LuAlua;
 use crate::scsi::pr::{self, Nexus, OutOutcome, Reservations, Snapshot};
 use crate::scsi::sense::Format;
+use crate::scsi::spc::xcopy::CopyTable;
 use crate::util::quote;
 
 /// Why a device could not be created or changed.
@@ -134,6 +135,8 @@ pub struct Device {
     /// way (0..=65535 of the whole).
     sanitize: AtomicU8,
     sanitize_progress: AtomicU16,
+    /// The identified EXTENDED COPY commands sent to it, and their status (SPC-4 §6.18).
+    copies: CopyTable,
 }
 
 /// Where a device stands with SANITIZE (SBC-3 §4.11).
@@ -388,6 +391,7 @@ impl Device {
             prevent: Mutex::new(Vec::new()),
             sanitize: AtomicU8::new(Sanitize::Idle as u8),
             sanitize_progress: AtomicU16::new(0),
+            copies: CopyTable::default(),
             medium: AtomicBool::new(true),
             rmw_locked: Mutex::new(Vec::new()),
             pr: Reservations::new(),
@@ -704,6 +708,11 @@ impl Device {
     }
 
     /// The reservations of the logical unit, which every LUN exporting the device shares.
+    /// The identified copies of EXTENDED COPY commands sent to it.
+    pub fn copies(&self) -> &CopyTable {
+        &self.copies
+    }
+
     pub fn reservations(&self) -> &Reservations {
         &self.pr
     }

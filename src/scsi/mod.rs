@@ -8,7 +8,8 @@
 //! defines it: [`spc::COMMANDS`] (INQUIRY, MODE SENSE and SELECT, LOG SENSE, REQUEST SENSE,
 //! REPORT LUNS, REPORT SUPPORTED OPERATION CODES and TASK MANAGEMENT FUNCTIONS, TEST UNIT
 //! READY, PREVENT ALLOW MEDIUM REMOVAL, REPORT and SET TARGET PORT GROUPS, which [`alua`]
-//! runs, and the reservation commands of [`spc::reserve`]), [`sbc::COMMANDS`] (READ, WRITE,
+//! runs, the reservation commands of [`spc::reserve`], and EXTENDED COPY and RECEIVE COPY
+//! RESULTS of [`spc::xcopy`]), [`sbc::COMMANDS`] (READ, WRITE,
 //! VERIFY, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, SYNCHRONIZE CACHE, PRE-FETCH, GET
 //! LBA STATUS, READ CAPACITY, READ DEFECT DATA, SANITIZE, START STOP UNIT) and
 //! [`mmc::COMMANDS`] (the CD-ROM's own). An entry holds all the target knows of its
@@ -17,7 +18,8 @@
 //! whether it works without a medium, whether it reports a pending unit attention, its
 //! persistent reservation class ([`command::Reservation`]), its ALUA class
 //! ([`command::Alua`]), its decode step and how it runs ([`command::Run`]: emulated, one
-//! backend I/O, UNMAP, WRITE SAME or read-modify-write).
+//! backend I/O, UNMAP, WRITE SAME, read-modify-write, or a job of the port: SANITIZE,
+//! EXTENDED COPY).
 //!
 //! [`command::COMMANDS`] merges the three lists at compile time, sorted by opcode and
 //! service action (the build fails on a duplicate), with a 256-slot index by opcode, so

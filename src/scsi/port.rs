@@ -1,8 +1,9 @@
 //! The SCSI core's side of a reactor ([`ScsiPort`]): each device's channel on it, the
 //! execution of planned commands (emulated at once, or I/O on the channel), the
-//! read-modify-write commands it runs as a read then a write under a range lock, the
-//! sanitize operations it runs over a whole medium in pieces, and the completions that come
-//! back from [`ScsiPort::poll`] and [`complete`] applies to their tasks.
+//! read-modify-write commands it runs as a read then a write under a range lock, the jobs it
+//! runs in the background a piece at a time (sanitize operations over a whole medium,
+//! EXTENDED COPY a chunk at a time), and the completions that come back from
+//! [`ScsiPort::poll`] and [`complete`] applies to their tasks.
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, VecDeque};
@@ -12,12 +13,14 @@ use std::time::Instant;
 
 use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoContext, IoOp};
 use crate::env::DataBuf;
-use crate::scsi::cdb::be16;
+use crate::scsi::cdb::{be16, be32};
 use crate::scsi::command::Run;
 use crate::scsi::device::{Device, Sanitize};
+use crate::scsi::pr::Nexus;
 use crate::scsi::sbc::provisioning::unmap_ranges;
 use crate::scsi::sbc::sanitize::{self as sz, Overwrite};
 use crate::scsi::sense::{self, Sense};
+use crate::scsi::spc::xcopy::{self, ListIdUsage, Segment};
 use crate::scsi::task::*;
 
 /// Whether an execution finished at once or went to the backend.
@@ -46,11 +49,80 @@ enum Outcome {
     Aborted,
     /// A sanitize operation ended; the result says how.
     Sanitize,
+    /// An EXTENDED COPY ended.
+    Copy(CopyEnd),
 }
 
-/// The high bit of a backend tag marks the I/O of a sanitize operation: task tags never set
-/// it (the transport's connection index sits in bits 32 to 62).
+/// How an EXTENDED COPY ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyEnd {
+    Good,
+    Failed(Sense),
+    /// A reservation of another I_T nexus on a source or destination.
+    Conflict,
+    /// The transport aborted it: it stopped after the chunk in flight.
+    Aborted,
+}
+
+/// The high bit of a backend tag marks the I/O of a job (a sanitize operation or a copy):
+/// task tags never set it (the transport's connection index sits in bits 32 to 62).
 const JOB_TAG: u64 = 1 << 63;
+/// Bytes per read and write of a copy: a pool buffer's worth that keeps the reactor's other
+/// I/O going between chunks.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// A long operation the port runs in the background of the reactor a piece at a time, its
+/// backend I/O tagged with its id (a [`JOB_TAG`] tag): each piece's completion, collected by
+/// [`ScsiPort::poll`], starts the next.
+enum Job {
+    Sanitize(SanitizeJob),
+    Copy(CopyJob),
+}
+
+impl Job {
+    /// Waiting for a buffer from the pool (retried on the next poll).
+    fn stalled(&self) -> bool {
+        match self {
+            Job::Sanitize(j) => j.stalled,
+            Job::Copy(j) => j.stalled,
+        }
+    }
+
+    /// The task waiting for the job's end.
+    fn task(&self) -> Option<u64> {
+        match self {
+            Job::Sanitize(j) => j.task,
+            Job::Copy(j) => Some(j.task),
+        }
+    }
+}
+
+/// An EXTENDED COPY the port runs: its segments in order, each a chunk at a time (a read of
+/// the source into a pool buffer, then the write of that buffer to the destination), one
+/// chunk in flight.
+struct CopyJob {
+    /// The device the command was sent to: it keeps the copy's status.
+    dev: Arc<Device>,
+    task: u64,
+    /// The copy's I_T nexus and list identifier in the device's table, when identified.
+    record: Option<(u64, u8)>,
+    /// The I_T nexus whose reservations the copy respects (none without a scope).
+    nexus: Option<Nexus>,
+    segments: Vec<Segment>,
+    seg: usize,
+    /// Bytes of the current segment done.
+    done: u64,
+    /// Bytes written over every segment.
+    written: u64,
+    /// The chunk in flight: where in its segment, and how many bytes.
+    at: u64,
+    len: u32,
+    /// The chunk's write is in flight (else its read).
+    writing: bool,
+    in_flight: bool,
+    aborted: bool,
+    stalled: bool,
+}
 /// Bytes per write of a sanitize overwrite, and per deallocation of a block erase.
 const OVERWRITE_PIECE: u64 = 1 << 20;
 const ERASE_PIECE: u64 = 64 << 20;
@@ -220,8 +292,8 @@ pub struct ScsiPort {
     rmw_waiting: VecDeque<u64>,
     /// Completions the read-modify-write path has ready for the next `poll`.
     rmw_done: Vec<Completion>,
-    /// Sanitize operations under way, by the tag of their I/O.
-    jobs: HashMap<u64, SanitizeJob>,
+    /// Sanitize operations and copies under way, by the tag of their I/O.
+    jobs: HashMap<u64, Job>,
     next_job: u64,
 }
 
@@ -334,7 +406,193 @@ impl ScsiPort {
                 Exec::Done
             }
             Run::Sanitize => self.execute_sanitize(dev, task),
+            Run::Copy => self.execute_copy(dev, task),
         }
+    }
+
+    /// A new job id.
+    fn job_id(&mut self) -> u64 {
+        let id = JOB_TAG | self.next_job;
+        self.next_job = (self.next_job + 1) & !JOB_TAG;
+        id
+    }
+
+    /// EXTENDED COPY: its parameter list checked and resolved against the devices it may
+    /// reach, its list identifier recorded, then the copy started; the task is answered when
+    /// it ends.
+    fn execute_copy(&mut self, dev: &Arc<Device>, task: &mut ScsiTask) -> Exec {
+        let scope = task.copy_scope.take();
+        if be32(&task.cdb[10..14]) == 0 {
+            // No parameter list: no copy, and not an error (SPC-4 §6.4.1).
+            return Exec::Done;
+        }
+        let data = read_parameter_list_at(task, 10..14);
+        let list = match xcopy::parse(&data) {
+            Ok(l) => l,
+            Err(s) => {
+                task.fail(s);
+                return Exec::Done;
+            }
+        };
+        let record = (list.usage != ListIdUsage::None).then_some((task.nexus, list.list_id));
+        if let Some((nexus, list_id)) = record {
+            if let Err(s) = dev.copies().begin(nexus, list_id) {
+                task.fail(s);
+                return Exec::Done;
+            }
+        }
+        let segments = match xcopy::resolve(&list, dev, task.read_only, scope.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                let end = match e {
+                    Some(s) => CopyEnd::Failed(s),
+                    None => CopyEnd::Conflict,
+                };
+                if let Some((nexus, list_id)) = record {
+                    let (status, sense) = copy_status_of(end, dev);
+                    dev.copies().end(nexus, list_id, status, &sense);
+                }
+                match end {
+                    CopyEnd::Failed(s) => task.fail(s),
+                    _ => task.reservation_conflict(),
+                }
+                return Exec::Done;
+            }
+        };
+        let id = self.job_id();
+        self.jobs.insert(
+            id,
+            Job::Copy(CopyJob {
+                dev: dev.clone(),
+                task: task.tag,
+                record,
+                nexus: scope.map(|s| s.nexus),
+                segments,
+                seg: 0,
+                done: 0,
+                written: 0,
+                at: 0,
+                len: 0,
+                writing: false,
+                in_flight: false,
+                aborted: false,
+                stalled: false,
+            }),
+        );
+        self.copy_next(id);
+        Exec::Pending
+    }
+
+    /// Starts the read of the next chunk of copy `id`, or ends it.
+    fn copy_next(&mut self, id: u64) {
+        let Some(Job::Copy(job)) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.stalled = false;
+        if job.aborted {
+            self.copy_finish(id, CopyEnd::Aborted);
+            return;
+        }
+        while job.segments.get(job.seg).is_some_and(|s| job.done >= s.len) {
+            job.seg += 1;
+            job.done = 0;
+        }
+        let Some(s) = job.segments.get(job.seg) else {
+            self.copy_finish(id, CopyEnd::Good);
+            return;
+        };
+        // Reservations and readiness may have changed since the last chunk.
+        if let Err(e) = xcopy::check_access(&s.src, &s.dst, job.nexus.as_ref(), job.seg) {
+            let end = e.map_or(CopyEnd::Conflict, CopyEnd::Failed);
+            self.copy_finish(id, end);
+            return;
+        }
+        // At most COPY_CHUNK (1 MiB): the casts keep it.
+        let n = COPY_CHUNK.min(s.len - job.done);
+        let at = if s.backward {
+            s.len - job.done - n
+        } else {
+            job.done
+        };
+        let Some(buf) = DataBuf::alloc(n as usize) else {
+            job.stalled = true;
+            return;
+        };
+        if let Some((nexus, list_id)) = job.record {
+            // SEGMENTS PROCESSED counts the one under way.
+            job.dev
+                .copies()
+                .progress(nexus, list_id, job.seg + 1, job.written);
+        }
+        (job.at, job.len, job.writing, job.in_flight) = (at, n as u32, false, true);
+        let (src, off) = (s.src.clone(), s.src_off + at);
+        self.submit(&src, plain_io(id, IoOp::Read, off, n as u32, Some(buf)));
+    }
+
+    /// The read or the write of a copy's chunk has completed.
+    fn copy_step(&mut self, c: BdevCompletion) {
+        let id = c.tag;
+        let Some(Job::Copy(job)) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        job.in_flight = false;
+        if job.aborted {
+            self.copy_finish(id, CopyEnd::Aborted);
+            return;
+        }
+        let failed = CopyEnd::Failed(xcopy::copy_aborted(
+            sense::THIRD_PARTY_DEVICE_FAILURE,
+            job.seg,
+        ));
+        let (Ok(()), Some(s)) = (c.result, job.segments.get(job.seg)) else {
+            self.copy_finish(id, failed);
+            return;
+        };
+        if job.writing {
+            job.done += u64::from(job.len);
+            job.written += u64::from(job.len);
+            self.copy_next(id);
+            return;
+        }
+        let Some(buf) = c.buf else {
+            self.copy_finish(id, failed);
+            return;
+        };
+        job.writing = true;
+        job.in_flight = true;
+        let (dst, off, len) = (s.dst.clone(), s.dst_off + job.at, job.len);
+        let write = IoOp::Write { fua: false };
+        self.submit(&dst, plain_io(id, write, off, len, Some(buf)));
+    }
+
+    /// Ends copy `id`: its status recorded, and its task's completion ready for the next
+    /// `poll`.
+    fn copy_finish(&mut self, id: u64, end: CopyEnd) {
+        if !matches!(self.jobs.get(&id), Some(Job::Copy(_))) {
+            return;
+        }
+        let Some(Job::Copy(job)) = self.jobs.remove(&id) else {
+            return;
+        };
+        if let Some((nexus, list_id)) = job.record {
+            let copies = job.dev.copies();
+            let segments = job.seg.min(job.segments.len());
+            let segments = if end == CopyEnd::Good {
+                segments
+            } else {
+                segments + 1
+            };
+            copies.progress(nexus, list_id, segments, job.written);
+            let (status, sense) = copy_status_of(end, &job.dev);
+            copies.end(nexus, list_id, status, &sense);
+        }
+        self.rmw_done.push(Completion::of_port(
+            job.task,
+            &job.dev,
+            Ok(()),
+            None,
+            Outcome::Copy(end),
+        ));
     }
 
     /// SANITIZE OVERWRITE or BLOCK ERASE: its parameter list checked, the operation started
@@ -359,12 +617,11 @@ impl ScsiPort {
             });
             return Exec::Done;
         }
-        let id = JOB_TAG | self.next_job;
-        self.next_job = (self.next_job + 1) & !JOB_TAG;
+        let id = self.job_id();
         let immed = sz::immed(&task.cdb);
         self.jobs.insert(
             id,
-            SanitizeJob {
+            Job::Sanitize(SanitizeJob {
                 dev: dev.clone(),
                 task: (!immed).then_some(task.tag),
                 overwrite,
@@ -374,7 +631,7 @@ impl ScsiPort {
                 pos: 0,
                 flushing: false,
                 stalled: false,
-            },
+            }),
         );
         self.job_next(id);
         if immed {
@@ -384,9 +641,18 @@ impl ScsiPort {
         }
     }
 
-    /// Starts the next piece of sanitize operation `id`, or its flush, or ends it.
+    /// Starts the next piece of job `id`.
     fn job_next(&mut self, id: u64) {
-        let Some(job) = self.jobs.get_mut(&id) else {
+        match self.jobs.get(&id) {
+            Some(Job::Sanitize(_)) => self.sanitize_next(id),
+            Some(Job::Copy(_)) => self.copy_next(id),
+            None => {}
+        }
+    }
+
+    /// Starts the next piece of sanitize operation `id`, or its flush, or ends it.
+    fn sanitize_next(&mut self, id: u64) {
+        let Some(Job::Sanitize(job)) = self.jobs.get_mut(&id) else {
             return;
         };
         job.stalled = false;
@@ -397,7 +663,7 @@ impl ScsiPort {
         }
         if job.pos >= job.size {
             if job.flushing {
-                self.job_finish(id, Ok(()));
+                self.sanitize_finish(id, Ok(()));
                 return;
             }
             job.flushing = true;
@@ -432,35 +698,47 @@ impl ScsiPort {
         self.submit(&dev, io);
     }
 
-    /// The least id above `after` of a stalled sanitize operation. A scan of the few on this
-    /// reactor, rather than a list of them made on every poll.
+    /// The least id above `after` of a stalled job. A scan of the few on this reactor, rather
+    /// than a list of them made on every poll.
     fn next_stalled_job(&self, after: u64) -> Option<u64> {
         self.jobs
             .iter()
-            .filter(|(&id, j)| j.stalled && id > after)
+            .filter(|(&id, j)| j.stalled() && id > after)
             .map(|(&id, _)| id)
             .min()
     }
 
-    /// A piece (or the flush) of a sanitize operation has completed.
+    /// A piece of job `id` has completed.
     fn job_step(&mut self, c: BdevCompletion) {
+        match self.jobs.get(&c.tag) {
+            Some(Job::Sanitize(_)) => self.sanitize_step(c),
+            Some(Job::Copy(_)) => self.copy_step(c),
+            None => {}
+        }
+    }
+
+    /// A piece (or the flush) of a sanitize operation has completed.
+    fn sanitize_step(&mut self, c: BdevCompletion) {
         let id = c.tag;
         if let Err(e) = c.result {
-            self.job_finish(id, Err(e));
+            self.sanitize_finish(id, Err(e));
             return;
         }
-        if let Some(job) = self.jobs.get_mut(&id) {
+        if let Some(Job::Sanitize(job)) = self.jobs.get_mut(&id) {
             if !job.flushing {
                 job.pos += job.piece();
             }
         }
-        self.job_next(id);
+        self.sanitize_next(id);
     }
 
     /// Ends sanitize operation `id`: the device leaves the sanitize state (into failure mode
     /// if it failed), and a task still waiting gets its completion with the next `poll`.
-    fn job_finish(&mut self, id: u64, result: Result<(), BdevError>) {
-        let Some(job) = self.jobs.remove(&id) else {
+    fn sanitize_finish(&mut self, id: u64, result: Result<(), BdevError>) {
+        if !matches!(self.jobs.get(&id), Some(Job::Sanitize(_))) {
+            return;
+        }
+        let Some(Job::Sanitize(job)) = self.jobs.remove(&id) else {
             return;
         };
         job.dev.sanitize_end(match (result, job.ause) {
@@ -573,16 +851,33 @@ impl ScsiPort {
     /// course. Either way the completion comes back from `poll`, and only then is the task
     /// over: the transport waits for it before it reports the task aborted.
     pub fn abort(&mut self, tag: u64) {
-        // A sanitize operation goes on without its task (SBC-3 §4.11.3), which ends now.
-        if let Some(job) = self.jobs.values_mut().find(|j| j.task == Some(tag)) {
-            job.task = None;
-            self.rmw_done.push(Completion::of_port(
-                tag,
-                &job.dev,
-                Ok(()),
-                None,
-                Outcome::Aborted,
-            ));
+        if let Some((&id, job)) = self.jobs.iter_mut().find(|(_, j)| j.task() == Some(tag)) {
+            match job {
+                // A sanitize operation goes on without its task (SBC-3 §4.11.3), which ends
+                // now.
+                Job::Sanitize(job) => {
+                    job.task = None;
+                    self.rmw_done.push(Completion::of_port(
+                        tag,
+                        &job.dev,
+                        Ok(()),
+                        None,
+                        Outcome::Aborted,
+                    ));
+                }
+                // A copy stops: at once between chunks, else once the chunk in flight is
+                // back (cancelled if the backend can).
+                Job::Copy(job) => {
+                    job.aborted = true;
+                    if job.in_flight {
+                        for pc in self.channels.values_mut() {
+                            pc.ch.cancel(id);
+                        }
+                    } else {
+                        self.copy_finish(id, CopyEnd::Aborted);
+                    }
+                }
+            }
             return;
         }
         if let Some(op) = self.rmw.get_mut(&tag) {
@@ -607,8 +902,8 @@ impl ScsiPort {
             self.rmw_start();
         }
         if !self.jobs.is_empty() {
-            // Each sanitize operation that found no buffer tries again, once a poll: in order
-            // of id, so that one that stalls again waits for the next poll.
+            // Each job that found no buffer tries again, once a poll: in order of id, so that
+            // one that stalls again waits for the next poll.
             let mut after = 0;
             while let Some(id) = self.next_stalled_job(after) {
                 after = id;
@@ -638,8 +933,8 @@ impl ScsiPort {
             pc.dev.strong_count() > 0 || pc.ch.busy()
         });
         if !self.rmw.is_empty() || !self.jobs.is_empty() {
-            // The reads and writes of read-modify-write commands and sanitize operations go
-            // on to their next step.
+            // The reads and writes of read-modify-write commands and jobs go on to their
+            // next step.
             let mut i = start;
             while i < out.len() {
                 let tag = out[i].tag();
@@ -737,10 +1032,33 @@ impl ScsiPort {
 /// The parameter list of a task whose CDB has its PARAMETER LIST LENGTH in bytes 7-8
 /// (UNMAP, SANITIZE): as much of it as the Data-Out holds.
 fn read_parameter_list(task: &ScsiTask) -> Vec<u8> {
-    let mut data = vec![0u8; usize::from(be16(&task.cdb[7..9]) as u16)];
+    read_parameter_list_at(task, 7..9)
+}
+
+/// The parameter list of a task whose CDB has its PARAMETER LIST LENGTH in bytes `field`
+/// (two of them, or four: EXTENDED COPY's 10-13, which its decode step bounds): as much of
+/// it as the Data-Out holds.
+fn read_parameter_list_at(task: &ScsiTask, field: std::ops::Range<usize>) -> Vec<u8> {
+    let c = &task.cdb[field];
+    let len = if c.len() == 4 { be32(c) } else { be16(c) };
+    let have = task.buf.as_ref().map_or(0, DataBuf::len);
+    let mut data = vec![0u8; (len as usize).min(have)];
     let got = task.buf.as_ref().map_or(0, |b| b.read_at(0, &mut data));
     data.truncate(got);
     data
+}
+
+/// The status and sense data a copy that ended as `end` leaves in the device's table.
+fn copy_status_of(end: CopyEnd, dev: &Device) -> (u8, Vec<u8>) {
+    match end {
+        CopyEnd::Good => (STATUS_GOOD, Vec::new()),
+        CopyEnd::Failed(s) => {
+            let (b, n) = s.encode(dev.sense_format());
+            (STATUS_CHECK_CONDITION, b[..n].to_vec())
+        }
+        CopyEnd::Conflict => (STATUS_RESERVATION_CONFLICT, Vec::new()),
+        CopyEnd::Aborted => (STATUS_TASK_ABORTED, Vec::new()),
+    }
 }
 
 /// Applies a backend completion to its task.
@@ -773,6 +1091,15 @@ pub fn complete(task: &mut ScsiTask, c: Completion) {
         }
         Outcome::Aborted => {
             task.status = STATUS_TASK_ABORTED;
+            return;
+        }
+        Outcome::Copy(end) => {
+            match end {
+                CopyEnd::Good => {}
+                CopyEnd::Failed(s) => task.fail(s),
+                CopyEnd::Conflict => task.reservation_conflict(),
+                CopyEnd::Aborted => task.status = STATUS_TASK_ABORTED,
+            }
             return;
         }
         Outcome::Sanitize => {
@@ -1066,7 +1393,7 @@ mod completion_tests {
             let id = JOB_TAG | i as u64;
             port.jobs.insert(
                 id,
-                SanitizeJob {
+                Job::Sanitize(SanitizeJob {
                     dev: d.clone(),
                     task: None,
                     overwrite: Some(Overwrite {
@@ -1081,7 +1408,7 @@ mod completion_tests {
                     flushing: false,
                     // As if the pool had had no buffer for its first piece.
                     stalled: true,
-                },
+                }),
             );
             devs.push(d);
         }

@@ -10,6 +10,8 @@ pub const HARDWARE_ERROR: u8 = 0x4;
 pub const ILLEGAL_REQUEST: u8 = 0x5;
 pub const UNIT_ATTENTION: u8 = 0x6;
 pub const DATA_PROTECT: u8 = 0x7;
+/// An EXTENDED COPY ended early (SPC-4 §6.4.5): what was copied stays copied.
+pub const COPY_ABORTED: u8 = 0xa;
 pub const ABORTED_COMMAND: u8 = 0xb;
 pub const MISCOMPARE: u8 = 0xe;
 
@@ -39,6 +41,23 @@ pub const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 pub const SANITIZE_IN_PROGRESS: (u8, u8) = (0x04, 0x1b);
 /// SANITIZE COMMAND FAILED: the medium is in sanitize failure mode.
 pub const SANITIZE_COMMAND_FAILED: (u8, u8) = (0x31, 0x03);
+
+/// EXTENDED COPY's parameter list (SPC-4 §6.4.3): more CSCD or segment descriptors than the
+/// copy manager takes, or a descriptor type it does not know.
+pub const TOO_MANY_TARGET_DESCRIPTORS: (u8, u8) = (0x26, 0x06);
+pub const UNSUPPORTED_TARGET_DESCRIPTOR_TYPE_CODE: (u8, u8) = (0x26, 0x07);
+pub const TOO_MANY_SEGMENT_DESCRIPTORS: (u8, u8) = (0x26, 0x08);
+pub const UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE_CODE: (u8, u8) = (0x26, 0x09);
+/// An EXTENDED COPY whose list identifier names one still running for the I_T nexus.
+pub const OPERATION_IN_PROGRESS: (u8, u8) = (0x00, 0x16);
+/// COPY ABORTED's codes (SPC-4 §6.4.5): no further detail (the segment number says where),
+/// a copy target device that failed, one the copy manager cannot reach, one of the wrong type.
+pub const NO_ADDITIONAL_SENSE: (u8, u8) = (0x00, 0x00);
+pub const THIRD_PARTY_DEVICE_FAILURE: (u8, u8) = (0x0d, 0x01);
+pub const COPY_TARGET_DEVICE_NOT_REACHABLE: (u8, u8) = (0x0d, 0x02);
+pub const INCORRECT_COPY_TARGET_DEVICE_TYPE: (u8, u8) = (0x0d, 0x03);
+/// More identified copies at once than the copy manager keeps track of.
+pub const INSUFFICIENT_RESOURCES: (u8, u8) = (0x55, 0x03);
 
 /// Fixed-format sense data is 18 bytes (SPC-4 §4.5.3).
 pub const FIXED_LEN: usize = 18;

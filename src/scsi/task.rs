@@ -10,6 +10,7 @@ use crate::env::DataBuf;
 use crate::scsi::alua::AccessState;
 use crate::scsi::command::Command;
 use crate::scsi::sense::{self, Sense};
+use crate::scsi::spc::xcopy::CopyScope;
 
 /// SAM-5 status codes.
 pub const STATUS_GOOD: u8 = 0x00;
@@ -99,6 +100,9 @@ pub struct ScsiTask {
     pub(in crate::scsi) ranges: Vec<(u64, u64)>,
     /// A read-modify-write command: `io` is its write; the port reads the range first.
     pub(in crate::scsi) rmw: Option<Rmw>,
+    /// EXTENDED COPY: the logical units it may name and the I_T nexus it acts for, which the
+    /// transport sets when [`crate::scsi::spc::xcopy::wants_scope`] says so.
+    pub copy_scope: Option<Box<CopyScope>>,
 }
 
 /// The read-modify-write commands, which the port runs as one atomic read then write.
@@ -140,6 +144,7 @@ impl ScsiTask {
             write_same: false,
             ranges: Vec::new(),
             rmw: None,
+            copy_scope: None,
         }
     }
 

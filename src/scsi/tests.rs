@@ -264,7 +264,11 @@ fn inquiry_and_capacity() {
     let t = run(&d, &[INQUIRY, 0, 0, 0, 5, 0], None);
     assert_eq!(t.data_in_len, 5, "allocation length truncates");
     let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
-    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1]);
+    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1]);
+    // Third-party Copy: its page length covers its descriptors.
+    let tpc = data(&run(&d, &[INQUIRY, 1, 0x8f, 0, 255, 0], None));
+    assert_eq!((tpc[1], be16(&tpc[2..4]) as usize), (0x8f, tpc.len() - 4));
+    assert_eq!(&tpc[4..6], &[0x00, 0x01], "Supported Commands first");
     assert_eq!(
         asc(&run(&d, &[INQUIRY, 1, 0xb2, 0, 255, 0], None)),
         (5, 0x24, 0),
@@ -630,7 +634,7 @@ fn thin_capacity_and_vpd() {
     let x = data(&run(&dev(), &sai16(0x10, 0, 32), None));
     assert_eq!(x[14] & 0xc0, 0, "fully provisioned");
     let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
-    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
     let bl = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
     assert_eq!(bl.len(), 64);
     assert_eq!(bl[3], 0x3c);
@@ -1840,5 +1844,260 @@ mod any_cdb {
                 }
             }
         }
+    }
+}
+
+/// EXTENDED COPY and RECEIVE COPY RESULTS through the port.
+mod extended_copy {
+    use super::*;
+    use crate::scsi::spc::xcopy::{self, CopyScope, CopyState};
+
+    fn disk(name: &str, mb: u32) -> Arc<Device> {
+        let p = [("size_mb".to_string(), mb.to_string())];
+        Device::create("vdisk_ramio", name, &p).unwrap()
+    }
+
+    fn cscd(d: &Device) -> Vec<u8> {
+        let naa = d.ident().naa_id;
+        let mut c = vec![0u8; 32];
+        c[0] = xcopy::CSCD_IDENTIFICATION;
+        (c[4], c[5], c[7]) = (0x01, 0x03, naa.len() as u8);
+        c[8..8 + naa.len()].copy_from_slice(&naa);
+        c[29..32].copy_from_slice(&d.block_size().to_be_bytes()[1..]);
+        c
+    }
+
+    /// A parameter list with LIST ID USAGE 00b: CSCDs naming `cscds`, and block to block
+    /// segments (source index, destination index, blocks, source LBA, destination LBA).
+    fn list(list_id: u8, cscds: &[&Arc<Device>], segs: &[(u16, u16, u16, u64, u64)]) -> Vec<u8> {
+        let mut v = vec![0u8; 16];
+        v[0] = list_id;
+        v[2..4].copy_from_slice(&((cscds.len() * 32) as u16).to_be_bytes());
+        v[8..12].copy_from_slice(&((segs.len() * 28) as u32).to_be_bytes());
+        for d in cscds {
+            v.extend_from_slice(&cscd(d));
+        }
+        for &(s, d, n, sl, dl) in segs {
+            let mut x = [0u8; 28];
+            x[0] = xcopy::SEGMENT_BLOCK_TO_BLOCK;
+            x[3] = 0x18;
+            x[4..6].copy_from_slice(&s.to_be_bytes());
+            x[6..8].copy_from_slice(&d.to_be_bytes());
+            x[10..12].copy_from_slice(&n.to_be_bytes());
+            x[12..20].copy_from_slice(&sl.to_be_bytes());
+            x[20..28].copy_from_slice(&dl.to_be_bytes());
+            v.extend_from_slice(&x);
+        }
+        v
+    }
+
+    fn xcopy_cdb(len: usize) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = xcopy::EXTENDED_COPY;
+        c[10..14].copy_from_slice(&(len as u32).to_be_bytes());
+        c
+    }
+
+    fn scope(luns: &[&Arc<Device>]) -> Box<CopyScope> {
+        CopyScope::new(&test_nexus(), luns.iter().map(|&d| (d, false)))
+    }
+
+    /// Starts an EXTENDED COPY sent to `d` with `luns` in its scope, on `port`.
+    fn start_copy(
+        port: &mut ScsiPort,
+        d: &Arc<Device>,
+        luns: &[&Arc<Device>],
+        data: &[u8],
+        tag: u64,
+    ) -> (ScsiTask, Exec) {
+        let mut t = ScsiTask::new(&xcopy_cdb(data.len()), 0, 7);
+        t.tag = tag;
+        plan(d, &mut t, &test_nexus()).unwrap();
+        assert!(xcopy::wants_scope(&t));
+        t.copy_scope = Some(scope(luns));
+        let mut b = DataBuf::alloc(data.len()).unwrap();
+        b.write_at(0, data);
+        t.buf = Some(b);
+        let e = port.execute(d, &mut t);
+        (t, e)
+    }
+
+    fn copy(d: &Arc<Device>, luns: &[&Arc<Device>], data: &[u8]) -> ScsiTask {
+        let mut port = ScsiPort::new();
+        let (mut t, e) = start_copy(&mut port, d, luns, data, 1);
+        if e == Exec::Pending {
+            let out = drain(&mut port);
+            assert_eq!(out.len(), 1);
+            complete(&mut t, out.into_iter().next().unwrap());
+        }
+        t
+    }
+
+    /// Writes blocks `lba..lba + n`, each filled with its own number (as two bytes).
+    fn number_blocks(d: &Arc<Device>, lba: u32, n: u32) {
+        for start in (lba..lba + n).step_by(256) {
+            let count = (lba + n - start).min(256);
+            let mut v = Vec::with_capacity(count as usize * 512);
+            for b in start..start + count {
+                for _ in 0..256 {
+                    v.extend_from_slice(&(b as u16).to_be_bytes());
+                }
+            }
+            let mut c = [WRITE_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            c[2..6].copy_from_slice(&start.to_be_bytes());
+            c[7..9].copy_from_slice(&(count as u16).to_be_bytes());
+            assert_eq!(run(d, &c, Some(&v)).status, 0);
+        }
+    }
+
+    /// The number block `lba` holds (it must hold one number throughout).
+    fn number_of(d: &Arc<Device>, lba: u32) -> u16 {
+        let v = data(&read_one(d, lba));
+        let n = u16::from_be_bytes([v[0], v[1]]);
+        assert!(
+            v.chunks(2).all(|x| x == n.to_be_bytes()),
+            "block {lba} is one number"
+        );
+        n
+    }
+
+    fn status(d: &Arc<Device>, list_id: u8) -> ScsiTask {
+        let mut c = [0u8; 16];
+        c[0] = xcopy::RECEIVE_COPY_RESULTS;
+        c[2] = list_id;
+        c[13] = 64;
+        run(d, &c, None)
+    }
+
+    #[test]
+    fn copies_between_devices_and_within_one() {
+        let a = disk("xa", 4);
+        let b = disk("xb", 1);
+        number_blocks(&a, 0, 8192);
+        // 10 blocks of A to B, then the status of the copy.
+        let t = copy(&a, &[&a, &b], &list(3, &[&a, &b], &[(0, 1, 10, 20, 100)]));
+        assert_eq!(t.status, STATUS_GOOD);
+        for i in 0..10 {
+            assert_eq!(number_of(&b, 100 + i), 20 + i as u16);
+        }
+        assert_eq!(data(&read_one(&b, 110)), vec![0; 512]);
+        let s = status(&a, 3);
+        assert_eq!(s.status, 0);
+        // Done, one segment, 5120 bytes.
+        assert_eq!(data(&s), [0, 0, 0, 8, 1, 0, 1, 0, 0, 0, 0x14, 0]);
+        // Within A, two chunks up over themselves, then down: each block read before it is
+        // overwritten, whichever way the ranges overlap.
+        let t = copy(&a, &[&a], &list(4, &[&a], &[(0, 0, 4096, 0, 100)]));
+        assert_eq!(t.status, STATUS_GOOD);
+        for i in [0u32, 1, 99, 100, 2047, 2048, 2148, 4095] {
+            assert_eq!(number_of(&a, 100 + i), i as u16, "block {}", 100 + i);
+        }
+        let t = copy(&a, &[&a], &list(5, &[&a], &[(0, 0, 4096, 100, 50)]));
+        assert_eq!(t.status, STATUS_GOOD);
+        for i in [0u32, 1, 50, 2047, 2048, 4095] {
+            assert_eq!(number_of(&a, 50 + i), i as u16, "block {}", 50 + i);
+        }
+        // The CSCD ID FFFFh: the device the command was sent to.
+        let t = copy(&b, &[&a, &b], &list(6, &[&a], &[(0, 0xffff, 1, 7000, 0)]));
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(number_of(&b, 0), 7000);
+        // No parameter list: nothing to do, GOOD.
+        let mut t = ScsiTask::new(&xcopy_cdb(0), 0, 7);
+        assert_eq!(plan(&a, &mut t, &test_nexus()), Ok(Plan::NONE));
+        assert_eq!(ScsiPort::new().execute(&a, &mut t), Exec::Done);
+        assert_eq!(t.status, STATUS_GOOD);
+    }
+
+    #[test]
+    fn a_copy_past_the_end_fails_and_its_status_says_so() {
+        let a = disk("xa", 1);
+        let n = a.num_blocks();
+        let t = copy(
+            &a,
+            &[&a],
+            &list(1, &[&a], &[(0, 0, 1, 0, 0), (0, 0, 16, 0, n - 8)]),
+        );
+        assert_eq!(asc(&t), (sense::COPY_ABORTED, 0, 0));
+        // Segment 1 in COMMAND-SPECIFIC INFORMATION.
+        assert_eq!(&t.sense()[8..12], &[0, 0, 0, 1]);
+        // The status of list 1: done with errors; FAILED SEGMENT DETAILS has the sense.
+        assert_eq!(data(&status(&a, 1))[4], 2);
+        let mut c = [0u8; 16];
+        c[0] = xcopy::RECEIVE_COPY_RESULTS;
+        (c[1], c[2], c[13]) = (xcopy::SA_FAILED_SEGMENT_DETAILS, 1, 255);
+        let f = data(&run(&a, &c, None));
+        assert_eq!(f[56], STATUS_CHECK_CONDITION);
+        assert_eq!(be16(&f[58..60]), 18);
+        assert_eq!(&f[60..], t.sense());
+        // An unknown list identifier.
+        assert_eq!(asc(&status(&a, 9)), (sense::ILLEGAL_REQUEST, 0x24, 0));
+    }
+
+    #[test]
+    fn a_backend_error_aborts_the_copy() {
+        let a = disk("xa", 1);
+        let b = disk("xb", 1);
+        b.set_attr("fault_inject", "eio_write").unwrap();
+        let t = copy(&a, &[&a, &b], &list(2, &[&a, &b], &[(0, 1, 8, 0, 0)]));
+        assert_eq!(asc(&t), (sense::COPY_ABORTED, 0x0d, 0x01));
+        let rec = a.copies().get(7, 2).unwrap();
+        assert_eq!(
+            (rec.state, rec.segments, rec.bytes),
+            (CopyState::Failed, 1, 0)
+        );
+    }
+
+    #[test]
+    fn an_aborted_copy_stops() {
+        let a = disk("xa", 8);
+        number_blocks(&a, 0, 16);
+        let mut port = ScsiPort::new();
+        // 8 MiB in 1 MiB chunks: aborted while its first read is in flight.
+        let half = disk("xh", 16);
+        number_blocks(&half, 0, 16);
+        let l = list(1, &[&half], &[(0, 0, 16384, 0, 16384)]);
+        let (mut t, e) = start_copy(&mut port, &half, &[&half], &l, 77);
+        assert_eq!(e, Exec::Pending);
+        assert!(port.inflight() > 0);
+        port.abort(77);
+        let out = drain(&mut port);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].tag(), 77);
+        complete(&mut t, out.into_iter().next().unwrap());
+        assert_eq!(t.status, STATUS_TASK_ABORTED);
+        assert_eq!(port.inflight(), 0);
+        // Stopped after at most the chunk in flight: the last block was never written.
+        assert_eq!(data(&read_one(&half, 32767)), vec![0; 512]);
+        let rec = half.copies().get(7, 1).unwrap();
+        assert_eq!(
+            (rec.state, rec.status),
+            (CopyState::Failed, STATUS_TASK_ABORTED)
+        );
+        // The list identifier is free again.
+        let t = copy(&a, &[&a], &list(1, &[&a], &[(0, 0, 1, 0, 100)]));
+        assert_eq!(t.status, STATUS_GOOD);
+        assert_eq!(number_of(&a, 100), 0);
+    }
+
+    #[test]
+    fn a_running_list_identifier_is_refused() {
+        let a = disk("xa", 8);
+        let mut port = ScsiPort::new();
+        let l = list(4, &[&a], &[(0, 0, 8192, 0, 8192)]);
+        let (_, e) = start_copy(&mut port, &a, &[&a], &l, 1);
+        assert_eq!(e, Exec::Pending);
+        // In progress: COPY STATUS says so; the same list identifier is refused meanwhile.
+        let s = data(&status(&a, 4));
+        assert_eq!(s[4], 0);
+        assert_eq!(be16(&s[5..7]), 1);
+        let (t, e) = start_copy(&mut port, &a, &[&a], &l, 2);
+        assert_eq!(e, Exec::Done);
+        assert_eq!(asc(&t), (sense::ILLEGAL_REQUEST, 0x00, 0x16));
+        let out = drain(&mut port);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].tag(), 1);
+        // Done: 4 MiB written.
+        let s = data(&status(&a, 4));
+        assert_eq!((s[4], s[7], be32(&s[8..12])), (1, 0, 4 << 20));
     }
 }

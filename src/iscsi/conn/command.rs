@@ -490,6 +490,14 @@ impl Conn {
                 return;
             }
         }
+        // EXTENDED COPY may name the other logical units of the session's target, and acts
+        // for its I_T nexus (the only command that needs them: built for it alone).
+        if scsi::spc::xcopy::wants_scope(&t.scsi) {
+            t.scsi.copy_scope = sess.zip(target).map(|(s, tg)| {
+                let luns = tg.luns.iter().map(|l| (&l.device, l.read_only));
+                scsi::spc::xcopy::CopyScope::new(&s.pr_nexus, luns)
+            });
+        }
         match cx.port.execute(&entry.device, &mut t.scsi) {
             Exec::Done => self.finish_task(slot, cx),
             Exec::Pending => t.in_backend = true,

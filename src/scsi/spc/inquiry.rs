@@ -6,12 +6,14 @@
 use crate::env::buf::MAX_TRANSFER;
 use crate::scsi::cdb::be16;
 use crate::scsi::device::Device;
+use crate::scsi::device::Ident;
 use crate::scsi::mmc;
 use crate::scsi::sbc::{
     max_compare_and_write_blocks, max_unmap_blocks, max_write_same_blocks, unmap_granularity,
     MAX_UNMAP_DESCRIPTORS,
 };
 use crate::scsi::sense::Sense;
+use crate::scsi::spc::xcopy;
 use crate::scsi::task::{Plan, ScsiTask};
 
 pub(super) fn decode(_: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
@@ -66,6 +68,7 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
             0x00 => {
                 d.extend_from_slice(&[0x00, 0x80, 0x83]);
                 if !cd {
+                    d.push(xcopy::VPD_THIRD_PARTY_COPY);
                     d.extend_from_slice(&[0xb0, 0xb1]);
                     if thin {
                         d.push(0xb2);
@@ -73,15 +76,14 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
                 }
             }
             0x80 => d.extend_from_slice(id.usn.as_bytes()),
+            // Third-party Copy (SPC-4 §7.8.17): the copy manager of a disk.
+            xcopy::VPD_THIRD_PARTY_COPY if !cd => d.extend_from_slice(&xcopy::vpd_page(dev)),
             0x83 => {
-                // T10 vendor ID based designator (ASCII, logical unit).
-                let mut t10 = pad(&id.t10_vend_id, 8);
-                t10.extend_from_slice(id.t10_dev_id.as_bytes());
-                d.extend_from_slice(&[0x02, 0x01, 0x00, t10.len() as u8]);
-                d.extend_from_slice(&t10);
-                // NAA designator (binary, logical unit).
-                d.extend_from_slice(&[0x01, 0x03, 0x00, id.naa_id.len() as u8]);
-                d.extend_from_slice(&id.naa_id);
+                // The logical unit's designators: T10 vendor ID based, then NAA.
+                for (code_set, kind, value) in lu_designators(&id) {
+                    d.extend_from_slice(&[code_set, kind, 0x00, value.len() as u8]);
+                    d.extend_from_slice(&value);
+                }
                 // Relative target port (binary, target port, PIV, iSCSI).
                 d.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0]);
                 d.extend_from_slice(&task.rel_tgt_id.to_be_bytes());
@@ -160,6 +162,17 @@ fn name_string(d: &mut Vec<u8>, piv_assoc_type: u8, name: &str) {
     d.extend_from_slice(&[0x53, piv_assoc_type, 0x00, len8]);
     d.extend_from_slice(name.as_bytes());
     d.resize(d.len() + len - name.len(), 0);
+}
+
+/// The designators of the logical unit (association 00b) in the Device Identification page,
+/// as (CODE SET, ASSOCIATION and DESIGNATOR TYPE byte, designator): the T10 vendor ID based
+/// one (ASCII) and the NAA one (binary). EXTENDED COPY names a logical unit by one of them.
+pub(in crate::scsi) fn lu_designators(id: &Ident) -> [(u8, u8, Vec<u8>); 2] {
+    let mut t10 = pad(&id.t10_vend_id, 8);
+    t10.extend_from_slice(id.t10_dev_id.as_bytes());
+    // At most 255 bytes: the DESIGNATOR LENGTH is one byte.
+    t10.truncate(255);
+    [(0x02, 0x01, t10), (0x01, 0x03, id.naa_id.clone())]
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {

@@ -13,6 +13,7 @@ pub mod mode;
 pub mod reserve;
 pub mod rsoc;
 pub mod tmf;
+pub mod xcopy;
 
 use crate::scsi::alua;
 use crate::scsi::command::{Alua, Command, Decode, DeviceTypes, Emulate, Reservation, Run};
@@ -138,6 +139,11 @@ pub const COMMANDS: &[Command] = &[
     reserve::spc2("RELEASE(6)", RELEASE_6, &[RELEASE_6, 0x11, 0, 0, 0, CTL]),
     reserve::spc2("RESERVE(10)", RESERVE_10, &[RESERVE_10, 0x13, 0, 0, 0, 0, 0, 0, 0, CTL]),
     reserve::spc2("RELEASE(10)", RELEASE_10, &[RELEASE_10, 0x13, 0, 0, 0, 0, 0, 0, 0, CTL]),
+    // The copy manager ([`xcopy`]).
+    xcopy::EXTENDED_COPY_LID1,
+    xcopy::results("RECEIVE COPY RESULTS (COPY STATUS)", xcopy::SA_COPY_STATUS, xcopy::copy_status),
+    xcopy::results("RECEIVE COPY RESULTS (RECEIVE COPY OPERATING PARAMETERS)", xcopy::SA_OPERATING_PARAMETERS, xcopy::operating_parameters),
+    xcopy::results("RECEIVE COPY RESULTS (FAILED SEGMENT DETAILS)", xcopy::SA_FAILED_SEGMENT_DETAILS, xcopy::failed_segment_details),
 ];
 
 /// The decode step of commands without data that need no check of their CDB.
