@@ -15,8 +15,8 @@
 //! software model of a controller (`model`, tests only) as well as against real hardware:
 //! [`Regs`] (BAR0), [`DmaMem`] (memory the controller reaches, named by its I/O virtual
 //! address) and [`DmaAlloc`] (where queue memory comes from). The vfio-pci implementation of
-//! those seams (BAR0 mapped, memory mapped into the IOMMU once) is the only part that needs
-//! `unsafe`; the modules here forbid it.
+//! those seams ([`vfio`]: BAR0 mapped, memory mapped into the IOMMU once) is the only part
+//! that needs `unsafe`; the other modules forbid it.
 //!
 //! # Memory model
 //! The controller and the driver share queue memory. The driver writes a submission entry,
@@ -24,12 +24,13 @@
 //! doorbell before the entry. It reads a completion's status word first and, only when its
 //! phase tag says the entry is new, issues an acquire fence and reads the rest.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod controller;
 pub mod prp;
 pub mod queue;
 pub mod spec;
+pub mod vfio;
 
 #[cfg(test)]
 mod model;

@@ -620,8 +620,10 @@ impl IdentifyNamespace {
         }
         let nlbaf = b[25];
         let flbas = b[26];
-        // FLBAS bits 3:0 are the low bits of the format index, bits 6:5 its high bits.
-        let index = (flbas & 0x0f) | ((flbas >> 1) & 0x30);
+        // FLBAS bits 3:0 are the low bits of the format index, bits 6:5 its high bits,
+        // which count only when there are more than 16 formats (NLBAF is 0's based).
+        let high = if nlbaf >= 16 { (flbas >> 1) & 0x30 } else { 0 };
+        let index = (flbas & 0x0f) | high;
         if index > nlbaf || index >= 64 {
             return Err(IdentifyError::BadFormatIndex(
                 index,
