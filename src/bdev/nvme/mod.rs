@@ -26,6 +26,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod channel;
 pub mod controller;
 pub mod prp;
 pub mod queue;

@@ -7,8 +7,10 @@
 //! FLUSH, WRITE ZEROES, DATASET MANAGEMENT) and can be told to misbehave: fail the next
 //! command of an opcode with a status, never complete one, ignore ABORTs, raise CSTS.CFS,
 //! never become ready.
-
-#![forbid(unsafe_code)]
+//!
+//! Its memory is a simulated arena, plus windows of real process memory that a test maps
+//! the way the IOMMU maps the buffer pool ([`SimMem::map_window`]): block I/O through a
+//! channel moves real pool buffers.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -20,22 +22,53 @@ use super::spec::{
     self, admin, cc, csts, nvm, reg, sc, sct, CqEntry, SqEntry, Status, CQE_SIZE, SQE_SIZE,
 };
 use super::{DmaAlloc, DmaMem, Regs};
+use crate::env::Pool;
 
 /// Where simulated DMA memory starts (above 4 GiB, so 64-bit addresses are exercised).
 pub const BASE: u64 = 0x1_0000_0000;
 const PAGE: u64 = 4096;
 
-/// Simulated physical memory shared by the driver and the model.
+/// Simulated physical memory shared by the driver and the model, and the windows of
+/// process memory the model may reach (addresses there are process addresses).
 #[derive(Clone)]
-pub struct SimMem(Rc<RefCell<Vec<u8>>>);
+pub struct SimMem(Rc<RefCell<Vec<u8>>>, Rc<RefCell<Vec<&'static Pool>>>);
 
 impl SimMem {
     pub fn new(len: usize) -> SimMem {
-        SimMem(Rc::new(RefCell::new(vec![0; len])))
+        SimMem(
+            Rc::new(RefCell::new(vec![0; len])),
+            Rc::new(RefCell::new(Vec::new())),
+        )
+    }
+
+    /// Lets the model reach `pool`'s memory, as an IOMMU mapping of it would. The pool
+    /// must belong to the test alone (a private pool, not the process's): the model then
+    /// touches only buffers of that test.
+    pub fn map_window(&self, pool: &'static Pool) {
+        self.1.borrow_mut().push(pool);
+    }
+
+    /// The window holding `iova..iova + n`, as a pointer to its first byte.
+    fn window(&self, iova: u64, n: usize) -> Option<*mut u8> {
+        let end = iova.checked_add(n as u64)?;
+        self.1.borrow().iter().find_map(|p| {
+            let r = p.region();
+            let base = r.addr().as_ptr() as u64;
+            (iova >= base && end <= base + r.size() as u64).then_some(iova as *mut u8)
+        })
     }
 
     /// Reads at a device address; `false` when it lies outside the memory.
+    #[allow(unsafe_code)]
     pub fn read(&self, iova: u64, dst: &mut [u8]) -> bool {
+        if let Some(p) = self.window(iova, dst.len()) {
+            // SAFETY: the bytes lie inside a pool's mapping, which is never unmapped; the
+            // pool is the test's own and the test is single-threaded, so the only buffers
+            // there are the ones the driver under test holds while the model runs (within a
+            // doorbell write), and nothing borrows them meanwhile.
+            unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
+            return true;
+        }
         let m = self.0.borrow();
         match Self::range(iova, dst.len(), m.len()) {
             Some(r) => {
@@ -46,7 +79,13 @@ impl SimMem {
         }
     }
 
+    #[allow(unsafe_code)]
     pub fn write(&self, iova: u64, src: &[u8]) -> bool {
+        if let Some(p) = self.window(iova, src.len()) {
+            // SAFETY: as in `read`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+            return true;
+        }
         let mut m = self.0.borrow_mut();
         let len = m.len();
         match Self::range(iova, src.len(), len) {
