@@ -98,6 +98,12 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
         &self.q
     }
 
+    /// The queue back, for another channel. Only once nothing is [`busy`](IoChannel::busy):
+    /// the controller must be done with every buffer the channel holds.
+    pub fn into_queue(self) -> IoQueue<M> {
+        self.q
+    }
+
     /// The most bytes one command carries.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes

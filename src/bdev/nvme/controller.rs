@@ -1018,6 +1018,7 @@ mod tests {
         assert!(out.is_empty());
         let m = b.regs.0.borrow();
         assert_eq!(m.io_queues(), 0, "queues deleted");
+        assert_eq!(m.shutdowns, 1);
         assert_eq!(m.cc() & cc::EN, 0, "left disabled");
         assert_eq!(m.cc() & cc::SHN_MASK, 0);
         assert_eq!(m.count(false, spec::admin::DELETE_IO_SQ), 2);

@@ -28,6 +28,7 @@
 
 pub mod channel;
 pub mod controller;
+pub mod dev;
 pub mod prp;
 pub mod queue;
 pub mod spec;
@@ -84,4 +85,20 @@ pub trait DmaMem {
 pub trait DmaAlloc {
     type Mem: DmaMem;
     fn alloc(&mut self, len: usize) -> std::io::Result<Self::Mem>;
+}
+
+/// Registers shared between the controller and every reactor's channel.
+impl<T: Regs + ?Sized> Regs for std::sync::Arc<T> {
+    fn read32(&self, offset: usize) -> u32 {
+        (**self).read32(offset)
+    }
+    fn write32(&self, offset: usize, value: u32) {
+        (**self).write32(offset, value)
+    }
+    fn read64(&self, offset: usize) -> u64 {
+        (**self).read64(offset)
+    }
+    fn write64(&self, offset: usize, value: u64) {
+        (**self).write64(offset, value)
+    }
 }

@@ -12,9 +12,9 @@
 //! the way the IOMMU maps the buffer pool ([`SimMem::map_window`]): block I/O through a
 //! channel moves real pool buffers.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::controller::Clock;
@@ -28,17 +28,37 @@ use crate::env::Pool;
 pub const BASE: u64 = 0x1_0000_0000;
 const PAGE: u64 = 4096;
 
+/// State shared between the model and the driver under test. A lock rather than a
+/// `RefCell` only so that a device over the model can be a `BlockDev` (`Send + Sync`); the
+/// tests are single-threaded.
+pub struct Shared<T>(Arc<Mutex<T>>);
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<T> Shared<T> {
+    pub fn new(t: T) -> Shared<T> {
+        Shared(Arc::new(Mutex::new(t)))
+    }
+    pub fn borrow(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn borrow_mut(&self) -> MutexGuard<'_, T> {
+        self.borrow()
+    }
+}
+
 /// Simulated physical memory shared by the driver and the model, and the windows of
 /// process memory the model may reach (addresses there are process addresses).
 #[derive(Clone)]
-pub struct SimMem(Rc<RefCell<Vec<u8>>>, Rc<RefCell<Vec<&'static Pool>>>);
+pub struct SimMem(Shared<Vec<u8>>, Shared<Vec<&'static Pool>>);
 
 impl SimMem {
     pub fn new(len: usize) -> SimMem {
-        SimMem(
-            Rc::new(RefCell::new(vec![0; len])),
-            Rc::new(RefCell::new(Vec::new())),
-        )
+        SimMem(Shared::new(vec![0; len]), Shared::new(Vec::new()))
     }
 
     /// Lets the model reach `pool`'s memory, as an IOMMU mapping of it would. The pool
@@ -247,11 +267,13 @@ pub struct Model {
     pub disables: u64,
     /// Blocks deallocated.
     pub deallocated: u64,
+    /// Normal shutdowns notified (CC.SHN) while enabled.
+    pub shutdowns: u64,
 }
 
 /// The model's registers.
 #[derive(Clone)]
-pub struct ModelRegs(pub Rc<RefCell<Model>>);
+pub struct ModelRegs(pub Shared<Model>);
 
 impl Model {
     /// A controller with CAP.MQES + 1 = `mqes` entries, a namespace of `blocks` blocks of
@@ -259,7 +281,7 @@ impl Model {
     pub fn start(mem: &SimMem, mqes: u16, block_size: u32, blocks: usize) -> ModelRegs {
         // TO = 2 (1 s), DSTRD = 0, CSS NVM, MPSMIN 0, MPSMAX 4.
         let cap = u64::from(mqes - 1) | 1 << 16 | 2 << 24 | 1 << 37 | 4 << 52;
-        ModelRegs(Rc::new(RefCell::new(Model {
+        ModelRegs(Shared::new(Model {
             mem: mem.clone(),
             cap,
             cc: 0,
@@ -280,7 +302,8 @@ impl Model {
             executed: BTreeMap::new(),
             disables: 0,
             deallocated: 0,
-        })))
+            shutdowns: 0,
+        }))
     }
 
     pub fn cc(&self) -> u32 {
@@ -342,6 +365,7 @@ impl Model {
             self.csts |= csts::RDY;
         }
         if now && v & cc::SHN_MASK == cc::SHN_NORMAL {
+            self.shutdowns += 1;
             self.csts = (self.csts & !csts::SHST_MASK) | csts::SHST_COMPLETE;
         }
     }
