@@ -393,11 +393,15 @@ impl<M: DmaMem> QueuePair<M> {
         self.sq.ring(db);
     }
 
-    /// Takes every posted completion into `out`, then rings the CQ doorbell once. Returns how
-    /// many commands completed.
+    /// Takes the posted completions into `out`, at most a queue's worth (a controller that
+    /// keeps posting cannot hold the reactor here), then rings the CQ doorbell once. Returns
+    /// how many commands completed.
     pub fn poll(&mut self, db: &impl Doorbells, out: &mut Vec<Done>) -> usize {
         let mut n = 0;
-        while let Some(c) = self.cq.pop() {
+        for _ in 0..self.cq.entries() {
+            let Some(c) = self.cq.pop() else {
+                break;
+            };
             self.sq.update_head(c.sq_head);
             match self
                 .slots
