@@ -377,9 +377,16 @@ impl<R: Regs, A: DmaAlloc> Controller<R, A> {
             done: Vec::new(),
         };
         c.disable(clock)?;
-        c.enable(clock)?;
-        c.identify = c.identify_controller(clock)?;
-        c.granted = c.set_queues(clock)?;
+        let up = c.enable(clock).and_then(|()| {
+            c.identify = c.identify_controller(clock)?;
+            c.granted = c.set_queues(clock)?;
+            Ok(())
+        });
+        if let Err(e) = up {
+            // Leave it disabled, as it would be found by the next owner.
+            let _ = c.disable(clock);
+            return Err(e);
+        }
         Ok(c)
     }
 
@@ -833,6 +840,7 @@ mod tests {
             b.clock.now() >= t0 + Duration::from_millis(1000),
             "waited CAP.TO"
         );
+        assert_eq!(b.regs.0.borrow().cc() & cc::EN, 0, "left disabled");
 
         let b = bed(128);
         b.regs.0.borrow_mut().faults.fatal = true;
