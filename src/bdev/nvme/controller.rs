@@ -1020,6 +1020,30 @@ mod tests {
             q.submit(&IoCmd::Deallocate { ranges: &[] }, 10, now),
             Err(SubmitError::Ranges(0))
         );
+        assert_eq!(
+            q.submit(
+                &IoCmd::WriteZeroes {
+                    slba: 0,
+                    nlb: 0,
+                    deallocate: true
+                },
+                11,
+                now
+            ),
+            Err(SubmitError::Blocks(0))
+        );
+        assert_eq!(
+            q.submit(
+                &IoCmd::WriteZeroes {
+                    slba: 0,
+                    nlb: (1 << 16) + 1,
+                    deallocate: true
+                },
+                12,
+                now
+            ),
+            Err(SubmitError::Blocks((1 << 16) + 1))
+        );
         assert_eq!(q.qp.outstanding(), 0, "refused commands hold no identifier");
         let mut out = Vec::new();
         c.shutdown(vec![q, q2], &b.clock, &mut out).unwrap();
