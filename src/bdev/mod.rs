@@ -31,6 +31,7 @@ use crate::env::region::Region;
 use crate::env::DataBuf;
 
 pub mod file;
+pub mod nvme;
 pub mod uring;
 
 pub use file::{FileDev, FileOptions, Kind};

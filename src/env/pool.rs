@@ -208,6 +208,12 @@ impl Pool {
         self.region.size()
     }
 
+    /// The mapping the pool's chunks live in: what a device must reach by DMA (an IOMMU
+    /// maps it once, at the addresses the chunks have in the process).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
     /// Whether the pool's memory is made of hugepages.
     pub fn is_hugetlb(&self) -> bool {
         self.region.is_hugetlb()

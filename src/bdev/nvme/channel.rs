@@ -1,0 +1,581 @@
+//! A reactor's [`IoChannel`] onto an NVMe namespace: one I/O queue pair of its own, polled,
+//! with the data moved by the controller straight into and out of the I/O's pool buffer.
+//!
+//! - A block I/O becomes one NVM command, or several when it is larger than one command may
+//!   carry (MDTS, or the PRP list pages of a command): each part covers a page-aligned
+//!   stretch of the buffer, so its pieces always make valid PRPs. UNMAP ranges go out as
+//!   DATASET MANAGEMENT commands of up to 256 ranges each.
+//! - Parts go out as the queue has room, oldest I/O first; an I/O that finds the queue full
+//!   waits, in order. The queue is never overfilled and nothing is allocated per I/O (the
+//!   tables are sized when the channel opens).
+//! - The I/O completes when its last part does, with the first failure among them mapped by
+//!   [`Status::bdev_error`](super::spec::Status::bdev_error) at the I/O's offset.
+//! - The addresses given to the controller are the buffer's own (the IOMMU maps the pool at
+//!   I/O virtual address = process address). A write from lent memory (a RAM disk's pages,
+//!   which the IOMMU does not map) is first copied into the buffer's chunks.
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::controller::{IoCmd, IoQueue, SubmitError};
+use super::prp::Piece;
+use super::queue::{Done, RegDoorbells};
+use super::spec::DSM_MAX_RANGES;
+use super::{DmaMem, Regs};
+use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoOp};
+
+/// The largest block count of one DSM range (a 32-bit field).
+const MAX_RANGE_BLOCKS: u64 = u32::MAX as u64;
+
+struct Pending {
+    io: BdevIo,
+    /// Commands the I/O needs in all.
+    total: u32,
+    /// Commands submitted so far (data parts go out in order as the queue has room).
+    issued: u32,
+    /// Commands submitted and not completed.
+    outstanding: u32,
+    /// The first failure.
+    failed: Option<BdevError>,
+}
+
+/// The channel; see the module documentation.
+pub struct NvmeChannel<R: Regs, M: DmaMem> {
+    regs: R,
+    dstrd: u8,
+    q: IoQueue<M>,
+    block_size: u32,
+    /// The most bytes one command carries: a multiple of the block size and of 4096.
+    max_bytes: usize,
+    /// Started I/O, indexed by the tag its commands carry.
+    pending: Vec<Option<Pending>>,
+    free: Vec<u32>,
+    /// Started I/O with parts still to submit, oldest first.
+    partial: VecDeque<u32>,
+    /// I/O not started yet, in arrival order.
+    waiting: VecDeque<BdevIo>,
+    done: VecDeque<BdevCompletion>,
+    scratch: Vec<Done>,
+    pieces: Vec<Piece>,
+    ranges: Vec<(u64, u32)>,
+}
+
+impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
+    /// A channel over queue `q` of a controller whose registers are `regs` (doorbell stride
+    /// `dstrd`), for blocks of `block_size` bytes and commands of at most `max_transfer`
+    /// bytes.
+    pub fn new(
+        regs: R,
+        dstrd: u8,
+        q: IoQueue<M>,
+        block_size: u32,
+        max_transfer: usize,
+    ) -> NvmeChannel<R, M> {
+        let unit = (block_size as usize).max(4096);
+        let by_nlb = (block_size as usize).saturating_mul(1 << 16);
+        let max_bytes = (max_transfer.min(by_nlb) / unit * unit).max(unit);
+        let slots = q.qp.capacity();
+        NvmeChannel {
+            regs,
+            dstrd,
+            q,
+            block_size,
+            max_bytes,
+            pending: (0..slots).map(|_| None).collect(),
+            free: (0..slots as u32).rev().collect(),
+            partial: VecDeque::with_capacity(slots),
+            waiting: VecDeque::with_capacity(slots),
+            done: VecDeque::with_capacity(slots),
+            scratch: Vec::with_capacity(slots),
+            pieces: Vec::with_capacity(max_bytes / 4096 + 2),
+            ranges: Vec::with_capacity(DSM_MAX_RANGES),
+        }
+    }
+
+    pub fn queue(&self) -> &IoQueue<M> {
+        &self.q
+    }
+
+    /// The queue back, for another channel. Only once nothing is [`busy`](IoChannel::busy):
+    /// the controller must be done with every buffer the channel holds.
+    pub fn into_queue(self) -> IoQueue<M> {
+        self.q
+    }
+
+    /// The most bytes one command carries.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Commands `io` needs, or the error it completes with at once.
+    fn parts(&self, io: &BdevIo) -> Result<u32, BdevError> {
+        let bs = u64::from(self.block_size);
+        match io.op {
+            IoOp::Read | IoOp::Write { .. } => {
+                let len = io.len as usize;
+                let buf_ok = io.buf.as_ref().is_some_and(|b| b.len() >= len);
+                if len == 0
+                    || !buf_ok
+                    || !io.offset.is_multiple_of(bs)
+                    || !(len as u64).is_multiple_of(bs)
+                {
+                    return Err(BdevError::BadBuffer);
+                }
+                Ok(len.div_ceil(self.max_bytes) as u32)
+            }
+            IoOp::Flush => Ok(1),
+            IoOp::Unmap => {
+                let mut n = 0u64;
+                for &(off, len) in &io.ranges {
+                    if !off.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+                        return Err(BdevError::BadBuffer);
+                    }
+                    n += (len / bs).div_ceil(MAX_RANGE_BLOCKS);
+                }
+                let parts = n.div_ceil(DSM_MAX_RANGES as u64);
+                // Deallocate commands go out together: more than the queue holds never fit.
+                if parts > self.q.qp.capacity() as u64 {
+                    return Err(BdevError::BadBuffer);
+                }
+                Ok(parts as u32)
+            }
+            IoOp::Prefetch => Ok(0),
+        }
+    }
+
+    fn room(&self) -> usize {
+        self.q.qp.capacity() - self.q.qp.outstanding()
+    }
+
+    /// Starts `io` if the queue has room for (the first of) its commands; hands it back
+    /// otherwise.
+    fn start(&mut self, io: BdevIo, now: Instant) -> Option<BdevIo> {
+        let total = match self.parts(&io) {
+            Ok(0) => {
+                self.complete(io, Ok(()));
+                return None;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                self.complete(io, Err(e));
+                return None;
+            }
+        };
+        let need = if io.op == IoOp::Unmap {
+            total as usize
+        } else {
+            1
+        };
+        if self.room() < need {
+            return Some(io);
+        }
+        let Some(slot) = self.free.pop() else {
+            return Some(io);
+        };
+        let p = Pending {
+            io,
+            total,
+            issued: 0,
+            outstanding: 0,
+            failed: None,
+        };
+        if let Some(s) = self.pending.get_mut(slot as usize) {
+            *s = Some(p);
+        }
+        self.pump(slot, now);
+        None
+    }
+
+    /// Submits what the queue has room for of I/O `slot`'s remaining commands; finishes it
+    /// when nothing of it is left, and otherwise makes sure it is in `partial`.
+    fn pump(&mut self, slot: u32, now: Instant) {
+        let Some(mut p) = self.pending.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Err(e) = self.issue(&mut p, slot, now) {
+            // The commands already issued complete through `poll`; the rest never go out.
+            log::warn!("nvme: cannot submit I/O at byte {}: {e}", p.io.offset);
+            p.failed.get_or_insert(BdevError::BadBuffer);
+            p.total = p.issued;
+        }
+        if p.issued == p.total && p.outstanding == 0 {
+            self.free.push(slot);
+            let result = p.failed.map_or(Ok(()), Err);
+            self.complete(p.io, result);
+            return;
+        }
+        if p.issued < p.total && !self.partial.contains(&slot) {
+            self.partial.push_back(slot);
+        }
+        if let Some(s) = self.pending.get_mut(slot as usize) {
+            *s = Some(p);
+        }
+    }
+
+    /// Submits commands of `p` while the queue has room.
+    fn issue(&mut self, p: &mut Pending, slot: u32, now: Instant) -> Result<(), SubmitError> {
+        let bs = u64::from(self.block_size);
+        let tag = u64::from(slot);
+        match p.io.op {
+            IoOp::Read | IoOp::Write { .. } => {
+                let len = p.io.len as usize;
+                let Some(buf) = p.io.buf.as_mut() else {
+                    return Err(SubmitError::Length(0, len as u64));
+                };
+                let read = p.io.op == IoOp::Read;
+                if !read {
+                    // Lent memory is not mapped for the device: take the bytes over.
+                    buf.own();
+                }
+                while p.issued < p.total && self.room() > 0 {
+                    let off = p.issued as usize * self.max_bytes;
+                    let n = (len - off).min(self.max_bytes);
+                    self.pieces.clear();
+                    if read {
+                        self.pieces.extend(buf.segments_mut(off, n).map(|s| Piece {
+                            iova: s.as_mut_ptr() as u64,
+                            len: s.len() as u32,
+                        }));
+                    } else {
+                        self.pieces.extend(buf.segments(off, n).map(|s| Piece {
+                            iova: s.as_ptr() as u64,
+                            len: s.len() as u32,
+                        }));
+                    }
+                    let slba = (p.io.offset + off as u64) / bs;
+                    let nlb = (n as u64 / bs) as u32;
+                    let cmd = match p.io.op {
+                        IoOp::Write { fua } => IoCmd::Write {
+                            slba,
+                            nlb,
+                            fua,
+                            data: &self.pieces,
+                        },
+                        _ => IoCmd::Read {
+                            slba,
+                            nlb,
+                            data: &self.pieces,
+                        },
+                    };
+                    self.q.submit(&cmd, tag, now)?;
+                    p.issued += 1;
+                    p.outstanding += 1;
+                }
+            }
+            IoOp::Flush => {
+                self.q.submit(&IoCmd::Flush, tag, now)?;
+                p.issued += 1;
+                p.outstanding += 1;
+            }
+            IoOp::Unmap => {
+                self.ranges.clear();
+                for &(off, len) in &p.io.ranges {
+                    let mut slba = off / bs;
+                    let mut left = len / bs;
+                    while left > 0 {
+                        let n = left.min(MAX_RANGE_BLOCKS);
+                        self.ranges.push((slba, n as u32));
+                        slba += n;
+                        left -= n;
+                    }
+                }
+                for chunk in self.ranges.chunks(DSM_MAX_RANGES) {
+                    self.q
+                        .submit(&IoCmd::Deallocate { ranges: chunk }, tag, now)?;
+                    p.issued += 1;
+                    p.outstanding += 1;
+                }
+            }
+            IoOp::Prefetch => {}
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, io: BdevIo, result: Result<(), BdevError>) {
+        self.done.push_back(BdevCompletion {
+            tag: io.tag,
+            result,
+            buf: io.buf,
+        });
+    }
+
+    fn ring(&mut self) {
+        let db = RegDoorbells {
+            regs: &self.regs,
+            dstrd: self.dstrd,
+        };
+        self.q.qp.flush(&db);
+    }
+
+    /// Takes the controller's completions and finishes the I/O whose last command is in.
+    fn reap(&mut self) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let db = RegDoorbells {
+            regs: &self.regs,
+            dstrd: self.dstrd,
+        };
+        self.q.qp.poll(&db, &mut scratch);
+        for d in scratch.drain(..) {
+            let slot = d.tag as usize;
+            let Some(Some(p)) = self.pending.get_mut(slot) else {
+                continue;
+            };
+            p.outstanding = p.outstanding.saturating_sub(1);
+            if !d.status.is_success() && p.failed.is_none() {
+                // The I/O's first byte stands for the failing part's (SCSI reports the
+                // command's LBA when it cannot tell which block failed).
+                p.failed = Some(d.status.bdev_error(p.io.offset));
+            }
+            if p.outstanding == 0 && p.issued == p.total {
+                if let Some(p) = self.pending[slot].take() {
+                    self.free.push(slot as u32);
+                    let result = p.failed.map_or(Ok(()), Err);
+                    self.complete(p.io, result);
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+}
+
+impl<R: Regs, M: DmaMem> IoChannel for NvmeChannel<R, M> {
+    fn submit(&mut self, io: BdevIo) {
+        if !self.waiting.is_empty() || !self.partial.is_empty() {
+            self.waiting.push_back(io);
+            return;
+        }
+        if let Some(io) = self.start(io, Instant::now()) {
+            self.waiting.push_back(io);
+        }
+        self.ring();
+    }
+
+    fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        if self.q.qp.outstanding() > 0 {
+            self.reap();
+        }
+        if !self.partial.is_empty() || !self.waiting.is_empty() {
+            let now = Instant::now();
+            // Older I/O first: the rest of a started one, then new ones.
+            while let Some(&slot) = self.partial.front() {
+                if self.room() == 0 {
+                    break;
+                }
+                self.partial.pop_front();
+                self.pump(slot, now);
+                if self.partial.contains(&slot) {
+                    break;
+                }
+            }
+            while self.partial.is_empty() {
+                let Some(io) = self.waiting.pop_front() else {
+                    break;
+                };
+                if let Some(io) = self.start(io, now) {
+                    self.waiting.push_front(io);
+                    break;
+                }
+            }
+            self.ring();
+        }
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        n
+    }
+
+    fn busy(&self) -> bool {
+        self.q.qp.outstanding() > 0
+            || !self.partial.is_empty()
+            || !self.waiting.is_empty()
+            || !self.done.is_empty()
+    }
+
+    fn cancel(&mut self, tag: u64) {
+        // Waiting I/O has not reached the controller: it ends here. I/O the controller holds
+        // completes as it will (ABORT is for timeouts, through the controller).
+        if let Some(i) = self.waiting.iter().position(|io| io.tag == tag) {
+            if let Some(io) = self.waiting.remove(i) {
+                self.complete(io, Err(BdevError::Cancelled));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::nvme::controller::{Config, Controller};
+    use crate::bdev::nvme::model::{FakeClock, Model, ModelRegs, SimAlloc, SimMem, SimRegion};
+    use crate::bdev::nvme::spec::{nvm, sc, sct, Status};
+    use crate::env::{DataBuf, Pool};
+
+    const BS: u32 = 512;
+
+    struct Bed {
+        regs: ModelRegs,
+        pool: &'static Pool,
+        ch: NvmeChannel<ModelRegs, SimRegion>,
+    }
+
+    /// A channel on a model controller with `mqes` queue entries and an MDTS of 2^`mdts`
+    /// pages, over a private pool the model reaches.
+    fn bed(mqes: u16, mdts: u8) -> Bed {
+        let pool = Pool::with_counts(8, 8, false).unwrap();
+        let mem = SimMem::new(16 << 20);
+        mem.map_window(pool);
+        let regs = Model::start(&mem, mqes, BS, 8 << 10);
+        regs.0.borrow_mut().mdts = mdts;
+        let clock = FakeClock::new();
+        let mut c =
+            Controller::new(regs.clone(), SimAlloc::new(&mem), Config::default(), &clock).unwrap();
+        let q = c.create_io_queue(1, BS, &clock).unwrap();
+        let ch = NvmeChannel::new(regs.clone(), 0, q, BS, c.max_transfer());
+        Bed { regs, pool, ch }
+    }
+
+    fn io(tag: u64, op: IoOp, offset: u64, buf: Option<DataBuf>, len: u32) -> BdevIo {
+        BdevIo {
+            tag,
+            op,
+            offset,
+            len,
+            buf,
+            ranges: Vec::new(),
+        }
+    }
+
+    fn drive(ch: &mut NvmeChannel<ModelRegs, SimRegion>, n: usize) -> Vec<BdevCompletion> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            ch.poll(&mut out);
+            if out.len() >= n {
+                break;
+            }
+        }
+        assert_eq!(out.len(), n, "every I/O completes");
+        assert!(!ch.busy());
+        out
+    }
+
+    #[test]
+    fn block_io_moves_pool_buffers_in_several_commands() {
+        // MDTS 2^3 pages: 32 KiB per command.
+        let mut b = bed(64, 3);
+        assert_eq!(b.ch.max_bytes(), 32 << 10);
+        let len = 300 << 10;
+        let pattern: Vec<u8> = (0..len).map(|i: usize| (i * 13 + i / 512) as u8).collect();
+        let mut w = DataBuf::alloc_from(b.pool, len).unwrap();
+        w.write_at(0, &pattern);
+        b.ch.submit(io(1, IoOp::Write { fua: false }, 4096, Some(w), len as u32));
+        let c = drive(&mut b.ch, 1);
+        assert_eq!((c[0].tag, c[0].result), (1, Ok(())));
+        assert!(c[0].buf.is_some(), "the buffer comes back");
+        {
+            let m = b.regs.0.borrow();
+            assert_eq!(m.count(true, nvm::WRITE), 10, "300 KiB in 32 KiB commands");
+            assert_eq!(&m.data[4096..4096 + len], &pattern[..]);
+        }
+        let r = DataBuf::alloc_from(b.pool, len).unwrap();
+        b.ch.submit(io(2, IoOp::Read, 4096, Some(r), len as u32));
+        let c = drive(&mut b.ch, 1);
+        assert_eq!(c[0].result, Ok(()));
+        let mut back = vec![0u8; len];
+        c[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert_eq!(back, pattern);
+
+        // UNMAP, FLUSH, PRE-FETCH.
+        let mut u = io(3, IoOp::Unmap, 0, None, 0);
+        u.ranges = vec![(4096, 8192), (1 << 20, 512)];
+        b.ch.submit(u);
+        b.ch.submit(io(4, IoOp::Flush, 0, None, 0));
+        b.ch.submit(io(5, IoOp::Prefetch, 0, None, 4096));
+        let c = drive(&mut b.ch, 3);
+        assert!(c.iter().all(|c| c.result.is_ok()));
+        let m = b.regs.0.borrow();
+        assert_eq!(m.deallocated, 17);
+        assert!(m.data[4096..4096 + 8192].iter().all(|&x| x == 0));
+        assert_eq!(m.count(true, nvm::FLUSH), 1);
+    }
+
+    #[test]
+    fn a_full_queue_holds_io_in_order_and_fails_what_cannot_be_described() {
+        // Four entries: three commands at a time, 8 KiB each (MDTS 2^1 pages), so one
+        // 32 KiB I/O needs more commands than the queue holds.
+        let mut b = bed(4, 1);
+        assert_eq!(b.ch.max_bytes(), 8192);
+        let mut tags = Vec::new();
+        for t in 0..5u64 {
+            let mut w = DataBuf::alloc_from(b.pool, 32 << 10).unwrap();
+            w.fill(0, 32 << 10, t as u8 + 1);
+            b.ch.submit(io(
+                t,
+                IoOp::Write { fua: false },
+                t * (32 << 10),
+                Some(w),
+                32 << 10,
+            ));
+            tags.push(t);
+        }
+        assert!(b.ch.busy());
+        let c = drive(&mut b.ch, 5);
+        assert_eq!(
+            c.iter().map(|c| c.tag).collect::<Vec<_>>(),
+            tags,
+            "in order"
+        );
+        assert!(c.iter().all(|c| c.result.is_ok()));
+        {
+            let m = b.regs.0.borrow();
+            assert_eq!(m.count(true, nvm::WRITE), 20);
+            for t in 0..5usize {
+                assert!(m.data[t * (32 << 10)..(t + 1) * (32 << 10)]
+                    .iter()
+                    .all(|&x| x == t as u8 + 1));
+            }
+        }
+        // Not whole blocks, or no buffer: refused at once, never sent.
+        b.ch.submit(io(
+            7,
+            IoOp::Read,
+            100,
+            DataBuf::alloc_from(b.pool, 512),
+            512,
+        ));
+        b.ch.submit(io(8, IoOp::Read, 0, None, 512));
+        let c = drive(&mut b.ch, 2);
+        assert!(c.iter().all(|c| c.result == Err(BdevError::BadBuffer)));
+        // A failing part fails the I/O, at its offset, once every part is in.
+        b.regs.0.borrow_mut().faults.fail_next = Some((
+            nvm::READ,
+            Status::new(sct::MEDIA, sc::UNRECOVERED_READ_ERROR),
+        ));
+        b.ch.submit(io(
+            9,
+            IoOp::Read,
+            8192,
+            DataBuf::alloc_from(b.pool, 16 << 10),
+            16 << 10,
+        ));
+        let c = drive(&mut b.ch, 1);
+        assert_eq!(c[0].result, Err(BdevError::Io(8192)));
+        assert_eq!(b.ch.queue().qp.outstanding(), 0);
+        // Waiting I/O can be cancelled before it reaches the controller.
+        for t in 10..13u64 {
+            b.ch.submit(io(
+                t,
+                IoOp::Read,
+                0,
+                DataBuf::alloc_from(b.pool, 16 << 10),
+                16 << 10,
+            ));
+        }
+        b.ch.cancel(12);
+        let c = drive(&mut b.ch, 3);
+        assert_eq!(c[0].tag, 12);
+        assert_eq!(c[0].result, Err(BdevError::Cancelled));
+        assert!(c[1..].iter().all(|c| c.result.is_ok()));
+    }
+}

@@ -1,0 +1,333 @@
+//! An NVMe namespace as a [`BlockDev`]: the controller, shared by the reactors for admin
+//! work, and one I/O queue pair per reactor's channel.
+//!
+//! A channel's queue comes from the controller when the channel opens and goes back to the
+//! device when it closes, once every command on it has completed (the controller may write
+//! into the buffers of outstanding reads until then); a later channel reuses it. When the
+//! device itself goes, its queues are deleted and the controller is shut down and disabled,
+//! so the kernel's driver can take it back.
+
+#![forbid(unsafe_code)]
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{error, warn};
+
+use super::channel::NvmeChannel;
+use super::controller::{Clock, Config, Controller, ControllerError, IoQueue, SystemClock};
+use super::spec::{oncs, IdentifyNamespace};
+use super::vfio::{Bar0, VfioAlloc, VfioDevice, VfioError};
+use super::{DmaAlloc, Regs};
+use crate::bdev::{
+    BdevCompletion, BdevError, BdevIo, BlockDev, FaultInject, Faulty, IoChannel, IoContext,
+};
+
+/// How long a closing channel waits for the controller to finish its commands.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error, displaydoc::Display)]
+pub enum OpenError {
+    /// {0}
+    Vfio(#[from] VfioError),
+    /// {0}
+    Controller(#[from] ControllerError),
+}
+
+/// The parts of the device behind its lock.
+struct State<R: Regs, A: DmaAlloc> {
+    ctrl: Option<Controller<R, A>>,
+    /// Queues of closed channels, for the next ones.
+    idle: Vec<IoQueue<A::Mem>>,
+}
+
+pub struct NvmeDev<R: Regs, A: DmaAlloc> {
+    state: Mutex<State<R, A>>,
+    regs: R,
+    dstrd: u8,
+    nsid: u32,
+    ns: IdentifyNamespace,
+    vwc: bool,
+    dsm: bool,
+    max_transfer: usize,
+    fault: Arc<FaultInject>,
+}
+
+impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
+    /// The device for namespace `nsid` of a controller already brought up.
+    pub fn new(
+        mut ctrl: Controller<R, A>,
+        nsid: u32,
+        clock: &dyn Clock,
+    ) -> Result<NvmeDev<R, A>, ControllerError> {
+        let ns = ctrl.identify_namespace(nsid, clock)?;
+        Ok(NvmeDev {
+            regs: ctrl.regs().clone(),
+            dstrd: ctrl.cap().dstrd(),
+            vwc: ctrl.identify().vwc,
+            dsm: ctrl.identify().supports(oncs::DSM),
+            max_transfer: ctrl.max_transfer(),
+            nsid,
+            ns,
+            state: Mutex::new(State {
+                ctrl: Some(ctrl),
+                idle: Vec::new(),
+            }),
+            fault: Arc::new(FaultInject::default()),
+        })
+    }
+
+    pub fn namespace(&self) -> &IdentifyNamespace {
+        &self.ns
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<R, A>> {
+        // Every update under the lock leaves the state whole: a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl NvmeDev<Arc<Bar0>, VfioAlloc> {
+    /// Opens PCI device `bdf` (bound to vfio-pci), maps the buffer pool for it, brings the
+    /// controller up with `queues` I/O queue pairs (one per reactor) and serves namespace
+    /// `nsid`.
+    pub fn open_vfio(bdf: &str, nsid: u32, queues: u16) -> Result<Self, OpenError> {
+        let dev = Arc::new(VfioDevice::open(bdf)?);
+        dev.map_region(crate::env::pool().region())?;
+        let cfg = Config {
+            io_queues: queues,
+            ..Config::default()
+        };
+        let ctrl = Controller::new(dev.bar0(), VfioAlloc::new(dev.clone()), cfg, &SystemClock)?;
+        Ok(NvmeDev::new(ctrl, nsid, &SystemClock)?)
+    }
+}
+
+impl<R: Regs, A: DmaAlloc> Drop for NvmeDev<R, A> {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let queues = std::mem::take(&mut st.idle);
+        if let Some(ctrl) = st.ctrl.take() {
+            let mut out = Vec::new();
+            if let Err(e) = ctrl.shutdown(queues, &SystemClock, &mut out) {
+                warn!("nvme: controller shutdown: {e}");
+            }
+        }
+    }
+}
+
+impl<R, A> BlockDev for NvmeDev<R, A>
+where
+    R: Regs + Clone + Send + Sync + 'static,
+    A: DmaAlloc + Send + 'static,
+    A::Mem: Send + 'static,
+{
+    fn block_size(&self) -> u32 {
+        self.ns.block_size
+    }
+
+    fn num_blocks(&self) -> u64 {
+        self.ns.nsze
+    }
+
+    fn has_volatile_cache(&self) -> bool {
+        self.vwc
+    }
+
+    /// UNMAP promises zeros afterwards: only where deallocated blocks read as zeros.
+    fn supports_unmap(&self) -> bool {
+        self.dsm && self.ns.deallocated_reads_zeros()
+    }
+
+    fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {
+        let fault = self.fault.clone();
+        let q = {
+            let mut st = self.state();
+            match st.idle.pop() {
+                Some(q) => Ok(q),
+                None => match st.ctrl.as_mut() {
+                    Some(c) => c.create_io_queue(self.nsid, self.ns.block_size, &SystemClock),
+                    None => Err(ControllerError::Gone),
+                },
+            }
+        };
+        match q {
+            Ok(q) => {
+                let ch = NvmeChannel::new(
+                    self.regs.clone(),
+                    self.dstrd,
+                    q,
+                    self.ns.block_size,
+                    self.max_transfer,
+                );
+                Box::new(Faulty::new(
+                    DevChannel {
+                        ch: Some(ch),
+                        dev: self,
+                    },
+                    fault,
+                ))
+            }
+            Err(e) => {
+                error!("nvme: no I/O queue for a reactor ({e}): its I/O fails");
+                Box::new(Faulty::new(Offline::default(), fault))
+            }
+        }
+    }
+
+    fn fault(&self) -> Option<&FaultInject> {
+        Some(&self.fault)
+    }
+}
+
+/// A channel that gives its queue back to the device when it closes.
+struct DevChannel<R, A>
+where
+    R: Regs + Clone + Send + Sync + 'static,
+    A: DmaAlloc + Send + 'static,
+    A::Mem: Send + 'static,
+{
+    /// Always `Some` until the channel drops.
+    ch: Option<NvmeChannel<R, A::Mem>>,
+    dev: Arc<NvmeDev<R, A>>,
+}
+
+impl<R, A> IoChannel for DevChannel<R, A>
+where
+    R: Regs + Clone + Send + Sync + 'static,
+    A: DmaAlloc + Send + 'static,
+    A::Mem: Send + 'static,
+{
+    fn submit(&mut self, io: BdevIo) {
+        match self.ch.as_mut() {
+            Some(ch) => ch.submit(io),
+            None => drop(io),
+        }
+    }
+    fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        self.ch.as_mut().map_or(0, |ch| ch.poll(out))
+    }
+    fn busy(&self) -> bool {
+        self.ch.as_ref().is_some_and(|ch| ch.busy())
+    }
+    fn cancel(&mut self, tag: u64) {
+        if let Some(ch) = self.ch.as_mut() {
+            ch.cancel(tag);
+        }
+    }
+}
+
+impl<R, A> Drop for DevChannel<R, A>
+where
+    R: Regs + Clone + Send + Sync + 'static,
+    A: DmaAlloc + Send + 'static,
+    A::Mem: Send + 'static,
+{
+    fn drop(&mut self) {
+        let Some(mut ch) = self.ch.take() else {
+            return;
+        };
+        let give_up = Instant::now() + CLOSE_WAIT;
+        let mut out = Vec::new();
+        while ch.busy() && Instant::now() < give_up {
+            ch.poll(&mut out);
+            out.clear();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        if ch.busy() {
+            // The controller may still write into these buffers and this queue: never
+            // hand them back for reuse.
+            error!("nvme: a closing channel's commands never completed; leaking its buffers");
+            std::mem::forget(ch);
+            return;
+        }
+        let q = ch.into_queue();
+        self.dev.state().idle.push(q);
+    }
+}
+
+/// The channel of a reactor that got no queue: every I/O fails as the device being offline.
+#[derive(Default)]
+struct Offline {
+    done: Vec<BdevCompletion>,
+}
+
+impl IoChannel for Offline {
+    fn submit(&mut self, io: BdevIo) {
+        self.done.push(BdevCompletion {
+            tag: io.tag,
+            result: Err(BdevError::Offline),
+            buf: io.buf,
+        });
+    }
+    fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
+        let n = self.done.len();
+        out.append(&mut self.done);
+        n
+    }
+    fn busy(&self) -> bool {
+        !self.done.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::nvme::model::{FakeClock, Model, SimAlloc, SimMem};
+    use crate::bdev::nvme::spec::{admin, cc};
+    use crate::bdev::IoOp;
+    use crate::env::{DataBuf, Pool};
+
+    #[test]
+    fn a_namespace_serves_as_a_block_device_and_hands_the_controller_back() {
+        let pool = Pool::with_counts(4, 4, false).unwrap();
+        let mem = SimMem::new(16 << 20);
+        mem.map_window(pool);
+        let regs = Model::start(&mem, 64, 4096, 1024);
+        let clock = FakeClock::new();
+        let ctrl =
+            Controller::new(regs.clone(), SimAlloc::new(&mem), Config::default(), &clock).unwrap();
+        let dev = Arc::new(NvmeDev::new(ctrl, 1, &clock).unwrap());
+        assert_eq!((dev.block_size(), dev.num_blocks()), (4096, 1024));
+        assert!(dev.has_volatile_cache());
+        assert!(
+            dev.supports_unmap(),
+            "DSM, and deallocated blocks read as zeros"
+        );
+        assert!(dev.fault().is_some());
+
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let mut b = DataBuf::alloc_from(pool, 8192).unwrap();
+        b.fill(0, 8192, 0x3c);
+        ch.submit(BdevIo {
+            tag: 1,
+            op: IoOp::Write { fua: true },
+            offset: 4096,
+            len: 8192,
+            buf: Some(b),
+            ranges: Vec::new(),
+        });
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ch.poll(&mut out);
+        }
+        assert_eq!((out[0].tag, out[0].result), (1, Ok(())));
+        assert!(regs.0.borrow().data[4096..12288].iter().all(|&x| x == 0x3c));
+        assert_eq!(regs.0.borrow().io_queues(), 1);
+
+        // A closed channel's queue serves the next one: no new queue on the controller.
+        drop(ch);
+        let ch = dev.clone().open_channel(&cx);
+        assert_eq!(regs.0.borrow().io_queues(), 1);
+        assert_eq!(regs.0.borrow().count(false, admin::CREATE_IO_SQ), 1);
+        drop(ch);
+        // The last reference: queues deleted, controller shut down and disabled.
+        drop(dev);
+        let m = regs.0.borrow();
+        assert_eq!(m.io_queues(), 0);
+        assert_eq!(m.count(false, admin::DELETE_IO_SQ), 1);
+        assert_eq!(m.shutdowns, 1, "a normal shutdown first");
+        assert_eq!(m.cc() & cc::EN, 0);
+    }
+}
