@@ -52,6 +52,8 @@ pub enum BdevError {
     NoMedium,
     /// cancelled before it reached the medium
     Cancelled,
+    /// the medium refuses writes (a write-protected namespace)
+    WriteProtected,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1152,6 +1152,7 @@ fn error_sense(e: BdevError, op: Option<IoOp>, info: DevInfo) -> Sense {
         BdevError::BadBuffer => Sense::new(sense::HARDWARE_ERROR, INTERNAL_TARGET_FAILURE),
         BdevError::Offline => Sense::new(sense::NOT_READY, NOT_READY_MANUAL_INTERVENTION),
         BdevError::NoMedium => Sense::new(sense::NOT_READY, MEDIUM_NOT_PRESENT),
+        BdevError::WriteProtected => Sense::new(sense::DATA_PROTECT, sense::WRITE_PROTECTED),
         // Only an aborted command's I/O is cancelled, and its status is never sent; a
         // read-modify-write whose read was cancelled ends here.
         BdevError::Cancelled => Sense::new(sense::ABORTED_COMMAND, (0, 0)),
@@ -1466,5 +1467,7 @@ mod completion_tests {
         assert_eq!((s[2], s[12], s[13]), (sense::NOT_READY, 0x3a, 0x00));
         let s = failed(BdevError::BadBuffer, w, 512, false);
         assert_eq!((s[2], s[12]), (sense::HARDWARE_ERROR, 0x44));
+        let s = failed(BdevError::WriteProtected, w, 512, false);
+        assert_eq!((s[2], s[12], s[13]), (sense::DATA_PROTECT, 0x27, 0x00));
     }
 }

@@ -414,8 +414,9 @@ impl Status {
     /// [`BdevError::BadBuffer`] (HARDWARE ERROR, internal target failure). Medium errors keep
     /// the offset (MEDIUM ERROR, unrecovered read error or write error by the operation, with
     /// the LBA in INFORMATION). A namespace that is not there or not ready is
-    /// [`BdevError::Offline`] (NOT READY). A command aborted at the target's request is
-    /// [`BdevError::Cancelled`].
+    /// [`BdevError::Offline`] (NOT READY); a write-protected one
+    /// [`BdevError::WriteProtected`] (DATA PROTECT). A command aborted at the target's
+    /// request is [`BdevError::Cancelled`].
     pub fn bdev_error(self, offset: u64) -> BdevError {
         match (self.sct(), self.sc()) {
             (sct::GENERIC, sc::INVALID_OPCODE | sc::INVALID_FIELD | sc::LBA_OUT_OF_RANGE) => {
@@ -427,6 +428,7 @@ impl Status {
                 sc::INVALID_NAMESPACE_OR_FORMAT | sc::NAMESPACE_NOT_READY | sc::FORMAT_IN_PROGRESS,
             ) => BdevError::Offline,
             (sct::GENERIC, sc::CAPACITY_EXCEEDED) => BdevError::NoSpace,
+            (sct::GENERIC, sc::NAMESPACE_WRITE_PROTECTED) => BdevError::WriteProtected,
             // Write fault, unrecovered read error, protection information and compare
             // failures, access denied, data transfer and internal errors: the medium (or
             // the device standing for it) failed this I/O.
@@ -808,6 +810,10 @@ mod tests {
         assert_eq!(s(sct::GENERIC, sc::INVALID_FIELD), BdevError::BadBuffer);
         assert_eq!(s(sct::GENERIC, sc::NAMESPACE_NOT_READY), BdevError::Offline);
         assert_eq!(s(sct::GENERIC, sc::CAPACITY_EXCEEDED), BdevError::NoSpace);
+        assert_eq!(
+            s(sct::GENERIC, sc::NAMESPACE_WRITE_PROTECTED),
+            BdevError::WriteProtected
+        );
         assert_eq!(s(sct::GENERIC, sc::ABORT_REQUESTED), BdevError::Cancelled);
         assert_eq!(s(sct::GENERIC, sc::INTERNAL_ERROR), BdevError::Io(4096));
         assert_eq!(s(sct::PATH, 0x00), BdevError::Offline);
