@@ -192,8 +192,17 @@ for b in $BACKENDS; do
     SECS[$b]=$(($(date +%s) - start))
     kill -0 "$TARGET_PID" 2>/dev/null || { tail -50 "$WORK/target-$b.log" >&2; die "the target died during the $b run"; }
     grep -q "panicked" "$WORK/target-$b.log" && die "the target log shows a panic ($b)"
-    # The target still answers after the run: it neither crashed nor hung.
+    # The target still answers after the run: it neither crashed nor hung. And the LUN still
+    # serves I/O to a new initiator (qemu's): the suite left no reservation, write protection
+    # or unit attention in the way (a unit attention is answered once, and qemu retries).
     iscsi-inq "$URL" >/dev/null || die "the target no longer answers after the $b run"
+    case $b in
+    vcdrom | readonly) io=(-r -c "read 0 64k") ;;
+    *) io=(-c "write -P 0x5a 0 64k" -c "read -P 0x5a 0 64k") ;;
+    esac
+    qemu-io -f raw "${io[@]}" "$URL" >"$WORK/after-$b.txt" 2>&1 &&
+        ! grep -qi "fail\|error\|pattern verification" "$WORK/after-$b.txt" ||
+        die "the $b LUN no longer serves I/O after the suite: $(tail -c 400 "$WORK/after-$b.txt")"
     stop_target
     if [ -n "$LOOP" ]; then
         losetup -d "$LOOP" || die "losetup -d $LOOP failed"
