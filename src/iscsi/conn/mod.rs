@@ -21,6 +21,7 @@ use crate::iscsi::config::{Snapshot, TargetConfig};
 use crate::iscsi::engine::Shared;
 use crate::iscsi::login::Login;
 use crate::iscsi::negotiate::SessionParams;
+use crate::iscsi::ordering::TaskSet;
 use crate::iscsi::pdu::{Pdu, BHS_LEN};
 use crate::iscsi::registry::SessionInfo;
 use crate::iscsi::rx::Staging;
@@ -211,6 +212,11 @@ pub struct Conn {
     /// The rest of a long text answer: our TTT, the ITT, and the bytes not yet sent.
     text_out: Option<(u32, u32, Vec<u8>)>,
     text_ttt: u32,
+    /// The task set of this I_T nexus (one connection per session): the order in which its
+    /// commands may start, from their task attributes.
+    order: TaskSet<usize>,
+    /// [`Conn::start_released`] is running (it is not re-entered).
+    releasing: bool,
 }
 
 /// What a task management function ends beyond the requesting nexus.
@@ -296,6 +302,8 @@ impl Conn {
             text_in: None,
             text_out: None,
             text_ttt: 0,
+            order: TaskSet::default(),
+            releasing: false,
         }
     }
 
@@ -390,6 +398,10 @@ impl Conn {
     /// Frees a task slot, returning its buffer's charge to the session's share.
     fn remove_task(&mut self, slot: usize) {
         if let Some(t) = self.tasks.remove(slot) {
+            // Normally completed or aborted before: this keeps the task set right anyway.
+            if let Some(o) = t.order {
+                self.order.complete(o);
+            }
             self.buf_held = self.buf_held.saturating_sub(t.buf_charge);
         }
     }
@@ -596,6 +608,7 @@ impl Conn {
         for s in leftovers {
             self.remove_task(s);
         }
+        self.order = TaskSet::default();
         self.tmf_deferred.clear();
         if let Some(sess) = self.sess.take() {
             if let Some(info) = &sess.info {
