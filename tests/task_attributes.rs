@@ -208,3 +208,29 @@ fn a_dropped_connection_with_waiting_commands_leaves_the_target_healthy() {
     other.write10(0, 3, &[0x77u8; 512], 512).unwrap();
     assert_eq!(other.read10(0, 3, 1, 512).unwrap(), vec![0x77u8; 512]);
 }
+
+#[test]
+fn a_held_command_sees_the_unit_attention_raised_while_it_waited() {
+    // Long enough for the LUN map change to reach the session while the read is held.
+    let (t, mut ini) = setup(3_000_000, 10);
+    let read = slow_read(&mut ini);
+    let ordered = tur(&mut ini, ORDERED);
+    let simple = tur(&mut ini, SIMPLE);
+    // The LUN map changes while the ORDERED command waits: REPORTED LUNS DATA HAS CHANGED
+    // (SPC-4 §5.14) is checked when it starts, not when it arrived.
+    t.mgmt("handlers/vdisk_nullio/mgmt", "add_device null9 size_mb=8");
+    t.mgmt(&format!("targets/iscsi/{IQN}/luns/mgmt"), "add null9 2");
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (itt, r) = ini.wait_any().unwrap();
+        if itt == ordered {
+            assert_eq!(r.status, STATUS_CHECK_CONDITION, "{r:?}");
+            assert_eq!(r.sense_key(), Some(0x06), "UNIT ATTENTION: {r:?}");
+            assert_eq!(r.asc_ascq(), Some((0x3f, 0x0e)), "{r:?}");
+        } else {
+            assert!(r.is_good(), "{itt:#x}: {r:?}");
+        }
+        order.push(itt);
+    }
+    assert_eq!(order, vec![read, ordered, simple]);
+}
