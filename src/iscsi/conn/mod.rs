@@ -212,8 +212,12 @@ pub struct Conn {
     /// The rest of a long text answer: our TTT, the ITT, and the bytes not yet sent.
     text_out: Option<(u32, u32, Vec<u8>)>,
     text_ttt: u32,
-    /// The task set of this I_T nexus (one connection per session): the order in which its
-    /// commands may start, from their task attributes.
+    /// The order in which this I_T nexus's commands (one connection per session) may start,
+    /// from their task attributes. One for all the session's logical units: SAM-5 keeps a
+    /// task set per logical unit (TST=001b: per I_T nexus within it), so across LUNs this
+    /// orders more than it must (an ORDERED command also waits for older commands to other
+    /// LUNs), never less; it costs only sessions that send ORDERED or HEAD OF QUEUE commands
+    /// to several LUNs at once.
     order: TaskSet<usize>,
     /// [`Conn::start_released`] is running (it is not re-entered).
     releasing: bool,
