@@ -178,6 +178,8 @@ impl Conn {
             t.scsi.access_state = s.state();
         }
         t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
+        // A held command that its CDB or the device's state refuses is answered now: it never
+        // starts, so it touches nothing the commands ahead of it touch.
         let planned = if held {
             scsi::plan_held(&entry.device, &mut t.scsi)
         } else {
