@@ -392,7 +392,7 @@ fn connection(mode: u8, mode2: u8, stream: &[u8]) {
         if let Some((scope, itt)) = conn.take_tmf() {
             // The one reactor applies it, then answers.
             conn.apply_abort(&scope, &mut cx);
-            conn.tmf_done(itt);
+            conn.tmf_done(itt, &mut cx);
             did = true;
         }
         completions.clear();

@@ -508,6 +508,8 @@ pub struct Initiator<T = TcpStream> {
     max_cmd_sn: u32,
     exp_stat_sn: u32,
     next_itt: u32,
+    /// The ATTR field of the SCSI commands sent (RFC 7143 §11.3.1): 1, SIMPLE, unless set.
+    task_attr: u8,
     tasks: HashMap<u32, Task>,
     done: VecDeque<(u32, Result<ScsiResult>)>,
     /// Answers to non-SCSI requests (text, NOP, logout, TMF) and Rejects of them.
@@ -554,6 +556,7 @@ impl<T: Transport> Initiator<T> {
             max_cmd_sn: 1,
             exp_stat_sn: 0,
             next_itt: 1,
+            task_attr: 1,
             tasks: HashMap::new(),
             done: VecDeque::new(),
             others: VecDeque::new(),
@@ -562,6 +565,12 @@ impl<T: Transport> Initiator<T> {
             digest_rejects: 0,
             stats: Stats::default(),
         })
+    }
+
+    /// The task attribute (the ATTR field, RFC 7143 §11.3.1: 1 SIMPLE, 2 ORDERED, 3 HEAD OF
+    /// QUEUE, 4 ACA) of the commands submitted from now on.
+    pub fn set_task_attr(&mut self, attr: u8) {
+        self.task_attr = attr & 0x07;
     }
 
     /// Test hook: the next PDU sent carries a wrong header digest.
@@ -1028,7 +1037,7 @@ impl<T: Transport> Initiator<T> {
             final_flag: unsol == 0,
             read,
             write: data_out.is_some(),
-            attr: 1,
+            attr: self.task_attr,
             lun: pdu::encode_lun(lun),
             itt,
             expected_data_transfer_length: edtl,

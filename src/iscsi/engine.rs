@@ -663,7 +663,7 @@ impl Poller for Engine {
                     .filter(same)
                 {
                     let mut cx = conn_cx!(self, now, idx);
-                    c.tmf_done(itt);
+                    c.tmf_done(itt, &mut cx);
                     c.flush(&mut cx);
                     let (read, write) = (c.wants_read(), c.wants_write());
                     self.group.set_interest(c.sock(), read, write);

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod engine;
 pub mod login;
 pub mod negotiate;
+pub mod ordering;
 pub mod param;
 pub mod pdu;
 pub mod registry;

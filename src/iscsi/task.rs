@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::iscsi::ordering::Entry;
 use crate::scsi::ScsiTask;
 
 /// Where a command is in its life.
@@ -14,6 +15,9 @@ pub enum TaskState {
     /// Admitted, but the buffer pool was exhausted: parked on the connection's list of
     /// commands waiting for a buffer, retried every reactor pass.
     WaitingBuffer,
+    /// All its data is in, but older commands hold it back (task attributes, SAM-5 §8.6):
+    /// it runs when the connection's task set lets it start.
+    Dormant,
     /// Handed to the SCSI core; its completion comes from the backend.
     Executing,
     /// Data-In and/or the response are queued for sending.
@@ -76,6 +80,12 @@ pub struct Task {
     /// Aborted by another nexus's task management while its I/O was out: TASK ABORTED goes
     /// to the initiator when that I/O is back.
     pub answer_aborted: bool,
+    /// Its place in the connection's task set (task attributes); `None` once it has
+    /// completed or been aborted, or for a command that never entered it.
+    pub order: Option<Entry>,
+    /// Admitted while held back: the unit attention and reservation checks run when it
+    /// starts (SAM-5 §5.14), not when it arrived.
+    pub checks_deferred: bool,
 }
 
 /// Our Target Transfer Tag for R2T `r2t_sn` of slot `slot`: generation (8 bits), slot

@@ -341,17 +341,41 @@ pub fn ua_applies(task: &ScsiTask) -> bool {
 /// [`Plan::NONE`] with its status set to RESERVATION CONFLICT: the caller ends it at once,
 /// like an error, with no sense data.
 pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Sense> {
-    let invalid_opcode = || {
-        Sense::new(
-            sense::ILLEGAL_REQUEST,
-            sense::INVALID_COMMAND_OPERATION_CODE,
-        )
-    };
     task.sense_format = dev.sense_format();
     if task.cdb_len > 16 {
         return Err(invalid_opcode());
     }
     let cmd = lookup(&task.cdb);
+    if !checks(dev, task, nexus, cmd)? {
+        return Ok(Plan::NONE);
+    }
+    plan_command(dev, task, cmd)
+}
+
+/// [`plan`] without its unit attention and reservation checks, for a command that task
+/// attributes hold back: those run when it starts ([`start_checks`]), since SAM-5 §5.14 puts
+/// them where the command is processed, not where it waits.
+pub fn plan_held(dev: &Device, task: &mut ScsiTask) -> Result<Plan, Sense> {
+    task.sense_format = dev.sense_format();
+    if task.cdb_len > 16 {
+        return Err(invalid_opcode());
+    }
+    plan_command(dev, task, lookup(&task.cdb))
+}
+
+/// The checks that come before a command's own (SAM-5 §5.14): a unit attention for the
+/// task's I_T nexus (returned as the error, and cleared), then a reservation conflict
+/// (`Ok(false)`, the task's status set to RESERVATION CONFLICT). `Ok(true)`: neither.
+pub fn start_checks(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<bool, Sense> {
+    checks(dev, task, nexus, lookup(&task.cdb))
+}
+
+fn checks(
+    dev: &Device,
+    task: &mut ScsiTask,
+    nexus: &Nexus,
+    cmd: Option<&'static Command>,
+) -> Result<bool, Sense> {
     if cmd.is_none_or(|c| c.reports_ua) {
         if let Some(code) = dev.take_ua_of(task.nexus, nexus) {
             return Err(Sense::new(sense::UNIT_ATTENTION, code));
@@ -363,9 +387,25 @@ pub fn plan(dev: &Device, task: &mut ScsiTask, nexus: &Nexus) -> Result<Plan, Se
         let class = c.reservation.for_cdb(&task.cdb);
         if dev.reservations().check(nexus, class) == Access::Conflict {
             task.reservation_conflict();
-            return Ok(Plan::NONE);
+            return Ok(false);
         }
     }
+    Ok(true)
+}
+
+fn invalid_opcode() -> Sense {
+    Sense::new(
+        sense::ILLEGAL_REQUEST,
+        sense::INVALID_COMMAND_OPERATION_CODE,
+    )
+}
+
+/// The CONTROL byte, the device's state and the CDB itself.
+fn plan_command(
+    dev: &Device,
+    task: &mut ScsiTask,
+    cmd: Option<&'static Command>,
+) -> Result<Plan, Sense> {
     // CONTROL byte: NACA (bit 2) is not supported (SAM-5 §5.9).
     let clen = cdb_len_of(task.opcode());
     if clen > 0 && task.cdb[clen - 1] & 0x04 != 0 {

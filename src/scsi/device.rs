@@ -681,6 +681,18 @@ impl Device {
         }
     }
 
+    /// Whether the device has a volatile write cache (WCE can turn it on and off): V_SUP in the
+    /// Extended INQUIRY Data VPD page.
+    pub fn has_volatile_cache(&self) -> bool {
+        self.write_cache_changeable()
+    }
+
+    /// Whether the device's cache is declared non-volatile (`nv_cache`): NV_SUP in the
+    /// Extended INQUIRY Data VPD page.
+    pub fn has_nv_cache(&self) -> bool {
+        !self.is_cdrom() && self.file.as_ref().is_some_and(|f| f.options().nv_cache)
+    }
+
     fn write_cache_changeable(&self) -> bool {
         !self.is_cdrom() && self.file.as_ref().is_some_and(|f| !f.options().nv_cache)
     }

@@ -61,7 +61,7 @@ pub mod task;
 #[cfg(test)]
 mod tests;
 
-pub use command::{execute_reservation, plan, ua_applies};
+pub use command::{execute_reservation, plan, plan_held, start_checks, ua_applies};
 pub use device::{Device, DeviceError};
 pub use port::{complete, Completion, Exec, ScsiPort};
 pub use spc::luns::{execute_no_lun, report_luns};

@@ -264,7 +264,7 @@ fn inquiry_and_capacity() {
     let t = run(&d, &[INQUIRY, 0, 0, 0, 5, 0], None);
     assert_eq!(t.data_in_len, 5, "allocation length truncates");
     let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
-    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1]);
+    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0x86, 0x8f, 0xb0, 0xb1]);
     // Third-party Copy: its page length covers its descriptors.
     let tpc = data(&run(&d, &[INQUIRY, 1, 0x8f, 0, 255, 0], None));
     assert_eq!((tpc[1], be16(&tpc[2..4]) as usize), (0x8f, tpc.len() - 4));
@@ -634,7 +634,10 @@ fn thin_capacity_and_vpd() {
     let x = data(&run(&dev(), &sai16(0x10, 0, 32), None));
     assert_eq!(x[14] & 0xc0, 0, "fully provisioned");
     let t = run(&d, &[INQUIRY, 1, 0x00, 0, 255, 0], None);
-    assert_eq!(&data(&t)[4..], &[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]);
+    assert_eq!(
+        &data(&t)[4..],
+        &[0x00, 0x80, 0x83, 0x86, 0x8f, 0xb0, 0xb1, 0xb2]
+    );
     let bl = data(&run(&d, &[INQUIRY, 1, 0xb0, 0, 255, 0], None));
     assert_eq!(bl.len(), 64);
     assert_eq!(bl[3], 0x3c);
@@ -2100,4 +2103,40 @@ mod extended_copy {
         let s = data(&status(&a, 4));
         assert_eq!((s[4], s[7], be32(&s[8..12])), (1, 0, 4 << 20));
     }
+}
+
+/// The Extended INQUIRY Data VPD page (SPC-4 §7.8.7) of a file device with the given options.
+fn extended_inquiry_of(opts: &[(&str, &str)]) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ext.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut attrs = vec![("filename".to_string(), path.to_str().unwrap().to_string())];
+    attrs.extend(opts.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let d = Device::create("vdisk_fileio", "x0", &attrs).unwrap();
+    data(&run(&d, &[INQUIRY, 1, 0x86, 0, 255, 0], None))
+}
+
+#[test]
+fn extended_inquiry_page_reports_task_attributes_and_caches() {
+    // A RAM disk: no cache to speak of.
+    let p = data(&run(&dev(), &[INQUIRY, 1, 0x86, 0, 255, 0], None));
+    assert_eq!(p.len(), 64);
+    assert_eq!(&p[..4], &[0x00, 0x86, 0x00, 0x3c]);
+    assert_eq!(
+        p[4], 0,
+        "no protection information (SPT, GRD_CHK, APP_CHK, REF_CHK)"
+    );
+    assert_eq!(p[5], 0x07, "HEADSUP, ORDSUP, SIMPSUP");
+    assert_eq!(p[6], 0, "neither NV_SUP nor V_SUP");
+    assert_eq!(p[7], 0x01, "LUICLR");
+    assert!(p[8..].iter().all(|&b| b == 0), "{p:?}");
+    // A file with a volatile write cache, and one whose cache is declared non-volatile.
+    assert_eq!(extended_inquiry_of(&[])[6], 0x01, "V_SUP");
+    assert_eq!(extended_inquiry_of(&[("nv_cache", "1")])[6], 0x02, "NV_SUP");
+    // The allocation length truncates it like any page.
+    let t = run(&dev(), &[INQUIRY, 1, 0x86, 0, 6, 0], None);
+    assert_eq!(data(&t), vec![0x00, 0x86, 0x00, 0x3c, 0, 0x07]);
 }

@@ -8,6 +8,7 @@ use log::{debug, warn};
 
 use crate::env::DataBuf;
 use crate::iscsi::negotiate::SessionType;
+use crate::iscsi::ordering::TaskAttr;
 use crate::iscsi::pdu::{self, BHS_LEN};
 use crate::iscsi::seq;
 use crate::iscsi::task::{self, R2t, Task, TaskState};
@@ -22,6 +23,10 @@ use super::{
 /// How long a command may wait for a buffer from an exhausted pool before it is answered
 /// with TASK SET FULL (SAM-5 §5.3.1: the task set cannot take the command now).
 const BUF_WAIT_LIMIT: Duration = Duration::from_secs(5);
+
+/// INVALID MESSAGE ERROR (SPC-4 Table 48): what a command with the ACA task attribute gets
+/// when no ACA condition exists.
+const ASC_INVALID_MESSAGE_ERROR: (u8, u8) = (0x49, 0x00);
 
 impl Conn {
     /// Admits a SCSI Command header: CmdSN window, LUN, CDB plan, buffer. Returns the task slot
@@ -75,6 +80,8 @@ impl Conn {
             in_backend: false,
             buf_charge: 0,
             answer_aborted: false,
+            order: None,
+            checks_deferred: false,
         };
         if cmd.write && cmd.expected_data_transfer_length > 0 {
             // RFC 7143 §11.3.1: F=1 on the command means no unsolicited Data-Out follows it,
@@ -131,8 +138,29 @@ impl Conn {
             self.finish_task(slot, cx);
             return None;
         }
-        // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first.
-        if let Some(sess) = self.sess.as_mut() {
+        // The command enters its logical unit's task set (commands to no logical unit and
+        // REPORT LUNS, answered above by the target itself, do not).
+        let attr = TaskAttr::from_wire(cmd.attr);
+        if attr == TaskAttr::Aca {
+            // No ACA condition ever exists here (NACA=1 is refused), and SAM-5 ends a command
+            // with the ACA task attribute outside one with CHECK CONDITION, ILLEGAL REQUEST,
+            // INVALID MESSAGE ERROR.
+            self.fail_task(
+                slot,
+                scsi::sense::ILLEGAL_REQUEST,
+                ASC_INVALID_MESSAGE_ERROR.0,
+                ASC_INVALID_MESSAGE_ERROR.1,
+            );
+            return None;
+        }
+        let order = self.order.arrive(attr, slot);
+        let held = order.is_held();
+        let t = self.tasks.get_mut(slot)?;
+        t.order = Some(order);
+        t.checks_deferred = held;
+        // Transport-raised unit attentions (REPORTED LUNS DATA HAS CHANGED) come first; for a
+        // command held back by older ones, when it starts.
+        if let Some(sess) = self.sess.as_mut().filter(|_| !held) {
             if !sess.pending_ua.is_empty() && scsi::ua_applies(&t.scsi) {
                 let (asc, ascq) = sess.pending_ua.remove(0);
                 t.scsi
@@ -153,7 +181,14 @@ impl Conn {
             t.scsi.access_state = s.state();
         }
         t.scsi.data_out_len = Some(if t.write { t.edtl } else { 0 });
-        let plan = match scsi::plan(&entry.device, &mut t.scsi, &sess.pr_nexus) {
+        // A held command that its CDB or the device's state refuses is answered now: it never
+        // starts, so it touches nothing the commands ahead of it touch.
+        let planned = if held {
+            scsi::plan_held(&entry.device, &mut t.scsi)
+        } else {
+            scsi::plan(&entry.device, &mut t.scsi, &sess.pr_nexus)
+        };
+        let plan = match planned {
             // A reservation conflict: ended at once, as a refusal.
             Ok(_) if t.scsi.status != STATUS_GOOD => {
                 self.finish_task(slot, cx);
@@ -460,12 +495,32 @@ impl Conn {
     }
 
     fn execute(&mut self, slot: usize, cx: &mut ConnCtx<'_>) {
+        let Some(t) = self.tasks.get_mut(slot) else {
+            return;
+        };
+        t.waiting_since = None;
+        if t.order.is_some_and(|o| o.is_held()) {
+            // Older commands hold it back: it runs when the task set lets it start.
+            t.state = TaskState::Dormant;
+            return;
+        }
+        let deferred = std::mem::take(&mut t.checks_deferred);
+        if deferred && !t.data_digest_error {
+            if let Some(sess) = self.sess.as_mut() {
+                if !sess.pending_ua.is_empty() && scsi::ua_applies(&t.scsi) {
+                    let (asc, ascq) = sess.pending_ua.remove(0);
+                    t.scsi
+                        .set_check_condition(scsi::sense::UNIT_ATTENTION, asc, ascq);
+                    self.finish_task(slot, cx);
+                    return;
+                }
+            }
+        }
         // Borrowed, not cloned: no reference count per command.
         let target = self.sess.as_ref().and_then(|s| s.target.as_deref());
         let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
-        t.waiting_since = None;
         if t.data_digest_error {
             // PROTOCOL SERVICE CRC ERROR (SPC-4 Table 48 / RFC 7143 §11.4.7.2).
             t.scsi
@@ -481,8 +536,27 @@ impl Conn {
             self.finish_task(slot, cx);
             return;
         };
-        t.state = TaskState::Executing;
         let sess = self.sess.as_ref();
+        if deferred {
+            // Held back when it arrived: its unit attention and reservation checks run now
+            // that it starts (SAM-5 §5.14).
+            let checked = sess.map_or(Ok(true), |s| {
+                scsi::start_checks(&entry.device, &mut t.scsi, &s.pr_nexus)
+            });
+            match checked {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.finish_task(slot, cx);
+                    return;
+                }
+                Err(sense) => {
+                    t.scsi.fail(sense);
+                    self.finish_task(slot, cx);
+                    return;
+                }
+            }
+        }
+        t.state = TaskState::Executing;
         if let Some(pr) = sess.map(|s| &s.pr_nexus) {
             if let Some(aborts) = scsi::execute_reservation(&entry.device, &mut t.scsi, pr) {
                 let device = entry.device.clone();
@@ -601,9 +675,34 @@ impl Conn {
         self.respond(slot);
     }
 
-    /// Builds the Data-In PDUs and/or the SCSI Response of a finished task.
-    fn finish_task(&mut self, slot: usize, _cx: &mut ConnCtx<'_>) {
+    /// Builds the Data-In PDUs and/or the SCSI Response of a finished task, and starts the
+    /// commands its completion lets start.
+    fn finish_task(&mut self, slot: usize, cx: &mut ConnCtx<'_>) {
         self.respond_now(slot);
+        self.start_released(cx);
+    }
+
+    /// Starts the held-back commands that the task set now lets start, oldest first. Cheap
+    /// when nothing waits; not re-entered from the commands it starts (their completions only
+    /// update the task set, and this loop goes on).
+    pub(super) fn start_released(&mut self, cx: &mut ConnCtx<'_>) {
+        if self.releasing || !self.order.has_waiting() || self.phase != Phase::FullFeature {
+            return;
+        }
+        self.releasing = true;
+        while let Some(slot) = self.order.next_ready() {
+            let Some(t) = self.tasks.get_mut(slot) else {
+                continue;
+            };
+            if let Some(o) = t.order.as_mut() {
+                o.start();
+            }
+            // One still receiving its data (or waiting for a buffer) starts when that is in.
+            if t.state == TaskState::Dormant {
+                self.execute(slot, cx);
+            }
+        }
+        self.releasing = false;
     }
 
     /// Builds the response of a finished task (what [`Conn::finish_task`] does, for callers
@@ -624,6 +723,10 @@ impl Conn {
         let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
+        // Completed: the commands it held back may start (the caller starts them).
+        if let Some(o) = t.order.take() {
+            self.order.complete(o);
+        }
         // The task no longer counts as active once its status is decided.
         if let Some(info) = &sess.info {
             info.command_done();

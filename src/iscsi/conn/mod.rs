@@ -21,6 +21,7 @@ use crate::iscsi::config::{Snapshot, TargetConfig};
 use crate::iscsi::engine::Shared;
 use crate::iscsi::login::Login;
 use crate::iscsi::negotiate::SessionParams;
+use crate::iscsi::ordering::TaskSet;
 use crate::iscsi::pdu::{Pdu, BHS_LEN};
 use crate::iscsi::registry::SessionInfo;
 use crate::iscsi::rx::Staging;
@@ -213,6 +214,15 @@ pub struct Conn {
     /// The rest of a long text answer: our TTT, the ITT, and the bytes not yet sent.
     text_out: Option<(u32, u32, Vec<u8>)>,
     text_ttt: u32,
+    /// The order in which this I_T nexus's commands (one connection per session) may start,
+    /// from their task attributes. One for all the session's logical units: SAM-5 keeps a
+    /// task set per logical unit (TST=001b: per I_T nexus within it), so across LUNs this
+    /// orders more than it must (an ORDERED command also waits for older commands to other
+    /// LUNs), never less; it costs only sessions that send ORDERED or HEAD OF QUEUE commands
+    /// to several LUNs at once.
+    order: TaskSet<usize>,
+    /// [`Conn::start_released`] is running (it is not re-entered).
+    releasing: bool,
 }
 
 /// What a task management function ends beyond the requesting nexus.
@@ -298,6 +308,8 @@ impl Conn {
             text_in: None,
             text_out: None,
             text_ttt: 0,
+            order: TaskSet::default(),
+            releasing: false,
         }
     }
 
@@ -392,6 +404,10 @@ impl Conn {
     /// Frees a task slot, returning its buffer's charge to the session's share.
     fn remove_task(&mut self, slot: usize) {
         if let Some(t) = self.tasks.remove(slot) {
+            // Normally completed or aborted before: this keeps the task set right anyway.
+            if let Some(o) = t.order {
+                self.order.complete(o);
+            }
             self.buf_held = self.buf_held.saturating_sub(t.buf_charge);
         }
     }
@@ -598,6 +614,7 @@ impl Conn {
         for s in leftovers {
             self.remove_task(s);
         }
+        self.order = TaskSet::default();
         self.tmf_deferred.clear();
         if let Some(sess) = self.sess.take() {
             if let Some(info) = &sess.info {

@@ -13,6 +13,12 @@ use super::{update_max_cmd_sn, AbortScope, Conn, ConnCtx, Phase};
 
 impl Conn {
     pub(super) fn handle_tmf(&mut self, t: &pdu::TaskMgmtRequest, cx: &mut ConnCtx<'_>) {
+        self.task_management(t, cx);
+        // Aborted commands count as completed: those they held back may start.
+        self.start_released(cx);
+    }
+
+    fn task_management(&mut self, t: &pdu::TaskMgmtRequest, cx: &mut ConnCtx<'_>) {
         if !t.immediate && !self.check_cmd_sn(false, t.cmd_sn) {
             return;
         }
@@ -188,7 +194,7 @@ impl Conn {
 
     /// Every reactor has applied this connection's task management function (`tmf_out`):
     /// answer it.
-    pub fn tmf_done(&mut self, itt: u32) {
+    pub fn tmf_done(&mut self, itt: u32, cx: &mut ConnCtx<'_>) {
         if let Some(i) = self.pr_waits.iter().position(|&(x, _)| x == itt) {
             // A PERSISTENT RESERVE OUT whose PREEMPT AND ABORT has aborted every task it
             // reaches: its status goes now (unless it was itself aborted meanwhile).
@@ -199,6 +205,7 @@ impl Conn {
                 .is_some_and(|t| t.itt == itt && t.state == TaskState::Executing);
             if live {
                 self.respond_now(slot);
+                self.start_released(cx);
             }
             return;
         }
@@ -261,6 +268,7 @@ impl Conn {
                 self.queue_task_aborted(itt);
             }
         }
+        self.start_released(cx);
     }
 
     /// A SCSI Response with status TASK ABORTED for a task another nexus's TMF ended.
@@ -292,6 +300,10 @@ impl Conn {
         if t.state == TaskState::Responding {
             // Its answer is already queued: let it go out.
             return;
+        }
+        // Aborted counts as completed for the commands it held back.
+        if let Some(o) = t.order.take() {
+            self.order.complete(o);
         }
         let in_backend = t.in_backend;
         if in_backend {

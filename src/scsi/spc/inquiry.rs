@@ -66,7 +66,7 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
         }
         match page {
             0x00 => {
-                d.extend_from_slice(&[0x00, 0x80, 0x83]);
+                d.extend_from_slice(&[0x00, 0x80, 0x83, 0x86]);
                 if !cd {
                     d.push(xcopy::VPD_THIRD_PARTY_COPY);
                     d.extend_from_slice(&[0xb0, 0xb1]);
@@ -101,6 +101,7 @@ pub(super) fn emulate(dev: &Device, task: &mut ScsiTask) {
                     name_string(&mut d, 0xa8, name);
                 }
             }
+            0x86 => d.extend_from_slice(&extended_inquiry(dev)),
             0xb0 => {
                 // Block Limits (SBC-3 §6.5.3).
                 let mut p = [0u8; 0x3c];
@@ -173,6 +174,24 @@ pub(in crate::scsi) fn lu_designators(id: &Ident) -> [(u8, u8, Vec<u8>); 2] {
     // At most 255 bytes: the DESIGNATOR LENGTH is one byte.
     t10.truncate(255);
     [(0x02, 0x01, t10), (0x01, 0x03, id.naa_id.clone())]
+}
+
+/// The Extended INQUIRY Data VPD page after its header (SPC-4 §7.8.7).
+fn extended_inquiry(dev: &Device) -> [u8; 0x3c] {
+    let mut p = [0u8; 0x3c];
+    // Byte 4 (here 0): no protection information, so SPT, GRD_CHK, APP_CHK, REF_CHK are 0;
+    // no microcode to activate.
+    // Byte 5: HEADSUP, ORDSUP, SIMPSUP: the HEAD OF QUEUE, ORDERED and SIMPLE task attributes
+    // are served (the connection's task set orders commands by them); no priority, no
+    // grouping, no UASK_SUP.
+    p[1] = 0x07;
+    // Byte 6: NV_SUP where the device's cache is declared non-volatile (nv_cache), V_SUP
+    // where it has a volatile write cache that WCE turns on and off.
+    p[2] = u8::from(dev.has_nv_cache()) << 1 | u8::from(dev.has_volatile_cache());
+    // Byte 7: LUICLR: REPORTED LUNS DATA HAS CHANGED is held once per I_T nexus and cleared
+    // for every logical unit once one of them has reported it.
+    p[3] = 0x01;
+    p
 }
 
 fn pad(s: &str, n: usize) -> Vec<u8> {
