@@ -318,7 +318,8 @@ done
     echo "only printed [SKIPPED] counts as skipped, one that CUnit passed while logging a failed check"
     echo "counts as warned). A test whose logged failures are exactly the outcome it requires counts"
     echo "as passed (\`passed*\` in the table; the backend's note says why), and every skip says why"
-    echo "the test does not apply, or is listed with the suite's own message."
+    echo "the test does not apply (a skip without a reason fails the run). After each run a new"
+    echo "initiator (qemu-io) writes and reads back a pattern: the suite left the LUN serving I/O."
     echo
     echo "Suites that must have no failed or warned test: every suite on the RAM, thin fileio and"
     echo "blockio LUNs; Inquiry, Read10, Write10, TestUnitReady, ReportLuns and every iSCSI suite"
