@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 
 use super::channel::NvmeChannel;
 use super::controller::{Clock, Config, Controller, ControllerError, IoQueue, Stats, SystemClock};
@@ -182,8 +182,9 @@ impl<R: Regs, A: DmaAlloc> Drop for NvmeDev<R, A> {
         let queues = std::mem::take(&mut st.idle);
         if let Some(ctrl) = st.ctrl.take() {
             let mut out = Vec::new();
-            if let Err(e) = ctrl.shutdown(queues, &SystemClock, &mut out) {
-                warn!("nvme: controller shutdown: {e}");
+            match ctrl.shutdown(queues, &SystemClock, &mut out) {
+                Ok(()) => info!("nvme: namespace {}: controller shut down", self.nsid),
+                Err(e) => warn!("nvme: controller shutdown: {e}"),
             }
         }
     }
