@@ -146,9 +146,11 @@ ifaces_of() {
         case $p in */"$1"/*) echo "${n##*/}" ;; esac
     done
 }
-# An NVMe controller's namespaces: with native multipath (the Debian kernel's default) the block
-# device a file system is mounted from, nvmeSnN, hangs off the subsystem, not the PCI device,
-# which has only the hidden path nvmeScCnN: the head and its partitions count as the device's.
+# An NVMe controller's namespaces: where the kernel's native multipath makes a shared namespace
+# (a controller that reports multi-path I/O capability) one head device, the nvmeSnN a file
+# system is mounted from hangs off the subsystem, not the PCI device, which has only the hidden
+# path nvmeScCnN: the head and its partitions count as the device's. (A single-path namespace,
+# as QEMU's emulated controller has, is nvmeSnN under the PCI device itself.)
 blocks_of() {
     local b p
     for b in /sys/class/block/*; do

@@ -247,6 +247,21 @@ if [ "$MODE" = kernel ] || [ "$MODE" = initiator ] || [ "$MODE" = nvme ]; then
         fail "setup.sh config on the addressed $NIC_ADDR: rc $rc, driver $(drv_of "$NIC_ADDR")"
     fi
     if [ "$MODE" = nvme ]; then
+        # A namespace in use keeps the controller on nvme: here one held open by a process.
+        bash -c 'exec 3</dev/nvme0n1 && exec sleep 600' &
+        holder=$!
+        sleep 0.2
+        out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NVME_ADDR "$SETUP" config 2>&1)
+        rc=$?
+        echo "$out"
+        if [ $rc -ne 0 ] && echo "$out" | grep -q "/dev/nvme0n1 is open in $holder (sleep)" &&
+            [ "$(drv_of "$NVME_ADDR")" = nvme ] && [ -b /dev/nvme0n1 ]; then
+            pass "setup.sh config refuses $NVME_ADDR while /dev/nvme0n1 is open, and leaves it on nvme"
+        else
+            fail "setup.sh config on $NVME_ADDR with /dev/nvme0n1 open: rc $rc, driver $(drv_of "$NVME_ADDR")"
+        fi
+        kill "$holder"
+        wait "$holder" 2>/dev/null
         out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NVME_ADDR "$SETUP" config 2>&1)
         rc=$?
         echo "$out"
