@@ -11,10 +11,15 @@
 #                               devices in PCI_ALLOWED (space-separated, e.g. "0000:00:03.0") to
 #                               vfio-pci for a DPDK poll-mode driver, remembering their drivers.
 #                               Refuses a network device that carries an address or a route, an
-#                               NVMe device with a mounted file system, and any device without an
-#                               IOMMU group (saying why and what to do); changes nothing then.
+#                               NVMe controller with a namespace mounted, used as swap, held by
+#                               another block device (RAID, LVM) or open in a process (its block,
+#                               controller or generic character devices), and any device without
+#                               an IOMMU group (saying why and what to do); changes nothing then.
+#                               An NVMe controller on vfio-pci is for the target's vdisk_nvme
+#                               handler (add_device NAME pci=ADDR; nsid=1).
 #   scripts/setup.sh reset      gives the devices in PCI_ALLOWED (all that config bound when it
-#                               is empty) back to their kernel drivers, and releases the hugepages
+#                               is empty) back to their kernel drivers (an NVMe controller to
+#                               nvme, which finds its namespaces again), and releases the hugepages
 #                               config reserved if nobody changed the count since.
 #   scripts/setup.sh status     network (class 0x02xx) and NVMe (0x0108) PCI devices: drivers,
 #                               IOMMU groups, interfaces, whether in use; hugepages and mounts.
@@ -141,18 +146,52 @@ ifaces_of() {
         case $p in */"$1"/*) echo "${n##*/}" ;; esac
     done
 }
+# An NVMe controller's namespaces: where the kernel's native multipath makes a shared namespace
+# (a controller that reports multi-path I/O capability) one head device, the nvmeSnN a file
+# system is mounted from hangs off the subsystem, not the PCI device, which has only the hidden
+# path nvmeScCnN: the head and its partitions count as the device's. (A single-path namespace,
+# as QEMU's emulated controller has, is nvmeSnN under the PCI device itself.)
 blocks_of() {
     local b p
     for b in /sys/class/block/*; do
         [ -e "$b" ] || continue
         p=$(readlink -f "$b")
-        case $p in */"$1"/*) echo "${b##*/}" ;; esac
+        case $p in */"$1"/*) ;; *) continue ;; esac
+        b=${b##*/}
+        echo "$b"
+        if [[ $b =~ ^nvme([0-9]+)c[0-9]+n([0-9]+)$ ]]; then
+            local head=nvme${BASH_REMATCH[1]}n${BASH_REMATCH[2]} h
+            for h in "/sys/class/block/$head" "/sys/class/block/$head"p*; do
+                [ -e "$h" ] && echo "${h##*/}"
+            done
+        fi
+    done | sort -u
+}
+# Character devices below a PCI device: NVMe controllers (/dev/nvmeN) and generic namespace
+# devices (/dev/ngNnM), which a program (nvme-cli, io_uring passthrough) may hold open.
+chars_of() {
+    local c p
+    for c in /sys/class/nvme/* /sys/class/nvme-generic/*; do
+        [ -e "$c" ] || continue
+        p=$(readlink -f "$c")
+        case $p in */"$1"/*) echo "${c##*/}" ;; esac
     done
+}
+# Processes holding /dev/NAME open, as "pid (comm)".
+holders_of() {
+    local f l pid
+    for f in /proc/[0-9]*/fd/*; do
+        l=$(readlink "$f" 2>/dev/null) || continue
+        [ "$l" = "/dev/$1" ] || continue
+        pid=${f#/proc/}
+        pid=${pid%%/*}
+        echo "$pid ($(cat "/proc/$pid/comm" 2>/dev/null))"
+    done | sort -u | tr '\n' ' '
 }
 
 # in_use ADDR: prints why the device is busy, one reason a line; nothing when it is free.
 in_use() {
-    local addr=$1 i a r b
+    local addr=$1 i a r b c p
     for i in $(ifaces_of "$addr"); do
         # Addresses, less IPv6 link-local ones (every interface that is up has one).
         a=$(ip -o addr show dev "$i" 2>/dev/null |
@@ -171,6 +210,12 @@ in_use() {
         if [ -d "/sys/class/block/$b/holders" ] && [ -n "$(ls -A "/sys/class/block/$b/holders")" ]; then
             echo "/dev/$b is held by $(ls "/sys/class/block/$b/holders" | tr '\n' ' ')"
         fi
+        p=$(holders_of "$b")
+        [ -z "$p" ] || echo "/dev/$b is open in ${p% }"
+    done
+    for c in $(chars_of "$addr"); do
+        p=$(holders_of "$c")
+        [ -z "$p" ] || echo "/dev/$c is open in ${p% }"
     done
     return 0
 }

@@ -5,7 +5,10 @@
 # driver, setup.sh status, setup.sh config (the NIC to vfio-pci; in MODE=kernel it must refuse
 # the NIC, which carries an address), then run on the NIC (dpdk-testpmd, or the target on
 # DPDK or on the kernel's TCP) until the host writes a line to the second serial port, stop,
-# setup.sh reset (the NIC back to its kernel driver), "VMTEST END". Not meant to run on a host.
+# setup.sh reset (the NIC back to its kernel driver), "VMTEST END". In MODE=nvme the NVMe
+# controller goes to vfio-pci instead, the target serves it as a vdisk_nvme LUN, and after the
+# host is done del_device gives it back and the kernel's nvme driver takes it again. Not meant
+# to run on a host.
 set -uo pipefail
 
 # shellcheck source=/dev/null
@@ -38,6 +41,31 @@ wait_host() {
 }
 finish() {
     echo "VMTEST END pass=$npass fail=$nfail"
+}
+# The kernel's first namespace of the NVMe controller (nvme0n1; the controller is the only one).
+nvme_ns_up() {
+    local i
+    for i in $(seq 1 "${1:-100}"); do
+        [ -b /dev/nvme0n1 ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+# Whether process $1 holds a /dev/vfio file or a vfio device descriptor open.
+holds_vfio() {
+    local f
+    for f in /proc/"$1"/fd/*; do
+        case $(readlink "$f" 2>/dev/null) in /dev/vfio/* | *vfio-device*) return 0 ;; esac
+    done
+    return 1
+}
+configure_nvme() {
+    local sock=$1 iqn=$2
+    rpc "$sock" mgmt handlers/vdisk_nvme/mgmt "add_device nvme0 pci=$NVME_ADDR; nsid=1" &&
+        rpc "$sock" mgmt targets/iscsi/mgmt "add_target $iqn" &&
+        rpc "$sock" mgmt "targets/iscsi/$iqn/luns/mgmt" "add nvme0 0" &&
+        rpc "$sock" set "targets/iscsi/$iqn/enabled" 1 &&
+        rpc "$sock" set targets/iscsi/enabled 1
 }
 
 # --- the guest kernel's initiator: persistent reservations with sg_persist ----------------------
@@ -185,6 +213,14 @@ else
     fail "NIC $NIC_ADDR is on $(drv_of "$NIC_ADDR") with interface '${IFACE}', not on $NIC_KDRV"
 fi
 
+if [ "$MODE" = nvme ]; then
+    if nvme_ns_up 100; then
+        pass "NVMe controller $NVME_ADDR on the kernel's $(drv_of "$NVME_ADDR") driver, /dev/nvme0n1 there"
+    else
+        fail "NVMe controller $NVME_ADDR on $(drv_of "$NVME_ADDR"), no /dev/nvme0n1"
+    fi
+fi
+
 # --- setup.sh status and config ----------------------------------------------------------------
 hp_before=$(cat /proc/sys/vm/nr_hugepages)
 out=$("$SETUP" status 2>&1)
@@ -196,7 +232,7 @@ else
     fail "setup.sh status (rc $rc) does not list $NIC_ADDR on $NIC_KDRV with an IOMMU group"
 fi
 
-if [ "$MODE" = kernel ] || [ "$MODE" = initiator ]; then
+if [ "$MODE" = kernel ] || [ "$MODE" = initiator ] || [ "$MODE" = nvme ]; then
     ip link set lo up
     ip link set "$IFACE" up
     ip addr add "$GUEST_IP/24" dev "$IFACE"
@@ -210,13 +246,40 @@ if [ "$MODE" = kernel ] || [ "$MODE" = initiator ]; then
     else
         fail "setup.sh config on the addressed $NIC_ADDR: rc $rc, driver $(drv_of "$NIC_ADDR")"
     fi
-    out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED='' "$SETUP" config 2>&1)
-    rc=$?
-    echo "$out"
-    if [ $rc -eq 0 ]; then
-        pass "setup.sh config with PCI_ALLOWED empty: hugepages only ($(cat /proc/sys/vm/nr_hugepages) reserved)"
+    if [ "$MODE" = nvme ]; then
+        # A namespace in use keeps the controller on nvme: here one held open by a process.
+        bash -c 'exec 3</dev/nvme0n1 && exec sleep 600' &
+        holder=$!
+        sleep 0.2
+        out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NVME_ADDR "$SETUP" config 2>&1)
+        rc=$?
+        echo "$out"
+        if [ $rc -ne 0 ] && echo "$out" | grep -q "/dev/nvme0n1 is open in $holder (sleep)" &&
+            [ "$(drv_of "$NVME_ADDR")" = nvme ] && [ -b /dev/nvme0n1 ]; then
+            pass "setup.sh config refuses $NVME_ADDR while /dev/nvme0n1 is open, and leaves it on nvme"
+        else
+            fail "setup.sh config on $NVME_ADDR with /dev/nvme0n1 open: rc $rc, driver $(drv_of "$NVME_ADDR")"
+        fi
+        kill "$holder"
+        wait "$holder" 2>/dev/null
+        out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NVME_ADDR "$SETUP" config 2>&1)
+        rc=$?
+        echo "$out"
+        grp=$(basename "$(readlink "/sys/bus/pci/devices/$NVME_ADDR/iommu_group")")
+        if [ $rc -eq 0 ] && [ "$(drv_of "$NVME_ADDR")" = vfio-pci ] && [ -c "/dev/vfio/$grp" ] && [ ! -e /dev/nvme0n1 ]; then
+            pass "setup.sh config: NVMe $NVME_ADDR on vfio-pci, /dev/vfio/$grp there, /dev/nvme0n1 gone, $(cat /proc/sys/vm/nr_hugepages) hugepages"
+        else
+            fail "setup.sh config (rc $rc): $NVME_ADDR on $(drv_of "$NVME_ADDR"), /dev/vfio: $(ls /dev/vfio 2>&1 | tr '\n' ' ')"
+        fi
     else
-        fail "setup.sh config with PCI_ALLOWED empty (rc $rc)"
+        out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED='' "$SETUP" config 2>&1)
+        rc=$?
+        echo "$out"
+        if [ $rc -eq 0 ]; then
+            pass "setup.sh config with PCI_ALLOWED empty: hugepages only ($(cat /proc/sys/vm/nr_hugepages) reserved)"
+        else
+            fail "setup.sh config with PCI_ALLOWED empty (rc $rc)"
+        fi
     fi
 else
     out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NIC_ADDR "$SETUP" config 2>&1)
@@ -279,7 +342,7 @@ testpmd)
         fail "dpdk-testpmd counted RX ${rx:-?} and TX ${tx:-?} frames: no traffic both ways"
     fi
     ;;
-target | kernel | initiator)
+target | kernel | initiator | nvme)
     if [ ! -x "$BIN" ]; then
         fail "no target binary in the guest ($BIN)"
         echo "VMTEST READY failed"
@@ -295,11 +358,54 @@ target | kernel | initiator)
         "$BIN" --rpc-socket "$SOCK" "${args[@]}" >/tmp/target.log 2>&1 &
         TARGET_PID=$!
         # wait_rpc shows the target's log if it exits during start.
-        if (wait_rpc "$SOCK" /tmp/target.log && configure_default "$SOCK" "$IQN" "$RAM_MB"); then
-            pass "the target runs ($MODE: ${args[*]}) with $IQN: a ${RAM_MB} MiB RAM LUN 0 and a null LUN 1"
+        if [ "$MODE" = nvme ]; then
+            configure() { configure_nvme "$SOCK" "$IQN"; }
+            what="a vdisk_nvme LUN 0 on $NVME_ADDR"
+        else
+            configure() { configure_default "$SOCK" "$IQN" "$RAM_MB"; }
+            what="a ${RAM_MB} MiB RAM LUN 0 and a null LUN 1"
+        fi
+        if (wait_rpc "$SOCK" /tmp/target.log && configure); then
+            pass "the target runs ($MODE: ${args[*]}) with $IQN: $what"
+            if [ "$MODE" = nvme ]; then
+                for a in model serial firmware queue_pairs blocksize size_mb thin_provisioned t10_dev_id naa_id eui64_id; do
+                    echo "VMTEST devices/nvme0/$a: $($RPC -s "$SOCK" get "devices/nvme0/$a" 2>&1)"
+                done
+            fi
             echo "VMTEST READY ok"
             wait_host
             [ "$MODE" = initiator ] && kernel_initiator_pr
+            if [ "$MODE" = nvme ]; then
+                for a in outstanding timeouts resets; do
+                    echo "VMTEST devices/nvme0/$a: $($RPC -s "$SOCK" get "devices/nvme0/$a" 2>&1)"
+                done
+                if (rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "del 0" &&
+                    rpc "$SOCK" mgmt handlers/vdisk_nvme/mgmt "del_device nvme0"); then
+                    closed=0
+                    for _ in $(seq 1 100); do
+                        holds_vfio "$TARGET_PID" || { closed=1; break; }
+                        sleep 0.1
+                    done
+                    if [ $closed = 1 ]; then
+                        pass "del_device nvme0: the target closed its vfio descriptors"
+                    else
+                        fail "del_device nvme0: the target still holds $(for f in /proc/"$TARGET_PID"/fd/*; do readlink "$f"; done | grep vfio | tr '\n' ' ')"
+                    fi
+                    # reset only once the descriptors are closed: unbinding vfio-pci waits for them.
+                    if [ $closed = 1 ]; then
+                        out=$("$SETUP" reset 2>&1)
+                        rc=$?
+                        echo "$out"
+                        if [ $rc -eq 0 ] && nvme_ns_up 100 && [ "$(drv_of "$NVME_ADDR")" = nvme ]; then
+                            pass "setup.sh reset: $NVME_ADDR back on nvme, /dev/nvme0n1 there again ($(cat /sys/block/nvme0n1/size) sectors)"
+                        else
+                            fail "setup.sh reset (rc $rc): $NVME_ADDR on $(drv_of "$NVME_ADDR"), /dev/nvme0n1 $( [ -b /dev/nvme0n1 ] && echo there || echo missing)"
+                        fi
+                    fi
+                else
+                    fail "LUN 0 or del_device nvme0 refused"
+                fi
+            fi
             if kill -0 "$TARGET_PID" 2>/dev/null; then
                 if (stop_target); then
                     pass "the target exits on SIGTERM"
@@ -325,7 +431,7 @@ esac
 out=$("$SETUP" reset 2>&1)
 rc=$?
 echo "$out"
-if [ "$MODE" = kernel ] || [ "$MODE" = initiator ]; then
+if [ "$MODE" = kernel ] || [ "$MODE" = initiator ] || [ "$MODE" = nvme ]; then
     if [ $rc -eq 0 ] && [ "$(drv_of "$NIC_ADDR")" = "$NIC_KDRV" ] && [ "$(cat /proc/sys/vm/nr_hugepages)" = "$hp_before" ]; then
         pass "setup.sh reset: hugepages given back ($hp_before left), $NIC_ADDR untouched on $NIC_KDRV"
     else

@@ -28,6 +28,14 @@
 #                 a Write Exclusive - Registrants Only reservation, and a fence_scsi-style
 #                 PREEMPT AND ABORT that fences the second node (its writes then fail, its
 #                 reads do not), then CLEAR.
+#   MODE=nvme     MODE=kernel with the LUN on the userspace NVMe driver: the guest binds the
+#                 emulated NVMe controller at 0000:00:04.0 (a file-backed namespace of
+#                 ROUNDTRIP_MB + 16 MiB, discards punched through to the file) to vfio-pci with
+#                 setup.sh config, and LUN 0 is a vdisk_nvme device on it; from the host:
+#                 iscsi-inq, a qemu-img round trip of ROUNDTRIP_MB (64 here) MiB compared with
+#                 cmp, and UNMAP (qemu-io's discard) of 1 MiB of what was written, read back as
+#                 zeros; then in the guest del_device, the vfio descriptors closed, setup.sh
+#                 reset and the kernel's nvme driver back on the controller with /dev/nvme0n1.
 # Each step prints PASS or FAIL, then "N passed, M failed"; the exit status is 1 if a step
 # failed, 77 (SKIP, with the reason) when it cannot run here: not root, or no QEMU and no way to
 # install it, or no guest kernel cached and no way to download it. Downloads (Debian's kernel
@@ -47,7 +55,8 @@ CACHE=${VM_CACHE:-/var/tmp/iscsi-tgt-vm}
 VM_MEM=${VM_MEM:-2G}
 VM_CPUS=${VM_CPUS:-2}
 VM_HUGEMEM=${VM_HUGEMEM:-512}
-ROUNDTRIP_MB=${ROUNDTRIP_MB:-16}
+if [ "${MODE:-}" = nvme ]; then ROUNDTRIP_MB=${ROUNDTRIP_MB:-64}; else ROUNDTRIP_MB=${ROUNDTRIP_MB:-16}; fi
+NVME_ADDR=0000:00:04.0
 # How long the guest may take to boot and come up on the NIC, and to finish after the host.
 UP_TIMEOUT=${VM_UP_TIMEOUT:-300}
 NIC_ADDR=0000:00:03.0
@@ -63,7 +72,7 @@ MODULES="virtio_pci virtio_net e1000 nvme vfio vfio_iommu_type1 vfio-pci"
 SKIP=77
 START=$(date +%s)
 
-case $MODE in testpmd | target | kernel | initiator) ;; *) die "MODE is testpmd, target, kernel or initiator, not '$MODE'" ;; esac
+case $MODE in testpmd | target | kernel | initiator | nvme) ;; *) die "MODE is testpmd, target, kernel, initiator or nvme, not '$MODE'" ;; esac
 case $NIC in
     virtio) NIC_DEV="virtio-net-pci,disable-legacy=on,iommu_platform=on" NIC_KDRV=virtio-pci NIC_PMD=net_virtio ;;
     e1000) NIC_DEV=e1000 NIC_KDRV=e1000 NIC_PMD=net_e1000_em ;;
@@ -289,6 +298,7 @@ fi
 cat >"$R/etc/vm-test.conf" <<EOF
 MODE=$MODE
 NIC_ADDR=$NIC_ADDR
+NVME_ADDR=$NVME_ADDR
 NIC_KDRV=$NIC_KDRV
 NIC_PMD=$NIC_PMD
 GUEST_IP=$GUEST_IP
@@ -316,9 +326,21 @@ ok "guest initramfs: $(du -sh "$WORK/initrd.cpio" | cut -f1), $tgt_note"
 # --- boot ---------------------------------------------------------------------------------------
 /usr/bin/python3.11 -c "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $PORT))" 2>/dev/null ||
     die "host port $PORT is taken: choose another with PORT="
+# The NVMe controller's namespace: for MODE=nvme a sparse file that keeps what is written (and
+# whose holes read as zeros, so that a discard is seen), else a null device.
+if [ "$MODE" = nvme ]; then
+    truncate -s $(((ROUNDTRIP_MB + 16) * 1024 * 1024)) "$WORK/nvme.img"
+    NVME_DRIVE=(-blockdev "driver=file,filename=$WORK/nvme.img,node-name=nv0,discard=unmap")
+else
+    NVME_DRIVE=(-blockdev "driver=null-co,node-name=nv0,size=67108864")
+fi
+# The userspace NVMe driver maps memory at I/O virtual address = process address, which takes
+# 47 bits: the emulated IOMMU's default 39-bit address width would refuse it.
+IOMMU_OPTS=
+[ "$MODE" = nvme ] && IOMMU_OPTS=,aw-bits=48
 # The IOMMU comes first: the devices behind it must see it when they are created.
 qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp "$VM_CPUS" -m "$VM_MEM" \
-    -device intel-iommu,intremap=on \
+    -device "intel-iommu,intremap=on$IOMMU_OPTS" \
     -nodefaults -display none -no-reboot \
     -kernel "$VMLINUZ" -initrd "$WORK/initrd.cpio" \
     -append "console=ttyS0 intel_iommu=on iommu=pt quiet loglevel=4 panic=-1" \
@@ -326,7 +348,7 @@ qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp "$VM_CPUS" -m "$VM_MEM"
     -chardev "socket,id=ctl,path=$WORK/ctl.sock,server=on,wait=off" -serial chardev:ctl \
     -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$PORT-$GUEST_IP:3260" \
     -device "$NIC_DEV,netdev=n0,bus=pcie.0,addr=03.0,romfile=" \
-    -blockdev driver=null-co,node-name=nv0,size=67108864 \
+    "${NVME_DRIVE[@]}" \
     -device nvme,drive=nv0,serial=vmtest,bus=pcie.0,addr=04.0 \
     >"$WORK/qemu.log" 2>&1 &
 QEMU_PID=$!
@@ -398,7 +420,7 @@ else
             bad "could not connect to the forwarded port 127.0.0.1:$PORT"
         fi
         ;;
-    target | kernel | initiator)
+    target | kernel | initiator | nvme)
         # iscsi-ls without -s: with -s it would log in to the portal the target advertises, the
         # guest's address, which only the forwarded port reaches.
         out=$(timeout 60 iscsi-ls "$URL" 2>&1)
@@ -420,6 +442,17 @@ else
             ok "$ROUNDTRIP_MB MiB written and read back identical with qemu-img ($(($(date +%s) - t)) s)"
         else
             bad "qemu-img round trip of $ROUNDTRIP_MB MiB: $(tail -3 "$WORK/qi.log")"
+        fi
+        if [ "$MODE" = nvme ]; then
+            # 1 MiB at 1 MiB held random data from the round trip: after UNMAP (qemu's iscsi
+            # driver sends it for a discard where the LUN says it may) it must read as zeros.
+            if out=$(timeout 300 qemu-io -f raw -c "discard 1M 1M" -c "read -P 0 1M 1M" "$URL/$IQN/0" 2>&1) &&
+                ! grep -qi "pattern verification failed\|error\|fail" <<<"$out"; then
+                ok "UNMAP of 1 MiB (qemu-io discard) reads back as zeros from the NVMe namespace"
+            else
+                bad "UNMAP then read of zeros: $out"
+            fi
+            echo "$out"
         fi
         ;;
     esac

@@ -6,6 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::bdev::nvme::dev::NvmeDev;
+use crate::bdev::nvme::pci::parse_bdf;
+use crate::bdev::nvme::spec::{IdentifyController, IdentifyNamespace};
+use crate::bdev::nvme::vfio::{Bar0, VfioAlloc};
 use crate::bdev::{
     BlockDev, Fault, FileDev, FileOptions, Kind, NullDev, RamDev, MAX_FAULT_DELAY_US,
 };
@@ -33,7 +37,15 @@ pub const HANDLERS: &[&str] = &[
     "vdisk_nullio",
     "vcdrom",
     "vdisk_ramio",
+    "vdisk_nvme",
 ];
+
+/// A namespace of a controller driven by the userspace NVMe driver through vfio-pci.
+type VfioNvme = NvmeDev<Arc<Bar0>, VfioAlloc>;
+
+/// The most I/O queue pairs asked of a controller: one per reactor, and reactors are at
+/// most one per core.
+const MAX_NVME_QUEUES: usize = 64;
 
 /// SCST's nullio default size: 5 TiB / 2.
 const NULLIO_DEFAULT_SIZE: u64 = (5u64 << 40) / 2;
@@ -90,6 +102,11 @@ pub struct Device {
     pub(crate) bdev: Arc<dyn BlockDev>,
     /// The same backend when it is a file, block device or CD (its own attributes).
     file: Option<Arc<FileDev>>,
+    /// The same backend when it is an NVMe namespace (`vdisk_nvme`), with its PCI address.
+    nvme: Option<(Arc<VfioNvme>, String)>,
+    /// `nv_cache`: the backend's volatile cache is treated as non-volatile (NVMe: WCE off
+    /// and no FLUSH needed, as the file handlers' `nv_cache`).
+    nv_cache: bool,
     block_size: u32,
     read_only: bool,
     removable: bool,
@@ -214,6 +231,99 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
+/// `vdisk_nvme`'s `pci` (required, `DDDD:BB:DD.F` or `BB:DD.F`) and `nsid` (1 unless
+/// given) from `add_device` parameters: the PCI address in its long form and the namespace.
+pub fn parse_nvme_params(params: &[(String, String)]) -> Result<(String, u32), DeviceError> {
+    let get = |k: &str| params.iter().rev().find(|(p, _)| p == k).map(|(_, v)| v);
+    let pci = get("pci").ok_or_else(|| {
+        invalid("vdisk_nvme needs pci=DDDD:BB:DD.F, the controller's PCI address")
+    })?;
+    let bdf = parse_bdf(pci).ok_or_else(|| {
+        invalid(format!(
+            "pci must be a PCI address DDDD:BB:DD.F (as 0000:00:04.0), not {}",
+            quote(pci)
+        ))
+    })?;
+    let nsid = match get("nsid") {
+        None => 1,
+        Some(v) => v
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=0xffff_fffe).contains(n))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "nsid must be a namespace ID from 1 to 4294967294, not {}",
+                    quote(v)
+                ))
+            })?,
+    };
+    Ok((bdf, nsid))
+}
+
+/// Printable ASCII without `;`, at most `max` characters, the blanks around it dropped.
+fn ident_text(s: &str, max: usize) -> String {
+    s.trim()
+        .chars()
+        .filter(|c| (' '..='~').contains(c) && *c != ';')
+        .take(max)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// The default identity of a `vdisk_nvme` device: vendor `NVMe`, product from the model,
+/// revision from the firmware, `t10_dev_id` and `usn` from the controller's serial number
+/// and the namespace, the EUI-64 designator from the namespace's EUI64 (or NGUID) where it
+/// has one, and a locally assigned NAA designator hashed from the namespace's globally
+/// unique identifier where it has one, else from the controller and namespace ID.
+fn nvme_ident(
+    name: &str,
+    t10_dev_id: Option<&str>,
+    ctrl: &IdentifyController,
+    ns: &IdentifyNamespace,
+    nsid: u32,
+) -> Ident {
+    let serial = ident_text(&ctrl.serial, MAX_T10_DEV_ID);
+    let serial = if serial.is_empty() {
+        format!("{:x}", name_hash(name) & 0xffff_ffff)
+    } else {
+        serial
+    };
+    let eui64_id = if ns.eui64 != [0; 8] {
+        ns.eui64.to_vec()
+    } else if ns.nguid != [0; 16] {
+        ns.nguid.to_vec()
+    } else {
+        Vec::new()
+    };
+    let key = if eui64_id.is_empty() {
+        format!("nvme:{}:{}:{nsid}", ctrl.model.trim(), ctrl.serial.trim())
+    } else {
+        format!("nvme:{}", hex(&eui64_id))
+    };
+    let h = name_hash(&key);
+    let prod_id = ident_text(&ctrl.model, 16);
+    let rev = ident_text(&ctrl.firmware, 4);
+    Ident {
+        t10_vend_id: "NVMe".into(),
+        prod_id: if prod_id.is_empty() {
+            name.chars().take(16).collect()
+        } else {
+            prod_id
+        },
+        prod_rev_lvl: if rev.is_empty() { "0100".into() } else { rev },
+        t10_dev_id: t10_dev_id.map_or_else(
+            || ident_text(&format!("{serial}-{nsid}"), MAX_T10_DEV_ID),
+            str::to_string,
+        ),
+        usn: ident_text(&format!("{serial}-{nsid}"), MAX_T10_DEV_ID),
+        naa_id: ((3u64 << 60) | (h >> 4)).to_be_bytes().to_vec(),
+        eui64_id,
+        opt_trans_len: 524_288,
+    }
+}
+
 impl Device {
     /// Creates a device of `handler` from `add_device` parameters.
     pub fn create(
@@ -244,6 +354,7 @@ impl Device {
         let mut rotational = true;
         let mut thin = false;
         let mut t10_dev_id = None;
+        let mut thin_given = false;
         let mut filename: Option<String> = None;
         let mut active = true;
         let mut o_direct = false;
@@ -278,7 +389,10 @@ impl Device {
                 "read_only" => read_only = parse_bool(k, v)?,
                 "removable" => removable = parse_bool(k, v)?,
                 "rotational" => rotational = parse_bool(k, v)?,
-                "thin_provisioned" => thin = parse_bool(k, v)?,
+                "thin_provisioned" => {
+                    thin = parse_bool(k, v)?;
+                    thin_given = true;
+                }
                 "t10_dev_id" => t10_dev_id = Some(parse_t10_dev_id(v)?),
                 "filename" => filename = Some(v.trim().to_string()),
                 "active" => active = parse_bool(k, v)?,
@@ -302,6 +416,7 @@ impl Device {
                 )));
             }
         }
+        let mut nvme = None;
         let kind = match handler {
             "vdisk_fileio" => Some(Kind::File),
             "vdisk_blockio" => Some(Kind::Block),
@@ -328,6 +443,27 @@ impl Device {
                 let f =
                     FileDev::new(name, opts, filename.as_deref(), size, active).map_err(invalid)?;
                 (f.clone(), Some(f))
+            }
+            None if handler == "vdisk_nvme" => {
+                let (bdf, nsid) = parse_nvme_params(params)?;
+                let queues = std::thread::available_parallelism()
+                    .map_or(1, |n| n.get())
+                    .clamp(1, MAX_NVME_QUEUES) as u16;
+                let dev = VfioNvme::open_vfio(&bdf, nsid, queues)
+                    .map_err(|e| invalid(format!("cannot open NVMe controller {bdf}: {e}")))?;
+                let dev = Arc::new(dev.with_nv_cache(nv_cache));
+                block_size = dev.block_size();
+                let unmap = dev.supports_unmap();
+                if thin && !unmap {
+                    return Err(invalid(format!(
+                        "thin_provisioned=1: namespace {nsid} of {bdf} cannot deallocate blocks so that they read as zeros"
+                    )));
+                }
+                if !thin_given {
+                    thin = unmap;
+                }
+                nvme = Some((dev.clone(), bdf));
+                (dev as Arc<dyn BlockDev>, None)
             }
             None => {
                 let size = match (handler, size) {
@@ -356,24 +492,35 @@ impl Device {
         };
         let h = name_hash(name);
         let id = h & 0xffff_ffff;
-        let default_ident = Ident {
-            t10_vend_id: "ISCSITGT".into(),
-            prod_id: name.chars().take(16).collect(),
-            prod_rev_lvl: "0100".into(),
-            t10_dev_id: t10_dev_id
-                .clone()
-                .unwrap_or_else(|| format!("{id:x}-{name}").chars().take(24).collect()),
-            usn: format!("{id:x}"),
-            // NAA 3 (locally assigned), 60 bits from the name hash.
-            naa_id: ((3u64 << 60) | (h >> 4)).to_be_bytes().to_vec(),
-            eui64_id: Vec::new(),
-            opt_trans_len: 524_288,
+        let default_ident = match &nvme {
+            Some((dev, _)) => nvme_ident(
+                name,
+                t10_dev_id.as_deref(),
+                dev.controller(),
+                dev.namespace(),
+                dev.nsid(),
+            ),
+            None => Ident {
+                t10_vend_id: "ISCSITGT".into(),
+                prod_id: name.chars().take(16).collect(),
+                prod_rev_lvl: "0100".into(),
+                t10_dev_id: t10_dev_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{id:x}-{name}").chars().take(24).collect()),
+                usn: format!("{id:x}"),
+                // NAA 3 (locally assigned), 60 bits from the name hash.
+                naa_id: ((3u64 << 60) | (h >> 4)).to_be_bytes().to_vec(),
+                eui64_id: Vec::new(),
+                opt_trans_len: 524_288,
+            },
         };
         Ok(Arc::new(Device {
             name: name.to_string(),
             handler: handler.to_string(),
             bdev,
             file,
+            nvme,
+            nv_cache,
             block_size,
             read_only,
             removable,
@@ -761,6 +908,7 @@ impl Device {
         let fileio = self.handler == "vdisk_fileio";
         let blockio = self.handler == "vdisk_blockio";
         let disk_file = fileio || blockio;
+        let nvme = self.nvme.is_some();
         let cdrom = self.is_cdrom();
         let mut v = Vec::new();
         if disk_file {
@@ -784,11 +932,17 @@ impl Device {
         if disk_file || cdrom {
             v.push(rw("filename"));
         }
+        if nvme {
+            v.extend([ro("firmware"), ro("model")]);
+        }
         if disk_file {
             v.push(rw("lb_per_pb_exp"));
         }
         v.push(rw("naa_id"));
-        if disk_file {
+        if nvme {
+            v.push(ro("nsid"));
+        }
+        if disk_file || nvme {
             v.push(ro("nv_cache"));
         }
         if fileio {
@@ -797,10 +951,19 @@ impl Device {
         if !cdrom {
             v.push(rw("opt_trans_len"));
         }
+        if nvme {
+            v.extend([ro("outstanding"), ro("pci")]);
+        }
         v.extend([rw("pr_file_name"), rw("pr_state")]);
+        if nvme {
+            v.push(ro("queue_pairs"));
+        }
         v.extend([rw("prod_id"), rw("prod_rev_lvl")]);
         if !cdrom {
             v.extend([ro("read_only"), ro("removable")]);
+        }
+        if nvme {
+            v.push(ro("resets"));
         }
         if disk_file {
             v.push(rw("resync_size"));
@@ -813,6 +976,9 @@ impl Device {
         } else {
             v.extend([ro("size"), ro("size_mb")]);
         }
+        if nvme {
+            v.push(ro("serial"));
+        }
         if !cdrom {
             v.push(rw("swp"));
         }
@@ -822,6 +988,9 @@ impl Device {
         v.extend([rw("t10_dev_id"), rw("t10_vend_id")]);
         if !cdrom {
             v.push(ro("thin_provisioned"));
+        }
+        if nvme {
+            v.push(ro("timeouts"));
         }
         v.extend([ro("tst"), ro("type"), rw("usn")]);
         if disk_file {
@@ -835,7 +1004,7 @@ impl Device {
     fn fault_injectable(&self) -> bool {
         matches!(
             self.handler.as_str(),
-            "vdisk_fileio" | "vdisk_blockio" | "vdisk_ramio"
+            "vdisk_fileio" | "vdisk_blockio" | "vdisk_ramio" | "vdisk_nvme"
         ) && self.bdev.fault().is_some()
     }
 
@@ -851,7 +1020,19 @@ impl Device {
         let b = |x: bool| if x { "1" } else { "0" }.to_string();
         let opts = self.file.as_ref().map(|f| f.options().clone());
         let opt = |f: fn(&FileOptions) -> bool| b(opts.as_ref().is_some_and(f));
+        let nvme = self.nvme.as_ref().map(|(d, _)| d);
+        let info = || nvme.map(|d| d.info()).unwrap_or_default();
         Some(match name {
+            "firmware" => nvme.map(|d| d.controller().firmware.clone())?,
+            "model" => nvme.map(|d| d.controller().model.clone())?,
+            "serial" => nvme.map(|d| d.controller().serial.clone())?,
+            "nsid" => nvme.map(|d| d.nsid().to_string())?,
+            "pci" => self.nvme.as_ref().map(|(_, p)| p.clone())?,
+            "queue_pairs" => info().queue_pairs.to_string(),
+            "outstanding" => info().outstanding.to_string(),
+            "timeouts" => info().timeouts.to_string(),
+            "resets" => info().resets.to_string(),
+            "nv_cache" if nvme.is_some() => b(self.nv_cache),
             "active" => b(self.is_active()),
             "blocksize" => self.block_size.to_string(),
             "d_sense" => b(self.saved_mode_params().d_sense),
@@ -904,7 +1085,7 @@ impl Device {
         let given = |k: &str| self.params.iter().any(|(p, _)| p == k);
         match name {
             "blocksize" | "read_only" | "removable" | "rotational" | "thin_provisioned"
-            | "nv_cache" | "o_direct" => given(name),
+            | "nv_cache" | "o_direct" | "pci" | "nsid" => given(name),
             "write_through" | "swp" | "d_sense" => {
                 given(name) || self.get_attr(name).is_some_and(|v| v == "1")
             }
@@ -1398,8 +1579,18 @@ pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
         "tst",
         "write_through",
     ];
+    const NVME: &[&str] = &[
+        "nsid",
+        "nv_cache",
+        "pci",
+        "read_only",
+        "t10_dev_id",
+        "thin_provisioned",
+        "tst",
+    ];
     match handler {
         "vdisk_nullio" | "vdisk_ramio" => Some(RAM),
+        "vdisk_nvme" => Some(NVME),
         "vdisk_fileio" => Some(FILEIO),
         "vdisk_blockio" => Some(BLOCKIO),
         "vcdrom" => Some(&["tst"]),
@@ -1416,6 +1607,88 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn nvme_parameters_parse() {
+        assert_eq!(
+            parse_nvme_params(&p(&[("pci", "0000:00:04.0"), ("nsid", "1")])),
+            Ok(("0000:00:04.0".to_string(), 1))
+        );
+        assert_eq!(
+            parse_nvme_params(&p(&[("pci", "3B:00.0")])),
+            Ok(("0000:3b:00.0".to_string(), 1)),
+            "the short form, and nsid 1 by default"
+        );
+        assert_eq!(
+            parse_nvme_params(&p(&[("pci", "0000:00:04.0"), ("nsid", "4294967294")])),
+            Ok(("0000:00:04.0".to_string(), 0xffff_fffe))
+        );
+        let e = |pairs: &[(&str, &str)]| parse_nvme_params(&p(pairs)).unwrap_err().to_string();
+        assert!(e(&[("nsid", "1")]).contains("needs pci="));
+        assert!(e(&[("pci", "")]).contains("must be a PCI address"));
+        assert!(e(&[("pci", "0000:00:04.0.1")]).contains("must be a PCI address"));
+        assert!(e(&[("pci", "/dev/nvme0")]).contains("must be a PCI address"));
+        for bad in ["0", "4294967295", "-1", "one", ""] {
+            assert!(
+                e(&[("pci", "0000:00:04.0"), ("nsid", bad)]).contains("nsid must be"),
+                "{bad}"
+            );
+        }
+        // Through create: parameters of other handlers are refused before anything opens.
+        let e = Device::create(
+            "vdisk_nvme",
+            "n",
+            &p(&[("pci", "0:0:4.0"), ("size_mb", "1")]),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("does not accept parameter \"size_mb\""), "{e}");
+        assert!(HANDLERS.contains(&"vdisk_nvme"));
+    }
+
+    #[test]
+    fn nvme_identity_comes_from_the_controller_and_namespace() {
+        let ctrl = IdentifyController {
+            serial: "SN;0001  ".into(),
+            model: "QEMU NVMe Ctrl with a long model".into(),
+            firmware: "8.0.2   ".into(),
+            ..Default::default()
+        };
+        let mut ns = IdentifyNamespace::default();
+        let id = nvme_ident("dev", None, &ctrl, &ns, 1);
+        assert_eq!(id.t10_vend_id, "NVMe");
+        assert_eq!(id.prod_id, "QEMU NVMe Ctrl w");
+        assert_eq!(id.prod_rev_lvl, "8.0.");
+        assert_eq!(id.t10_dev_id, "SN0001-1", "printable, without ';'");
+        assert_eq!(id.usn, "SN0001-1");
+        assert!(
+            id.eui64_id.is_empty(),
+            "no EUI64 or NGUID: no EUI-64 designator"
+        );
+        assert_eq!(id.naa_id.len(), 8);
+        assert_eq!(id.naa_id[0] >> 4, 3, "NAA 3, locally assigned");
+        // Another namespace of the same controller gets other identifiers.
+        let id2 = nvme_ident("dev", None, &ctrl, &ns, 2);
+        assert_ne!(id.naa_id, id2.naa_id);
+        assert_ne!(id.t10_dev_id, id2.t10_dev_id);
+
+        // A namespace with an NGUID: the EUI-64 designator carries it, and the NAA follows
+        // it rather than the device name or controller.
+        ns.nguid = [0x11; 16];
+        let a = nvme_ident("a", None, &ctrl, &ns, 1);
+        let b = nvme_ident("b", Some("mine"), &IdentifyController::default(), &ns, 1);
+        assert_eq!(a.eui64_id, vec![0x11; 16]);
+        assert_eq!(a.naa_id, b.naa_id);
+        assert_eq!(b.t10_dev_id, "mine", "a given t10_dev_id wins");
+        // EUI64 is preferred to NGUID.
+        ns.eui64 = [0x22; 8];
+        assert_eq!(nvme_ident("a", None, &ctrl, &ns, 1).eui64_id, vec![0x22; 8]);
+        // A controller with a blank serial and model still gets valid identifiers.
+        let blank = nvme_ident("n", None, &IdentifyController::default(), &ns, 1);
+        assert!(!blank.t10_dev_id.is_empty() && !blank.usn.is_empty());
+        assert_eq!(blank.prod_id, "n");
     }
 
     #[test]

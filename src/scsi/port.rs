@@ -271,8 +271,11 @@ impl Hasher for AddrHasher {
     }
 }
 
-/// How many passes with no backend I/O outstanding go by between looks for the channels of
-/// deleted devices.
+/// How many passes with no backend I/O outstanding go by between polls of every channel. The
+/// channel of a deleted device is looked for on every pass (one atomic load per channel):
+/// an idle reactor that sleeps between passes may make only a few passes a second, and a
+/// deleted device's backend (an NVMe controller to give back to the kernel) must not wait
+/// minutes for its channel to go.
 const SWEEP_EVERY: u32 = 1024;
 
 /// The SCSI core's state on one reactor: one channel per device, opened on first use, and
@@ -914,7 +917,9 @@ impl ScsiPort {
         let start = out.len();
         if self.outstanding == 0 {
             self.idle_polls += 1;
-            if self.idle_polls < SWEEP_EVERY {
+            if self.idle_polls < SWEEP_EVERY
+                && self.channels.values().all(|pc| pc.dev.strong_count() > 0)
+            {
                 out.append(&mut self.rmw_done);
                 return out.len() - start;
             }
@@ -1257,6 +1262,29 @@ mod completion_tests {
         assert!(port.channels.is_empty());
         assert_eq!(weak.strong_count(), 0);
         assert_eq!(port.inflight(), 0);
+    }
+
+    #[test]
+    fn an_idle_channel_goes_on_the_next_pass_after_its_device() {
+        let d = Device::create("vdisk_ramio", "idle", &[("size_mb".into(), "1".into())]).unwrap();
+        let mut port = ScsiPort::new();
+        let mut t = ScsiTask::new(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 1);
+        plan(&d, &mut t, &test_nexus()).unwrap();
+        t.buf = DataBuf::alloc(512);
+        assert_eq!(port.execute(&d, &mut t), Exec::Pending);
+        let mut out = Vec::new();
+        assert_eq!(port.poll(&mut out), 1);
+        // Idle passes keep the channel of a device that still exists.
+        for _ in 0..3 {
+            assert_eq!(port.poll(&mut out), 0);
+        }
+        assert_eq!(port.channels.len(), 1);
+        let weak = Arc::downgrade(&d);
+        drop(d);
+        // One idle pass later, not SWEEP_EVERY passes later, the backend is released.
+        assert_eq!(port.poll(&mut out), 0);
+        assert!(port.channels.is_empty());
+        assert_eq!(weak.strong_count(), 0);
     }
 
     /// Runs a command through a port until its ring I/O completes.

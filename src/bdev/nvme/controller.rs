@@ -115,6 +115,8 @@ pub enum ControllerError {
     Identify(IdentifyError),
     /// namespace {0} does not exist (the controller has {1})
     NoNamespace(u32, u32),
+    /// namespace {0} is not active (it has no blocks)
+    InactiveNamespace(u32),
     /// the controller granted no I/O queues
     NoQueues,
     /// every one of the {0} I/O queues the controller granted is in use

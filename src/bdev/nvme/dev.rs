@@ -9,14 +9,15 @@
 
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 
 use super::channel::NvmeChannel;
-use super::controller::{Clock, Config, Controller, ControllerError, IoQueue, SystemClock};
-use super::spec::{oncs, IdentifyNamespace};
+use super::controller::{Clock, Config, Controller, ControllerError, IoQueue, Stats, SystemClock};
+use super::spec::{oncs, IdentifyController, IdentifyNamespace};
 use super::vfio::{Bar0, VfioAlloc, VfioDevice, VfioError};
 use super::{DmaAlloc, Regs};
 use crate::bdev::{
@@ -29,9 +30,25 @@ const CLOSE_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum OpenError {
     /// {0}
+    Check(String),
+    /// {0}
     Vfio(#[from] VfioError),
     /// {0}
     Controller(#[from] ControllerError),
+}
+
+/// A controller's counters, for the management tree.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControllerInfo {
+    /// I/O queue pairs the controller granted.
+    pub queue_pairs: u16,
+    /// Of those, the ones created (one per reactor that has opened a channel).
+    pub queues_in_use: usize,
+    /// Block I/Os submitted and not yet completed.
+    pub outstanding: u64,
+    pub timeouts: u64,
+    pub aborts: u64,
+    pub resets: u64,
 }
 
 /// The parts of the device behind its lock.
@@ -47,6 +64,9 @@ pub struct NvmeDev<R: Regs, A: DmaAlloc> {
     dstrd: u8,
     nsid: u32,
     ns: IdentifyNamespace,
+    ident: IdentifyController,
+    /// I/Os submitted to the channels and not yet completed.
+    outstanding: AtomicU64,
     vwc: bool,
     dsm: bool,
     max_transfer: usize,
@@ -54,14 +74,31 @@ pub struct NvmeDev<R: Regs, A: DmaAlloc> {
 }
 
 impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
-    /// The device for namespace `nsid` of a controller already brought up.
+    /// The device for namespace `nsid` of a controller already brought up. When the
+    /// namespace does not exist (or is not active: no blocks), the controller is shut down
+    /// before the error returns, so that it is handed back as it came.
     pub fn new(
         mut ctrl: Controller<R, A>,
         nsid: u32,
         clock: &dyn Clock,
     ) -> Result<NvmeDev<R, A>, ControllerError> {
-        let ns = ctrl.identify_namespace(nsid, clock)?;
+        let ns = match ctrl.identify_namespace(nsid, clock) {
+            Ok(ns) if ns.nsze == 0 => Err(ControllerError::InactiveNamespace(nsid)),
+            r => r,
+        };
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(e) => {
+                let mut out = Vec::new();
+                if let Err(s) = ctrl.shutdown(Vec::new(), clock, &mut out) {
+                    warn!("nvme: controller shutdown: {s}");
+                }
+                return Err(e);
+            }
+        };
         Ok(NvmeDev {
+            ident: ctrl.identify().clone(),
+            outstanding: AtomicU64::new(0),
             regs: ctrl.regs().clone(),
             dstrd: ctrl.cap().dstrd(),
             vwc: ctrl.identify().vwc,
@@ -81,6 +118,41 @@ impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
         &self.ns
     }
 
+    /// With `nv_cache`, the controller's volatile write cache is treated as non-volatile:
+    /// the device reports no write cache.
+    pub fn with_nv_cache(mut self, nv_cache: bool) -> Self {
+        if nv_cache {
+            self.vwc = false;
+        }
+        self
+    }
+
+    /// The controller's IDENTIFY data (model, serial, firmware).
+    pub fn controller(&self) -> &IdentifyController {
+        &self.ident
+    }
+
+    pub fn nsid(&self) -> u32 {
+        self.nsid
+    }
+
+    /// The controller's counters as the management tree shows them.
+    pub fn info(&self) -> ControllerInfo {
+        let st = self.state();
+        let (queue_pairs, stats) = st
+            .ctrl
+            .as_ref()
+            .map_or((0, Stats::default()), |c| (c.queues_granted(), c.stats()));
+        ControllerInfo {
+            queue_pairs,
+            queues_in_use: st.ctrl.as_ref().map_or(0, |c| c.queues_in_use()),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            timeouts: stats.timeouts,
+            aborts: stats.aborts,
+            resets: stats.resets,
+        }
+    }
+
     fn state(&self) -> MutexGuard<'_, State<R, A>> {
         // Every update under the lock leaves the state whole: a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -92,6 +164,7 @@ impl NvmeDev<Arc<Bar0>, VfioAlloc> {
     /// controller up with `queues` I/O queue pairs (one per reactor) and serves namespace
     /// `nsid`.
     pub fn open_vfio(bdf: &str, nsid: u32, queues: u16) -> Result<Self, OpenError> {
+        super::pci::check_nvme_vfio(bdf).map_err(OpenError::Check)?;
         let dev = Arc::new(VfioDevice::open(bdf)?);
         dev.map_region(crate::env::pool().region())?;
         let cfg = Config {
@@ -109,8 +182,9 @@ impl<R: Regs, A: DmaAlloc> Drop for NvmeDev<R, A> {
         let queues = std::mem::take(&mut st.idle);
         if let Some(ctrl) = st.ctrl.take() {
             let mut out = Vec::new();
-            if let Err(e) = ctrl.shutdown(queues, &SystemClock, &mut out) {
-                warn!("nvme: controller shutdown: {e}");
+            match ctrl.shutdown(queues, &SystemClock, &mut out) {
+                Ok(()) => info!("nvme: namespace {}: controller shut down", self.nsid),
+                Err(e) => warn!("nvme: controller shutdown: {e}"),
             }
         }
     }
@@ -200,12 +274,19 @@ where
 {
     fn submit(&mut self, io: BdevIo) {
         match self.ch.as_mut() {
-            Some(ch) => ch.submit(io),
+            Some(ch) => {
+                self.dev.outstanding.fetch_add(1, Ordering::Relaxed);
+                ch.submit(io)
+            }
             None => drop(io),
         }
     }
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
-        self.ch.as_mut().map_or(0, |ch| ch.poll(out))
+        let n = self.ch.as_mut().map_or(0, |ch| ch.poll(out));
+        if n > 0 {
+            self.dev.outstanding.fetch_sub(n as u64, Ordering::Relaxed);
+        }
+        n
     }
     fn busy(&self) -> bool {
         self.ch.as_ref().is_some_and(|ch| ch.busy())
@@ -329,5 +410,56 @@ mod tests {
         assert_eq!(m.count(false, admin::DELETE_IO_SQ), 1);
         assert_eq!(m.shutdowns, 1, "a normal shutdown first");
         assert_eq!(m.cc() & cc::EN, 0);
+    }
+
+    #[test]
+    fn a_namespace_that_does_not_exist_hands_the_controller_back() {
+        let mem = SimMem::new(16 << 20);
+        let regs = Model::start(&mem, 64, 4096, 1024);
+        let clock = FakeClock::new();
+        let ctrl =
+            Controller::new(regs.clone(), SimAlloc::new(&mem), Config::default(), &clock).unwrap();
+        let e = NvmeDev::new(ctrl, 7, &clock).err().unwrap();
+        assert!(matches!(e, ControllerError::NoNamespace(7, _)), "{e}");
+        let m = regs.0.borrow();
+        assert_eq!(m.shutdowns, 1, "shut down before the error returns");
+        assert_eq!(m.cc() & cc::EN, 0);
+    }
+
+    #[test]
+    fn the_tree_sees_the_controller_and_its_outstanding_io() {
+        let pool = Pool::with_counts(4, 4, false).unwrap();
+        let mem = SimMem::new(16 << 20);
+        mem.map_window(pool);
+        let regs = Model::start(&mem, 64, 4096, 1024);
+        let clock = FakeClock::new();
+        let ctrl =
+            Controller::new(regs.clone(), SimAlloc::new(&mem), Config::default(), &clock).unwrap();
+        let dev = Arc::new(NvmeDev::new(ctrl, 1, &clock).unwrap().with_nv_cache(true));
+        assert!(
+            !dev.has_volatile_cache(),
+            "nv_cache: no volatile cache reported"
+        );
+        assert_eq!(dev.nsid(), 1);
+        assert!(!dev.controller().model.is_empty());
+        let i = dev.info();
+        assert_eq!((i.queue_pairs, i.queues_in_use, i.outstanding), (1, 0, 0));
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        ch.submit(BdevIo {
+            tag: 1,
+            op: IoOp::Read,
+            offset: 0,
+            len: 4096,
+            buf: Some(DataBuf::alloc_from(pool, 4096).unwrap()),
+            ranges: Vec::new(),
+        });
+        assert_eq!(dev.info().outstanding, 1);
+        assert_eq!(dev.info().queues_in_use, 1);
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ch.poll(&mut out);
+        }
+        assert_eq!(dev.info().outstanding, 0);
     }
 }
