@@ -78,9 +78,8 @@ fn inquiry(ini: &mut Initiator) -> ScsiResult {
     ini.scsi(0, &cdb::inquiry(96), None, 96, true).unwrap()
 }
 
-/// The target port group designator (type 5h) and relative target port designator (4h) of
-/// VPD page 0x83.
-fn port_designators(ini: &mut Initiator) -> (Option<u16>, Option<u16>) {
+/// The designators of VPD page 0x83: (byte 1: PIV, association, type; the designator).
+fn designators(ini: &mut Initiator) -> Vec<(u8, Vec<u8>)> {
     let r = ini
         .scsi(0, &[0x12, 0x01, 0x83, 0x01, 0x00, 0], None, 256, true)
         .unwrap()
@@ -88,18 +87,29 @@ fn port_designators(ini: &mut Initiator) -> (Option<u16>, Option<u16>) {
         .unwrap();
     let d = &r.data;
     let end = 4 + usize::from(u16::from_be_bytes([d[2], d[3]]));
-    let (mut group, mut port) = (None, None);
+    let mut v = Vec::new();
     let mut i = 4;
     while i + 4 <= end {
         let len = usize::from(d[i + 3]);
-        let value = u16::from_be_bytes([d[i + 6], d[i + 7]]);
+        v.push((d[i + 1], d[i + 4..i + 4 + len].to_vec()));
+        i += 4 + len;
+    }
+    v
+}
+
+/// The target port group designator (type 5h) and relative target port designator (4h) of
+/// VPD page 0x83.
+fn port_designators(ini: &mut Initiator) -> (Option<u16>, Option<u16>) {
+    let (mut group, mut port) = (None, None);
+    for (b1, value) in designators(ini) {
+        // Four bytes, the identifier in the last two.
+        let id = || Some(u16::from_be_bytes([value[2], value[3]]));
         // Association 01b: the target port.
-        match (d[i + 1] & 0x30, d[i + 1] & 0x0f) {
-            (0x10, 0x5) => group = Some(value),
-            (0x10, 0x4) => port = Some(value),
+        match (b1 & 0x30, b1 & 0x0f) {
+            (0x10, 0x5) => group = id(),
+            (0x10, 0x4) => port = id(),
             _ => {}
         }
-        i += 4 + len;
     }
     (group, port)
 }
@@ -107,28 +117,21 @@ fn port_designators(ini: &mut Initiator) -> (Option<u16>, Option<u16>) {
 /// The SCSI name string designators (type 8h) of VPD page 0x83: the target port's and the
 /// target device's.
 fn name_strings(ini: &mut Initiator) -> (Option<String>, Option<String>) {
-    let r = ini
-        .scsi(0, &[0x12, 0x01, 0x83, 0x01, 0x00, 0], None, 256, true)
-        .unwrap()
-        .good()
-        .unwrap();
-    let d = &r.data;
-    let end = 4 + usize::from(u16::from_be_bytes([d[2], d[3]]));
     let (mut port, mut device) = (None, None);
-    let mut i = 4;
-    while i + 4 <= end {
-        let len = usize::from(d[i + 3]);
-        let s = &d[i + 4..i + 4 + len];
+    for (b1, value) in designators(ini) {
         let name = || {
-            assert_eq!(len % 4, 0, "a name string's length is a multiple of four");
-            String::from_utf8(s.split(|&b| b == 0).next().unwrap().to_vec()).unwrap()
+            assert_eq!(
+                value.len() % 4,
+                0,
+                "a name string's length is a multiple of four"
+            );
+            String::from_utf8(value.split(|&b| b == 0).next().unwrap().to_vec()).unwrap()
         };
-        match (d[i + 1] & 0x30, d[i + 1] & 0x0f) {
+        match (b1 & 0x30, b1 & 0x0f) {
             (0x10, 0x8) => port = Some(name()),
             (0x20, 0x8) => device = Some(name()),
             _ => {}
         }
-        i += 4 + len;
     }
     (port, device)
 }
