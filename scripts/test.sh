@@ -70,8 +70,9 @@ elif [ "$rc" != 0 ]; then
 fi
 
 step "the VM test bed: the userspace NVMe driver on the guest's emulated NVMe controller"
-# The controller bound to vfio-pci by setup.sh, a vdisk_nvme LUN on it, a qemu-img round trip
-# and UNMAP from the host, then del_device and the kernel's nvme driver back on the controller.
+# The controller bound to vfio-pci by setup.sh, a vdisk_nvme LUN on it, a qemu-img round trip,
+# UNMAP, libiscsi's data-path suites and iscsi-bench --verify at QD32 from the host, then
+# del_device and the kernel's nvme driver back on the controller.
 # 77: cannot run here (says why).
 rc=0
 MODE=nvme NIC=virtio scripts/vm-test.sh || rc=$?

@@ -34,7 +34,10 @@
 #                 setup.sh config, and LUN 0 is a vdisk_nvme device on it; from the host:
 #                 iscsi-inq, a qemu-img round trip of ROUNDTRIP_MB (64 here) MiB compared with
 #                 cmp, and UNMAP (qemu-io's discard) of 1 MiB of what was written, read back as
-#                 zeros; then in the guest del_device, the vfio descriptors closed, setup.sh
+#                 zeros, libiscsi's suites for the commands the driver carries
+#                 (NVME_CU_TESTS: no failed or warned test) and iscsi-bench --verify at QD32
+#                 over the whole namespace; then in the guest del_device, the vfio descriptors
+#                 closed, setup.sh
 #                 reset and the kernel's nvme driver back on the controller with /dev/nvme0n1.
 # Each step prints PASS or FAIL, then "N passed, M failed"; the exit status is 1 if a step
 # failed, 77 (SKIP, with the reason) when it cannot run here: not root, or no QEMU and no way to
@@ -56,9 +59,13 @@ VM_MEM=${VM_MEM:-2G}
 VM_CPUS=${VM_CPUS:-2}
 VM_HUGEMEM=${VM_HUGEMEM:-512}
 if [ "${MODE:-}" = nvme ]; then ROUNDTRIP_MB=${ROUNDTRIP_MB:-64}; else ROUNDTRIP_MB=${ROUNDTRIP_MB:-16}; fi
+NVME_CU_TESTS=${NVME_CU_TESTS:-SCSI.Read16,SCSI.Write16,SCSI.SynchronizeCache10,SCSI.Unmap,SCSI.CompareAndWrite}
 NVME_ADDR=0000:00:04.0
 # How long the guest may take to boot and come up on the NIC, and to finish after the host.
 UP_TIMEOUT=${VM_UP_TIMEOUT:-300}
+# How long the guest waits for the host's checks (MODE=nvme runs libiscsi suites under TCG).
+HOST_TIMEOUT=$UP_TIMEOUT
+[ "$MODE" = nvme ] && HOST_TIMEOUT=$((3 * UP_TIMEOUT))
 NIC_ADDR=0000:00:03.0
 GUEST_IP=10.0.2.15
 GATEWAY=10.0.2.2
@@ -306,7 +313,7 @@ GATEWAY=$GATEWAY
 IQN=$IQN
 RAM_MB=$((ROUNDTRIP_MB > 64 ? ROUNDTRIP_MB : 64))
 HUGEMEM=$VM_HUGEMEM
-HOST_TIMEOUT=$UP_TIMEOUT
+HOST_TIMEOUT=$HOST_TIMEOUT
 TARGET_ARGS=$(printf %q "$TARGET_ARGS")
 EOF
 cat >"$R/init" <<'EOF'
@@ -453,6 +460,27 @@ else
                 bad "UNMAP then read of zeros: $out"
             fi
             echo "$out"
+            # libiscsi's suites for the commands the NVMe driver carries (reads, writes, FUA,
+            # flush, UNMAP, WRITE SAME, COMPARE AND WRITE), scored by cu-score.py: no failed
+            # and no warned test. (The whole suite runs natively in conformance.sh; under TCG
+            # it would take too long.)
+            t=$(date +%s)
+            timeout 900 iscsi-test-cu -d -S -t "$NVME_CU_TESTS" "$URL/$IQN/0" "$URL/$IQN/0" >"$WORK/cu.log" 2>&1 || true
+            if score=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu.log") &&
+                grep -q " 0 failed, .* 0 warned" <<<"$score"; then
+                ok "iscsi-test-cu on the NVMe LUN ($NVME_CU_TESTS): $score ($(($(date +%s) - t)) s)"
+            else
+                bad "iscsi-test-cu on the NVMe LUN: ${score:-the log is incomplete}: $(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu.log" --tests 2>/dev/null | grep -v '^passed' | head -5 | tr '\n' ' ')"
+            fi
+            # The project's own initiator at queue depth 32 writes a pattern over the whole
+            # namespace and reads it back.
+            t=$(date +%s)
+            if out=$(timeout 600 "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
+                --verify --qd 32 --bs 65536 2>&1); then
+                ok "iscsi-bench --verify at QD32 over the whole NVMe LUN ($(($(date +%s) - t)) s)"
+            else
+                bad "iscsi-bench --verify at QD32: $(tail -c 400 <<<"$out")"
+            fi
         fi
         ;;
     esac
