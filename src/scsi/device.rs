@@ -1523,8 +1523,19 @@ pub fn handler_type(handler: &str) -> &'static str {
     }
 }
 
+/// Counts the devices dropped so far: a reactor's port compares it with the count it last
+/// saw (one atomic load a pass) to know when a channel of its may have lost its device.
+static DEVICES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// [`DEVICES_DROPPED`] now.
+pub fn devices_dropped() -> u64 {
+    DEVICES_DROPPED.load(Ordering::Acquire)
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
+        // The strong count is already 0: a port that loads the new count sees it so.
+        DEVICES_DROPPED.fetch_add(1, Ordering::Release);
         // I/O held by a stall would otherwise wait for a device nobody can reach any more
         // (and delayed I/O for its deadline).
         if let Some(f) = self.bdev.fault() {

@@ -271,11 +271,11 @@ impl Hasher for AddrHasher {
     }
 }
 
-/// How many passes with no backend I/O outstanding go by between polls of every channel. The
-/// channel of a deleted device is looked for on every pass (one atomic load per channel):
-/// an idle reactor that sleeps between passes may make only a few passes a second, and a
-/// deleted device's backend (an NVMe controller to give back to the kernel) must not wait
-/// minutes for its channel to go.
+/// How many passes with no backend I/O outstanding go by between polls of every channel. A
+/// pass after any device was dropped ([`crate::scsi::device::devices_dropped`], one atomic
+/// load) polls them too: an idle reactor that sleeps between passes may make only a few
+/// passes a second, and a deleted device's backend (an NVMe controller to give back to the
+/// kernel) must not wait minutes for its channel to go.
 const SWEEP_EVERY: u32 = 1024;
 
 /// The SCSI core's state on one reactor: one channel per device, opened on first use, and
@@ -287,6 +287,8 @@ pub struct ScsiPort {
     /// has nothing to ask them (but a periodic sweep for deleted devices' channels).
     outstanding: usize,
     idle_polls: u32,
+    /// [`crate::scsi::device::devices_dropped`] when the channels were last polled.
+    dropped_seen: u64,
     io: IoContext,
     scratch: Vec<BdevCompletion>,
     /// Read-modify-write commands in progress, by tag.
@@ -312,6 +314,7 @@ impl ScsiPort {
             channels: HashMap::default(),
             outstanding: 0,
             idle_polls: 0,
+            dropped_seen: 0,
             io: IoContext::new(),
             scratch: Vec::with_capacity(256),
             rmw: HashMap::new(),
@@ -915,16 +918,16 @@ impl ScsiPort {
         }
         self.io.poll();
         let start = out.len();
+        let dropped = crate::scsi::device::devices_dropped();
         if self.outstanding == 0 {
             self.idle_polls += 1;
-            if self.idle_polls < SWEEP_EVERY
-                && self.channels.values().all(|pc| pc.dev.strong_count() > 0)
-            {
+            if self.idle_polls < SWEEP_EVERY && dropped == self.dropped_seen {
                 out.append(&mut self.rmw_done);
                 return out.len() - start;
             }
         }
         self.idle_polls = 0;
+        self.dropped_seen = dropped;
         let scratch = &mut self.scratch;
         let outstanding = &mut self.outstanding;
         self.channels.retain(|_, pc| {
