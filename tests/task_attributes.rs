@@ -216,6 +216,10 @@ fn a_held_command_sees_the_unit_attention_raised_while_it_waited() {
     let read = slow_read(&mut ini);
     let ordered = tur(&mut ini, ORDERED);
     let simple = tur(&mut ini, SIMPLE);
+    // The target reads a connection's PDUs in order: once the ping is answered the read has
+    // started (and seen no unit attention) and the others wait behind it. Without it the LUN
+    // map could change before the target has read the READ, which would then see the UA.
+    ini.nop().unwrap();
     // The LUN map changes while the ORDERED command waits: REPORTED LUNS DATA HAS CHANGED
     // (SPC-4 §5.14) is checked when it starts, not when it arrived.
     t.mgmt("handlers/vdisk_nullio/mgmt", "add_device null9 size_mb=8");
