@@ -360,7 +360,9 @@ fn preempt_and_abort_ends_a_command_held_in_the_backend() {
     // B's READ goes to the backend and stays there.
     t.set("devices/ram0/fault_inject", "stall");
     let itt = b.submit(0, &cdb::read10(0, 8), None, 4096, true).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Once the ping is answered the target has read the READ (a connection's PDUs are read
+    // in order) and sent it to the backend.
+    b.nop().unwrap();
     pr_out_good(&mut a, PREEMPT_AND_ABORT, EXCLUSIVE_ACCESS, 0xa, 0xb);
     // Its TASK ABORTED comes once the I/O is back, never its data.
     t.set("devices/ram0/fault_inject", "none");
