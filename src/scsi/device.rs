@@ -452,6 +452,11 @@ impl Device {
                 let dev = VfioNvme::open_vfio(&bdf, nsid, queues)
                     .map_err(|e| invalid(format!("cannot open NVMe controller {bdf}: {e}")))?;
                 let dev = Arc::new(dev.with_nv_cache(nv_cache));
+                dev.watch().map_err(|e| {
+                    invalid(format!(
+                        "cannot start the watchdog of NVMe controller {bdf}: {e}"
+                    ))
+                })?;
                 block_size = dev.block_size();
                 let unmap = dev.supports_unmap();
                 if thin && !unmap {
@@ -963,7 +968,7 @@ impl Device {
             v.extend([ro("read_only"), ro("removable")]);
         }
         if nvme {
-            v.push(ro("resets"));
+            v.extend([rw("reset"), ro("resets")]);
         }
         if disk_file {
             v.push(rw("resync_size"));
@@ -1063,7 +1068,7 @@ impl Device {
             "read_only" => b(self.read_only),
             "removable" => b(self.removable),
             // Write-only: reading shows nothing, as in SCST.
-            "resync_size" | "sync" => String::new(),
+            "resync_size" | "sync" | "reset" => String::new(),
             "rotational" => b(self.rotational),
             "size" => self.size().to_string(),
             "size_mb" => (self.size() >> 20).to_string(),
@@ -1135,6 +1140,17 @@ impl Device {
             }
             Some(a) if !a.writable => return Err(invalid(format!("{name} is read-only"))),
             Some(_) => {}
+        }
+        if name == "reset" {
+            if v.trim() != "1" {
+                return Err(invalid("write 1 to reset"));
+            }
+            let Some((dev, bdf)) = self.nvme.as_ref() else {
+                return Err(invalid("reset: not an NVMe device"));
+            };
+            return dev
+                .reset_controller(&crate::bdev::nvme::controller::SystemClock)
+                .map_err(|e| invalid(format!("reset of NVMe controller {bdf} failed: {e}")));
         }
         if name == "fault_inject" {
             let f = Fault::parse(v.trim()).ok_or_else(|| {

@@ -10,6 +10,14 @@
 //!   tables are sized when the channel opens).
 //! - The I/O completes when its last part does, with the first failure among them mapped by
 //!   [`Status::bdev_error`](super::spec::Status::bdev_error) at the I/O's offset.
+//! - A command that a controller reset or an ABORT ended (an "aborted" status without Do Not
+//!   Retry) does not fail its I/O: once the I/O's other commands are in, the whole I/O goes
+//!   out again, up to [`MAX_TRIES`] times. Reads, writes, flushes and deallocations may be
+//!   repeated; the SCSI layer sees the I/O succeed, late.
+//! - The queue pair sits in a [`QueueCell`] that the device's watchdog may take at any time
+//!   (to look for timed-out commands, or to reset the controller). The channel only ever
+//!   tries the lock: when the watchdog holds it, I/O waits in the channel and the reactor
+//!   goes on. Uncontended, the lock costs two atomic operations per submit and per poll.
 //! - The addresses given to the controller are the buffer's own (the IOMMU maps the pool at
 //!   I/O virtual address = process address). A write from lent memory (a RAM disk's pages,
 //!   which the IOMMU does not map) is first copied into the buffer's chunks.
@@ -17,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Instant;
 
 use super::controller::{IoCmd, IoQueue, SubmitError};
@@ -29,6 +38,43 @@ use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoOp};
 /// The largest block count of one DSM range (a 32-bit field).
 const MAX_RANGE_BLOCKS: u64 = u32::MAX as u64;
 
+/// How many times an I/O is sent in all when resets or ABORTs keep ending its commands.
+pub const MAX_TRIES: u8 = 4;
+
+/// A queue pair and what a controller reset left for its channel.
+pub struct QueueSlot<M> {
+    pub q: IoQueue<M>,
+    /// Commands a reset ended (drained with an "aborted" status): the channel finishes or
+    /// resends their I/O at its next poll.
+    pub reset_done: Vec<Done>,
+}
+
+/// A queue pair shared by the channel that uses it and the device's watchdog.
+pub type QueueCell<M> = Mutex<QueueSlot<M>>;
+
+/// A new cell for queue `q`.
+pub fn queue_cell<M>(q: IoQueue<M>) -> Arc<QueueCell<M>> {
+    Arc::new(Mutex::new(QueueSlot {
+        q,
+        reset_done: Vec::new(),
+    }))
+}
+
+/// The cell's lock when nobody holds it. Every update under it leaves the slot whole, so a
+/// poisoned lock is usable.
+fn try_take<M>(cell: &QueueCell<M>) -> Option<MutexGuard<'_, QueueSlot<M>>> {
+    match cell.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
+/// The cell's lock, waiting for it.
+pub fn take<M>(cell: &QueueCell<M>) -> MutexGuard<'_, QueueSlot<M>> {
+    cell.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Pending {
     io: BdevIo,
     /// Commands the I/O needs in all.
@@ -39,20 +85,31 @@ struct Pending {
     outstanding: u32,
     /// The first failure.
     failed: Option<BdevError>,
+    /// A command of this try was aborted: the I/O goes out again once all are in.
+    again: bool,
+    /// Tries so far, this one included.
+    tries: u8,
 }
 
 /// The channel; see the module documentation.
 pub struct NvmeChannel<R: Regs, M: DmaMem> {
+    cell: Arc<QueueCell<M>>,
+    core: Core<R>,
+}
+
+/// Everything of the channel but its queue pair.
+struct Core<R> {
     regs: R,
     dstrd: u8,
-    q: IoQueue<M>,
+    /// Commands the queue pair holds at once.
+    capacity: usize,
     block_size: u32,
     /// The most bytes one command carries: a multiple of the block size and of 4096.
     max_bytes: usize,
     /// Started I/O, indexed by the tag its commands carry.
     pending: Vec<Option<Pending>>,
     free: Vec<u32>,
-    /// Started I/O with parts still to submit, oldest first.
+    /// Started I/O with commands still to submit, oldest first.
     partial: VecDeque<u32>,
     /// I/O not started yet, in arrival order.
     waiting: VecDeque<BdevIo>,
@@ -73,42 +130,60 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
         block_size: u32,
         max_transfer: usize,
     ) -> NvmeChannel<R, M> {
+        NvmeChannel::with_cell(regs, dstrd, queue_cell(q), block_size, max_transfer)
+    }
+
+    /// A channel over the queue pair in `cell`, which others may hold too.
+    pub fn with_cell(
+        regs: R,
+        dstrd: u8,
+        cell: Arc<QueueCell<M>>,
+        block_size: u32,
+        max_transfer: usize,
+    ) -> NvmeChannel<R, M> {
         let unit = (block_size as usize).max(4096);
         let by_nlb = (block_size as usize).saturating_mul(1 << 16);
         let max_bytes = (max_transfer.min(by_nlb) / unit * unit).max(unit);
-        let slots = q.qp.capacity();
+        let slots = take(&cell).q.qp.capacity();
         NvmeChannel {
-            regs,
-            dstrd,
-            q,
-            block_size,
-            max_bytes,
-            pending: (0..slots).map(|_| None).collect(),
-            free: (0..slots as u32).rev().collect(),
-            partial: VecDeque::with_capacity(slots),
-            waiting: VecDeque::with_capacity(slots),
-            done: VecDeque::with_capacity(slots),
-            scratch: Vec::with_capacity(slots),
-            pieces: Vec::with_capacity(max_bytes / 4096 + 2),
-            ranges: Vec::with_capacity(DSM_MAX_RANGES),
+            cell,
+            core: Core {
+                regs,
+                dstrd,
+                capacity: slots,
+                block_size,
+                max_bytes,
+                pending: (0..slots).map(|_| None).collect(),
+                free: (0..slots as u32).rev().collect(),
+                partial: VecDeque::with_capacity(slots),
+                waiting: VecDeque::with_capacity(slots),
+                done: VecDeque::with_capacity(slots),
+                scratch: Vec::with_capacity(slots),
+                pieces: Vec::with_capacity(max_bytes / 4096 + 2),
+                ranges: Vec::with_capacity(DSM_MAX_RANGES),
+            },
         }
     }
 
-    pub fn queue(&self) -> &IoQueue<M> {
-        &self.q
+    /// Commands the controller holds for this channel.
+    pub fn outstanding_commands(&self) -> usize {
+        take(&self.cell).q.qp.outstanding()
     }
 
-    /// The queue back, for another channel. Only once nothing is [`busy`](IoChannel::busy):
-    /// the controller must be done with every buffer the channel holds.
-    pub fn into_queue(self) -> IoQueue<M> {
-        self.q
+    /// The queue pair's cell, for another channel. Only once nothing is
+    /// [`busy`](IoChannel::busy): the controller must be done with every buffer the channel
+    /// holds.
+    pub fn into_cell(self) -> Arc<QueueCell<M>> {
+        self.cell
     }
 
     /// The most bytes one command carries.
     pub fn max_bytes(&self) -> usize {
-        self.max_bytes
+        self.core.max_bytes
     }
+}
 
+impl<R: Regs> Core<R> {
     /// Commands `io` needs, or the error it completes with at once.
     fn parts(&self, io: &BdevIo) -> Result<u32, BdevError> {
         let bs = u64::from(self.block_size);
@@ -136,7 +211,7 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
                 }
                 let parts = n.div_ceil(DSM_MAX_RANGES as u64);
                 // Deallocate commands go out together: more than the queue holds never fit.
-                if parts > self.q.qp.capacity() as u64 {
+                if parts > self.capacity as u64 {
                     return Err(BdevError::BadBuffer);
                 }
                 Ok(parts as u32)
@@ -145,13 +220,13 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
         }
     }
 
-    fn room(&self) -> usize {
-        self.q.qp.capacity() - self.q.qp.outstanding()
+    fn room<M: DmaMem>(&self, q: &IoQueue<M>) -> usize {
+        self.capacity - q.qp.outstanding()
     }
 
     /// Starts `io` if the queue has room for (the first of) its commands; hands it back
     /// otherwise.
-    fn start(&mut self, io: BdevIo, now: Instant) -> Option<BdevIo> {
+    fn start<M: DmaMem>(&mut self, q: &mut IoQueue<M>, io: BdevIo, now: Instant) -> Option<BdevIo> {
         let total = match self.parts(&io) {
             Ok(0) => {
                 self.complete(io, Ok(()));
@@ -168,7 +243,7 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
         } else {
             1
         };
-        if self.room() < need {
+        if self.room(q) < need {
             return Some(io);
         }
         let Some(slot) = self.free.pop() else {
@@ -180,21 +255,23 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
             issued: 0,
             outstanding: 0,
             failed: None,
+            again: false,
+            tries: 1,
         };
         if let Some(s) = self.pending.get_mut(slot as usize) {
             *s = Some(p);
         }
-        self.pump(slot, now);
+        self.pump(q, slot, now);
         None
     }
 
     /// Submits what the queue has room for of I/O `slot`'s remaining commands; finishes it
     /// when nothing of it is left, and otherwise makes sure it is in `partial`.
-    fn pump(&mut self, slot: u32, now: Instant) {
+    fn pump<M: DmaMem>(&mut self, q: &mut IoQueue<M>, slot: u32, now: Instant) {
         let Some(mut p) = self.pending.get_mut(slot as usize).and_then(Option::take) else {
             return;
         };
-        if let Err(e) = self.issue(&mut p, slot, now) {
+        if let Err(e) = self.issue(q, &mut p, slot, now) {
             // The commands already issued complete through `poll`; the rest never go out.
             log::warn!("nvme: cannot submit I/O at byte {}: {e}", p.io.offset);
             p.failed.get_or_insert(BdevError::BadBuffer);
@@ -215,7 +292,13 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
     }
 
     /// Submits commands of `p` while the queue has room.
-    fn issue(&mut self, p: &mut Pending, slot: u32, now: Instant) -> Result<(), SubmitError> {
+    fn issue<M: DmaMem>(
+        &mut self,
+        q: &mut IoQueue<M>,
+        p: &mut Pending,
+        slot: u32,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
         let bs = u64::from(self.block_size);
         let tag = u64::from(slot);
         match p.io.op {
@@ -229,7 +312,7 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
                     // Lent memory is not mapped for the device: take the bytes over.
                     buf.own();
                 }
-                while p.issued < p.total && self.room() > 0 {
+                while p.issued < p.total && self.capacity > q.qp.outstanding() {
                     let off = p.issued as usize * self.max_bytes;
                     let n = (len - off).min(self.max_bytes);
                     self.pieces.clear();
@@ -259,17 +342,23 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
                             data: &self.pieces,
                         },
                     };
-                    self.q.submit(&cmd, tag, now)?;
+                    q.submit(&cmd, tag, now)?;
                     p.issued += 1;
                     p.outstanding += 1;
                 }
             }
             IoOp::Flush => {
-                self.q.submit(&IoCmd::Flush, tag, now)?;
-                p.issued += 1;
-                p.outstanding += 1;
+                if self.room(q) > 0 {
+                    q.submit(&IoCmd::Flush, tag, now)?;
+                    p.issued += 1;
+                    p.outstanding += 1;
+                }
             }
             IoOp::Unmap => {
+                // All of them at once (a try that goes out again waits for the room).
+                if self.room(q) < p.total as usize {
+                    return Ok(());
+                }
                 self.ranges.clear();
                 for &(off, len) in &p.io.ranges {
                     let mut slba = off / bs;
@@ -282,8 +371,7 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
                     }
                 }
                 for chunk in self.ranges.chunks(DSM_MAX_RANGES) {
-                    self.q
-                        .submit(&IoCmd::Deallocate { ranges: chunk }, tag, now)?;
+                    q.submit(&IoCmd::Deallocate { ranges: chunk }, tag, now)?;
                     p.issued += 1;
                     p.outstanding += 1;
                 }
@@ -301,104 +389,148 @@ impl<R: Regs, M: DmaMem> NvmeChannel<R, M> {
         });
     }
 
-    fn ring(&mut self) {
+    fn ring<M: DmaMem>(&self, q: &mut IoQueue<M>) {
         let db = RegDoorbells {
             regs: &self.regs,
             dstrd: self.dstrd,
         };
-        self.q.qp.flush(&db);
+        q.qp.flush(&db);
     }
 
-    /// Takes the controller's completions and finishes the I/O whose last command is in.
-    fn reap(&mut self) {
+    /// Takes the controller's completions, and those a reset left in `reset_done`.
+    fn reap<M: DmaMem>(&mut self, slot: &mut QueueSlot<M>) {
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
-        let db = RegDoorbells {
-            regs: &self.regs,
-            dstrd: self.dstrd,
-        };
-        self.q.qp.poll(&db, &mut scratch);
-        for d in scratch.drain(..) {
-            let slot = d.tag as usize;
-            let Some(Some(p)) = self.pending.get_mut(slot) else {
-                continue;
+        scratch.append(&mut slot.reset_done);
+        if slot.q.qp.outstanding() > 0 {
+            let db = RegDoorbells {
+                regs: &self.regs,
+                dstrd: self.dstrd,
             };
-            p.outstanding = p.outstanding.saturating_sub(1);
-            if !d.status.is_success() && p.failed.is_none() {
-                // The I/O's first byte stands for the failing part's (SCSI reports the
-                // command's LBA when it cannot tell which block failed).
-                p.failed = Some(d.status.bdev_error(p.io.offset));
-            }
-            if p.outstanding == 0 && p.issued == p.total {
-                if let Some(p) = self.pending[slot].take() {
-                    self.free.push(slot as u32);
-                    let result = p.failed.map_or(Ok(()), Err);
-                    self.complete(p.io, result);
-                }
-            }
+            slot.q.qp.poll(&db, &mut scratch);
+        }
+        for d in scratch.drain(..) {
+            self.command_done(d);
         }
         self.scratch = scratch;
+    }
+
+    /// One command of an I/O is in: the I/O finishes when its last one is, or goes out again
+    /// when one was aborted.
+    fn command_done(&mut self, d: Done) {
+        let slot = d.tag as usize;
+        let Some(Some(p)) = self.pending.get_mut(slot) else {
+            return;
+        };
+        p.outstanding = p.outstanding.saturating_sub(1);
+        if d.status.is_aborted() && !d.status.dnr() && p.tries < MAX_TRIES {
+            p.again = true;
+        } else if !d.status.is_success() && p.failed.is_none() {
+            // The I/O's first byte stands for the failing part's (SCSI reports the
+            // command's LBA when it cannot tell which block failed).
+            p.failed = Some(d.status.bdev_error(p.io.offset));
+        }
+        if p.outstanding > 0 || p.issued < p.total {
+            return;
+        }
+        if p.again && p.failed.is_none() {
+            p.again = false;
+            p.tries += 1;
+            p.issued = 0;
+            log::warn!(
+                "nvme: I/O at byte {} was aborted; sending it again (try {})",
+                p.io.offset,
+                p.tries
+            );
+            // The oldest started I/O: first in line for the queue's room.
+            if !self.partial.contains(&(slot as u32)) {
+                self.partial.push_front(slot as u32);
+            }
+            return;
+        }
+        if let Some(p) = self.pending[slot].take() {
+            self.free.push(slot as u32);
+            let result = p.failed.map_or(Ok(()), Err);
+            self.complete(p.io, result);
+        }
+    }
+
+    /// Sends what waits, older I/O first: the rest of a started one, then new ones.
+    fn pump_waiting<M: DmaMem>(&mut self, q: &mut IoQueue<M>, now: Instant) {
+        while let Some(&slot) = self.partial.front() {
+            if self.room(q) == 0 {
+                break;
+            }
+            self.partial.pop_front();
+            self.pump(q, slot, now);
+            if self.partial.contains(&slot) {
+                break;
+            }
+        }
+        while self.partial.is_empty() {
+            let Some(io) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some(io) = self.start(q, io, now) {
+                self.waiting.push_front(io);
+                break;
+            }
+        }
+        self.ring(q);
+    }
+
+    fn busy(&self) -> bool {
+        self.free.len() < self.capacity || !self.waiting.is_empty() || !self.done.is_empty()
     }
 }
 
 impl<R: Regs, M: DmaMem> IoChannel for NvmeChannel<R, M> {
     fn submit(&mut self, io: BdevIo) {
-        if !self.waiting.is_empty() || !self.partial.is_empty() {
-            self.waiting.push_back(io);
+        let c = &mut self.core;
+        if !c.waiting.is_empty() || !c.partial.is_empty() {
+            c.waiting.push_back(io);
             return;
         }
-        if let Some(io) = self.start(io, Instant::now()) {
-            self.waiting.push_back(io);
+        // The watchdog holds the queue: the I/O waits for the next poll.
+        let Some(mut g) = try_take(&self.cell) else {
+            c.waiting.push_back(io);
+            return;
+        };
+        if let Some(io) = c.start(&mut g.q, io, Instant::now()) {
+            c.waiting.push_back(io);
         }
-        self.ring();
+        c.ring(&mut g.q);
     }
 
     fn poll(&mut self, out: &mut Vec<BdevCompletion>) -> usize {
-        if self.q.qp.outstanding() > 0 {
-            self.reap();
-        }
-        if !self.partial.is_empty() || !self.waiting.is_empty() {
-            let now = Instant::now();
-            // Older I/O first: the rest of a started one, then new ones.
-            while let Some(&slot) = self.partial.front() {
-                if self.room() == 0 {
-                    break;
+        let c = &mut self.core;
+        if c.free.len() < c.capacity || !c.waiting.is_empty() {
+            if let Some(mut g) = try_take(&self.cell) {
+                let slot = &mut *g;
+                if slot.q.qp.outstanding() > 0 || !slot.reset_done.is_empty() {
+                    c.reap(slot);
                 }
-                self.partial.pop_front();
-                self.pump(slot, now);
-                if self.partial.contains(&slot) {
-                    break;
+                if !c.partial.is_empty() || !c.waiting.is_empty() {
+                    c.pump_waiting(&mut slot.q, Instant::now());
                 }
             }
-            while self.partial.is_empty() {
-                let Some(io) = self.waiting.pop_front() else {
-                    break;
-                };
-                if let Some(io) = self.start(io, now) {
-                    self.waiting.push_front(io);
-                    break;
-                }
-            }
-            self.ring();
         }
-        let n = self.done.len();
-        out.extend(self.done.drain(..));
+        let n = c.done.len();
+        out.extend(c.done.drain(..));
         n
     }
 
     fn busy(&self) -> bool {
-        self.q.qp.outstanding() > 0
-            || !self.partial.is_empty()
-            || !self.waiting.is_empty()
-            || !self.done.is_empty()
+        self.core.busy()
     }
 
     fn cancel(&mut self, tag: u64) {
         // Waiting I/O has not reached the controller: it ends here. I/O the controller holds
         // completes as it will (ABORT is for timeouts, through the controller).
-        if let Some(i) = self.waiting.iter().position(|io| io.tag == tag) {
-            if let Some(io) = self.waiting.remove(i) {
-                self.complete(io, Err(BdevError::Cancelled));
+        let c = &mut self.core;
+        if let Some(i) = c.waiting.iter().position(|io| io.tag == tag) {
+            if let Some(io) = c.waiting.remove(i) {
+                c.complete(io, Err(BdevError::Cancelled));
             }
         }
     }
@@ -561,7 +693,7 @@ mod tests {
         ));
         let c = drive(&mut b.ch, 1);
         assert_eq!(c[0].result, Err(BdevError::Io(8192)));
-        assert_eq!(b.ch.queue().qp.outstanding(), 0);
+        assert_eq!(b.ch.outstanding_commands(), 0);
         // Waiting I/O can be cancelled before it reaches the controller.
         for t in 10..13u64 {
             b.ch.submit(io(

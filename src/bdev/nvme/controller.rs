@@ -676,14 +676,28 @@ impl<R: Regs, A: DmaAlloc> Controller<R, A> {
         clock: &dyn Clock,
         out: &mut Vec<Done>,
     ) -> Result<()> {
-        self.stats.resets += 1;
-        self.disable(clock)?;
-        // The controller has forgotten every queue and command.
-        let mut admin_done = Vec::new();
-        self.admin.drain(aborted_by_reset(), &mut admin_done);
+        self.reset_begin(clock)?;
         for q in queues.iter_mut() {
             q.qp.drain(aborted_by_reset(), out);
         }
+        self.reset_finish(clock)
+    }
+
+    /// The first half of [`reset`](Controller::reset): the controller disabled, which makes
+    /// it forget every queue and command. Before [`reset_finish`](Controller::reset_finish)
+    /// the caller drains every I/O queue (`qp.drain(aborted_by_reset(), ..)`); only now is
+    /// that safe, as a disabled controller writes nothing more into them.
+    pub fn reset_begin(&mut self, clock: &dyn Clock) -> Result<()> {
+        self.stats.resets += 1;
+        self.disable(clock)?;
+        let mut admin_done = Vec::new();
+        self.admin.drain(aborted_by_reset(), &mut admin_done);
+        Ok(())
+    }
+
+    /// The second half of [`reset`](Controller::reset): enabled again, with every I/O queue
+    /// created anew on the memory it had (the drained queues start empty, as new ones).
+    pub fn reset_finish(&mut self, clock: &dyn Clock) -> Result<()> {
         self.enable(clock)?;
         self.identify = self.identify_controller(clock)?;
         let granted = self.set_queues(clock)?;

@@ -6,17 +6,34 @@
 //! into the buffers of outstanding reads until then); a later channel reuses it. When the
 //! device itself goes, its queues are deleted and the controller is shut down and disabled,
 //! so the kernel's driver can take it back.
+//!
+//! # Timeouts and resets
+//! Every queue pair sits in a [`QueueCell`] that the device keeps too. A watchdog thread
+//! ([`NvmeDev::watch`]) looks at them every [`WATCH_EVERY`]: a command outstanding longer
+//! than the command timeout gets an ABORT, and one that outlives its ABORT (or an ABORT that
+//! fails) resets the controller ([`NvmeDev::reset_controller`], also the device's `reset`
+//! attribute). A reset takes every queue's lock, disables the controller, ends every
+//! outstanding command with an "aborted" status left in its queue's cell, enables the
+//! controller and creates the queues again on the same memory. The channels, which only
+//! ever try their queue's lock, find those commands at their next poll and send their I/O
+//! again (see [`super::channel`]): nothing a reactor waits on, and no I/O lost.
+//!
+//! The watchdog sends ABORTs while holding the device's lock; a reactor opening a channel
+//! then waits for it (an admin command, bounded by the admin timeout).
 
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 
-use super::channel::NvmeChannel;
-use super::controller::{Clock, Config, Controller, ControllerError, IoQueue, Stats, SystemClock};
+use super::channel::{queue_cell, take, NvmeChannel, QueueCell};
+use super::controller::{
+    aborted_by_reset, Clock, Config, Controller, ControllerError, Stats, SystemClock, TimeoutAction,
+};
 use super::spec::{oncs, IdentifyController, IdentifyNamespace};
 use super::vfio::{Bar0, VfioAlloc, VfioDevice, VfioError};
 use super::{DmaAlloc, Regs};
@@ -26,6 +43,9 @@ use crate::bdev::{
 
 /// How long a closing channel waits for the controller to finish its commands.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// How often the watchdog looks for timed-out commands.
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error, displaydoc::Display)]
 pub enum OpenError {
@@ -51,11 +71,17 @@ pub struct ControllerInfo {
     pub resets: u64,
 }
 
+/// A queue pair the device created, and whether a channel uses it.
+struct QueueEntry<M> {
+    cell: Arc<QueueCell<M>>,
+    in_use: bool,
+}
+
 /// The parts of the device behind its lock.
 struct State<R: Regs, A: DmaAlloc> {
     ctrl: Option<Controller<R, A>>,
-    /// Queues of closed channels, for the next ones.
-    idle: Vec<IoQueue<A::Mem>>,
+    /// Every queue pair created, in use by a channel or idle for the next one.
+    queues: Vec<QueueEntry<A::Mem>>,
 }
 
 pub struct NvmeDev<R: Regs, A: DmaAlloc> {
@@ -71,6 +97,8 @@ pub struct NvmeDev<R: Regs, A: DmaAlloc> {
     dsm: bool,
     max_transfer: usize,
     fault: Arc<FaultInject>,
+    /// Dropped with the device: the watchdog thread sees its channel close and ends.
+    watchdog: Mutex<Option<Sender<()>>>,
 }
 
 impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
@@ -108,9 +136,10 @@ impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
             ns,
             state: Mutex::new(State {
                 ctrl: Some(ctrl),
-                idle: Vec::new(),
+                queues: Vec::new(),
             }),
             fault: Arc::new(FaultInject::default()),
+            watchdog: Mutex::new(None),
         })
     }
 
@@ -157,6 +186,99 @@ impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
         // Every update under the lock leaves the state whole: a poisoned lock is usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Sends an ABORT for each command of an open channel outstanding longer than the
+    /// command timeout, and resets the controller when one outlived its ABORT or an ABORT
+    /// failed. The watchdog's work, every [`WATCH_EVERY`].
+    pub fn check_timeouts(&self, clock: &dyn Clock) {
+        let mut st = self.state();
+        let st = &mut *st;
+        let Some(ctrl) = st.ctrl.as_mut() else {
+            return;
+        };
+        let mut reset = false;
+        'queues: for e in st.queues.iter().filter(|e| e.in_use) {
+            let mut g = take(&e.cell);
+            // One ABORT per expired command; each call marks the one it aborted.
+            for _ in 0..=g.q.qp.capacity() {
+                match ctrl.check_timeouts(&mut g.q, clock) {
+                    TimeoutAction::None => break,
+                    TimeoutAction::Aborted(cid) => {
+                        warn!(
+                            "nvme: queue {}: command {cid} timed out; aborted",
+                            g.q.qid()
+                        );
+                    }
+                    TimeoutAction::Reset => {
+                        reset = true;
+                        break 'queues;
+                    }
+                }
+            }
+        }
+        if reset {
+            warn!("nvme: a command outlived its ABORT: resetting the controller");
+            if let Err(e) = reset_locked(st, clock) {
+                error!("nvme: controller reset failed: {e}");
+            }
+        }
+    }
+
+    /// Resets the controller under every reactor's queue (see the module documentation).
+    /// The commands it ends go out again from their channels.
+    pub fn reset_controller(&self, clock: &dyn Clock) -> Result<(), ControllerError> {
+        let mut st = self.state();
+        reset_locked(&mut st, clock)
+    }
+}
+
+fn reset_locked<R: Regs, A: DmaAlloc>(
+    st: &mut State<R, A>,
+    clock: &dyn Clock,
+) -> Result<(), ControllerError> {
+    let Some(ctrl) = st.ctrl.as_mut() else {
+        return Err(ControllerError::Gone);
+    };
+    let mut guards: Vec<_> = st.queues.iter().map(|e| take(&e.cell)).collect();
+    ctrl.reset_begin(clock)?;
+    // Disabled: the controller writes nothing more into the queues.
+    let mut ended = 0;
+    for g in guards.iter_mut() {
+        let slot = &mut **g;
+        ended += slot.q.qp.drain(aborted_by_reset(), &mut slot.reset_done);
+    }
+    let r = ctrl.reset_finish(clock);
+    drop(guards);
+    match &r {
+        Ok(()) => info!("nvme: controller reset; {ended} commands go out again"),
+        Err(e) => error!("nvme: the controller did not come back from its reset: {e}"),
+    }
+    r
+}
+
+impl<R, A> NvmeDev<R, A>
+where
+    R: Regs + Clone + Send + Sync + 'static,
+    A: DmaAlloc + Send + 'static,
+    A::Mem: Send + 'static,
+{
+    /// Starts the device's watchdog thread, which ends when the device goes.
+    pub fn watch(self: &Arc<Self>) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel::<()>();
+        let weak = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name(format!("nvme-watch-{}", self.nsid))
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(WATCH_EVERY) {
+                    let Some(dev) = weak.upgrade() else {
+                        break;
+                    };
+                    dev.check_timeouts(&SystemClock);
+                }
+            })?;
+        *self.watchdog.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        Ok(())
+    }
 }
 
 impl NvmeDev<Arc<Bar0>, VfioAlloc> {
@@ -179,7 +301,13 @@ impl NvmeDev<Arc<Bar0>, VfioAlloc> {
 impl<R: Regs, A: DmaAlloc> Drop for NvmeDev<R, A> {
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let queues = std::mem::take(&mut st.idle);
+        // A queue still held elsewhere (a channel that never got its commands back) is left
+        // alone: the controller's shutdown deletes it anyway.
+        let queues = std::mem::take(&mut st.queues)
+            .into_iter()
+            .filter_map(|e| Arc::try_unwrap(e.cell).ok())
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()).q)
+            .collect();
         if let Some(ctrl) = st.ctrl.take() {
             let mut out = Vec::new();
             match ctrl.shutdown(queues, &SystemClock, &mut out) {
@@ -217,20 +345,33 @@ where
         let fault = self.fault.clone();
         let q = {
             let mut st = self.state();
-            match st.idle.pop() {
-                Some(q) => Ok(q),
+            let st = &mut *st;
+            match st.queues.iter_mut().find(|e| !e.in_use) {
+                Some(e) => {
+                    e.in_use = true;
+                    Ok(e.cell.clone())
+                }
                 None => match st.ctrl.as_mut() {
-                    Some(c) => c.create_io_queue(self.nsid, self.ns.block_size, &SystemClock),
+                    Some(c) => c
+                        .create_io_queue(self.nsid, self.ns.block_size, &SystemClock)
+                        .map(|q| {
+                            let cell = queue_cell(q);
+                            st.queues.push(QueueEntry {
+                                cell: cell.clone(),
+                                in_use: true,
+                            });
+                            cell
+                        }),
                     None => Err(ControllerError::Gone),
                 },
             }
         };
         match q {
-            Ok(q) => {
-                let ch = NvmeChannel::new(
+            Ok(cell) => {
+                let ch = NvmeChannel::with_cell(
                     self.regs.clone(),
                     self.dstrd,
-                    q,
+                    cell,
                     self.ns.block_size,
                     self.max_transfer,
                 );
@@ -322,8 +463,11 @@ where
             std::mem::forget(ch);
             return;
         }
-        let q = ch.into_queue();
-        self.dev.state().idle.push(q);
+        let cell = ch.into_cell();
+        let mut st = self.dev.state();
+        if let Some(e) = st.queues.iter_mut().find(|e| Arc::ptr_eq(&e.cell, &cell)) {
+            e.in_use = false;
+        }
     }
 }
 
@@ -354,8 +498,8 @@ impl IoChannel for Offline {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bdev::nvme::model::{FakeClock, Model, SimAlloc, SimMem};
-    use crate::bdev::nvme::spec::{admin, cc};
+    use crate::bdev::nvme::model::{FakeClock, Model, ModelRegs, SimAlloc, SimMem};
+    use crate::bdev::nvme::spec::{admin, cc, nvm};
     use crate::bdev::IoOp;
     use crate::env::{DataBuf, Pool};
 
@@ -461,5 +605,168 @@ mod tests {
             ch.poll(&mut out);
         }
         assert_eq!(dev.info().outstanding, 0);
+    }
+
+    /// A device on a model controller and a pool the model reaches.
+    fn bed() -> (
+        ModelRegs,
+        &'static Pool,
+        FakeClock,
+        Arc<NvmeDev<ModelRegs, SimAlloc>>,
+    ) {
+        let pool = Pool::with_counts(8, 8, false).unwrap();
+        let mem = SimMem::new(16 << 20);
+        mem.map_window(pool);
+        let regs = Model::start(&mem, 64, 4096, 1024);
+        let clock = FakeClock::new();
+        let cfg = Config {
+            io_queues: 2,
+            ..Config::default()
+        };
+        let ctrl = Controller::new(regs.clone(), SimAlloc::new(&mem), cfg, &clock).unwrap();
+        let dev = Arc::new(NvmeDev::new(ctrl, 1, &clock).unwrap());
+        (regs, pool, clock, dev)
+    }
+
+    fn write(pool: &'static Pool, tag: u64, offset: u64, byte: u8) -> BdevIo {
+        let mut b = DataBuf::alloc_from(pool, 8192).unwrap();
+        b.fill(0, 8192, byte);
+        BdevIo {
+            tag,
+            op: IoOp::Write { fua: false },
+            offset,
+            len: 8192,
+            buf: Some(b),
+            ranges: Vec::new(),
+        }
+    }
+
+    fn drive(ch: &mut Box<dyn IoChannel>) -> Vec<BdevCompletion> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            if ch.poll(&mut out) > 0 && !ch.busy() {
+                break;
+            }
+        }
+        assert!(!ch.busy(), "every I/O completes");
+        out
+    }
+
+    #[test]
+    fn a_reset_sends_every_reactors_outstanding_io_again_and_loses_none() {
+        let (regs, pool, clock, dev) = bed();
+        let (cx1, cx2) = (IoContext::new(), IoContext::new());
+        let mut a = dev.clone().open_channel(&cx1);
+        let mut b = dev.clone().open_channel(&cx2);
+        assert_eq!(regs.0.borrow().io_queues(), 2, "a queue pair per channel");
+        // Each channel has a write the controller took and never answers.
+        regs.0.borrow_mut().faults.swallow_next = Some(nvm::WRITE);
+        a.submit(write(pool, 1, 0, 0xa1));
+        regs.0.borrow_mut().faults.swallow_next = Some(nvm::WRITE);
+        b.submit(write(pool, 2, 16384, 0xb2));
+        let mut out = Vec::new();
+        a.poll(&mut out);
+        b.poll(&mut out);
+        assert!(out.is_empty() && a.busy() && b.busy());
+        assert_eq!(regs.0.borrow().swallowed.len(), 2);
+        assert!(regs.0.borrow().data[..8192].iter().all(|&x| x == 0));
+
+        dev.reset_controller(&clock).unwrap();
+        {
+            let m = regs.0.borrow();
+            assert_eq!(m.disables, 1, "the reset disabled the controller");
+            assert_eq!(m.io_queues(), 2, "both queue pairs created again");
+            assert_eq!(m.count(false, admin::CREATE_IO_SQ), 4);
+        }
+        assert_eq!(dev.info().resets, 1);
+        // Each channel sends its write again at its next poll; both land.
+        let ca = drive(&mut a);
+        let cb = drive(&mut b);
+        assert_eq!((ca.len(), ca[0].tag, ca[0].result), (1, 1, Ok(())));
+        assert_eq!((cb.len(), cb[0].tag, cb[0].result), (1, 2, Ok(())));
+        {
+            let m = regs.0.borrow();
+            assert!(m.data[..8192].iter().all(|&x| x == 0xa1));
+            assert!(m.data[16384..16384 + 8192].iter().all(|&x| x == 0xb2));
+        }
+        // The queues go on from their new start: more I/O, across the queues' wrap.
+        for i in 0..100u64 {
+            a.submit(write(pool, 10 + i, 32768, i as u8));
+            let c = drive(&mut a);
+            assert_eq!(c[0].result, Ok(()));
+        }
+        assert!(regs.0.borrow().data[32768..32768 + 8192]
+            .iter()
+            .all(|&x| x == 99));
+        assert_eq!(dev.info().outstanding, 0);
+    }
+
+    #[test]
+    fn a_timed_out_command_is_aborted_then_reset_and_its_io_still_completes() {
+        let (regs, pool, clock, dev) = bed();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let to = Config::default().command_timeout;
+        // Aborted: the controller ends the command with ABORT REQUESTED; the write goes out
+        // again and lands.
+        regs.0.borrow_mut().faults.swallow_next = Some(nvm::WRITE);
+        ch.submit(write(pool, 1, 0, 0x11));
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        dev.check_timeouts(&clock);
+        assert_eq!(dev.info().timeouts, 0, "not yet");
+        clock.advance(to + Duration::from_secs(1));
+        dev.check_timeouts(&clock);
+        assert_eq!((dev.info().timeouts, dev.info().aborts), (1, 1));
+        let c = drive(&mut ch);
+        assert_eq!((c[0].tag, c[0].result), (1, Ok(())));
+        assert!(regs.0.borrow().data[..8192].iter().all(|&x| x == 0x11));
+        assert_eq!(dev.info().resets, 0);
+
+        // The ABORT is ignored: one timeout later the controller is reset, and the write
+        // still lands.
+        regs.0.borrow_mut().faults.ignore_abort = true;
+        regs.0.borrow_mut().faults.swallow_next = Some(nvm::WRITE);
+        ch.submit(write(pool, 2, 8192, 0x22));
+        ch.poll(&mut out);
+        assert!(out.is_empty());
+        clock.advance(to + Duration::from_secs(1));
+        dev.check_timeouts(&clock);
+        assert_eq!(dev.info().timeouts, 2);
+        ch.poll(&mut out);
+        assert!(
+            out.is_empty(),
+            "an ignored ABORT leaves the command outstanding"
+        );
+        clock.advance(to + Duration::from_secs(1));
+        dev.check_timeouts(&clock);
+        assert_eq!(dev.info().resets, 1);
+        let c = drive(&mut ch);
+        assert_eq!((c[0].tag, c[0].result), (2, Ok(())));
+        assert!(regs.0.borrow().data[8192..16384].iter().all(|&x| x == 0x22));
+    }
+
+    #[test]
+    fn an_io_that_every_try_loses_fails_as_cancelled() {
+        let (regs, pool, clock, dev) = bed();
+        let cx = IoContext::new();
+        let mut ch = dev.clone().open_channel(&cx);
+        let mut out = Vec::new();
+        for _ in 0..crate::bdev::nvme::channel::MAX_TRIES {
+            regs.0.borrow_mut().faults.swallow_next = Some(nvm::WRITE);
+            if out.is_empty() && !ch.busy() {
+                ch.submit(write(pool, 7, 0, 0x77));
+            }
+            ch.poll(&mut out);
+            assert!(out.is_empty());
+            dev.reset_controller(&clock).unwrap();
+        }
+        let c = drive(&mut ch);
+        assert_eq!((c[0].tag, c[0].result), (7, Err(BdevError::Cancelled)));
+        assert_eq!(
+            dev.info().resets,
+            u64::from(crate::bdev::nvme::channel::MAX_TRIES)
+        );
+        assert!(regs.0.borrow().data[..8192].iter().all(|&x| x == 0));
     }
 }
