@@ -29,15 +29,32 @@ iface_of() {
         [ -e "$n" ] && { echo "${n##*/}"; return; }
     done
 }
-# Waits for the host's line on the second serial port (the host's initiator is done).
+# Waits for the host's line on the second serial port (the host's initiator is done), and
+# leaves it in HOST_LINE.
 wait_host() {
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
-    local line
-    if read -r -t "$HOST_TIMEOUT" line </dev/ttyS1; then
-        echo "VMTEST host says: $line"
+    HOST_LINE=
+    if read -r -t "$HOST_TIMEOUT" HOST_LINE </dev/ttyS1; then
+        echo "VMTEST host says: $HOST_LINE"
     else
         fail "no word from the host within $HOST_TIMEOUT s"
+        return 1
     fi
+}
+# MODE=nvme: until the host says it is done, each "reset" from it resets the NVMe controller
+# under the I/O the host has running (the device's reset attribute), and says how many
+# commands the reset ended and the target sent again.
+serve_resets() {
+    local n=0 sent
+    while wait_host && [ "$HOST_LINE" = reset ]; do
+        n=$((n + 1))
+        if $RPC -s "$SOCK" set devices/nvme0/reset 1 >/tmp/reset.out 2>&1; then
+            sent=$(grep -o "controller reset; [0-9]* commands go out again" /tmp/target.log | tail -1)
+            pass "controller reset $n injected under the host's I/O (resets=$($RPC -s "$SOCK" get devices/nvme0/resets 2>&1); ${sent:-no log line})"
+        else
+            fail "controller reset $n: $(cat /tmp/reset.out)"
+        fi
+    done
 }
 finish() {
     echo "VMTEST END pass=$npass fail=$nfail"
@@ -373,7 +390,7 @@ target | kernel | initiator | nvme)
                 done
             fi
             echo "VMTEST READY ok"
-            wait_host
+            if [ "$MODE" = nvme ]; then serve_resets; else wait_host; fi
             [ "$MODE" = initiator ] && kernel_initiator_pr
             if [ "$MODE" = nvme ]; then
                 for a in outstanding timeouts resets; do
