@@ -12,6 +12,8 @@
 # QD, random unless SEQ=1) for SECS seconds after a second's ramp-up, and prints the IOPS
 # (iscsi-perf's per-second figures averaged), MB/s and the target's reactor busy µs per I/O.
 # ROUNDS turns per build, alternating. Needs iscsi-perf and qemu-img (scripts/setup.sh).
+# LUN=fileio serves the same data from a file in the work directory (/var/tmp) opened with
+# O_DIRECT instead, so that every I/O goes through the reactor's io_uring.
 #
 #   QD=32 BLOCKS=8 ROUNDS=2 SECS=6 TARGET_CORE=1 INIT_CORE=0 PORT=13310 MB=1024
 set -euo pipefail
@@ -26,6 +28,8 @@ MB=${MB:-1024}
 TARGET_CORE=${TARGET_CORE:-1}
 INIT_CORE=${INIT_CORE:-0}
 PORT=${PORT:-13310}
+LUN=${LUN:-ram}
+case $LUN in ram | fileio) ;; *) die "LUN is ram or fileio, not '$LUN'" ;; esac
 IQN=iqn.2026-11.org.iscsi-tgt:ab
 for c in iscsi-perf qemu-img; do
     command -v "$c" >/dev/null || die "$c is missing (scripts/setup.sh installs it)"
@@ -61,14 +65,24 @@ SOCK=$WORK/rpc.sock
 rflag=-r
 [ "$SEQ" = 1 ] && rflag=
 
-echo "# $QD deep, $((BLOCKS * 512)) bytes per I/O, $([ "$SEQ" = 1 ] && echo sequential || echo random) reads, ${SECS} s per turn, $MB MiB RAM LUN"
+echo "# $QD deep, $((BLOCKS * 512)) bytes per I/O, $([ "$SEQ" = 1 ] && echo sequential || echo random) reads, ${SECS} s per turn, $MB MiB $([ "$LUN" = ram ] && echo RAM || echo O_DIRECT file) LUN"
 for round in $(seq 1 "$ROUNDS"); do
     for b in "${bins[@]}"; do
         spawn_target "$SOCK" "$WORK/target.log" taskset -c "$TARGET_CORE" "$b" \
             --listen "127.0.0.1:$PORT" --cores "$TARGET_CORE" --mode poll
-        ram_target "$SOCK" "$IQN" "$MB" >/dev/null
-        taskset -c "$INIT_CORE" qemu-img convert -n -f raw -O raw "$DATA" "$URL" ||
-            die "filling the LUN failed"
+        if [ "$LUN" = ram ]; then
+            ram_target "$SOCK" "$IQN" "$MB" >/dev/null
+            taskset -c "$INIT_CORE" qemu-img convert -n -f raw -O raw "$DATA" "$URL" ||
+                die "filling the LUN failed"
+        else
+            {
+                rpc "$SOCK" mgmt handlers/vdisk_fileio/mgmt "add_device f0 filename=$DATA; o_direct=1"
+                rpc "$SOCK" mgmt targets/iscsi/mgmt "add_target $IQN"
+                rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "add f0 0"
+                rpc "$SOCK" set "targets/iscsi/$IQN/enabled" 1
+                rpc "$SOCK" set targets/iscsi/enabled 1
+            } >/dev/null
+        fi
         taskset -c "$INIT_CORE" iscsi-perf -m "$QD" -b "$BLOCKS" $rflag "$URL" >"$WORK/perf.out" 2>&1 &
         perf_pid=$!
         sleep 1
