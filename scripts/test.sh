@@ -7,7 +7,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
-step() { echo; echo "== $*"; }
+START=$(date +%s)
+# Each stage's heading says how far into the run it starts.
+step() { echo; echo "== $* (at $(($(date +%s) - START)) s)"; }
 
 step "setup"
 scripts/setup.sh
@@ -88,4 +90,4 @@ step "conformance: iscsi-test-cu"
 scripts/conformance.sh
 
 echo
-echo "all test stages passed"
+echo "all test stages passed in $(($(date +%s) - START)) s"
