@@ -29,6 +29,7 @@
 pub mod channel;
 pub mod controller;
 pub mod dev;
+pub mod passthru;
 pub mod pci;
 pub mod prp;
 pub mod queue;
