@@ -408,10 +408,10 @@ s.close()
 EOF
 }
 
-# nvme_lun_checks LUN WHAT TESTS: UNMAP read back as zeros, libiscsi's TESTS and iscsi-bench
-# --verify at QD32 on LUN.
+# nvme_lun_checks LUN WHAT TESTS BS: UNMAP read back as zeros, libiscsi's TESTS and
+# iscsi-bench --verify at QD32 in commands of BS bytes on LUN.
 nvme_lun_checks() {
-    local lun=$1 what=$2 tests=$3 out t score
+    local lun=$1 what=$2 tests=$3 bs=$4 out t score
     # 1 MiB at 1 MiB held random data from the round trip: after UNMAP (qemu's iscsi
     # driver sends it for a discard where the LUN says it may) it must read as zeros.
     if out=$(timeout 300 qemu-io -f raw -c "discard 1M 1M" -c "read -P 0 1M 1M" "$URL/$IQN/$lun" 2>&1) &&
@@ -437,8 +437,8 @@ nvme_lun_checks() {
     # namespace and reads it back.
     t=$(date +%s)
     if out=$(timeout 600 "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
-        --lun "$lun" --verify --qd 32 --bs 65536 2>&1); then
-        ok "iscsi-bench --verify at QD32 over the whole of $what ($(($(date +%s) - t)) s)"
+        --lun "$lun" --verify --qd 32 --bs "$bs" 2>&1); then
+        ok "iscsi-bench --verify at QD32 in $bs-byte commands over the whole of $what ($(($(date +%s) - t)) s)"
     else
         bad "iscsi-bench --verify at QD32 on $what: $(tail -c 400 <<<"$out")"
     fi
@@ -526,7 +526,7 @@ else
             bad "qemu-img round trip of $ROUNDTRIP_MB MiB: $(tail -3 "$WORK/qi.log")"
         fi
         if [ "$MODE" = nvme ]; then
-            nvme_lun_checks 0 "the NVMe LUN" "$NVME_CU_TESTS"
+            nvme_lun_checks 0 "the NVMe LUN" "$NVME_CU_TESTS" 65536
             # LUN 1: the second controller through the guest kernel's driver (passthrough).
             t1=$(date +%s)
             if out=$(timeout 60 iscsi-inq "$URL/$IQN/1" 2>&1); then
@@ -542,7 +542,9 @@ else
             else
                 bad "qemu-img round trip of $ROUNDTRIP_MB MiB on LUN 1: $(tail -3 "$WORK/qi1.log")"
             fi
-            nvme_lun_checks 1 "the passthrough LUN 1" "$NVME_PT_CU_TESTS"
+            # 1 MiB commands: buffers of eight 128 KiB chunks (NVME_URING_CMD_IO_VEC), split
+            # by the kernel's max_hw_sectors_kb.
+            nvme_lun_checks 1 "the passthrough LUN 1" "$NVME_PT_CU_TESTS" 1048576
             ok "the passthrough LUN's checks took $(($(date +%s) - t1)) s"
             if [ "$NVME_BENCH_SECS" -gt 0 ]; then
                 nvme_bench 0 "userspace driver"
