@@ -1711,6 +1711,37 @@ mod tests {
     }
 
     #[test]
+    fn passthrough_parameters_are_one_form() {
+        assert_eq!(
+            check_passthru_params(&p(&[("filename", "/dev/ng0n1")]), Some("/dev/ng0n1")).ok(),
+            Some("/dev/ng0n1")
+        );
+        let e = |pairs: &[(&str, &str)], f: Option<&str>| {
+            check_passthru_params(&p(pairs), f).unwrap_err().to_string()
+        };
+        assert!(e(
+            &[("filename", "/dev/ng0n1"), ("pci", "00:04.0")],
+            Some("/dev/ng0n1")
+        )
+        .contains("not both"));
+        assert!(e(
+            &[("filename", "/dev/ng0n1"), ("nsid", "2")],
+            Some("/dev/ng0n1")
+        )
+        .contains("nsid goes with pci="));
+        assert!(e(&[("filename", "")], Some("")).contains("filename must name"));
+        // The add_device of neither form says what it needs.
+        let m = Device::create("vdisk_nvme", "n", &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            m.contains("pci=") && m.contains("filename=/dev/ngXnY"),
+            "{m}"
+        );
+    }
+
+    #[test]
     fn nvme_parameters_parse() {
         assert_eq!(
             parse_nvme_params(&p(&[("pci", "0000:00:04.0"), ("nsid", "1")])),
