@@ -107,10 +107,9 @@ const DEFAULT_LIMITS: (u32, u32) = (128 * 1024, 32);
 /// and its length); little-endian as the kernel reads it.
 pub fn uring_cmd(e: &SqEntry, addr: u64, data_len: u32) -> [u8; 80] {
     let mut b = [0u8; 80];
-    // CDW0 carries the opcode and flags (FUSE, PSDT): the kernel sets the command
-    // identifier and the data pointers itself.
+    // Of CDW0 only the opcode: the kernel sets the command identifier and the data pointers
+    // itself, and refuses a command with flags (fused operations, SGLs) with EINVAL.
     b[0] = e.opcode();
-    b[1] = (e.cdw[0] >> 8) as u8;
     b[4..8].copy_from_slice(&e.cdw[1].to_le_bytes());
     b[8..12].copy_from_slice(&e.cdw[2].to_le_bytes());
     b[12..16].copy_from_slice(&e.cdw[3].to_le_bytes());
@@ -873,6 +872,12 @@ mod tests {
         assert_eq!(b[0], nvm::DATASET_MANAGEMENT);
         assert_eq!((le32(&b, 40), le32(&b, 44)), (2, 1 << 2));
         assert_eq!((le64(&b, 24), le32(&b, 36)), (0xabc0, 48));
+
+        // The command identifier and flags of CDW0 are the kernel's to set.
+        let mut e = SqEntry::rw(nvm::READ, 1, 0, 1, false);
+        e.set_cid(0x1234);
+        e.cdw[0] |= 1 << 8;
+        assert_eq!(uring_cmd(&e, 0, 0)[..4], [nvm::READ, 0, 0, 0]);
 
         // COMPARE: a read-direction command with data, like READ.
         let b = uring_cmd(&SqEntry::rw(nvm::COMPARE, 1, 7, 2, false), 0x2000, 1024);
