@@ -6,9 +6,11 @@
 # the NIC, which carries an address), then run on the NIC (dpdk-testpmd, or the target on
 # DPDK or on the kernel's TCP) until the host writes a line to the second serial port, stop,
 # setup.sh reset (the NIC back to its kernel driver), "VMTEST END". In MODE=nvme the NVMe
-# controller goes to vfio-pci instead, the target serves it as a vdisk_nvme LUN, and after the
-# host is done del_device gives it back and the kernel's nvme driver takes it again. Not meant
-# to run on a host.
+# controller goes to vfio-pci instead, the target serves it as a vdisk_nvme LUN 0, and a second
+# controller that stays on the kernel's nvme driver as a passthrough vdisk_nvme LUN 1 (its
+# /dev/ngXn1); after the host is done del_device gives the first back and the kernel's nvme
+# driver takes it again. While it waits for the host, a line "cpu TAG" from the host makes it
+# print the target's CPU time ("VMTEST cpu TAG TICKS HZ"). Not meant to run on a host.
 set -uo pipefail
 
 # shellcheck source=/dev/null
@@ -29,45 +31,76 @@ iface_of() {
         [ -e "$n" ] && { echo "${n##*/}"; return; }
     done
 }
-# Waits for the host's line on the second serial port (the host's initiator is done), and
-# leaves it in HOST_LINE.
+# Waits for the host's word on the second serial port (the host's initiator is done) and leaves
+# it in HOST_LINE. Before it, the host may ask for things with short lines (the port keeps lines
+# of a few characters whole): "cTAG" for the target's CPU time, utime + stime of TARGET_PID in
+# ticks ("VMTEST cpu cTAG TICKS HZ"); "rN" (MODE=nvme) for a reset of LUN N's NVMe controller
+# under the I/O the host has running, through the device's reset attribute. The port stays
+# open between lines.
 wait_host() {
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
+    local line end=$(($(date +%s) + HOST_TIMEOUT))
     HOST_LINE=
-    if read -r -t "$HOST_TIMEOUT" HOST_LINE </dev/ttyS1; then
-        echo "VMTEST host says: $HOST_LINE"
-    else
-        fail "no word from the host within $HOST_TIMEOUT s"
-        return 1
-    fi
-}
-# MODE=nvme: until the host says it is done, each "reset" from it resets the NVMe controller
-# under the I/O the host has running (the device's reset attribute), and says how many
-# commands the reset ended and the target sent again.
-serve_resets() {
-    local n=0 sent
-    while wait_host && [ "$HOST_LINE" = reset ]; do
-        n=$((n + 1))
-        if $RPC -s "$SOCK" set devices/nvme0/reset 1 >/tmp/reset.out 2>&1; then
-            sent=$(grep -o "controller reset; [0-9]* commands go out again" /tmp/target.log | tail -1)
-            pass "controller reset $n injected under the host's I/O (resets=$($RPC -s "$SOCK" get devices/nvme0/resets 2>&1); ${sent:-no log line})"
-        else
-            fail "controller reset $n: $(cat /tmp/reset.out)"
+    exec 5</dev/ttyS1
+    while true; do
+        if ! read -r -u 5 -t $((end - $(date +%s) > 0 ? end - $(date +%s) : 1)) line; then
+            fail "no word from the host within $HOST_TIMEOUT s"
+            exec 5<&-
+            return 1
         fi
+        case $line in
+        c?*)
+            # Ticks of USER_HZ, 100 on x86 (the guest has no getconf to ask).
+            echo "VMTEST cpu ${line} $(awk '{print $14 + $15}' "/proc/${TARGET_PID:-0}/stat" 2>/dev/null) 100"
+            ;;
+        r0 | r1) reset_lun_device "${line#r}" ;;
+        *)
+            HOST_LINE=$line
+            echo "VMTEST host says: $line"
+            break
+            ;;
+        esac
     done
+    exec 5<&-
+}
+# reset_lun_device N: resets the NVMe controller under LUN N (0: nvme0 on the userspace driver,
+# 1: nvmek through the kernel's driver) and says how many commands the reset ended.
+RESETS=0
+reset_lun_device() {
+    local dev=nvme0 sent
+    [ "$1" = 1 ] && dev=nvmek
+    RESETS=$((RESETS + 1))
+    if $RPC -s "$SOCK" set "devices/$dev/reset" 1 >/tmp/reset.out 2>&1; then
+        sent=$(grep -o "controller reset; [0-9]* commands go out again" /tmp/target.log | tail -1)
+        pass "controller reset $RESETS ($dev) injected under the host's I/O (${sent:-no log line})"
+    else
+        fail "controller reset $RESETS ($dev): $(cat /tmp/reset.out)"
+    fi
 }
 finish() {
     echo "VMTEST END pass=$npass fail=$nfail"
 }
-# The kernel's first namespace of the NVMe controller (nvme0n1; the controller is the only one).
+# The kernel's namespace (nvmeXn1) of the controller with serial number $1, found through the
+# serial of the device behind it (the controller, or with multipath its subsystem): the two
+# controllers probe in either order, and a controller given back gets its name anew.
+ns_of() {
+    local b
+    for b in /sys/block/nvme*n1; do
+        [ -e "$b" ] || continue
+        [ "$(tr -d ' ' <"$b/device/serial" 2>/dev/null)" = "$1" ] && { echo "${b##*/}"; return 0; }
+    done
+    return 1
+}
+# Waits for the namespace of the first controller (serial NVME_SERIAL) and names it NS.
 nvme_ns_up() {
     local i
     for i in $(seq 1 "${1:-100}"); do
-        [ -b /dev/nvme0n1 ] && return 0
+        NS=$(ns_of "$NVME_SERIAL") && [ -b "/dev/$NS" ] && return 0
         sleep 0.1
     done
     return 1
 }
+NS=nvme-none
 # Whether process $1 holds a /dev/vfio file or a vfio device descriptor open.
 holds_vfio() {
     local f
@@ -79,8 +112,10 @@ holds_vfio() {
 configure_nvme() {
     local sock=$1 iqn=$2
     rpc "$sock" mgmt handlers/vdisk_nvme/mgmt "add_device nvme0 pci=$NVME_ADDR; nsid=1" &&
+        rpc "$sock" mgmt handlers/vdisk_nvme/mgmt "add_device nvmek filename=$KNG" &&
         rpc "$sock" mgmt targets/iscsi/mgmt "add_target $iqn" &&
         rpc "$sock" mgmt "targets/iscsi/$iqn/luns/mgmt" "add nvme0 0" &&
+        rpc "$sock" mgmt "targets/iscsi/$iqn/luns/mgmt" "add nvmek 1" &&
         rpc "$sock" set "targets/iscsi/$iqn/enabled" 1 &&
         rpc "$sock" set targets/iscsi/enabled 1
 }
@@ -232,9 +267,21 @@ fi
 
 if [ "$MODE" = nvme ]; then
     if nvme_ns_up 100; then
-        pass "NVMe controller $NVME_ADDR on the kernel's $(drv_of "$NVME_ADDR") driver, /dev/nvme0n1 there"
+        pass "NVMe controller $NVME_ADDR on the kernel's $(drv_of "$NVME_ADDR") driver, /dev/$NS there"
     else
-        fail "NVMe controller $NVME_ADDR on $(drv_of "$NVME_ADDR"), no /dev/nvme0n1"
+        fail "NVMe controller $NVME_ADDR on $(drv_of "$NVME_ADDR"), no namespace of serial $NVME_SERIAL"
+    fi
+    # The second controller stays on the kernel's driver: the passthrough LUN's.
+    KNG=/dev/ng-none
+    for _ in $(seq 1 100); do
+        KNS=$(ns_of "$NVME_K_SERIAL") && [ -c "/dev/ng${KNS#nvme}" ] && break
+        sleep 0.1
+    done
+    if [ -n "${KNS:-}" ] && [ -c "/dev/ng${KNS#nvme}" ]; then
+        KNG=/dev/ng${KNS#nvme}
+        pass "NVMe controller $NVME_K_ADDR on the kernel's $(drv_of "$NVME_K_ADDR") driver, /dev/$KNS and its generic device $KNG there (max_hw_sectors_kb $(cat "/sys/block/$KNS/queue/max_hw_sectors_kb"), max_segments $(cat "/sys/block/$KNS/queue/max_segments"))"
+    else
+        fail "NVMe controller $NVME_K_ADDR on $(drv_of "$NVME_K_ADDR"), no generic device for serial $NVME_K_SERIAL: $(ls /dev/ng* 2>&1 | tr '\n' ' ')"
     fi
 fi
 
@@ -265,17 +312,17 @@ if [ "$MODE" = kernel ] || [ "$MODE" = initiator ] || [ "$MODE" = nvme ]; then
     fi
     if [ "$MODE" = nvme ]; then
         # A namespace in use keeps the controller on nvme: here one held open by a process.
-        bash -c 'exec 3</dev/nvme0n1 && exec sleep 600' &
+        bash -c "exec 3</dev/$NS && exec sleep 600" &
         holder=$!
         sleep 0.2
         out=$(HUGEMEM=$HUGEMEM PCI_ALLOWED=$NVME_ADDR "$SETUP" config 2>&1)
         rc=$?
         echo "$out"
-        if [ $rc -ne 0 ] && echo "$out" | grep -q "/dev/nvme0n1 is open in $holder (sleep)" &&
-            [ "$(drv_of "$NVME_ADDR")" = nvme ] && [ -b /dev/nvme0n1 ]; then
-            pass "setup.sh config refuses $NVME_ADDR while /dev/nvme0n1 is open, and leaves it on nvme"
+        if [ $rc -ne 0 ] && echo "$out" | grep -q "/dev/$NS is open in $holder (sleep)" &&
+            [ "$(drv_of "$NVME_ADDR")" = nvme ] && [ -b "/dev/$NS" ]; then
+            pass "setup.sh config refuses $NVME_ADDR while /dev/$NS is open, and leaves it on nvme"
         else
-            fail "setup.sh config on $NVME_ADDR with /dev/nvme0n1 open: rc $rc, driver $(drv_of "$NVME_ADDR")"
+            fail "setup.sh config on $NVME_ADDR with /dev/$NS open: rc $rc, driver $(drv_of "$NVME_ADDR")"
         fi
         kill "$holder"
         wait "$holder" 2>/dev/null
@@ -283,8 +330,8 @@ if [ "$MODE" = kernel ] || [ "$MODE" = initiator ] || [ "$MODE" = nvme ]; then
         rc=$?
         echo "$out"
         grp=$(basename "$(readlink "/sys/bus/pci/devices/$NVME_ADDR/iommu_group")")
-        if [ $rc -eq 0 ] && [ "$(drv_of "$NVME_ADDR")" = vfio-pci ] && [ -c "/dev/vfio/$grp" ] && [ ! -e /dev/nvme0n1 ]; then
-            pass "setup.sh config: NVMe $NVME_ADDR on vfio-pci, /dev/vfio/$grp there, /dev/nvme0n1 gone, $(cat /proc/sys/vm/nr_hugepages) hugepages"
+        if [ $rc -eq 0 ] && [ "$(drv_of "$NVME_ADDR")" = vfio-pci ] && [ -c "/dev/vfio/$grp" ] && [ ! -e "/dev/$NS" ] && [ -c "$KNG" ]; then
+            pass "setup.sh config: NVMe $NVME_ADDR on vfio-pci, /dev/vfio/$grp there, /dev/$NS gone ($KNG of $NVME_K_ADDR still there), $(cat /proc/sys/vm/nr_hugepages) hugepages"
         else
             fail "setup.sh config (rc $rc): $NVME_ADDR on $(drv_of "$NVME_ADDR"), /dev/vfio: $(ls /dev/vfio 2>&1 | tr '\n' ' ')"
         fi
@@ -388,14 +435,34 @@ target | kernel | initiator | nvme)
                 for a in model serial firmware queue_pairs blocksize size_mb thin_provisioned t10_dev_id naa_id eui64_id; do
                     echo "VMTEST devices/nvme0/$a: $($RPC -s "$SOCK" get "devices/nvme0/$a" 2>&1)"
                 done
+                for a in filename nsid model serial firmware queue_pairs blocksize size_mb thin_provisioned nv_cache t10_dev_id naa_id eui64_id; do
+                    echo "VMTEST devices/nvmek/$a: $($RPC -s "$SOCK" get "devices/nvmek/$a" 2>&1)"
+                done
             fi
             echo "VMTEST READY ok"
-            if [ "$MODE" = nvme ]; then serve_resets; else wait_host; fi
+            wait_host
             [ "$MODE" = initiator ] && kernel_initiator_pr
             if [ "$MODE" = nvme ]; then
                 for a in outstanding timeouts resets; do
                     echo "VMTEST devices/nvme0/$a: $($RPC -s "$SOCK" get "devices/nvme0/$a" 2>&1)"
                 done
+                echo "VMTEST devices/nvmek/outstanding: $($RPC -s "$SOCK" get devices/nvmek/outstanding 2>&1)"
+                if (rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "del 1" &&
+                    rpc "$SOCK" mgmt handlers/vdisk_nvme/mgmt "del_device nvmek"); then
+                    closed=0
+                    for _ in $(seq 1 100); do
+                        held=$(for f in /proc/"$TARGET_PID"/fd/*; do readlink "$f"; done 2>/dev/null | grep -c "^$KNG\$")
+                        [ "$held" = 0 ] && { closed=1; break; }
+                        sleep 0.1
+                    done
+                    if [ $closed = 1 ]; then
+                        pass "del_device nvmek: the target closed $KNG"
+                    else
+                        fail "del_device nvmek: the target still holds $KNG"
+                    fi
+                else
+                    fail "LUN 1 or del_device nvmek refused"
+                fi
                 if (rpc "$SOCK" mgmt "targets/iscsi/$IQN/luns/mgmt" "del 0" &&
                     rpc "$SOCK" mgmt handlers/vdisk_nvme/mgmt "del_device nvme0"); then
                     closed=0
@@ -414,9 +481,9 @@ target | kernel | initiator | nvme)
                         rc=$?
                         echo "$out"
                         if [ $rc -eq 0 ] && nvme_ns_up 100 && [ "$(drv_of "$NVME_ADDR")" = nvme ]; then
-                            pass "setup.sh reset: $NVME_ADDR back on nvme, /dev/nvme0n1 there again ($(cat /sys/block/nvme0n1/size) sectors)"
+                            pass "setup.sh reset: $NVME_ADDR back on nvme, /dev/$NS there again ($(cat "/sys/block/$NS/size") sectors)"
                         else
-                            fail "setup.sh reset (rc $rc): $NVME_ADDR on $(drv_of "$NVME_ADDR"), /dev/nvme0n1 $( [ -b /dev/nvme0n1 ] && echo there || echo missing)"
+                            fail "setup.sh reset (rc $rc): $NVME_ADDR on $(drv_of "$NVME_ADDR"), no namespace of serial $NVME_SERIAL"
                         fi
                     fi
                 else

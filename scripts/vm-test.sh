@@ -39,7 +39,13 @@
 #                 over the whole namespace while the guest resets the controller under it twice
 #                 (the device's reset attribute); then in the guest del_device, the vfio
 #                 descriptors closed, setup.sh reset and the kernel's nvme driver back on the
-#                 controller with /dev/nvme0n1.
+#                 controller with its namespace.
+#                 A second emulated controller at 0000:00:05.0 stays on the guest kernel's nvme
+#                 driver and LUN 1 is a passthrough vdisk_nvme device on its /dev/ngXn1
+#                 (io_uring NVMe commands); from the host on LUN 1: iscsi-inq, the same qemu-img
+#                 round trip and UNMAP, libiscsi's NVME_PT_CU_TESTS and iscsi-bench --verify at
+#                 QD32. With NVME_BENCH_SECS=S (0: not run) also S seconds of 4 KiB random
+#                 reads at QD32 on each LUN with the target's CPU time over each run.
 # Each step prints PASS or FAIL, then "N passed, M failed"; the exit status is 1 if a step
 # failed, 77 (SKIP, with the reason) when it cannot run here: not root, or no QEMU and no way to
 # install it, or no guest kernel cached and no way to download it. Downloads (Debian's kernel
@@ -61,7 +67,10 @@ VM_CPUS=${VM_CPUS:-2}
 VM_HUGEMEM=${VM_HUGEMEM:-512}
 if [ "${MODE:-}" = nvme ]; then ROUNDTRIP_MB=${ROUNDTRIP_MB:-256}; else ROUNDTRIP_MB=${ROUNDTRIP_MB:-16}; fi
 NVME_CU_TESTS=${NVME_CU_TESTS:-SCSI.Read16,SCSI.Write16,SCSI.SynchronizeCache10,SCSI.Unmap,SCSI.CompareAndWrite}
+NVME_PT_CU_TESTS=${NVME_PT_CU_TESTS:-SCSI.Read16,SCSI.Write16,SCSI.Unmap}
+NVME_BENCH_SECS=${NVME_BENCH_SECS:-0}
 NVME_ADDR=0000:00:04.0
+NVME_K_ADDR=0000:00:05.0
 # How long the guest may take to boot and come up on the NIC, and to finish after the host.
 UP_TIMEOUT=${VM_UP_TIMEOUT:-300}
 # How long the guest waits for the host's checks (MODE=nvme runs libiscsi suites under TCG).
@@ -307,6 +316,9 @@ cat >"$R/etc/vm-test.conf" <<EOF
 MODE=$MODE
 NIC_ADDR=$NIC_ADDR
 NVME_ADDR=$NVME_ADDR
+NVME_SERIAL=vmtest
+NVME_K_ADDR=$NVME_K_ADDR
+NVME_K_SERIAL=vmtest-k
 NIC_KDRV=$NIC_KDRV
 NIC_PMD=$NIC_PMD
 GUEST_IP=$GUEST_IP
@@ -338,7 +350,10 @@ ok "guest initramfs: $(du -sh "$WORK/initrd.cpio" | cut -f1), $tgt_note"
 # whose holes read as zeros, so that a discard is seen), else a null device.
 if [ "$MODE" = nvme ]; then
     truncate -s $(((ROUNDTRIP_MB + 16) * 1024 * 1024)) "$WORK/nvme.img"
-    NVME_DRIVE=(-blockdev "driver=file,filename=$WORK/nvme.img,node-name=nv0,discard=unmap")
+    truncate -s $(((ROUNDTRIP_MB + 16) * 1024 * 1024)) "$WORK/nvme-k.img"
+    NVME_DRIVE=(-blockdev "driver=file,filename=$WORK/nvme.img,node-name=nv0,discard=unmap"
+        -blockdev "driver=file,filename=$WORK/nvme-k.img,node-name=nv1,discard=unmap"
+        -device "nvme,drive=nv1,serial=vmtest-k,bus=pcie.0,addr=05.0")
 else
     NVME_DRIVE=(-blockdev "driver=null-co,node-name=nv0,size=67108864")
 fi
@@ -392,6 +407,73 @@ s.connect(sys.argv[1])
 s.sendall(sys.argv[2].encode() + b"\n")
 s.close()
 EOF
+}
+
+# nvme_lun_checks LUN WHAT TESTS BS: UNMAP read back as zeros, libiscsi's TESTS and
+# iscsi-bench --verify at QD32 in commands of BS bytes on LUN.
+nvme_lun_checks() {
+    local lun=$1 what=$2 tests=$3 bs=$4 out t score
+    # 1 MiB at 1 MiB held random data from the round trip: after UNMAP (qemu's iscsi
+    # driver sends it for a discard where the LUN says it may) it must read as zeros.
+    if out=$(timeout 300 qemu-io -f raw -c "discard 1M 1M" -c "read -P 0 1M 1M" "$URL/$IQN/$lun" 2>&1) &&
+        ! grep -qi "pattern verification failed\|error\|fail" <<<"$out"; then
+        ok "UNMAP of 1 MiB (qemu-io discard) reads back as zeros from $what"
+    else
+        bad "UNMAP then read of zeros on $what: $out"
+    fi
+    echo "$out"
+    # libiscsi's suites for the commands the NVMe flavours carry (reads, writes, FUA,
+    # flush, UNMAP, WRITE SAME, COMPARE AND WRITE), scored by cu-score.py: no failed
+    # and no warned test. (The whole suite runs natively in conformance.sh; under TCG
+    # it would take too long.)
+    t=$(date +%s)
+    timeout 900 iscsi-test-cu -d -S -t "$tests" "$URL/$IQN/$lun" "$URL/$IQN/$lun" >"$WORK/cu$lun.log" 2>&1 || true
+    if score=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log") &&
+        grep -q " 0 failed, .* 0 warned" <<<"$score"; then
+        ok "iscsi-test-cu on $what ($tests): $score ($(($(date +%s) - t)) s)"
+    else
+        bad "iscsi-test-cu on $what: ${score:-the log is incomplete}: $(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log" --tests 2>/dev/null | grep -v '^passed' | head -5 | tr '\n' ' ')"
+    fi
+    # The project's own initiator at queue depth 32 writes a pattern over the whole
+    # namespace and reads it back, while the guest resets the controller under it twice (the
+    # device's reset attribute, "rN" to the guest): the session survives and nothing is lost.
+    t=$(date +%s)
+    timeout 600 "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
+        --lun "$lun" --verify --qd 32 --bs "$bs" >"$WORK/bench$lun.log" 2>&1 &
+    local bench=$! at
+    for at in 5 25; do
+        while [ $(($(date +%s) - t)) -lt $at ] && kill -0 $bench 2>/dev/null; do sleep 0.2; done
+        kill -0 $bench 2>/dev/null && tell_guest "r$lun"
+    done
+    if wait $bench; then
+        ok "iscsi-bench --verify at QD32 in $bs-byte commands over the whole of $what, with controller resets under it ($(($(date +%s) - t)) s)"
+    else
+        bad "iscsi-bench --verify at QD32 on $what with controller resets: $(tail -c 400 "$WORK/bench$lun.log")"
+    fi
+}
+# cpu_ticks TAG: the target's CPU time in ticks, asked of the guest ("ticks hz"); TAG is "c"
+# and one or two characters (vm-guest.sh's wait_host).
+cpu_ticks() {
+    tell_guest "$1" || return 1
+    wait_for "VMTEST cpu $1 " 30 || return 1
+    tr -d '\r' <"$WORK/console.log" | grep -a "^VMTEST cpu $1 " | tail -1 | awk '{print $4, $5}'
+}
+# nvme_bench LUN WHAT: NVME_BENCH_SECS of 4 KiB random reads at QD32 on LUN, with the target's
+# CPU time over the run: commands/s and CPU microseconds per command.
+nvme_bench() {
+    local lun=$1 what=$2 a b out iops t0a t0b hz
+    a=$(cpu_ticks "c${lun}s") || { bad "no CPU time from the guest"; return; }
+    out=$(timeout $((NVME_BENCH_SECS + 120)) "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
+        --lun "$lun" --rw randread --bs 4k --qd 32 --secs "$NVME_BENCH_SECS" 2>&1)
+    b=$(cpu_ticks "c${lun}e") || { bad "no CPU time from the guest"; return; }
+    iops=$(awk '/^iops / {print $2}' <<<"$out" | tail -1)
+    if [ -n "$iops" ]; then
+        read -r t0a hz <<<"$a"
+        read -r t0b _ <<<"$b"
+        ok "$(python3 -c "import sys; i=float(sys.argv[1]); c=(int(sys.argv[3])-int(sys.argv[2]))/int(sys.argv[4]); s=float(sys.argv[5]); print(f'bench LUN $lun ($what), 4 KiB random reads QD32 for {s:.0f} s: {i:.0f} commands/s, target CPU {c:.2f} s, {c*1e6/(i*s):.1f} us CPU per command')" "$iops" "$t0a" "$t0b" "$hz" "$NVME_BENCH_SECS")"
+    else
+        bad "iscsi-bench on LUN $lun: $(tail -c 400 <<<"$out")"
+    fi
 }
 
 t0=$(date +%s)
@@ -452,42 +534,29 @@ else
             bad "qemu-img round trip of $ROUNDTRIP_MB MiB: $(tail -3 "$WORK/qi.log")"
         fi
         if [ "$MODE" = nvme ]; then
-            # 1 MiB at 1 MiB held random data from the round trip: after UNMAP (qemu's iscsi
-            # driver sends it for a discard where the LUN says it may) it must read as zeros.
-            if out=$(timeout 300 qemu-io -f raw -c "discard 1M 1M" -c "read -P 0 1M 1M" "$URL/$IQN/0" 2>&1) &&
-                ! grep -qi "pattern verification failed\|error\|fail" <<<"$out"; then
-                ok "UNMAP of 1 MiB (qemu-io discard) reads back as zeros from the NVMe namespace"
+            nvme_lun_checks 0 "the NVMe LUN" "$NVME_CU_TESTS" 65536
+            # LUN 1: the second controller through the guest kernel's driver (passthrough).
+            t1=$(date +%s)
+            if out=$(timeout 60 iscsi-inq "$URL/$IQN/1" 2>&1); then
+                ok "iscsi-inq answers on the passthrough LUN 1"
             else
-                bad "UNMAP then read of zeros: $out"
+                bad "iscsi-inq on LUN 1: $out"
             fi
-            echo "$out"
-            # libiscsi's suites for the commands the NVMe driver carries (reads, writes, FUA,
-            # flush, UNMAP, WRITE SAME, COMPARE AND WRITE), scored by cu-score.py: no failed
-            # and no warned test. (The whole suite runs natively in conformance.sh; under TCG
-            # it would take too long.)
             t=$(date +%s)
-            timeout 900 iscsi-test-cu -d -S -t "$NVME_CU_TESTS" "$URL/$IQN/0" "$URL/$IQN/0" >"$WORK/cu.log" 2>&1 || true
-            if score=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu.log") &&
-                grep -q " 0 failed, .* 0 warned" <<<"$score"; then
-                ok "iscsi-test-cu on the NVMe LUN ($NVME_CU_TESTS): $score ($(($(date +%s) - t)) s)"
+            if timeout 600 qemu-img convert -n -f raw -O raw "$WORK/in.raw" "$URL/$IQN/1" >"$WORK/qi1.log" 2>&1 &&
+                timeout 600 qemu-img convert -f raw -O raw "$URL/$IQN/1" "$WORK/out1.raw" >>"$WORK/qi1.log" 2>&1 &&
+                cmp -n $((ROUNDTRIP_MB * 1024 * 1024)) "$WORK/in.raw" "$WORK/out1.raw"; then
+                ok "$ROUNDTRIP_MB MiB written to the passthrough LUN 1 and read back identical with qemu-img ($(($(date +%s) - t)) s)"
             else
-                bad "iscsi-test-cu on the NVMe LUN: ${score:-the log is incomplete}: $(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu.log" --tests 2>/dev/null | grep -v '^passed' | head -5 | tr '\n' ' ')"
+                bad "qemu-img round trip of $ROUNDTRIP_MB MiB on LUN 1: $(tail -3 "$WORK/qi1.log")"
             fi
-            # The project's own initiator at queue depth 32 writes a pattern over the whole
-            # namespace and reads it back, while the guest resets the controller under it
-            # twice (the device's reset attribute): the session survives and nothing is lost.
-            t=$(date +%s)
-            "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
-                --verify --qd 32 --bs 65536 >"$WORK/bench.log" 2>&1 &
-            bench=$!
-            for at in 5 25; do
-                while [ $(($(date +%s) - t)) -lt $at ] && kill -0 $bench 2>/dev/null; do sleep 0.2; done
-                kill -0 $bench 2>/dev/null && tell_guest "reset"
-            done
-            if wait $bench; then
-                ok "iscsi-bench --verify at QD32 over the whole NVMe LUN, with controller resets under it ($(($(date +%s) - t)) s)"
-            else
-                bad "iscsi-bench --verify at QD32 with controller resets: $(tail -c 400 "$WORK/bench.log")"
+            # 1 MiB commands: buffers of eight 128 KiB chunks (NVME_URING_CMD_IO_VEC), split
+            # by the kernel's max_hw_sectors_kb.
+            nvme_lun_checks 1 "the passthrough LUN 1" "$NVME_PT_CU_TESTS" 1048576
+            ok "the passthrough LUN's checks took $(($(date +%s) - t1)) s"
+            if [ "$NVME_BENCH_SECS" -gt 0 ]; then
+                nvme_bench 0 "userspace driver"
+                nvme_bench 1 "kernel passthrough"
             fi
         fi
         ;;

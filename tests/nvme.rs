@@ -84,3 +84,92 @@ fn add_device_without_a_usable_controller_fails_cleanly() {
     t.mgmt("handlers/vdisk_ramio/mgmt", "add_device r0 size_mb=1");
     assert_eq!(t.get("devices/r0/size_mb"), "1");
 }
+
+/// Whether this host has an NVMe generic device the passthrough form could use (then the
+/// refusals below for it would not hold).
+fn kernel_nvme_here() -> bool {
+    std::path::Path::new("/dev/ng0n1").exists()
+}
+
+#[test]
+fn passthrough_add_device_without_an_nvme_generic_device_fails_cleanly() {
+    let mut t = Target::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let regular = dir.path().join("disk.img");
+    std::fs::write(&regular, vec![0u8; 1 << 20]).unwrap();
+    let regular = regular.display().to_string();
+    let missing = dir.path().join("ng9n9").display().to_string();
+
+    let cases = [
+        (
+            "add_device p0 filename=/dev/null".to_string(),
+            "/dev/null is not an NVMe generic device (/dev/ngXnY): NVME_IOCTL_ID failed"
+                .to_string(),
+        ),
+        (
+            format!("add_device p0 filename={regular}"),
+            format!("{regular} is a regular file, not a character device"),
+        ),
+        (
+            format!("add_device p0 filename={missing}"),
+            format!("there is no file {missing}"),
+        ),
+        (
+            "add_device p0 filename=/dev/ng0n1; pci=0000:00:04.0".to_string(),
+            "either pci= (the userspace driver) or filename=".to_string(),
+        ),
+        (
+            "add_device p0 filename=/dev/ng0n1; nsid=1".to_string(),
+            "nsid goes with pci=".to_string(),
+        ),
+        (
+            "add_device p0 filename=".to_string(),
+            "filename must name the namespace's NVMe generic device".to_string(),
+        ),
+        (
+            "add_device p0 filename=/dev/null; blocksize=4096".to_string(),
+            "does not accept".to_string(),
+        ),
+    ];
+    // Files the daemon holds open (not its sockets, pipes and event descriptors, which the
+    // RPC connections come and go with).
+    let files = |t: &Target| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", t.child.id()))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .filter(|p| p.starts_with('/'))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&t);
+    for (cmd, want) in &cases {
+        let m = err_msg(mgmt(&t, cmd), cmd);
+        assert!(
+            m.contains(want.as_str()),
+            "{cmd}: {m:?} should say {want:?}"
+        );
+    }
+    assert_eq!(
+        files(&t),
+        before,
+        "a refused device keeps no descriptor open"
+    );
+    if !kernel_nvme_here() {
+        let cmd = "add_device p0 filename=/dev/ng0n1";
+        let m = err_msg(mgmt(&t, cmd), cmd);
+        assert!(m.contains("there is no file /dev/ng0n1"), "{m:?}");
+    }
+
+    // Nothing was created, the descriptors were closed, and the daemon still serves the tree
+    // and I/O on another device.
+    let devs = t.call("ls", json!({"path": "devices"}));
+    assert!(!devs.to_string().contains("p0"), "{devs}");
+    t.mgmt(
+        "handlers/vdisk_fileio/mgmt",
+        &format!("add_device f0 filename={regular}"),
+    );
+    assert_eq!(t.get("devices/f0/size_mb"), "1");
+    assert!(t.alive());
+}

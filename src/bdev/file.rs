@@ -28,12 +28,12 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use io_uring::{opcode, squeue, types};
+use io_uring::{opcode, types};
 use log::{error, warn};
 
 use crate::util::quote;
 
-use super::uring::{Ring, RingOp, Step};
+use super::uring::{Ring, RingOp, Sqe, Step};
 use super::{
     BdevCompletion, BdevError, BdevIo, BlockDev, Extent, FaultInject, Faulty, IoChannel, IoContext,
     IoOp,
@@ -211,7 +211,7 @@ fn block_dev_pbsz(file: &File) -> u32 {
 }
 
 /// What a file type is, for a message that refuses it.
-fn describe(ft: &std::fs::FileType) -> &'static str {
+pub(crate) fn describe(ft: &std::fs::FileType) -> &'static str {
     if ft.is_file() {
         "a regular file"
     } else if ft.is_dir() {
@@ -1075,7 +1075,7 @@ fn retryable(errno: i32) -> bool {
 }
 
 impl RingOp for FileOp {
-    fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, squeue::Entry)>) {
+    fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, Sqe)>) {
         let fd = self.backing.fd();
         match self.io.op {
             IoOp::Read | IoOp::Write { .. } => {
@@ -1104,19 +1104,21 @@ impl RingOp for FileOp {
                         .rw_flags(self.rw_flags)
                         .build()
                 };
-                out.push((0, e));
+                out.push((0, e.into()));
             }
             IoOp::Flush => out.push((
                 0,
                 opcode::Fsync::new(fd)
                     .flags(types::FsyncFlags::DATASYNC)
-                    .build(),
+                    .build()
+                    .into(),
             )),
             IoOp::Prefetch => out.push((
                 0,
                 opcode::Fadvise::new(fd, self.io.len as libc::off_t, libc::POSIX_FADV_WILLNEED)
                     .offset(self.io.offset)
-                    .build(),
+                    .build()
+                    .into(),
             )),
             IoOp::Unmap => {
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -1131,7 +1133,8 @@ impl RingOp for FileOp {
                         opcode::Fallocate::new(fd, len)
                             .offset(off)
                             .mode(mode)
-                            .build(),
+                            .build()
+                            .into(),
                     ));
                 }
             }

@@ -9,11 +9,20 @@
 //! The ring is created with COOP_TASKRUN and TASKRUN_FLAG where the kernel has them: the
 //! kernel then raises a flag in the SQ ring when completions wait for task work, and `poll`
 //! enters the kernel only when there is something to submit or that flag is up.
+//!
+//! Its entries are 128-byte SQEs and 32-byte CQEs (SQE128, CQE32, Linux 5.19) where the
+//! kernel takes them: NVMe passthrough (`IORING_OP_URING_CMD` on `/dev/ngXnY`) carries the
+//! 64-byte NVMe command in the big SQE and works only on such a ring. Plain operations
+//! ([`Sqe::Std`]) go into either kind; on a kernel that refuses SQE128 the ring has 64-byte
+//! entries, file I/O works as before, and a [`Sqe::Cmd`] completes at once with
+//! `-EOPNOTSUPP` (the passthrough device refuses to open there in the first place:
+//! [`supports_cmd`]).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::sync::OnceLock;
 
-use io_uring::{squeue, IoUring};
+use io_uring::{cqueue, squeue, IoUring};
 use log::warn;
 
 /// SQ entries per ring; the CQ gets twice as many.
@@ -29,11 +38,154 @@ pub(crate) enum Step {
     Wait,
 }
 
+/// A submission entry: a plain 64-byte one, or a 128-byte one whose second half carries a
+/// command (`IORING_OP_URING_CMD` with an 80-byte command area).
+pub(crate) enum Sqe {
+    Std(squeue::Entry),
+    Cmd(squeue::Entry128),
+}
+
+impl From<squeue::Entry> for Sqe {
+    fn from(e: squeue::Entry) -> Sqe {
+        Sqe::Std(e)
+    }
+}
+
+impl From<squeue::Entry128> for Sqe {
+    fn from(e: squeue::Entry128) -> Sqe {
+        Sqe::Cmd(e)
+    }
+}
+
+impl Sqe {
+    fn with_user_data(self, ud: u64) -> Sqe {
+        match self {
+            Sqe::Std(e) => Sqe::Std(e.user_data(ud)),
+            Sqe::Cmd(e) => Sqe::Cmd(e.user_data(ud)),
+        }
+    }
+
+    fn user_data(&self) -> u64 {
+        match self {
+            Sqe::Std(e) => e.get_user_data(),
+            Sqe::Cmd(e) => e.get_user_data(),
+        }
+    }
+}
+
+/// Whether this kernel sets up rings with 128-byte SQEs and 32-byte CQEs (Linux 5.19), which
+/// NVMe passthrough needs. Probed once per process with a small ring.
+pub fn supports_cmd() -> bool {
+    static PROBE: OnceLock<bool> = OnceLock::new();
+    *PROBE.get_or_init(|| {
+        IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
+            .build(2)
+            .is_ok()
+    })
+}
+
+/// The ring itself: with big entries where the kernel has them, else plain ones.
+enum Uring {
+    Big(IoUring<squeue::Entry128, cqueue::Entry32>),
+    Std(IoUring),
+}
+
+impl Uring {
+    fn new(big: bool) -> std::io::Result<Uring> {
+        if big {
+            let r = IoUring::<squeue::Entry128, cqueue::Entry32>::builder()
+                .setup_coop_taskrun()
+                .setup_taskrun_flag()
+                .build(RING_ENTRIES)
+                .or_else(|_| {
+                    IoUring::<squeue::Entry128, cqueue::Entry32>::builder().build(RING_ENTRIES)
+                });
+            if let Ok(r) = r {
+                return Ok(Uring::Big(r));
+            }
+        }
+        let r = IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+        Ok(Uring::Std(r))
+    }
+
+    /// Pushes `e` into the submission queue; hands it back when the queue is full. A command
+    /// entry on a plain ring is handed back too: [`Inner::push`] never offers one.
+    ///
+    /// # Safety
+    /// Whatever `e` points at (buffers, iovecs, command data) stays valid until its CQE.
+    unsafe fn push(&mut self, e: Sqe) -> Option<Sqe> {
+        match (self, e) {
+            (Uring::Big(r), Sqe::Std(e)) => {
+                let big = squeue::Entry128::from(e);
+                // SAFETY: the caller's contract.
+                unsafe { r.submission().push(&big) }
+                    .err()
+                    .map(|_| Sqe::Cmd(big))
+            }
+            (Uring::Big(r), Sqe::Cmd(e)) => {
+                // SAFETY: the caller's contract.
+                unsafe { r.submission().push(&e) }
+                    .err()
+                    .map(|_| Sqe::Cmd(e))
+            }
+            (Uring::Std(r), Sqe::Std(e)) => {
+                // SAFETY: the caller's contract.
+                unsafe { r.submission().push(&e) }
+                    .err()
+                    .map(|_| Sqe::Std(e))
+            }
+            (Uring::Std(_), e @ Sqe::Cmd(_)) => Some(e),
+        }
+    }
+
+    /// Syncs the submission queue; (entries pending, task work or CQ overflow flagged).
+    fn sq_state(&mut self) -> (bool, bool) {
+        match self {
+            Uring::Big(r) => {
+                let mut sq = r.submission();
+                sq.sync();
+                (!sq.is_empty(), sq.taskrun() || sq.cq_overflow())
+            }
+            Uring::Std(r) => {
+                let mut sq = r.submission();
+                sq.sync();
+                (!sq.is_empty(), sq.taskrun() || sq.cq_overflow())
+            }
+        }
+    }
+
+    fn sq_is_empty(&mut self) -> bool {
+        match self {
+            Uring::Big(r) => r.submission().is_empty(),
+            Uring::Std(r) => r.submission().is_empty(),
+        }
+    }
+
+    fn submit(&self, wait: usize) -> std::io::Result<usize> {
+        match self {
+            Uring::Big(r) => r.submit_and_wait(wait),
+            Uring::Std(r) => r.submit_and_wait(wait),
+        }
+    }
+
+    /// Moves the completions that have arrived into `out` as (user data, result).
+    fn reap_into(&mut self, out: &mut Vec<(u64, i32)>) {
+        match self {
+            Uring::Big(r) => out.extend(r.completion().map(|c| (c.user_data(), c.result()))),
+            Uring::Std(r) => out.extend(r.completion().map(|c| (c.user_data(), c.result()))),
+        }
+    }
+}
+
 /// An operation that lives on the ring until its last CQE.
 pub(crate) trait RingOp {
     /// The SQEs of part `sub`, or of every part when `sub` is `None`, in `out` as
     /// (part, entry) pairs. The ring sets the user data.
-    fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, squeue::Entry)>);
+    fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, Sqe)>);
     /// One CQE of part `sub` with its result (`res` is a negated errno on failure).
     fn complete(&mut self, sub: u32, res: i32) -> Step;
     /// Delivers the outcome.
@@ -43,12 +195,17 @@ pub(crate) trait RingOp {
 struct Inner {
     // Declared first: dropped first. `Ring::drop` has waited for every CQE by then, so the
     // kernel no longer touches the memory the operations below own.
-    uring: IoUring,
+    uring: Uring,
     ops: Vec<Option<Box<dyn RingOp>>>,
     free: Vec<u32>,
     /// SQEs that did not fit in the submission queue, pushed at the next `poll`.
-    backlog: VecDeque<squeue::Entry>,
-    scratch: Vec<(u32, squeue::Entry)>,
+    backlog: VecDeque<Sqe>,
+    scratch: Vec<(u32, Sqe)>,
+    /// Completions made up by the ring itself (a command entry on a plain ring), handed to
+    /// their operations at the next reap as if the kernel had posted them.
+    synthetic: Vec<(u64, i32)>,
+    /// The CQEs of one reap (kept: no allocation per poll).
+    cqes: Vec<(u64, i32)>,
     inflight: usize,
 }
 
@@ -62,22 +219,31 @@ fn user_data(slot: u32, sub: u32) -> u64 {
 }
 
 impl Ring {
+    /// A ring with big entries where the kernel has them ([`supports_cmd`]).
     pub fn new() -> std::io::Result<Ring> {
-        let uring = IoUring::builder()
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .build(RING_ENTRIES)
-            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+        Ring::with_big_entries(supports_cmd())
+    }
+
+    /// A ring with 128-byte SQEs and 32-byte CQEs when `big` (and the kernel takes them),
+    /// else with plain entries.
+    pub fn with_big_entries(big: bool) -> std::io::Result<Ring> {
         Ok(Ring {
             inner: RefCell::new(Inner {
-                uring,
+                uring: Uring::new(big)?,
                 ops: Vec::new(),
                 free: Vec::new(),
                 backlog: VecDeque::new(),
                 scratch: Vec::new(),
+                synthetic: Vec::new(),
+                cqes: Vec::new(),
                 inflight: 0,
             }),
         })
+    }
+
+    /// Whether the ring takes command entries ([`Sqe::Cmd`]).
+    pub fn has_big_entries(&self) -> bool {
+        matches!(self.inner.borrow().uring, Uring::Big(_))
     }
 
     /// Operations submitted and not yet finished.
@@ -110,7 +276,7 @@ impl Ring {
         inner.ops[slot as usize] = Some(op);
         inner.inflight += 1;
         for (sub, e) in sqes.drain(..) {
-            inner.push(e.user_data(user_data(slot, sub)));
+            inner.push(e.with_user_data(user_data(slot, sub)));
         }
         inner.scratch = sqes;
     }
@@ -128,7 +294,7 @@ impl Ring {
             inner.enter(false);
             inner.reap(&mut finished);
             // Resubmissions made while reaping go out now rather than a pass later.
-            if !inner.uring.submission().is_empty() {
+            if !inner.uring.sq_is_empty() {
                 inner.enter(false);
             }
         }
@@ -154,15 +320,21 @@ impl Ring {
 }
 
 impl Inner {
-    fn push(&mut self, e: squeue::Entry) {
+    fn push(&mut self, e: Sqe) {
+        if let (Uring::Std(_), Sqe::Cmd(_)) = (&self.uring, &e) {
+            // This ring cannot carry the command: it fails as the kernel would fail it.
+            self.synthetic.push((e.user_data(), -libc::EOPNOTSUPP));
+            return;
+        }
         if !self.backlog.is_empty() {
             self.backlog.push_back(e);
             return;
         }
-        // SAFETY: every SQE pushed here points at memory (iovec arrays and the data buffers
-        // they describe) owned by the operation in `ops`, which stays in place until its last
-        // CQE has been reaped; `Ring::drop` waits for those CQEs before anything is freed.
-        if unsafe { self.uring.submission().push(&e) }.is_err() {
+        // SAFETY: every SQE pushed here points at memory (iovec arrays, command data and the
+        // data buffers they describe) owned by the operation in `ops`, which stays in place
+        // until its last CQE has been reaped; `Ring::drop` waits for those CQEs before
+        // anything is freed.
+        if let Some(e) = unsafe { self.uring.push(e) } {
             self.backlog.push_back(e);
         }
     }
@@ -171,24 +343,18 @@ impl Inner {
     fn enter(&mut self, wait: bool) {
         while let Some(e) = self.backlog.pop_front() {
             // SAFETY: as in `push`: the operation owning the memory stays in `ops`.
-            if unsafe { self.uring.submission().push(&e) }.is_err() {
+            if let Some(e) = unsafe { self.uring.push(e) } {
                 self.backlog.push_front(e);
                 break;
             }
         }
-        let mut sq = self.uring.submission();
-        sq.sync();
-        let pending = !sq.is_empty();
-        let taskrun = sq.taskrun() || sq.cq_overflow();
-        drop(sq);
+        let (pending, taskrun) = self.uring.sq_state();
+        // A made-up completion is already there to be reaped: nothing to wait for.
+        let wait = wait && self.synthetic.is_empty();
         if !pending && !taskrun && !wait {
             return;
         }
-        let r = if wait {
-            self.uring.submit_and_wait(1)
-        } else {
-            self.uring.submit()
-        };
+        let r = self.uring.submit(usize::from(wait));
         match r {
             Ok(_) => {}
             Err(e)
@@ -203,16 +369,15 @@ impl Inner {
     fn reap(&mut self, finished: &mut Vec<Box<dyn RingOp>>) {
         let mut again = std::mem::take(&mut self.scratch);
         again.clear();
+        let mut cqes = std::mem::take(&mut self.cqes);
         loop {
-            let cqes: Vec<(u64, i32)> = self
-                .uring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
+            cqes.clear();
+            cqes.append(&mut self.synthetic);
+            self.uring.reap_into(&mut cqes);
             if cqes.is_empty() {
                 break;
             }
-            for (ud, res) in cqes {
+            for &(ud, res) in &cqes {
                 let slot = (ud & 0xffff_ffff) as usize;
                 let sub = (ud >> 32) as u32;
                 let Some(op) = self.ops.get_mut(slot).and_then(Option::as_mut) else {
@@ -230,7 +395,7 @@ impl Inner {
                     Step::Resubmit(sub) => {
                         op.prepare(Some(sub), &mut again);
                         for (s, e) in again.drain(..) {
-                            let e = e.user_data(user_data(slot as u32, s));
+                            let e = e.with_user_data(user_data(slot as u32, s));
                             self.push(e);
                         }
                     }
@@ -238,6 +403,7 @@ impl Inner {
                 }
             }
         }
+        self.cqes = cqes;
         self.scratch = again;
     }
 }
@@ -263,5 +429,79 @@ impl Drop for Ring {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+    use std::rc::Rc;
+
+    /// One NOP and one command entry; records each part's result.
+    struct Probe {
+        results: Rc<RefCell<Vec<(u32, i32)>>>,
+        left: u32,
+    }
+
+    impl RingOp for Probe {
+        fn prepare(&mut self, _sub: Option<u32>, out: &mut Vec<(u32, Sqe)>) {
+            out.push((0, opcode::Nop::new().build().into()));
+            // No such descriptor: a ring that passes the command on gets EBADF from the
+            // kernel, one that cannot gets EOPNOTSUPP from `Inner::push`.
+            let fd = -1;
+            out.push((
+                1,
+                opcode::UringCmd80::new(io_uring::types::Fd(fd), 0)
+                    .build()
+                    .into(),
+            ));
+        }
+        fn complete(&mut self, sub: u32, res: i32) -> Step {
+            self.results.borrow_mut().push((sub, res));
+            self.left -= 1;
+            if self.left == 0 {
+                Step::Done
+            } else {
+                Step::Wait
+            }
+        }
+        fn finish(self: Box<Self>) {}
+    }
+
+    fn run(ring: &Ring) -> Vec<(u32, i32)> {
+        let results = Rc::new(RefCell::new(Vec::new()));
+        ring.submit(Box::new(Probe {
+            results: results.clone(),
+            left: 2,
+        }));
+        let mut spins = 0;
+        while ring.inflight() > 0 {
+            ring.wait();
+            spins += 1;
+            assert!(spins < 1000, "the ring never completed both entries");
+        }
+        let mut r = results.borrow().clone();
+        r.sort();
+        r
+    }
+
+    #[test]
+    fn a_plain_ring_fails_commands_and_serves_the_rest() {
+        let ring = Ring::with_big_entries(false).unwrap();
+        assert!(!ring.has_big_entries());
+        assert_eq!(run(&ring), vec![(0, 0), (1, -libc::EOPNOTSUPP)]);
+    }
+
+    #[test]
+    fn a_big_ring_carries_plain_entries_and_commands() {
+        if !supports_cmd() {
+            eprintln!("this kernel has no SQE128 rings: nothing to test");
+            return;
+        }
+        let ring = Ring::new().unwrap();
+        assert!(ring.has_big_entries());
+        // The command reached the kernel, which found no such descriptor.
+        assert_eq!(run(&ring), vec![(0, 0), (1, -libc::EBADF)]);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bdev::nvme::dev::NvmeDev;
+use crate::bdev::nvme::passthru::PassthruDev;
 use crate::bdev::nvme::pci::parse_bdf;
 use crate::bdev::nvme::spec::{IdentifyController, IdentifyNamespace};
 use crate::bdev::nvme::vfio::{Bar0, VfioAlloc};
@@ -104,6 +105,9 @@ pub struct Device {
     file: Option<Arc<FileDev>>,
     /// The same backend when it is an NVMe namespace (`vdisk_nvme`), with its PCI address.
     nvme: Option<(Arc<VfioNvme>, String)>,
+    /// The same backend when it is an NVMe namespace through the kernel's driver
+    /// (`vdisk_nvme` with `filename=/dev/ngXnY`).
+    nvme_kernel: Option<Arc<PassthruDev>>,
     /// `nv_cache`: the backend's volatile cache is treated as non-volatile (NVMe: WCE off
     /// and no FLUSH needed, as the file handlers' `nv_cache`).
     nv_cache: bool,
@@ -236,7 +240,9 @@ fn name_hash(name: &str) -> u64 {
 pub fn parse_nvme_params(params: &[(String, String)]) -> Result<(String, u32), DeviceError> {
     let get = |k: &str| params.iter().rev().find(|(p, _)| p == k).map(|(_, v)| v);
     let pci = get("pci").ok_or_else(|| {
-        invalid("vdisk_nvme needs pci=DDDD:BB:DD.F, the controller's PCI address")
+        invalid(
+            "vdisk_nvme needs pci=DDDD:BB:DD.F (the controller's PCI address, for the userspace driver) or filename=/dev/ngXnY (the namespace's NVMe generic device, through the kernel's driver)",
+        )
     })?;
     let bdf = parse_bdf(pci).ok_or_else(|| {
         invalid(format!(
@@ -259,6 +265,46 @@ pub fn parse_nvme_params(params: &[(String, String)]) -> Result<(String, u32), D
             })?,
     };
     Ok((bdf, nsid))
+}
+
+/// `vdisk_nvme`'s passthrough form: `filename` (the NVMe generic device) and no `pci` or
+/// `nsid` (the device is one namespace). Returns the path.
+fn check_passthru_params<'a>(
+    params: &[(String, String)],
+    filename: Option<&'a str>,
+) -> Result<&'a str, DeviceError> {
+    if params.iter().any(|(k, _)| k == "pci") {
+        return Err(invalid(
+            "vdisk_nvme takes either pci= (the userspace driver) or filename= (passthrough through the kernel's driver), not both",
+        ));
+    }
+    if params.iter().any(|(k, _)| k == "nsid") {
+        return Err(invalid(
+            "nsid goes with pci=; with filename= the namespace is the one of the NVMe generic device",
+        ));
+    }
+    match filename {
+        Some(p) if !p.is_empty() => Ok(p),
+        _ => Err(invalid(
+            "filename must name the namespace's NVMe generic device, as /dev/ng0n1",
+        )),
+    }
+}
+
+/// The attributes of a namespace through the kernel's driver that differ from the
+/// userspace driver's.
+fn kernel_nvme_attr(dev: &PassthruDev, name: &str) -> Option<String> {
+    Some(match name {
+        "filename" => dev.path().to_string(),
+        "firmware" => dev.controller().firmware.clone(),
+        "model" => dev.controller().model.clone(),
+        "serial" => dev.controller().serial.clone(),
+        "nsid" => dev.nsid().to_string(),
+        "outstanding" => dev.outstanding().to_string(),
+        // The kernel's I/O queues: it owns them.
+        "queue_pairs" => dev.kernel_queues().unwrap_or(0).to_string(),
+        _ => return None,
+    })
 }
 
 /// Printable ASCII without `;`, at most `max` characters, the blanks around it dropped.
@@ -417,6 +463,7 @@ impl Device {
             }
         }
         let mut nvme = None;
+        let mut nvme_kernel = None;
         let kind = match handler {
             "vdisk_fileio" => Some(Kind::File),
             "vdisk_blockio" => Some(Kind::Block),
@@ -443,6 +490,25 @@ impl Device {
                 let f =
                     FileDev::new(name, opts, filename.as_deref(), size, active).map_err(invalid)?;
                 (f.clone(), Some(f))
+            }
+            None if handler == "vdisk_nvme" && filename.is_some() => {
+                let path = check_passthru_params(params, filename.as_deref())?;
+                let dev = PassthruDev::open(path)
+                    .map_err(|e| invalid(format!("cannot use {path} for NVMe passthrough: {e}")))?;
+                let dev = Arc::new(dev.with_nv_cache(nv_cache));
+                block_size = dev.block_size();
+                let unmap = dev.supports_unmap();
+                if thin && !unmap {
+                    return Err(invalid(format!(
+                        "thin_provisioned=1: namespace {} behind {path} cannot deallocate blocks so that they read as zeros",
+                        dev.nsid()
+                    )));
+                }
+                if !thin_given {
+                    thin = unmap;
+                }
+                nvme_kernel = Some(dev.clone());
+                (dev as Arc<dyn BlockDev>, None)
             }
             None if handler == "vdisk_nvme" => {
                 let (bdf, nsid) = parse_nvme_params(params)?;
@@ -497,15 +563,22 @@ impl Device {
         };
         let h = name_hash(name);
         let id = h & 0xffff_ffff;
-        let default_ident = match &nvme {
-            Some((dev, _)) => nvme_ident(
+        let default_ident = match (&nvme, &nvme_kernel) {
+            (Some((dev, _)), _) => nvme_ident(
                 name,
                 t10_dev_id.as_deref(),
                 dev.controller(),
                 dev.namespace(),
                 dev.nsid(),
             ),
-            None => Ident {
+            (None, Some(dev)) => nvme_ident(
+                name,
+                t10_dev_id.as_deref(),
+                dev.controller(),
+                dev.namespace(),
+                dev.nsid(),
+            ),
+            (None, None) => Ident {
                 t10_vend_id: "ISCSITGT".into(),
                 prod_id: name.chars().take(16).collect(),
                 prod_rev_lvl: "0100".into(),
@@ -525,6 +598,7 @@ impl Device {
             bdev,
             file,
             nvme,
+            nvme_kernel,
             nv_cache,
             block_size,
             read_only,
@@ -913,7 +987,11 @@ impl Device {
         let fileio = self.handler == "vdisk_fileio";
         let blockio = self.handler == "vdisk_blockio";
         let disk_file = fileio || blockio;
-        let nvme = self.nvme.is_some();
+        // The userspace driver's controller, and a namespace through the kernel's driver
+        // (which owns the controller: no timeouts or resets of ours to show).
+        let pci = self.nvme.is_some();
+        let kernel = self.nvme_kernel.is_some();
+        let nvme = pci || kernel;
         let cdrom = self.is_cdrom();
         let mut v = Vec::new();
         if disk_file {
@@ -937,6 +1015,9 @@ impl Device {
         if disk_file || cdrom {
             v.push(rw("filename"));
         }
+        if kernel {
+            v.push(ro("filename"));
+        }
         if nvme {
             v.extend([ro("firmware"), ro("model")]);
         }
@@ -957,7 +1038,10 @@ impl Device {
             v.push(rw("opt_trans_len"));
         }
         if nvme {
-            v.extend([ro("outstanding"), ro("pci")]);
+            v.push(ro("outstanding"));
+        }
+        if pci {
+            v.push(ro("pci"));
         }
         v.extend([rw("pr_file_name"), rw("pr_state")]);
         if nvme {
@@ -968,7 +1052,10 @@ impl Device {
             v.extend([ro("read_only"), ro("removable")]);
         }
         if nvme {
-            v.extend([rw("reset"), ro("resets")]);
+            v.push(rw("reset"));
+        }
+        if pci {
+            v.push(ro("resets"));
         }
         if disk_file {
             v.push(rw("resync_size"));
@@ -994,7 +1081,7 @@ impl Device {
         if !cdrom {
             v.push(ro("thin_provisioned"));
         }
-        if nvme {
+        if pci {
             v.push(ro("timeouts"));
         }
         v.extend([ro("tst"), ro("type"), rw("usn")]);
@@ -1025,6 +1112,11 @@ impl Device {
         let b = |x: bool| if x { "1" } else { "0" }.to_string();
         let opts = self.file.as_ref().map(|f| f.options().clone());
         let opt = |f: fn(&FileOptions) -> bool| b(opts.as_ref().is_some_and(f));
+        if let Some(k) = &self.nvme_kernel {
+            if let Some(v) = kernel_nvme_attr(k, name) {
+                return Some(v);
+            }
+        }
         let nvme = self.nvme.as_ref().map(|(d, _)| d);
         let info = || nvme.map(|d| d.info()).unwrap_or_default();
         Some(match name {
@@ -1037,7 +1129,7 @@ impl Device {
             "outstanding" => info().outstanding.to_string(),
             "timeouts" => info().timeouts.to_string(),
             "resets" => info().resets.to_string(),
-            "nv_cache" if nvme.is_some() => b(self.nv_cache),
+            "nv_cache" if nvme.is_some() || self.nvme_kernel.is_some() => b(self.nv_cache),
             "active" => b(self.is_active()),
             "blocksize" => self.block_size.to_string(),
             "d_sense" => b(self.saved_mode_params().d_sense),
@@ -1144,6 +1236,11 @@ impl Device {
         if name == "reset" {
             if v.trim() != "1" {
                 return Err(invalid("write 1 to reset"));
+            }
+            if let Some(k) = &self.nvme_kernel {
+                return k
+                    .reset_controller()
+                    .map_err(|e| invalid(format!("reset of the NVMe controller failed: {e}")));
             }
             let Some((dev, bdf)) = self.nvme.as_ref() else {
                 return Err(invalid("reset: not an NVMe device"));
@@ -1607,6 +1704,7 @@ pub fn add_device_params(handler: &str) -> Option<&'static [&'static str]> {
         "write_through",
     ];
     const NVME: &[&str] = &[
+        "filename",
         "nsid",
         "nv_cache",
         "pci",
@@ -1634,6 +1732,37 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn passthrough_parameters_are_one_form() {
+        assert_eq!(
+            check_passthru_params(&p(&[("filename", "/dev/ng0n1")]), Some("/dev/ng0n1")).ok(),
+            Some("/dev/ng0n1")
+        );
+        let e = |pairs: &[(&str, &str)], f: Option<&str>| {
+            check_passthru_params(&p(pairs), f).unwrap_err().to_string()
+        };
+        assert!(e(
+            &[("filename", "/dev/ng0n1"), ("pci", "00:04.0")],
+            Some("/dev/ng0n1")
+        )
+        .contains("not both"));
+        assert!(e(
+            &[("filename", "/dev/ng0n1"), ("nsid", "2")],
+            Some("/dev/ng0n1")
+        )
+        .contains("nsid goes with pci="));
+        assert!(e(&[("filename", "")], Some("")).contains("filename must name"));
+        // The add_device of neither form says what it needs.
+        let m = Device::create("vdisk_nvme", "n", &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            m.contains("pci=") && m.contains("filename=/dev/ngXnY"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@
 //! [`Regs`] (BAR0), [`DmaMem`] (memory the controller reaches, named by its I/O virtual
 //! address) and [`DmaAlloc`] (where queue memory comes from). The vfio-pci implementation of
 //! those seams ([`vfio`]: BAR0 mapped, memory mapped into the IOMMU once) is the only part
-//! that needs `unsafe`; the other modules forbid it.
+//! of the driver that needs `unsafe`; its other modules forbid it.
+//!
+//! [`passthru`] is the other flavour, for hosts that keep the kernel's driver: the namespace's
+//! generic character device `/dev/ngXnY`, with NVMe commands as io_uring passthrough on the
+//! reactor's ring and the same [`spec`] parsers (`unsafe` for its ioctls).
 //!
 //! # Memory model
 //! The controller and the driver share queue memory. The driver writes a submission entry,
@@ -29,6 +33,7 @@
 pub mod channel;
 pub mod controller;
 pub mod dev;
+pub mod passthru;
 pub mod pci;
 pub mod prp;
 pub mod queue;

@@ -361,6 +361,10 @@ pub mod sc {
     pub const COMPARE_FAILURE: u8 = 0x85;
     pub const ACCESS_DENIED: u8 = 0x86;
     pub const DEALLOCATED_OR_UNWRITTEN: u8 = 0x87;
+    // Path related (Base figure 99).
+    /// The host ended the command (Linux's driver, for a command outstanding when it resets
+    /// the controller).
+    pub const HOST_ABORTED: u8 = 0x71;
 }
 
 /// The status field of a completion (Base §4.6.1: DW3 bits 31:17).
@@ -398,11 +402,12 @@ impl Status {
     /// Whether the command was aborted rather than failed on the medium: by an ABORT, by its
     /// queue's deletion, or by a controller reset. Such a command may be retried.
     pub fn is_aborted(self) -> bool {
-        self.sct() == sct::GENERIC
+        (self.sct() == sct::GENERIC
             && matches!(
                 self.sc(),
                 sc::ABORT_REQUESTED | sc::ABORTED_SQ_DELETION | sc::COMMAND_INTERRUPTED
-            )
+            ))
+            || (self.sct() == sct::PATH && self.sc() == sc::HOST_ABORTED)
     }
 
     /// What the block layer reports for an I/O command that failed with this status, the
@@ -422,7 +427,8 @@ impl Status {
             (sct::GENERIC, sc::INVALID_OPCODE | sc::INVALID_FIELD | sc::LBA_OUT_OF_RANGE) => {
                 BdevError::BadBuffer
             }
-            (sct::GENERIC, sc::ABORT_REQUESTED | sc::ABORTED_SQ_DELETION) => BdevError::Cancelled,
+            (sct::GENERIC, sc::ABORT_REQUESTED | sc::ABORTED_SQ_DELETION)
+            | (sct::PATH, sc::HOST_ABORTED) => BdevError::Cancelled,
             (
                 sct::GENERIC,
                 sc::INVALID_NAMESPACE_OR_FORMAT | sc::NAMESPACE_NOT_READY | sc::FORMAT_IN_PROGRESS,
@@ -819,5 +825,7 @@ mod tests {
         assert_eq!(s(sct::PATH, 0x00), BdevError::Offline);
         assert!(Status::new(sct::GENERIC, sc::ABORTED_SQ_DELETION).is_aborted());
         assert!(!Status::new(sct::MEDIA, sc::WRITE_FAULT).is_aborted());
+        assert!(Status::new(sct::PATH, sc::HOST_ABORTED).is_aborted());
+        assert!(!Status::new(sct::PATH, 0x00).is_aborted());
     }
 }
