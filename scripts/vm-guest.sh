@@ -34,7 +34,7 @@ iface_of() {
 # Waits for the host's word on the second serial port (the host's initiator is done) and leaves
 # it in HOST_LINE. Before it, the host may ask for things with short lines (the port keeps lines
 # of a few characters whole): "cTAG" for the target's CPU time, utime + stime of TARGET_PID in
-# ticks ("VMTEST cpu cTAG TICKS HZ"); "rN" (MODE=nvme) for a reset of LUN N's NVMe controller
+# ticks, and its reactors' busy time ("VMTEST cpu cTAG TICKS HZ BUSY_NS"); "rN" (MODE=nvme) for a reset of LUN N's NVMe controller
 # under the I/O the host has running, through the device's reset attribute. The port stays
 # open between lines.
 wait_host() {
@@ -50,8 +50,13 @@ wait_host() {
         fi
         case $line in
         c?*)
-            # Ticks of USER_HZ, 100 on x86 (the guest has no getconf to ask).
-            echo "VMTEST cpu ${line} $(awk '{print $14 + $15}' "/proc/${TARGET_PID:-0}/stat" 2>/dev/null) 100"
+            # Ticks of USER_HZ, 100 on x86 (the guest has no getconf to ask), then the
+            # reactors' busy time (ns spent on work, not on empty polls).
+            local busy=0 r
+            for r in $($RPC -s "$SOCK" ls reactors 2>/dev/null); do
+                busy=$((busy + $($RPC -s "$SOCK" get "reactors/${r%/}/busy_ns" 2>/dev/null || echo 0)))
+            done
+            echo "VMTEST cpu ${line} $(awk '{print $14 + $15}' "/proc/${TARGET_PID:-0}/stat" 2>/dev/null) 100 $busy"
             ;;
         r0 | r1) reset_lun_device "${line#r}" ;;
         *)
@@ -72,6 +77,7 @@ reset_lun_device() {
     RESETS=$((RESETS + 1))
     if $RPC -s "$SOCK" set "devices/$dev/reset" 1 >/tmp/reset.out 2>&1; then
         sent=$(grep -o "controller reset; [0-9]* commands go out again" /tmp/target.log | tail -1)
+        [ "$dev" = nvmek ] && sent="the kernel: $(dmesg | grep -c 'resetting controller') resets in its log"
         pass "controller reset $RESETS ($dev) injected under the host's I/O (${sent:-no log line})"
     else
         fail "controller reset $RESETS ($dev): $(cat /tmp/reset.out)"
@@ -500,6 +506,8 @@ target | kernel | initiator | nvme)
                 fail "the target died while the host used it"
             fi
             grep -q panicked /tmp/target.log && fail "the target log shows a panic"
+            grep -a "WARN\|ERROR" /tmp/target.log | grep -v "sending it again" | tail -20
+            echo "VMTEST target log: $(grep -ac "sending it again" /tmp/target.log) I/Os sent again after resets"
             tail -20 /tmp/target.log
         else
             fail "the target did not start or take its configuration"

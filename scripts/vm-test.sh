@@ -456,21 +456,21 @@ nvme_lun_checks() {
 cpu_ticks() {
     tell_guest "$1" || return 1
     wait_for "VMTEST cpu $1 " 30 || return 1
-    tr -d '\r' <"$WORK/console.log" | grep -a "^VMTEST cpu $1 " | tail -1 | awk '{print $4, $5}'
+    tr -d '\r' <"$WORK/console.log" | grep -a "^VMTEST cpu $1 " | tail -1 | awk '{print $4, $5, $6}'
 }
 # nvme_bench LUN WHAT: NVME_BENCH_SECS of 4 KiB random reads at QD32 on LUN, with the target's
 # CPU time over the run: commands/s and CPU microseconds per command.
 nvme_bench() {
-    local lun=$1 what=$2 a b out iops t0a t0b hz
+    local lun=$1 what=$2 a b out iops t0a t0b hz ba bb
     a=$(cpu_ticks "c${lun}s") || { bad "no CPU time from the guest"; return; }
     out=$(timeout $((NVME_BENCH_SECS + 120)) "$(dirname "$BIN")/iscsi-bench" --portal "127.0.0.1:$PORT" --target "$IQN" \
         --lun "$lun" --rw randread --bs 4k --qd 32 --secs "$NVME_BENCH_SECS" 2>&1)
     b=$(cpu_ticks "c${lun}e") || { bad "no CPU time from the guest"; return; }
     iops=$(awk '/^iops / {print $2}' <<<"$out" | tail -1)
     if [ -n "$iops" ]; then
-        read -r t0a hz <<<"$a"
-        read -r t0b _ <<<"$b"
-        ok "$(python3 -c "import sys; i=float(sys.argv[1]); c=(int(sys.argv[3])-int(sys.argv[2]))/int(sys.argv[4]); s=float(sys.argv[5]); print(f'bench LUN $lun ($what), 4 KiB random reads QD32 for {s:.0f} s: {i:.0f} commands/s, target CPU {c:.2f} s, {c*1e6/(i*s):.1f} us CPU per command')" "$iops" "$t0a" "$t0b" "$hz" "$NVME_BENCH_SECS")"
+        read -r t0a hz ba <<<"$a"
+        read -r t0b _ bb <<<"$b"
+        ok "$(python3 -c "import sys; i=float(sys.argv[1]); c=(int(sys.argv[3])-int(sys.argv[2]))/int(sys.argv[4]); s=float(sys.argv[5]); busy=(int(sys.argv[7])-int(sys.argv[6]))/1e9; print(f'bench LUN $lun ($what), 4 KiB random reads QD32 for {s:.0f} s: {i:.0f} commands/s, target CPU {c:.2f} s ({c*1e6/(i*s):.1f} us per command), reactors busy {busy:.2f} s ({busy*1e6/(i*s):.1f} us per command)')" "$iops" "$t0a" "$t0b" "$hz" "$NVME_BENCH_SECS" "${ba:-0}" "${bb:-0}")"
     else
         bad "iscsi-bench on LUN $lun: $(tail -c 400 <<<"$out")"
     fi

@@ -33,7 +33,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use super::spec::{
     admin, dsm_range, nvm, oncs, IdentifyController, IdentifyError, IdentifyNamespace, SqEntry,
@@ -96,9 +96,14 @@ pub const NVME_URING_CMD_IO: u32 = nvme_ioc(IOC_RW, 0x80, URING_CMD_SIZE);
 /// are an iovec array and its number of entries.
 pub const NVME_URING_CMD_IO_VEC: u32 = nvme_ioc(IOC_RW, 0x81, URING_CMD_SIZE);
 
-/// Retries of a command the kernel ended with EAGAIN or EINTR, or that a controller reset or
-/// an ABORT ended (an aborted status without Do Not Retry).
-const MAX_RETRIES: u8 = 8;
+/// Retries of a command the kernel ended with EAGAIN, EINTR or EFAULT, or that a controller
+/// reset or an ABORT ended (an aborted status without Do Not Retry). Each waits before it goes
+/// out again, 5 ms the first time and twice as long each time after, up to a second: about
+/// six seconds in all, what a controller reset takes.
+const MAX_RETRIES: u8 = 12;
+
+/// The `sub` of a retry's delay (an `IORING_OP_TIMEOUT` linked before the command).
+const DELAY_SUB: u32 = u32::MAX;
 
 /// `NVME_IOCTL_RESET` on the controller's character device: the kernel resets the controller
 /// and returns once it is back.
@@ -581,6 +586,10 @@ impl IoChannel for PtChannel {
                     return self.finish(io, Err(BdevError::Io(off)));
                 }
                 let Some(buf) = io.buf.as_mut().filter(|b| b.len() >= io.len as usize) else {
+                    log::warn!(
+                        "nvme passthrough: I/O at byte {off} of {} bytes without a buffer that long",
+                        io.len
+                    );
                     return self.finish(io, Err(BdevError::BadBuffer));
                 };
                 if io.len == 0 {
@@ -589,7 +598,11 @@ impl IoChannel for PtChannel {
                 let pieces = buf
                     .segments_mut(0, io.len as usize)
                     .map(|s| (s.as_mut_ptr() as usize, s.len()));
-                if split(pieces, bs, self.dev.limits, &mut op.parts, &mut op.iov).is_err() {
+                if let Err(e) = split(pieces, bs, self.dev.limits, &mut op.parts, &mut op.iov) {
+                    log::warn!(
+                        "nvme passthrough: I/O at byte {off} of {} bytes cannot be described: {e:?}",
+                        io.len
+                    );
                     return self.finish(io, Err(BdevError::BadBuffer));
                 }
                 match io.op {
@@ -629,6 +642,7 @@ impl IoChannel for PtChannel {
         op.cmd = cmd;
         op.outstanding = op.parts.len() as u32;
         op.retries = 0;
+        op.force_async = false;
         op.error = None;
         op.nsid = self.dev.nsid;
         op.block_size = bs;
@@ -725,6 +739,12 @@ struct PtOp {
     dsm: Vec<[u64; 2]>,
     outstanding: u32,
     retries: u8,
+    /// Commands sent again go with IOSQE_ASYNC: to an io_uring worker that may block until
+    /// the kernel's queue takes them (during a controller reset) instead of failing them.
+    force_async: bool,
+    /// How long the next command sent again waits first; the kernel reads it when the
+    /// timeout is submitted, while this operation holds it in place.
+    delay: types::Timespec,
     error: Option<BdevError>,
 }
 
@@ -785,12 +805,34 @@ impl PtOp {
     }
 }
 
+/// A completion's result for the log: an NVMe status or an errno.
+fn describe(res: i32) -> String {
+    if res > 0 {
+        format!("status {res:#x}")
+    } else {
+        io::Error::from_raw_os_error(-res).to_string()
+    }
+}
+
 impl RingOp for PtOp {
     fn prepare(&mut self, sub: Option<u32>, out: &mut Vec<(u32, Sqe)>) {
         let (from, to) = match sub {
             Some(s) => (s as usize, s as usize + 1),
             None => (0, self.parts.len()),
         };
+        if sub.is_some() {
+            // A command sent again waits first (a reset in progress answers at once): a
+            // timeout linked before it, counted as success so that the link holds.
+            let ms = 5u64 << (self.retries.saturating_sub(1)).min(8);
+            self.delay = types::Timespec::new()
+                .sec(ms.min(1000) / 1000)
+                .nsec(((ms.min(1000) % 1000) * 1_000_000) as u32);
+            let t = opcode::Timeout::new(&self.delay)
+                .flags(types::TimeoutFlags::ETIME_SUCCESS)
+                .build()
+                .flags(squeue::Flags::IO_LINK);
+            out.push((DELAY_SUB, t.into()));
+        }
         for (i, p) in self.parts.iter().enumerate().take(to).skip(from) {
             let (e, cmd_op, addr, len) = self.command(p);
             // The iovecs, the data they describe and the DSM ranges belong to this
@@ -798,11 +840,20 @@ impl RingOp for PtOp {
             let sqe = opcode::UringCmd80::new(types::Fd(self.fd), cmd_op)
                 .cmd(uring_cmd(&e, addr, len))
                 .build();
+            let sqe = if self.force_async {
+                sqe.flags(squeue::Flags::ASYNC)
+            } else {
+                sqe
+            };
             out.push((i as u32, sqe.into()));
         }
     }
 
     fn complete(&mut self, sub: u32, res: i32) -> Step {
+        if sub == DELAY_SUB {
+            // The delay before a command sent again (-ETIME when it ran out).
+            return Step::Wait;
+        }
         let again = if res > 0 {
             // Ended by a controller reset (the kernel's "host aborted") or an ABORT: the
             // command may go out again; the reads, writes, flushes and deallocations sent
@@ -810,14 +861,27 @@ impl RingOp for PtOp {
             let s = Status(res as u16);
             s.is_aborted() && !s.dnr()
         } else {
-            res < 0 && matches!(-res, libc::EAGAIN | libc::EINTR)
+            // EFAULT too: Linux 6.1 answers a command it could not take at once during a
+            // controller reset with it (the addresses here are the pool's, always mapped); a
+            // command that keeps failing so still fails after the retries.
+            res < 0 && matches!(-res, libc::EAGAIN | libc::EINTR | libc::EFAULT)
         };
         if again && self.retries < MAX_RETRIES {
             self.retries += 1;
+            self.force_async = true;
+            log::warn!(
+                "nvme passthrough: command at byte {} ended with {}; sending it again",
+                self.offset_of(sub),
+                describe(res)
+            );
             return Step::Resubmit(sub);
         }
         if res != 0 && self.error.is_none() {
             let at = self.offset_of(sub);
+            log::warn!(
+                "nvme passthrough: command at byte {at} ended with {}",
+                describe(res)
+            );
             self.error = Some(if res > 0 {
                 Status(res as u16).bdev_error(at)
             } else {
@@ -1130,7 +1194,25 @@ mod tests {
         };
         // A retryable errno goes out again, and so does a command a controller reset or an
         // ABORT ended (unless Do Not Retry); the first failure is kept with its part's offset.
+        assert!(!op.force_async);
         assert!(matches!(op.complete(1, -libc::EAGAIN), Step::Resubmit(1)));
+        assert!(op.force_async, "sent again through an io_uring worker");
+        // Sent again after a delay: a timeout linked before the command, whose own
+        // completion changes nothing.
+        let mut out = Vec::new();
+        op.prepare(Some(1), &mut out);
+        assert_eq!(
+            out.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![DELAY_SUB, 1]
+        );
+        assert!(
+            format!("{:?}", op.delay).contains("tv_nsec: 5000000"),
+            "5 ms the first time: {:?}",
+            op.delay
+        );
+        assert!(matches!(op.complete(DELAY_SUB, -libc::ETIME), Step::Wait));
+        assert_eq!(op.outstanding, 2);
+        assert!(matches!(op.complete(1, -libc::EFAULT), Step::Resubmit(1)));
         assert!(matches!(op.complete(1, 0x371), Step::Resubmit(1)));
         let aborted = i32::from(Status::new(sct::GENERIC, sc::ABORTED_SQ_DELETION).0);
         assert!(matches!(op.complete(0, aborted), Step::Resubmit(0)));
@@ -1238,12 +1320,15 @@ mod tests {
         );
         assert_eq!((e.slba(), e.nlb()), (4, 1));
 
-        // Each part becomes one SQE; a resubmission only its own.
+        // Each part becomes one SQE; a resubmission only its own, after its delay.
         let mut out = Vec::new();
         op.prepare(None, &mut out);
         assert_eq!(out.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1]);
         out.clear();
         op.prepare(Some(1), &mut out);
-        assert_eq!(out.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            out.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![DELAY_SUB, 1]
+        );
     }
 }
