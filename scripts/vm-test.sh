@@ -422,6 +422,14 @@ nvme_lun_checks() {
         bad "UNMAP then read of zeros on $what: $out"
     fi
     echo "$out"
+    # Zeros written over 1 MiB of the round trip's random data (qemu's iscsi driver sends WRITE
+    # SAME of a zero block, which the LUN turns into NVMe WRITE ZEROES) read back as zeros.
+    if out=$(timeout 300 qemu-io -f raw -c "write -z 3M 1M" -c "read -P 0 3M 1M" -c "read -P 0 1M 1M" "$URL/$IQN/$lun" 2>&1) &&
+        ! grep -qi "pattern verification failed\|error\|fail" <<<"$out"; then
+        ok "1 MiB of zeros written (WRITE SAME) reads back as zeros from $what"
+    else
+        bad "zeros written then read on $what: $out"
+    fi
     # libiscsi's suites for the commands the NVMe flavours carry (reads, writes, FUA,
     # flush, UNMAP, WRITE SAME, COMPARE AND WRITE), scored by cu-score.py: no failed
     # and no warned test. (The whole suite runs natively in conformance.sh; under TCG

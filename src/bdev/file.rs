@@ -928,6 +928,8 @@ impl IoChannel for FileChannel {
                     return self.finish(io, r);
                 }
             }
+            // Files do not claim it (`supports_write_zeroes`): the SCSI layer writes the zeros.
+            IoOp::WriteZeroes => return self.finish(io, Err(BdevError::BadBuffer)),
         }
         let rw_flags = match io.op {
             IoOp::Write { fua } if fua || self.dev.write_through() => libc::RWF_DSYNC,
@@ -1138,6 +1140,8 @@ impl RingOp for FileOp {
                     ));
                 }
             }
+            // Refused in `submit`: never on the ring.
+            IoOp::WriteZeroes => {}
         }
     }
 
@@ -1190,6 +1194,7 @@ impl RingOp for FileOp {
                     Step::Wait
                 }
             }
+            IoOp::WriteZeroes => Step::Done,
         }
     }
 

@@ -69,6 +69,10 @@ pub enum IoOp {
     /// A hint that `offset`/`len` will be read soon (PRE-FETCH): backends with a cache in
     /// front of slower storage start reading it in; the others have nothing to do.
     Prefetch,
+    /// Writes zeros over `offset`/`len` with no buffer (WRITE SAME of a block of zeros), the
+    /// blocks left mapped. Sent only to backends whose
+    /// [`supports_write_zeroes`](BlockDev::supports_write_zeroes) says so.
+    WriteZeroes,
 }
 
 pub struct BdevIo {
@@ -108,6 +112,10 @@ pub trait BlockDev: Send + Sync {
     }
     /// Whether [`IoOp::Unmap`] deallocates (the device is thin provisioned).
     fn supports_unmap(&self) -> bool {
+        false
+    }
+    /// Whether the device zeroes blocks itself ([`IoOp::WriteZeroes`]), with no data moved.
+    fn supports_write_zeroes(&self) -> bool {
         false
     }
     /// The provisioning state from byte `offset` on (GET LBA STATUS). `None` when the
@@ -188,7 +196,7 @@ impl Fault {
     fn fails(self, op: IoOp) -> bool {
         match op {
             IoOp::Read => matches!(self, Fault::EioRead | Fault::Eio),
-            IoOp::Write { .. } | IoOp::Flush | IoOp::Unmap => {
+            IoOp::Write { .. } | IoOp::Flush | IoOp::Unmap | IoOp::WriteZeroes => {
                 matches!(self, Fault::EioWrite | Fault::Eio)
             }
             // A hint: a read-ahead that cannot start is no error of the command.
@@ -820,6 +828,14 @@ impl SyncDev for RamDev {
                 }
                 return Ok(());
             }
+            IoOp::WriteZeroes => {
+                self.range(io.offset, len as u64)?;
+                let p = self.at(io.offset, len);
+                // SAFETY: as for UNMAP above: inside the mapping, reached only through raw
+                // pointers or lent buffers.
+                unsafe { std::ptr::write_bytes(p.as_ptr(), 0, len) };
+                return Ok(());
+            }
             IoOp::Read | IoOp::Write { .. } => {}
         }
         self.range(io.offset, len as u64)?;
@@ -865,6 +881,10 @@ impl BlockDev for RamDev {
     fn fault(&self) -> Option<&FaultInject> {
         Some(&self.fault)
     }
+    /// Zeroing the disk's memory beats filling a buffer with zeros and copying it in.
+    fn supports_write_zeroes(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -880,6 +900,50 @@ mod tests {
             buf: Some(buf),
             ranges: Vec::new(),
         }
+    }
+
+    #[test]
+    fn ram_write_zeroes_zeroes_the_range_and_nothing_else() {
+        let dev = RamDev::new(512, 1 << 20).unwrap();
+        assert!(dev.supports_write_zeroes());
+        let mut ch = dev.clone().open_channel(&IoContext::new());
+        let mut b = DataBuf::alloc(8192).unwrap();
+        b.fill(0, 8192, 0x5a);
+        let mut out = Vec::new();
+        ch.submit(io(IoOp::Write { fua: false }, 0, 8192, b));
+        ch.poll(&mut out);
+        ch.submit(BdevIo {
+            tag: 3,
+            op: IoOp::WriteZeroes,
+            offset: 1024,
+            len: 2048,
+            buf: None,
+            ranges: Vec::new(),
+        });
+        ch.submit(BdevIo {
+            tag: 4,
+            op: IoOp::WriteZeroes,
+            offset: (1 << 20) - 512,
+            len: 1024,
+            buf: None,
+            ranges: Vec::new(),
+        });
+        out.clear();
+        ch.poll(&mut out);
+        assert_eq!(out[0].result, Ok(()));
+        assert_eq!(
+            out[1].result,
+            Err(BdevError::Io((1 << 20) - 512)),
+            "past the end"
+        );
+        ch.submit(io(IoOp::Read, 0, 8192, DataBuf::alloc(8192).unwrap()));
+        out.clear();
+        ch.poll(&mut out);
+        let mut back = vec![0u8; 8192];
+        out[0].buf.as_ref().unwrap().read_at(0, &mut back);
+        assert!(back[..1024].iter().all(|&x| x == 0x5a));
+        assert!(back[1024..3072].iter().all(|&x| x == 0));
+        assert!(back[3072..].iter().all(|&x| x == 0x5a));
     }
 
     #[test]

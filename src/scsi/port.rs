@@ -821,6 +821,23 @@ impl ScsiPort {
             if let Some(b) = task.buf.as_ref() {
                 b.read_at(0, &mut block);
             }
+            // A block of zeros over the range: the device zeroes it where it can, with no
+            // data moved (NVMe WRITE ZEROES).
+            if block.iter().all(|&x| x == 0) && dev.bdev.supports_write_zeroes() {
+                let tag = task.tag;
+                self.submit(
+                    dev,
+                    BdevIo {
+                        tag,
+                        op: IoOp::WriteZeroes,
+                        offset,
+                        len,
+                        buf: None,
+                        ranges: Vec::new(),
+                    },
+                );
+                return Exec::Pending;
+            }
             let Some(mut out) = DataBuf::alloc(len as usize) else {
                 task.status = STATUS_TASK_SET_FULL;
                 return Exec::Done;

@@ -38,6 +38,9 @@ use crate::bdev::{BdevCompletion, BdevError, BdevIo, IoChannel, IoOp};
 /// The largest block count of one DSM range (a 32-bit field).
 const MAX_RANGE_BLOCKS: u64 = u32::MAX as u64;
 
+/// The most blocks one WRITE ZEROES covers (a 16-bit 0's based count).
+const MAX_ZEROES_BLOCKS: u64 = 1 << 16;
+
 /// How many times an I/O is sent in all when resets or ABORTs keep ending its commands.
 pub const MAX_TRIES: u8 = 4;
 
@@ -217,6 +220,13 @@ impl<R: Regs> Core<R> {
                 Ok(parts as u32)
             }
             IoOp::Prefetch => Ok(0),
+            IoOp::WriteZeroes => {
+                let len = u64::from(io.len);
+                if len == 0 || !io.offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+                    return Err(BdevError::BadBuffer);
+                }
+                Ok((len / bs).div_ceil(MAX_ZEROES_BLOCKS) as u32)
+            }
         }
     }
 
@@ -372,6 +382,22 @@ impl<R: Regs> Core<R> {
                 }
                 for chunk in self.ranges.chunks(DSM_MAX_RANGES) {
                     q.submit(&IoCmd::Deallocate { ranges: chunk }, tag, now)?;
+                    p.issued += 1;
+                    p.outstanding += 1;
+                }
+            }
+            IoOp::WriteZeroes => {
+                let first = p.io.offset / bs;
+                let blocks = u64::from(p.io.len) / bs;
+                while p.issued < p.total && self.capacity > q.qp.outstanding() {
+                    let done = u64::from(p.issued) * MAX_ZEROES_BLOCKS;
+                    let nlb = (blocks - done).min(MAX_ZEROES_BLOCKS) as u32;
+                    let cmd = IoCmd::WriteZeroes {
+                        slba: first + done,
+                        nlb,
+                        deallocate: false,
+                    };
+                    q.submit(&cmd, tag, now)?;
                     p.issued += 1;
                     p.outstanding += 1;
                 }
@@ -630,6 +656,30 @@ mod tests {
         assert_eq!(m.deallocated, 17);
         assert!(m.data[4096..4096 + 8192].iter().all(|&x| x == 0));
         assert_eq!(m.count(true, nvm::FLUSH), 1);
+    }
+
+    #[test]
+    fn write_zeroes_moves_no_data_and_splits_at_65536_blocks() {
+        let mut b = bed(64, 3);
+        let mut w = DataBuf::alloc_from(b.pool, 16384).unwrap();
+        w.fill(0, 16384, 0x6b);
+        b.ch.submit(io(1, IoOp::Write { fua: false }, 0, Some(w), 16384));
+        drive(&mut b.ch, 1);
+        b.ch.submit(io(2, IoOp::WriteZeroes, 4096, None, 8192));
+        let c = drive(&mut b.ch, 1);
+        assert_eq!((c[0].tag, c[0].result), (2, Ok(())));
+        {
+            let m = b.regs.0.borrow();
+            assert_eq!(m.count(true, nvm::WRITE_ZEROES), 1);
+            assert!(m.data[..4096].iter().all(|&x| x == 0x6b));
+            assert!(m.data[4096..12288].iter().all(|&x| x == 0));
+            assert!(m.data[12288..16384].iter().all(|&x| x == 0x6b));
+        }
+        // 65536 blocks a command: one block more takes two.
+        let big = io(3, IoOp::WriteZeroes, 0, None, (65536 + 1) * BS);
+        assert_eq!(b.ch.core.parts(&big), Ok(2));
+        let odd = io(4, IoOp::WriteZeroes, 100, None, BS);
+        assert_eq!(b.ch.core.parts(&odd), Err(BdevError::BadBuffer));
     }
 
     #[test]

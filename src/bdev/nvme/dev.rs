@@ -95,6 +95,8 @@ pub struct NvmeDev<R: Regs, A: DmaAlloc> {
     outstanding: AtomicU64,
     vwc: bool,
     dsm: bool,
+    /// The controller has WRITE ZEROES (ONCS).
+    write_zeroes: bool,
     max_transfer: usize,
     fault: Arc<FaultInject>,
     /// Dropped with the device: the watchdog thread sees its channel close and ends.
@@ -131,6 +133,7 @@ impl<R: Regs + Clone, A: DmaAlloc> NvmeDev<R, A> {
             dstrd: ctrl.cap().dstrd(),
             vwc: ctrl.identify().vwc,
             dsm: ctrl.identify().supports(oncs::DSM),
+            write_zeroes: ctrl.identify().supports(oncs::WRITE_ZEROES),
             max_transfer: ctrl.max_transfer(),
             nsid,
             ns,
@@ -339,6 +342,10 @@ where
     /// UNMAP promises zeros afterwards: only where deallocated blocks read as zeros.
     fn supports_unmap(&self) -> bool {
         self.dsm && self.ns.deallocated_reads_zeros()
+    }
+
+    fn supports_write_zeroes(&self) -> bool {
+        self.write_zeroes
     }
 
     fn open_channel(self: Arc<Self>, _cx: &IoContext) -> Box<dyn IoChannel> {

@@ -359,6 +359,8 @@ pub struct PassthruDev {
     ctrl_dev: Option<PathBuf>,
     vwc: bool,
     dsm: bool,
+    /// The controller has WRITE ZEROES (ONCS).
+    write_zeroes: bool,
     /// I/Os submitted to the channels and not yet completed.
     outstanding: AtomicU64,
     fault: Arc<FaultInject>,
@@ -418,6 +420,7 @@ impl PassthruDev {
             nsid,
             vwc: ctrl.vwc,
             dsm: ctrl.supports(oncs::DSM),
+            write_zeroes: ctrl.supports(oncs::WRITE_ZEROES),
             ctrl,
             ns,
             limits,
@@ -510,6 +513,10 @@ impl BlockDev for PassthruDev {
     /// UNMAP promises zeros afterwards: only where deallocated blocks read as zeros.
     fn supports_unmap(&self) -> bool {
         self.dsm && self.ns.deallocated_reads_zeros()
+    }
+
+    fn supports_write_zeroes(&self) -> bool {
+        self.write_zeroes
     }
 
     fn open_channel(self: Arc<Self>, cx: &IoContext) -> Box<dyn IoChannel> {
@@ -638,6 +645,23 @@ impl IoChannel for PtChannel {
                 }
                 Cmd::Deallocate
             }
+            IoOp::WriteZeroes => {
+                let whole = |v: u64| v.is_multiple_of(u64::from(bs));
+                if io
+                    .offset
+                    .checked_add(u64::from(io.len))
+                    .is_none_or(|end| end > size)
+                    || !whole(io.offset)
+                    || !whole(u64::from(io.len))
+                {
+                    return self.finish(io, Err(BdevError::Io(off)));
+                }
+                if io.len == 0 {
+                    return self.finish(io, Ok(()));
+                }
+                zeroes_parts(io.len, bs, &mut op.parts);
+                Cmd::WriteZeroes
+            }
         };
         op.cmd = cmd;
         op.outstanding = op.parts.len() as u32;
@@ -664,6 +688,27 @@ impl IoChannel for PtChannel {
 
     fn busy(&self) -> bool {
         self.shared.inflight.get() > 0 || !self.shared.done.borrow().is_empty()
+    }
+}
+
+/// The most blocks one WRITE ZEROES covers (a 16-bit 0's based count).
+const MAX_ZEROES_BLOCKS: u32 = 1 << 16;
+
+/// The parts of a WRITE ZEROES of `len` bytes in blocks of `block_size`: commands of up to
+/// 65536 blocks, no data.
+fn zeroes_parts(len: u32, block_size: u32, parts: &mut Vec<Part>) {
+    parts.clear();
+    let step = u64::from(block_size.max(1)) * u64::from(MAX_ZEROES_BLOCKS);
+    let mut at = 0u64;
+    while at < u64::from(len) {
+        let n = (u64::from(len) - at).min(step);
+        parts.push(Part {
+            offset: at as u32,
+            len: n as u32,
+            iov: 0,
+            iovs: 0,
+        });
+        at += n;
     }
 }
 
@@ -718,6 +763,7 @@ enum Cmd {
     },
     Flush,
     Deallocate,
+    WriteZeroes,
 }
 
 /// One block I/O on the ring: one command per part. Kept by its channel once finished, so
@@ -775,6 +821,12 @@ impl PtOp {
                 (SqEntry::rw(nvm::WRITE, self.nsid, slba, nlb, fua), o, a, l)
             }
             Cmd::Flush => (SqEntry::flush(self.nsid), NVME_URING_CMD_IO, 0, 0),
+            Cmd::WriteZeroes => (
+                SqEntry::write_zeroes(self.nsid, slba, nlb, false),
+                NVME_URING_CMD_IO,
+                0,
+                0,
+            ),
             Cmd::Deallocate => {
                 let a = self
                     .dsm
@@ -1160,6 +1212,39 @@ mod tests {
             ),
             Err(1 << 30)
         );
+    }
+
+    #[test]
+    fn write_zeroes_parts_carry_no_data() {
+        let mut parts = Vec::new();
+        zeroes_parts(8192, 512, &mut parts);
+        assert_eq!(parts.len(), 1);
+        assert_eq!((parts[0].offset, parts[0].len, parts[0].iovs), (0, 8192, 0));
+        // 65536 blocks a command.
+        zeroes_parts(((1 << 16) + 2) * 512, 512, &mut parts);
+        assert_eq!(
+            parts.iter().map(|p| (p.offset, p.len)).collect::<Vec<_>>(),
+            vec![(0, (1 << 16) * 512), ((1 << 16) * 512, 1024)]
+        );
+        let op = PtOp {
+            cmd: Cmd::WriteZeroes,
+            io: Some(BdevIo {
+                tag: 1,
+                op: IoOp::WriteZeroes,
+                offset: 4096,
+                len: ((1 << 16) + 2) * 512,
+                buf: None,
+                ranges: Vec::new(),
+            }),
+            nsid: 1,
+            block_size: 512,
+            parts: parts.clone(),
+            ..PtOp::default()
+        };
+        let (e, cmd_op, addr, len) = op.command(&parts[1]);
+        assert_eq!(e.opcode(), nvm::WRITE_ZEROES);
+        assert_eq!((e.slba(), e.nlb()), (8 + (1 << 16), 2));
+        assert_eq!((cmd_op, addr, len), (NVME_URING_CMD_IO, 0, 0));
     }
 
     #[test]
