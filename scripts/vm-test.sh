@@ -432,12 +432,15 @@ nvme_lun_checks() {
     fi
     # libiscsi's suites for the commands the NVMe flavours carry (reads, writes, FUA,
     # flush, UNMAP, WRITE SAME, COMPARE AND WRITE), scored by cu-score.py: no failed
-    # and no warned test. (The whole suite runs natively in conformance.sh; under TCG
-    # it would take too long.)
+    # test, and no warned one but iSCSIdatasn.iSCSIDataSnInvalid, which warns by
+    # construction (see conformance.sh). (The whole suite runs natively in conformance.sh;
+    # under TCG a test takes about five seconds.)
     t=$(date +%s)
-    timeout 900 iscsi-test-cu -d -S -t "$tests" "$URL/$IQN/$lun" "$URL/$IQN/$lun" >"$WORK/cu$lun.log" 2>&1 || true
-    if score=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log") &&
-        grep -q " 0 failed, .* 0 warned" <<<"$score"; then
+    timeout 2400 iscsi-test-cu -d -S -t "$tests" "$URL/$IQN/$lun" "$URL/$IQN/$lun" >"$WORK/cu$lun.log" 2>&1 || true
+    local bad_tests
+    bad_tests=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log" --tests 2>/dev/null |
+        awk '$1 == "failed" || ($1 == "warned" && $2 != "iSCSIdatasn.iSCSIDataSnInvalid")')
+    if score=$(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log") && [ -z "$bad_tests" ]; then
         ok "iscsi-test-cu on $what ($tests): $score ($(($(date +%s) - t)) s)"
     else
         bad "iscsi-test-cu on $what: ${score:-the log is incomplete}: $(python3 "$ROOT/scripts/cu-score.py" "$WORK/cu$lun.log" --tests 2>/dev/null | grep -v '^passed' | head -5 | tr '\n' ' ')"
