@@ -67,7 +67,12 @@ VM_CPUS=${VM_CPUS:-2}
 VM_HUGEMEM=${VM_HUGEMEM:-512}
 if [ "${MODE:-}" = nvme ]; then ROUNDTRIP_MB=${ROUNDTRIP_MB:-256}; else ROUNDTRIP_MB=${ROUNDTRIP_MB:-16}; fi
 NVME_CU_TESTS=${NVME_CU_TESTS:-SCSI.Read16,SCSI.Write16,SCSI.SynchronizeCache10,SCSI.Unmap,SCSI.CompareAndWrite}
-NVME_PT_CU_TESTS=${NVME_PT_CU_TESTS:-SCSI.Read16,SCSI.Write16,SCSI.Unmap}
+# The passthrough LUN answers libiscsi's tests about four times as fast under TCG as the
+# userspace driver's (emulated MMIO): it gets the whole required list (netns-test.sh's, with
+# the NVMe data path's suites), the driver's LUN the data path's suites (the whole list on it:
+# 81 passed, 0 failed, 3 skipped, 1 warned by construction, in 184 s; see docs/NVME.md).
+NVME_REQUIRED_TESTS=iSCSI,SCSI.Inquiry,SCSI.Read6,SCSI.Read10,SCSI.Read12,SCSI.Read16,SCSI.Write10,SCSI.Write12,SCSI.Write16,SCSI.ReadCapacity10,SCSI.ReadCapacity16,SCSI.TestUnitReady,SCSI.ReportLuns,SCSI.ModeSense6,SCSI.CompareAndWrite,SCSI.SynchronizeCache10,SCSI.Unmap,SCSI.WriteSame16
+NVME_PT_CU_TESTS=${NVME_PT_CU_TESTS:-$NVME_REQUIRED_TESTS}
 NVME_BENCH_SECS=${NVME_BENCH_SECS:-0}
 NVME_ADDR=0000:00:04.0
 NVME_K_ADDR=0000:00:05.0
