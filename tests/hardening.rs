@@ -364,11 +364,7 @@ fn closed_by_target(s: &mut TcpStream) -> bool {
 
 #[test]
 fn connection_limits_refuse_the_excess_at_accept() {
-    let port2 = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let second = format!("127.0.0.1:{}", port2.port());
+    let second = format!("127.0.0.1:{}", common::free_port());
     let t = Target::start(&["--cores", "0", "--listen", &second]);
     t.configure_default(16);
     t.set("targets/iscsi/max_connections", "2");

@@ -28,12 +28,29 @@ pub struct Target {
     pub dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Loopback ports a test daemon listens on: below Linux's default ephemeral range
+/// (32768-60999), where the tests' own connections take their local ports. A port the kernel
+/// hands out for `bind(0)` is in that range, and a connection could take it between the check
+/// and the daemon's bind.
+const PORTS: std::ops::Range<u16> = 20000..32768;
+
+/// A loopback port that is free now, at random in [`PORTS`] so that tests starting at once
+/// rarely pick the same one (a daemon that still finds its port taken is started again on
+/// another: [`Target::start_wrapped`]).
+pub fn free_port() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let span = u64::from(PORTS.end - PORTS.start);
+    for _ in 0..1000 {
+        // A fresh RandomState is seeded differently each time: a random number without a crate.
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let port = PORTS.start + (r % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}");
 }
 
 impl Target {
@@ -50,6 +67,21 @@ impl Target {
     /// --ip ADDRESS/24`). scripts/netns-test.sh runs the hostile-input tests this way over
     /// the userspace stack.
     pub fn start_wrapped(prefix: &str, extra: &[&str]) -> Target {
+        // Another test may take the port between free_port's check and the daemon's bind.
+        for _ in 0..4 {
+            match Target::try_start(prefix, extra) {
+                Ok(t) => return t,
+                Err(log) if log.contains("Address already in use") => {
+                    eprintln!("test target: its port was taken meanwhile; on another");
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("iscsi-tgt found its port taken four times");
+    }
+
+    /// One start of [`Target::start_wrapped`]: the daemon's log if it exited during start.
+    fn try_start(prefix: &str, extra: &[&str]) -> Result<Target, String> {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("rpc.sock");
         let port = free_port();
@@ -103,7 +135,10 @@ impl Target {
                 break;
             }
             if let Ok(Some(status)) = t.child.try_wait() {
-                panic!("iscsi-tgt exited during start ({status}): {}", t.log());
+                return Err(format!(
+                    "iscsi-tgt exited during start ({status}): {}",
+                    t.log()
+                ));
             }
             assert!(
                 Instant::now() < deadline,
@@ -112,7 +147,7 @@ impl Target {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        t
+        Ok(t)
     }
 
     /// Starts the daemon with a RAM LUN 0 (`ram_mb`) and a null LUN 1 on target [`IQN`].
