@@ -3,7 +3,8 @@
 //! percentiles and IOPS, an injected EIO in its error counts by sense key and its exit status,
 //! and every session asked for must be a session of the target. A target that stops
 //! answering (a stalled LUN, a stopped process) must stop the run at `--timeout` with the
-//! late command named, and one that goes away must end it at once.
+//! late command named, and one that goes away must end it at once. A reader of its report
+//! that goes away (`| head`) changes nothing of its exit status.
 //!
 //! Only bounds that the delay makes certain are asserted tightly (a delayed command cannot
 //! complete sooner than its delay); the other side gets generous margins, since the machine
@@ -420,4 +421,24 @@ fn a_target_that_goes_away_ends_the_run_at_once() {
     let ended = j["ended"][0].as_str().unwrap_or_default();
     assert!(ended.contains("the connection failed"), "{j}");
     assert!(ended.contains(&url(&t, 0)), "{j}");
+}
+
+#[test]
+fn a_reader_that_goes_away_does_not_turn_the_run_into_a_failure() {
+    // `iscsi-bench --json | head -1`: the reader has gone by the time the report is written.
+    let t = Target::with_default_luns(64);
+    let mut child = spawn_bench(&[&url(&t, 0), "--rw", "randread", "--secs", "1", "--json"]);
+    drop(child.stdout.take());
+    let (out, _) = stops_by_itself(child, Instant::now(), &t);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    // A failed run still says so with nobody reading its report.
+    t.set("devices/ram0/fault_inject", "eio_read");
+    let mut child = spawn_bench(&[&url(&t, 0), "--rw", "randread", "--secs", "1", "--json"]);
+    drop(child.stdout.take());
+    let (out, _) = stops_by_itself(child, Instant::now(), &t);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
 }

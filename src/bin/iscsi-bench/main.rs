@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     let mut o = match opts::parse() {
         Ok(Parsed::Run(o)) => o,
         Ok(Parsed::Help) => {
-            println!("{}", opts::USAGE);
+            report::emit(&format!("{}\n", opts::USAGE));
             return ExitCode::SUCCESS;
         }
         Err(e) => {
@@ -107,15 +107,15 @@ fn bench(o: &Opts) -> ExitCode {
     if o.verify {
         return match verify::verify(o) {
             Ok(size) => {
-                println!(
-                    "verified {size} bytes{} and a written pattern at queue depth {}",
+                report::emit(&format!(
+                    "verified {size} bytes{} and a written pattern at queue depth {}\n",
                     if o.expect.is_some() {
                         " against the file"
                     } else {
                         ""
                     },
                     o.qd
-                );
+                ));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -133,14 +133,14 @@ fn bench(o: &Opts) -> ExitCode {
     };
     if o.json {
         match serde_json::to_string_pretty(&report.json()) {
-            Ok(j) => println!("{j}"),
+            Ok(j) => report::emit(&format!("{j}\n")),
             Err(e) => {
                 eprintln!("iscsi-bench: cannot write the JSON report: {e}");
                 return ExitCode::FAILURE;
             }
         }
     } else {
-        print!("{}", report.text());
+        report::emit(&report.text());
     }
     if !report.late.is_empty() {
         eprintln!(

@@ -10,6 +10,19 @@ use hdrhistogram::Histogram;
 use iscsi_tgt::initiator::{InitiatorError, ScsiResult, STATUS_CHECK_CONDITION};
 use serde::Serialize;
 
+/// Writes `text` to stdout. A reader that went away (`iscsi-bench --json | head`) is no
+/// error of the run's: the rest goes unwritten and the exit status still says how the run
+/// went. Any other failure to write is said on stderr.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("iscsi-bench: cannot write to stdout: {e}");
+        }
+    }
+}
+
 /// The longest latency the histograms hold apart (longer ones count as this): ten minutes,
 /// far past any initiator timeout.
 const MAX_LATENCY_NS: u64 = 600_000_000_000;

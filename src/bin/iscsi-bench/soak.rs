@@ -9,6 +9,7 @@ use iscsi_tgt::iscsi::pdu;
 
 use crate::net::Ini;
 use crate::opts::Opts;
+use crate::report::emit;
 use crate::target::{capacity, login_as};
 
 /// The initiator name of the soak's sessions (each its own ISID).
@@ -892,10 +893,10 @@ pub fn soak(o: &Opts) -> Result<bool, String> {
             o.sessions
         ));
     }
-    println!(
-        "soak: {} sessions of {per} blocks of {block_size} bytes, queue depth {}, {} s, seed {seed}",
+    emit(&format!(
+        "soak: {} sessions of {per} blocks of {block_size} bytes, queue depth {}, {} s, seed {seed}\n",
         o.sessions, o.qd, o.secs
-    );
+    ));
     let counters: Vec<Counters> = (0..o.sessions).map(|_| Counters::default()).collect();
     let start = Instant::now();
     let results: Vec<Result<(), String>> = std::thread::scope(|sc| {
@@ -911,11 +912,11 @@ pub fn soak(o: &Opts) -> Result<bool, String> {
             std::thread::sleep(Duration::from_millis(200));
             if o.progress > 0.0 && Instant::now() >= next {
                 next += Duration::from_secs_f64(o.progress);
-                println!(
-                    "soak: t {:.0} {}",
+                emit(&format!(
+                    "soak: t {:.0} {}\n",
                     start.elapsed().as_secs_f64(),
                     counter_line(&counters)
-                );
+                ));
             }
         }
         handles
@@ -937,11 +938,11 @@ pub fn soak(o: &Opts) -> Result<bool, String> {
     let line = counter_line(&counters);
     let errors: u64 = counters.iter().map(|c| c.get(K::Errors)).sum();
     let mismatches: u64 = counters.iter().map(|c| c.get(K::Mismatches)).sum();
-    println!(
-        "soak secs {:.0} sessions {} {line}",
+    emit(&format!(
+        "soak secs {:.0} sessions {} {line}\n",
         start.elapsed().as_secs_f64(),
         o.sessions
-    );
+    ));
     Ok(clean && errors == 0 && mismatches == 0)
 }
 
