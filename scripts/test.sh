@@ -8,8 +8,15 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 START=$(date +%s)
+STAGE=
 # Each stage's heading says how far into the run it starts.
-step() { echo; echo "== $* (at $(($(date +%s) - START)) s)"; }
+step() {
+    STAGE=$*
+    echo
+    echo "== $* (at $(($(date +%s) - START)) s)"
+}
+# A failed run says where it stopped, whichever command ended it.
+trap 'rc=$?; [ "$rc" = 0 ] || echo "FAILED: the stage \"$STAGE\" ended the run with status $rc after $(($(date +%s) - START)) s" >&2' EXIT
 
 step "setup"
 scripts/setup.sh

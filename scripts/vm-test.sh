@@ -125,7 +125,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
-mkdir -p "$CACHE/debs"
+mkdir -p "$CACHE/debs" "$CACHE/x"
 
 # --- what the host needs ------------------------------------------------------------------------
 need=()
