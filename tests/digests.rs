@@ -1,7 +1,8 @@
 //! CRC32C header and data digests against the real daemon with the crate's own initiator:
 //! data integrity with both digests on, a header digest error that drops only its own
 //! connection, and a data digest error on Data-Out handled as RFC 7143 §7.8 says for ERL 0
-//! (Reject, then CHECK CONDITION once the data is in, and nothing written).
+//! (Reject, then CHECK CONDITION once the data is in, and nothing written); a read's Data-In
+//! whose digests hold while a write changes the RAM disk memory it was lent.
 mod common;
 
 use common::{Target, IQN};
@@ -136,4 +137,51 @@ fn data_digest_error_on_data_out_fails_the_write_and_writes_nothing() {
         assert_eq!(ini.read10(0, 200, 8, BS).unwrap(), new);
         ini.logout().unwrap();
     }
+}
+
+#[test]
+fn a_write_racing_a_read_of_the_same_blocks_never_breaks_the_read_s_data_digest() {
+    // A RAM disk lends its memory to reads. An 8 MiB read whose initiator does not read its
+    // socket stays mostly queued in the target; a write of the same blocks from another
+    // session then changes the memory behind it. The read's data may be old or new (SAM
+    // leaves it undefined), but every Data-In must match its data digest.
+    let mut t = Target::with_default_luns(64);
+    t.set(&format!("targets/iscsi/{IQN}/DataDigest"), "CRC32C,None");
+    // The largest transfer the target takes; more than the two sockets' buffers hold.
+    const LEN: usize = 8 << 20;
+    const PIECE: usize = 1 << 20;
+    let (lba, blocks) = (0u64, LEN as u32 / BS);
+    let old = pattern(LEN, 3);
+    let new = pattern(LEN, 200);
+    let write = |ini: &mut Initiator, data: &[u8]| {
+        for (i, piece) in data.chunks(PIECE).enumerate() {
+            let at = lba + (i * PIECE) as u64 / u64::from(BS);
+            ini.write16(0, at, piece, BS).unwrap();
+        }
+    };
+    let mut writer = login(&t, 2, &[("DataDigest", "CRC32C")]);
+    write(&mut writer, &old);
+    let mut reader = login(&t, 1, &[("DataDigest", "CRC32C")]);
+    assert!(reader.negotiated().data_digest);
+    let cdb = iscsi_tgt::initiator::cdb::read16(lba, blocks);
+    let itt = reader.submit(0, &cdb, None, blocks * BS, true).unwrap();
+    // Long enough for the read to have completed in the backend and its Data-In to wait on
+    // the full socket; if it has not, the write lands first and the read sees new data.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    write(&mut writer, &new);
+    let r = reader
+        .wait(itt)
+        .expect("the read ends without a digest error");
+    assert!(r.is_good(), "{r:?}");
+    assert_eq!(r.data.len(), old.len());
+    // Each 4 KiB block is wholly one or the other.
+    for (i, (block, (o, n))) in r
+        .data
+        .chunks(4096)
+        .zip(old.chunks(4096).zip(new.chunks(4096)))
+        .enumerate()
+    {
+        assert!(block == o || block == n, "block {i} is neither old nor new");
+    }
+    assert!(t.alive());
 }

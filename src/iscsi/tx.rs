@@ -134,6 +134,11 @@ impl TxQueue {
         self.data_digest = data;
     }
 
+    /// Whether the PDUs queued from now on carry a data digest.
+    pub fn data_digest(&self) -> bool {
+        self.data_digest
+    }
+
     pub fn is_empty(&self) -> bool {
         self.q.is_empty()
     }

@@ -758,6 +758,16 @@ impl Conn {
         let itt = t.itt;
         let lun = pdu::encode_lun(t.lun);
         let collapse = status == STATUS_GOOD && sense_len == 0 && data_len > 0;
+        // A RAM disk lends its own memory to a read, and a later write of the same blocks
+        // changes the bytes still to be sent (SAM leaves that read's data undefined). A data
+        // digest, though, is computed once and must match the bytes on the wire, or the
+        // initiator sees a digest error and recovers the connection: with data digests the
+        // data is copied into the buffer's own chunks first.
+        if data_len > 0 && self.tx.data_digest() {
+            if let Some(b) = t.scsi.buf.as_mut() {
+                b.own();
+            }
+        }
         // Data-In PDUs, split at MaxXmitDataSegmentLength; F closes each MaxBurstLength sequence.
         let mut offset = 0usize;
         let mut data_sn = 0u32;
