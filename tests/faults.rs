@@ -224,7 +224,7 @@ fn sessions_that_give_up_on_a_stalled_backend_close_cleanly() {
     let r = ini
         .submit(0, &cdb::read10(256, 128), None, 65536, true)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    t.wait_active_commands("", 2);
     // The initiator gives up on its commands: ABORT TASK, then LOGICAL UNIT RESET, both
     // answered at once: the I/O the stalled backend holds has not reached the medium, so it
     // is cancelled and can never land later.
@@ -319,7 +319,7 @@ fn an_abort_is_answered_only_once_the_write_can_no_longer_land() {
     let itt = ini
         .submit(0, &cdb::write10(0, 128), Some(&a), 65536, false)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    t.wait_active_commands("", 1);
     send_tmf(&mut ini, iscsi_tgt::iscsi::pdu::TMF_ABORT_TASK, 0x7777, itt);
     // FUNCTION COMPLETE would promise the write will not change the medium any more: while
     // it hangs in the device, no answer.
@@ -374,7 +374,7 @@ fn new_session_waits_for_the_old_ones_writes(drop_first: bool) {
     let a = vec![0xaau8; 65536];
     old.submit(0, &cdb::write10(0, 128), Some(&a), 65536, false)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    t.wait_active_commands(NAME, 1);
     if drop_first {
         // The initiator loses its connection with the write outstanding.
         drop(old);
@@ -435,7 +435,7 @@ fn a_lun_reset_waits_for_another_nexus_writes_on_any_reactor() {
     let itt = b
         .submit(0, &cdb::write10(0, 128), Some(&data), 65536, false)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    t.wait_active_commands("iqn.2026-11.org.iscsi-tgt:writer", 1);
     send_tmf(
         &mut a,
         iscsi_tgt::iscsi::pdu::TMF_LOGICAL_UNIT_RESET,

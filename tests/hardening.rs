@@ -625,10 +625,19 @@ fn a_portal_out_of_descriptors_backs_off_and_says_so_once() {
             held.push(s);
         }
     }
-    // Long enough for several retries of accept(2) 100 ms apart.
+    let failures = || t.log().matches("cannot accept on").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "accept(2) never failed\n{}",
+            t.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Long enough for several more retries of accept(2) 100 ms apart: one line an episode.
     std::thread::sleep(Duration::from_secs(1));
-    let failures = t.log().matches("cannot accept on").count();
-    assert_eq!(failures, 1, "{}", t.log());
+    assert_eq!(failures(), 1, "{}", t.log());
     // The RPC still answers, and once the connections go a login works.
     assert_eq!(t.get("targets/iscsi/enabled"), "1");
     drop(held);

@@ -322,7 +322,7 @@ fn preempt_and_abort_ends_the_preempted_sessions_commands() {
     let itt = b
         .submit(0, &cdb::write10(0, 128), Some(&[7u8; 65536]), 65536, false)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    t.wait_active_commands("iqn.2026-12.org.iscsi-tgt:pr-b", 1);
     pr_out_good(&mut a, PREEMPT_AND_ABORT, WRITE_EXCLUSIVE, 0xa, 0xb);
     let (done, r) = b.wait_any().unwrap();
     assert_eq!(done, itt);

@@ -230,7 +230,16 @@ fn running_out_of_descriptors_is_logged_once() {
     call_eventually(&t);
     let (f0, r0) = (failures(&t.log()), resumed(&t.log()));
     let clients: Vec<UnixStream> = (0..30).map(|_| connect(&t)).collect();
-    // Long enough for several retries of accept(2).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures(&t.log()) == f0 {
+        assert!(
+            Instant::now() < deadline,
+            "accept(2) never failed\n{}",
+            t.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Long enough for several more retries of accept(2): one line an episode.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(failures(&t.log()), f0 + 1, "{}", t.log());
     drop(clients);

@@ -5,8 +5,6 @@
 //! closes every session after its response.
 mod common;
 
-use std::time::Duration;
-
 use common::{Target, IQN};
 use iscsi_tgt::initiator::{cdb, Initiator};
 use iscsi_tgt::iscsi::pdu;
@@ -58,8 +56,7 @@ fn run(function: u8) -> (Target, Initiator, Initiator, u32) {
     let mut a = login(&t, 1);
     let mut b = login(&t, 2);
     let itt = stalled_write(&mut b);
-    // Give the command time to reach the target.
-    std::thread::sleep(Duration::from_millis(100));
+    t.wait_active_commands("iqn.2026-11.org.iscsi-tgt:tmf-2", 1);
     assert_eq!(
         a.task_mgmt(function, 0, RESERVED).unwrap(),
         pdu::TMF_RSP_COMPLETE
@@ -101,7 +98,7 @@ fn abort_task_set_stays_within_its_nexus() {
     let mut b = login(&t, 2);
     let theirs = stalled_write(&mut b);
     let _mine = stalled_write(&mut a);
-    std::thread::sleep(Duration::from_millis(100));
+    t.wait_active_commands("", 2);
     assert_eq!(
         a.task_mgmt(pdu::TMF_ABORT_TASK_SET, 0, RESERVED).unwrap(),
         pdu::TMF_RSP_COMPLETE

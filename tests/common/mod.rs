@@ -212,6 +212,44 @@ impl Target {
             .to_string()
     }
 
+    /// Waits (up to 30 s) until target [`IQN`]'s sessions of `initiator` (all of them when
+    /// empty) hold at least `n` commands received and not yet answered: then a command sent
+    /// on that connection has surely reached the target, whatever the machine's load, and a
+    /// task management function or reservation from another connection will find it.
+    pub fn wait_active_commands(&self, initiator: &str, n: u64) {
+        let base = format!("targets/iscsi/{IQN}/sessions");
+        let active = || -> u64 {
+            let sessions = self.call("ls", json!({ "path": &base }));
+            let mut sum = 0;
+            for s in sessions.as_array().into_iter().flatten() {
+                let Some(name) = s["name"].as_str() else {
+                    continue;
+                };
+                // A session may end meanwhile: its attributes are then gone.
+                let attr = |a: &str| {
+                    self.try_call("get", json!({"path": format!("{base}/{name}/{a}")}))
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                };
+                if initiator.is_empty() || attr("initiator_name").as_deref() == Some(initiator) {
+                    sum += attr("active_commands")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+            sum
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while active() < n {
+            assert!(
+                Instant::now() < deadline,
+                "the target never held {n} commands of {initiator:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The daemon's open descriptors, threads and resident memory (KiB), from /proc.
     pub fn resources(&self) -> Resources {
         let pid = self.child.id();
