@@ -56,7 +56,8 @@ fn a_silent_connection_is_closed_after_nop_in_interval_plus_rsp_timeout() {
     let _silent = login(&t);
     assert_eq!(sessions(&t), vec![INITIATOR.to_string()]);
     // The initiator reads nothing, so the NOP-In ping goes unanswered.
-    let took = gone_within(&t, Duration::from_secs(1 + 2 + 3));
+    // The interval and the timeout, with room for a loaded machine.
+    let took = gone_within(&t, Duration::from_secs(1 + 2 + 12));
     assert!(
         took >= Duration::from_millis(900),
         "closed too early: {took:?}"
@@ -89,7 +90,7 @@ fn force_close_ends_the_session() {
         &format!("targets/iscsi/{IQN}/sessions/{INITIATOR}/force_close"),
         "1",
     );
-    gone_within(&t, Duration::from_secs(3));
+    gone_within(&t, Duration::from_secs(15));
     assert!(ini.test_unit_ready(0).is_err());
 }
 
