@@ -571,55 +571,54 @@ impl PtChannel {
     }
 }
 
-impl IoChannel for PtChannel {
-    fn submit(&mut self, mut io: BdevIo) {
+impl PtChannel {
+    /// Checks `io` and lays out its commands in `op`: the command they are, or the result
+    /// `io` completes with at once (an error, or nothing to send).
+    fn plan(&self, io: &mut BdevIo, op: &mut PtOp) -> Result<Cmd, Result<(), BdevError>> {
         let off = io.offset;
-        let Some(ring) = self.ring.clone() else {
-            return self.finish(io, Err(BdevError::Offline));
-        };
         let size = self.dev.ns.size_bytes().unwrap_or(0);
         let bs = self.dev.ns.block_size;
-        let mut op = self.shared.free.borrow_mut().pop().unwrap_or_default();
-        let cmd = match io.op {
+        // Whole blocks inside the namespace.
+        let whole = |v: u64| v.is_multiple_of(u64::from(bs));
+        let in_range = |io: &BdevIo| {
+            io.offset
+                .checked_add(u64::from(io.len))
+                .is_some_and(|end| end <= size)
+                && whole(io.offset)
+                && whole(u64::from(io.len))
+        };
+        match io.op {
             IoOp::Read | IoOp::Write { .. } => {
-                let whole = |v: u64| v.is_multiple_of(u64::from(bs));
-                if io
-                    .offset
-                    .checked_add(u64::from(io.len))
-                    .is_none_or(|end| end > size)
-                    || !whole(io.offset)
-                    || !whole(u64::from(io.len))
-                {
-                    return self.finish(io, Err(BdevError::Io(off)));
+                if !in_range(io) {
+                    return Err(Err(BdevError::Io(off)));
                 }
-                let Some(buf) = io.buf.as_mut().filter(|b| b.len() >= io.len as usize) else {
+                let len = io.len;
+                let Some(buf) = io.buf.as_mut().filter(|b| b.len() >= len as usize) else {
                     log::warn!(
-                        "nvme passthrough: I/O at byte {off} of {} bytes without a buffer that long",
-                        io.len
+                        "nvme passthrough: I/O at byte {off} of {len} bytes without a buffer that long"
                     );
-                    return self.finish(io, Err(BdevError::BadBuffer));
+                    return Err(Err(BdevError::BadBuffer));
                 };
-                if io.len == 0 {
-                    return self.finish(io, Ok(()));
+                if len == 0 {
+                    return Err(Ok(()));
                 }
                 let pieces = buf
-                    .segments_mut(0, io.len as usize)
+                    .segments_mut(0, len as usize)
                     .map(|s| (s.as_mut_ptr() as usize, s.len()));
                 if let Err(e) = split(pieces, bs, self.dev.limits, &mut op.parts, &mut op.iov) {
                     log::warn!(
-                        "nvme passthrough: I/O at byte {off} of {} bytes cannot be described: {e:?}",
-                        io.len
+                        "nvme passthrough: I/O at byte {off} of {len} bytes cannot be described: {e:?}"
                     );
-                    return self.finish(io, Err(BdevError::BadBuffer));
+                    return Err(Err(BdevError::BadBuffer));
                 }
-                match io.op {
+                Ok(match io.op {
                     IoOp::Write { fua } => Cmd::Write { fua },
                     _ => Cmd::Read,
-                }
+                })
             }
             IoOp::Flush => {
                 if !self.dev.vwc {
-                    return self.finish(io, Ok(()));
+                    return Err(Ok(()));
                 }
                 op.parts.clear();
                 op.parts.push(Part {
@@ -628,39 +627,49 @@ impl IoChannel for PtChannel {
                     iov: 0,
                     iovs: 0,
                 });
-                Cmd::Flush
+                Ok(Cmd::Flush)
             }
             // Nothing sits in front of the namespace to warm.
-            IoOp::Prefetch => return self.finish(io, Ok(())),
+            IoOp::Prefetch => Err(Ok(())),
             IoOp::Unmap => {
-                if io.ranges.is_empty() {
-                    return self.finish(io, Ok(()));
-                }
+                let Some(&(first, _)) = io.ranges.first() else {
+                    return Err(Ok(()));
+                };
                 if !self.dev.supports_unmap() {
-                    let first = io.ranges[0].0;
-                    return self.finish(io, Err(BdevError::Io(first)));
+                    return Err(Err(BdevError::Io(first)));
                 }
-                if let Err(at) = dsm_ranges(&io.ranges, bs, size, &mut op.dsm, &mut op.parts) {
-                    return self.finish(io, Err(BdevError::Io(at)));
-                }
-                Cmd::Deallocate
+                dsm_ranges(&io.ranges, bs, size, &mut op.dsm, &mut op.parts)
+                    .map_err(|at| Err(BdevError::Io(at)))?;
+                Ok(Cmd::Deallocate)
             }
             IoOp::WriteZeroes => {
-                let whole = |v: u64| v.is_multiple_of(u64::from(bs));
-                if io
-                    .offset
-                    .checked_add(u64::from(io.len))
-                    .is_none_or(|end| end > size)
-                    || !whole(io.offset)
-                    || !whole(u64::from(io.len))
-                {
-                    return self.finish(io, Err(BdevError::Io(off)));
+                if !in_range(io) {
+                    return Err(Err(BdevError::Io(off)));
                 }
                 if io.len == 0 {
-                    return self.finish(io, Ok(()));
+                    return Err(Ok(()));
                 }
                 zeroes_parts(io.len, bs, &mut op.parts);
-                Cmd::WriteZeroes
+                Ok(Cmd::WriteZeroes)
+            }
+        }
+    }
+}
+
+impl IoChannel for PtChannel {
+    fn submit(&mut self, mut io: BdevIo) {
+        let Some(ring) = self.ring.clone() else {
+            return self.finish(io, Err(BdevError::Offline));
+        };
+        let bs = self.dev.ns.block_size;
+        let mut op = self.shared.free.borrow_mut().pop().unwrap_or_default();
+        let cmd = match self.plan(&mut io, &mut op) {
+            Ok(cmd) => cmd,
+            Err(result) => {
+                // The operation goes back unused (with no pointers into this I/O's buffer).
+                op.iov.clear();
+                self.shared.free.borrow_mut().push(op);
+                return self.finish(io, result);
             }
         };
         op.cmd = cmd;
