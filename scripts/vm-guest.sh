@@ -34,9 +34,9 @@ iface_of() {
 # Waits for the host's word on the second serial port (the host's initiator is done) and leaves
 # it in HOST_LINE. Before it, the host may ask for things with short lines (the port keeps lines
 # of a few characters whole): "cTAG" for the target's CPU time, utime + stime of TARGET_PID in
-# ticks, and its reactors' busy time ("VMTEST cpu cTAG TICKS HZ BUSY_NS"); "rN" (MODE=nvme) for a reset of LUN N's NVMe controller
-# under the I/O the host has running, through the device's reset attribute. The port stays
-# open between lines.
+# ticks, and its reactors' busy time ("VMTEST cpu cTAG TICKS HZ BUSY_NS"); "rN" (MODE=nvme)
+# for a reset of LUN N's NVMe controller under the I/O the host has running, through the
+# device's reset attribute. The port stays open between lines.
 wait_host() {
     stty -F /dev/ttyS1 raw -echo 2>/dev/null
     local line end=$(($(date +%s) + HOST_TIMEOUT))
